@@ -1,0 +1,916 @@
+"""vmafx-sidecar: online fine-tuning of the VMAFX quality regressor.
+
+vmafx-node sends each finished job's feature vector and true score over a Unix
+socket; this process trains a small MLP on that stream (SGD with momentum, an EMA
+shadow, a replay buffer against forgetting) and now and then writes the EMA
+weights as a versioned ONNX checkpoint that nodes load.
+
+One process, one thread: a selectors loop owns the socket, every connection and
+the training step. Sections follow the data: config -> protocol -> server ->
+replay buffer -> model -> trainer -> checkpoints -> CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import selectors
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import vmafx_onnx_builder as onnx_builder
+
+log = logging.getLogger("vmafx_sidecar")
+
+ENV_PREFIX = "VMAFX_SIDECAR_"
+
+
+# ---- config: every setting with its env var, default and allowed range, in one place ----
+
+@dataclass(frozen=True)
+class Check:
+    ok: Callable[[Any], bool]
+    allowed: str  # completes "must be ..." in the error message
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: v > low, f"> {low}")
+
+
+def unit_interval() -> Check:
+    return Check(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def one_of(*choices: str) -> Check:
+    return Check(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+ANY = Check(lambda v: True, "")
+
+
+def setting(default: Any, env: str, check: Check, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "check": check, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = setting("/tmp/vmafx-sidecar.sock", "VMAFX_SIDECAR_SOCKET", ANY,
+                          "Unix socket the node connects to (created with mode 0600)")
+    base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", ANY,
+                                   "ONNX model to fine-tune; empty or missing file: a fresh model")
+    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", ANY,
+                                  "where model_vNNNNNN.onnx checkpoints are written")
+    replay_capacity: int = setting(10000, "VMAFX_SIDECAR_REPLAY_CAPACITY", at_least(1),
+                                   "samples kept for replay (FIFO)")
+    batch_size: int = setting(32, "VMAFX_SIDECAR_BATCH_SIZE", at_least(1), "samples per gradient step")
+    replay_mix: float = setting(0.5, "VMAFX_SIDECAR_REPLAY_MIX", unit_interval(),
+                                "fraction of each batch drawn from the replay buffer")
+    lr: float = setting(0.0001, "VMAFX_SIDECAR_LR", above(0), "SGD learning rate after warmup")
+    ema_decay: float = setting(0.999, "VMAFX_SIDECAR_EMA_DECAY", unit_interval(),
+                               "EMA decay of the checkpointed weights")
+    ckpt_interval_s: float = setting(600.0, "VMAFX_SIDECAR_CKPT_INTERVAL_S", at_least(0),
+                                     "minimum seconds between checkpoints")
+    min_samples_ckpt: int = setting(1000, "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", at_least(0),
+                                    "minimum new samples trained between checkpoints")
+    n_features: int = setting(80, "VMAFX_SIDECAR_N_FEATURES", at_least(1), "length of each feature vector")
+    hidden: int = setting(64, "VMAFX_SIDECAR_HIDDEN", at_least(1), "hidden width of a fresh model")
+    momentum: float = setting(0.9, "VMAFX_SIDECAR_MOMENTUM", unit_interval(), "SGD momentum")
+    weight_decay: float = setting(0.00001, "VMAFX_SIDECAR_WEIGHT_DECAY", at_least(0), "L2 weight decay")
+    max_grad_norm: float = setting(1.0, "VMAFX_SIDECAR_MAX_GRAD_NORM", above(0),
+                                   "gradients are clipped to this global L2 norm")
+    warmup_steps: int = setting(100, "VMAFX_SIDECAR_WARMUP_STEPS", at_least(0),
+                                "steps of linear learning-rate warmup")
+    seed: int = setting(0, "VMAFX_SIDECAR_SEED", at_least(0), "seed of initial weights and replay draws")
+    max_line_bytes: int = setting(1048576, "VMAFX_SIDECAR_MAX_LINE_BYTES", at_least(1),
+                                  "longest request line accepted")
+    log_level: str = setting("info", "VMAFX_SIDECAR_LOG_LEVEL", one_of("debug", "info", "warning", "error"),
+                             "log level")
+    cuda: str = setting("0", "VMAFX_SIDECAR_CUDA", one_of("0", "1"),
+                        "1 asks for the CuPy backend (not available yet: numpy is used)")
+
+    @classmethod
+    def load(cls, environ: dict[str, str], overrides: dict[str, str]) -> Config:
+        """Read settings from the environment, with `overrides` (field -> text) from flags winning."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            env = f.metadata["env"]
+            if f.name in overrides:
+                raw, source = overrides[f.name], f"{env} (--{flag_name(f.name)})"
+            elif env in environ:
+                raw, source = environ[env], env
+            else:
+                continue
+            values[f.name] = parse_setting(raw, type(f.default), f.metadata["check"], source)
+        config = cls(**values)
+        if config.replay_capacity < config.batch_size:
+            raise ConfigError(f"VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE "
+                              f"({config.batch_size}), got {config.replay_capacity}")
+        return config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def flag_name(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def parse_setting(raw: str, kind: type, check: Check, source: str) -> Any:
+    kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
+    try:
+        value = kind(raw.strip()) if kind is not str else raw
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)) or not check.ok(value):
+        allowed = f" {check.allowed}" if check.allowed else ""
+        raise ConfigError(f"{source}: must be {kind_name}{allowed}, got {raw!r}")
+    return value
+
+
+def warn_unknown_settings(environ: dict[str, str]) -> None:
+    known = {f.metadata["env"] for f in dataclasses.fields(Config)}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            log.warning("unknown setting %s ignored (known: %s)", name, ", ".join(sorted(known)))
+
+
+# ---- protocol: newline-delimited JSON requests, one ACK line each ----
+
+F32_MAX = float(np.finfo(np.float32).max)
+JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
+                   type(None): "null", int: "number", float: "number"}
+
+
+@dataclass(slots=True)
+class Sample:
+    features: list
+    score: float
+    job_id: str | None
+
+
+@dataclass(slots=True)
+class Control:
+    op: str
+    job_id: str | None
+
+
+class BadRequest(Exception):
+    def __init__(self, error: str, job_id: str | None = None):
+        super().__init__(error)
+        self.error = error
+        self.job_id = job_id
+
+
+def parse_request(line: bytes, n_features: int) -> Sample | Control:
+    """Decode one request line; raise BadRequest with a specific error for anything malformed."""
+    try:
+        message = json.loads(line)
+    except UnicodeDecodeError:
+        raise BadRequest("not valid JSON: the line is not UTF-8") from None
+    except ValueError as e:
+        raise BadRequest(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("not valid JSON: nested too deeply") from None
+    if type(message) is not dict:
+        raise BadRequest(f"expected a JSON object, got {JSON_TYPE_NAMES[type(message)]}")
+    job_id = message.get("job_id")
+    if job_id is not None and type(job_id) is not str:
+        raise BadRequest(f"job_id: expected a string, got {JSON_TYPE_NAMES[type(job_id)]}")
+    if "op" in message:
+        if type(message["op"]) is not str:
+            raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)
+        return Control(message["op"], job_id)
+
+    features = message.get("features")
+    if features is None:
+        raise BadRequest("features: missing", job_id)
+    if type(features) is not list:
+        raise BadRequest(f"features: expected a list of {n_features} numbers, "
+                         f"got {JSON_TYPE_NAMES[type(features)]}", job_id)
+    if len(features) != n_features:
+        raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}", job_id)
+    for v in features:  # the fast path: every value a float32-representable number
+        if (type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX:
+            continue
+        i, problem = next((i, p) for i, v in enumerate(features) if (p := number_problem(v)))
+        raise BadRequest(f"features[{i}]: {problem}", job_id)
+    if "true_score" not in message:
+        raise BadRequest("true_score: missing", job_id)
+    score = message["true_score"]
+    if problem := number_problem(score):
+        raise BadRequest(f"true_score: {problem}", job_id)
+    return Sample(features, score, job_id)
+
+
+def number_problem(v: Any) -> str | None:
+    """Why `v` cannot be a float32 model input, or None when it can."""
+    if type(v) is not float and type(v) is not int:
+        return f"expected a number, got {JSON_TYPE_NAMES[type(v)]}"
+    if type(v) is float and not math.isfinite(v):
+        return "not a finite number (NaN, Infinity or an overflowing literal)"
+    if not -F32_MAX <= v <= F32_MAX:
+        return f"{float(v) if abs(v) < 1e300 else v:.3g} is outside the float32 range"
+    return None
+
+
+def encode_ack(fields: dict[str, Any], job_id: str | None) -> bytes:
+    if job_id is not None:
+        fields["job_id"] = job_id
+    return json.dumps(fields).encode() + b"\n"
+
+
+# ---- server: one selectors loop owns the socket, every connection and the training step ----
+
+RECV_BYTES = 65536
+# A client that stops reading its ACKs is not read from either once this much is queued for it.
+OUTBUF_LIMIT = 1 << 20
+SHUTDOWN_GRACE_S = 1.5
+
+
+class StartupError(RuntimeError):
+    """Something outside the process stops it from starting; the message says what."""
+
+
+class Connection:
+    __slots__ = ("sock", "inbuf", "outbuf", "discarding", "closing")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.discarding = False  # inside a too-long line: drop bytes up to the next newline
+        self.closing = False  # peer sent EOF: close once the ACKs are out
+
+
+class Server:
+    def __init__(self, config: Config, trainer: Trainer):
+        self.config = config
+        self.trainer = trainer
+        self.samples_accepted = 0
+        self.samples_rejected = 0
+        self.started = time.monotonic()
+        self.selector = selectors.DefaultSelector()
+        self.connections: set[Connection] = set()
+        self.listener: socket.socket | None = None
+        self.socket_inode: int | None = None
+        self.stopping = False
+
+    # -- lifecycle
+
+    def bind(self) -> None:
+        path = self.config.socket
+        claim_socket_path(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+        try:
+            listener.bind(path)
+        except OSError as e:
+            listener.close()
+            raise StartupError(f"cannot bind socket {path}: {e.strerror or e}") from None
+        finally:
+            os.umask(old_umask)
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self.socket_inode = os.stat(path).st_ino
+        self.selector.register(listener, selectors.EVENT_READ, None)
+
+    def serve_forever(self) -> None:
+        wake_r, wake_w = socket.socketpair()
+        for s in (wake_r, wake_w):
+            s.setblocking(False)
+        # The C-level handler writes here, so select() returns promptly on SIGTERM/SIGINT.
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        self.selector.register(wake_r, selectors.EVENT_READ, wake_r)
+        try:
+            while not self.stopping:
+                for key, mask in self.selector.select():
+                    if key.data is None:
+                        self.accept()
+                    elif key.data is wake_r:
+                        drain(wake_r)
+                    else:
+                        if mask & selectors.EVENT_READ:
+                            self.read(key.data)
+                        if mask & selectors.EVENT_WRITE and key.data in self.connections:
+                            self.flush(key.data)
+            self.shutdown()
+        finally:
+            signal.set_wakeup_fd(-1)
+            self.selector.unregister(wake_r)
+            wake_r.close()
+            wake_w.close()
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            log.info("received %s: finishing open requests and exiting", signal.Signals(signum).name)
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S."""
+        self.close_listener()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for conn in list(self.connections):
+            while conn in self.connections and not conn.closing and time.monotonic() < deadline:
+                if not self.read(conn):
+                    break
+        while any(c.outbuf for c in self.connections) and time.monotonic() < deadline:
+            for key, mask in self.selector.select(timeout=deadline - time.monotonic()):
+                if key.data in self.connections and mask & selectors.EVENT_WRITE:
+                    self.flush(key.data)
+        for conn in list(self.connections):
+            self.close(conn)
+        log.info("stopped after %d steps (%d samples accepted, %d rejected)",
+                 self.trainer.steps, self.samples_accepted, self.samples_rejected)
+
+    def close_listener(self) -> None:
+        if self.listener is None:
+            return
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        try:  # remove the socket file only if it is still the one this process created
+            if os.stat(self.config.socket).st_ino == self.socket_inode:
+                os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+
+    # -- connections
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # e.g. EMFILE: keep serving the connections we have
+            log.error("accept failed: %s", e)
+            return
+        sock.setblocking(False)
+        conn = Connection(sock)
+        self.connections.add(conn)
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def read(self, conn: Connection) -> bool:
+        """Read and answer what is available; False when nothing was (would block, EOF, error)."""
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self.close(conn)
+            return False
+        if not data:
+            if conn.inbuf and not conn.discarding:  # a last line without its newline
+                conn.outbuf += self.answer(bytes(conn.inbuf))
+            conn.inbuf.clear()
+            conn.closing = True
+        else:
+            self.take_lines(conn, data)
+        self.flush(conn)
+        return bool(data)
+
+    def take_lines(self, conn: Connection, data: bytes) -> None:
+        limit = self.config.max_line_bytes
+        if conn.discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            data = data[newline + 1:]
+            conn.discarding = False
+        buf = conn.inbuf
+        buf += data
+        start = 0
+        while (newline := buf.find(b"\n", start)) >= 0:
+            if newline - start > limit:
+                conn.outbuf += self.too_long()
+            else:
+                conn.outbuf += self.answer(bytes(buf[start:newline]))
+            start = newline + 1
+        del buf[:start]
+        if len(buf) > limit:  # answer now and drop the rest of the line as it arrives
+            conn.outbuf += self.too_long()
+            buf.clear()
+            conn.discarding = True
+
+    def flush(self, conn: Connection) -> None:
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # the client went away; its unsent ACKs have no reader
+                self.close(conn)
+                return
+            del conn.outbuf[:sent]
+        if conn.closing and not conn.outbuf:
+            self.close(conn)
+            return
+        events = selectors.EVENT_WRITE if conn.outbuf else 0
+        if not conn.closing and len(conn.outbuf) < OUTBUF_LIMIT:
+            events |= selectors.EVENT_READ
+        if events != self.selector.get_key(conn.sock).events:
+            self.selector.modify(conn.sock, events, conn)
+
+    def close(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    # -- requests
+
+    def answer(self, line: bytes) -> bytes:
+        """The ACK line for one request line (b"" for a blank line, which gets none)."""
+        if not line.strip():
+            return b""
+        try:
+            request = parse_request(line, self.config.n_features)
+        except BadRequest as e:
+            self.samples_rejected += 1
+            return encode_ack({"ok": False, "error": e.error}, e.job_id)
+        if type(request) is Control:
+            return encode_ack(self.control(request.op), request.job_id)
+        self.samples_accepted += 1
+        result = self.trainer.add(request.features, request.score)
+        ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": result is not None}
+        if result is not None:
+            ack["loss"] = result.loss
+            if result.checkpoint is not None:
+                ack["checkpoint"] = result.checkpoint
+        return encode_ack(ack, request.job_id)
+
+    def too_long(self) -> bytes:
+        self.samples_rejected += 1
+        return encode_ack({"ok": False, "error": f"line too long (limit {self.config.max_line_bytes} bytes)"},
+                          None)
+
+    def control(self, op: str) -> dict[str, Any]:
+        if op == "ping":
+            return {"ok": True, "op": "pong"}
+        if op == "status":
+            return {"ok": True, "op": "status", **self.status()}
+        self.samples_rejected += 1
+        return {"ok": False, "error": f"unknown op {op!r} (known: ping, status)"}
+
+    def status(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "steps": t.steps,
+            "samples_accepted": self.samples_accepted,
+            "samples_rejected": self.samples_rejected,
+            "samples_trained": t.samples_trained,
+            "steps_skipped": t.steps_skipped,
+            "pending": t.n_pending,
+            "replay_size": t.replay.size,
+            "checkpoint_version": t.checkpoints.version or None,
+            "last_loss": t.last_loss,
+            "connections": len(self.connections),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "backend": "numpy",
+            "model": "-".join(map(str, t.model.sizes)),
+            "config": dataclasses.asdict(self.config),
+        }
+
+
+def claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead server; refuse a live one or a file that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        log.warning("removed stale socket %s left by a previous process", path)
+        return
+    except OSError as e:
+        raise StartupError(f"cannot check existing socket {path}: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise StartupError(f"another server is already listening on {path}")
+
+
+def drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+# ---- replay buffer: a preallocated float32 ring, oldest sample evicted first ----
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, n_features: int):
+        self.x = np.zeros((capacity, n_features), np.float32)
+        self.y = np.zeros(capacity, np.float32)
+        self.size = 0
+        self.next = 0  # write position
+
+    def add(self, features: list, score: float) -> None:
+        self.x[self.next] = features
+        self.y[self.next] = score
+        self.next = (self.next + 1) % len(self.y)
+        self.size = min(self.size + 1, len(self.y))
+
+    def sample_into(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> None:
+        """Fill x and y with len(y) samples drawn uniformly with replacement."""
+        index = rng.integers(0, self.size, len(y))
+        np.take(self.x, index, axis=0, out=x)
+        np.take(self.y, index, out=y)
+
+
+# ---- model: dense layers with ReLU between them, backprop written out by hand ----
+
+class MLP:
+    """All parameters live in one flat vector and each layer's W (in, out) and b are views
+    into it, so clipping, decay, momentum and EMA are each a single vector operation."""
+
+    def __init__(self, sizes: list[int], dtype: type = np.float32):
+        self.sizes = list(sizes)
+        self.flat = np.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
+        offset = 0
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            w = self.flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
+            offset += fan_in * fan_out
+            self.layers.append((w, self.flat[offset:offset + fan_out]))
+            offset += fan_out
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[np.ndarray, np.ndarray]], dtype: type = np.float32) -> MLP:
+        model = cls([layers[0][0].shape[0]] + [w.shape[1] for w, _ in layers], dtype)
+        for (w, b), (w_src, b_src) in zip(model.layers, layers):
+            w[...] = w_src
+            b[...] = b_src
+        return model
+
+    @classmethod
+    def initial(cls, sizes: list[int], rng: np.random.Generator) -> MLP:
+        """Like torch.nn.Linear's default: weights and biases uniform in +-1/sqrt(fan_in)."""
+        model = cls(sizes)
+        for w, b in model.layers:
+            bound = 1.0 / math.sqrt(w.shape[0])
+            w[...] = rng.uniform(-bound, bound, w.shape)
+            b[...] = rng.uniform(-bound, bound, b.shape)
+        return model
+
+    def copy(self) -> MLP:
+        twin = MLP(self.sizes, self.flat.dtype)
+        twin.flat[...] = self.flat
+        return twin
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Scores of shape (batch, 1)."""
+        for w, b in self.layers[:-1]:
+            x = np.maximum(x @ w + b, 0)
+        w, b = self.layers[-1]
+        return x @ w + b
+
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, grad: MLP) -> float:
+        """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
+        hidden = [x]
+        for w, b in self.layers[:-1]:
+            hidden.append(np.maximum(hidden[-1] @ w + b, 0))
+        w, b = self.layers[-1]
+        error = (hidden[-1] @ w + b)[:, 0] - y
+        loss = np.dot(error, error) / len(y)
+        d_out = (error * (2 / len(y)))[:, None]  # dL/d(output of layer i), walking back from the top
+        for i in range(len(self.layers) - 1, -1, -1):
+            d_w, d_b = grad.layers[i]
+            np.matmul(hidden[i].T, d_out, out=d_w)
+            np.sum(d_out, axis=0, out=d_b)
+            if i:
+                d_out = (d_out @ self.layers[i][0].T) * (hidden[i] > 0)  # ReLU passes gradient where it was active
+        return float(loss)
+
+
+# ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
+
+@dataclass(slots=True)
+class StepResult:
+    loss: float
+    checkpoint: str | None
+
+
+class Trainer:
+    def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
+        self.config = config
+        self.model = model  # live weights, theta
+        self.ema = model.copy()
+        self.grad = MLP(model.sizes)
+        self.momentum = np.zeros_like(model.flat)
+        self.checkpoints = checkpoints
+        self.rng = rng
+        self.replay = ReplayBuffer(config.replay_capacity, config.n_features)
+        self.n_replay = math.floor(config.batch_size * config.replay_mix)
+        self.n_new = config.batch_size - self.n_replay
+        # Pending samples are written straight into the head of the batch; replay draws fill the tail.
+        self.batch_x = np.zeros((config.batch_size, config.n_features), np.float32)
+        self.batch_y = np.zeros(config.batch_size, np.float32)
+        self.n_pending = 0
+        self.steps = 0
+        self.steps_skipped = 0
+        self.samples_trained = 0
+        self.samples_since_checkpoint = 0
+        self.last_checkpoint_time: float | None = None
+        self.last_loss: float | None = None
+
+    def add(self, features: list, score: float) -> StepResult | None:
+        """Take one valid sample; run a step when enough new samples are pending."""
+        self.replay.add(features, score)
+        self.batch_x[self.n_pending] = features
+        self.batch_y[self.n_pending] = score
+        self.n_pending += 1
+        if self.n_pending < self.n_new:
+            return None
+        self.n_pending = 0
+        return self.step()
+
+    def step(self) -> StepResult | None:
+        n = self.n_new + min(self.n_replay, self.replay.size)
+        x, y = self.batch_x[:n], self.batch_y[:n]
+        if n > self.n_new:
+            self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
+        loss = self.model.loss_and_grad(x, y, self.grad)
+        if not self.apply_gradient(loss):
+            self.steps_skipped += 1
+            log.warning("skipped a step: loss or gradient overflowed float32 (loss %s); weights unchanged", loss)
+            return None
+        self.steps += 1
+        self.samples_trained += self.n_new
+        self.samples_since_checkpoint += self.n_new
+        self.last_loss = loss
+        return StepResult(loss, self.maybe_checkpoint())
+
+    def apply_gradient(self, loss: float) -> bool:
+        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA."""
+        c, g, theta = self.config, self.grad.flat, self.model.flat
+        norm = float(np.sqrt(np.dot(g, g)))
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return False
+        clip = c.max_grad_norm / (norm + 1e-6)
+        if clip < 1.0:
+            g *= np.float32(clip)
+        if c.weight_decay:
+            g += np.float32(c.weight_decay) * theta
+        if self.steps == 0:
+            self.momentum[...] = g
+        else:
+            self.momentum *= np.float32(c.momentum)
+            self.momentum += g
+        warmup = min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        theta -= np.float32(c.lr * warmup) * self.momentum
+        self.ema.flat *= np.float32(c.ema_decay)
+        self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
+        return True
+
+    def maybe_checkpoint(self) -> str | None:
+        c, now = self.config, time.monotonic()
+        if self.samples_since_checkpoint < c.min_samples_ckpt:
+            return None
+        if self.last_checkpoint_time is not None and now - self.last_checkpoint_time < c.ckpt_interval_s:
+            return None
+        self.last_checkpoint_time = now
+        try:
+            path = self.checkpoints.write(self.ema.layers, self.steps, self.samples_trained)
+        except OSError as e:  # e.g. a full disk: keep training, try again after the interval
+            log.error("checkpoint write failed, will retry: %s", e)
+            return None
+        self.samples_since_checkpoint = 0
+        return str(path)
+
+
+# ---- checkpoints: versioned ONNX files of the EMA weights, written atomically ----
+
+CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
+TEMP_SUFFIX = ".tmp"
+
+
+class CheckpointWriter:
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
+        versions = [int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))]
+        self.version = max(versions, default=0)  # numbering continues: a restart never overwrites
+        for name in names:  # debris of a write that a crash interrupted
+            if name.startswith(".model_v") and name.endswith(TEMP_SUFFIX):
+                (self.directory / name).unlink(missing_ok=True)
+                log.warning("removed unfinished checkpoint file %s", name)
+
+    def write(self, layers: list[tuple[np.ndarray, np.ndarray]], step: int, samples_trained: int) -> Path:
+        """Write model_vNNNNNN.onnx and its .sha256; a reader that sees the .sha256 can trust the pair."""
+        started = time.perf_counter()
+        version = self.version + 1
+        name = f"model_v{version:06d}.onnx"
+        metadata = {
+            "version": str(version),
+            "step": str(step),
+            "samples_trained": str(samples_trained),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        data = onnx_builder.build_mlp_model(layers, metadata).SerializeToString()
+        digest = hashlib.sha256(data).hexdigest()
+        files = [(name, data), (name + ".sha256", f"{digest}  {name}\n".encode())]
+        temps = [self.directory / f".{n}{TEMP_SUFFIX}" for n, _ in files]
+        try:
+            for temp, (_, content) in zip(temps, files):
+                write_synced(temp, content)
+            for temp, (n, _) in zip(temps, files):  # .onnx first, .sha256 last
+                os.replace(temp, self.directory / n)
+            fsync_directory(self.directory)
+        except OSError:
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+            raise
+        self.version = version
+        path = self.directory / name
+        log.info("checkpoint v%06d written: %s (step %d, %d samples trained, %.1f ms)",
+                 version, path, step, samples_trained, (time.perf_counter() - started) * 1e3)
+        return path
+
+
+def write_synced(path: Path, content: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_base_model(config: Config) -> MLP | None:
+    """The model to fine-tune, or None when none is configured or the file is absent."""
+    path = config.base_model_path
+    if not path:
+        return None
+    if not os.path.exists(path):
+        log.warning("base model %s does not exist: starting from a fresh model (seed %d)", path, config.seed)
+        return None
+    import onnx
+    try:
+        layers = onnx_builder.read_mlp_model(onnx.load(path))
+    except onnx_builder.UnsupportedModelError as e:
+        raise StartupError(f"base model {path} is not supported: {e}") from None
+    except Exception as e:  # protobuf decode errors, permissions, directories...
+        raise StartupError(f"cannot read base model {path}: {e}") from None
+    if layers[0][0].shape[0] != config.n_features:
+        raise StartupError(f"base model {path} takes {layers[0][0].shape[0]} features but "
+                           f"VMAFX_SIDECAR_N_FEATURES is {config.n_features}")
+    return MLP.from_layers(layers)
+
+
+# ---- CLI ----
+
+def serve(config: Config) -> int:
+    if config.cuda == "1":
+        log.warning("VMAFX_SIDECAR_CUDA=1: the CuPy backend is not available in this version; using numpy")
+    rng = np.random.default_rng(config.seed)
+    model = load_base_model(config)
+    source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
+    model = model or MLP.initial([config.n_features, config.hidden, 1], rng)
+    trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir), rng)
+    server = Server(config, trainer)
+    server.bind()
+    log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "
+             "checkpoints to %s every %gs and %d samples, next v%06d",
+             config.socket, "-".join(map(str, model.sizes)), source, config.batch_size, trainer.n_new,
+             trainer.n_replay, config.lr, config.replay_capacity, config.checkpoint_dir,
+             config.ckpt_interval_s, config.min_samples_ckpt, trainer.checkpoints.version + 1)
+    server.serve_forever()
+    return 0
+
+
+def demo(directory: str, samples: int) -> int:
+    """A real server on a temporary socket, fed a learnable synthetic stream by a client."""
+    rng = np.random.default_rng(1)
+    n_features = 80
+    w_true = rng.normal(0, 1, n_features)
+    x = rng.uniform(0, 1, (samples + 500, n_features))
+    y = 60 + 30 * np.tanh((x - 0.5) @ w_true / 3)  # a smooth VMAF-like target in (30, 90)
+    held_out_x, held_out_y = x[samples:].astype(np.float32), y[samples:]
+    with tempfile.TemporaryDirectory() as tmp:
+        sock_path = os.path.join(tmp, "demo.sock")
+        env = dict(os.environ, VMAFX_SIDECAR_SOCKET=sock_path, VMAFX_SIDECAR_CHECKPOINT_DIR=directory,
+                   VMAFX_BASE_MODEL_PATH="", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
+                   VMAFX_SIDECAR_MIN_SAMPLES_CKPT="1000", VMAFX_SIDECAR_LR="0.01")
+        server = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=env)
+        try:
+            client = connect_when_ready(sock_path, server)
+            reader = client.makefile("rb")
+            for i in range(samples):
+                line = json.dumps({"job_id": f"demo-{i}", "features": x[i].tolist(), "true_score": y[i]})
+                client.sendall(line.encode() + b"\n")
+                ack = json.loads(reader.readline())
+                if ack.get("checkpoint"):
+                    mse = held_out_mse(ack["checkpoint"], held_out_x, held_out_y)
+                    print(f"step {ack['step']:5d}  loss {ack['loss']:9.3f}  checkpoint {ack['checkpoint']}  "
+                          f"held-out MSE {mse:.3f}", flush=True)
+            client.close()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=10)
+    print(f"held-out MSE of always predicting the mean: {np.var(held_out_y):.3f}")
+    return 0
+
+
+def connect_when_ready(path: str, server: subprocess.Popen, timeout_s: float = 10.0) -> socket.socket:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(path)
+            return client
+        except OSError:
+            client.close()
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the demo server did not start") from None
+            time.sleep(0.02)
+
+
+def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
+    import onnx
+    model = MLP.from_layers(onnx_builder.read_mlp_model(onnx.load(checkpoint)))
+    return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    serve_parser = commands.add_parser(
+        "serve", help="run the sidecar (the default)",
+        description="Run the sidecar. Each flag overrides its environment variable.")
+    for f in dataclasses.fields(Config):
+        serve_parser.add_argument(f"--{flag_name(f.name)}", dest=f.name, metavar="VALUE",
+                                  help=f"{f.metadata['help']} [{f.metadata['env']}, default {f.default!r}]")
+    demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server")
+    demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
+    demo_parser.add_argument("--samples", type=int, default=6000, help="samples to stream (default 6000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        log.setLevel(logging.INFO)
+        return demo(args.dir, args.samples)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name, None) is not None}
+    try:
+        config = Config.load(dict(os.environ), overrides)
+    except ConfigError as e:
+        print(f"vmafx-sidecar: invalid setting: {e}", file=sys.stderr)
+        return 2
+    log.setLevel(config.log_level.upper())
+    warn_unknown_settings(dict(os.environ))
+    try:
+        return serve(config)
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
