@@ -1,0 +1,139 @@
+"""Shared fixtures: a real sidecar server in a subprocess and a line-oriented client for it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Client:
+    """Speaks the node's protocol: one request line, then exactly one ACK line."""
+
+    def __init__(self, path: str, timeout: float = 5.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_ack(self) -> dict:
+        line = self.reader.readline()
+        assert line.endswith(b"\n"), f"connection closed or partial ACK: {line!r}"
+        return json.loads(line)
+
+    def request(self, message: dict | bytes) -> dict:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode()
+        self.send_raw(data + b"\n")
+        return self.read_ack()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+class Sidecar:
+    """A `python -m vmafx_sidecar serve` subprocess on a private socket and checkpoint dir."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir = workdir
+        # AF_UNIX paths are limited to ~107 bytes, so the socket lives in a short temp dir.
+        self.sockdir = tempfile.mkdtemp(prefix="vx")
+        self.socket = os.path.join(self.sockdir, "s.sock")
+        self.checkpoint_dir = workdir / "ckpt"
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(ROOT),
+            "VMAFX_SIDECAR_SOCKET": self.socket,
+            "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
+            "VMAFX_BASE_MODEL_PATH": "",
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = workdir / f"stderr-{time.monotonic_ns()}.log"
+        self.clients: list[Client] = []
+
+    def start(self, timeout: float = 15.0) -> Sidecar:
+        self.stderr_file = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=self.env,
+                                     cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=self.stderr_file)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                c = Client(self.socket)
+                assert c.request({"op": "ping"}) == {"ok": True, "op": "pong"}
+                c.close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"sidecar did not answer ping:\n{self.stderr()}")
+                time.sleep(0.02)
+
+    def client(self) -> Client:
+        c = Client(self.socket)
+        self.clients.append(c)
+        return c
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGKILL)
+        self.stderr_file.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path):
+    """Start sidecars with extra env: `sidecar_factory(VMAFX_SIDECAR_BATCH_SIZE="8")`."""
+    started: list[Sidecar] = []
+
+    def start(workdir: Path | None = None, **env: str) -> Sidecar:
+        s = Sidecar(workdir or tmp_path, env)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.cleanup()
+
+
+@pytest.fixture
+def sidecar(sidecar_factory) -> Sidecar:
+    return sidecar_factory()
+
+
+def sample(rng: np.random.Generator, n_features: int = 80, job_id: str | None = None) -> dict:
+    message = {"features": rng.uniform(0, 1, n_features).tolist(), "true_score": float(rng.uniform(20, 100))}
+    if job_id is not None:
+        message["job_id"] = job_id
+    return message
