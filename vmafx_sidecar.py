@@ -185,7 +185,7 @@ class BadRequest(Exception):
 def parse_request(line: bytes, n_features: int) -> Sample | Control:
     """Decode one request line; raise BadRequest with a specific error for anything malformed."""
     try:
-        message = json.loads(line)
+        message = json.loads(line.decode())  # UTF-8 only: json.loads(bytes) would also guess UTF-16/32
     except UnicodeDecodeError:
         raise BadRequest("not valid JSON: the line is not UTF-8") from None
     except ValueError as e:
@@ -230,7 +230,7 @@ def number_problem(v: Any) -> str | None:
     if type(v) is float and not math.isfinite(v):
         return "not a finite number (NaN, Infinity or an overflowing literal)"
     if not -F32_MAX <= v <= F32_MAX:
-        return f"{float(v) if abs(v) < 1e300 else v:.3g} is outside the float32 range"
+        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
     return None
 
 
@@ -659,7 +659,8 @@ class Trainer:
         x, y = self.batch_x[:n], self.batch_y[:n]
         if n > self.n_new:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
-        loss = self.model.loss_and_grad(x, y, self.grad)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
+            loss = self.model.loss_and_grad(x, y, self.grad)
         if not self.apply_gradient(loss):
             self.steps_skipped += 1
             log.warning("skipped a step: loss or gradient overflowed float32 (loss %s); weights unchanged", loss)
@@ -681,11 +682,8 @@ class Trainer:
             g *= np.float32(clip)
         if c.weight_decay:
             g += np.float32(c.weight_decay) * theta
-        if self.steps == 0:
-            self.momentum[...] = g
-        else:
-            self.momentum *= np.float32(c.momentum)
-            self.momentum += g
+        self.momentum *= np.float32(c.momentum)  # starts at zero, so the first step sets it to g as torch does
+        self.momentum += g
         warmup = min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         theta -= np.float32(c.lr * warmup) * self.momentum
         self.ema.flat *= np.float32(c.ema_decay)

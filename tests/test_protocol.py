@@ -1,0 +1,123 @@
+"""Request parsing and ACK framing, in-process: exact errors, and properties over arbitrary input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vmafx_sidecar as vs
+
+
+def make_server(tmp_path, **settings_) -> vs.Server:
+    config = vs.Config(n_features=3, batch_size=4, replay_capacity=8, checkpoint_dir=str(tmp_path),
+                       min_samples_ckpt=10**9, **settings_)
+    rng = np.random.default_rng(0)
+    trainer = vs.Trainer(config, vs.MLP.initial([3, 5, 1], rng), vs.CheckpointWriter(config.checkpoint_dir), rng)
+    return vs.Server(config, trainer)
+
+
+@pytest.mark.parametrize("line,error", [
+    (b'{"features": [1, 2, 3], "true_score": 1', "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON: the line is not UTF-8"),
+    (b"[" * 100000, "not valid JSON"),
+    (b"[1, 2]", "expected a JSON object, got array"),
+    (b'"x"', "expected a JSON object, got string"),
+    (b'{"true_score": 1}', "features: missing"),
+    (b'{"features": "1,2,3", "true_score": 1}', "features: expected a list of 3 numbers, got string"),
+    (b'{"features": [1, 2], "true_score": 1}', "features: expected 3 numbers, got 2"),
+    (b'{"features": [1, "2", 3], "true_score": 1}', "features[1]: expected a number, got string"),
+    (b'{"features": [1, 2, true], "true_score": 1}', "features[2]: expected a number, got boolean"),
+    (b'{"features": [null, 2, 3], "true_score": 1}', "features[0]: expected a number, got null"),
+    (b'{"features": [1, [2], 3], "true_score": 1}', "features[1]: expected a number, got array"),
+    (b'{"features": [1, NaN, 3], "true_score": 1}', "features[1]: not a finite number"),
+    (b'{"features": [1, 2, -Infinity], "true_score": 1}', "features[2]: not a finite number"),
+    (b'{"features": [1e999, 2, 3], "true_score": 1}', "features[0]: not a finite number"),
+    (b'{"features": [1, 1e39, 3], "true_score": 1}', "features[1]: outside the float32 range"),
+    (b'{"features": [1, 2, 1' + b"0" * 400 + b'], "true_score": 1}', "features[2]: outside the float32 range"),
+    (b'{"features": [1, 2, 3]}', "true_score: missing"),
+    (b'{"features": [1, 2, 3], "true_score": "87"}', "true_score: expected a number, got string"),
+    (b'{"features": [1, 2, 3], "true_score": false}', "true_score: expected a number, got boolean"),
+    (b'{"features": [1, 2, 3], "true_score": NaN}', "true_score: not a finite number"),
+    (b'{"features": [1, 2, 3], "true_score": 1e999}', "true_score: not a finite number"),
+    (b'{"features": [1, 2, 3], "true_score": 1, "job_id": 7}', "job_id: expected a string, got number"),
+    (b'{"op": 1}', "op: expected a string, got number"),
+])
+def test_malformed_lines_get_specific_errors(line, error):
+    with pytest.raises(vs.BadRequest) as raised:
+        vs.parse_request(line, 3)
+    assert raised.value.error.startswith(error), raised.value.error
+
+
+def test_valid_lines():
+    sample = vs.parse_request(b'{"job_id": "enc-1", "features": [0, 1.5, -3e38], "true_score": 87}', 3)
+    assert sample == vs.Sample([0, 1.5, -3e38], 87, "enc-1")
+    assert vs.parse_request(b' {"op": "ping"} \r', 3) == vs.Control("ping", None)
+
+
+def test_error_echoes_job_id_when_it_is_a_string(tmp_path):
+    server = make_server(tmp_path)
+    assert server.answer(b'{"job_id": "enc-8850", "features": [1, 2]}') == (
+        b'{"ok": false, "error": "features: expected 3 numbers, got 2", "job_id": "enc-8850"}\n')
+    assert server.answer(b'{"job_id": "a", "op": "nope"}') == (
+        b'{"ok": false, "error": "unknown op \'nope\' (known: ping, status)", "job_id": "a"}\n')
+
+
+def test_ack_fields_in_go_client_order(tmp_path):
+    server = make_server(tmp_path, replay_mix=0.5)  # batch 4: a step every 2 new samples
+    line = b'{"job_id": "enc-1", "features": [0.1, 0.2, 0.3], "true_score": 1.5}'
+    assert server.answer(line) == b'{"ok": true, "step": 0, "trained": false, "job_id": "enc-1"}\n'
+    ack = server.answer(line)
+    assert list(json.loads(ack)) == ["ok", "step", "trained", "loss", "job_id"]
+    assert ack.startswith(b'{"ok": true, "step": 1, "trained": true, "loss": ')
+
+
+# ---- properties: whatever arrives, exactly one well-formed ACK per non-blank line ----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12)
+request_like = st.fixed_dictionaries(
+    {}, optional={"features": st.lists(st.floats(-10, 10), min_size=2, max_size=4) | json_values,
+                  "true_score": st.floats(-100, 100) | json_values,
+                  "job_id": st.text(max_size=8) | json_values,
+                  "op": st.sampled_from(["ping", "bogus"]) | json_values})
+lines = st.one_of(
+    request_like.map(lambda m: json.dumps(m).encode()),
+    st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
+    st.sampled_from([b"", b"   ", b"\r", b"x" * 200]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=lines)
+def test_any_line_gets_one_strict_json_ack(tmp_path, line):
+    server = make_server(tmp_path)
+    ack = server.answer(line)
+    if not line.strip():
+        assert ack == b""
+        return
+    assert ack.endswith(b"\n") and ack.count(b"\n") == 1
+    fields = json.loads(ack, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in ACK"))
+    assert type(fields["ok"]) is bool
+    if not fields["ok"]:
+        assert fields["error"]
+    status = server.status()
+    assert status["samples_accepted"] == status["replay_size"]  # nothing rejected reached the buffer
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(lines, max_size=12), cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_acks_do_not_depend_on_how_bytes_are_split(tmp_path, stream, cuts):
+    data = b"".join(line + b"\n" for line in stream)
+    whole, pieces = make_server(tmp_path, max_line_bytes=100), make_server(tmp_path, max_line_bytes=100)
+    conn_whole, conn_pieces = vs.Connection(None), vs.Connection(None)
+    whole.take_lines(conn_whole, data)
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in zip(bounds, bounds[1:]):
+        pieces.take_lines(conn_pieces, data[start:end])
+    assert conn_pieces.outbuf == conn_whole.outbuf
+    assert conn_whole.outbuf.count(b"\n") == sum(1 for line in stream if line.strip() or len(line) > 100)
+    assert len(conn_pieces.inbuf) <= 100  # a partial line is never buffered past the limit
