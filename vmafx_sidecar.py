@@ -32,9 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+# Single-threaded by design, next to CPU-hungry encoders: a BLAS thread pool would only add
+# wake-ups to these tiny matrix products (it doubled the step time here). Must precede numpy.
+for _threads_var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads_var, "1")
 
-import vmafx_onnx_builder as onnx_builder
+import numpy as np  # noqa: E402
+
+import vmafx_onnx_builder as onnx_builder  # noqa: E402
 
 log = logging.getLogger("vmafx_sidecar")
 
@@ -534,17 +539,20 @@ class ReplayBuffer:
         self.size = 0
         self.next = 0  # write position
 
-    def add(self, features: list, score: float) -> None:
-        self.x[self.next] = features
-        self.y[self.next] = score
-        self.next = (self.next + 1) % len(self.y)
+    def add(self, features: list, score: float) -> int:
+        """Store a sample, evicting the oldest when full; returns its slot."""
+        slot = self.next
+        self.x[slot] = features
+        self.y[slot] = score
+        self.next = (slot + 1) % len(self.y)
         self.size = min(self.size + 1, len(self.y))
+        return slot
 
     def sample_into(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> None:
         """Fill x and y with len(y) samples drawn uniformly with replacement."""
         index = rng.integers(0, self.size, len(y))
-        np.take(self.x, index, axis=0, out=x)
-        np.take(self.y, index, out=y)
+        self.x.take(index, axis=0, out=x)
+        self.y.take(index, out=y)
 
 
 # ---- model: dense layers with ReLU between them, backprop written out by hand ----
@@ -645,9 +653,9 @@ class Trainer:
 
     def add(self, features: list, score: float) -> StepResult | None:
         """Take one valid sample; run a step when enough new samples are pending."""
-        self.replay.add(features, score)
-        self.batch_x[self.n_pending] = features
-        self.batch_y[self.n_pending] = score
+        slot = self.replay.add(features, score)  # converts the list to float32 once
+        self.batch_x[self.n_pending] = self.replay.x[slot]
+        self.batch_y[self.n_pending] = self.replay.y[slot]
         self.n_pending += 1
         if self.n_pending < self.n_new:
             return None
