@@ -258,7 +258,7 @@ class StartupError(RuntimeError):
 
 
 class Connection:
-    __slots__ = ("sock", "inbuf", "outbuf", "discarding", "closing")
+    __slots__ = ("sock", "inbuf", "outbuf", "discarding", "closing", "events")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -266,6 +266,7 @@ class Connection:
         self.outbuf = bytearray()
         self.discarding = False  # inside a too-long line: drop bytes up to the next newline
         self.closing = False  # peer sent EOF: close once the ACKs are out
+        self.events = selectors.EVENT_READ  # what the selector watches for
 
 
 class Server:
@@ -436,7 +437,8 @@ class Server:
         events = selectors.EVENT_WRITE if conn.outbuf else 0
         if not conn.closing and len(conn.outbuf) < OUTBUF_LIMIT:
             events |= selectors.EVENT_READ
-        if events != self.selector.get_key(conn.sock).events:
+        if events != conn.events:
+            conn.events = events
             self.selector.modify(conn.sock, events, conn)
 
     def close(self, conn: Connection) -> None:
@@ -722,7 +724,7 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointWriter:
     def __init__(self, directory: str):
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # ACKs name checkpoints for readers in other cwds
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             names = os.listdir(self.directory)
@@ -755,12 +757,12 @@ class CheckpointWriter:
                 write_synced(temp, content)
             for temp, (n, _) in zip(temps, files):  # .onnx first, .sha256 last
                 os.replace(temp, self.directory / n)
-            fsync_directory(self.directory)
         except OSError:
             for temp in temps:
                 temp.unlink(missing_ok=True)
             raise
-        self.version = version
+        self.version = version  # visible now: this version is never written again, whatever follows
+        fsync_directory(self.directory)
         path = self.directory / name
         log.info("checkpoint v%06d written: %s (step %d, %d samples trained, %.1f ms)",
                  version, path, step, samples_trained, (time.perf_counter() - started) * 1e3)
@@ -840,7 +842,7 @@ def demo(directory: str, samples: int) -> int:
         sock_path = os.path.join(tmp, "demo.sock")
         env = dict(os.environ, VMAFX_SIDECAR_SOCKET=sock_path, VMAFX_SIDECAR_CHECKPOINT_DIR=directory,
                    VMAFX_BASE_MODEL_PATH="", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
-                   VMAFX_SIDECAR_MIN_SAMPLES_CKPT="1000", VMAFX_SIDECAR_LR="0.01")
+                   VMAFX_SIDECAR_MIN_SAMPLES_CKPT="2000", VMAFX_SIDECAR_LR="0.03", VMAFX_SIDECAR_EMA_DECAY="0.99")
         server = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=env)
         try:
             client = connect_when_ready(sock_path, server)
@@ -892,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help=f"{f.metadata['help']} [{f.metadata['env']}, default {f.default!r}]")
     demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server")
     demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
-    demo_parser.add_argument("--samples", type=int, default=6000, help="samples to stream (default 6000)")
+    demo_parser.add_argument("--samples", type=int, default=20000, help="samples to stream (default 20000)")
     return parser
 
 

@@ -1,0 +1,519 @@
+"""Checkpoints: when they are written, what the files hold, how the graph reads back, and
+what happens on restart, with a base model, and when a write fails half-way."""
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import vmafx_onnx_builder
+import vmafx_sidecar
+from conftest import ROOT, Client, Sidecar, sample
+
+N_FEATURES = 80
+# batch 32 with replay_mix 0.5 (the defaults, spelled out): each step trains 16 new samples,
+# so the 4th step, at the 64th sample, is the first with >= 64 new samples trained.
+CKPT_ENV = {
+    "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0",
+    "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "64",
+    "VMAFX_SIDECAR_BATCH_SIZE": "32",
+    "VMAFX_SIDECAR_REPLAY_MIX": "0.5",
+}
+
+
+# ---- helpers ----
+
+def ort_session(model: str | Path | onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the sidecar may be running on the other core
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def ort_scores(model: str | Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    (out,) = ort_session(model).run(["score"], {"features": x})
+    return out
+
+
+def numpy_scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return vmafx_sidecar.MLP.from_layers(vmafx_onnx_builder.read_mlp_model(model)).forward(x)
+
+
+def assert_ort_matches_numpy(model: str | Path | onnx.ModelProto, n_features: int, seed: int = 0) -> None:
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    session = ort_session(proto)
+    rng = np.random.default_rng(seed)
+    for batch in (1, 7, 1024):
+        x = rng.uniform(-1, 2, (batch, n_features)).astype(np.float32)
+        (got,) = session.run(["score"], {"features": x})
+        want = numpy_scores(proto, x)
+        assert got.dtype == np.float32 and got.shape == (batch, 1)
+        assert want.dtype == np.float32 and want.shape == (batch, 1)
+        assert np.all(np.isfinite(got))
+        diff = float(np.max(np.abs(got - want)))
+        assert diff <= 1e-5, f"batch {batch}: onnxruntime and numpy differ by {diff}"
+
+
+def random_layers(rng: np.random.Generator, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """torch.nn.Linear-like scales, so outputs stay O(1) and 1e-5 is a float32-sized tolerance."""
+    layers = []
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        bound = 1 / np.sqrt(fan_in)
+        layers.append((rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32),
+                       rng.uniform(-bound, bound, fan_out).astype(np.float32)))
+    return layers
+
+
+def feed(client: Client, rng: np.random.Generator, n: int, n_features: int = N_FEATURES) -> list[dict]:
+    acks = []
+    for i in range(n):
+        ack = client.request(sample(rng, n_features, job_id=f"job-{i}"))
+        assert ack["ok"] is True, ack
+        acks.append(ack)
+    return acks
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_sha256_file_verifies(model_path: Path) -> None:
+    sha_path = model_path.with_name(model_path.name + ".sha256")
+    text = sha_path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}  " + re.escape(model_path.name) + r"\n", text), repr(text)
+    assert text[:64] == sha256_file(model_path)
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "-c", sha_path.name], cwd=model_path.parent,
+                              capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("."))
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def run_serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a server that is expected to exit on its own (a startup failure)."""
+    full_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "VMAFX_SIDECAR_SOCKET": str(tmp_path / "never.sock"),
+        "VMAFX_SIDECAR_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        **env,
+    }
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], env=full_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=20)
+
+
+def first_checkpoint(s: Sidecar, seed: int = 0) -> Path:
+    acks = feed(s.client(), np.random.default_rng(seed), 64)
+    assert "checkpoint" in acks[-1], acks[-1]
+    return Path(acks[-1]["checkpoint"])
+
+
+# ---- the checkpoint the server writes ----
+
+def test_first_checkpoint_is_written_with_the_ack_of_the_64th_sample(sidecar_factory):
+    s = sidecar_factory(**CKPT_ENV)
+    target = s.checkpoint_dir / "model_v000001.onnx"
+    client = s.client()
+    rng = np.random.default_rng(0)
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    for i in range(1, 65):
+        ack = client.request(sample(rng, job_id=f"job-{i}"))
+        assert ack["ok"] is True and ack["job_id"] == f"job-{i}", ack
+        assert ack["trained"] is (i % 16 == 0), (i, ack)
+        assert ack["step"] == i // 16, (i, ack)
+        if i < 64:
+            assert "checkpoint" not in ack, (i, ack)
+            assert not target.exists(), f"checkpoint exists after only {i} samples"
+    after = datetime.datetime.now(datetime.timezone.utc)
+
+    assert os.path.isabs(ack["checkpoint"]), ack
+    assert ack["checkpoint"].endswith("model_v000001.onnx")
+    assert Path(ack["checkpoint"]) == target
+    assert target.is_file()
+    assert sorted(os.listdir(s.checkpoint_dir)) == ["model_v000001.onnx", "model_v000001.onnx.sha256"]
+    assert temp_files(s.checkpoint_dir) == []
+    assert_sha256_file_verifies(target)
+
+    status = client.request({"op": "status"})
+    assert status["checkpoint_version"] == 1 and status["steps"] == 4 and status["samples_trained"] == 64
+
+    model = onnx.load(str(target))
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 17)]
+
+    (inp,) = model.graph.input
+    assert inp.name == "features"
+    assert inp.type.tensor_type.elem_type == TensorProto.FLOAT
+    batch_dim, feature_dim = inp.type.tensor_type.shape.dim
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    assert feature_dim.dim_value == N_FEATURES
+
+    (out,) = model.graph.output
+    assert out.name == "score"
+    assert out.type.tensor_type.elem_type == TensorProto.FLOAT
+    out_batch, out_units = out.type.tensor_type.shape.dim
+    assert out_batch.dim_param == batch_dim.dim_param and not out_batch.HasField("dim_value")
+    assert out_units.dim_value == 1
+
+    meta = metadata(model)
+    assert meta["version"] == "1"
+    assert meta["step"] == "4"
+    assert meta["samples_trained"] == "64"
+    created = datetime.datetime.fromisoformat(meta["created"])
+    assert created.utcoffset() == datetime.timedelta(0), meta["created"]
+    # A minute of slack for clock adjustments; a local time mislabelled as UTC is off by far more.
+    slack = datetime.timedelta(seconds=60)
+    assert before - slack <= created <= after + slack, (before, meta["created"], after)
+
+
+def test_checkpoint_path_in_ack_is_absolute_for_a_relative_checkpoint_dir(sidecar_factory, tmp_path):
+    # The node reads the ACK in another working directory; a relative path is useless to it.
+    s = sidecar_factory(VMAFX_SIDECAR_CHECKPOINT_DIR="relative-ckpt", **CKPT_ENV)
+    path = first_checkpoint(s)
+    assert path.is_absolute(), f"ACK checkpoint path {str(path)!r} is relative"
+    assert path == tmp_path / "relative-ckpt" / "model_v000001.onnx"
+    assert path.is_file()
+
+
+def test_server_checkpoint_runs_in_onnxruntime_like_the_numpy_forward_pass(sidecar_factory):
+    s = sidecar_factory(**CKPT_ENV)
+    assert_ort_matches_numpy(first_checkpoint(s), N_FEATURES)
+
+
+def test_restart_continues_numbering_and_keeps_old_checkpoints(sidecar_factory, tmp_path):
+    s1 = sidecar_factory(workdir=tmp_path, **CKPT_ENV)
+    v1 = first_checkpoint(s1, seed=0)
+    v1_bytes, v1_sha = v1.read_bytes(), Path(str(v1) + ".sha256").read_bytes()
+    assert s1.stop() == 0
+
+    s2 = sidecar_factory(workdir=tmp_path, **CKPT_ENV)
+    assert s2.checkpoint_dir == s1.checkpoint_dir
+    acks = feed(s2.client(), np.random.default_rng(1), 64)
+    assert all("checkpoint" not in a for a in acks[:-1])
+    v2 = Path(acks[-1]["checkpoint"])
+    assert v2 == s2.checkpoint_dir / "model_v000002.onnx"
+    assert v1.read_bytes() == v1_bytes
+    assert Path(str(v1) + ".sha256").read_bytes() == v1_sha
+    assert sorted(os.listdir(s2.checkpoint_dir)) == [
+        "model_v000001.onnx", "model_v000001.onnx.sha256", "model_v000002.onnx", "model_v000002.onnx.sha256"]
+    assert_sha256_file_verifies(v2)
+    meta = metadata(onnx.load(str(v2)))
+    assert meta["version"] == "2"
+
+
+# ---- base models ----
+
+def test_checkpoint_loads_as_base_model(sidecar_factory, tmp_path):
+    # A base that is clearly not what a fresh server would build: another seed and width, and trained.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    s1 = sidecar_factory(workdir=tmp_path / "a", VMAFX_SIDECAR_SEED="7", VMAFX_SIDECAR_HIDDEN="24",
+                         VMAFX_SIDECAR_LR="0.01", VMAFX_SIDECAR_EMA_DECAY="0.5", **CKPT_ENV)
+    base = first_checkpoint(s1)
+    assert s1.stop() == 0
+
+    x = np.random.default_rng(5).uniform(0, 1, (256, N_FEATURES)).astype(np.float32)
+    base_scores = ort_scores(base, x)
+    fresh = vmafx_sidecar.MLP.initial([N_FEATURES, 24, 1], np.random.default_rng(0))
+    assert np.max(np.abs(fresh.forward(x) - base_scores)) > 1e-2, "base is indistinguishable from a fresh model"
+
+    s2 = sidecar_factory(workdir=tmp_path / "b", VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_LR="1e-12",
+                         VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16")
+    client = s2.client()
+    status = client.request({"op": "status"})
+    assert status["steps"] == 0
+    assert status["model"] == f"{N_FEATURES}-24-1"
+    acks = feed(client, np.random.default_rng(2), 16)
+    assert all("checkpoint" not in a for a in acks[:-1])
+    assert acks[-1]["step"] == 1
+    after_one_step = Path(acks[-1]["checkpoint"])
+    assert after_one_step == s2.checkpoint_dir / "model_v000001.onnx"
+    diff = float(np.max(np.abs(ort_scores(after_one_step, x) - base_scores)))
+    assert diff <= 1e-5, f"a step at lr 1e-12 moved the outputs by {diff}: the base was not loaded"
+
+
+def test_deeper_base_model_is_trained_and_checkpointed_in_its_own_shape(sidecar_factory, tmp_path):
+    base = tmp_path / "deep.onnx"
+    layers = random_layers(np.random.default_rng(4), [N_FEATURES, 32, 16, 1])
+    onnx.save(vmafx_onnx_builder.build_mlp_model(layers, {}), str(base))
+    s = sidecar_factory(VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
+                        VMAFX_SIDECAR_MIN_SAMPLES_CKPT="32", VMAFX_SIDECAR_LR="0.01")
+    client = s.client()
+    assert client.request({"op": "status"})["model"] == f"{N_FEATURES}-32-16-1"
+    acks = feed(client, np.random.default_rng(0), 32)
+    assert all(a["ok"] and np.isfinite(a.get("loss", 0.0)) for a in acks)
+    path = Path(acks[-1]["checkpoint"])
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    read = vmafx_onnx_builder.read_mlp_model(model)
+    assert [w.shape for w, _ in read] == [(N_FEATURES, 32), (32, 16), (16, 1)]
+    assert any(not np.array_equal(w, w0) for (w, _), (w0, _) in zip(read, layers)), "no step changed the weights"
+    assert_ort_matches_numpy(model, N_FEATURES)
+
+
+def test_base_model_with_other_feature_count_stops_startup(tmp_path):
+    path = tmp_path / "base40.onnx"
+    model = vmafx_onnx_builder.build_mlp_model(random_layers(np.random.default_rng(0), [40, 16, 1]), {})
+    onnx.save(model, str(path))
+    done = run_serve(tmp_path, VMAFX_BASE_MODEL_PATH=str(path))
+    assert done.returncode != 0, done.stderr
+    assert re.search(r"\b40\b", done.stderr) and re.search(r"\b80\b", done.stderr), done.stderr
+    assert "VMAFX_SIDECAR_N_FEATURES" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "never.sock").exists()
+
+
+@pytest.mark.parametrize("content", [b"this is not an onnx model\n" * 3, bytes(range(256)) * 4],
+                         ids=["text", "binary"])
+def test_garbage_base_model_stops_startup_with_a_clear_message(tmp_path, content):
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(content)
+    done = run_serve(tmp_path, VMAFX_BASE_MODEL_PATH=str(path))
+    assert done.returncode != 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "base model" in lines[0] and str(path) in lines[0], done.stderr
+    assert not (tmp_path / "never.sock").exists()
+
+
+def test_missing_base_model_starts_fresh_with_a_warning(sidecar_factory, tmp_path):
+    missing = tmp_path / "no-such-model.onnx"
+    s = sidecar_factory(VMAFX_BASE_MODEL_PATH=str(missing))
+    warnings = [line for line in s.stderr().splitlines() if "WARNING" in line and str(missing) in line]
+    assert warnings, s.stderr()
+    status = s.client().request({"op": "status"})
+    assert status["steps"] == 0
+    assert status["model"] == f"{N_FEATURES}-64-1"
+
+
+# ---- vmafx_onnx_builder on its own ----
+
+@pytest.mark.parametrize("sizes", [[80, 1], [80, 64, 1], [80, 32, 16, 1], [13, 7, 5, 3, 1]],
+                         ids=["no-hidden", "1-hidden", "2-hidden", "3-hidden"])
+def test_built_model_reads_back_exactly_and_matches_onnxruntime(sizes):
+    layers = random_layers(np.random.default_rng(len(sizes)), sizes)
+    model = vmafx_onnx_builder.build_mlp_model(layers, {"version": "9"})
+    onnx.checker.check_model(model, full_check=True)
+    assert metadata(model) == {"version": "9"}
+
+    read = vmafx_onnx_builder.read_mlp_model(model)
+    assert len(read) == len(layers)
+    for (w, b), (w0, b0) in zip(read, layers):
+        assert w.dtype == np.float32 and b.dtype == np.float32
+        assert w.shape == w0.shape and b.shape == b0.shape
+        assert np.array_equal(w, w0) and np.array_equal(b, b0)
+    # And through serialization, as the sidecar writes and reads files.
+    reread = vmafx_onnx_builder.read_mlp_model(onnx.load_from_string(model.SerializeToString()))
+    assert all(np.array_equal(w, w0) and np.array_equal(b, b0) for (w, b), (w0, b0) in zip(reread, layers))
+
+    assert_ort_matches_numpy(model, sizes[0], seed=len(sizes))
+
+
+def gemm(name: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    return helper.make_node("Gemm", inputs, [output], name=name, **attrs)
+
+
+def make_graph_model(nodes, initializers: dict[str, np.ndarray], outputs: dict[str, int],
+                     extra_inputs: dict[str, tuple] | None = None, n_features: int = 6) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_features])]
+    for name, shape in (extra_inputs or {}).items():
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+    graph = helper.make_graph(
+        nodes, "test",
+        inputs,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", units]) for n, units in outputs.items()],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in initializers.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _weights(rng, *shapes_by_name) -> dict[str, np.ndarray]:
+    return {name: rng.normal(0, 0.3, shape) for name, shape in shapes_by_name}
+
+
+def unsupported_models() -> dict[str, onnx.ModelProto]:
+    rng = np.random.default_rng(0)
+    two_layers = _weights(rng, ("W0", (6, 4)), ("b0", (4,)), ("W1", (4, 1)), ("b1", (1,)))
+    relu = helper.make_node("Relu", ["d0"], ["r0"], name="relu0")
+    last = gemm("gemm1", ["r0", "W1", "b1"], "score")
+    return {
+        "sigmoid-between-gemms": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), helper.make_node("Sigmoid", ["d0"], ["r0"], name="sig"),
+             last], two_layers, {"score": 1}),
+        "gemm-alpha-2": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0", alpha=2.0), relu, last], two_layers, {"score": 1}),
+        "gemm-beta-0.5": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, gemm("gemm1", ["r0", "W1", "b1"], "score", beta=0.5)],
+            two_layers, {"score": 1}),
+        "gemm-transA": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0", transA=1), relu, last],
+            {**two_layers, "W0": rng.normal(0, 0.3, (6, 4))}, {"score": 1}, n_features=6),
+        "two-output-units": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last],
+            {**two_layers, "W1": rng.normal(0, 0.3, (4, 2)), "b1": rng.normal(0, 0.3, (2,))}, {"score": 2}),
+        "weight-is-a-graph-input": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last],
+            {k: v for k, v in two_layers.items() if k != "W0"}, {"score": 1}, extra_inputs={"W0": (6, 4)}),
+        "gemm-without-bias": make_graph_model(
+            [gemm("gemm0", ["features", "W0"], "d0"), relu, last], two_layers, {"score": 1}),
+        "ends-with-relu": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, gemm("gemm1", ["r0", "W1", "b1"], "d1"),
+             helper.make_node("Relu", ["d1"], ["score"], name="relu1")], two_layers, {"score": 1}),
+        "two-relus-in-a-row": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, helper.make_node("Relu", ["r0"], ["r1"], name="r1"),
+             gemm("gemm1", ["r1", "W1", "b1"], "score")], two_layers, {"score": 1}),
+        "side-branch": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last,
+             helper.make_node("Neg", ["features"], ["neg"], name="neg")], two_layers, {"score": 1}),
+        "two-graph-outputs": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last], two_layers, {"score": 1, "d0": 4}),
+        "layer-sizes-do-not-chain": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last],
+            {**two_layers, "W1": rng.normal(0, 0.3, (5, 1))}, {"score": 1}),
+    }
+
+
+UNSUPPORTED = unsupported_models()
+# read_mlp_model's contract: the error names the offending node.
+NAMES_NODE = {"sigmoid-between-gemms": "sig", "gemm-alpha-2": "gemm0", "gemm-beta-0.5": "gemm1",
+              "gemm-transA": "gemm0", "gemm-without-bias": "gemm0", "two-relus-in-a-row": "r1",
+              "side-branch": "neg"}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_read_mlp_model_refuses_unsupported_graphs(name):
+    model = UNSUPPORTED[name]
+    onnx.checker.check_model(model)  # a valid ONNX model, just not one the sidecar can train
+    with pytest.raises(vmafx_onnx_builder.UnsupportedModelError) as error:
+        vmafx_onnx_builder.read_mlp_model(model)
+    if name in NAMES_NODE:
+        assert re.search(rf"\b{NAMES_NODE[name]}\b", str(error.value)), str(error.value)
+
+
+def test_read_mlp_model_accepts_transposed_gemm_weights():
+    rng = np.random.default_rng(3)
+    layers = random_layers(rng, [6, 4, 1])
+    inits = {"W0t": layers[0][0].T.copy(), "b0": layers[0][1], "W1": layers[1][0], "b1": layers[1][1]}
+    model = make_graph_model(
+        [gemm("gemm0", ["features", "W0t", "b0"], "d0", transB=1), helper.make_node("Relu", ["d0"], ["r0"]),
+         gemm("gemm1", ["r0", "W1", "b1"], "score")], inits, {"score": 1})
+    onnx.checker.check_model(model, full_check=True)
+    read = vmafx_onnx_builder.read_mlp_model(model)
+    assert np.array_equal(read[0][0], layers[0][0]) and np.array_equal(read[1][0], layers[1][0])
+    assert_ort_matches_numpy(model, 6)
+
+
+# ---- CheckpointWriter: atomic writes and recovery from a crash ----
+
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["replace-of-onnx", "replace-of-sha256"])
+def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, failing_call):
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    layers = random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst, **kwargs):
+        calls.append((src, dst))
+        if len(calls) == failing_call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        writer.write(layers, 3, 48)
+    assert len(calls) == failing_call
+    assert writer.version == 0
+    assert temp_files(directory) == []
+    assert not (directory / "model_v000001.onnx.sha256").exists()
+    if failing_call == 1:
+        assert os.listdir(directory) == []
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    path = writer.write(layers, 4, 64)
+    assert path == directory / "model_v000001.onnx"
+    assert writer.version == 1
+    assert_sha256_file_verifies(path)
+    assert metadata(onnx.load(str(path)))["step"] == "4"
+    assert temp_files(directory) == []
+
+
+def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(tmp_path, monkeypatch):
+    # Both files are renamed into place before the directory fsync; if that fsync fails, readers
+    # may already have seen (and loaded) the complete pair, so the number must not be reused
+    # for other weights, just as "a restart never overwrites".
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    first, second = random_layers(rng, [N_FEATURES, 8, 1]), random_layers(rng, [N_FEATURES, 8, 1])
+    real_fsync_directory = vmafx_sidecar.fsync_directory
+
+    def failing_fsync_directory(d):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", failing_fsync_directory)
+    try:
+        writer.write(first, 1, 16)
+    except OSError:
+        pass
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", real_fsync_directory)
+    v1 = directory / "model_v000001.onnx"
+    published = {n: (directory / n).read_bytes() for n in os.listdir(directory)}
+    assert temp_files(directory) == []
+
+    path = writer.write(second, 2, 32)
+    for name, content in published.items():
+        assert (directory / name).read_bytes() == content, f"{name} was rewritten with other content"
+    if v1.name + ".sha256" in published:
+        assert path == directory / "model_v000002.onnx"
+    assert_sha256_file_verifies(path)
+
+
+def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    leftovers = [".model_v000003.onnx.tmp", ".model_v000003.onnx.sha256.tmp"]
+    for name in leftovers:
+        (directory / name).write_bytes(b"half a checkpoint")
+    kept = {
+        "model_v000005.onnx": b"five",
+        "model_v000005.onnx.sha256": b"not checked here\n",
+        "model_v000007.onnx": b"seven, its .sha256 never written",
+        ".keep": b"",
+        "notes.txt": b"not a checkpoint",
+    }
+    for name, content in kept.items():
+        (directory / name).write_bytes(content)
+
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    for name in leftovers:
+        assert not (directory / name).exists(), f"{name} was not removed"
+    assert writer.version == 7
+    for name, content in kept.items():
+        assert (directory / name).read_bytes() == content, f"{name} was touched"
+
+    path = writer.write(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1]), 1, 16)
+    assert path == directory / "model_v000008.onnx"
+    assert_sha256_file_verifies(path)
+    assert metadata(onnx.load(str(path)))["version"] == "8"
+    assert temp_files(directory) == [".keep"]

@@ -1,0 +1,247 @@
+"""Settings: env vars and flags, their validation, precedence, --help, and startup warnings."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vmafx_sidecar
+from conftest import ROOT, Client, sample
+
+FIELDS = dataclasses.fields(vmafx_sidecar.Config)
+ENV_NAMES = [f.metadata["env"] for f in FIELDS]
+
+
+@pytest.fixture
+def short_dir():
+    # AF_UNIX paths are limited to ~107 bytes and parametrized tmp_paths get long.
+    d = tempfile.mkdtemp(prefix="vxc")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def clean_env(directory: Path, **variables: str) -> dict[str, str]:
+    """PATH, PYTHONPATH and the variables under test. The socket and checkpoint dir point into a
+    private directory so that a value wrongly accepted cannot touch the real default paths."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "VMAFX_SIDECAR_SOCKET": str(directory / "s.sock"),
+        "VMAFX_SIDECAR_CHECKPOINT_DIR": str(directory / "ckpt"),
+        "VMAFX_BASE_MODEL_PATH": "",
+        **variables,
+    }
+
+
+def run_serve(directory: Path, args: list[str] = (), **variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve", *args],
+                          env=clean_env(directory, **variables), cwd=directory,
+                          capture_output=True, text=True, timeout=20)
+
+
+def assert_rejected(done: subprocess.CompletedProcess, directory: Path, *names: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    for name in names:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", lines[0]), (name, lines[0])
+    assert not (directory / "s.sock").exists()
+    assert not (directory / "ckpt").exists()
+    return lines[0]
+
+
+# ---- invalid values: exit 2, one line naming the variable ----
+
+INVALID = [
+    # (variables, the variable the message must name, the bad value)
+    ({"VMAFX_SIDECAR_BATCH_SIZE": "abc"}, "VMAFX_SIDECAR_BATCH_SIZE", "abc"),
+    ({"VMAFX_SIDECAR_LR": "fast"}, "VMAFX_SIDECAR_LR", "fast"),
+    ({"VMAFX_SIDECAR_LR": "nan"}, "VMAFX_SIDECAR_LR", "nan"),
+    ({"VMAFX_SIDECAR_LR": "inf"}, "VMAFX_SIDECAR_LR", "inf"),
+    ({"VMAFX_SIDECAR_BATCH_SIZE": "0"}, "VMAFX_SIDECAR_BATCH_SIZE", "0"),
+    ({"VMAFX_SIDECAR_BATCH_SIZE": "-1"}, "VMAFX_SIDECAR_BATCH_SIZE", "-1"),
+    ({"VMAFX_SIDECAR_BATCH_SIZE": "1.5"}, "VMAFX_SIDECAR_BATCH_SIZE", "1.5"),
+    ({"VMAFX_SIDECAR_REPLAY_MIX": "-0.1"}, "VMAFX_SIDECAR_REPLAY_MIX", "-0.1"),
+    ({"VMAFX_SIDECAR_REPLAY_MIX": "1.0"}, "VMAFX_SIDECAR_REPLAY_MIX", "1.0"),
+    ({"VMAFX_SIDECAR_REPLAY_CAPACITY": "8", "VMAFX_SIDECAR_BATCH_SIZE": "32"},
+     "VMAFX_SIDECAR_REPLAY_CAPACITY", "8"),
+    ({"VMAFX_SIDECAR_LR": "0"}, "VMAFX_SIDECAR_LR", "0"),
+    ({"VMAFX_SIDECAR_LR": "-1"}, "VMAFX_SIDECAR_LR", "-1"),
+    ({"VMAFX_SIDECAR_EMA_DECAY": "1.0"}, "VMAFX_SIDECAR_EMA_DECAY", "1.0"),
+    ({"VMAFX_SIDECAR_EMA_DECAY": "-0.5"}, "VMAFX_SIDECAR_EMA_DECAY", "-0.5"),
+    ({"VMAFX_SIDECAR_N_FEATURES": "0"}, "VMAFX_SIDECAR_N_FEATURES", "0"),
+    ({"VMAFX_SIDECAR_CKPT_INTERVAL_S": "-1"}, "VMAFX_SIDECAR_CKPT_INTERVAL_S", "-1"),
+    ({"VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "-5"}, "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", "-5"),
+    ({"VMAFX_SIDECAR_HIDDEN": "0"}, "VMAFX_SIDECAR_HIDDEN", "0"),
+    ({"VMAFX_SIDECAR_LOG_LEVEL": "loud"}, "VMAFX_SIDECAR_LOG_LEVEL", "loud"),
+    ({"VMAFX_SIDECAR_CUDA": "2"}, "VMAFX_SIDECAR_CUDA", "2"),
+]
+
+
+@pytest.mark.parametrize("variables, name, value", INVALID,
+                         ids=["-".join(f"{k.removeprefix('VMAFX_SIDECAR_')}={v}" for k, v in c[0].items())
+                              for c in INVALID])
+def test_invalid_env_value_exits_2_naming_the_variable(short_dir, variables, name, value):
+    line = assert_rejected(run_serve(short_dir, **variables), short_dir, name)
+    assert value in line, line
+
+
+@pytest.mark.parametrize("flag, value, env, valid_env_value", [
+    ("--batch-size", "0", "VMAFX_SIDECAR_BATCH_SIZE", "16"),
+    ("--lr", "nan", "VMAFX_SIDECAR_LR", "0.5"),
+    ("--replay-mix", "1", "VMAFX_SIDECAR_REPLAY_MIX", "0.25"),
+    ("--log-level", "loud", "VMAFX_SIDECAR_LOG_LEVEL", "info"),
+])
+def test_invalid_flag_value_exits_2_naming_variable_and_flag(short_dir, flag, value, env, valid_env_value):
+    # A valid env value must not hide the flag's invalid one.
+    done = run_serve(short_dir, [flag, value], **{env: valid_env_value})
+    assert_rejected(done, short_dir, env, flag)
+
+
+# ---- Config.load in-process: precedence and parsed types ----
+
+def test_load_with_nothing_set_gives_the_defaults():
+    assert vmafx_sidecar.Config.load({}, {}) == vmafx_sidecar.Config()
+
+
+def test_load_parses_env_values_to_the_setting_types():
+    config = vmafx_sidecar.Config.load({
+        "VMAFX_SIDECAR_BATCH_SIZE": "8",
+        "VMAFX_SIDECAR_LR": "1",  # an integer literal for a float setting
+        "VMAFX_SIDECAR_REPLAY_MIX": "0.25",
+        "VMAFX_SIDECAR_LOG_LEVEL": "debug",
+        "VMAFX_SIDECAR_SOCKET": "/run/x.sock",
+        "UNRELATED": "ignored",
+    }, {})
+    assert config.batch_size == 8 and type(config.batch_size) is int
+    assert config.lr == 1.0 and type(config.lr) is float
+    assert config.replay_mix == 0.25 and type(config.replay_mix) is float
+    assert config.log_level == "debug"
+    assert config.socket == "/run/x.sock"
+    assert config.hidden == 64  # untouched settings keep their defaults
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[f.name for f in FIELDS])
+def test_every_default_written_as_text_parses_back_to_itself(field):
+    text = str(field.default)
+    from_env = vmafx_sidecar.Config.load({field.metadata["env"]: text}, {})
+    from_flag = vmafx_sidecar.Config.load({}, {field.name: text})
+    assert getattr(from_env, field.name) == field.default
+    assert getattr(from_flag, field.name) == field.default
+    assert type(getattr(from_env, field.name)) is type(field.default)
+
+
+def test_flag_overrides_env():
+    config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_BATCH_SIZE": "16", "VMAFX_SIDECAR_LR": "0.5"},
+                                       {"batch_size": "8"})
+    assert config.batch_size == 8
+    assert config.lr == 0.5
+
+
+def test_flag_overrides_an_invalid_env_value():
+    config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_BATCH_SIZE": "0"}, {"batch_size": "8"})
+    assert config.batch_size == 8
+
+
+def test_invalid_flag_is_rejected_even_with_a_valid_env_value():
+    with pytest.raises(vmafx_sidecar.ConfigError, match=r"VMAFX_SIDECAR_BATCH_SIZE \(--batch-size\)"):
+        vmafx_sidecar.Config.load({"VMAFX_SIDECAR_BATCH_SIZE": "16"}, {"batch_size": "0"})
+
+
+@pytest.mark.parametrize("environ, overrides", [
+    ({"VMAFX_SIDECAR_REPLAY_CAPACITY": "8"}, {}),
+    ({}, {"replay_capacity": "8"}),
+    ({"VMAFX_SIDECAR_REPLAY_CAPACITY": "63"}, {"batch_size": "64"}),
+])
+def test_replay_capacity_below_batch_size_is_rejected(environ, overrides):
+    with pytest.raises(vmafx_sidecar.ConfigError, match="VMAFX_SIDECAR_REPLAY_CAPACITY"):
+        vmafx_sidecar.Config.load(environ, overrides)
+
+
+def test_replay_capacity_equal_to_batch_size_is_accepted():
+    config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_REPLAY_CAPACITY": "64"}, {"batch_size": "64"})
+    assert config.replay_capacity == config.batch_size == 64
+
+
+def test_flag_overrides_invalid_env_in_a_real_server(short_dir):
+    env = clean_env(short_dir, VMAFX_SIDECAR_BATCH_SIZE="0")
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve", "--batch-size", "8"],
+                            env=env, cwd=short_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}: {proc.stderr.read().decode()}")
+            try:
+                client = Client(env["VMAFX_SIDECAR_SOCKET"])
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.02)
+        try:
+            status = client.request({"op": "status"})
+            assert status["config"]["batch_size"] == 8
+            # 8 new-or-replay per step, replay_mix 0.5: 4 new samples make a step.
+            rng = np.random.default_rng(0)
+            acks = [client.request(sample(rng)) for _ in range(4)]
+            assert [a["trained"] for a in acks] == [False, False, False, True]
+        finally:
+            client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+
+
+# ---- --help ----
+
+def test_help_lists_every_variable_and_its_default(short_dir):
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve", "--help"],
+                          env=clean_env(short_dir), cwd=short_dir, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    # argparse wraps lines, even inside paths at hyphens: compare with all whitespace removed.
+    text = re.sub(r"\s+", "", done.stdout)
+    for f in FIELDS:
+        env, flag = f.metadata["env"], "--" + f.name.replace("_", "-")
+        assert re.search(rf"(?<![\w-]){re.escape(flag)} VALUE", done.stdout), flag
+        listed = [f"{env},default{f.default!r}", f"{env},default{f.default}"]
+        assert any(item.replace(" ", "") in text for item in listed), (env, f.default, done.stdout)
+
+
+# ---- warnings at startup ----
+
+def test_unknown_setting_is_warned_about_and_ignored(sidecar_factory):
+    s = sidecar_factory(VMAFX_SIDECAR_BATCH_SIZ="8")
+    named = [line for line in s.stderr().splitlines() if re.search(r"\bVMAFX_SIDECAR_BATCH_SIZ\b", line)]
+    assert len(named) == 1 and "WARNING" in named[0], s.stderr()
+    status = s.client().request({"op": "status"})
+    assert status["config"]["batch_size"] == 32
+
+
+def test_known_settings_are_not_warned_about(sidecar_factory):
+    s = sidecar_factory(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_LR="0.001")
+    assert "WARNING" not in s.stderr(), s.stderr()
+
+
+def test_cuda_1_starts_on_numpy_with_a_warning(sidecar_factory):
+    s = sidecar_factory(VMAFX_SIDECAR_CUDA="1")
+    warnings = [line for line in s.stderr().splitlines() if "WARNING" in line and "not available" in line]
+    assert len(warnings) == 1, s.stderr()
+    status = s.client().request({"op": "status"})
+    assert status["backend"] == "numpy"
+    assert status["config"]["cuda"] == "1"
