@@ -353,31 +353,36 @@ class Server:
                  self.trainer.steps, self.samples_accepted, self.samples_rejected)
 
     def close_listener(self) -> None:
+        """Unlink the socket so no new client can connect, then take those already queued: their
+        requests count as received."""
         if self.listener is None:
             return
-        self.selector.unregister(self.listener)
-        self.listener.close()
-        self.listener = None
         try:  # remove the socket file only if it is still the one this process created
             if os.stat(self.config.socket).st_ino == self.socket_inode:
                 os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
+        while self.accept():
+            pass
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
 
     # -- connections
 
-    def accept(self) -> None:
+    def accept(self) -> bool:
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:  # e.g. EMFILE: keep serving the connections we have
             log.error("accept failed: %s", e)
-            return
+            return False
         sock.setblocking(False)
         conn = Connection(sock)
         self.connections.add(conn)
         self.selector.register(sock, selectors.EVENT_READ, conn)
+        return True
 
     def read(self, conn: Connection) -> bool:
         """Read and answer what is available; False when nothing was (would block, EOF, error)."""
@@ -608,17 +613,23 @@ class MLP:
         """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
         hidden = [x]
         for w, b in self.layers[:-1]:
-            hidden.append(np.maximum(hidden[-1] @ w + b, 0))
+            z = hidden[-1] @ w
+            z += b
+            hidden.append(np.maximum(z, 0, out=z))
         w, b = self.layers[-1]
-        error = (hidden[-1] @ w + b)[:, 0] - y
-        loss = np.dot(error, error) / len(y)
-        d_out = (error * (2 / len(y)))[:, None]  # dL/d(output of layer i), walking back from the top
+        error = hidden[-1] @ w
+        error += b
+        error -= y[:, None]
+        loss = np.vdot(error, error) / len(y)
+        d_out = error * (2 / len(y))  # dL/d(output of layer i), walking back from the top
         for i in range(len(self.layers) - 1, -1, -1):
-            d_w, d_b = grad.layers[i]
+            w, d_w, d_b = self.layers[i][0], *grad.layers[i]
             np.matmul(hidden[i].T, d_out, out=d_w)
-            np.sum(d_out, axis=0, out=d_b)
+            np.add.reduce(d_out, axis=0, out=d_b)
             if i:
-                d_out = (d_out @ self.layers[i][0].T) * (hidden[i] > 0)  # ReLU passes gradient where it was active
+                # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
+                d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
+                d_out *= np.sign(hidden[i])  # ReLU passes gradient only where it was active (h > 0)
         return float(loss)
 
 
