@@ -281,6 +281,7 @@ class Server:
         self.listener: socket.socket | None = None
         self.socket_inode: int | None = None
         self.stopping = False
+        self.accepting = True  # False while out of file descriptors
 
     # -- lifecycle
 
@@ -362,9 +363,10 @@ class Server:
                 os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
-        while self.accept():
+        while self.accepting and self.accept():
             pass
-        self.selector.unregister(self.listener)
+        if self.accepting:
+            self.selector.unregister(self.listener)
         self.listener.close()
         self.listener = None
 
@@ -375,8 +377,12 @@ class Server:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError as e:  # e.g. EMFILE: keep serving the connections we have
-            log.error("accept failed: %s", e)
+        except OSError as e:
+            # Out of descriptors (EMFILE): the listener would stay ready and the loop would spin, so
+            # stop watching it until a connection closes; the clients wait in the backlog meanwhile.
+            log.error("cannot accept a connection (%s): pausing accepts until one closes", e.strerror or e)
+            self.selector.unregister(self.listener)
+            self.accepting = False
             return False
         sock.setblocking(False)
         conn = Connection(sock)
@@ -450,6 +456,9 @@ class Server:
         self.connections.discard(conn)
         self.selector.unregister(conn.sock)
         conn.sock.close()
+        if not self.accepting and self.listener is not None:
+            self.selector.register(self.listener, selectors.EVENT_READ, None)
+            self.accepting = True
 
     # -- requests
 
