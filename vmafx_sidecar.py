@@ -207,9 +207,9 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
             raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)
         return Control(message["op"], job_id)
 
-    features = message.get("features")
-    if features is None:
+    if "features" not in message:
         raise BadRequest("features: missing", job_id)
+    features = message["features"]
     if type(features) is not list:
         raise BadRequest(f"features: expected a list of {n_features} numbers, "
                          f"got {JSON_TYPE_NAMES[type(features)]}", job_id)
@@ -340,10 +340,11 @@ class Server:
         """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S."""
         self.close_listener()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for conn in list(self.connections):
-            while conn in self.connections and not conn.closing and time.monotonic() < deadline:
-                if not self.read(conn):
-                    break
+        # One read per connection per pass: a client that keeps sending cannot use up the others' grace.
+        reading = list(self.connections)
+        while reading and time.monotonic() < deadline:
+            reading = [c for c in reading if c in self.connections and not c.closing
+                       and len(c.outbuf) < OUTBUF_LIMIT and self.read(c)]
         while any(c.outbuf for c in self.connections) and time.monotonic() < deadline:
             for key, mask in self.selector.select(timeout=deadline - time.monotonic()):
                 if key.data in self.connections and mask & selectors.EVENT_WRITE:
