@@ -418,20 +418,21 @@ class Server:
                 return
             data = data[newline + 1:]
             conn.discarding = False
-        buf = conn.inbuf
-        buf += data
+        if conn.inbuf:  # usually empty: a client sends whole lines, so data is sliced without copies
+            data = bytes(conn.inbuf + data)
+            conn.inbuf.clear()
         start = 0
-        while (newline := buf.find(b"\n", start)) >= 0:
+        while (newline := data.find(b"\n", start)) >= 0:
             if newline - start > limit:
                 conn.outbuf += self.too_long()
             else:
-                conn.outbuf += self.answer(bytes(buf[start:newline]))
+                conn.outbuf += self.answer(data[start:newline])
             start = newline + 1
-        del buf[:start]
-        if len(buf) > limit:  # answer now and drop the rest of the line as it arrives
+        if len(data) - start > limit:  # answer now and drop the rest of the line as it arrives
             conn.outbuf += self.too_long()
-            buf.clear()
             conn.discarding = True
+        else:
+            conn.inbuf += data[start:]
 
     def flush(self, conn: Connection) -> None:
         if conn.outbuf:
@@ -465,7 +466,7 @@ class Server:
 
     def answer(self, line: bytes) -> bytes:
         """The ACK line for one request line (b"" for a blank line, which gets none)."""
-        if not line.strip():
+        if not line or line.isspace():
             return b""
         try:
             request = parse_request(line, self.config.n_features)

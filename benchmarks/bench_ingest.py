@@ -180,7 +180,7 @@ def make_lines(n: int, client: int, seed: int, float32: bool) -> list[bytes]:
         features = ["[" + ", ".join(map(str, row)) + "]" for row in x.astype(np.float32)]
     else:
         features = [json.dumps(row.tolist()) for row in x]
-    return [f'{{"job_id": "job-{client}-{i:06d}", "features": {features[i]}, "true_score": {y[i]!r}}}\n'.encode()
+    return [f'{{"job_id": "job-{client}-{i:06d}", "features": {features[i]}, "true_score": {float(y[i])!r}}}\n'.encode()
             for i in range(n)]
 
 
