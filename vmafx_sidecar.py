@@ -38,6 +38,7 @@ for _threads_var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS
     os.environ.setdefault(_threads_var, "1")
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 
 import vmafx_onnx_builder as onnx_builder  # noqa: E402
 
@@ -818,7 +819,6 @@ def load_base_model(config: Config) -> MLP | None:
     if not os.path.exists(path):
         log.warning("base model %s does not exist: starting from a fresh model (seed %d)", path, config.seed)
         return None
-    import onnx
     try:
         layers = onnx_builder.read_mlp_model(onnx.load(path))
     except onnx_builder.UnsupportedModelError as e:
@@ -900,7 +900,6 @@ def connect_when_ready(path: str, server: subprocess.Popen, timeout_s: float = 1
 
 
 def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
-    import onnx
     model = MLP.from_layers(onnx_builder.read_mlp_model(onnx.load(checkpoint)))
     return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
 
