@@ -12,13 +12,16 @@ replay buffer -> model -> trainer -> checkpoints -> CLI.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import selectors
 import signal
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,6 +104,8 @@ class Config:
                                     "minimum new samples trained between checkpoints")
     n_features: int = setting(80, "VMAFX_SIDECAR_N_FEATURES", at_least(1), "length of each feature vector")
     hidden: int = setting(64, "VMAFX_SIDECAR_HIDDEN", at_least(1), "hidden width of a fresh model")
+    activation: str = setting("relu", "VMAFX_SIDECAR_ACTIVATION", one_of(*onnx_builder.ACTIVATION_KINDS),
+                              "activation of a fresh model and of a state-dict base model")
     momentum: float = setting(0.9, "VMAFX_SIDECAR_MOMENTUM", unit_interval(), "SGD momentum")
     weight_decay: float = setting(0.00001, "VMAFX_SIDECAR_WEIGHT_DECAY", at_least(0), "L2 weight decay")
     max_grad_norm: float = setting(1.0, "VMAFX_SIDECAR_MAX_GRAD_NORM", above(0),
@@ -514,6 +520,7 @@ class Server:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "backend": "numpy",
             "model": "-".join(map(str, t.model.sizes)),
+            "activations": [str(a) for a in t.model.activations],
             "config": dataclasses.asdict(self.config),
         }
 
@@ -574,14 +581,46 @@ class ReplayBuffer:
         self.y.take(index, out=y)
 
 
-# ---- model: dense layers with ReLU between them, backprop written out by hand ----
+# ---- model: dense layers with an activation between them, backprop written out by hand ----
+
+Activation = onnx_builder.Activation
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf; math.erf is exact to an ulp
+
+
+def activate(act: Activation, z: np.ndarray) -> np.ndarray:
+    if act.kind == "relu":
+        return np.maximum(z, 0)
+    if act.kind == "leaky_relu":
+        return np.where(z > 0, z, z * act.alpha).astype(z.dtype)
+    if act.kind == "tanh":
+        return np.tanh(z)
+    if act.kind == "sigmoid":
+        return (1 / (1 + np.exp(-z))).astype(z.dtype)
+    return (0.5 * z * (1 + _erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
+
+
+def activation_slope(act: Activation, z: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """d activate(z) / dz, given z and h = activate(z)."""
+    if act.kind == "relu":
+        return np.sign(h)  # 1 where the unit was active (h > 0), else 0, as torch takes it at 0
+    if act.kind == "leaky_relu":
+        return np.where(z > 0, 1, act.alpha).astype(z.dtype)
+    if act.kind == "tanh":
+        return 1 - h * h
+    if act.kind == "sigmoid":
+        return h * (1 - h)
+    cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
+    return (cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
+
 
 class MLP:
     """All parameters live in one flat vector and each layer's W (in, out) and b are views
     into it, so clipping, decay, momentum and EMA are each a single vector operation."""
 
-    def __init__(self, sizes: list[int], dtype: type = np.float32):
+    def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32):
+        assert len(activations) == len(sizes) - 2, "one activation per hidden layer"
         self.sizes = list(sizes)
+        self.activations = list(activations)
         self.flat = np.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []
         offset = 0
@@ -592,17 +631,17 @@ class MLP:
             offset += fan_out
 
     @classmethod
-    def from_layers(cls, layers: list[tuple[np.ndarray, np.ndarray]], dtype: type = np.float32) -> MLP:
-        model = cls([layers[0][0].shape[0]] + [w.shape[1] for w, _ in layers], dtype)
-        for (w, b), (w_src, b_src) in zip(model.layers, layers):
+    def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32) -> MLP:
+        model = cls(weights.sizes(), weights.activations, dtype)
+        for (w, b), (w_src, b_src) in zip(model.layers, weights.layers):
             w[...] = w_src
             b[...] = b_src
         return model
 
     @classmethod
-    def initial(cls, sizes: list[int], rng: np.random.Generator) -> MLP:
+    def initial(cls, sizes: list[int], activation: Activation, rng: np.random.Generator) -> MLP:
         """Like torch.nn.Linear's default: weights and biases uniform in +-1/sqrt(fan_in)."""
-        model = cls(sizes)
+        model = cls(sizes, [activation] * (len(sizes) - 2))
         for w, b in model.layers:
             bound = 1.0 / math.sqrt(w.shape[0])
             w[...] = rng.uniform(-bound, bound, w.shape)
@@ -610,24 +649,28 @@ class MLP:
         return model
 
     def copy(self) -> MLP:
-        twin = MLP(self.sizes, self.flat.dtype)
+        twin = MLP(self.sizes, self.activations, self.flat.dtype)
         twin.flat[...] = self.flat
         return twin
 
+    def weights(self) -> onnx_builder.MLPWeights:
+        return onnx_builder.MLPWeights(self.layers, self.activations)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Scores of shape (batch, 1)."""
-        for w, b in self.layers[:-1]:
-            x = np.maximum(x @ w + b, 0)
+        for (w, b), act in zip(self.layers, self.activations):
+            x = activate(act, x @ w + b)
         w, b = self.layers[-1]
         return x @ w + b
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, grad: MLP) -> float:
         """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
-        hidden = [x]
-        for w, b in self.layers[:-1]:
+        hidden, pre = [x], []
+        for (w, b), act in zip(self.layers, self.activations):
             z = hidden[-1] @ w
             z += b
-            hidden.append(np.maximum(z, 0, out=z))
+            pre.append(z)
+            hidden.append(activate(act, z))
         w, b = self.layers[-1]
         error = hidden[-1] @ w
         error += b
@@ -641,7 +684,7 @@ class MLP:
             if i:
                 # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
                 d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
-                d_out *= np.sign(hidden[i])  # ReLU passes gradient only where it was active (h > 0)
+                d_out *= activation_slope(self.activations[i - 1], pre[i - 1], hidden[i])
         return float(loss)
 
 
@@ -658,7 +701,7 @@ class Trainer:
         self.config = config
         self.model = model  # live weights, theta
         self.ema = model.copy()
-        self.grad = MLP(model.sizes)
+        self.grad = MLP(model.sizes, model.activations)
         self.momentum = np.zeros_like(model.flat)
         self.checkpoints = checkpoints
         self.rng = rng
@@ -731,7 +774,7 @@ class Trainer:
             return None
         self.last_checkpoint_time = now
         try:
-            path = self.checkpoints.write(self.ema.layers, self.steps, self.samples_trained)
+            path = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained)
         except OSError as e:  # e.g. a full disk: keep training, try again after the interval
             log.error("checkpoint write failed, will retry: %s", e)
             return None
@@ -760,7 +803,7 @@ class CheckpointWriter:
                 (self.directory / name).unlink(missing_ok=True)
                 log.warning("removed unfinished checkpoint file %s", name)
 
-    def write(self, layers: list[tuple[np.ndarray, np.ndarray]], step: int, samples_trained: int) -> Path:
+    def write(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Path:
         """Write model_vNNNNNN.onnx and its .sha256; a reader that sees the .sha256 can trust the pair."""
         started = time.perf_counter()
         version = self.version + 1
@@ -771,7 +814,7 @@ class CheckpointWriter:
             "samples_trained": str(samples_trained),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        data = onnx_builder.build_mlp_model(layers, metadata).SerializeToString()
+        data = onnx_builder.build_mlp_model(weights, metadata).SerializeToString()
         digest = hashlib.sha256(data).hexdigest()
         files = [(name, data), (name + ".sha256", f"{digest}  {name}\n".encode())]
         temps = [self.directory / f".{n}{TEMP_SUFFIX}" for n, _ in files]
@@ -811,6 +854,8 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----
+
 def load_base_model(config: Config) -> MLP | None:
     """The model to fine-tune, or None when none is configured or the file is absent."""
     path = config.base_model_path
@@ -819,16 +864,136 @@ def load_base_model(config: Config) -> MLP | None:
     if not os.path.exists(path):
         log.warning("base model %s does not exist: starting from a fresh model (seed %d)", path, config.seed)
         return None
+    suffix = Path(path).suffix.lower()
     try:
-        layers = onnx_builder.read_mlp_model(onnx.load(path))
+        if suffix in (".pt", ".pth"):
+            weights = read_state_dict(path, Activation(config.activation))
+        elif suffix == ".npz":
+            weights = read_npz(path, Activation(config.activation))
+        else:
+            weights = onnx_builder.read_mlp_model(onnx.load(path))
     except onnx_builder.UnsupportedModelError as e:
         raise StartupError(f"base model {path} is not supported: {e}") from None
-    except Exception as e:  # protobuf decode errors, permissions, directories...
-        raise StartupError(f"cannot read base model {path}: {e}") from None
-    if layers[0][0].shape[0] != config.n_features:
-        raise StartupError(f"base model {path} takes {layers[0][0].shape[0]} features but "
+    except Exception as e:  # truncated or corrupt files, missing external data, permissions...
+        raise StartupError(f"cannot read base model {path}: {type(e).__name__}: {e}") from None
+    if weights.sizes()[0] != config.n_features:
+        raise StartupError(f"base model {path} takes {weights.sizes()[0]} features but "
                            f"VMAFX_SIDECAR_N_FEATURES is {config.n_features}")
-    return MLP.from_layers(layers)
+    return MLP.from_weights(weights)
+
+
+def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
+    """W0, b0, W1, b1, ... with each W laid out like torch's Linear.weight, (out, in); optional `activation`."""
+    with np.load(path, allow_pickle=False) as arrays:
+        names = set(arrays.files)
+        count = sum(1 for n in names if re.fullmatch(r"W\d+", n))
+        expected = {f"{p}{i}" for i in range(count) for p in "Wb"} | {"activation"}
+        if not count or names - expected or {f"W{i}" for i in range(count)} - names:
+            raise onnx_builder.UnsupportedModelError(
+                f"expected arrays W0, b0, W1, b1, ... (and optionally activation), got {', '.join(sorted(names))}")
+        pairs = [(f"W{i}", arrays[f"W{i}"], arrays[f"b{i}"] if f"b{i}" in names else None) for i in range(count)]
+        kind = str(arrays["activation"]) if "activation" in names else default.kind
+    if kind not in onnx_builder.ACTIVATION_KINDS:
+        raise onnx_builder.UnsupportedModelError(f"activation {kind!r} is not one of "
+                                                 f"{', '.join(onnx_builder.ACTIVATION_KINDS)}")
+    return linear_layers(pairs, Activation(kind) if kind != default.kind else default)
+
+
+def linear_layers(pairs: list[tuple[str, np.ndarray, np.ndarray | None]], activation: Activation
+                  ) -> onnx_builder.MLPWeights:
+    """MLPWeights from (name, weight (out, in), bias or None) in order, checking that the layers chain."""
+    layers = []
+    for name, w, b in pairs:
+        if w.dtype.name not in onnx_builder.FLOAT_DTYPES and w.dtype != BFLOAT16:
+            raise onnx_builder.UnsupportedModelError(f"{name} holds {w.dtype} values, not floats")
+        if w.ndim != 2 or (b is not None and b.shape != (w.shape[0],)):
+            raise onnx_builder.UnsupportedModelError(
+                f"{name} has shape {w.shape} (bias {None if b is None else b.shape}): not a linear layer")
+        if layers and layers[-1][0].shape[1] != w.shape[1]:
+            raise onnx_builder.UnsupportedModelError(
+                f"{name} takes {w.shape[1]} inputs but the layer before gives {layers[-1][0].shape[1]}")
+        bias = np.zeros(w.shape[0], np.float32) if b is None else to_float32(b)
+        layers.append((np.ascontiguousarray(to_float32(w).T), bias))
+    if layers[-1][0].shape[1] != 1:
+        raise onnx_builder.UnsupportedModelError(
+            f"{pairs[-1][0]}: the output layer has {layers[-1][0].shape[1]} units, expected 1")
+    return onnx_builder.MLPWeights(layers, [activation] * (len(layers) - 1))
+
+
+# bfloat16 storages are read as their upper 16 bits of a float32, which is exactly what they are.
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
+STORAGE_DTYPES = {"FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"),
+                  "HalfStorage": np.dtype("<f2"), "BFloat16Storage": BFLOAT16}
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    if array.dtype == BFLOAT16:
+        return (array["bfloat16"].astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
+def read_state_dict(path: str, activation: Activation) -> onnx_builder.MLPWeights:
+    """Linear layers, in order, of a state-dict saved by torch.save (its zip format), without torch."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise onnx_builder.UnsupportedModelError("not a torch.save archive (no single */data.pkl)")
+        root = pickles[0][:-len("data.pkl")]
+        if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
+            raise onnx_builder.UnsupportedModelError("big-endian archives are not supported")
+        state = StateDictUnpickler(archive, root).load()
+    if not isinstance(state, dict):
+        raise onnx_builder.UnsupportedModelError(f"the archive holds a {type(state).__name__}, not a state-dict")
+    pairs, used = [], set()
+    for key, value in state.items():
+        if key.endswith("weight") and getattr(value, "ndim", 0) == 2:
+            bias_key = key[:-len("weight")] + "bias"
+            pairs.append((key, value, state.get(bias_key)))
+            used |= {key, bias_key}
+    extra = [k for k in state if k not in used]
+    if extra or not pairs:
+        raise onnx_builder.UnsupportedModelError(
+            f"key {extra[0]!r} is not a linear layer's weight or bias" if extra else "no linear layers found")
+    return linear_layers(pairs, activation)
+
+
+class StateDictUnpickler(pickle.Unpickler):
+    """Rebuilds only what a tensor state-dict holds; any other global is refused before it is loaded,
+    so a malicious pickle cannot run code."""
+
+    def __init__(self, archive: zipfile.ZipFile, root: str):
+        super().__init__(io.BytesIO(archive.read(root + "data.pkl")))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return rebuild_tensor
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        raise onnx_builder.UnsupportedModelError(
+            f"the pickle refers to {module}.{name}, which a tensor state-dict never does; refused without running it")
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], np.dtype)):
+            raise onnx_builder.UnsupportedModelError(f"unexpected persistent id {pid!r:.80}")
+        _, dtype, key, _, numel = pid
+        data = self.archive.read(f"{self.root}data/{key}")
+        if len(data) < numel * dtype.itemsize:
+            raise onnx_builder.UnsupportedModelError(f"storage {key} is truncated")
+        return np.frombuffer(data, dtype, count=numel)
+
+
+def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2, for numpy: a view into the storage, bounds-checked first."""
+    if not isinstance(storage, np.ndarray) or len(size) != len(stride) or min(stride, default=0) < 0:
+        raise onnx_builder.UnsupportedModelError("malformed tensor in the state-dict")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if offset < 0 or last >= len(storage):
+        raise onnx_builder.UnsupportedModelError("a tensor reaches past the end of its storage")
+    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
+                                           tuple(s * storage.itemsize for s in stride)).copy()
 
 
 # ---- CLI ----
@@ -839,13 +1004,13 @@ def serve(config: Config) -> int:
     rng = np.random.default_rng(config.seed)
     model = load_base_model(config)
     source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
-    model = model or MLP.initial([config.n_features, config.hidden, 1], rng)
+    model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
     trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir), rng)
     server = Server(config, trainer)
     server.bind()
     log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "
              "checkpoints to %s every %gs and %d samples, next v%06d",
-             config.socket, "-".join(map(str, model.sizes)), source, config.batch_size, trainer.n_new,
+             config.socket, "-".join(map(str, model.sizes)) + " " + "/".join(map(str, model.activations)), source, config.batch_size, trainer.n_new,
              trainer.n_replay, config.lr, config.replay_capacity, config.checkpoint_dir,
              config.ckpt_interval_s, config.min_samples_ckpt, trainer.checkpoints.version + 1)
     server.serve_forever()
@@ -900,7 +1065,7 @@ def connect_when_ready(path: str, server: subprocess.Popen, timeout_s: float = 1
 
 
 def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
-    model = MLP.from_layers(onnx_builder.read_mlp_model(onnx.load(checkpoint)))
+    model = MLP.from_weights(onnx_builder.read_mlp_model(onnx.load(checkpoint)))
     return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
 
 

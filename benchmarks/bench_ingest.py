@@ -319,7 +319,7 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
         config = vs.Config.load({"VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
                                  "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
         rng = np.random.default_rng(config.seed)
-        model = vs.MLP.initial([config.n_features, config.hidden, 1], rng)
+        model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation(config.activation), rng)
         trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
         data = np.random.default_rng(7)
         x = data.uniform(0, 1, (4096, config.n_features)).astype(np.float32)

@@ -48,7 +48,7 @@ def ort_scores(model: str | Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray
 
 
 def numpy_scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return vmafx_sidecar.MLP.from_layers(vmafx_onnx_builder.read_mlp_model(model)).forward(x)
+    return vmafx_sidecar.MLP.from_weights(vmafx_onnx_builder.read_mlp_model(model)).forward(x)
 
 
 def assert_ort_matches_numpy(model: str | Path | onnx.ModelProto, n_features: int, seed: int = 0) -> None:
@@ -64,6 +64,10 @@ def assert_ort_matches_numpy(model: str | Path | onnx.ModelProto, n_features: in
         assert np.all(np.isfinite(got))
         diff = float(np.max(np.abs(got - want)))
         assert diff <= 1e-5, f"batch {batch}: onnxruntime and numpy differ by {diff}"
+
+
+def relu_mlp(layers: list[tuple[np.ndarray, np.ndarray]]) -> vmafx_onnx_builder.MLPWeights:
+    return vmafx_onnx_builder.MLPWeights(layers, [vmafx_onnx_builder.Activation("relu")] * (len(layers) - 1))
 
 
 def random_layers(rng: np.random.Generator, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -233,7 +237,8 @@ def test_checkpoint_loads_as_base_model(sidecar_factory, tmp_path):
 
     x = np.random.default_rng(5).uniform(0, 1, (256, N_FEATURES)).astype(np.float32)
     base_scores = ort_scores(base, x)
-    fresh = vmafx_sidecar.MLP.initial([N_FEATURES, 24, 1], np.random.default_rng(0))
+    fresh = vmafx_sidecar.MLP.initial([N_FEATURES, 24, 1], vmafx_sidecar.Activation("relu"),
+                                       np.random.default_rng(0))
     assert np.max(np.abs(fresh.forward(x) - base_scores)) > 1e-2, "base is indistinguishable from a fresh model"
 
     s2 = sidecar_factory(workdir=tmp_path / "b", VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_LR="1e-12",
@@ -254,7 +259,7 @@ def test_checkpoint_loads_as_base_model(sidecar_factory, tmp_path):
 def test_deeper_base_model_is_trained_and_checkpointed_in_its_own_shape(sidecar_factory, tmp_path):
     base = tmp_path / "deep.onnx"
     layers = random_layers(np.random.default_rng(4), [N_FEATURES, 32, 16, 1])
-    onnx.save(vmafx_onnx_builder.build_mlp_model(layers, {}), str(base))
+    onnx.save(vmafx_onnx_builder.build_mlp_model(relu_mlp(layers), {}), str(base))
     s = sidecar_factory(VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
                         VMAFX_SIDECAR_MIN_SAMPLES_CKPT="32", VMAFX_SIDECAR_LR="0.01")
     client = s.client()
@@ -264,7 +269,7 @@ def test_deeper_base_model_is_trained_and_checkpointed_in_its_own_shape(sidecar_
     path = Path(acks[-1]["checkpoint"])
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    read = vmafx_onnx_builder.read_mlp_model(model)
+    read = vmafx_onnx_builder.read_mlp_model(model).layers
     assert [w.shape for w, _ in read] == [(N_FEATURES, 32), (32, 16), (16, 1)]
     assert any(not np.array_equal(w, w0) for (w, _), (w0, _) in zip(read, layers)), "no step changed the weights"
     assert_ort_matches_numpy(model, N_FEATURES)
@@ -272,7 +277,7 @@ def test_deeper_base_model_is_trained_and_checkpointed_in_its_own_shape(sidecar_
 
 def test_base_model_with_other_feature_count_stops_startup(tmp_path):
     path = tmp_path / "base40.onnx"
-    model = vmafx_onnx_builder.build_mlp_model(random_layers(np.random.default_rng(0), [40, 16, 1]), {})
+    model = vmafx_onnx_builder.build_mlp_model(relu_mlp(random_layers(np.random.default_rng(0), [40, 16, 1])), {})
     onnx.save(model, str(path))
     done = run_serve(tmp_path, VMAFX_BASE_MODEL_PATH=str(path))
     assert done.returncode != 0, done.stderr
@@ -312,18 +317,18 @@ def test_missing_base_model_starts_fresh_with_a_warning(sidecar_factory, tmp_pat
                          ids=["no-hidden", "1-hidden", "2-hidden", "3-hidden"])
 def test_built_model_reads_back_exactly_and_matches_onnxruntime(sizes):
     layers = random_layers(np.random.default_rng(len(sizes)), sizes)
-    model = vmafx_onnx_builder.build_mlp_model(layers, {"version": "9"})
+    model = vmafx_onnx_builder.build_mlp_model(relu_mlp(layers), {"version": "9"})
     onnx.checker.check_model(model, full_check=True)
     assert metadata(model) == {"version": "9"}
 
-    read = vmafx_onnx_builder.read_mlp_model(model)
+    read = vmafx_onnx_builder.read_mlp_model(model).layers
     assert len(read) == len(layers)
     for (w, b), (w0, b0) in zip(read, layers):
         assert w.dtype == np.float32 and b.dtype == np.float32
         assert w.shape == w0.shape and b.shape == b0.shape
         assert np.array_equal(w, w0) and np.array_equal(b, b0)
     # And through serialization, as the sidecar writes and reads files.
-    reread = vmafx_onnx_builder.read_mlp_model(onnx.load_from_string(model.SerializeToString()))
+    reread = vmafx_onnx_builder.read_mlp_model(onnx.load_from_string(model.SerializeToString())).layers
     assert all(np.array_equal(w, w0) and np.array_equal(b, b0) for (w, b), (w0, b0) in zip(reread, layers))
 
     assert_ort_matches_numpy(model, sizes[0], seed=len(sizes))
@@ -357,14 +362,6 @@ def unsupported_models() -> dict[str, onnx.ModelProto]:
     relu = helper.make_node("Relu", ["d0"], ["r0"], name="relu0")
     last = gemm("gemm1", ["r0", "W1", "b1"], "score")
     return {
-        "sigmoid-between-gemms": make_graph_model(
-            [gemm("gemm0", ["features", "W0", "b0"], "d0"), helper.make_node("Sigmoid", ["d0"], ["r0"], name="sig"),
-             last], two_layers, {"score": 1}),
-        "gemm-alpha-2": make_graph_model(
-            [gemm("gemm0", ["features", "W0", "b0"], "d0", alpha=2.0), relu, last], two_layers, {"score": 1}),
-        "gemm-beta-0.5": make_graph_model(
-            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, gemm("gemm1", ["r0", "W1", "b1"], "score", beta=0.5)],
-            two_layers, {"score": 1}),
         "gemm-transA": make_graph_model(
             [gemm("gemm0", ["features", "W0", "b0"], "d0", transA=1), relu, last],
             {**two_layers, "W0": rng.normal(0, 0.3, (6, 4))}, {"score": 1}, n_features=6),
@@ -374,8 +371,6 @@ def unsupported_models() -> dict[str, onnx.ModelProto]:
         "weight-is-a-graph-input": make_graph_model(
             [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, last],
             {k: v for k, v in two_layers.items() if k != "W0"}, {"score": 1}, extra_inputs={"W0": (6, 4)}),
-        "gemm-without-bias": make_graph_model(
-            [gemm("gemm0", ["features", "W0"], "d0"), relu, last], two_layers, {"score": 1}),
         "ends-with-relu": make_graph_model(
             [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, gemm("gemm1", ["r0", "W1", "b1"], "d1"),
              helper.make_node("Relu", ["d1"], ["score"], name="relu1")], two_layers, {"score": 1}),
@@ -393,11 +388,40 @@ def unsupported_models() -> dict[str, onnx.ModelProto]:
     }
 
 
+def supported_variants() -> dict[str, onnx.ModelProto]:
+    """Gemm forms and activations torch exports, beyond the sidecar's own checkpoint graph."""
+    rng = np.random.default_rng(0)
+    two_layers = _weights(rng, ("W0", (6, 4)), ("b0", (4,)), ("W1", (4, 1)), ("b1", (1,)))
+    relu = helper.make_node("Relu", ["d0"], ["r0"], name="relu0")
+    last = gemm("gemm1", ["r0", "W1", "b1"], "score")
+    return {
+        "sigmoid-between-gemms": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), helper.make_node("Sigmoid", ["d0"], ["r0"], name="sig"),
+             last], two_layers, {"score": 1}),
+        "gemm-alpha-2": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0", alpha=2.0), relu, last], two_layers, {"score": 1}),
+        "gemm-beta-0.5": make_graph_model(
+            [gemm("gemm0", ["features", "W0", "b0"], "d0"), relu, gemm("gemm1", ["r0", "W1", "b1"], "score", beta=0.5)],
+            two_layers, {"score": 1}),
+        "gemm-without-bias": make_graph_model(
+            [gemm("gemm0", ["features", "W0"], "d0"), relu, last], two_layers, {"score": 1}),
+    }
+
+
+SUPPORTED = supported_variants()
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_read_mlp_model_reads_gemm_variants_exactly(name):
+    model = SUPPORTED[name]
+    onnx.checker.check_model(model, full_check=True)
+    assert_ort_matches_numpy(model, 6)
+
+
 UNSUPPORTED = unsupported_models()
 # read_mlp_model's contract: the error names the offending node.
-NAMES_NODE = {"sigmoid-between-gemms": "sig", "gemm-alpha-2": "gemm0", "gemm-beta-0.5": "gemm1",
-              "gemm-transA": "gemm0", "gemm-without-bias": "gemm0", "two-relus-in-a-row": "r1",
-              "side-branch": "neg"}
+NAMES_NODE = {"gemm-transA": "gemm0", "two-relus-in-a-row": "r1", "side-branch": "neg",
+              "weight-is-a-graph-input": "W0"}
 
 
 @pytest.mark.parametrize("name", list(UNSUPPORTED))
@@ -418,7 +442,7 @@ def test_read_mlp_model_accepts_transposed_gemm_weights():
         [gemm("gemm0", ["features", "W0t", "b0"], "d0", transB=1), helper.make_node("Relu", ["d0"], ["r0"]),
          gemm("gemm1", ["r0", "W1", "b1"], "score")], inits, {"score": 1})
     onnx.checker.check_model(model, full_check=True)
-    read = vmafx_onnx_builder.read_mlp_model(model)
+    read = vmafx_onnx_builder.read_mlp_model(model).layers
     assert np.array_equal(read[0][0], layers[0][0]) and np.array_equal(read[1][0], layers[1][0])
     assert_ort_matches_numpy(model, 6)
 
@@ -441,7 +465,7 @@ def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError):
-        writer.write(layers, 3, 48)
+        writer.write(relu_mlp(layers), 3, 48)
     assert len(calls) == failing_call
     assert writer.version == 0
     assert temp_files(directory) == []
@@ -450,7 +474,7 @@ def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, 
         assert os.listdir(directory) == []
 
     monkeypatch.setattr(os, "replace", real_replace)
-    path = writer.write(layers, 4, 64)
+    path = writer.write(relu_mlp(layers), 4, 64)
     assert path == directory / "model_v000001.onnx"
     assert writer.version == 1
     assert_sha256_file_verifies(path)
@@ -473,7 +497,7 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
 
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", failing_fsync_directory)
     try:
-        writer.write(first, 1, 16)
+        writer.write(relu_mlp(first), 1, 16)
     except OSError:
         pass
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", real_fsync_directory)
@@ -481,7 +505,7 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
     published = {n: (directory / n).read_bytes() for n in os.listdir(directory)}
     assert temp_files(directory) == []
 
-    path = writer.write(second, 2, 32)
+    path = writer.write(relu_mlp(second), 2, 32)
     for name, content in published.items():
         assert (directory / name).read_bytes() == content, f"{name} was rewritten with other content"
     if v1.name + ".sha256" in published:
@@ -512,7 +536,7 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     for name, content in kept.items():
         assert (directory / name).read_bytes() == content, f"{name} was touched"
 
-    path = writer.write(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1]), 1, 16)
+    path = writer.write(relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1, 16)
     assert path == directory / "model_v000008.onnx"
     assert_sha256_file_verifies(path)
     assert metadata(onnx.load(str(path)))["version"] == "8"

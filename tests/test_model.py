@@ -8,12 +8,14 @@ import pytest
 
 import vmafx_sidecar as vs
 
+RELU = vs.Activation("relu")
+
 
 def make_trainer(tmp_path, sizes, seed=0, **settings) -> vs.Trainer:
     config = vs.Config(n_features=sizes[0], checkpoint_dir=str(tmp_path), min_samples_ckpt=10**9, seed=seed,
                        **settings)
     rng = np.random.default_rng(seed)
-    model = vs.MLP.initial(sizes, rng)
+    model = vs.MLP.initial(sizes, RELU, rng)
     return vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
 
 
@@ -22,15 +24,15 @@ def make_trainer(tmp_path, sizes, seed=0, **settings) -> vs.Trainer:
 @pytest.mark.parametrize("sizes", [[6, 9, 1], [6, 9, 5, 1]], ids=["one-hidden", "two-hidden"])
 def test_backprop_matches_finite_differences(sizes):
     rng = np.random.default_rng(3)
-    model = vs.MLP(sizes, np.float64)
+    model = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
     model.flat[...] = rng.normal(0, 0.7, model.flat.shape)
     x = rng.normal(0, 1, (11, sizes[0]))
     y = rng.normal(0, 1, 11)
-    grad = vs.MLP(sizes, np.float64)
+    grad = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
     model.loss_and_grad(x, y, grad)
 
     def loss_at(flat: np.ndarray) -> float:
-        probe = vs.MLP(sizes, np.float64)
+        probe = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
         probe.flat[...] = flat
         return float(np.mean((probe.forward(x)[:, 0] - y) ** 2))
 
@@ -48,7 +50,7 @@ def test_backprop_matches_finite_differences(sizes):
 
 def test_forward_is_relu_mlp():
     rng = np.random.default_rng(0)
-    model = vs.MLP.initial([4, 3, 2, 1], rng)
+    model = vs.MLP.initial([4, 3, 2, 1], RELU, rng)
     x = rng.normal(0, 1, (5, 4)).astype(np.float32)
     (w0, b0), (w1, b1), (w2, b2) = model.layers
     expected = np.maximum(np.maximum(x @ w0 + b0, 0) @ w1 + b1, 0) @ w2 + b2
@@ -57,12 +59,12 @@ def test_forward_is_relu_mlp():
 
 
 def test_initialisation_is_torch_linear_default():
-    model = vs.MLP.initial([80, 64, 1], np.random.default_rng(0))
+    model = vs.MLP.initial([80, 64, 1], RELU, np.random.default_rng(0))
     for (w, b), fan_in in zip(model.layers, [80, 64]):
         bound = 1 / math.sqrt(fan_in)
         assert w.dtype == np.float32 and np.abs(w).max() <= bound and np.abs(b).max() <= bound
         assert np.abs(w).max() > 0.9 * bound  # uniform over the whole range, not a narrower one
-    again = vs.MLP.initial([80, 64, 1], np.random.default_rng(0))
+    again = vs.MLP.initial([80, 64, 1], RELU, np.random.default_rng(0))
     np.testing.assert_array_equal(model.flat, again.flat)
 
 
@@ -189,7 +191,7 @@ def test_replay_batches_match_reference(tmp_path):
     # Rebuild the batches by hand: a FIFO ring of 6 slots and the same draws from a twin of the
     # trainer's RNG (past the initialisation), never more draws than samples held.
     draws = np.random.default_rng(5)
-    vs.MLP.initial(sizes, draws)
+    vs.MLP.initial(sizes, RELU, draws)
     ring_x, ring_y = np.zeros((6, 4), np.float32), np.zeros(6, np.float32)
     batches = []
     for i in range(10):

@@ -15,7 +15,7 @@ def make_server(tmp_path, **settings_) -> vs.Server:
     config = vs.Config(n_features=3, batch_size=4, replay_capacity=8, checkpoint_dir=str(tmp_path),
                        min_samples_ckpt=10**9, **settings_)
     rng = np.random.default_rng(0)
-    trainer = vs.Trainer(config, vs.MLP.initial([3, 5, 1], rng), vs.CheckpointWriter(config.checkpoint_dir), rng)
+    trainer = vs.Trainer(config, vs.MLP.initial([3, 5, 1], vs.Activation("relu"), rng), vs.CheckpointWriter(config.checkpoint_dir), rng)
     return vs.Server(config, trainer)
 
 
