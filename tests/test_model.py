@@ -21,18 +21,24 @@ def make_trainer(tmp_path, sizes, seed=0, **settings) -> vs.Trainer:
 
 # ---- gradient check: backprop against central finite differences ----
 
-@pytest.mark.parametrize("sizes", [[6, 9, 1], [6, 9, 5, 1]], ids=["one-hidden", "two-hidden"])
-def test_backprop_matches_finite_differences(sizes):
+ACTIVATIONS = [vs.Activation("relu"), vs.Activation("leaky_relu", 0.2), vs.Activation("tanh"),
+               vs.Activation("sigmoid"), vs.Activation("gelu")]
+
+
+@pytest.mark.parametrize("activations", [[a] for a in ACTIVATIONS] + [[a, b] for a, b in zip(ACTIVATIONS, ACTIVATIONS[1:] + ACTIVATIONS[:1])],
+                         ids=lambda acts: "-".join(map(str, acts)))
+def test_backprop_matches_finite_differences(activations):
+    sizes = [6, 9, 5, 1][:len(activations) + 1] + [1]
     rng = np.random.default_rng(3)
-    model = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
+    model = vs.MLP(sizes, activations, np.float64)
     model.flat[...] = rng.normal(0, 0.7, model.flat.shape)
     x = rng.normal(0, 1, (11, sizes[0]))
     y = rng.normal(0, 1, 11)
-    grad = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
+    grad = vs.MLP(sizes, activations, np.float64)
     model.loss_and_grad(x, y, grad)
 
     def loss_at(flat: np.ndarray) -> float:
-        probe = vs.MLP(sizes, [RELU] * (len(sizes) - 2), np.float64)
+        probe = vs.MLP(sizes, activations, np.float64)
         probe.flat[...] = flat
         return float(np.mean((probe.forward(x)[:, 0] - y) ** 2))
 
@@ -48,12 +54,28 @@ def test_backprop_matches_finite_differences(sizes):
     assert relative.max() < 1e-6
 
 
-def test_forward_is_relu_mlp():
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=str)
+def test_activations_match_their_torch_definitions(act):
+    z = np.linspace(-6, 6, 241)
+    reference = {
+        "relu": np.maximum(z, 0),
+        "leaky_relu": np.where(z >= 0, z, 0.2 * z),
+        "tanh": np.tanh(z),
+        "sigmoid": 1 / (1 + np.exp(-z)),
+        "gelu": np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in z]),
+    }[act.kind]
+    np.testing.assert_allclose(vs.activate(act, z), reference, rtol=1e-15, atol=1e-15)
+    z32 = z.astype(np.float32)
+    assert vs.activate(act, z32).dtype == np.float32 and vs.activation_slope(act, z32, vs.activate(act, z32)).dtype == np.float32
+
+
+def test_forward_applies_each_layers_activation():
     rng = np.random.default_rng(0)
-    model = vs.MLP.initial([4, 3, 2, 1], RELU, rng)
+    model = vs.MLP([4, 3, 2, 1], [RELU, vs.Activation("tanh")])
+    model.flat[...] = rng.normal(0, 1, model.flat.shape)
     x = rng.normal(0, 1, (5, 4)).astype(np.float32)
     (w0, b0), (w1, b1), (w2, b2) = model.layers
-    expected = np.maximum(np.maximum(x @ w0 + b0, 0) @ w1 + b1, 0) @ w2 + b2
+    expected = np.tanh(np.maximum(x @ w0 + b0, 0) @ w1 + b1) @ w2 + b2
     np.testing.assert_array_equal(model.forward(x), expected)
     assert model.forward(x).shape == (5, 1)
 

@@ -1,0 +1,186 @@
+"""Base models in the formats people have: torch-exported ONNX, torch.save state-dicts, .npz.
+
+The fixtures under tests/fixtures/ were generated once with PyTorch by make_fixtures.py (see its
+docstring); torch is not needed to run these tests.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import vmafx_onnx_builder as builder
+import vmafx_sidecar as vs
+from conftest import ROOT, sample
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text()) if (FIXTURES / "manifest.json").exists() else []
+LOADABLE = [f for f in MANIFEST if f["expect"] == "load"]
+REFUSED = [f for f in MANIFEST if f["expect"] == "refuse"]
+
+
+def config_for(fixture: dict, tmp_path: Path, **settings) -> vs.Config:
+    activation = fixture["activations"][0].split(":")[0] if fixture["activations"] else "relu"
+    return vs.Config(base_model_path=str(FIXTURES / fixture["file"]), n_features=fixture["n_features"],
+                     checkpoint_dir=str(tmp_path / "ckpt"), activation=activation, **settings)
+
+
+def ort_scores(path: Path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    return out.reshape(len(x))
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    """<= 1e-5 relative, with an absolute floor for outputs near zero."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+# ---- every fixture that must load: same outputs as the original, before and after export ----
+
+@pytest.mark.parametrize("fixture", LOADABLE, ids=[f["name"] for f in LOADABLE])
+def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tmp_path):
+    io_arrays = np.load(FIXTURES / f"{fixture['name']}.io.npz")
+    x, y = io_arrays["x"], io_arrays["y"]
+    config = config_for(fixture, tmp_path)
+    model = vs.load_base_model(config)
+    assert [str(a) for a in model.activations] == [a.replace(":", "(") + ")" if ":" in a else a
+                                                   for a in fixture["activations"]] or not fixture["activations"]
+    assert_close(model.forward(x)[:, 0], y)
+
+    # The first checkpoint, written before any step, gives the same outputs through onnxruntime.
+    rng = np.random.default_rng(0)
+    trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+    first = trainer.checkpoints.write(trainer.ema.weights(), 0, 0)
+    onnx.checker.check_model(onnx.load(str(first)), full_check=True)
+    assert_close(ort_scores(first, x), y)
+
+    # After training steps the exported checkpoint equals the numpy forward pass of the EMA weights.
+    for _ in range(3 * trainer.n_new):
+        trainer.add(rng.normal(0, 1, fixture["n_features"]).tolist(), float(rng.normal(50, 10)))
+    assert trainer.steps == 3
+    after = trainer.checkpoints.write(trainer.ema.weights(), trainer.steps, trainer.samples_trained)
+    assert not np.allclose(ort_scores(after, x), y, rtol=1e-7, atol=0), "training changed nothing"
+    assert_close(ort_scores(after, x), trainer.ema.forward(x)[:, 0])
+    reread = vs.MLP.from_weights(builder.read_mlp_model(onnx.load(str(after))))
+    assert reread.activations == model.activations
+
+
+# ---- every fixture that must be refused: a clear error naming the culprit ----
+
+@pytest.mark.parametrize("fixture", REFUSED, ids=[f["name"] for f in REFUSED])
+def test_unsupported_models_are_refused_by_name(fixture, tmp_path):
+    config = config_for(fixture, tmp_path)
+    with pytest.raises(vs.StartupError) as error:
+        vs.load_base_model(config)
+    message = str(error.value)
+    assert fixture["file"] in message
+    for part in fixture["refuse_mentions"]:
+        assert part in message, message
+
+
+def test_refusal_exits_non_zero_without_a_traceback(tmp_path):
+    fixture = next(f for f in REFUSED if "Conv" in f["refuse_mentions"])
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "VMAFX_SIDECAR_SOCKET": str(tmp_path / "s.sock"),
+           "VMAFX_SIDECAR_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+           "VMAFX_SIDECAR_N_FEATURES": str(fixture["n_features"]),
+           "VMAFX_BASE_MODEL_PATH": str(FIXTURES / fixture["file"])}
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "Conv" in done.stderr and fixture["file"] in done.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+# ---- state-dicts: the unpickler runs nothing it was not built for ----
+
+def torch_like_archive(path: Path, payload: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", payload)
+        archive.writestr("model/byteorder", "little")
+        archive.writestr("model/version", "3\n")
+
+
+class RunsACommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_state_dict_is_refused_without_running_its_payload(tmp_path):
+    control, marker = tmp_path / "control-pwned", tmp_path / "pwned"
+    # The payload is real: the standard unpickler, in a throwaway process, runs it.
+    torch_like_archive(tmp_path / "control.pt", pickle.dumps({"0.weight": RunsACommand(control)}, protocol=2))
+    subprocess.run([sys.executable, "-c", "import pickle, sys, zipfile; "
+                    "pickle.loads(zipfile.ZipFile(sys.argv[1]).read('model/data.pkl'))",
+                    str(tmp_path / "control.pt")], check=True, timeout=30)
+    assert control.exists()
+
+    path = tmp_path / "evil.pt"
+    torch_like_archive(path, pickle.dumps({"0.weight": RunsACommand(marker)}, protocol=2))
+    with pytest.raises(builder.UnsupportedModelError, match=r"posix\.system|os\.system"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps(eval, protocol=2),  # any global outside the allow-list
+    b"\x80\x02cbuiltins\nexec\nq\x00.",  # a hand-written reference to exec
+])
+def test_state_dict_refuses_any_other_global(tmp_path, payload):
+    path = tmp_path / "other.pt"
+    torch_like_archive(path, payload)
+    with pytest.raises(builder.UnsupportedModelError, match=r"(builtins?|__builtin__)\.(eval|exec)"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+
+
+def test_tensor_reaching_past_its_storage_is_refused():
+    storage = np.arange(6, dtype=np.float32)
+    assert vs.rebuild_tensor(storage, 0, (2, 3), (3, 1)).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert vs.rebuild_tensor(storage, 0, (3, 2), (1, 3)).tolist() == [[0, 3], [1, 4], [2, 5]]
+    with pytest.raises(builder.UnsupportedModelError, match="past the end"):
+        vs.rebuild_tensor(storage, 1, (2, 3), (3, 1))
+    with pytest.raises(builder.UnsupportedModelError):
+        vs.rebuild_tensor(storage, 0, (2, 3), (-3, 1))
+
+
+# ---- .npz: W0, b0, ... in torch layout ----
+
+def test_npz_layers_and_activation(tmp_path):
+    rng = np.random.default_rng(0)
+    w0, b0, w1, b1 = rng.normal(size=(5, 4)), rng.normal(size=5), rng.normal(size=(1, 5)), rng.normal(size=1)
+    path = tmp_path / "hand.npz"
+    np.savez(path, W0=w0, b0=b0, W1=w1, b1=b1, activation="tanh")
+    weights = vs.read_npz(str(path), vs.Activation("relu"))
+    assert weights.activations == [vs.Activation("tanh")]
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    expected = np.tanh(x @ w0.T + b0) @ w1.T + b1
+    np.testing.assert_allclose(vs.MLP.from_weights(weights).forward(x), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"W0": np.ones((1, 4)), "bias": np.ones(1)}, "expected arrays W0, b0"),
+    ({"W0": np.ones((3, 4)), "b0": np.ones(3), "W1": np.ones((1, 2)), "b1": np.ones(1)}, "W1 takes 2 inputs"),
+    ({"W0": np.ones((2, 4), np.int32)}, "W0 holds int32"),
+    ({"W0": np.ones((2, 4)), "b0": np.ones(2)}, "2 units, expected 1"),
+    ({"W0": np.ones((1, 4)), "activation": np.array("swish")}, "activation 'swish'"),
+])
+def test_npz_refusals_name_the_array(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(builder.UnsupportedModelError, match=message):
+        vs.read_npz(str(path), vs.Activation("relu"))
