@@ -114,6 +114,12 @@ def activation_nodes(act: Activation, x: str, out: str, initializers: list) -> l
 SHAPE_NOOPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")  # at the output: (batch,) or (batch, 1)
 PASS_THROUGH = ("Identity", "Dropout")  # inference no-ops
 SIMPLE_ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
+# Exporters compute a Reshape's target shape from the tensor's own shape with these.
+SHAPE_ARITHMETIC = ("Shape", "Gather", "Slice", "Concat", "Cast", "Squeeze", "Unsqueeze")
+MLP_OPS = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Constant",
+           *SIMPLE_ACTIVATIONS, *SHAPE_NOOPS, *PASS_THROUGH, *SHAPE_ARITHMETIC}
+# Shape plumbing that surrounds unsupported layers (RNN prologues): never the op worth naming.
+PLUMBING = {"ConstantOfShape", "Transpose", "Expand", "Range", *SHAPE_ARITHMETIC, *SHAPE_NOOPS}
 
 
 def read_mlp_model(model: onnx.ModelProto) -> MLPWeights:
@@ -148,6 +154,10 @@ class _ChainReader:
         self.shaped = False  # a shape op was seen: only more shape ops may follow
 
     def read(self) -> MLPWeights:
+        foreign = [n for n in self.nodes if n.op_type not in MLP_OPS and n.op_type not in PLUMBING]
+        if foreign:
+            raise UnsupportedModelError(f"unsupported {node_label(foreign[0])} ({foreign[0].op_type} is not "
+                                        "part of an MLP this sidecar trains)")
         inputs = [i.name for i in self.graph.input if i.name not in self.constants]
         if len(inputs) != 1:
             raise UnsupportedModelError(
@@ -171,6 +181,8 @@ class _ChainReader:
     def step(self, cursor: str) -> str:
         """Consume the node(s) that take `cursor`; return the tensor the chain continues from."""
         users = self.consumers[cursor]
+        if len(users) > 1 and self.layers:
+            users = self.skip_shape_arithmetic(users)
         if len(users) > 1:
             return self.gelu_decomposition(cursor, users)
         node = users[0]
@@ -194,6 +206,20 @@ class _ChainReader:
             self.normalisation(node, cursor)
             return node.output[0]
         raise UnsupportedModelError(f"unsupported {node_label(node)} ({op} is not part of an MLP this sidecar trains)")
+
+    def skip_shape_arithmetic(self, users: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """Drop the Shape -> Slice/Concat/... nodes that only feed a Reshape its target shape."""
+        frontier = [n for n in users if n.op_type == "Shape"]
+        plumbing = []
+        while frontier:
+            node = frontier.pop()
+            if node.op_type not in SHAPE_ARITHMETIC:
+                return users
+            plumbing.append(node)
+            for out in node.output:
+                frontier += [n for n in self.consumers[out] if not (n.op_type == "Reshape" and n.input[1] == out)]
+        self.visited.update(id(n) for n in plumbing)
+        return [n for n in users if n.op_type != "Shape"]
 
     # -- dense layers
 

@@ -184,3 +184,26 @@ def test_npz_refusals_name_the_array(tmp_path, arrays, message):
     np.savez(path, **arrays)
     with pytest.raises(builder.UnsupportedModelError, match=message):
         vs.read_npz(str(path), vs.Activation("relu"))
+
+
+# ---- end to end: a state-dict base fine-tuned through the socket ----
+
+def test_state_dict_base_is_fine_tuned_through_the_socket(sidecar_factory, tmp_path):
+    fixture = next(f for f in LOADABLE if f["kind"] == "state_dict" and set(f["activations"]) == {"relu"})
+    io_arrays = np.load(FIXTURES / f"{fixture['name']}.io.npz")
+    n = fixture["n_features"]
+    s = sidecar_factory(VMAFX_BASE_MODEL_PATH=str(FIXTURES / fixture["file"]), VMAFX_SIDECAR_N_FEATURES=str(n),
+                        VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="32",
+                        VMAFX_SIDECAR_LR="0.01")
+    assert fixture["file"] in s.stderr()  # the start-up line names the base it fine-tunes
+    client = s.client()
+    weights = vs.read_state_dict(str(FIXTURES / fixture["file"]), vs.Activation("relu"))
+    assert client.request({"op": "status"})["model"] == "-".join(map(str, weights.sizes()))
+    rng = np.random.default_rng(0)
+    acks = [client.request(sample(rng, n, job_id=f"sd-{i}")) for i in range(32)]
+    assert all(a["ok"] for a in acks) and acks[-1]["step"] == 2
+    checkpoint = Path(acks[-1]["checkpoint"])
+    scores = ort_scores(checkpoint, io_arrays["x"])
+    assert np.all(np.isfinite(scores))
+    assert not np.allclose(scores, io_arrays["y"], rtol=1e-6), "two steps at lr 0.01 changed nothing"
+    assert s.stop() == 0
