@@ -196,7 +196,8 @@ class _ChainReader:
             self.shaped = True
             return node.output[0]
         if self.shaped:
-            raise UnsupportedModelError(f"{node_label(node)} follows a shape operation; only the output may be reshaped")
+            raise UnsupportedModelError(f"{node_label(node)} follows a shape operation; only the output may be "
+                                        "reshaped")
         if op in ("Gemm", "MatMul"):
             return self.dense(node, cursor)
         if op in SIMPLE_ACTIVATIONS or op == "Gelu":

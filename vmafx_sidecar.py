@@ -1008,11 +1008,12 @@ def serve(config: Config) -> int:
     trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir), rng)
     server = Server(config, trainer)
     server.bind()
+    shape = " ".join(["-".join(map(str, model.sizes)), *map(str, model.activations)])
     log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "
              "checkpoints to %s every %gs and %d samples, next v%06d",
-             config.socket, "-".join(map(str, model.sizes)) + " " + "/".join(map(str, model.activations)), source, config.batch_size, trainer.n_new,
-             trainer.n_replay, config.lr, config.replay_capacity, config.checkpoint_dir,
-             config.ckpt_interval_s, config.min_samples_ckpt, trainer.checkpoints.version + 1)
+             config.socket, shape, source, config.batch_size, trainer.n_new, trainer.n_replay, config.lr,
+             config.replay_capacity, config.checkpoint_dir, config.ckpt_interval_s, config.min_samples_ckpt,
+             trainer.checkpoints.version + 1)
     server.serve_forever()
     return 0
 

@@ -25,8 +25,10 @@ ACTIVATIONS = [vs.Activation("relu"), vs.Activation("leaky_relu", 0.2), vs.Activ
                vs.Activation("sigmoid"), vs.Activation("gelu")]
 
 
-@pytest.mark.parametrize("activations", [[a] for a in ACTIVATIONS] + [[a, b] for a, b in zip(ACTIVATIONS, ACTIVATIONS[1:] + ACTIVATIONS[:1])],
-                         ids=lambda acts: "-".join(map(str, acts)))
+MIXED = [[a, b] for a, b in zip(ACTIVATIONS, ACTIVATIONS[1:] + ACTIVATIONS[:1])]
+
+
+@pytest.mark.parametrize("activations", [[a] for a in ACTIVATIONS] + MIXED, ids=lambda acts: "-".join(map(str, acts)))
 def test_backprop_matches_finite_differences(activations):
     sizes = [6, 9, 5, 1][:len(activations) + 1] + [1]
     rng = np.random.default_rng(3)
