@@ -27,11 +27,13 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -115,6 +117,10 @@ class Config:
     seed: int = setting(0, "VMAFX_SIDECAR_SEED", at_least(0), "seed of initial weights and replay draws")
     max_line_bytes: int = setting(1048576, "VMAFX_SIDECAR_MAX_LINE_BYTES", at_least(1),
                                   "longest request line accepted")
+    journal_fsync: str = setting("everysec", "VMAFX_SIDECAR_JOURNAL_FSYNC", one_of("always", "everysec", "no"),
+                                 "how often the journal of acknowledged samples is fsynced")
+    state_interval_s: float = setting(60.0, "VMAFX_SIDECAR_STATE_INTERVAL_S", at_least(0),
+                                      "seconds between snapshots of the trainer state (when it changed)")
     log_level: str = setting("info", "VMAFX_SIDECAR_LOG_LEVEL", one_of("debug", "info", "warning", "error"),
                              "log level")
     cuda: str = setting("0", "VMAFX_SIDECAR_CUDA", one_of("0", "1"),
@@ -289,6 +295,7 @@ class Server:
         self.socket_inode: int | None = None
         self.stopping = False
         self.accepting = True  # False while out of file descriptors
+        self.state: StateStore | None = None  # set by serve(); None in in-process tests
 
     # -- lifecycle
 
@@ -321,7 +328,8 @@ class Server:
         self.selector.register(wake_r, selectors.EVENT_READ, wake_r)
         try:
             while not self.stopping:
-                for key, mask in self.selector.select():
+                # A timeout, so the journal's once-a-second fsync and the snapshots also run when idle.
+                for key, mask in self.selector.select(timeout=1.0 if self.state else None):
                     if key.data is None:
                         self.accept()
                     elif key.data is wake_r:
@@ -331,6 +339,8 @@ class Server:
                             self.read(key.data)
                         if mask & selectors.EVENT_WRITE and key.data in self.connections:
                             self.flush(key.data)
+                if self.state:
+                    self.state.tick()
             self.shutdown()
         finally:
             signal.set_wakeup_fd(-1)
@@ -358,6 +368,8 @@ class Server:
                     self.flush(key.data)
         for conn in list(self.connections):
             self.close(conn)
+        if self.state:
+            self.state.save()
         log.info("stopped after %d steps (%d samples accepted, %d rejected)",
                  self.trainer.steps, self.samples_accepted, self.samples_rejected)
 
@@ -414,6 +426,8 @@ class Server:
             conn.closing = True
         else:
             self.take_lines(conn, data)
+        if self.state:
+            self.state.journal.commit()  # the samples are on disk (or in the page cache) before their ACKs
         self.flush(conn)
         return bool(data)
 
@@ -483,12 +497,17 @@ class Server:
         if type(request) is Control:
             return encode_ack(self.control(request.op), request.job_id)
         self.samples_accepted += 1
-        result = self.trainer.add(request.features, request.score)
+        row, score = np.array(request.features, np.float32), np.float32(request.score)
+        if self.state:
+            self.state.journal.append(row, score)
+        result = self.trainer.add(row, score)
         ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": result is not None}
         if result is not None:
             ack["loss"] = result.loss
             if result.checkpoint is not None:
                 ack["checkpoint"] = result.checkpoint
+                if self.state:
+                    self.state.save()
         return encode_ack(ack, request.job_id)
 
     def too_long(self) -> bytes:
@@ -565,7 +584,7 @@ class ReplayBuffer:
         self.size = 0
         self.next = 0  # write position
 
-    def add(self, features: list, score: float) -> int:
+    def add(self, features: np.ndarray, score: np.float32) -> int:
         """Store a sample, evicting the oldest when full; returns its slot."""
         slot = self.next
         self.x[slot] = features
@@ -719,11 +738,11 @@ class Trainer:
         self.last_checkpoint_time: float | None = None
         self.last_loss: float | None = None
 
-    def add(self, features: list, score: float) -> StepResult | None:
-        """Take one valid sample; run a step when enough new samples are pending."""
-        slot = self.replay.add(features, score)  # converts the list to float32 once
-        self.batch_x[self.n_pending] = self.replay.x[slot]
-        self.batch_y[self.n_pending] = self.replay.y[slot]
+    def add(self, features: np.ndarray, score: np.float32) -> StepResult | None:
+        """Take one valid sample (float32); run a step when enough new samples are pending."""
+        self.replay.add(features, score)
+        self.batch_x[self.n_pending] = features
+        self.batch_y[self.n_pending] = score
         self.n_pending += 1
         if self.n_pending < self.n_new:
             return None
@@ -782,6 +801,196 @@ class Trainer:
         return str(path)
 
 
+# ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
+
+JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; then the payload
+SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
+SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
+
+
+class Journal:
+    """The samples accepted since the last snapshot, each written before its ACK is sent."""
+
+    def __init__(self, path: Path, fsync: str):
+        self.path, self.fsync = path, fsync
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.pending = bytearray()  # records of the lines being answered now
+        self.unsynced = False
+        self.last_sync = time.monotonic()
+
+    def append(self, row: np.ndarray, score: np.float32) -> None:
+        payload = row.tobytes() + score.tobytes()
+        self.pending += JOURNAL_RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+    def commit(self) -> None:
+        """Write the pending records in one go; called once per batch of lines, before their ACKs."""
+        if self.pending:
+            try:
+                write_all(self.fd, self.pending)
+                self.unsynced = True
+                if self.fsync == "always":
+                    self.sync()
+            except OSError as e:  # keep serving: the samples are trained, only their durability is lost
+                log.error("journal write failed, %d bytes of samples not persisted: %s", len(self.pending), e)
+            self.pending.clear()
+
+    def sync_if_due(self) -> None:
+        if self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+        self.unsynced = False
+        self.last_sync = time.monotonic()
+
+    def reset(self) -> None:
+        """Start empty: a snapshot now holds everything the journal had."""
+        self.pending.clear()
+        os.ftruncate(self.fd, 0)
+        self.sync()
+
+    @staticmethod
+    def records(path: Path, n_features: int) -> list[tuple[np.ndarray, np.float32]]:
+        """The intact records in order; a torn or corrupt tail (a crash mid-write) ends the list."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        records, offset, size = [], 0, 4 * (n_features + 1)
+        while offset + JOURNAL_RECORD.size + size <= len(data):
+            length, crc = JOURNAL_RECORD.unpack_from(data, offset)
+            payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
+            if length != size or zlib.crc32(payload) != crc:
+                break
+            values = np.frombuffer(payload, np.float32)
+            records.append((values[:-1].copy(), values[-1]))
+            offset += JOURNAL_RECORD.size + size
+        if offset != len(data):
+            log.warning("journal %s: ignored %d bytes of a torn or corrupt tail", path, len(data) - offset)
+        return records
+
+
+class StateStore:
+    """<checkpoint dir>/.state/: snapshot.bin (atomic, checksummed) and journal.bin."""
+
+    def __init__(self, config: Config, server: Server):
+        self.config, self.server, self.trainer = config, server, server.trainer
+        self.directory = Path(config.checkpoint_dir).absolute() / ".state"
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self.snapshot_path = self.directory / "snapshot.bin"
+        self.journal_path = self.directory / "journal.bin"
+        self.journal: Journal | None = None
+        self.last_save = time.monotonic()
+        self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
+
+    def fingerprint(self) -> dict[str, Any]:
+        t, c = self.trainer, self.config
+        return {"sizes": t.model.sizes, "activations": [str(a) for a in t.model.activations],
+                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix}
+
+    def restore(self) -> None:
+        """Load the snapshot, replay the journal through the ingest path, and start a fresh pair."""
+        loaded = self.load_snapshot()
+        records = Journal.records(self.journal_path, self.config.n_features) if loaded else []
+        if not loaded and self.journal_path.exists() and self.journal_path.stat().st_size:
+            self.move_aside(self.journal_path, "without its snapshot")
+        for row, score in records:
+            self.server.samples_accepted += 1
+            self.trainer.add(row, score)
+        if loaded:
+            log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
+                     "so far", self.trainer.steps, self.trainer.replay.size, self.config.replay_capacity,
+                     len(records), self.server.samples_accepted)
+        self.journal = Journal(self.journal_path, self.config.journal_fsync)
+        self.save()
+
+    def tick(self) -> None:
+        self.journal.sync_if_due()
+        counters = (self.server.samples_accepted, self.server.samples_rejected)
+        if counters != self.saved_at and time.monotonic() - self.last_save >= self.config.state_interval_s:
+            self.save()
+
+    def save(self) -> None:
+        """Write the snapshot atomically, then empty the journal."""
+        started = time.perf_counter()
+        payload = self.snapshot_payload()
+        temp = self.directory / ".snapshot.bin.tmp"
+        try:
+            write_synced(temp, SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(len(payload), zlib.crc32(payload)) + payload,
+                         mode=0o600)
+            os.replace(temp, self.snapshot_path)
+            fsync_directory(self.directory)
+            self.journal.reset()
+        except OSError as e:  # the journal keeps everything since the last good snapshot
+            temp.unlink(missing_ok=True)
+            log.error("state snapshot failed, will retry: %s", e)
+        self.last_save = time.monotonic()
+        self.saved_at = (self.server.samples_accepted, self.server.samples_rejected)
+        log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def snapshot_payload(self) -> bytes:
+        t, s = self.trainer, self.server
+        since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
+        meta = {
+            "fingerprint": self.fingerprint(), "steps": t.steps, "steps_skipped": t.steps_skipped,
+            "samples_trained": t.samples_trained, "samples_since_checkpoint": t.samples_since_checkpoint,
+            "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
+            "last_loss": t.last_loss, "n_pending": t.n_pending, "replay_size": t.replay.size,
+            "replay_next": t.replay.next, "rng": t.rng.bit_generator.state,
+            "samples_accepted": s.samples_accepted, "samples_rejected": s.samples_rejected,
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), theta=t.model.flat,
+                 ema=t.ema.flat, momentum=t.momentum, replay_x=t.replay.x, replay_y=t.replay.y,
+                 pending_x=t.batch_x[:t.n_pending], pending_y=t.batch_y[:t.n_pending])
+        return buffer.getvalue()
+
+    def load_snapshot(self) -> bool:
+        try:
+            data = self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return False
+        header_end = len(SNAPSHOT_MAGIC) + SNAPSHOT_HEADER.size
+        length, crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC)) if len(data) >= header_end else (-1, 0)
+        payload = data[header_end:]
+        if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
+            self.move_aside(self.snapshot_path, "corrupt (bad checksum or truncated)")
+            return False
+        with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+            meta = json.loads(arrays["meta"].tobytes())
+            if meta["fingerprint"] != self.fingerprint():
+                self.move_aside(self.snapshot_path, f"incompatible: saved for {meta['fingerprint']}, "
+                                                    f"configured {self.fingerprint()}")
+                self.move_aside(self.journal_path, "incompatible with this configuration")
+                return False
+            self.apply(meta, arrays)
+        return True
+
+    def apply(self, meta: dict[str, Any], arrays: Any) -> None:
+        t, s = self.trainer, self.server
+        t.model.flat[...] = arrays["theta"]
+        t.ema.flat[...] = arrays["ema"]
+        t.momentum[...] = arrays["momentum"]
+        t.replay.x[...], t.replay.y[...] = arrays["replay_x"], arrays["replay_y"]
+        t.replay.size, t.replay.next = meta["replay_size"], meta["replay_next"]
+        t.n_pending = meta["n_pending"]
+        t.batch_x[:t.n_pending], t.batch_y[:t.n_pending] = arrays["pending_x"], arrays["pending_y"]
+        t.steps, t.steps_skipped = meta["steps"], meta["steps_skipped"]
+        t.samples_trained, t.samples_since_checkpoint = meta["samples_trained"], meta["samples_since_checkpoint"]
+        t.last_loss = meta["last_loss"]
+        if meta["last_checkpoint_unix"] is not None:
+            t.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - meta["last_checkpoint_unix"])
+        t.rng.bit_generator.state = meta["rng"]
+        s.samples_accepted, s.samples_rejected = meta["samples_accepted"], meta["samples_rejected"]
+
+    def move_aside(self, path: Path, why: str) -> None:
+        if not path.exists():
+            return
+        target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{why.split()[0].strip(':')}")
+        os.replace(path, target)
+        log.warning("state file %s is %s: moved to %s; starting without it", path, why, target.name)
+
+
 # ---- checkpoints: versioned ONNX files of the EMA weights, written atomically ----
 
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
@@ -835,15 +1044,19 @@ class CheckpointWriter:
         return path
 
 
-def write_synced(path: Path, content: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def write_synced(path: Path, content: bytes, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, content)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -1007,6 +1220,8 @@ def serve(config: Config) -> int:
     model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
     trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir), rng)
     server = Server(config, trainer)
+    server.state = StateStore(config, server)
+    server.state.restore()
     server.bind()
     shape = " ".join(["-".join(map(str, model.sizes)), *map(str, model.activations)])
     log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "

@@ -105,7 +105,12 @@ def assert_sha256_file_verifies(model_path: Path) -> None:
 
 
 def temp_files(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if n.startswith("."))
+    """Dot-files beside the checkpoints, other than the trainer's state directory."""
+    return sorted(n for n in os.listdir(directory) if n.startswith(".") and n != ".state")
+
+
+def checkpoint_files(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n != ".state")
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -153,7 +158,7 @@ def test_first_checkpoint_is_written_with_the_ack_of_the_64th_sample(sidecar_fac
     assert ack["checkpoint"].endswith("model_v000001.onnx")
     assert Path(ack["checkpoint"]) == target
     assert target.is_file()
-    assert sorted(os.listdir(s.checkpoint_dir)) == ["model_v000001.onnx", "model_v000001.onnx.sha256"]
+    assert checkpoint_files(s.checkpoint_dir) == ["model_v000001.onnx", "model_v000001.onnx.sha256"]
     assert temp_files(s.checkpoint_dir) == []
     assert_sha256_file_verifies(target)
 
@@ -217,7 +222,7 @@ def test_restart_continues_numbering_and_keeps_old_checkpoints(sidecar_factory, 
     assert v2 == s2.checkpoint_dir / "model_v000002.onnx"
     assert v1.read_bytes() == v1_bytes
     assert Path(str(v1) + ".sha256").read_bytes() == v1_sha
-    assert sorted(os.listdir(s2.checkpoint_dir)) == [
+    assert checkpoint_files(s2.checkpoint_dir) == [
         "model_v000001.onnx", "model_v000001.onnx.sha256", "model_v000002.onnx", "model_v000002.onnx.sha256"]
     assert_sha256_file_verifies(v2)
     meta = metadata(onnx.load(str(v2)))

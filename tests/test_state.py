@@ -1,0 +1,152 @@
+"""Snapshot + journal: a restart, clean or kill -9, continues bit for bit as if it never happened."""
+from __future__ import annotations
+
+import io
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vmafx_sidecar as vs
+from conftest import sample
+
+SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64", VMAFX_SIDECAR_LR="0.01",
+                VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
+                VMAFX_SIDECAR_HIDDEN="7")
+TOTAL, STOP_AT = 150, 73  # 73: mid-batch (4 new samples a step), after a checkpoint and its snapshot
+
+
+def messages(n: int = TOTAL) -> list[dict]:
+    rng = np.random.default_rng(11)
+    return [sample(rng, 5, job_id=f"job-{i}") for i in range(n)]
+
+
+def read_snapshot(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    data = (directory / ".state" / "snapshot.bin").read_bytes()
+    payload = data[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:]
+    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+        meta = json.loads(arrays["meta"].tobytes())
+        return meta, {k: arrays[k] for k in arrays.files if k != "meta"}
+
+
+def feed(sidecar, batch: list[dict]) -> list[dict]:
+    client = sidecar.client()
+    acks = [client.request(m) for m in batch]
+    assert all(a["ok"] for a in acks)
+    return acks
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    meta_a, arrays_a = read_snapshot(a)
+    meta_b, arrays_b = read_snapshot(b)
+    for meta in (meta_a, meta_b):
+        meta.pop("last_checkpoint_unix")  # wall-clock time, the one thing a restart may change
+    assert meta_a == meta_b
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        assert arrays_a[key].tobytes() == arrays_b[key].tobytes(), key
+
+
+@pytest.fixture
+def uninterrupted(sidecar_factory, tmp_path) -> Path:
+    (tmp_path / "a").mkdir()
+    s = sidecar_factory(workdir=tmp_path / "a", **SETTINGS)
+    feed(s, messages())
+    assert s.stop() == 0
+    return s.checkpoint_dir
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_restart_continues_bit_for_bit(sidecar_factory, tmp_path, uninterrupted, stop):
+    (tmp_path / "b").mkdir()
+    first = sidecar_factory(workdir=tmp_path / "b", **SETTINGS)
+    feed(first, messages()[:STOP_AT])
+    first.stop(stop)
+    second = sidecar_factory(workdir=tmp_path / "b", **SETTINGS)
+    log = second.stderr()
+    assert "resumed: step" in log, log
+    if stop == signal.SIGKILL:  # the samples after the last snapshot come back from the journal
+        assert "0 journal records replayed" not in log, log
+    acks = feed(second, messages()[STOP_AT:])
+    status = second.client().request({"op": "status"})
+    assert status["samples_accepted"] == TOTAL and status["steps"] == acks[-1]["step"]
+    assert second.stop() == 0
+    assert_same_state(uninterrupted, second.checkpoint_dir)
+
+
+def test_torn_journal_tail_is_ignored(sidecar_factory, tmp_path):
+    s = sidecar_factory(**SETTINGS)
+    feed(s, messages()[:STOP_AT])
+    s.stop(signal.SIGKILL)
+    journal = s.checkpoint_dir / ".state" / "journal.bin"
+    intact = journal.stat().st_size
+    assert intact > 0
+    with open(journal, "ab") as f:
+        f.write(vs.JOURNAL_RECORD.pack(24, 0) + b"\x01\x02\x03")  # a record cut short by the crash
+    again = sidecar_factory(**SETTINGS)
+    assert "torn or corrupt tail" in again.stderr()
+    assert again.client().request({"op": "status"})["samples_accepted"] == STOP_AT
+
+
+@pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
+def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_factory, tmp_path, damage):
+    s = sidecar_factory(**SETTINGS)
+    feed(s, messages()[:STOP_AT])
+    assert s.stop() == 0
+    snapshot = s.checkpoint_dir / ".state" / "snapshot.bin"
+    data = bytearray(snapshot.read_bytes())
+    if damage == "truncate":
+        del data[len(data) // 2:]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    snapshot.write_bytes(bytes(data))
+    again = sidecar_factory(**SETTINGS)
+    assert "corrupt" in again.stderr()
+    status = again.client().request({"op": "status"})
+    assert status["steps"] == 0 and status["samples_accepted"] == 0
+    assert list((s.checkpoint_dir / ".state").glob("snapshot.bin.*.corrupt"))
+    # Checkpoint numbering still continues after what is on disk.
+    acks = feed(again, messages()[:40])
+    assert acks[-1]["checkpoint"].endswith("model_v000002.onnx")
+
+
+def test_incompatible_snapshot_is_moved_aside(sidecar_factory, tmp_path):
+    s = sidecar_factory(**SETTINGS)
+    feed(s, messages()[:STOP_AT])
+    s.stop(signal.SIGKILL)
+    again = sidecar_factory(**{**SETTINGS, "VMAFX_SIDECAR_HIDDEN": "9"})
+    assert "incompatible" in again.stderr()
+    status = again.client().request({"op": "status"})
+    assert status["steps"] == 0 and status["model"] == "5-9-1"
+    state = s.checkpoint_dir / ".state"
+    assert list(state.glob("snapshot.bin.*.incompatible")) and list(state.glob("journal.bin.*.incompatible"))
+
+
+def test_counters_survive_any_number_of_kills(sidecar_factory, tmp_path):
+    sent, rejected = 0, 0
+    for round_ in range(4):
+        s = sidecar_factory(**SETTINGS)
+        client = s.client()
+        for m in messages(30):
+            assert client.request(m)["ok"]
+            sent += 1
+        assert not client.request(b"not json")["ok"]
+        rejected += 1
+        status = client.request({"op": "status"})
+        assert status["samples_accepted"] == sent
+        s.stop(signal.SIGKILL if round_ % 2 == 0 else signal.SIGTERM)
+    final = sidecar_factory(**SETTINGS).client().request({"op": "status"})
+    assert final["samples_accepted"] == sent
+    assert final["samples_rejected"] <= rejected  # rejections are not journaled: a kill may forget the last
+
+
+def test_state_files_are_private(sidecar_factory):
+    s = sidecar_factory(**SETTINGS)
+    feed(s, messages()[:10])
+    assert s.stop() == 0
+    state = s.checkpoint_dir / ".state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("snapshot.bin", "journal.bin"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600
