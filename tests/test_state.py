@@ -1,8 +1,6 @@
 """Snapshot + journal: a restart, clean or kill -9, continues bit for bit as if it never happened."""
 from __future__ import annotations
 
-import io
-import json
 import signal
 from pathlib import Path
 
@@ -25,10 +23,7 @@ def messages(n: int = TOTAL) -> list[dict]:
 
 def read_snapshot(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     data = (directory / ".state" / "snapshot.bin").read_bytes()
-    payload = data[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:]
-    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
-        meta = json.loads(arrays["meta"].tobytes())
-        return meta, {k: arrays[k] for k in arrays.files if k != "meta"}
+    return vs.unpack_arrays(data[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
 
 
 def feed(sidecar, batch: list[dict]) -> list[dict]:
