@@ -15,6 +15,8 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -115,6 +117,11 @@ class Config:
     warmup_steps: int = setting(100, "VMAFX_SIDECAR_WARMUP_STEPS", at_least(0),
                                 "steps of linear learning-rate warmup")
     seed: int = setting(0, "VMAFX_SIDECAR_SEED", at_least(0), "seed of initial weights and replay draws")
+    max_connections: int = setting(128, "VMAFX_SIDECAR_MAX_CONNECTIONS", at_least(1),
+                                   "connections served at once; more are accepted and closed")
+    socket_mode: str = setting("0600", "VMAFX_SIDECAR_SOCKET_MODE", Check(
+        lambda v: re.fullmatch(r"0?[67][0-7]0", v) is not None, "an octal mode with owner read-write and no "
+        "access for others, such as 0600 or 0660"), "permissions of the socket file")
     max_line_bytes: int = setting(1048576, "VMAFX_SIDECAR_MAX_LINE_BYTES", at_least(1),
                                   "longest request line accepted")
     journal_fsync: str = setting("everysec", "VMAFX_SIDECAR_JOURNAL_FSYNC", one_of("always", "everysec", "no"),
@@ -261,7 +268,7 @@ def encode_ack(fields: dict[str, Any], job_id: str | None) -> bytes:
 # ---- server: one selectors loop owns the socket, every connection and the training step ----
 
 RECV_BYTES = 65536
-# A client that stops reading its ACKs is not read from either once this much is queued for it.
+# A client that stops reading its ACKs is disconnected once this much is queued for it.
 OUTBUF_LIMIT = 1 << 20
 SHUTDOWN_GRACE_S = 1.5
 
@@ -295,17 +302,22 @@ class Server:
         self.socket_inode: int | None = None
         self.stopping = False
         self.accepting = True  # False while out of file descriptors
+        self.connections_refused = 0  # over max_connections
+        self.connections_dropped = 0  # stopped reading their ACKs
+        self.lock_fd: int | None = None
         self.state: StateStore | None = None  # set by serve(); None in in-process tests
 
     # -- lifecycle
 
     def bind(self) -> None:
         path = self.config.socket
+        self.lock_fd = lock_beside(path)
         claim_socket_path(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
             listener.bind(path)
+            os.chmod(path, int(self.config.socket_mode, 8))  # the setting is the only way to widen 0600
         except OSError as e:
             listener.close()
             raise StartupError(f"cannot bind socket {path}: {e.strerror or e}") from None
@@ -360,8 +372,7 @@ class Server:
         # One read per connection per pass: a client that keeps sending cannot use up the others' grace.
         reading = list(self.connections)
         while reading and time.monotonic() < deadline:
-            reading = [c for c in reading if c in self.connections and not c.closing
-                       and len(c.outbuf) < OUTBUF_LIMIT and self.read(c)]
+            reading = [c for c in reading if c in self.connections and not c.closing and self.read(c)]
         while any(c.outbuf for c in self.connections) and time.monotonic() < deadline:
             for key, mask in self.selector.select(timeout=deadline - time.monotonic()):
                 if key.data in self.connections and mask & selectors.EVENT_WRITE:
@@ -404,6 +415,10 @@ class Server:
             self.selector.unregister(self.listener)
             self.accepting = False
             return False
+        if len(self.connections) >= self.config.max_connections:
+            sock.close()  # the client reads EOF at once and may retry; the others are unaffected
+            self.connections_refused += 1
+            return True
         sock.setblocking(False)
         conn = Connection(sock)
         self.connections.add(conn)
@@ -465,11 +480,16 @@ class Server:
                 self.close(conn)
                 return
             del conn.outbuf[:sent]
+        if len(conn.outbuf) > OUTBUF_LIMIT:  # it stopped reading its ACKs: memory stays bounded
+            log.warning("closed a connection that left %d bytes of ACKs unread", len(conn.outbuf))
+            self.connections_dropped += 1
+            self.close(conn)
+            return
         if conn.closing and not conn.outbuf:
             self.close(conn)
             return
         events = selectors.EVENT_WRITE if conn.outbuf else 0
-        if not conn.closing and len(conn.outbuf) < OUTBUF_LIMIT:
+        if not conn.closing:
             events |= selectors.EVENT_READ
         if events != conn.events:
             conn.events = events
@@ -536,6 +556,8 @@ class Server:
             "checkpoint_version": t.checkpoints.version or None,
             "last_loss": t.last_loss,
             "connections": len(self.connections),
+            "connections_refused": self.connections_refused,
+            "connections_dropped": self.connections_dropped,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "backend": "numpy",
             "model": "-".join(map(str, t.model.sizes)),
@@ -544,27 +566,41 @@ class Server:
         }
 
 
-def claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one or a file that is not a socket."""
+def lock_beside(path: str) -> int:
+    """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
     try:
-        mode = os.lstat(path).st_mode
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot open lock file {path}.lock: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)") from None
+    return fd
+
+
+def claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead server; refuse a live one, a symlink or any other file."""
+    try:
+        mode = os.lstat(path).st_mode  # lstat: a symlink is never followed, nor removed
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise StartupError(f"{path} exists and is not a socket; not touching it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+    probe.setblocking(False)
     try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        log.warning("removed stale socket %s left by a previous process", path)
-        return
-    except OSError as e:
-        raise StartupError(f"cannot check existing socket {path}: {e.strerror or e}") from None
+        error = probe.connect_ex(path)
     finally:
         probe.close()
-    raise StartupError(f"another server is already listening on {path}")
+    if error == errno.ECONNREFUSED:  # only a refused connection proves nobody is listening
+        os.unlink(path)
+        log.warning("removed stale socket %s left by a previous process", path)
+    elif error in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise StartupError(f"another server is already listening on {path}")
+    else:
+        raise StartupError(f"cannot check existing socket {path}: {os.strerror(error)}")
 
 
 def drain(sock: socket.socket) -> None:
@@ -722,6 +758,7 @@ class Trainer:
         self.ema = model.copy()
         self.grad = MLP(model.sizes, model.activations)
         self.momentum = np.zeros_like(model.flat)
+        self.undo = tuple(np.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
         self.checkpoints = checkpoints
         self.rng = rng
         self.replay = ReplayBuffer(config.replay_capacity, config.n_features)
@@ -758,7 +795,8 @@ class Trainer:
             loss = self.model.loss_and_grad(x, y, self.grad)
         if not self.apply_gradient(loss):
             self.steps_skipped += 1
-            log.warning("skipped a step: loss or gradient overflowed float32 (loss %s); weights unchanged", loss)
+            log.warning("skipped a step: the loss, gradient or weights overflowed float32 (loss %s); "
+                        "weights unchanged", loss)
             return None
         self.steps += 1
         self.samples_trained += self.n_new
@@ -767,11 +805,14 @@ class Trainer:
         return StepResult(loss, self.maybe_checkpoint())
 
     def apply_gradient(self, loss: float) -> bool:
-        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA."""
+        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
+        False, with nothing changed, when the loss, the gradient or the new weights are not finite."""
         c, g, theta = self.config, self.grad.flat, self.model.flat
         norm = float(np.sqrt(np.dot(g, g)))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return False
+        for live, saved in zip(self.state_vectors(), self.undo):
+            saved[...] = live
         clip = c.max_grad_norm / (norm + 1e-6)
         if clip < 1.0:
             g *= np.float32(clip)
@@ -783,7 +824,14 @@ class Trainer:
         theta -= np.float32(c.lr * warmup) * self.momentum
         self.ema.flat *= np.float32(c.ema_decay)
         self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
+        if not (np.isfinite(theta).all() and np.isfinite(self.ema.flat).all()):  # overflowed: undo the step
+            for live, saved in zip(self.state_vectors(), self.undo):
+                live[...] = saved
+            return False
         return True
+
+    def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.model.flat, self.momentum, self.ema.flat
 
     def maybe_checkpoint(self) -> str | None:
         c, now = self.config, time.monotonic()
@@ -1017,6 +1065,9 @@ TEMP_SUFFIX = ".tmp"
 class CheckpointWriter:
     def __init__(self, directory: str):
         self.directory = Path(directory).absolute()  # ACKs name checkpoints for readers in other cwds
+        if self.directory.is_symlink():
+            raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
+                               "configure the real path")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             names = os.listdir(self.directory)
