@@ -512,7 +512,7 @@ class Server:
         try:
             request = parse_request(line, self.config.n_features)
         except BadRequest as e:
-            self.samples_rejected += 1
+            self.reject()
             return encode_ack({"ok": False, "error": e.error}, e.job_id)
         if type(request) is Control:
             return encode_ack(self.control(request.op), request.job_id)
@@ -530,8 +530,13 @@ class Server:
                     self.state.save()
         return encode_ack(ack, request.job_id)
 
-    def too_long(self) -> bytes:
+    def reject(self) -> None:
         self.samples_rejected += 1
+        if self.state:
+            self.state.journal.append_rejection()
+
+    def too_long(self) -> bytes:
+        self.reject()
         return encode_ack({"ok": False, "error": f"line too long (limit {self.config.max_line_bytes} bytes)"},
                           None)
 
@@ -540,7 +545,7 @@ class Server:
             return {"ok": True, "op": "pong"}
         if op == "status":
             return {"ok": True, "op": "status", **self.status()}
-        self.samples_rejected += 1
+        self.reject()
         return {"ok": False, "error": f"unknown op {op!r} (known: ping, status)"}
 
     def status(self) -> dict[str, Any]:
@@ -851,7 +856,10 @@ class Trainer:
 
 # ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
 
+JOURNAL_HEADER = struct.Struct("<16sQ")  # magic, generation: the snapshot this journal continues
+JOURNAL_MAGIC = b"VMAFX-JOURNAL-1\n"
 JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; then the payload
+REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected line, for the counter
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 
@@ -861,7 +869,7 @@ class Journal:
 
     def __init__(self, path: Path, fsync: str):
         self.path, self.fsync = path, fsync
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
         self.unsynced = False
         self.last_sync = time.monotonic()
@@ -869,6 +877,9 @@ class Journal:
     def append(self, row: np.ndarray, score: np.float32) -> None:
         payload = row.tobytes() + score.tobytes()
         self.pending += JOURNAL_RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+    def append_rejection(self) -> None:
+        self.pending += REJECTION
 
     def commit(self) -> None:
         """Write the pending records in one go; called once per batch of lines, before their ACKs."""
@@ -891,24 +902,35 @@ class Journal:
         self.unsynced = False
         self.last_sync = time.monotonic()
 
-    def reset(self) -> None:
-        """Start empty: a snapshot now holds everything the journal had."""
+    def reset(self, generation: int) -> None:
+        """Start empty after the snapshot `generation`, which now holds everything the journal had."""
         self.pending.clear()
         os.ftruncate(self.fd, 0)
+        write_all(self.fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation))
         self.sync()
 
     @staticmethod
-    def records(path: Path, n_features: int) -> list[tuple[np.ndarray, np.float32]]:
-        """The intact records in order; a torn or corrupt tail (a crash mid-write) ends the list."""
+    def records(path: Path, n_features: int, generation: int) -> list[tuple[np.ndarray, np.float32] | None]:
+        """The intact records in order (None for a rejected line). A journal of another generation is
+        one the snapshot already holds (a crash came between the two); a torn or corrupt tail (a crash
+        mid-write) ends the list."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return []
-        records, offset, size = [], 0, 4 * (n_features + 1)
-        while offset + JOURNAL_RECORD.size + size <= len(data):
+        if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
+            if data:
+                log.info("journal %s predates the snapshot, which already holds it: not replayed", path)
+            return []
+        records, offset, size = [], JOURNAL_HEADER.size, 4 * (n_features + 1)
+        while offset + JOURNAL_RECORD.size <= len(data):
             length, crc = JOURNAL_RECORD.unpack_from(data, offset)
+            if (length, crc) == (0, 0):
+                records.append(None)
+                offset += JOURNAL_RECORD.size
+                continue
             payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
-            if length != size or zlib.crc32(payload) != crc:
+            if length != size or len(payload) != size or zlib.crc32(payload) != crc:
                 break
             values = np.frombuffer(payload, np.float32)
             records.append((values[:-1].copy(), values[-1]))
@@ -928,6 +950,7 @@ class StateStore:
         self.snapshot_path = self.directory / "snapshot.bin"
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
+        self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
 
@@ -939,12 +962,15 @@ class StateStore:
     def restore(self) -> None:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair."""
         loaded = self.load_snapshot()
-        records = Journal.records(self.journal_path, self.config.n_features) if loaded else []
+        records = Journal.records(self.journal_path, self.config.n_features, self.generation) if loaded else []
         if not loaded and self.journal_path.exists() and self.journal_path.stat().st_size:
             self.move_aside(self.journal_path, "without its snapshot")
-        for row, score in records:
-            self.server.samples_accepted += 1
-            self.trainer.add(row, score)
+        for record in records:
+            if record is None:
+                self.server.samples_rejected += 1
+            else:
+                self.server.samples_accepted += 1
+                self.trainer.add(*record)
         if loaded:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", self.trainer.steps, self.trainer.replay.size, self.config.replay_capacity,
@@ -961,14 +987,16 @@ class StateStore:
     def save(self) -> None:
         """Write the snapshot atomically, then empty the journal."""
         started = time.perf_counter()
-        payload = self.snapshot_payload()
+        generation = self.generation + 1
+        payload = self.snapshot_payload(generation)
         temp = self.directory / ".snapshot.bin.tmp"
         try:
             write_synced(temp, SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(len(payload), zlib.crc32(payload)) + payload,
                          mode=0o600)
             os.replace(temp, self.snapshot_path)
+            self.generation = generation
             fsync_directory(self.directory)
-            self.journal.reset()
+            self.journal.reset(generation)
         except OSError as e:  # the journal keeps everything since the last good snapshot
             temp.unlink(missing_ok=True)
             log.error("state snapshot failed, will retry: %s", e)
@@ -976,11 +1004,11 @@ class StateStore:
         self.saved_at = (self.server.samples_accepted, self.server.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
 
-    def snapshot_payload(self) -> bytes:
+    def snapshot_payload(self, generation: int) -> bytes:
         t, s = self.trainer, self.server
         since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
         meta = {
-            "fingerprint": self.fingerprint(), "steps": t.steps, "steps_skipped": t.steps_skipped,
+            "fingerprint": self.fingerprint(), "generation": generation, "steps": t.steps, "steps_skipped": t.steps_skipped,
             "samples_trained": t.samples_trained, "samples_since_checkpoint": t.samples_since_checkpoint,
             "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
             "last_loss": t.last_loss, "n_pending": t.n_pending, "replay_size": t.replay.size,
@@ -1027,6 +1055,7 @@ class StateStore:
             t.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - meta["last_checkpoint_unix"])
         t.rng.bit_generator.state = meta["rng"]
         s.samples_accepted, s.samples_rejected = meta["samples_accepted"], meta["samples_rejected"]
+        self.generation = meta["generation"]
 
     def move_aside(self, path: Path, why: str) -> None:
         if not path.exists():
