@@ -862,6 +862,9 @@ JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; t
 REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected line, for the counter
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
+SNAPSHOT_FIELDS = {"fingerprint", "generation", "steps", "steps_skipped", "samples_trained",
+                   "samples_since_checkpoint", "last_checkpoint_unix", "last_loss", "n_pending", "replay_size",
+                   "replay_next", "rng", "samples_accepted", "samples_rejected"}
 
 
 class Journal:
@@ -1030,7 +1033,13 @@ class StateStore:
         if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
             self.move_aside(self.snapshot_path, "corrupt (bad checksum or truncated)")
             return False
-        meta, arrays = unpack_arrays(payload)
+        try:
+            meta, arrays = unpack_arrays(payload)
+            self.check_layout(meta, arrays)
+        except (ValueError, KeyError, TypeError) as e:  # e.g. written by another version of the sidecar
+            self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
+            self.move_aside(self.journal_path, "unreadable without its snapshot")
+            return False
         if meta["fingerprint"] != self.fingerprint():
             self.move_aside(self.snapshot_path, f"incompatible: saved for {meta['fingerprint']}, "
                                                 f"configured {self.fingerprint()}")
@@ -1038,6 +1047,21 @@ class StateStore:
             return False
         self.apply(meta, arrays)
         return True
+
+    def check_layout(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Raise before anything is applied if a field is missing or an array has another shape."""
+        t = self.trainer
+        missing = SNAPSHOT_FIELDS - meta.keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        if meta["fingerprint"] != self.fingerprint():
+            return  # reported as incompatible by the caller
+        n = meta["n_pending"]
+        expected = {"theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
+                    "replay_y": t.replay.y, "pending_x": t.batch_x[:n], "pending_y": t.batch_y[:n]}
+        for name, target in expected.items():
+            if name not in arrays or arrays[name].shape != target.shape:
+                raise ValueError(f"array {name} is missing or has another shape")
 
     def apply(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         t, s = self.trainer, self.server
@@ -1129,9 +1153,9 @@ class CheckpointWriter:
                 write_synced(temp, content)
             for temp, (n, _) in zip(temps, files):  # .onnx first, .sha256 last
                 os.replace(temp, self.directory / n)
-        except OSError:
-            for temp in temps:
-                temp.unlink(missing_ok=True)
+        except OSError:  # an .onnx without its .sha256 was never published: remove it with the temps
+            for leftover in [*temps, self.directory / name]:
+                leftover.unlink(missing_ok=True)
             raise
         self.version = version  # visible now: this version is never written again, whatever follows
         fsync_directory(self.directory)

@@ -189,3 +189,18 @@ def test_rejections_are_journaled(sidecar_factory):
         assert not client.request(line)["ok"]
     s.stop(signal.SIGKILL)
     assert sidecar_factory(**SETTINGS).client().request({"op": "status"})["samples_rejected"] == 3
+
+
+def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
+    server = in_process_server(tmp_path)
+    for m in messages(20):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    path = tmp_path / ".state" / "snapshot.bin"
+    meta, arrays = vs.unpack_arrays(path.read_bytes()[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
+    del meta["generation"]  # as a snapshot of an older sidecar would be
+    payload = vs.pack_arrays(meta, arrays)
+    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    again = in_process_server(tmp_path)
+    assert again.samples_accepted == 0 and again.trainer.steps == 0
+    assert list((tmp_path / ".state").glob("snapshot.bin.*.unreadable"))
