@@ -87,7 +87,15 @@ request_like = st.fixed_dictionaries(
                   "op": st.sampled_from(["ping", "bogus"]) | json_values})
 lines = st.one_of(
     request_like.map(lambda m: json.dumps(m).encode()),
+    request_like.map(lambda m: json.dumps(m, ensure_ascii=False).encode()).flatmap(  # cut anywhere, even
+        lambda b: st.integers(0, len(b)).map(lambda i: b[:i])),  # inside a multi-byte UTF-8 character
     st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
+    st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * (n // 2)),  # deep nesting
+    st.integers(300, 5000).map(lambda n: b'{"features": [1' + b"0" * n + b'], "true_score": 1e' + str(n).encode()
+                               + b"}"),  # huge numbers
+    st.sampled_from([  # duplicate keys: the last one wins, as in Go's encoding/json
+        b'{"features": "x", "features": [1, 2, 3], "true_score": 1, "true_score": "y"}',
+        b'{"op": "ping", "op": 3}']),
     st.sampled_from([b"", b"   ", b"\r", b"x" * 200]))
 
 
