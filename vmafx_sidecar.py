@@ -992,10 +992,13 @@ class StateStore:
         started = time.perf_counter()
         generation = self.generation + 1
         payload = self.snapshot_payload(generation)
+        crc = 0
+        for chunk in payload:
+            crc = zlib.crc32(chunk, crc)
+        header = SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(sum(len(c) for c in payload), crc)
         temp = self.directory / ".snapshot.bin.tmp"
         try:
-            write_synced(temp, SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(len(payload), zlib.crc32(payload)) + payload,
-                         mode=0o600)
+            write_synced(temp, [memoryview(header), *payload], mode=0o600)
             os.replace(temp, self.snapshot_path)
             self.generation = generation
             fsync_directory(self.directory)
@@ -1007,7 +1010,7 @@ class StateStore:
         self.saved_at = (self.server.samples_accepted, self.server.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
 
-    def snapshot_payload(self, generation: int) -> bytes:
+    def snapshot_payload(self, generation: int) -> list[memoryview]:
         t, s = self.trainer, self.server
         since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
         meta = {
@@ -1089,13 +1092,13 @@ class StateStore:
         log.warning("state file %s is %s: moved to %s; starting without it", path, why, target.name)
 
 
-def pack_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """A JSON header (meta, and each array's dtype and shape) followed by the arrays' raw bytes.
-    Four times faster than np.savez for the 3 MB replay buffer, and the snapshot runs inline."""
+def pack_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[memoryview]:
+    """A JSON header (meta, and each array's dtype and shape) followed by the arrays' raw bytes, as
+    views that are written without a copy: the snapshot runs inline and the replay buffer is 3 MB."""
     specs = {name: [a.dtype.str, list(a.shape)] for name, a in arrays.items()}
     header = json.dumps({"meta": meta, "arrays": specs}).encode()
-    return b"".join([struct.pack("<I", len(header)), header, *(np.ascontiguousarray(a).tobytes()
-                                                               for a in arrays.values())])
+    return [memoryview(struct.pack("<I", len(header))), memoryview(header),
+            *(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for a in arrays.values())]
 
 
 def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -1150,7 +1153,7 @@ class CheckpointWriter:
         temps = [self.directory / f".{n}{TEMP_SUFFIX}" for n, _ in files]
         try:
             for temp, (_, content) in zip(temps, files):
-                write_synced(temp, content)
+                write_synced(temp, [memoryview(content)])
             for temp, (n, _) in zip(temps, files):  # .onnx first, .sha256 last
                 os.replace(temp, self.directory / n)
         except OSError:  # an .onnx without its .sha256 was never published: remove it with the temps
@@ -1165,10 +1168,11 @@ class CheckpointWriter:
         return path
 
 
-def write_synced(path: Path, content: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def write_synced(path: Path, chunks: list[memoryview], mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        write_all(fd, content)
+        for chunk in chunks:
+            write_all(fd, chunk)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -351,8 +351,9 @@ def test_failing_checkpoint_writes_keep_training_and_retry_when_next_due(tmp_pat
     assert first is not None and first.checkpoint == str(directory / "model_v000001.onnx"), first
     before = dir_contents(directory)
 
-    def failing_write_synced(path, content, mode=0o644):
+    def failing_write_synced(path, chunks, mode=0o644):
         if err == errno.ENOSPC:  # the disk fills up half-way: a partial temp file is on disk
+            content = b"".join(chunks)
             with open(path, "wb") as f:
                 f.write(content[:len(content) // 2])
         raise OSError(err, reason)

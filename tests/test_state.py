@@ -199,7 +199,7 @@ def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
     path = tmp_path / ".state" / "snapshot.bin"
     meta, arrays = vs.unpack_arrays(path.read_bytes()[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
     del meta["generation"]  # as a snapshot of an older sidecar would be
-    payload = vs.pack_arrays(meta, arrays)
+    payload = b"".join(vs.pack_arrays(meta, arrays))
     path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
     again = in_process_server(tmp_path)
     assert again.samples_accepted == 0 and again.trainer.steps == 0
