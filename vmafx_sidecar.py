@@ -1015,7 +1015,8 @@ class StateStore:
         since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
         meta = {
             "fingerprint": self.fingerprint(), "generation": generation, "steps": t.steps,
-            "steps_skipped": t.steps_skipped, "samples_trained": t.samples_trained, "samples_since_checkpoint": t.samples_since_checkpoint,
+            "steps_skipped": t.steps_skipped, "samples_trained": t.samples_trained,
+            "samples_since_checkpoint": t.samples_since_checkpoint,
             "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
             "last_loss": t.last_loss, "n_pending": t.n_pending, "replay_size": t.replay.size,
             "replay_next": t.replay.next, "rng": t.rng.bit_generator.state,
