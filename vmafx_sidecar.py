@@ -860,6 +860,7 @@ JOURNAL_HEADER = struct.Struct("<16sQ")  # magic, generation: the snapshot this 
 JOURNAL_MAGIC = b"VMAFX-JOURNAL-1\n"
 JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; then the payload
 REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected line, for the counter
+JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 SNAPSHOT_FIELDS = {"fingerprint", "generation", "steps", "steps_skipped", "samples_trained",
@@ -874,6 +875,9 @@ class Journal:
         self.path, self.fsync = path, fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
+        self.size = os.fstat(self.fd).st_size  # bytes known to be written whole
+        self.truncate_first = False  # the file may hold bytes past self.size: a reset, a failed write
+        self.failing = False
         self.unsynced = False
         self.last_sync = time.monotonic()
 
@@ -885,18 +889,38 @@ class Journal:
         self.pending += REJECTION
 
     def commit(self) -> None:
-        """Write the pending records in one go; called once per batch of lines, before their ACKs."""
-        if self.pending:
-            try:
-                write_all(self.fd, self.pending)
-                self.unsynced = True
-                if self.fsync == "always":
-                    self.sync()
-            except OSError as e:  # keep serving: the samples are trained, only their durability is lost
-                log.error("journal write failed, %d bytes of samples not persisted: %s", len(self.pending), e)
-            self.pending.clear()
+        """Write the pending records in one go; called once per batch of lines, before their ACKs.
+        If the disk refuses them (full, read-only), they stay pending and are written with the next
+        batch: nothing is dropped while the process lives, and the error is logged once, not per line."""
+        if not self.pending:
+            return
+        try:
+            if self.truncate_first:
+                os.ftruncate(self.fd, self.size)
+            write_all(self.fd, self.pending)
+            if self.fsync == "always":
+                os.fsync(self.fd)
+        except OSError as e:
+            if not self.failing:
+                log.error("journal write failed, keeping the samples in memory until it works: %s", e)
+            self.failing = self.truncate_first = True
+            if len(self.pending) > JOURNAL_MEMORY_LIMIT:  # memory stays bounded in a long outage
+                keep = JOURNAL_HEADER.size if self.size == 0 else 0
+                log.error("journal still failing: %d bytes of samples dropped, not durable",
+                          len(self.pending) - keep)
+                del self.pending[keep:]
+            return
+        if self.failing:
+            log.info("journal writes work again")
+        self.failing = self.truncate_first = False
+        self.size += len(self.pending)
+        self.pending.clear()
+        self.unsynced = self.fsync != "always"
+        if not self.unsynced:
+            self.last_sync = time.monotonic()
 
     def sync_if_due(self) -> None:
+        self.commit()  # retries records a failing disk refused
         if self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0:
             self.sync()
 
@@ -906,11 +930,13 @@ class Journal:
         self.last_sync = time.monotonic()
 
     def reset(self, generation: int) -> None:
-        """Start empty after the snapshot `generation`, which now holds everything the journal had."""
-        self.pending.clear()
-        os.ftruncate(self.fd, 0)
-        write_all(self.fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation))
-        self.sync()
+        """Start empty after the snapshot `generation`, which now holds everything the journal had.
+        The header goes out with the next records if it cannot be written now."""
+        self.size, self.truncate_first = 0, True
+        self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
+        self.commit()
+        if not self.failing:
+            self.sync()
 
     @staticmethod
     def records(path: Path, n_features: int, generation: int) -> list[tuple[np.ndarray, np.float32] | None]:

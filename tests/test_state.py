@@ -204,3 +204,28 @@ def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
     again = in_process_server(tmp_path)
     assert again.samples_accepted == 0 and again.trainer.steps == 0
     assert list((tmp_path / ".state").glob("snapshot.bin.*.unreadable"))
+
+
+def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch, caplog):
+    server = in_process_server(tmp_path)
+    journal = server.state.journal
+    real_write_all = vs.write_all
+
+    def full_disk(fd, content):
+        if fd == journal.fd:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, content)
+
+    monkeypatch.setattr(vs, "write_all", full_disk)
+    for batch in (messages(10), messages(20)[10:]):
+        for m in batch:
+            assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        journal.commit()
+    assert [r.message for r in caplog.records if r.levelname == "ERROR"] == [
+        "journal write failed, keeping the samples in memory until it works: [Errno 28] No space left on device"]
+    monkeypatch.undo()
+    server.state.tick()  # the idle-time retry writes them all
+    assert not journal.pending and not journal.failing
+    again = in_process_server(tmp_path)
+    assert again.samples_accepted == 20
+    np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
