@@ -49,6 +49,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench_ingest import fmt_int, machine, status_kb  # noqa: E402  (this folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 N_FEATURES = 80
 MALFORMED_FRACTION = 0.05
@@ -60,31 +62,6 @@ BACKOFF_S = (0.01, 0.25)  # first and longest pause between reconnect attempts
 START_TIMEOUT_S = 30.0
 TERM_LIMIT_S = 2.0  # README: SIGTERM -> exit 0 within 2 s
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx")
-
-
-# ---- the machine (as in bench_ingest.py) ----
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
-            f"Python {platform.python_version()}, numpy {np.__version__}, {platform.system()} {platform.release()}")
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # ---- the server: one checkpoint dir and socket, started again after every kill ----
@@ -514,10 +491,6 @@ class Restart:
     def accepted(self) -> int | None:
         """What the server held right after the restart: the logged restore count, else the status."""
         return self.restored if self.restored is not None else self.accepted_after
-
-
-def fmt_int(v: float) -> str:
-    return f"{v:,.0f}".replace(",", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
