@@ -625,14 +625,12 @@ class ReplayBuffer:
         self.size = 0
         self.next = 0  # write position
 
-    def add(self, features: np.ndarray, score: np.float32) -> int:
-        """Store a sample, evicting the oldest when full; returns its slot."""
-        slot = self.next
-        self.x[slot] = features
-        self.y[slot] = score
-        self.next = (slot + 1) % len(self.y)
+    def add(self, features: np.ndarray, score: np.float32) -> None:
+        """Store a sample, evicting the oldest when full."""
+        self.x[self.next] = features
+        self.y[self.next] = score
+        self.next = (self.next + 1) % len(self.y)
         self.size = min(self.size + 1, len(self.y))
-        return slot
 
     def sample_into(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> None:
         """Fill x and y with len(y) samples drawn uniformly with replacement."""
@@ -872,7 +870,7 @@ class Journal:
     """The samples accepted since the last snapshot, each written before its ACK is sent."""
 
     def __init__(self, path: Path, fsync: str):
-        self.path, self.fsync = path, fsync
+        self.fsync = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
         self.size = os.fstat(self.fd).st_size  # bytes known to be written whole

@@ -75,6 +75,19 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def request(path: str, message: dict, timeout: float) -> dict:
+    """One request on a fresh connection, and its ACK."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(message).encode() + b"\n")
+        with s.makefile("rb") as reader:
+            line = reader.readline()
+    if not line.endswith(b"\n"):
+        raise OSError(f"partial answer {line!r}")
+    return json.loads(line)
+
+
 def status_kb(pid: int, key: str) -> int | None:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -132,15 +145,7 @@ class Server:
             return
 
     def request(self, message: dict, timeout: float = 5.0) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.socket)
-            s.sendall(json.dumps(message).encode() + b"\n")
-            with s.makefile("rb") as reader:
-                line = reader.readline()
-        if not line.endswith(b"\n"):
-            raise OSError(f"partial answer {line!r}")
-        return json.loads(line)
+        return request(self.socket, message, timeout)
 
     def log(self) -> str:
         try:

@@ -32,7 +32,6 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -49,7 +48,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench_ingest import fmt_int, machine, status_kb  # noqa: E402  (this folder is on sys.path)
+from bench_ingest import fmt_int, machine, request, status_kb  # noqa: E402  (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_FEATURES = 80
@@ -115,15 +114,7 @@ class Sidecar:
             return time.monotonic() - started
 
     def request(self, message: dict, timeout: float = ACK_TIMEOUT_S) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.socket)
-            s.sendall(json.dumps(message).encode() + b"\n")
-            with s.makefile("rb") as reader:
-                line = reader.readline()
-        if not line.endswith(b"\n"):
-            raise OSError(f"partial answer {line!r}")
-        return json.loads(line)
+        return request(self.socket, message, timeout)
 
     def vmhwm_kb(self) -> int | None:
         return status_kb(self.proc.pid, "VmHWM") if self.proc else None

@@ -5,7 +5,6 @@ docstring); torch is not needed to run these tests.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
