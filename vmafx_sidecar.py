@@ -1435,6 +1435,23 @@ def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
 
 
+def probe(path: str, timeout_s: float) -> int:
+    """Exit status for a health probe: 0 when the sidecar answers a ping within the timeout."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(timeout_s)
+            client.connect(path)
+            client.sendall(b'{"op":"ping"}\n')
+            answer = client.makefile("rb").readline()
+    except OSError as e:
+        print(f"vmafx-sidecar probe: {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if answer != encode_ack({"ok": True, "op": "pong"}, None):
+        print(f"vmafx-sidecar probe: {path}: unexpected answer {answer[:200]!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -1447,6 +1464,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server")
     demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
     demo_parser.add_argument("--samples", type=int, default=20000, help="samples to stream (default 20000)")
+    probe_parser = commands.add_parser("probe", help="exit 0 when the sidecar answers a ping (for health probes)")
+    probe_parser.add_argument("--socket", default=os.environ.get("VMAFX_SIDECAR_SOCKET", Config.socket),
+                              help="socket path (default $VMAFX_SIDECAR_SOCKET or %(default)s)")
+    probe_parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait (default 2)")
     return parser
 
 
@@ -1456,6 +1477,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         log.setLevel(logging.INFO)
         return demo(args.dir, args.samples)
+    if args.command == "probe":
+        return probe(args.socket, args.timeout)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     try:

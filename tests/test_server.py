@@ -718,3 +718,31 @@ def test_no_log_line_per_message(sidecar):
     assert any("serving on" in line for line in lines), stderr
     assert len(lines) < 10, stderr
     assert "quiet-" not in stderr
+
+
+# ---- probe: the health check the chart runs ----
+
+def run_probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "probe", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_probe_exits_0_when_the_sidecar_answers(shared_sidecar):
+    result = run_probe("--socket", shared_sidecar.socket)
+    assert result.returncode == 0, result.stderr
+
+
+def test_probe_fails_without_a_server(short_dir):
+    result = run_probe("--socket", os.path.join(short_dir, "absent.sock"))
+    assert result.returncode == 1 and "absent.sock" in result.stderr
+
+
+def test_probe_fails_when_the_server_does_not_answer_in_time(short_dir):
+    path = os.path.join(short_dir, "mute.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(path)
+        mute.listen()
+        started = time.monotonic()
+        result = run_probe("--socket", path, "--timeout", "0.5")
+    assert result.returncode == 1 and "timed out" in result.stderr
+    assert time.monotonic() - started < 10
