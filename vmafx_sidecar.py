@@ -47,6 +47,7 @@ for _threads_var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 import vmafx_onnx_builder as onnx_builder  # noqa: E402
 
@@ -106,6 +107,18 @@ class Config:
                                      "minimum seconds between checkpoints")
     min_samples_ckpt: int = setting(1000, "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", at_least(0),
                                     "minimum new samples trained between checkpoints")
+    holdout_fraction: float = setting(0.05, "VMAFX_SIDECAR_HOLDOUT_FRACTION", unit_interval(),
+                                      "fraction of samples never trained on, kept to evaluate checkpoints")
+    eval_capacity: int = setting(2000, "VMAFX_SIDECAR_EVAL_CAPACITY", at_least(1),
+                                 "held-out samples kept for evaluation (FIFO)")
+    gate: str = setting("on", "VMAFX_SIDECAR_GATE", one_of("on", "off"),
+                        "off: publish every due checkpoint without comparing it to the last one")
+    gate_max_plcc_drop: float = setting(0.005, "VMAFX_SIDECAR_GATE_MAX_PLCC_DROP", at_least(0),
+                                        "a checkpoint whose held-out PLCC falls further is quarantined")
+    gate_min_eval: int = setting(200, "VMAFX_SIDECAR_GATE_MIN_EVAL", at_least(2),
+                                 "held-out samples needed before the gate compares models")
+    keep_checkpoints: int = setting(50, "VMAFX_SIDECAR_KEEP_CHECKPOINTS", at_least(0),
+                                    "published checkpoints kept (older ones deleted); 0 keeps all")
     n_features: int = setting(80, "VMAFX_SIDECAR_N_FEATURES", at_least(1), "length of each feature vector")
     hidden: int = setting(64, "VMAFX_SIDECAR_HIDDEN", at_least(1), "hidden width of a fresh model")
     activation: str = setting("relu", "VMAFX_SIDECAR_ACTIVATION", one_of(*onnx_builder.ACTIVATION_KINDS),
@@ -150,6 +163,9 @@ class Config:
         if config.replay_capacity < config.batch_size:
             raise ConfigError(f"VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE "
                               f"({config.batch_size}), got {config.replay_capacity}")
+        if config.gate == "on" and config.gate_min_eval > config.eval_capacity:
+            raise ConfigError(f"VMAFX_SIDECAR_GATE_MIN_EVAL: must be <= VMAFX_SIDECAR_EVAL_CAPACITY "
+                              f"({config.eval_capacity}) or the gate never compares, got {config.gate_min_eval}")
         return config
 
 
@@ -518,14 +534,16 @@ class Server:
             return encode_ack(self.control(request.op), request.job_id)
         self.samples_accepted += 1
         row, score = np.array(request.features, np.float32), np.float32(request.score)
+        held_out = self.trainer.holds_out(request.job_id)
         if self.state:
-            self.state.journal.append(row, score)
-        result = self.trainer.add(row, score)
+            self.state.journal.append(row, score, held_out, unnamed=request.job_id is None)
+        result = self.trainer.add(row, score, held_out)
         ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": result is not None}
         if result is not None:
             ack["loss"] = result.loss
             if result.checkpoint is not None:
-                ack["checkpoint"] = result.checkpoint
+                if result.checkpoint.published:
+                    ack["checkpoint"] = str(result.checkpoint.path)
                 if self.state:
                     self.state.save()
         return encode_ack(ack, request.job_id)
@@ -555,10 +573,13 @@ class Server:
             "samples_accepted": self.samples_accepted,
             "samples_rejected": self.samples_rejected,
             "samples_trained": t.samples_trained,
+            "samples_held_out": t.samples_held_out,
             "steps_skipped": t.steps_skipped,
             "pending": t.n_pending,
             "replay_size": t.replay.size,
-            "checkpoint_version": t.checkpoints.version or None,
+            "eval_size": t.eval.size,
+            "checkpoint_version": t.checkpoints.latest["version"] if t.checkpoints.latest else None,
+            "gate": t.last_gate,
             "last_loss": t.last_loss,
             "connections": len(self.connections),
             "connections_refused": self.connections_refused,
@@ -751,7 +772,7 @@ class MLP:
 @dataclass(slots=True)
 class StepResult:
     loss: float
-    checkpoint: str | None
+    checkpoint: Checkpoint | None  # written by this step, published or quarantined
 
 
 class Trainer:
@@ -765,6 +786,9 @@ class Trainer:
         self.checkpoints = checkpoints
         self.rng = rng
         self.replay = ReplayBuffer(config.replay_capacity, config.n_features)
+        self.eval = ReplayBuffer(config.eval_capacity, config.n_features)  # held-out samples, never trained on
+        self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
+        self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
         # Pending samples are written straight into the head of the batch; replay draws fill the tail.
@@ -774,12 +798,29 @@ class Trainer:
         self.steps = 0
         self.steps_skipped = 0
         self.samples_trained = 0
+        self.samples_held_out = 0
+        self.unnamed_samples = 0  # samples without a job_id: their count picks which are held out
         self.samples_since_checkpoint = 0
         self.last_checkpoint_time: float | None = None
         self.last_loss: float | None = None
 
-    def add(self, features: np.ndarray, score: np.float32) -> StepResult | None:
-        """Take one valid sample (float32); run a step when enough new samples are pending."""
+    def holds_out(self, job_id: str | None) -> bool:
+        """Whether a sample is kept for evaluation instead of training: decided by a hash of its job_id,
+        so that every sample of a job lands on the same side, or else by counting samples without one."""
+        fraction = self.config.holdout_fraction
+        if job_id is not None:
+            digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            return int.from_bytes(digest, "big") < fraction * 2**64
+        self.unnamed_samples += 1
+        return math.floor(self.unnamed_samples * fraction) > math.floor((self.unnamed_samples - 1) * fraction)
+
+    def add(self, features: np.ndarray, score: np.float32, held_out: bool = False) -> StepResult | None:
+        """Take one valid sample (float32): into the evaluation ring if held out, else into the next
+        batch, running a step when enough new samples are pending."""
+        if held_out:
+            self.eval.add(features, score)
+            self.samples_held_out += 1
+            return None
         self.replay.add(features, score)
         self.batch_x[self.n_pending] = features
         self.batch_y[self.n_pending] = score
@@ -836,20 +877,91 @@ class Trainer:
     def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.model.flat, self.momentum, self.ema.flat
 
-    def maybe_checkpoint(self) -> str | None:
+    def maybe_checkpoint(self) -> Checkpoint | None:
+        """When due, let the gate judge the EMA weights against the incumbent and write them, published
+        or quarantined; training goes on either way."""
         c, now = self.config, time.monotonic()
         if self.samples_since_checkpoint < c.min_samples_ckpt:
             return None
         if self.last_checkpoint_time is not None and now - self.last_checkpoint_time < c.ckpt_interval_s:
             return None
         self.last_checkpoint_time = now
+        x, y = self.eval.x[:self.eval.size], self.eval.y[:self.eval.size]
+        verdict = judge(c, self.ema, self.incumbent, x, y)
+        # The written file is run on held-out inputs; replayed ones stand in while there are none.
+        probe = x if len(x) else self.replay.x[:min(self.replay.size, 256)]
         try:
-            path = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained)
+            checkpoint = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained, verdict, probe)
         except OSError as e:  # e.g. a full disk: keep training, try again after the interval
             log.error("checkpoint write failed, will retry: %s", e)
             return None
         self.samples_since_checkpoint = 0
-        return str(path)
+        self.last_gate = checkpoint.record
+        if checkpoint.published:
+            self.incumbent = self.ema.copy()
+        return checkpoint
+
+
+# ---- gate: held-out metrics decide whether a checkpoint is published or quarantined ----
+
+PUBLISHED = ("passed", "insufficient-data", "off")  # the gate verdicts that publish; else "quarantined"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    plcc: float  # Pearson correlation of predictions and true scores
+    srcc: float  # Spearman rank correlation, ties given their average rank
+    rmse: float
+
+
+def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The gate's verdict on `candidate`, with both models' metrics on the held-out samples (x, y)."""
+    ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
+    metrics = {"candidate": ours and dataclasses.asdict(ours), "incumbent": theirs and dataclasses.asdict(theirs),
+               "eval_n": len(y)}
+    if not np.isfinite(candidate.flat).all() or (len(y) and ours is None):
+        return {"metrics": metrics, "gate": "quarantined", "reason": "non-finite weights or outputs"}
+    if config.gate == "off":
+        return {"metrics": metrics, "gate": "off"}
+    if len(y) < config.gate_min_eval:
+        return {"metrics": metrics, "gate": "insufficient-data"}
+    if theirs is None or ours.plcc >= theirs.plcc - config.gate_max_plcc_drop:  # an unmeasurable incumbent loses
+        return {"metrics": metrics, "gate": "passed"}
+    return {"metrics": metrics, "gate": "quarantined",
+            "reason": f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, by more "
+                      f"than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})"}
+
+
+def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Metrics | None:
+    """Metrics of `model` on (x, y) in float64; None when there is nothing to measure or an output is
+    not finite."""
+    with np.errstate(all="ignore"):
+        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64))[:, 0]
+    if not len(y) or not np.isfinite(predicted).all():
+        return None
+    truth = y.astype(np.float64)
+    return Metrics(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
+                   rmse=math.sqrt(float(np.mean((predicted - truth) ** 2))))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when either side is constant, which no correlation can be measured for
+    (a model that predicts one score for everything ranks nothing)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    return float(np.clip(a @ b / math.sqrt(float(a @ a) * float(b @ b)), -1.0, 1.0))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the average of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
+    return ranks
 
 
 # ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
@@ -858,12 +970,23 @@ JOURNAL_HEADER = struct.Struct("<16sQ")  # magic, generation: the snapshot this 
 JOURNAL_MAGIC = b"VMAFX-JOURNAL-1\n"
 JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; then the payload
 REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected line, for the counter
+HELD_OUT = 1 << 31  # flags in a record's length field: the sample went to the evaluation ring,
+UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 SNAPSHOT_FIELDS = {"fingerprint", "generation", "steps", "steps_skipped", "samples_trained",
                    "samples_since_checkpoint", "last_checkpoint_unix", "last_loss", "n_pending", "replay_size",
-                   "replay_next", "rng", "samples_accepted", "samples_rejected"}
+                   "replay_next", "rng", "samples_accepted", "samples_rejected", "samples_held_out",
+                   "unnamed_samples", "eval_size", "eval_next", "last_gate"}
+
+
+@dataclass(slots=True)
+class JournalRecord:
+    features: np.ndarray
+    score: np.float32
+    held_out: bool
+    unnamed: bool
 
 
 class Journal:
@@ -879,9 +1002,10 @@ class Journal:
         self.unsynced = False
         self.last_sync = time.monotonic()
 
-    def append(self, row: np.ndarray, score: np.float32) -> None:
+    def append(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
         payload = row.tobytes() + score.tobytes()
-        self.pending += JOURNAL_RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+        flags = (HELD_OUT if held_out else 0) | (UNNAMED if unnamed else 0)
+        self.pending += JOURNAL_RECORD.pack(len(payload) | flags, zlib.crc32(payload)) + payload
 
     def append_rejection(self) -> None:
         self.pending += REJECTION
@@ -937,7 +1061,7 @@ class Journal:
             self.sync()
 
     @staticmethod
-    def records(path: Path, n_features: int, generation: int) -> list[tuple[np.ndarray, np.float32] | None]:
+    def records(path: Path, n_features: int, generation: int) -> list[JournalRecord | None]:
         """The intact records in order (None for a rejected line). A journal of another generation is
         one the snapshot already holds (a crash came between the two); a torn or corrupt tail (a crash
         mid-write) ends the list."""
@@ -957,10 +1081,11 @@ class Journal:
                 offset += JOURNAL_RECORD.size
                 continue
             payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
-            if length != size or len(payload) != size or zlib.crc32(payload) != crc:
+            if length & ~(HELD_OUT | UNNAMED) != size or len(payload) != size or zlib.crc32(payload) != crc:
                 break
             values = np.frombuffer(payload, np.float32)
-            records.append((values[:-1].copy(), values[-1]))
+            records.append(JournalRecord(values[:-1].copy(), values[-1], bool(length & HELD_OUT),
+                                         bool(length & UNNAMED)))
             offset += JOURNAL_RECORD.size + size
         if offset != len(data):
             log.warning("journal %s: ignored %d bytes of a torn or corrupt tail", path, len(data) - offset)
@@ -984,7 +1109,8 @@ class StateStore:
     def fingerprint(self) -> dict[str, Any]:
         t, c = self.trainer, self.config
         return {"sizes": t.model.sizes, "activations": [str(a) for a in t.model.activations],
-                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix}
+                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
+                "eval_capacity": c.eval_capacity}
 
     def restore(self) -> None:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair."""
@@ -997,7 +1123,8 @@ class StateStore:
                 self.server.samples_rejected += 1
             else:
                 self.server.samples_accepted += 1
-                self.trainer.add(*record)
+                self.trainer.unnamed_samples += record.unnamed
+                self.trainer.add(record.features, record.score, record.held_out)
         if loaded:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", self.trainer.steps, self.trainer.replay.size, self.config.replay_capacity,
@@ -1045,10 +1172,16 @@ class StateStore:
             "last_loss": t.last_loss, "n_pending": t.n_pending, "replay_size": t.replay.size,
             "replay_next": t.replay.next, "rng": t.rng.bit_generator.state,
             "samples_accepted": s.samples_accepted, "samples_rejected": s.samples_rejected,
+            "samples_held_out": t.samples_held_out, "unnamed_samples": t.unnamed_samples,
+            "eval_size": t.eval.size, "eval_next": t.eval.next, "last_gate": t.last_gate,
         }
-        return pack_arrays(meta, {
-            "theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
-            "replay_y": t.replay.y, "pending_x": t.batch_x[:t.n_pending], "pending_y": t.batch_y[:t.n_pending]})
+        return pack_arrays(meta, self.arrays(t.n_pending))
+
+    def arrays(self, n_pending: int) -> dict[str, np.ndarray]:
+        t = self.trainer
+        return {"theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
+                "replay_y": t.replay.y, "pending_x": t.batch_x[:n_pending], "pending_y": t.batch_y[:n_pending],
+                "eval_x": t.eval.x, "eval_y": t.eval.y}
 
     def load_snapshot(self) -> bool:
         try:
@@ -1078,16 +1211,12 @@ class StateStore:
 
     def check_layout(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Raise before anything is applied if a field is missing or an array has another shape."""
-        t = self.trainer
         missing = SNAPSHOT_FIELDS - meta.keys()
         if missing:
             raise KeyError(", ".join(sorted(missing)))
         if meta["fingerprint"] != self.fingerprint():
             return  # reported as incompatible by the caller
-        n = meta["n_pending"]
-        expected = {"theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
-                    "replay_y": t.replay.y, "pending_x": t.batch_x[:n], "pending_y": t.batch_y[:n]}
-        for name, target in expected.items():
+        for name, target in self.arrays(meta["n_pending"]).items():
             if name not in arrays or arrays[name].shape != target.shape:
                 raise ValueError(f"array {name} is missing or has another shape")
 
@@ -1098,6 +1227,10 @@ class StateStore:
         t.momentum[...] = arrays["momentum"]
         t.replay.x[...], t.replay.y[...] = arrays["replay_x"], arrays["replay_y"]
         t.replay.size, t.replay.next = meta["replay_size"], meta["replay_next"]
+        t.eval.x[...], t.eval.y[...] = arrays["eval_x"], arrays["eval_y"]
+        t.eval.size, t.eval.next = meta["eval_size"], meta["eval_next"]
+        t.samples_held_out, t.unnamed_samples = meta["samples_held_out"], meta["unnamed_samples"]
+        t.last_gate = meta["last_gate"]
         t.n_pending = meta["n_pending"]
         t.batch_x[:t.n_pending], t.batch_y[:t.n_pending] = arrays["pending_x"], arrays["pending_y"]
         t.steps, t.steps_skipped = meta["steps"], meta["steps_skipped"]
@@ -1137,60 +1270,199 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return header["meta"], arrays
 
 
-# ---- checkpoints: versioned ONNX files of the EMA weights, written atomically ----
+# ---- checkpoints: versioned ONNX files of the EMA weights, written atomically, a pointer to the newest ----
 
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
 TEMP_SUFFIX = ".tmp"
+LATEST = "latest.json"
+QUARANTINE_KEPT = 10
+READBACK_TOLERANCE = 1e-5  # relative, with scores below 1 compared absolutely
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    record: dict[str, Any]  # what model_vNNNNNN.json holds, and latest.json when it is published
+
+    @property
+    def published(self) -> bool:
+        return self.record["gate"] in PUBLISHED
 
 
 class CheckpointWriter:
-    def __init__(self, directory: str):
+    """Each published checkpoint is model_vNNNNNN.onnx with its .onnx.sha256 and .json in the checkpoint
+    directory, and latest.json names the newest; a refused one goes to quarantine/ under the same names."""
+
+    def __init__(self, directory: str, keep: int = 50):
         self.directory = Path(directory).absolute()  # ACKs name checkpoints for readers in other cwds
+        self.quarantine = self.directory / "quarantine"
+        self.keep = keep
         if self.directory.is_symlink():
             raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
                                "configure the real path")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            names = os.listdir(self.directory)
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
         except OSError as e:
             raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
-        versions = [int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))]
+        versions = [int(m.group(1)) for names in listings.values() for n in names if (m := CHECKPOINT_NAME.fullmatch(n))]
         self.version = max(versions, default=0)  # numbering continues: a restart never overwrites
-        for name in names:  # debris of a write that a crash interrupted
-            if name.startswith(".model_v") and name.endswith(TEMP_SUFFIX):
-                (self.directory / name).unlink(missing_ok=True)
-                log.warning("removed unfinished checkpoint file %s", name)
-
-    def write(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Path:
-        """Write model_vNNNNNN.onnx and its .sha256; a reader that sees the .sha256 can trust the pair."""
-        started = time.perf_counter()
-        version = self.version + 1
-        name = f"model_v{version:06d}.onnx"
-        metadata = {
-            "version": str(version),
-            "step": str(step),
-            "samples_trained": str(samples_trained),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        data = onnx_builder.build_mlp_model(weights, metadata).SerializeToString()
-        digest = hashlib.sha256(data).hexdigest()
-        files = [(name, data), (name + ".sha256", f"{digest}  {name}\n".encode())]
-        temps = [self.directory / f".{n}{TEMP_SUFFIX}" for n, _ in files]
+        for d, names in listings.items():  # debris of a write that a crash interrupted
+            for name in names:
+                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                    (d / name).unlink(missing_ok=True)
+                    log.warning("removed unfinished checkpoint file %s", d / name)
         try:
-            for temp, (_, content) in zip(temps, files):
-                write_synced(temp, [memoryview(content)])
-            for temp, (n, _) in zip(temps, files):  # .onnx first, .sha256 last
-                os.replace(temp, self.directory / n)
-        except OSError:  # an .onnx without its .sha256 was never published: remove it with the temps
-            for leftover in [*temps, self.directory / name]:
+            self.latest = self.recover_latest()
+        except OSError as e:
+            raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
+
+    def write(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int, verdict: dict[str, Any],
+              probe: np.ndarray) -> Checkpoint:
+        """Write the next version: published if the gate's `verdict` says so and the file, read back, computes
+        what `weights` do on `probe`; else quarantined. Temp files, fsync and renames (.sha256 last) make
+        each file appear whole, and a reader that sees the .sha256 can trust the checkpoint."""
+        started, now, version = time.perf_counter(), time.time(), self.version + 1
+        name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
+        created = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds")
+        metadata = {"version": str(version), "step": str(step), "samples_trained": str(samples_trained),
+                    "created": created}
+        data = onnx_builder.build_mlp_model(weights, metadata).SerializeToString()
+        temps = [self.directory / f".{name}{TEMP_SUFFIX}"]
+        renamed: list[Path] = []
+        try:
+            write_synced(temps[0], [memoryview(data)])
+            if verdict["gate"] in PUBLISHED and (problem := readback_problem(temps[0], weights, probe)):
+                verdict = {**verdict, "gate": "quarantined", "reason": f"read-back check failed: {problem}"}
+            digest = hashlib.sha256(data).hexdigest()
+            record = {"version": version, "file": name, "sha256": digest, "step": step,
+                      "samples_trained": samples_trained, "created": created, "created_unix": round(now, 3),
+                      **verdict}
+            directory = self.directory if record["gate"] in PUBLISHED else self.quarantine
+            for n, content in ((f"{stem}.json", json_text(record)), (f"{name}.sha256", f"{digest}  {name}\n")):
+                temps.append(directory / f".{n}{TEMP_SUFFIX}")
+                write_synced(temps[-1], [memoryview(content.encode())])
+            for temp, n in zip(temps, (name, f"{stem}.json", f"{name}.sha256")):  # .sha256 last
+                renamed.append(directory / n)
+                os.replace(temp, renamed[-1])
+        except OSError:  # files of a checkpoint without its .sha256 were never published: remove them
+            for leftover in [*temps, *renamed]:
                 leftover.unlink(missing_ok=True)
             raise
         self.version = version  # visible now: this version is never written again, whatever follows
+        checkpoint = Checkpoint(directory / name, record)
+        fsync_directory(directory)
+        if checkpoint.published:
+            self.point_latest(record)
+        else:
+            log.warning("checkpoint v%06d quarantined: %s", version, record["reason"])
+        self.prune()
+        log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms)", version,
+                 "published" if checkpoint.published else "quarantined", checkpoint.path, step, samples_trained,
+                 record["gate"], (time.perf_counter() - started) * 1e3)
+        return checkpoint
+
+    def point_latest(self, record: dict[str, Any]) -> None:
+        temp = self.directory / f".{LATEST}{TEMP_SUFFIX}"
+        write_synced(temp, [memoryview(json_text(record).encode())])
+        os.replace(temp, self.directory / LATEST)
         fsync_directory(self.directory)
-        path = self.directory / name
-        log.info("checkpoint v%06d written: %s (step %d, %d samples trained, %.1f ms)",
-                 version, path, step, samples_trained, (time.perf_counter() - started) * 1e3)
-        return path
+        self.latest = record
+
+    def recover_latest(self) -> dict[str, Any] | None:
+        """latest.json, first pointed at the newest published checkpoint if it names another one: a crash
+        came between publishing and pointing, or somebody deleted the file it named."""
+        latest = read_record(self.directory / LATEST)
+        newest = next((record for v in reversed(checkpoint_versions(self.directory))
+                       if (record := read_record(self.directory / f"model_v{v:06d}.json"))
+                       and (self.directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
+        if newest == latest:
+            return latest
+        if newest is None:
+            (self.directory / LATEST).unlink()
+            log.warning("removed %s: the checkpoint it named is gone", self.directory / LATEST)
+            return None
+        self.point_latest(newest)
+        log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
+                    newest["file"], latest and latest["file"])
+        return newest
+
+    def latest_model(self) -> MLP | None:
+        """The published model latest.json names, if its file is intact."""
+        if self.latest is None:
+            return None
+        path = self.directory / self.latest["file"]
+        try:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != self.latest["sha256"]:
+                raise ValueError(f"its sha256 is not the one {LATEST} names")
+            return MLP.from_weights(onnx_builder.read_mlp_model(onnx.load_from_string(data)))
+        except Exception as e:  # unreadable, altered or not an MLP: the gate falls back to the base model
+            log.error("cannot load %s, the latest published checkpoint: %s: %s", path, type(e).__name__, e)
+            return None
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep` published (0: keep all) and QUARANTINE_KEPT quarantined
+        checkpoints, never the one latest.json names; .sha256 first, so no reader trusts a partial one."""
+        named = self.latest and self.latest["version"]
+        for directory, keep in ((self.directory, self.keep), (self.quarantine, QUARANTINE_KEPT)):
+            for version in checkpoint_versions(directory)[:-keep] if keep else []:
+                if directory == self.directory and version == named:
+                    continue
+                stem = directory / f"model_v{version:06d}"
+                try:
+                    for path in (Path(f"{stem}.onnx.sha256"), Path(f"{stem}.json"), Path(f"{stem}.onnx")):
+                        path.unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("cannot delete old checkpoint %s: %s", stem, e)
+
+
+def checkpoint_versions(directory: Path) -> list[int]:
+    """Versions of the model files in `directory`, ascending."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and not m.group(2))
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's JSON record (latest.json or model_vNNNNNN.json); None if absent or malformed."""
+    try:
+        record = json.loads(path.read_bytes())
+        if record["file"] != f"model_v{record['version']:06d}.onnx" or not isinstance(record["sha256"], str):
+            raise ValueError("its file and version do not match")
+        return record
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.warning("ignoring %s: %s: %s", path, type(e).__name__, e)
+        return None
+
+
+def json_text(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2) + "\n"
+
+
+def readback_problem(path: Path, weights: onnx_builder.MLPWeights, probe: np.ndarray) -> str | None:
+    """Why the ONNX file at `path` does not compute what `weights` do on `probe`, or None if it does. The file
+    runs in onnx's reference evaluator: another implementation than the trainer's forward pass."""
+    with np.errstate(all="ignore"):
+        expected = MLP.from_weights(weights).forward(probe)
+    if not np.isfinite(expected).all():
+        return "the weights give outputs that are not finite"
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+        (output,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: probe})
+    except Exception as e:  # whatever is wrong with the file, it is not published
+        return f"{type(e).__name__}: {e}"
+    if output.shape != expected.shape:
+        return f"output shape {output.shape}, expected {expected.shape}"
+    with np.errstate(invalid="ignore"):
+        error = np.abs(output - expected) / np.maximum(np.abs(expected), 1.0)
+    worst = float(np.max(error, initial=0.0))
+    return None if worst <= READBACK_TOLERANCE else f"outputs differ from the trainer's by up to {worst:.3g} relative"
 
 
 def write_synced(path: Path, chunks: list[memoryview], mode: int = 0o644) -> None:
@@ -1368,7 +1640,13 @@ def serve(config: Config) -> int:
     model = load_base_model(config)
     source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
     model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
-    trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir), rng)
+    trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints), rng)
+    published = trainer.checkpoints.latest_model()
+    if published is not None and published.sizes[0] == config.n_features:
+        trainer.incumbent = published  # candidates must do as well as what nodes serve now
+    elif published is not None:
+        log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
+                    "the base model instead", published.sizes[0], config.n_features)
     server = Server(config, trainer)
     server.state = StateStore(config, server)
     server.state.restore()
@@ -1435,6 +1713,107 @@ def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
 
 
+def list_checkpoints(directory: Path) -> int:
+    """Print every checkpoint in `directory` and its quarantine/ with its gate record, oldest first."""
+    if not directory.is_dir():
+        print(f"vmafx-sidecar checkpoints: {directory}: no such directory", file=sys.stderr)
+        return 1
+    latest = read_record(directory / LATEST)
+    rows, reasons = [], []
+    for where in (directory, directory / "quarantine"):
+        for version in checkpoint_versions(where):
+            record = read_record(where / f"model_v{version:06d}.json") or onnx_metadata(where, version)
+            metrics = (record.get("metrics") or {}).get("candidate") or {}
+            state = "published" if where == directory else "quarantined"
+            if latest and latest["version"] == version and where == directory:
+                state += ", latest"
+            rows.append([version, record.get("created", "-"), record.get("step", "-"),
+                         *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in ("plcc", "srcc", "rmse")),
+                         (record.get("metrics") or {}).get("eval_n", "-"), record.get("gate", "-"), state])
+            if "reason" in record:
+                reasons.append(f"v{version:06d}: {record['reason']}")
+    header = ["version", "created", "step", "plcc", "srcc", "rmse", "eval_n", "gate", "state"]
+    table = [header, *([str(cell) for cell in row] for row in sorted(rows, key=lambda row: row[0]))]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in reasons:
+        print(line)
+    return 0
+
+
+def onnx_metadata(directory: Path, version: int) -> dict[str, Any]:
+    """created and step from the model file itself, for a checkpoint written without a .json record."""
+    try:
+        props = onnx.load(directory / f"model_v{version:06d}.onnx", load_external_data=False).metadata_props
+    except Exception:  # listed anyway; `verify` says what is wrong with it
+        return {}
+    return {p.key: p.value for p in props if p.key in ("created", "step")}
+
+
+def verify_checkpoints(directory: Path) -> int:
+    """Check every checkpoint's .sha256, record and model (onnx checker, then a run), and latest.json;
+    1 if anything is wrong."""
+    if not directory.is_dir():
+        print(f"vmafx-sidecar verify: {directory}: no such directory", file=sys.stderr)
+        return 1
+    results = []
+    for where in (directory, directory / "quarantine"):
+        names = os.listdir(where) if where.is_dir() else []
+        for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))}):
+            results.append((where / f"model_v{version:06d}.onnx",
+                            checkpoint_problems(where, version, published=where == directory)))
+    if (directory / LATEST).exists():
+        results.append((directory / LATEST, latest_problems(directory)))
+    for path, problems in results:
+        print(f"{'FAILED' if problems else 'ok':6}  {path}" + "".join(f"\n        {p}" for p in problems))
+    failed = sum(bool(problems) for _, problems in results)
+    print(f"{len(results)} files checked, {failed} with problems" if results else "no checkpoints found")
+    return 1 if failed else 0
+
+
+def checkpoint_problems(directory: Path, version: int, published: bool) -> list[str]:
+    name = f"model_v{version:06d}.onnx"
+    try:
+        data = (directory / name).read_bytes()
+    except OSError as e:
+        return [f"cannot read the model: {e.strerror or e}"]
+    problems, digest = [], hashlib.sha256(data).hexdigest()
+    try:
+        if (directory / f"{name}.sha256").read_text() != f"{digest}  {name}\n":
+            problems.append(f"{name}.sha256 does not match the model (its sha256 is {digest})")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"no readable {name}.sha256: {getattr(e, 'strerror', None) or e}")
+    record = read_record(directory / f"model_v{version:06d}.json")
+    if record and (record["sha256"], record["file"]) != (digest, name):
+        problems.append(f"model_v{version:06d}.json names another file or sha256")
+    try:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model, full_check=True)
+        n_features = onnx_builder.read_mlp_model(model).sizes()[0]
+        x = np.random.default_rng(0).uniform(0, 1, (16, n_features)).astype(np.float32)
+        (scores,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})
+    except Exception as e:  # corrupt, truncated or not a model of ours: the check says why
+        return [*problems, f"the model does not load and run: {type(e).__name__}: {e}"]
+    if scores.shape != (16, 1) or (published and not np.isfinite(scores).all()):
+        problems.append(f"the model gives {scores.shape} scores, some not finite" if scores.shape == (16, 1)
+                        else f"the model gives scores of shape {scores.shape}, not (16, 1)")
+    return problems
+
+
+def latest_problems(directory: Path) -> list[str]:
+    latest = read_record(directory / LATEST)
+    if latest is None:
+        return ["not a valid checkpoint record"]
+    try:
+        data = (directory / latest["file"]).read_bytes()
+    except OSError as e:
+        return [f"names {latest['file']}, which cannot be read: {e.strerror or e}"]
+    if hashlib.sha256(data).hexdigest() != latest["sha256"]:
+        return [f"names {latest['file']} with a sha256 the file does not have"]
+    return []
+
+
 def probe(path: str, timeout_s: float) -> int:
     """Exit status for a health probe: 0 when the sidecar answers a ping within the timeout."""
     try:
@@ -1464,6 +1843,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server")
     demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
     demo_parser.add_argument("--samples", type=int, default=20000, help="samples to stream (default 20000)")
+    default_dir = os.environ.get("VMAFX_SIDECAR_CHECKPOINT_DIR", Config.checkpoint_dir)
+    for name, help in (("checkpoints", "list the checkpoints with their held-out metrics and gate verdicts"),
+                       ("verify", "check every checkpoint's sha256, record and model; exit 1 on any problem")):
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument("dir", nargs="?", default=default_dir, type=Path,
+                             help="checkpoint directory (default $VMAFX_SIDECAR_CHECKPOINT_DIR or %(default)s)")
     probe_parser = commands.add_parser("probe", help="exit 0 when the sidecar answers a ping (for health probes)")
     probe_parser.add_argument("--socket", default=os.environ.get("VMAFX_SIDECAR_SOCKET", Config.socket),
                               help="socket path (default $VMAFX_SIDECAR_SOCKET or %(default)s)")
@@ -1479,6 +1864,10 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.dir, args.samples)
     if args.command == "probe":
         return probe(args.socket, args.timeout)
+    if args.command == "checkpoints":
+        return list_checkpoints(args.dir)
+    if args.command == "verify":
+        return verify_checkpoints(args.dir)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     try:

@@ -60,6 +60,8 @@ class Sidecar:
             "VMAFX_SIDECAR_SOCKET": self.socket,
             "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "VMAFX_BASE_MODEL_PATH": "",
+            # Most tests count steps and samples exactly; those about the hold-out set it themselves.
+            "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0",
             **env,
         }
         self.proc: subprocess.Popen | None = None

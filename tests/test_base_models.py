@@ -62,7 +62,8 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     # The first checkpoint, written before any step, gives the same outputs through onnxruntime.
     rng = np.random.default_rng(0)
     trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
-    first = trainer.checkpoints.write(trainer.ema.weights(), 0, 0)
+    ungated = {"metrics": None, "gate": "off"}
+    first = trainer.checkpoints.write(trainer.ema.weights(), 0, 0, ungated, x).path
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)
     assert_close(ort_scores(first, x), y)
 
@@ -70,7 +71,7 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     for _ in range(3 * trainer.n_new):
         trainer.add(rng.normal(0, 1, fixture["n_features"]).tolist(), float(rng.normal(50, 10)))
     assert trainer.steps == 3
-    after = trainer.checkpoints.write(trainer.ema.weights(), trainer.steps, trainer.samples_trained)
+    after = trainer.checkpoints.write(trainer.ema.weights(), trainer.steps, trainer.samples_trained, ungated, x).path
     assert not np.allclose(ort_scores(after, x), y, rtol=1e-7, atol=0), "training changed nothing"
     assert_close(ort_scores(after, x), trainer.ema.forward(x)[:, 0])
     reread = vs.MLP.from_weights(builder.read_mlp_model(onnx.load(str(after))))

@@ -104,6 +104,10 @@ def assert_sha256_file_verifies(model_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+UNGATED = {"metrics": None, "gate": "off"}  # a verdict that publishes, for tests of the writer alone
+PROBE = np.random.default_rng(7).uniform(0, 1, (16, 80)).astype(np.float32)  # inputs of the read-back check
+
+
 def temp_files(directory: Path) -> list[str]:
     """Dot-files beside the checkpoints, other than the trainer's state directory."""
     return sorted(n for n in os.listdir(directory) if n.startswith(".") and n != ".state")
@@ -158,7 +162,8 @@ def test_first_checkpoint_is_written_with_the_ack_of_the_64th_sample(sidecar_fac
     assert ack["checkpoint"].endswith("model_v000001.onnx")
     assert Path(ack["checkpoint"]) == target
     assert target.is_file()
-    assert checkpoint_files(s.checkpoint_dir) == ["model_v000001.onnx", "model_v000001.onnx.sha256"]
+    assert checkpoint_files(s.checkpoint_dir) == ["latest.json", "model_v000001.json", "model_v000001.onnx",
+                                                  "model_v000001.onnx.sha256", "quarantine"]
     assert temp_files(s.checkpoint_dir) == []
     assert_sha256_file_verifies(target)
 
@@ -223,7 +228,8 @@ def test_restart_continues_numbering_and_keeps_old_checkpoints(sidecar_factory, 
     assert v1.read_bytes() == v1_bytes
     assert Path(str(v1) + ".sha256").read_bytes() == v1_sha
     assert checkpoint_files(s2.checkpoint_dir) == [
-        "model_v000001.onnx", "model_v000001.onnx.sha256", "model_v000002.onnx", "model_v000002.onnx.sha256"]
+        "latest.json", "model_v000001.json", "model_v000001.onnx", "model_v000001.onnx.sha256",
+        "model_v000002.json", "model_v000002.onnx", "model_v000002.onnx.sha256", "quarantine"]
     assert_sha256_file_verifies(v2)
     meta = metadata(onnx.load(str(v2)))
     assert meta["version"] == "2"
@@ -454,7 +460,7 @@ def test_read_mlp_model_accepts_transposed_gemm_weights():
 
 # ---- CheckpointWriter: atomic writes and recovery from a crash ----
 
-@pytest.mark.parametrize("failing_call", [1, 2], ids=["replace-of-onnx", "replace-of-sha256"])
+@pytest.mark.parametrize("failing_call", [1, 2, 3], ids=["replace-of-onnx", "replace-of-json", "replace-of-sha256"])
 def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, failing_call):
     directory = tmp_path / "ckpt"
     writer = vmafx_sidecar.CheckpointWriter(str(directory))
@@ -470,14 +476,14 @@ def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError):
-        writer.write(relu_mlp(layers), 3, 48)
+        writer.write(relu_mlp(layers), 3, 48, UNGATED, PROBE)
     assert len(calls) == failing_call
     assert writer.version == 0
     assert temp_files(directory) == []
-    assert os.listdir(directory) == []  # not even an .onnx without its .sha256
+    assert os.listdir(directory) == ["quarantine"]  # not even an .onnx without its .sha256
 
     monkeypatch.setattr(os, "replace", real_replace)
-    path = writer.write(relu_mlp(layers), 4, 64)
+    path = writer.write(relu_mlp(layers), 4, 64, UNGATED, PROBE).path
     assert path == directory / "model_v000001.onnx"
     assert writer.version == 1
     assert_sha256_file_verifies(path)
@@ -500,15 +506,16 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
 
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", failing_fsync_directory)
     try:
-        writer.write(relu_mlp(first), 1, 16)
+        writer.write(relu_mlp(first), 1, 16, UNGATED, PROBE)
     except OSError:
         pass
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", real_fsync_directory)
     v1 = directory / "model_v000001.onnx"
-    published = {n: (directory / n).read_bytes() for n in os.listdir(directory)}
+    published = {n: (directory / n).read_bytes() for n in os.listdir(directory)  # the pointer moves on
+                 if (directory / n).is_file() and n != "latest.json"}
     assert temp_files(directory) == []
 
-    path = writer.write(relu_mlp(second), 2, 32)
+    path = writer.write(relu_mlp(second), 2, 32, UNGATED, PROBE).path
     for name, content in published.items():
         assert (directory / name).read_bytes() == content, f"{name} was rewritten with other content"
     if v1.name + ".sha256" in published:
@@ -539,7 +546,7 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     for name, content in kept.items():
         assert (directory / name).read_bytes() == content, f"{name} was touched"
 
-    path = writer.write(relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1, 16)
+    path = writer.write(relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1, 16, UNGATED, PROBE).path
     assert path == directory / "model_v000008.onnx"
     assert_sha256_file_verifies(path)
     assert metadata(onnx.load(str(path)))["version"] == "8"

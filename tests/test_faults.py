@@ -93,8 +93,9 @@ def checkpoint_weights_are_finite(path: Path) -> bool:
 
 
 def dir_contents(directory: Path) -> dict[str, bytes]:
-    """Every file beside the checkpoints (temp files included), the state directory left out."""
-    return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory)) if n != ".state"}
+    """Every file beside the checkpoints and in quarantine/ (temp files included), the state directory left out."""
+    files = [*(directory / "quarantine").iterdir(), *(p for p in directory.iterdir() if p.is_file())]
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(files)}
 
 
 # ---- 1. kill -9 at random moments during a stream of 10 000 messages ----
@@ -105,6 +106,8 @@ KILL_ENV = {
     "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "32",  # a checkpoint (and a snapshot) every 2nd step: often in flight
     "VMAFX_SIDECAR_REPLAY_CAPACITY": "1000",
     "VMAFX_SIDECAR_LR": "0.001",
+    "VMAFX_SIDECAR_KEEP_CHECKPOINTS": "0",  # the ledger checks that no published checkpoint ever changes
+    "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0.1",  # journal records of held-out samples are replayed too
 }
 KILL_MESSAGES = 10_000
 KILL_CLIENTS = 2
@@ -348,7 +351,7 @@ def test_failing_checkpoint_writes_keep_training_and_retry_when_next_due(tmp_pat
     trainer = make_trainer(directory)
     rng = np.random.default_rng(1)
     first = one_step(trainer, *normal_batch(rng))
-    assert first is not None and first.checkpoint == str(directory / "model_v000001.onnx"), first
+    assert first is not None and first.checkpoint.path == directory / "model_v000001.onnx", first
     before = dir_contents(directory)
 
     def failing_write_synced(path, chunks, mode=0o644):
@@ -381,12 +384,14 @@ def test_failing_checkpoint_writes_keep_training_and_retry_when_next_due(tmp_pat
 
     monkeypatch.undo()
     result = one_step(trainer, *normal_batch(rng))  # with ckpt_interval_s=0 the next step is due
-    assert result is not None and result.checkpoint == str(directory / "model_v000002.onnx"), result
+    assert result is not None and result.checkpoint.path == directory / "model_v000002.onnx", result
     assert trainer.checkpoints.version == 2
     verify_published(directory / "model_v000002.onnx")
     assert onnx.load(str(directory / "model_v000002.onnx")).metadata_props  # a real checkpoint
-    assert sorted(dir_contents(directory)) == sorted([*before, "model_v000002.onnx", "model_v000002.onnx.sha256"])
-    assert {n: c for n, c in dir_contents(directory).items() if n in before} == before
+    assert sorted(dir_contents(directory)) == sorted(
+        [*before, "model_v000002.json", "model_v000002.onnx", "model_v000002.onnx.sha256"])
+    assert {n: c for n, c in dir_contents(directory).items() if n in before and n != "latest.json"} == \
+        {n: c for n, c in before.items() if n != "latest.json"}
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 5
 
 
@@ -396,7 +401,7 @@ def test_checkpoint_whose_sha256_cannot_be_renamed_leaves_no_partial_checkpoint(
     directory = tmp_path / "ckpt"
     trainer = make_trainer(directory)
     rng = np.random.default_rng(2)
-    assert one_step(trainer, *normal_batch(rng)).checkpoint.endswith("model_v000001.onnx")
+    assert one_step(trainer, *normal_batch(rng)).checkpoint.path.name == "model_v000001.onnx"
     before = dir_contents(directory)
     real_replace = os.replace
 
@@ -415,7 +420,7 @@ def test_checkpoint_whose_sha256_cannot_be_renamed_leaves_no_partial_checkpoint(
     assert sorted(dir_contents(directory)) == sorted(before), "a partial checkpoint or temp file was left"
     monkeypatch.undo()
     result = one_step(trainer, *normal_batch(rng))
-    assert result.checkpoint == str(directory / "model_v000002.onnx")
+    assert result.checkpoint.path == directory / "model_v000002.onnx"
     verify_published(directory / "model_v000002.onnx")
 
 
@@ -474,7 +479,8 @@ def test_acks_keep_flowing_through_the_server_while_checkpoint_writes_fail(tmp_p
 
 # lr 1e30 without clipping: a batch of +-1e6 features has a loss (~1e13) and a gradient norm (~1e13, its
 # square ~1e26) that are finite in float32, but lr * gradient (~1e43) is not. Ordinary samples
-# (gradients ~1e2) still give finite, if absurd, weights (~1e32), so a later checkpoint can be written.
+# (gradients ~1e2) still give finite, if absurd, weights (~1e32), so a later checkpoint can be written;
+# its outputs overflow float32, so the gate quarantines it.
 OVERFLOW = dict(lr=1e30, max_grad_norm=1e30, warmup_steps=0, ema_decay=0.9)
 
 
@@ -521,10 +527,11 @@ def test_a_step_that_makes_weights_non_finite_is_undone(tmp_path):
     assert trainer.checkpoints.version == 0 and dir_contents(directory) == {}
 
     result = one_step(trainer, *normal_batch(rng))  # then training goes on and checkpoints only finite weights
-    assert result is not None and result.checkpoint == str(directory / "model_v000001.onnx"), result
+    assert result is not None and result.checkpoint.path == directory / "quarantine" / "model_v000001.onnx", result
+    assert result.checkpoint.record["reason"] == "read-back check failed: the weights give outputs that are not finite"
     assert trainer.steps == 8 and trainer.steps_skipped == skipped + 1
     assert np.all(np.isfinite(trainer.model.flat)) and np.all(np.isfinite(trainer.ema.flat))
-    assert checkpoint_weights_are_finite(directory / "model_v000001.onnx")
+    assert checkpoint_weights_are_finite(result.checkpoint.path)
 
 
 def test_status_counts_a_step_undone_for_overflow(sidecar_factory):
@@ -544,9 +551,10 @@ def test_status_counts_a_step_undone_for_overflow(sidecar_factory):
     assert st["checkpoint_version"] is None
     rng = np.random.default_rng(7)
     acks = [c.request(sample(rng, N_FEATURES, job_id=f"ok-{i}")) for i in range(4)]
-    assert acks[-1]["trained"] is True and acks[-1]["step"] == 1 and "checkpoint" in acks[-1], acks[-1]
-    assert checkpoint_weights_are_finite(Path(acks[-1]["checkpoint"]))
-    assert status(c)["steps_skipped"] == 1
+    assert acks[-1]["trained"] is True and acks[-1]["step"] == 1, acks[-1]
+    st = status(c)
+    assert st["steps_skipped"] == 1 and st["gate"]["gate"] == "quarantined", st  # its outputs overflow
+    assert checkpoint_weights_are_finite(s.checkpoint_dir / "quarantine" / "model_v000001.onnx")
 
 
 # ---- 4. input abuse through the real server ----

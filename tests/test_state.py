@@ -13,13 +13,14 @@ from conftest import sample
 
 SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64", VMAFX_SIDECAR_LR="0.01",
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
-                VMAFX_SIDECAR_HIDDEN="7")
+                VMAFX_SIDECAR_HIDDEN="7", VMAFX_SIDECAR_HOLDOUT_FRACTION="0.2", VMAFX_SIDECAR_EVAL_CAPACITY="16",
+                VMAFX_SIDECAR_GATE_MIN_EVAL="4")
 TOTAL, STOP_AT = 150, 73  # 73: mid-batch (4 new samples a step), after a checkpoint and its snapshot
 
 
 def messages(n: int = TOTAL) -> list[dict]:
-    rng = np.random.default_rng(11)
-    return [sample(rng, 5, job_id=f"job-{i}") for i in range(n)]
+    rng = np.random.default_rng(11)  # every third without a job_id: both ways of holding samples out
+    return [sample(rng, 5, job_id=None if i % 3 == 0 else f"job-{i}") for i in range(n)]
 
 
 def read_snapshot(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -40,6 +41,8 @@ def assert_same_state(a: Path, b: Path) -> None:
     for meta in (meta_a, meta_b):  # wall-clock time, and how many snapshots were taken on the way
         meta.pop("last_checkpoint_unix")
         meta.pop("generation")
+        for key in ("created", "created_unix", "sha256"):  # the checkpoint's metadata holds its time
+            meta["last_gate"].pop(key)
     assert meta_a == meta_b
     assert arrays_a.keys() == arrays_b.keys()
     for key in arrays_a:
@@ -71,6 +74,9 @@ def test_restart_continues_bit_for_bit(sidecar_factory, tmp_path, uninterrupted,
     assert status["samples_accepted"] == TOTAL and status["steps"] == acks[-1]["step"]
     assert second.stop() == 0
     assert_same_state(uninterrupted, second.checkpoint_dir)
+    meta, _ = read_snapshot(uninterrupted)  # the hold-out was exercised both ways, past a full ring
+    assert meta["unnamed_samples"] == TOTAL // 3 and meta["samples_held_out"] > 16 == meta["eval_size"]
+    assert meta["last_gate"]["metrics"]["candidate"] is not None
 
 
 def test_torn_journal_tail_is_ignored(sidecar_factory, tmp_path):
@@ -104,9 +110,9 @@ def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_facto
     status = again.client().request({"op": "status"})
     assert status["steps"] == 0 and status["samples_accepted"] == 0
     assert list((s.checkpoint_dir / ".state").glob("snapshot.bin.*.corrupt"))
-    # Checkpoint numbering still continues after what is on disk.
-    acks = feed(again, messages()[:40])
-    assert acks[-1]["checkpoint"].endswith("model_v000002.onnx")
+    # Checkpoint numbering still continues after what is on disk (published or quarantined).
+    feed(again, messages()[:60])
+    assert again.client().request({"op": "status"})["gate"]["version"] == 2
 
 
 def test_incompatible_snapshot_is_moved_aside(sidecar_factory, tmp_path):
