@@ -886,6 +886,7 @@ class Trainer:
         if self.last_checkpoint_time is not None and now - self.last_checkpoint_time < c.ckpt_interval_s:
             return None
         self.last_checkpoint_time = now
+        started = time.perf_counter()
         x, y = self.eval.x[:self.eval.size], self.eval.y[:self.eval.size]
         verdict = judge(c, self.ema, self.incumbent, x, y)
         # The written file is run on held-out inputs; replayed ones stand in while there are none.
@@ -899,6 +900,10 @@ class Trainer:
         self.last_gate = checkpoint.record
         if checkpoint.published:
             self.incumbent = self.ema.copy()
+        log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms with the gate)",
+                 checkpoint.record["version"], "published" if checkpoint.published else "quarantined",
+                 checkpoint.path, self.steps, self.samples_trained, checkpoint.record["gate"],
+                 (time.perf_counter() - started) * 1e3)
         return checkpoint
 
 
@@ -950,6 +955,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     a, b = a - a.mean(), b - b.mean()
+    a, b = a / np.abs(a).max(), b / np.abs(b).max()  # scaled so that no sum of products overflows
     return float(np.clip(a @ b / math.sqrt(float(a @ a) * float(b @ b)), -1.0, 1.0))
 
 
@@ -1322,7 +1328,7 @@ class CheckpointWriter:
         """Write the next version: published if the gate's `verdict` says so and the file, read back, computes
         what `weights` do on `probe`; else quarantined. Temp files, fsync and renames (.sha256 last) make
         each file appear whole, and a reader that sees the .sha256 can trust the checkpoint."""
-        started, now, version = time.perf_counter(), time.time(), self.version + 1
+        now, version = time.time(), self.version + 1
         name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
         created = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds")
         metadata = {"version": str(version), "step": str(step), "samples_trained": str(samples_trained),
@@ -1357,9 +1363,6 @@ class CheckpointWriter:
         else:
             log.warning("checkpoint v%06d quarantined: %s", version, record["reason"])
         self.prune()
-        log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms)", version,
-                 "published" if checkpoint.published else "quarantined", checkpoint.path, step, samples_trained,
-                 record["gate"], (time.perf_counter() - started) * 1e3)
         return checkpoint
 
     def point_latest(self, record: dict[str, Any]) -> None:

@@ -40,7 +40,8 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 import numpy as np  # noqa: E402
 N_FEATURES = 80
 CKPT_EVERY = 1000  # VMAFX_SIDECAR_MIN_SAMPLES_CKPT
-CHECKPOINT_LINE = re.compile(r"checkpoint v(\d+) written: .*\(step (\d+), (\d+) samples trained, ([\d.]+) ms\)")
+CHECKPOINT_LINE = re.compile(r"checkpoint v(\d+) (?:published|quarantined): .*\(step (\d+), (\d+) samples trained, "
+                             r"gate [\w-]+, ([\d.]+) ms with the gate\)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -306,8 +307,8 @@ def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir:
             run.exit_code = server.stop()
             log = server.log()
             run.checkpoint_ms = [float(m.group(4)) for m in CHECKPOINT_LINE.finditer(log)]
-            run.checkpoint_files = sum(1 for n in os.listdir(server.checkpoint_dir)
-                                       if re.fullmatch(r"model_v\d{6,}\.onnx", n))
+            run.checkpoint_files = sum(1 for d in (server.checkpoint_dir, server.checkpoint_dir / "quarantine")
+                                       for n in os.listdir(d) if re.fullmatch(r"model_v\d{6,}\.onnx", n))
             if run.exit_code != 0:
                 print(f"warning: server ({n_clients} clients) exited with {run.exit_code}; log tail:\n"
                       + "\n".join(log.splitlines()[-20:]), file=sys.stderr)

@@ -427,6 +427,14 @@ def check_checkpoints(directory: Path) -> CheckpointCheck:
             result.verified += 1
         except Exception as e:  # noqa: BLE001  every failure is reported by name
             result.failures.append(f"{name}: {type(e).__name__}: {e}")
+    latest = directory / "latest.json"
+    if latest.exists():  # it must only ever name a published checkpoint that is whole
+        try:
+            record = json.loads(latest.read_bytes())
+            if hashlib.sha256((directory / record["file"]).read_bytes()).hexdigest() != record["sha256"]:
+                raise ValueError(f"{record['file']} does not have the sha256 latest.json names")
+        except Exception as e:  # noqa: BLE001
+            result.failures.append(f"latest.json: {type(e).__name__}: {e}")
     return result
 
 

@@ -85,6 +85,14 @@ INVALID = [
     ({"VMAFX_SIDECAR_HIDDEN": "0"}, "VMAFX_SIDECAR_HIDDEN", "0"),
     ({"VMAFX_SIDECAR_LOG_LEVEL": "loud"}, "VMAFX_SIDECAR_LOG_LEVEL", "loud"),
     ({"VMAFX_SIDECAR_CUDA": "2"}, "VMAFX_SIDECAR_CUDA", "2"),
+    ({"VMAFX_SIDECAR_HOLDOUT_FRACTION": "1"}, "VMAFX_SIDECAR_HOLDOUT_FRACTION", "1"),
+    ({"VMAFX_SIDECAR_EVAL_CAPACITY": "0"}, "VMAFX_SIDECAR_EVAL_CAPACITY", "0"),
+    ({"VMAFX_SIDECAR_GATE": "maybe"}, "VMAFX_SIDECAR_GATE", "maybe"),
+    ({"VMAFX_SIDECAR_GATE_MAX_PLCC_DROP": "-0.01"}, "VMAFX_SIDECAR_GATE_MAX_PLCC_DROP", "-0.01"),
+    ({"VMAFX_SIDECAR_GATE_MIN_EVAL": "1"}, "VMAFX_SIDECAR_GATE_MIN_EVAL", "1"),
+    ({"VMAFX_SIDECAR_GATE_MIN_EVAL": "300", "VMAFX_SIDECAR_EVAL_CAPACITY": "299"},
+     "VMAFX_SIDECAR_GATE_MIN_EVAL", "300"),
+    ({"VMAFX_SIDECAR_KEEP_CHECKPOINTS": "-1"}, "VMAFX_SIDECAR_KEEP_CHECKPOINTS", "-1"),
 ]
 
 
@@ -166,6 +174,11 @@ def test_invalid_flag_is_rejected_even_with_a_valid_env_value():
 def test_replay_capacity_below_batch_size_is_rejected(environ, overrides):
     with pytest.raises(vmafx_sidecar.ConfigError, match="VMAFX_SIDECAR_REPLAY_CAPACITY"):
         vmafx_sidecar.Config.load(environ, overrides)
+
+
+def test_gate_min_eval_above_eval_capacity_is_accepted_with_the_gate_off():
+    config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_GATE": "off", "VMAFX_SIDECAR_EVAL_CAPACITY": "10"}, {})
+    assert config.gate_min_eval > config.eval_capacity
 
 
 def test_replay_capacity_equal_to_batch_size_is_accepted():

@@ -1,0 +1,817 @@
+"""The stability gate (issue #5): the held-out set, the metrics, the verdicts, and what the checkpoint
+writer does with them: published or quarantined files, retention, recovery of latest.json, and the
+`checkpoints`/`verify` tools."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import vmafx_onnx_builder as ob
+import vmafx_sidecar as vs
+
+RELU = vs.Activation("relu")
+MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
+RECORD_KEYS = {"version", "file", "sha256", "step", "samples_trained", "created", "created_unix", "metrics", "gate"}
+N_FEATURES = 4  # small models keep the writer's read-back runs and the CLI fast
+PROBE = np.random.default_rng(7).uniform(0, 1, (16, N_FEATURES)).astype(np.float32)
+UNGATED = {"metrics": None, "gate": "off"}
+REFUSED = {"metrics": None, "gate": "quarantined", "reason": "refused by the test"}
+
+
+# ---- helpers ----
+
+def mlp(layers: list[tuple]) -> vs.MLP:
+    """An MLP (relu between layers) with exactly these float32 weights."""
+    layers = [(np.asarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers]
+    return vs.MLP.from_weights(ob.MLPWeights(layers, [RELU] * (len(layers) - 1)))
+
+
+def passthrough(bias: float = 0.0) -> vs.MLP:
+    """One input, one hidden unit, one output: predicts x + bias for every x > -100 (exactly, for integers)."""
+    return mlp([([[1.0]], [100.0]), ([[1.0]], [bias - 100.0])])
+
+
+def column(values) -> np.ndarray:
+    return np.asarray(values, np.float32)[:, None]
+
+
+def config(**fields) -> vs.Config:
+    return vs.Config(**{"n_features": N_FEATURES, **fields})
+
+
+def random_weights(seed: int, sizes=(N_FEATURES, 6, 1)) -> ob.MLPWeights:
+    rng = np.random.default_rng(seed)
+    layers = []
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        bound = 1 / math.sqrt(fan_in)
+        layers.append((rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32),
+                       rng.uniform(-bound, bound, fan_out).astype(np.float32)))
+    return ob.MLPWeights(layers, [RELU] * (len(layers) - 1))
+
+
+def linear_data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs >= 0 and noisy scores that depend linearly on them; also the true coefficients."""
+    rng = np.random.default_rng(seed)
+    coef = np.array([3.0, 1.0, -2.0, 0.5])
+    x = rng.uniform(0, 1, (n, N_FEATURES)).astype(np.float32)
+    y = (x.astype(np.float64) @ coef + rng.normal(0, 0.3, n) + 50).astype(np.float32)
+    return x, y, coef
+
+
+def fitted(coef: np.ndarray, sign: float = 1.0) -> vs.MLP:
+    """x >= 0 passes the identity hidden layer unchanged, so this predicts 50 + sign * x @ coef."""
+    return mlp([(np.eye(N_FEATURES), np.zeros(N_FEATURES)), (sign * coef[:, None], [50.0 * sign])])
+
+
+def float64_predictions(model: vs.MLP, x: np.ndarray) -> np.ndarray:
+    """The forward pass, written out again in float64: relu between the dense layers."""
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(model.layers):
+        h = h @ w.astype(np.float64) + b.astype(np.float64)
+        if i < len(model.layers) - 1:
+            h = np.maximum(h, 0)
+    return h[:, 0]
+
+
+def brute_ranks(values) -> list[Fraction]:
+    """Average 1-based ranks by counting: a value's ties span ranks less+1 .. less+equal."""
+    values = list(values)
+    return [Fraction(sum(v < x for v in values)) + Fraction(sum(v == x for v in values) + 1, 2) for x in values]
+
+
+def plain_pearson(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def make_trainer(directory: Path, **settings) -> vs.Trainer:
+    """Like test_faults.make_trainer: a small model that steps every 4 samples, checkpoints due at each step."""
+    values = dict(n_features=8, hidden=8, checkpoint_dir=str(directory), batch_size=4, replay_mix=0.0,
+                  replay_capacity=64, min_samples_ckpt=4, ckpt_interval_s=0.0, lr=0.01, seed=0)
+    cfg = vs.Config(**{**values, **settings})
+    rng = np.random.default_rng(cfg.seed)
+    model = vs.MLP.initial([cfg.n_features, cfg.hidden, 1], RELU, rng)
+    return vs.Trainer(cfg, model, vs.CheckpointWriter(cfg.checkpoint_dir, cfg.keep_checkpoints), rng)
+
+
+def stem(version: int) -> str:
+    return f"model_v{version:06d}"
+
+
+def files_of(version: int) -> set[str]:
+    return {f"{stem(version)}.onnx", f"{stem(version)}.onnx.sha256", f"{stem(version)}.json"}
+
+
+def model_files(directory: Path) -> set[str]:
+    return {n for n in os.listdir(directory) if n.startswith("model_v")}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(writer: vs.CheckpointWriter, verdict: dict, seed: int = 0, step: int = 1) -> vs.Checkpoint:
+    return writer.write(random_weights(seed), step, step * 4, verdict, PROBE)
+
+
+# ---- 1. metrics ----
+
+def test_metrics_of_a_small_case_computed_by_hand():
+    # predictions [1, 2, 3] against truth [1, 3, 2]: centred [-1, 0, 1] and [-1, 1, 0], so
+    # PLCC = (1 + 0 + 0) / sqrt(2 * 2) = 1/2; the ranks are the values themselves, so SRCC = 1/2 too;
+    # errors 0, -1, 1 give RMSE = sqrt(2/3).
+    m = vs.measure(passthrough(), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
+    assert m.plcc == pytest.approx(0.5, abs=1e-12)
+    assert m.srcc == pytest.approx(0.5, abs=1e-12)
+    assert m.rmse == pytest.approx(math.sqrt(2 / 3), abs=1e-12)
+    # with a bias of 2: predictions [3, 4, 5], errors 2, 1, 3: RMSE = sqrt(14/3); correlations unchanged
+    m = vs.measure(passthrough(2.0), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
+    assert (m.plcc, m.srcc) == (pytest.approx(0.5, abs=1e-12), pytest.approx(0.5, abs=1e-12))
+    assert m.rmse == pytest.approx(math.sqrt(14 / 3), abs=1e-12)
+
+
+def test_linear_and_anti_linear_data_give_plus_and_minus_one():
+    x = column([1, 2, 3, 4])
+    m = vs.measure(passthrough(), x, np.array([10, 13, 16, 19], np.float32))  # 3p + 7
+    assert m.plcc == pytest.approx(1.0, abs=1e-12) and m.srcc == pytest.approx(1.0, abs=1e-12)
+    # errors 9, 11, 13, 15: mean square (81 + 121 + 169 + 225) / 4 = 149
+    assert m.rmse == pytest.approx(math.sqrt(149), abs=1e-12)
+    m = vs.measure(passthrough(), x, np.array([8, 6, 4, 2], np.float32))  # -2p + 10
+    assert m.plcc == pytest.approx(-1.0, abs=1e-12) and m.srcc == pytest.approx(-1.0, abs=1e-12)
+    assert -1.0 <= m.plcc <= 1.0 and -1.0 <= m.srcc <= 1.0
+
+
+def test_srcc_with_ties_uses_average_ranks():
+    # predictions [1, 2, 2, 3] rank [1, 2.5, 2.5, 4]; truth [1, 3, 2, 4] ranks [1, 3, 2, 4]; both mean 2.5.
+    # centred: [-1.5, 0, 0, 1.5] and [-1.5, 0.5, -0.5, 1.5]
+    # sum of products 2.25 + 2.25 = 4.5; squares 4.5 and 2.25 + 0.25 + 0.25 + 2.25 = 5
+    # SRCC = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    m = vs.measure(passthrough(), column([1, 2, 2, 3]), np.array([1, 3, 2, 4], np.float32))
+    assert m.srcc == pytest.approx(math.sqrt(0.9), abs=1e-12)
+    # PLCC of the raw values is the same here: they equal their ranks up to the shift by the tie
+    # predictions centred [-1, 0, 0, 1]: products 1.5 + 1.5 = 3, squares 2 and 5: 3 / sqrt(10)
+    assert m.plcc == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+
+
+def test_average_ranks_gives_ties_their_average_rank():
+    assert vs.average_ranks(np.array([10.0, 20, 20, 30, 20])).tolist() == [1, 3, 3, 5, 3]
+    assert vs.average_ranks(np.array([5.0, 5, 5, 5])).tolist() == [2.5] * 4
+    assert vs.average_ranks(np.array([3.0, 1, 2])).tolist() == [3, 1, 2]
+    assert vs.average_ranks(np.array([2.0, 1, 2, 1])).tolist() == [3.5, 1.5, 3.5, 1.5]
+    assert vs.average_ranks(np.array([-0.0, 0.0, -1.0])).tolist() == [2.5, 2.5, 1]
+
+
+def test_constant_predictions_or_truth_give_zero_correlation_without_warnings():
+    flat = mlp([([[1.0]], [0.0]), ([[0.0]], [42.0])])  # predicts 42 whatever the input
+    x, y = column([1, 2, 3, 4]), np.array([40, 41, 43, 44], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = vs.measure(flat, x, y)
+        assert (m.plcc, m.srcc) == (0.0, 0.0)
+        assert m.rmse == pytest.approx(math.sqrt((4 + 1 + 1 + 4) / 4), abs=1e-12)
+        m = vs.measure(passthrough(), x, np.full(4, 7, np.float32))  # every true score equal
+        assert (m.plcc, m.srcc) == (0.0, 0.0)
+        assert m.rmse == pytest.approx(math.sqrt((36 + 25 + 16 + 9) / 4), abs=1e-12)
+        m = vs.measure(passthrough(), column([5]), np.array([5], np.float32))  # a single sample
+        assert (m.plcc, m.srcc, m.rmse) == (0.0, 0.0, 0.0)
+        assert vs.pearson(np.array([3.0, 3.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 0.0
+        assert vs.pearson(np.array([1.0, 2.0, 3.0]), np.array([-2.0, -2.0, -2.0])) == 0.0
+
+
+def test_pearson_of_huge_or_tiny_values_neither_overflows_nor_underflows():
+    # A deep base model can score far outside float32's comfortable range once computed in float64.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vs.pearson(np.array([1e200, 2e200, 3e200]), np.array([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+        assert vs.pearson(np.array([1e-200, 3e-200, 2e-200]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.5)
+
+
+def test_measure_is_none_for_no_samples_or_non_finite_predictions():
+    x, y = column([1, 2, 3]), np.array([1, 2, 3], np.float32)
+    assert vs.measure(passthrough(), x[:0], y[:0]) is None
+    assert vs.measure(mlp([([[1.0]], [0.0]), ([[1.0]], [np.inf])]), x, y) is None
+    assert vs.measure(mlp([([[1.0]], [0.0]), ([[np.nan]], [0.0])]), x, y) is None
+    # float32 weights whose float64 product is still finite are measured
+    assert vs.measure(mlp([([[3e38]], [0.0]), ([[3e38]], [0.0])]), x, y) is not None
+
+
+def test_measure_runs_in_float64():
+    # predictions 1e8 + [0, 1, 2, 3] would all be 1e8 in float32 (its spacing there is 8)
+    shifted = mlp([([[1.0]], [0.0]), ([[1.0]], [1e8])])  # x + 1e8 for x >= 0; 1e8 is exact in float32
+    m = vs.measure(shifted, column([0, 1, 2, 3]), np.array([0, 1, 2, 3], np.float32))
+    assert m.plcc == pytest.approx(1.0, abs=1e-12) and m.srcc == pytest.approx(1.0, abs=1e-12)
+    assert m.rmse == 1e8
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(-4, 4), st.integers(-4, 4)), min_size=2, max_size=30))
+def test_pearson_and_ranks_match_straightforward_implementations(pairs):
+    a = np.array([p for p, _ in pairs], np.float64) / 2  # small integers and halves: plenty of ties
+    b = np.array([t for _, t in pairs], np.float64)
+    assert vs.average_ranks(a).tolist() == [float(r) for r in brute_ranks(a)]
+    assume(np.ptp(a) > 0 and np.ptp(b) > 0)
+    assert vs.pearson(a, b) == pytest.approx(plain_pearson(a, b), abs=1e-12)
+    srcc = plain_pearson([float(r) for r in brute_ranks(a)], [float(r) for r in brute_ranks(b)])
+    assert vs.pearson(vs.average_ranks(a), vs.average_ranks(b)) == pytest.approx(srcc, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_measure_matches_an_independent_computation_on_random_models(seed):
+    rng = np.random.default_rng(seed)
+    model = vs.MLP.from_weights(random_weights(seed, (N_FEATURES, 5, 1)))
+    x = rng.uniform(0, 1, (200, N_FEATURES)).astype(np.float32)
+    x[100:] = x[:100]  # repeated inputs: tied predictions
+    y = rng.integers(20, 30, 200).astype(np.float32)  # few distinct scores: tied truth
+    predicted = float64_predictions(model, x)
+    m = vs.measure(model, x, y)
+    assert m.plcc == pytest.approx(plain_pearson(predicted, y), abs=1e-9)
+    srcc = plain_pearson([float(r) for r in brute_ranks(predicted)], [float(r) for r in brute_ranks(y)])
+    assert m.srcc == pytest.approx(srcc, abs=1e-9)
+    assert m.rmse == pytest.approx(math.sqrt(np.mean((predicted - y) ** 2)), rel=1e-9)
+
+
+# ---- 2. the held-out set ----
+
+def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
+    a = make_trainer(tmp_path / "a", holdout_fraction=0.3)
+    b = make_trainer(tmp_path / "b", holdout_fraction=0.3, seed=5)
+    ids = [f"job-{i}" for i in range(500)]
+    first = [a.holds_out(j) for j in ids]
+    assert [a.holds_out(j) for j in ids] == first
+    assert [b.holds_out(j) for j in reversed(ids)] == first[::-1]
+    assert 0 < sum(first) < len(ids)
+    assert a.unnamed_samples == b.unnamed_samples == 0  # named samples do not advance the count
+
+
+def test_holdout_by_job_id_is_the_same_in_another_process(tmp_path):
+    # A restart must put a job on the side it was on: no per-process salt (like hash()'s)
+    ids = [f"enc-{i}" for i in range(300)]
+    here = [make_trainer(tmp_path / "a", holdout_fraction=0.5).holds_out(j) for j in ids]
+    code = ("import json, sys, vmafx_sidecar as vs\n"
+            "t = vs.Trainer.__new__(vs.Trainer); t.config = vs.Config(holdout_fraction=0.5)\n"
+            f"print(json.dumps([t.holds_out(j) for j in {ids!r}]))\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": MODULE_DIR, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == here
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3])
+def test_holdout_fraction_of_distinct_job_ids_is_within_a_binomial_bound(tmp_path, fraction):
+    trainer = make_trainer(tmp_path, holdout_fraction=fraction)
+    n = 20000
+    held = sum(trainer.holds_out(f"job-{i:05d}") for i in range(n))
+    sd = math.sqrt(n * fraction * (1 - fraction))
+    assert abs(held - n * fraction) < 5 * sd, (held, n * fraction, sd)
+
+
+def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path):
+    trainer = make_trainer(tmp_path, holdout_fraction=0.05)
+    positions = [i for i in range(1, 10001) if trainer.holds_out(None)]
+    assert positions == list(range(20, 10001, 20))
+    assert trainer.unnamed_samples == 10000
+
+
+@pytest.mark.parametrize("meant", [Fraction(1, 20), Fraction(1, 10), Fraction(3, 10), Fraction(1, 3),
+                                   Fraction(7, 100), Fraction(1, 7), Fraction(1, 2), Fraction(1)], ids=str)
+def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, meant):
+    # the setting is a float; the count must be that of the fraction it spells, not of its binary rounding
+    trainer = make_trainer(tmp_path, holdout_fraction=float(meant))
+    held = 0
+    for n in range(1, 3001):
+        held += trainer.holds_out(None)
+        assert held == math.floor(n * meant), (n, held)
+
+
+def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
+    never = make_trainer(tmp_path / "a", holdout_fraction=0.0)
+    assert not any(never.holds_out(f"job-{i}") for i in range(2000))
+    assert not any(never.holds_out(None) for _ in range(2000))
+    always = make_trainer(tmp_path / "b", holdout_fraction=1.0)
+    assert all(always.holds_out(f"job-{i}") for i in range(2000))
+    assert all(always.holds_out(None) for _ in range(2000))
+
+
+def test_holdout_accepts_a_job_id_with_a_lone_surrogate(tmp_path):
+    job_id = json.loads('"enc-\\ud800"')  # valid JSON, not encodable as UTF-8
+    assert job_id == "enc-\ud800"
+    trainer = make_trainer(tmp_path, holdout_fraction=0.5)
+    decisions = {trainer.holds_out(job_id) for _ in range(5)}
+    assert len(decisions) == 1
+    decisions = {trainer.holds_out(s) for s in ("\ud800", "\udfff", "\ud800\ud800", "a\udc00b")}
+    assert decisions <= {True, False}
+
+
+def test_held_out_samples_go_to_the_eval_ring_and_are_never_trained_on(tmp_path):
+    trainer = make_trainer(tmp_path, eval_capacity=6)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (10, 8)).astype(np.float32), np.arange(10, dtype=np.float32)
+    flat = trainer.model.flat.copy()
+    for row, score in zip(x, y):
+        assert trainer.add(row, score, held_out=True) is None
+    assert (trainer.steps, trainer.samples_trained, trainer.samples_held_out) == (0, 0, 10)
+    assert (trainer.replay.size, trainer.n_pending, trainer.eval.size) == (0, 0, 6)
+    assert sorted(trainer.eval.y.tolist()) == [4, 5, 6, 7, 8, 9]  # a ring: the newest 6
+    np.testing.assert_array_equal(trainer.model.flat, flat)
+    # 4 samples that are trained on make one step of 4, whatever was held out between them
+    for i in range(4):
+        trainer.add(x[i], y[i])
+        trainer.add(x[i], 99.0, held_out=True)
+    assert (trainer.steps, trainer.samples_trained, trainer.samples_held_out, trainer.replay.size) == (1, 4, 14, 4)
+    assert 99.0 not in trainer.replay.y[:trainer.replay.size].tolist()
+
+
+# ---- 3. the gate's verdicts ----
+
+def test_judge_verdicts_off_insufficient_and_passed():
+    x, y, coef = linear_data()
+    good = fitted(coef)
+    verdict = vs.judge(config(gate="off"), fitted(coef, -1.0), good, x, y)
+    assert verdict["gate"] == "off" and "reason" not in verdict  # off publishes even a far worse candidate
+    assert verdict["metrics"]["eval_n"] == 300
+    assert verdict["metrics"]["candidate"]["plcc"] < 0 < verdict["metrics"]["incumbent"]["plcc"]
+
+    verdict = vs.judge(config(gate_min_eval=301), fitted(coef, -1.0), good, x, y)
+    assert verdict["gate"] == "insufficient-data" and verdict["metrics"]["eval_n"] == 300
+    assert vs.judge(config(gate_min_eval=300), fitted(coef, -1.0), good, x, y)["gate"] == "quarantined"
+
+    verdict = vs.judge(config(gate_min_eval=300), good.copy(), good, x, y)
+    assert verdict["gate"] == "passed" and "reason" not in verdict
+    assert verdict["metrics"]["candidate"] == verdict["metrics"]["incumbent"]
+    assert set(verdict["metrics"]["candidate"]) == {"plcc", "srcc", "rmse"}
+    assert verdict["metrics"]["candidate"]["plcc"] > 0.9
+
+
+def test_judge_with_no_held_out_samples_publishes_with_null_metrics():
+    x, y, coef = linear_data()
+    verdict = vs.judge(config(), fitted(coef, -1.0), fitted(coef), x[:0], y[:0])
+    assert verdict == {"metrics": {"candidate": None, "incumbent": None, "eval_n": 0}, "gate": "insufficient-data"}
+
+
+def test_judge_quarantines_a_worse_candidate_and_names_both_plccs():
+    x, y, coef = linear_data()
+    good, inverted = fitted(coef), fitted(coef, -1.0)
+    verdict = vs.judge(config(gate_min_eval=200), inverted, good, x, y)
+    assert verdict["gate"] == "quarantined"
+    ours, theirs = verdict["metrics"]["candidate"]["plcc"], verdict["metrics"]["incumbent"]["plcc"]
+    assert theirs > 0.9 and ours == pytest.approx(-theirs, abs=1e-9)
+    assert f"{theirs:.6f}" in verdict["reason"] and f"{ours:.6f}" in verdict["reason"]
+    assert "300" in verdict["reason"]
+    json.dumps(verdict, allow_nan=False)  # what goes into the record is plain JSON
+
+
+def test_judge_quarantines_non_finite_candidates_even_with_the_gate_off():
+    x, y, coef = linear_data()
+    good = fitted(coef)
+    for value in (np.nan, np.inf):
+        broken = good.copy()
+        broken.flat[3] = value
+        for cfg in (config(gate="off"), config(gate_min_eval=10_000), config()):
+            verdict = vs.judge(cfg, broken, good, x, y)
+            assert verdict["gate"] == "quarantined" and verdict["reason"], (value, cfg.gate, verdict)
+        # and with nothing held out to measure it on
+        assert vs.judge(config(gate="off"), broken, good, x[:0], y[:0])["gate"] == "quarantined"
+
+
+def test_judge_boundary_exactly_the_allowed_drop_passes():
+    x, y, coef = linear_data()
+    incumbent = fitted(coef)
+    candidate = fitted(coef * np.array([1.0, 0.0, 1.0, 1.0]))  # drops a feature: a lower PLCC
+    ours, theirs = vs.measure(candidate, x, y).plcc, vs.measure(incumbent, x, y).plcc
+    assert 0 < ours < theirs - 0.01
+    drop = theirs - ours
+    while theirs - drop < ours:  # the drop that makes incumbent - drop == candidate exactly in floats
+        drop = math.nextafter(drop, 0.0)
+    while theirs - drop > ours:
+        drop = math.nextafter(drop, math.inf)
+    assert theirs - drop == ours
+    assert vs.judge(config(gate_min_eval=2, gate_max_plcc_drop=drop), candidate, incumbent, x, y)["gate"] == "passed"
+    smaller = math.nextafter(drop, 0.0)
+    while theirs - smaller == ours:
+        smaller = math.nextafter(smaller, 0.0)
+    assert vs.judge(config(gate_min_eval=2, gate_max_plcc_drop=smaller), candidate, incumbent, x, y)["gate"] \
+        == "quarantined"
+
+
+def test_judge_an_unmeasurable_incumbent_loses():
+    x, y, coef = linear_data()
+    broken = fitted(coef)
+    broken.flat[-1] = np.inf
+    verdict = vs.judge(config(gate_min_eval=2), fitted(coef, -1.0), broken, x, y)
+    assert verdict["gate"] == "passed" and verdict["metrics"]["incumbent"] is None
+
+
+# ---- 4. the writer ----
+
+def test_published_write_produces_the_files_and_latest_json(tmp_path):
+    x, y, coef = linear_data()
+    verdict = vs.judge(config(gate_min_eval=2), fitted(coef), fitted(coef), x, y)
+    writer = vs.CheckpointWriter(str(tmp_path))
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    checkpoint = writer.write(random_weights(1), 7, 28, verdict, PROBE)
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert checkpoint.published and checkpoint.path == tmp_path / "model_v000001.onnx"
+    assert model_files(tmp_path) == files_of(1)
+    assert os.listdir(tmp_path / "quarantine") == []
+    latest = read_json(tmp_path / "latest.json")
+    assert set(latest) == RECORD_KEYS
+    assert latest == checkpoint.record == read_json(tmp_path / "model_v000001.json")
+    assert (tmp_path / "latest.json").read_bytes() == (tmp_path / "model_v000001.json").read_bytes()
+    assert (latest["version"], latest["file"], latest["step"], latest["samples_trained"]) == \
+        (1, "model_v000001.onnx", 7, 28)
+    assert latest["sha256"] == sha256_of(checkpoint.path)
+    assert (tmp_path / "model_v000001.onnx.sha256").read_text() == f"{latest['sha256']}  model_v000001.onnx\n"
+    assert latest["gate"] == "passed" and latest["metrics"] == verdict["metrics"]
+    created = datetime.datetime.fromisoformat(latest["created"])
+    assert created.utcoffset() == datetime.timedelta(0)
+    slack = datetime.timedelta(seconds=60)
+    assert before - slack <= created <= after + slack
+    assert abs(created.timestamp() - latest["created_unix"]) < 1  # the same instant, to the second
+    # the file computes what the weights do
+    loaded = writer.latest_model()
+    np.testing.assert_array_equal(loaded.flat, vs.MLP.from_weights(random_weights(1)).flat)
+
+
+def test_quarantined_write_goes_to_quarantine_and_leaves_latest_alone(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    latest_before = (tmp_path / "latest.json").read_bytes()
+    checkpoint = write(writer, REFUSED, seed=2, step=2)
+    assert not checkpoint.published
+    assert checkpoint.path == tmp_path / "quarantine" / "model_v000002.onnx"
+    assert model_files(tmp_path) == files_of(1)
+    assert model_files(tmp_path / "quarantine") == files_of(2)
+    assert (tmp_path / "latest.json").read_bytes() == latest_before
+    assert writer.latest["version"] == 1
+    record = read_json(tmp_path / "quarantine" / "model_v000002.json")
+    assert record == checkpoint.record
+    assert set(record) == RECORD_KEYS | {"reason"}
+    assert record["gate"] == "quarantined" and record["reason"] == "refused by the test"
+    assert record["sha256"] == sha256_of(checkpoint.path)
+    assert (tmp_path / "quarantine" / "model_v000002.onnx.sha256").read_text() == \
+        f"{record['sha256']}  model_v000002.onnx\n"
+
+
+def test_versions_are_one_sequence_across_published_and_quarantined(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    kinds = [write(writer, verdict, seed=i).published for i, verdict in enumerate((UNGATED, REFUSED, UNGATED))]
+    assert kinds == [True, False, True]
+    assert model_files(tmp_path) == files_of(1) | files_of(3)
+    assert model_files(tmp_path / "quarantine") == files_of(2)
+    assert read_json(tmp_path / "latest.json")["version"] == 3
+    write(writer, REFUSED, seed=4)
+    # a restart continues after the highest version, quarantined ones included
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest["version"] == 3
+    assert write(again, UNGATED, seed=5).path.name == "model_v000005.onnx"
+
+
+def test_readback_mismatch_quarantines(tmp_path, monkeypatch):
+    real = ob.build_mlp_model
+
+    def off_by_one(weights: ob.MLPWeights, metadata: dict) -> object:
+        layers = [(w, b) for w, b in weights.layers]
+        w, b = layers[-1]
+        layers[-1] = (w, np.asarray(b) + 1.0)  # the file predicts 1 more than the weights do
+        return real(ob.MLPWeights(layers, weights.activations), metadata)
+
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    monkeypatch.setattr(vs.onnx_builder, "build_mlp_model", off_by_one)
+    checkpoint = write(writer, UNGATED, seed=2)
+    assert not checkpoint.published
+    assert checkpoint.path == tmp_path / "quarantine" / "model_v000002.onnx"
+    assert checkpoint.record["reason"].startswith("read-back check failed: ")
+    assert checkpoint.record["gate"] == "quarantined"
+    assert read_json(tmp_path / "latest.json")["version"] == 1
+    assert model_files(tmp_path / "quarantine") == files_of(2)
+    monkeypatch.setattr(vs.onnx_builder, "build_mlp_model", real)
+    assert write(writer, UNGATED, seed=3).published
+
+
+def test_readback_tolerates_float_rounding_but_not_a_small_real_difference(tmp_path):
+    weights = random_weights(3)
+    writer = vs.CheckpointWriter(str(tmp_path))
+    path = write(writer, UNGATED, seed=3).path
+    assert vs.readback_problem(path, weights, PROBE) is None
+    w, b = weights.layers[-1]
+    shifted = ob.MLPWeights([*weights.layers[:-1], (w, b + np.float32(1e-3))], weights.activations)
+    assert "differ" in vs.readback_problem(path, shifted, PROBE)
+
+
+# ---- 5. retention ----
+
+def test_retention_keeps_the_newest_published(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path), keep=3)
+    for i in range(10):
+        write(writer, UNGATED, seed=i)
+    assert model_files(tmp_path) == files_of(8) | files_of(9) | files_of(10)
+    assert read_json(tmp_path / "latest.json")["version"] == 10
+
+
+def test_retention_keeps_ten_quarantined(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path), keep=3)
+    write(writer, UNGATED, seed=0)
+    for i in range(12):
+        write(writer, REFUSED, seed=i + 1)
+    assert model_files(tmp_path / "quarantine") == set().union(*(files_of(v) for v in range(4, 14)))
+    assert model_files(tmp_path) == files_of(1)
+    assert read_json(tmp_path / "latest.json")["version"] == 1
+
+
+def test_retention_never_deletes_the_checkpoint_latest_names(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path), keep=0)
+    records = [write(writer, UNGATED, seed=i).record for i in range(4)]
+    writer.point_latest(records[0])  # an older published checkpoint is the latest one
+    writer.keep = 2
+    write(writer, REFUSED, seed=9)  # v5, quarantined; pruning runs
+    assert model_files(tmp_path) == files_of(1) | files_of(3) | files_of(4)
+    assert read_json(tmp_path / "latest.json") == records[0]
+    # with keep=1 a newest published one that latest does not name still goes
+    writer.keep = 1
+    write(writer, REFUSED, seed=10)
+    assert model_files(tmp_path) == files_of(1) | files_of(4)
+
+
+def test_retention_keep_zero_keeps_all(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path), keep=0)
+    for i in range(12):
+        write(writer, UNGATED, seed=i)
+    assert model_files(tmp_path) == set().union(*(files_of(v) for v in range(1, 13)))
+
+
+# ---- 6. recovery of latest.json ----
+
+def test_recovery_after_a_crash_between_publishing_and_pointing(tmp_path, caplog):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    v1, v2 = write(writer, UNGATED, seed=1).record, write(writer, UNGATED, seed=2).record
+    (tmp_path / "latest.json").write_text(vs.json_text(v1))  # v2 was published, latest.json not yet pointed
+    with caplog.at_level(logging.WARNING, logger=vs.log.name):
+        again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v2 == read_json(tmp_path / "latest.json")
+    assert "model_v000002.onnx" in caplog.text
+    assert write(again, UNGATED, seed=3).path.name == "model_v000003.onnx"
+
+
+def test_recovery_when_the_newest_published_checkpoint_is_deleted(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    v1 = write(writer, UNGATED, seed=1).record
+    write(writer, UNGATED, seed=2)
+    for name in files_of(2):
+        (tmp_path / name).unlink()
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v1 == read_json(tmp_path / "latest.json")
+    np.testing.assert_array_equal(again.latest_model().flat, vs.MLP.from_weights(random_weights(1)).flat)
+    for name in files_of(1):
+        (tmp_path / name).unlink()
+    third = vs.CheckpointWriter(str(tmp_path))
+    assert third.latest is None and not (tmp_path / "latest.json").exists()
+    assert third.latest_model() is None
+
+
+def test_recovery_when_only_the_model_file_latest_names_is_deleted(tmp_path):
+    # README: "latest.json only ever names a published, verified file". Deleting only model_v000002.onnx
+    # leaves its .json and .sha256 in place; they must not keep latest.json pointing at a file that is gone.
+    writer = vs.CheckpointWriter(str(tmp_path))
+    v1 = write(writer, UNGATED, seed=1).record
+    write(writer, UNGATED, seed=2)
+    (tmp_path / "model_v000002.onnx").unlink()
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v1 == read_json(tmp_path / "latest.json")
+
+
+def test_recovery_ignores_a_checkpoint_whose_sha256_was_never_written(tmp_path):
+    # a crash after the .onnx and .json renames but before the .sha256 one: that version is not published
+    writer = vs.CheckpointWriter(str(tmp_path))
+    v1 = write(writer, UNGATED, seed=1).record
+    write(writer, UNGATED, seed=2)
+    (tmp_path / "model_v000002.onnx.sha256").unlink()
+    (tmp_path / "latest.json").write_text(vs.json_text(v1))
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v1 == read_json(tmp_path / "latest.json")
+    assert write(again, UNGATED, seed=3).path.name == "model_v000003.onnx"  # v2 is never written over
+
+
+def test_latest_model_refuses_a_file_whose_sha256_differs(tmp_path, caplog):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    checkpoint = write(writer, UNGATED, seed=1)
+    assert writer.latest_model() is not None
+    data = bytearray(checkpoint.path.read_bytes())
+    data[-1] ^= 0x01
+    checkpoint.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger=vs.log.name):
+        assert writer.latest_model() is None
+    assert "model_v000001.onnx" in caplog.text and "sha256" in caplog.text
+
+
+# ---- 7. the trainer ----
+
+def gate_trainer(directory: Path, **settings) -> vs.Trainer:
+    """A trainer with 40 held-out samples whose scores are the initial model's own predictions (PLCC 1)."""
+    values = dict(ema_decay=0.0, momentum=0.0, warmup_steps=0, weight_decay=0.0, max_grad_norm=1e6,
+                  gate_min_eval=20, eval_capacity=64, holdout_fraction=0.0)
+    trainer = make_trainer(directory, **{**values, **settings})
+    x = np.random.default_rng(1).uniform(0, 1, (40, 8)).astype(np.float32)
+    for row, score in zip(x, trainer.model.forward(x)[:, 0]):
+        trainer.add(row, score, held_out=True)
+    return trainer
+
+
+def test_trainer_quarantines_a_worse_ema_and_keeps_its_incumbent(tmp_path):
+    trainer = gate_trainer(tmp_path, lr=0.5)
+    incumbent = trainer.incumbent
+    before = incumbent.flat.copy()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (4, 8)).astype(np.float32)
+    labels = -50 * trainer.model.forward(x)[:, 0]  # inverted scores
+    result = None
+    for row, score in zip(x, labels):
+        result = trainer.add(row, score)
+    assert result is not None and result.checkpoint is not None
+    assert not result.checkpoint.published, result.checkpoint.record
+    assert trainer.last_gate == result.checkpoint.record and trainer.last_gate["gate"] == "quarantined"
+    metrics = trainer.last_gate["metrics"]
+    assert metrics["eval_n"] == 40 and metrics["incumbent"]["plcc"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["candidate"]["plcc"] < 1.0 - 0.005
+    assert trainer.incumbent is incumbent
+    np.testing.assert_array_equal(trainer.incumbent.flat, before)
+    assert not np.array_equal(trainer.ema.flat, before)
+    assert not (tmp_path / "latest.json").exists()
+    assert model_files(tmp_path / "quarantine") == files_of(1)
+
+
+def test_trainer_publishes_a_passing_ema_as_the_new_incumbent(tmp_path):
+    trainer = gate_trainer(tmp_path, lr=0.001)
+    initial = trainer.incumbent.flat.copy()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (4, 8)).astype(np.float32)
+    labels = trainer.model.forward(x)[:, 0] + rng.normal(0, 0.5, 4).astype(np.float32)
+    for row, score in zip(x, labels):
+        result = trainer.add(row, score)
+    assert result.checkpoint is not None and result.checkpoint.published, result.checkpoint.record
+    assert result.checkpoint.record["gate"] == "passed"
+    assert not np.array_equal(trainer.ema.flat, initial)
+    np.testing.assert_array_equal(trainer.incumbent.flat, trainer.ema.flat)
+    assert trainer.incumbent is not trainer.ema
+    np.testing.assert_array_equal(trainer.checkpoints.latest_model().flat, trainer.incumbent.flat)
+    published = trainer.incumbent.flat.copy()
+    # the next step changes the EMA, not the incumbent, until it is published in turn
+    trainer.config = dataclasses.replace(trainer.config, min_samples_ckpt=10**6)
+    for row, score in zip(x, labels):
+        trainer.add(row, score)
+    assert trainer.steps == 2 and not np.array_equal(trainer.ema.flat, published)
+    np.testing.assert_array_equal(trainer.incumbent.flat, published)
+
+
+def test_trainer_keeps_the_last_published_incumbent_when_a_later_checkpoint_is_quarantined(tmp_path):
+    trainer = gate_trainer(tmp_path, lr=0.001)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (4, 8)).astype(np.float32)
+    for row, score in zip(x, trainer.model.forward(x)[:, 0] + 0.5):
+        result = trainer.add(row, score)
+    assert result.checkpoint.published and result.checkpoint.record["version"] == 1
+    published = trainer.incumbent.flat.copy()
+    latest = (tmp_path / "latest.json").read_bytes()
+    trainer.config = dataclasses.replace(trainer.config, lr=0.5)
+    for row, score in zip(x, -50 * trainer.model.forward(x)[:, 0]):
+        result = trainer.add(row, score)
+    assert not result.checkpoint.published and result.checkpoint.record["version"] == 2
+    assert trainer.last_gate["metrics"]["incumbent"] == dataclasses.asdict(
+        vs.measure(trainer.incumbent, trainer.eval.x[:40], trainer.eval.y[:40]))
+    np.testing.assert_array_equal(trainer.incumbent.flat, published)
+    np.testing.assert_array_equal(trainer.checkpoints.latest_model().flat, published)
+    assert (tmp_path / "latest.json").read_bytes() == latest
+
+
+# ---- 8. the command-line tools ----
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": MODULE_DIR}
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], cwd=MODULE_DIR, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def failed_paths(output: str) -> set[str]:
+    return {line.split(None, 1)[1] for line in output.splitlines() if line.startswith("FAILED")}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """v1 published (passed), v2 quarantined (worse), v3 quarantined (non-finite weights), v4 published."""
+    directory = tmp_path_factory.mktemp("cli") / "ckpt"
+    x, y, coef = linear_data()
+    probe = x[:32]
+    writer = vs.CheckpointWriter(str(directory))
+    good = fitted(coef)
+    writer.write(good.weights(), 10, 40, vs.judge(config(gate_min_eval=2), good, good, x, y), probe)
+    worse = fitted(coef, -1.0)
+    writer.write(worse.weights(), 20, 80, vs.judge(config(gate_min_eval=2), worse, good, x, y), probe)
+    broken = good.copy()
+    broken.flat[:] = np.inf
+    writer.write(broken.weights(), 30, 120, vs.judge(config(), broken, good, x, y), probe)
+    writer.write(good.weights(), 40, 160, vs.judge(config(gate="off"), good, good, x, y), probe)
+    assert model_files(directory) == files_of(1) | files_of(4)
+    assert model_files(directory / "quarantine") == files_of(2) | files_of(3)
+    return directory
+
+
+@pytest.fixture
+def copied(checkpoint_dir, tmp_path) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, target)
+    return target
+
+
+def test_verify_passes_a_good_directory(checkpoint_dir):
+    done = run_cli("verify", str(checkpoint_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == set()
+    ok = {line.split(None, 1)[1] for line in done.stdout.splitlines() if line.startswith("ok")}
+    # every model, quarantined ones with non-finite outputs included, and latest.json were checked
+    assert ok == {str(checkpoint_dir / "model_v000001.onnx"), str(checkpoint_dir / "model_v000004.onnx"),
+                  str(checkpoint_dir / "quarantine" / "model_v000002.onnx"),
+                  str(checkpoint_dir / "quarantine" / "model_v000003.onnx"), str(checkpoint_dir / "latest.json")}
+
+
+def test_verify_fails_on_a_flipped_byte(copied):
+    path = copied / "model_v000001.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(path)}
+    assert "model_v000001.onnx.sha256 does not match" in done.stdout
+
+
+def test_verify_fails_on_a_missing_sha256(copied):
+    (copied / "quarantine" / "model_v000002.onnx.sha256").unlink()
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "quarantine" / "model_v000002.onnx")}
+    assert "model_v000002.onnx.sha256" in done.stdout
+
+
+def test_verify_fails_on_latest_json_with_another_sha256(copied):
+    latest = read_json(copied / "latest.json")
+    latest["sha256"] = "0" * 64
+    (copied / "latest.json").write_text(json.dumps(latest))
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+    assert "model_v000004.onnx" in done.stdout
+
+
+def test_verify_fails_on_latest_json_naming_a_missing_file(copied):
+    for name in files_of(4):
+        (copied / name).unlink()
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+
+
+def test_checkpoints_lists_every_version(checkpoint_dir):
+    done = run_cli("checkpoints", str(checkpoint_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["version", "created", "step", "plcc", "srcc", "rmse", "eval_n", "gate", "state"]
+    rows = {int(line.split()[0]): line for line in lines[1:5]}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[1].split()[-2:] == ["passed", "published"]
+    assert rows[2].split()[-2:] == ["quarantined", "quarantined"]
+    assert rows[3].split()[-2:] == ["quarantined", "quarantined"]
+    assert rows[4].split()[-3:] == ["off", "published,", "latest"]
+    assert "latest" not in rows[1] + rows[2] + rows[3]
+    for version in (1, 2, 4):
+        record = read_json(checkpoint_dir / ("" if version in (1, 4) else "quarantine") / f"{stem(version)}.json")
+        cells = rows[version].split()
+        assert cells[2] == str(record["step"])
+        assert cells[3:7] == [f"{record['metrics']['candidate']['plcc']:.4f}",
+                              f"{record['metrics']['candidate']['srcc']:.4f}",
+                              f"{record['metrics']['candidate']['rmse']:.4f}", "300"]
+    assert float(rows[2].split()[3]) < 0 < float(rows[1].split()[3])
+    assert rows[3].split()[3:6] == ["-", "-", "-"]  # non-finite: nothing measured
+    reasons = lines[5:]
+    assert len(reasons) == 2 and reasons[0].startswith("v000002: held-out PLCC fell from")
+    assert reasons[1].startswith("v000003: non-finite")
