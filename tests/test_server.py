@@ -722,9 +722,9 @@ def test_no_log_line_per_message(sidecar):
 
 # ---- probe: the health check the chart runs ----
 
-def run_probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "probe", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30)
+def run_probe(*args: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_flags, "-m", "vmafx_sidecar", "probe", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
 
 
 def test_probe_exits_0_when_the_sidecar_answers(shared_sidecar):
@@ -746,3 +746,11 @@ def test_probe_fails_when_the_server_does_not_answer_in_time(short_dir):
         result = run_probe("--socket", path, "--timeout", "0.5")
     assert result.returncode == 1 and "timed out" in result.stderr
     assert time.monotonic() - started < 10
+
+
+def test_probe_answers_without_importing_numpy_or_onnx(short_dir):
+    # Kubernetes runs the probe every few seconds beside the encoders; those imports cost 0.5 s of CPU.
+    result = run_probe("--socket", os.path.join(short_dir, "absent.sock"), python_flags=("-X", "importtime"))
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert result.returncode == 1 and "socket" in imported
+    assert not imported & {"numpy", "onnx"}, sorted(imported & {"numpy", "onnx"})
