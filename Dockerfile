@@ -1,0 +1,19 @@
+# vmafx-sidecar image: docker build -t ghcr.io/vmafx/vmafx-sidecar:<version> .
+# The build stage is the only one with pip, a shell and compilers; it installs the sidecar and its
+# runtime dependencies (numpy, onnx) into /app, the one directory the distroless stage copies.
+FROM python:3.13-slim-trixie AS build
+WORKDIR /src
+COPY pyproject.toml README.md vmafx_sidecar.py vmafx_onnx_builder.py ./
+# Unchecked-hash .pyc files stay valid whatever mtimes the copy gives the sources, so the read-only
+# container never compiles anything at start. bin/ only holds a console script for this stage's Python.
+RUN pip install --no-cache-dir --no-compile --target /app . \
+ && rm -r /app/bin \
+ && python -m compileall -q --invalidation-mode unchecked-hash /app
+
+# Python 3.13, as in the build stage: the copied extension modules are built for it.
+FROM gcr.io/distroless/python3-debian13:nonroot
+COPY --from=build /app /app
+ENV PYTHONPATH=/app
+USER 65532:65532
+ENTRYPOINT ["/usr/bin/python3", "-m", "vmafx_sidecar"]
+CMD ["serve"]

