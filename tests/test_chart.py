@@ -1,0 +1,320 @@
+"""The Helm chart in chart/: rendered by the real Helm engine (helm-python-sdk) for a given Kubernetes
+version, every manifest validated against that version's API schemas (kubernetes-validate, strict)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python import _native
+
+import vmafx_sidecar as vs
+from conftest import ROOT
+
+CHART = ROOT / "chart"
+SOCKET = "/tmp/vmafx-sidecar.sock"
+PROBE = ["/usr/bin/python3", "-m", "vmafx_sidecar", "probe", "--socket", SOCKET]
+KUBE_VERSIONS = ["1.28", "1.29", "1.33"]
+
+# The values of issue #6, as users pass them to `helm install`.
+ISSUE_VALUES = yaml.safe_load("""
+sidecar:
+  trainer:
+    enabled: true
+    image:
+      repository: ghcr.io/vmafx/vmafx-sidecar
+      tag: latest
+    baseModelPath: /mnt/vmafx-models/base/fr_regressor_v3.onnx
+    checkpointDir: /mnt/vmafx-models/online
+    nFeatures: 80
+    resources:
+      requests: {cpu: "0.5", memory: "512Mi"}
+      limits: {cpu: "2", memory: "1Gi"}
+persistence:
+  models:
+    enabled: true
+    mountPath: /mnt/vmafx-models
+""")
+
+# Each trainer value and the sidecar setting it must set (issue #6).
+TRAINER_ENV = {
+    "baseModelPath": "VMAFX_BASE_MODEL_PATH",
+    "checkpointDir": "VMAFX_SIDECAR_CHECKPOINT_DIR",
+    "replayBufferSize": "VMAFX_SIDECAR_REPLAY_CAPACITY",
+    "batchSize": "VMAFX_SIDECAR_BATCH_SIZE",
+    "replayMixRatio": "VMAFX_SIDECAR_REPLAY_MIX",
+    "learningRate": "VMAFX_SIDECAR_LR",
+    "emaDecay": "VMAFX_SIDECAR_EMA_DECAY",
+    "checkpointIntervalSeconds": "VMAFX_SIDECAR_CKPT_INTERVAL_S",
+    "minSamplesPerCheckpoint": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT",
+    "nFeatures": "VMAFX_SIDECAR_N_FEATURES",
+    "cuda": "VMAFX_SIDECAR_CUDA",
+}
+
+
+@dataclasses.dataclass
+class Rendered:
+    objects: dict[str, dict]  # by kind
+    notes: str
+
+    @property
+    def pod(self) -> dict:
+        return self.objects["Deployment"]["spec"]["template"]["spec"]
+
+    def container(self, name: str) -> dict:
+        [found] = [c for c in self.pod["containers"] + self.pod.get("initContainers", []) if c["name"] == name]
+        return found
+
+
+def render(values: dict, kube_version: str) -> Rendered:
+    """`helm template --kube-version`, plus strict schema validation of every manifest for that version.
+
+    Chart.render has no kube_version, but the native call under it has: this is the one place that
+    uses it. Its options are decoded strictly (an unknown key is an error), and the 1.28 placement
+    test fails if the version were ever ignored (Helm's default is newer)."""
+    with helm.Chart.load(CHART) as chart:
+        options = {"name": "demo", "namespace": "vmafx", "is_install": True, "kube_version": f"v{kube_version}.0"}
+        files = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
+    objects, notes = {}, ""
+    for name, text in files.items():
+        if name.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for obj in yaml.safe_load_all(text):
+            if obj:
+                kubernetes_validate.validate(obj, kube_version, strict=True)
+                assert obj["kind"] not in objects, obj["kind"]
+                objects[obj["kind"]] = obj
+    return Rendered(objects, notes)
+
+
+def merged(base: dict, **overrides: object) -> dict:
+    """Copy of `base` with dotted keys set: merged(v, **{"persistence.models.enabled": False})."""
+    values = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return values
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+VARIANTS = {
+    "issue values": ISSUE_VALUES,
+    "chart defaults": {},
+    "trainer disabled": merged(ISSUE_VALUES, **{"sidecar.trainer.enabled": False}),
+    "persistence off": merged(ISSUE_VALUES, **{"persistence.models.enabled": False}),
+    "existingClaim": merged(ISSUE_VALUES, **{"persistence.models.existingClaim": "vmafx-models"}),
+    "native sidecar forced": merged(ISSUE_VALUES, **{"sidecar.trainer.nativeSidecar": True}),
+    "native sidecar off": merged(ISSUE_VALUES, **{"sidecar.trainer.nativeSidecar": False}),
+}
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_renders_valid_manifests(variant, kube_version):
+    rendered = render(VARIANTS[variant], kube_version)
+    assert "Deployment" in rendered.objects and rendered.notes
+
+
+@pytest.mark.parametrize("kube_version, native", [("1.28", False), ("1.29", True), ("1.33", True)])
+def test_trainer_is_a_native_sidecar_from_kubernetes_1_29(kube_version, native):
+    pod = render(ISSUE_VALUES, kube_version).pod
+    assert [c["name"] for c in pod["containers"]] == ["vmafx-node"] + ([] if native else ["trainer"])
+    if native:
+        [trainer] = pod["initContainers"]
+        assert trainer["name"] == "trainer" and trainer["restartPolicy"] == "Always"
+    else:
+        assert "initContainers" not in pod
+        assert "restartPolicy" not in pod["containers"][1]
+
+
+@pytest.mark.parametrize("forced, kube_version", [(True, "1.28"), (False, "1.33")])
+def test_native_sidecar_can_be_forced(forced, kube_version):
+    pod = render(merged(ISSUE_VALUES, **{"sidecar.trainer.nativeSidecar": forced}), kube_version).pod
+    in_init = [c["name"] for c in pod.get("initContainers", [])] == ["trainer"]
+    in_containers = "trainer" in [c["name"] for c in pod["containers"]]
+    assert (in_init, in_containers) == (forced, not forced)
+
+
+@pytest.mark.parametrize("kube_version", ["1.28", "1.33"])
+def test_trainer_probes_ping_the_socket_both_containers_use(kube_version):
+    rendered = render(ISSUE_VALUES, kube_version)
+    trainer = rendered.container("trainer")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert trainer[kind]["exec"]["command"][:len(PROBE)] == PROBE, kind
+    assert env_of(trainer)["VMAFX_SIDECAR_SOCKET"] == SOCKET
+    assert env_of(rendered.container("vmafx-node"))["VMAFX_SIDECAR_SOCKET"] == SOCKET
+    assert "livenessProbe" not in rendered.container("vmafx-node")
+
+
+def test_trainer_image_defaults_to_the_app_version_which_is_the_project_version():
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert app_version == project["version"]
+    trainer = render({}, "1.33").container("trainer")
+    assert trainer["image"] == f"ghcr.io/vmafx/vmafx-sidecar:{app_version}"
+    assert trainer["args"] == ["serve"]
+    assert render(ISSUE_VALUES, "1.33").container("trainer")["image"] == "ghcr.io/vmafx/vmafx-sidecar:latest"
+
+
+ALL_SETTINGS = {
+    "baseModelPath": "/mnt/vmafx-models/base/fr_regressor_v3.onnx",
+    "checkpointDir": "/mnt/vmafx-models/online/run-7",
+    "replayBufferSize": 1000000,
+    "batchSize": 64,
+    "replayMixRatio": 0.25,
+    "learningRate": 0.0001,
+    "emaDecay": 0.9995,
+    "checkpointIntervalSeconds": 30.5,
+    "minSamplesPerCheckpoint": 200000,
+    "nFeatures": 120,
+    "cuda": 1,
+}
+BOUNDARIES = {"baseModelPath": "", "replayMixRatio": 0, "emaDecay": 0, "checkpointIntervalSeconds": 0,
+              "minSamplesPerCheckpoint": 0, "batchSize": 1, "replayBufferSize": 1, "nFeatures": 1, "cuda": "0"}
+
+
+@pytest.mark.parametrize("settings", [
+    ALL_SETTINGS,
+    {**ALL_SETTINGS, "learningRate": 1e-05, "cuda": "1"},
+    {**ALL_SETTINGS, "learningRate": 1e-7, "replayBufferSize": 123456789},
+    {**ALL_SETTINGS, **BOUNDARIES},
+], ids=["all", "lr 1e-05", "lr 1e-7", "boundaries"])
+def test_every_trainer_value_becomes_its_setting_exactly(settings):
+    assert set(settings) == set(TRAINER_ENV)
+    values = merged(ISSUE_VALUES, **{f"sidecar.trainer.{key}": value for key, value in settings.items()})
+    env = env_of(render(values, "1.33").container("trainer"))
+    assert set(env) == {"VMAFX_SIDECAR_SOCKET", *TRAINER_ENV.values()}
+    assert all("e+" not in text for text in env.values()), env  # quote's 1e+06 would not parse as an integer
+    # What the sidecar itself reads from that environment is exactly what was set.
+    config = vs.Config.load(env, {})
+    by_env = {f.metadata["env"]: f.name for f in dataclasses.fields(vs.Config)}
+    for key, value in settings.items():
+        assert getattr(config, by_env[TRAINER_ENV[key]]) == (str(value) if key == "cuda" else value), key
+
+
+def test_unset_trainer_values_keep_the_sidecar_defaults_and_extra_env_comes_last():
+    extra = [{"name": "VMAFX_SIDECAR_LOG_LEVEL", "value": "debug"}]
+    trainer = render({"sidecar": {"trainer": {"extraEnv": extra}}}, "1.33").container("trainer")
+    assert trainer["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}] + extra
+
+
+@pytest.mark.parametrize("variant, claim", [
+    ("issue values", "demo-vmafx-node-models"), ("existingClaim", "vmafx-models"), ("persistence off", None)])
+def test_both_containers_mount_the_socket_dir_and_the_models_volume(variant, claim):
+    rendered = render(VARIANTS[variant], "1.33")
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {}
+    if claim:
+        assert volumes["models"]["persistentVolumeClaim"] == {"claimName": claim}
+    else:  # the read-only root filesystem leaves the trainer nowhere else to write
+        assert volumes["models"]["emptyDir"] == {}
+        assert "checkpoints are lost with the pod" in rendered.notes
+    pvc = rendered.objects.get("PersistentVolumeClaim")
+    assert (pvc["metadata"]["name"] if pvc else None) == (claim if variant == "issue values" else None)
+    if pvc:  # checkpoints and state must survive `helm uninstall`
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for name, read_only in [("trainer", False), ("vmafx-node", True)]:
+        mounts = {m["mountPath"]: m for m in rendered.container(name)["volumeMounts"]}
+        assert mounts["/tmp"]["name"] == "tmp"
+        assert mounts["/mnt/vmafx-models"]["name"] == "models"
+        assert mounts["/mnt/vmafx-models"].get("readOnly", False) == read_only
+
+
+def test_checkpoints_are_announced_where_the_trainer_writes_them():
+    notes = render({"persistence": {"models": {"enabled": True}}}, "1.33").notes
+    assert f"{vs.Config.checkpoint_dir}/latest.json" in notes  # unset: the sidecar's default
+    assert "/mnt/x/ckpt/latest.json" in render(merged(
+        ISSUE_VALUES, **{"persistence.models.mountPath": "/mnt/x", "sidecar.trainer.checkpointDir": "/mnt/x/ckpt"}),
+        "1.33").notes
+
+
+def test_without_the_trainer_only_vmafx_node_runs():
+    rendered = render(VARIANTS["trainer disabled"], "1.33")
+    assert [c["name"] for c in rendered.pod["containers"]] == ["vmafx-node"]
+    assert "initContainers" not in rendered.pod
+    assert "VMAFX_SIDECAR_SOCKET" not in env_of(rendered.container("vmafx-node"))
+
+
+@pytest.mark.parametrize("kube_version", ["1.28", "1.33"])
+def test_both_containers_run_locked_down_as_one_non_root_user(kube_version):
+    pod = render(ISSUE_VALUES, kube_version).pod
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        # No per-container user: the pod's, the same for both, so vmafx-node may open the 0600 socket.
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                "capabilities": {"drop": ["ALL"]}}, container["name"]
+
+
+def test_node_values_configure_the_vmafx_node_container_and_pod():
+    node = {"image": {"repository": "registry.example/vmafx-node", "tag": "2.3.1", "pullPolicy": "Always"},
+            "replicas": 3, "env": [{"name": "VMAFX_NODE_WORKERS", "value": "8"}],
+            "resources": {"limits": {"cpu": "4", "memory": "8Gi"}},
+            "nodeSelector": {"vmafx.io/pool": "encode"},
+            "tolerations": [{"key": "encode", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}}}
+    rendered = render({"node": node}, "1.33")
+    container = rendered.container("vmafx-node")
+    assert rendered.objects["Deployment"]["spec"]["replicas"] == 3
+    assert (container["image"], container["imagePullPolicy"]) == ("registry.example/vmafx-node:2.3.1", "Always")
+    assert container["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}] + node["env"]
+    assert container["resources"] == node["resources"]
+    assert {k: rendered.pod[k] for k in ("nodeSelector", "tolerations", "affinity")} == \
+        {k: node[k] for k in ("nodeSelector", "tolerations", "affinity")}
+    assert render(ISSUE_VALUES, "1.33").container("trainer")["resources"] == ISSUE_VALUES["sidecar"]["trainer"]["resources"]
+
+
+def test_one_trainer_at_a_time_owns_a_persistent_checkpoint_dir():
+    assert render(ISSUE_VALUES, "1.33").objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    with pytest.raises(helm.HelmRenderError, match="node.replicas > 1"):
+        render(merged(ISSUE_VALUES, **{"node.replicas": 2}), "1.33")
+    spec = render(merged(VARIANTS["persistence off"], **{"node.replicas": 2}), "1.33").objects["Deployment"]["spec"]
+    assert spec["replicas"] == 2 and "strategy" not in spec
+
+
+def test_checkpoint_dir_outside_the_writable_volume_is_refused():
+    with pytest.raises(helm.HelmRenderError, match="must be under persistence.models.mountPath"):
+        render(merged(ISSUE_VALUES, **{"persistence.models.mountPath": "/data"}), "1.33")
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("variant", ["chart defaults", "issue values"])
+def test_helm_lint_strict_is_clean(variant, kube_version):
+    report = helm.lint(CHART, VARIANTS[variant], strict=True, kube_version=f"v{kube_version}.0")
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("sidecar.trainer.replayMixRatio", 1), ("sidecar.trainer.replayMixRatio", -0.1),
+    ("sidecar.trainer.batchSize", 0), ("sidecar.trainer.batchSize", 2.5), ("sidecar.trainer.batchSize", "32"),
+    ("sidecar.trainer.replayBufferSize", 0), ("sidecar.trainer.learningRate", 0),
+    ("sidecar.trainer.emaDecay", 1), ("sidecar.trainer.checkpointIntervalSeconds", -1),
+    ("sidecar.trainer.minSamplesPerCheckpoint", -1), ("sidecar.trainer.nFeatures", 0),
+    ("sidecar.trainer.cuda", 2), ("sidecar.trainer.cuda", True), ("sidecar.trainer.checkpointDir", "online"),
+    ("sidecar.trainer.nativeSidecar", "yes"), ("sidecar.trainer.enabled", "true"),
+    ("node.replicas", -1), ("persistence.models.mountPath", "/"),
+])
+def test_schema_rejects_bad_values_naming_them(dotted, value):
+    location = "/" + dotted.replace(".", "/")
+    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
+        render(merged(ISSUE_VALUES, **{dotted: value}), "1.33")
+
+
+def test_schema_rejects_a_misspelt_trainer_value():
+    # Accepted, it would silently leave the setting at the sidecar's default.
+    with pytest.raises(helm.HelmValuesError, match="at '/sidecar/trainer': additional properties 'learningrate'"):
+        render(merged(ISSUE_VALUES, **{"sidecar.trainer.learningrate": 0.001}), "1.33")
