@@ -12,19 +12,24 @@ replay buffer -> model -> trainer -> checkpoints -> CLI.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
+import importlib.metadata
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import pickle
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -122,6 +127,13 @@ def one_of(*choices: str) -> Check:
 ANY = Check(lambda v: True, "")
 
 
+def listen_address_ok(text: str) -> bool:
+    try:
+        return not text or bool(parse_listen_address(text))
+    except ValueError:
+        return False
+
+
 def setting(default: Any, env: str, check: Check, help: str) -> Any:
     return field(default=default, metadata={"env": env, "check": check, "help": help})
 
@@ -180,6 +192,9 @@ class Config:
                                  "how often the journal of acknowledged samples is fsynced")
     state_interval_s: float = setting(60.0, "VMAFX_SIDECAR_STATE_INTERVAL_S", at_least(0),
                                       "seconds between snapshots of the trainer state (when it changed)")
+    metrics_addr: str = setting("", "VMAFX_SIDECAR_METRICS_ADDR", Check(listen_address_ok, "HOST:PORT such as "
+                                ":9464, 127.0.0.1:9464 or [::1]:9464, or empty"),
+                                "serve GET /metrics and /healthz here (empty: off)")
     log_level: str = setting("info", "VMAFX_SIDECAR_LOG_LEVEL", one_of("debug", "info", "warning", "error"),
                              "log level")
     cuda: str = setting("0", "VMAFX_SIDECAR_CUDA", one_of("0", "1"),
@@ -253,6 +268,16 @@ class Sample:
 class Control:
     op: str
     job_id: str | None
+
+
+# What each error message starts with, and the reason metrics count it under.
+REJECTION_REASONS = {"not valid JSON": "invalid_json", "expected a JSON object": "not_an_object",
+                     "job_id:": "job_id", "op:": "op", "unknown op": "unknown_op", "features": "features",
+                     "true_score:": "true_score", "line too long": "line_too_long"}
+
+
+def rejection_reason(error: str) -> str:
+    return next(reason for prefix, reason in REJECTION_REASONS.items() if error.startswith(prefix))
 
 
 class BadRequest(Exception):
@@ -359,6 +384,8 @@ class Server:
         self.accepting = True  # False while out of file descriptors
         self.connections_refused = 0  # over max_connections
         self.connections_dropped = 0  # stopped reading their ACKs
+        self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
+        self.metrics: MetricsEndpoint | None = None  # set by serve() when VMAFX_SIDECAR_METRICS_ADDR is set
         self.lock_fd: int | None = None
         self.state: StateStore | None = None  # set by serve(); None in in-process tests
 
@@ -396,11 +423,13 @@ class Server:
         try:
             while not self.stopping:
                 # A timeout, so the journal's once-a-second fsync and the snapshots also run when idle.
-                for key, mask in self.selector.select(timeout=1.0 if self.state else None):
+                for key, mask in self.selector.select(timeout=1.0):
                     if key.data is None:
                         self.accept()
                     elif key.data is wake_r:
                         drain(wake_r)
+                    elif callable(key.data):  # the metrics endpoint's listener and connections
+                        key.data(mask)
                     else:
                         if mask & selectors.EVENT_READ:
                             self.read(key.data)
@@ -408,6 +437,8 @@ class Server:
                             self.flush(key.data)
                 if self.state:
                     self.state.tick()
+                if self.metrics:
+                    self.metrics.tick()
             self.shutdown()
         finally:
             signal.set_wakeup_fd(-1)
@@ -423,6 +454,8 @@ class Server:
     def shutdown(self) -> None:
         """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S."""
         self.close_listener()
+        if self.metrics:
+            self.metrics.close()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         # One read per connection per pass: a client that keeps sending cannot use up the others' grace.
         reading = list(self.connections)
@@ -567,7 +600,7 @@ class Server:
         try:
             request = parse_request(line, self.config.n_features)
         except BadRequest as e:
-            self.reject()
+            self.reject(e.error)
             return encode_ack({"ok": False, "error": e.error}, e.job_id)
         if type(request) is Control:
             return encode_ack(self.control(request.op), request.job_id)
@@ -587,23 +620,25 @@ class Server:
                     self.state.save()
         return encode_ack(ack, request.job_id)
 
-    def reject(self) -> None:
+    def reject(self, error: str) -> None:
         self.samples_rejected += 1
+        self.rejections[rejection_reason(error)] += 1
         if self.state:
             self.state.journal.append_rejection()
 
     def too_long(self) -> bytes:
-        self.reject()
-        return encode_ack({"ok": False, "error": f"line too long (limit {self.config.max_line_bytes} bytes)"},
-                          None)
+        error = f"line too long (limit {self.config.max_line_bytes} bytes)"
+        self.reject(error)
+        return encode_ack({"ok": False, "error": error}, None)
 
     def control(self, op: str) -> dict[str, Any]:
         if op == "ping":
             return {"ok": True, "op": "pong"}
         if op == "status":
             return {"ok": True, "op": "status", **self.status()}
-        self.reject()
-        return {"ok": False, "error": f"unknown op {op!r} (known: ping, status)"}
+        error = f"unknown op {op!r} (known: ping, status)"
+        self.reject(error)
+        return {"ok": False, "error": error}
 
     def status(self) -> dict[str, Any]:
         t = self.trainer
@@ -674,6 +709,219 @@ def drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+# ---- metrics: Prometheus text on a minimal HTTP/1.1 endpoint, served by the same loop ----
+
+HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
+HTTP_TIMEOUT_S = 5.0  # a scrape that has not finished by then is cut off
+HTTP_MAX_CONNECTIONS = 16
+STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                431: "Request Header Fields Too Large"}
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a bucket holds values <= its bound
+        self.sum += value
+
+
+def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
+    """`:9464` (every IPv4 interface), `127.0.0.1:9464` or `[::1]:9464`."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    host = match.group(1)
+    if host.startswith("["):
+        return socket.AF_INET6, host[1:-1], int(match.group(2))
+    return socket.AF_INET, host or "0.0.0.0", int(match.group(2))
+
+
+@dataclass(slots=True)
+class HttpConnection:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytes = b""
+
+
+class MetricsEndpoint:
+    """GET /metrics and /healthz, one request per connection. Sockets are non-blocking and every
+    connection has a deadline, so a slow or stuck scraper never holds up the trainer or the node."""
+
+    def __init__(self, server: Server, address: str):
+        family, host, port = parse_listen_address(address)
+        self.server, self.address = server, address
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((host, port))
+            self.listener.listen(HTTP_MAX_CONNECTIONS)
+        except OSError as e:
+            self.listener.close()
+            raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+        self.listener.setblocking(False)
+        self.connections: list[HttpConnection] = []
+        self.paused = False  # out of file descriptors: the listener is unwatched until the next tick
+        server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+
+    def accept(self, mask: int) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE: stop watching, or the loop would spin on a ready listener
+            log.error("cannot accept a metrics connection (%s): pausing for a second", e.strerror or e)
+            self.server.selector.unregister(self.listener)
+            self.paused = True
+            return
+        if len(self.connections) >= HTTP_MAX_CONNECTIONS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = HttpConnection(sock, time.monotonic() + HTTP_TIMEOUT_S)
+        self.connections.append(conn)
+        self.server.selector.register(sock, selectors.EVENT_READ, functools.partial(self.serve, conn))
+
+    def serve(self, conn: HttpConnection, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = conn.sock.recv(HTTP_MAX_REQUEST)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the scraper left before its request was complete
+                return self.close(conn)
+            conn.inbuf += data
+            if b"\r\n\r\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
+                conn.outbuf = http_response(bytes(conn.inbuf), self.server)
+                self.server.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self.serve, conn))
+        if conn.outbuf:
+            try:
+                conn.outbuf = conn.outbuf[conn.sock.send(conn.outbuf):]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                conn.outbuf = b""
+            if not conn.outbuf:
+                self.close(conn)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            self.close(conn)
+        if self.paused:
+            self.server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+            self.paused = False
+
+    def close(self, conn: HttpConnection | None = None) -> None:
+        """Close one connection, or with none given the endpoint and all of its connections."""
+        for c in [conn] if conn else list(self.connections):
+            self.connections.remove(c)
+            self.server.selector.unregister(c.sock)
+            c.sock.close()
+        if conn is None:
+            if not self.paused:
+                self.server.selector.unregister(self.listener)
+            self.listener.close()
+
+
+def http_response(request: bytes, server: Server) -> bytes:
+    """The whole response to one request: strict, since only Prometheus and kubelets talk to it."""
+    head, complete, _ = request.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    if not complete or len(head) > HTTP_MAX_REQUEST:
+        status, body = 431, b"request head too large\n"
+    elif len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
+        status, body = 400, b"malformed request\n"
+    elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+        status, body = 400, b"a request body is not accepted\n"
+    elif parts[1].split(b"?")[0] not in (b"/metrics", b"/healthz"):
+        status, body = 404, b"not found: try /metrics or /healthz\n"
+    elif parts[0] not in (b"GET", b"HEAD"):
+        status, body = 405, b"only GET and HEAD\n"
+    elif parts[1].split(b"?")[0] == b"/metrics":
+        body, content_type = metrics_text(server).encode(), "text/plain; version=0.0.4; charset=utf-8"
+    allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
+    response = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n").encode()
+    return response + (b"" if parts[0] == b"HEAD" and status == 200 else body)
+
+
+def metrics_text(server: Server) -> str:
+    """Every metric in the Prometheus text exposition format (0.0.4)."""
+    t, s = server.trainer, server
+    latest = t.checkpoints.latest or {}
+    candidate = ((t.last_gate or {}).get("metrics") or {}).get("candidate") or {}
+    step = t.step_seconds
+    buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    families = [
+        ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
+         "checkpoints (held_out), and rejected lines", [
+            ({"result": "accepted"}, s.samples_accepted - t.samples_held_out),
+            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, s.samples_rejected)]),
+        ("vmafx_sidecar_rejected_total", "counter", "Rejected lines by reason, since the process started",
+         [({"reason": r}, s.rejections[r]) for r in REJECTION_REASONS.values()]),
+        ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken", [({}, t.steps)]),
+        ("vmafx_sidecar_train_loss", "gauge", "MSE of the last batch trained", [({}, t.last_loss)]),
+        ("vmafx_sidecar_train_loss_smoothed", "gauge", "MSE of the batches, exponentially smoothed over ~100 "
+         "steps", [({}, t.loss_smoothed)]),
+        ("vmafx_sidecar_step_duration_seconds", "histogram", "Time of one training step, since the process "
+         "started", [*(("_bucket", labels, n) for labels, n in buckets), ("_sum", {}, step.sum),
+                     ("_count", {}, sum(step.counts))]),
+        ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay.size)]),
+        ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
+        ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",
+         [({"result": r}, t.checkpoint_results[r]) for r in ("published", "quarantined", "failed")]),
+        ("vmafx_sidecar_checkpoint_version", "gauge", "Version of the checkpoint latest.json names",
+         [({}, latest.get("version"))]),
+        ("vmafx_sidecar_last_checkpoint_timestamp_seconds", "gauge", "When the checkpoint latest.json names "
+         "was written (Unix time)", [({}, latest.get("created_unix"))]),
+        ("vmafx_sidecar_eval_plcc", "gauge", "Held-out PLCC of the last checkpoint the gate judged",
+         [({}, candidate.get("plcc"))]),
+        ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
+         [({}, t.steps_skipped)]),
+        ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": "numpy"}, 1)]),
+        ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
+        ("process_cpu_seconds_total", "counter", "User and system CPU time",
+         [({}, usage.ru_utime + usage.ru_stime)]),
+    ]
+    lines = []
+    for name, kind, help, samples in families:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        for suffix, labels, value in (x if len(x) == 3 else ("", *x) for x in samples):
+            if value is not None:
+                text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                lines.append(f"{name}{suffix}{{{text}}} {value!r}" if text else f"{name}{suffix} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def version() -> str:
+    try:
+        return importlib.metadata.version("vmafx-sidecar")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        return None
 
 
 # ---- replay buffer: a preallocated float32 ring, oldest sample evicted first ----
@@ -842,6 +1090,9 @@ class Trainer:
         self.samples_since_checkpoint = 0
         self.last_checkpoint_time: float | None = None
         self.last_loss: float | None = None
+        self.loss_smoothed: float | None = None
+        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
+        self.checkpoint_results: collections.Counter[str] = collections.Counter()
 
     def holds_out(self, job_id: str | None) -> bool:
         """Whether a sample is kept for evaluation instead of training: decided by a hash of its job_id,
@@ -870,6 +1121,7 @@ class Trainer:
         return self.step()
 
     def step(self) -> StepResult | None:
+        started = time.perf_counter()
         n = self.n_new + min(self.n_replay, self.replay.size)
         x, y = self.batch_x[:n], self.batch_y[:n]
         if n > self.n_new:
@@ -885,6 +1137,8 @@ class Trainer:
         self.samples_trained += self.n_new
         self.samples_since_checkpoint += self.n_new
         self.last_loss = loss
+        self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
+        self.step_seconds.observe(time.perf_counter() - started)
         return StepResult(loss, self.maybe_checkpoint())
 
     def apply_gradient(self, loss: float) -> bool:
@@ -934,7 +1188,9 @@ class Trainer:
             checkpoint = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained, verdict, probe)
         except OSError as e:  # e.g. a full disk: keep training, try again after the interval
             log.error("checkpoint write failed, will retry: %s", e)
+            self.checkpoint_results["failed"] += 1
             return None
+        self.checkpoint_results["published" if checkpoint.published else "quarantined"] += 1
         self.samples_since_checkpoint = 0
         self.last_gate = checkpoint.record
         if checkpoint.published:
@@ -1692,6 +1948,9 @@ def serve(config: Config) -> int:
     server = Server(config, trainer)
     server.state = StateStore(config, server)
     server.state.restore()
+    if config.metrics_addr:  # before the socket: a node never connects to a sidecar that then fails to start
+        server.metrics = MetricsEndpoint(server, config.metrics_addr)
+        log.info("metrics on http://%s/metrics", config.metrics_addr)
     server.bind()
     shape = " ".join(["-".join(map(str, model.sizes)), *map(str, model.activations)])
     log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "

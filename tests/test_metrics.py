@@ -1,0 +1,261 @@
+"""The Prometheus endpoint (VMAFX_SIDECAR_METRICS_ADDR): strict exposition format, values that move with
+the traffic, a strict little HTTP/1.1 server, and scrapers that cannot stall the trainer."""
+from __future__ import annotations
+
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, sample
+
+N_FEATURES = 8
+SETTINGS = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_HIDDEN="8", VMAFX_SIDECAR_BATCH_SIZE="8",
+                VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40",
+                VMAFX_SIDECAR_HOLDOUT_FRACTION="0.25")
+FAMILIES = {  # name: type, as the issue names them
+    "vmafx_sidecar_samples_total": "counter", "vmafx_sidecar_rejected_total": "counter",
+    "vmafx_sidecar_train_steps_total": "counter", "vmafx_sidecar_train_loss": "gauge",
+    "vmafx_sidecar_train_loss_smoothed": "gauge", "vmafx_sidecar_step_duration_seconds": "histogram",
+    "vmafx_sidecar_replay_buffer_samples": "gauge", "vmafx_sidecar_connections": "gauge",
+    "vmafx_sidecar_checkpoints_total": "counter", "vmafx_sidecar_checkpoint_version": "gauge",
+    "vmafx_sidecar_last_checkpoint_timestamp_seconds": "gauge", "vmafx_sidecar_eval_plcc": "gauge",
+    "vmafx_sidecar_nonfinite_steps_total": "counter", "vmafx_sidecar_backend_info": "gauge",
+    "vmafx_sidecar_build_info": "gauge", "process_resident_memory_bytes": "gauge",
+    "process_cpu_seconds_total": "counter",
+}
+SAMPLE_LINE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="[^"\\\n]*",?)*)\})? (\S+)')
+
+
+# ---- helpers ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read until the server closes; (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(request)
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert status_line.startswith("HTTP/1.1 "), status_line
+    assert int(headers["content-length"]) == len(body) or request.startswith(b"HEAD")
+    return int(status_line.split()[1]), headers, body
+
+
+def parse_exposition(text: str) -> dict[tuple[str, tuple], float]:
+    """A strict reader of the text format: every family has HELP then TYPE before its samples, sample
+    names belong to the family being read, no series twice, histograms cumulative up to +Inf == _count."""
+    assert text.endswith("\n") and "\n\n" not in text
+    series: dict[tuple[str, tuple], float] = {}
+    family, kind, seen = None, None, set()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# HELP "):
+            family = line.split()[2]
+            assert family not in seen, f"family {family} twice"
+            seen.add(family)
+            assert len(line.split(" ", 3)) == 4, line  # a help text
+            assert lines[i + 1].startswith(f"# TYPE {family} "), lines[i + 1]
+            kind = lines[i + 1].split()[3]
+            assert kind in ("counter", "gauge", "histogram"), line
+        elif line.startswith("# TYPE "):
+            assert lines[i - 1].startswith(f"# HELP {line.split()[2]} "), line
+        else:
+            match = SAMPLE_LINE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            name, labels, value = match.groups()
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            assert any(name == family + s for s in suffixes), f"{name} outside its family {family}"
+            label_pairs = tuple(re.findall(r'(\w+)="([^"]*)"', labels or ""))
+            assert (name, label_pairs) not in series, f"{name}{label_pairs} twice"
+            series[(name, label_pairs)] = float(value)
+    for name in [f for f, k in FAMILIES.items() if k == "histogram"]:
+        buckets = [(lbl, v) for (n, lbl), v in series.items() if n == name + "_bucket"]
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts) and buckets[-1][0] == (("le", "+Inf"),)
+        assert counts[-1] == series[(name + "_count", ())]
+    return series
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    status, headers, body = http(port, b"GET /metrics HTTP/1.1\r\nHost: sidecar\r\n\r\n")
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = body.decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    assert types == FAMILIES
+    return parse_exposition(text)
+
+
+def value(metrics: dict, name: str, **labels: str) -> float:
+    return metrics[(name, tuple(labels.items()))]
+
+
+@pytest.fixture
+def served(sidecar_factory):
+    port = free_port()
+    s = sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f"127.0.0.1:{port}", **SETTINGS)
+    return s, port
+
+
+# ---- the exposition ----
+
+def test_values_move_as_traffic_flows(served):
+    s, port = served
+    before = scrape(port)
+    assert value(before, "vmafx_sidecar_samples_total", result="accepted") == 0
+    assert value(before, "vmafx_sidecar_backend_info", backend="numpy") == 1
+    assert ("vmafx_sidecar_train_loss", ()) not in before  # no step yet: absent, not a made-up 0
+    assert ("vmafx_sidecar_checkpoint_version", ()) not in before
+
+    client = s.client()
+    rng = np.random.default_rng(0)
+    acks = [client.request(sample(rng, N_FEATURES, job_id=f"m-{i}")) for i in range(200)]
+    bad = [b"not json", b'{"features": [1], "true_score": 1}', b'{"op": "reboot"}', b"[1]"]
+    for line in bad:
+        assert client.request(line)["ok"] is False
+    status = client.request({"op": "status"})
+    after = scrape(port)
+
+    held_out = status["samples_held_out"]
+    assert 0 < held_out < 200
+    assert value(after, "vmafx_sidecar_samples_total", result="accepted") == 200 - held_out
+    assert value(after, "vmafx_sidecar_samples_total", result="held_out") == held_out
+    assert value(after, "vmafx_sidecar_samples_total", result="rejected") == 4
+    reasons = {r: value(after, "vmafx_sidecar_rejected_total", reason=r)
+               for r in ("invalid_json", "features", "unknown_op", "not_an_object", "true_score", "line_too_long")}
+    assert reasons == {"invalid_json": 1, "features": 1, "unknown_op": 1, "not_an_object": 1, "true_score": 0,
+                       "line_too_long": 0}
+    assert value(after, "vmafx_sidecar_train_steps_total") == status["steps"] > 0
+    assert value(after, "vmafx_sidecar_train_loss") == pytest.approx(status["last_loss"])
+    assert value(after, "vmafx_sidecar_step_duration_seconds_count") == status["steps"]
+    assert 0 < value(after, "vmafx_sidecar_step_duration_seconds_sum") < status["steps"]
+    assert value(after, "vmafx_sidecar_replay_buffer_samples") == status["replay_size"]
+    assert value(after, "vmafx_sidecar_connections") == 1
+    published = sum("checkpoint" in a for a in acks)
+    assert published > 0
+    assert value(after, "vmafx_sidecar_checkpoints_total", result="published") == published
+    assert value(after, "vmafx_sidecar_checkpoint_version") == status["checkpoint_version"]
+    assert abs(value(after, "vmafx_sidecar_last_checkpoint_timestamp_seconds") - time.time()) < 600
+    assert value(after, "vmafx_sidecar_eval_plcc") == pytest.approx(status["gate"]["metrics"]["candidate"]["plcc"])
+    assert value(after, "process_resident_memory_bytes") > 10e6
+    assert value(after, "process_cpu_seconds_total") >= value(before, "process_cpu_seconds_total")
+    assert [v for (n, lbl), v in after.items() if n == "vmafx_sidecar_build_info"] == [1]
+
+
+# ---- HTTP ----
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+    (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", 200),
+    (b"GET / HTTP/1.1\r\n\r\n", 404),
+    (b"GET /metrics/../etc HTTP/1.1\r\n\r\n", 404),
+    (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"DELETE /healthz HTTP/1.1\r\n\r\n", 405),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 400),
+    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET /metrics HTTP/2.0\r\n\r\n", 400),
+    (b"GET /metrics\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", 431),
+], ids=["healthz", "query", "root", "other path", "post", "delete", "body", "chunked", "http2", "http0.9",
+        "bad header", "empty", "huge head"])
+def test_http_answers_strictly(served, request_bytes, status):
+    _, port = served
+    got, headers, body = http(port, request_bytes)
+    assert got == status, body
+    assert headers["connection"] == "close"
+    if status == 405:
+        assert headers["allow"] == "GET, HEAD"
+    if status == 200 and b"healthz" in request_bytes:
+        assert body == b"ok\n"
+
+
+def test_head_gets_the_headers_without_the_body(served):
+    _, port = served
+    status, headers, body = http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 1000
+
+
+def test_a_stalled_scraper_neither_delays_acks_nor_other_scrapes_and_is_cut_off(served):
+    s, port = served
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    for c in stalled:
+        c.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the end of its head
+    client = s.client()
+    rng = np.random.default_rng(1)
+    started = time.monotonic()
+    for i in range(50):
+        assert client.request(sample(rng, N_FEATURES, job_id=f"s-{i}"))["ok"] is True
+    assert time.monotonic() - started < 5
+    assert value(scrape(port), "vmafx_sidecar_samples_total", result="rejected") == 0
+    for c in stalled:  # the server closes them at its 5 s deadline
+        c.settimeout(15)
+        assert c.recv(100) == b""
+        c.close()
+
+
+def test_connections_beyond_the_limit_are_closed_and_scrapes_still_work(served):
+    _, port = served
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        closed = 0
+        for c in idle[16:]:
+            c.settimeout(5)
+            closed += c.recv(1) == b""
+        assert closed == len(idle) - 16
+    finally:
+        for c in idle:
+            c.close()
+    assert http(port, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200
+
+
+def test_metrics_are_off_by_default(sidecar_factory):
+    s = sidecar_factory(**SETTINGS)
+    assert "metrics on" not in s.stderr()
+
+
+@pytest.mark.parametrize("address", ["9464", "localhost", ":0", ":70000", "1.2.3.4:", "[::1]9464", "a b:1"])
+def test_invalid_metrics_address_exits_2_naming_it(tmp_path, address):
+    result = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30, env={"VMAFX_SIDECAR_METRICS_ADDR": address, "PATH": ""})
+    assert result.returncode == 2 and "VMAFX_SIDECAR_METRICS_ADDR" in result.stderr, result.stderr
+
+
+def test_a_metrics_port_in_use_stops_startup_before_the_socket_exists(sidecar_factory, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(AssertionError, match="exited with 1") as failure:
+            sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f"127.0.0.1:{port}", **SETTINGS)
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in str(failure.value)
+
+
+def test_ipv6_loopback_address(sidecar_factory):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    port = free_port()
+    sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f"[::1]:{port}", **SETTINGS)
+    with socket.create_connection(("::1", port), timeout=10) as c:
+        c.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_exposition_values_are_plain_numbers(served):
+    _, port = served
+    for value_ in scrape(port).values():
+        assert math.isfinite(value_)
