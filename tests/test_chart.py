@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
+import re
 import tomllib
 
 import helm_python as helm
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from helm_python import _native
@@ -19,6 +22,10 @@ from conftest import ROOT
 CHART = ROOT / "chart"
 SOCKET = "/tmp/vmafx-sidecar.sock"
 PROBE = ["/usr/bin/python3", "-m", "vmafx_sidecar", "probe", "--socket", SOCKET]
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: parses the manifests ~10x faster
+# kubernetes-validate reads a version's whole _definitions.json again for every object it validates (it
+# only reads the schemas, never changes them): read each file once.
+kubernetes_validate.utils.schema_contents = functools.cache(kubernetes_validate.utils.schema_contents)
 KUBE_VERSIONS = ["1.28", "1.29", "1.33"]
 
 # The values of issue #6, as users pass them to `helm install`.
@@ -56,6 +63,11 @@ TRAINER_ENV = {
     "cuda": "VMAFX_SIDECAR_CUDA",
 }
 
+METRICS_ENV = {"name": "VMAFX_SIDECAR_METRICS_ADDR", "value": ":9464"}  # the chart's default (issue #7)
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+# The Prometheus operator's Duration, as its CRDs validate it.
+PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+
 
 @dataclasses.dataclass
 class Rendered:
@@ -71,26 +83,53 @@ class Rendered:
         return found
 
 
-def render(values: dict, kube_version: str) -> Rendered:
-    """`helm template --kube-version`, plus strict schema validation of every manifest for that version.
+def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = ()) -> Rendered:
+    """`helm template --kube-version [--api-versions ...]`, plus strict schema validation of every
+    manifest for that version.
 
-    Chart.render has no kube_version, but the native call under it has: this is the one place that
-    uses it. Its options are decoded strictly (an unknown key is an error), and the 1.28 placement
-    test fails if the version were ever ignored (Helm's default is newer)."""
+    Chart.render has neither kube_version nor api_versions, but the native call under it has both:
+    this is the one place that uses them. Its options are decoded strictly (an unknown key is an
+    error); the 1.28 placement test fails if the version were ever ignored (Helm's default is newer),
+    and the ServiceMonitor tests if the API versions were (like `helm template --api-versions`, they
+    add to Helm's built-in set, which has no monitoring.coreos.com)."""
     with helm.Chart.load(CHART) as chart:
-        options = {"name": "demo", "namespace": "vmafx", "is_install": True, "kube_version": f"v{kube_version}.0"}
+        options = {"name": "demo", "namespace": "vmafx", "is_install": True, "kube_version": f"v{kube_version}.0",
+                   "api_versions": list(api_versions)}
         files = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
     objects, notes = {}, ""
     for name, text in files.items():
         if name.endswith("NOTES.txt"):
             notes = text
             continue
-        for obj in yaml.safe_load_all(text):
+        for obj in yaml.load_all(text, Loader=SAFE_LOADER):
             if obj:
-                kubernetes_validate.validate(obj, kube_version, strict=True)
+                if obj["kind"] == "ServiceMonitor":  # a CRD: kubernetes-validate has no schema for it
+                    check_service_monitor(obj)
+                else:
+                    kubernetes_validate.validate(obj, kube_version, strict=True)
                 assert obj["kind"] not in objects, obj["kind"]
                 objects[obj["kind"]] = obj
     return Rendered(objects, notes)
+
+
+def check_service_monitor(obj: dict) -> None:
+    """The part of the monitoring.coreos.com/v1 ServiceMonitor schema the chart uses, checked strictly."""
+    assert obj.keys() == {"apiVersion", "kind", "metadata", "spec"}, obj.keys()
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+    assert obj["metadata"].keys() == {"name", "labels"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", obj["metadata"]["name"])
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in obj["metadata"]["labels"].items())
+    spec = obj["spec"]
+    assert spec.keys() == {"selector", "namespaceSelector", "endpoints"}, spec.keys()
+    assert spec["selector"].keys() == {"matchLabels"}
+    assert all(isinstance(v, str) for v in spec["selector"]["matchLabels"].values())
+    assert spec["namespaceSelector"].keys() == {"matchNames"}
+    assert all(isinstance(n, str) for n in spec["namespaceSelector"]["matchNames"])
+    assert spec["endpoints"], spec
+    for endpoint in spec["endpoints"]:
+        assert endpoint.keys() == {"port", "path", "interval"}, endpoint.keys()
+        assert isinstance(endpoint["port"], str) and endpoint["path"].startswith("/")
+        assert isinstance(endpoint["interval"], str) and PROMETHEUS_DURATION.match(endpoint["interval"])
 
 
 def merged(base: dict, **overrides: object) -> dict:
@@ -117,6 +156,9 @@ VARIANTS = {
     "existingClaim": merged(ISSUE_VALUES, **{"persistence.models.existingClaim": "vmafx-models"}),
     "native sidecar forced": merged(ISSUE_VALUES, **{"sidecar.trainer.nativeSidecar": True}),
     "native sidecar off": merged(ISSUE_VALUES, **{"sidecar.trainer.nativeSidecar": False}),
+    "metrics off": merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.enabled": False}),
+    "serviceMonitor": merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.serviceMonitor": {
+        "enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}}),
 }
 
 
@@ -194,8 +236,10 @@ BOUNDARIES = {"baseModelPath": "", "replayMixRatio": 0, "emaDecay": 0, "checkpoi
 def test_every_trainer_value_becomes_its_setting_exactly(settings):
     assert set(settings) == set(TRAINER_ENV)
     values = merged(ISSUE_VALUES, **{f"sidecar.trainer.{key}": value for key, value in settings.items()})
-    env = env_of(render(values, "1.33").container("trainer"))
-    assert set(env) == {"VMAFX_SIDECAR_SOCKET", *TRAINER_ENV.values()}
+    trainer = render(values, "1.33").container("trainer")
+    env = env_of(trainer)
+    assert [e["name"] for e in trainer["env"]][:2] == ["VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR"]
+    assert set(env) == {"VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR", *TRAINER_ENV.values()}
     assert all("e+" not in text for text in env.values()), env  # quote's 1e+06 would not parse as an integer
     # What the sidecar itself reads from that environment is exactly what was set.
     config = vs.Config.load(env, {})
@@ -204,10 +248,12 @@ def test_every_trainer_value_becomes_its_setting_exactly(settings):
         assert getattr(config, by_env[TRAINER_ENV[key]]) == (str(value) if key == "cuda" else value), key
 
 
-def test_unset_trainer_values_keep_the_sidecar_defaults_and_extra_env_comes_last():
+@pytest.mark.parametrize("metrics", [True, False], ids=["metrics on", "metrics off"])
+def test_unset_trainer_values_keep_the_sidecar_defaults_and_extra_env_comes_last(metrics):
     extra = [{"name": "VMAFX_SIDECAR_LOG_LEVEL", "value": "debug"}]
-    trainer = render({"sidecar": {"trainer": {"extraEnv": extra}}}, "1.33").container("trainer")
-    assert trainer["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}] + extra
+    values = {"sidecar": {"trainer": {"extraEnv": extra, "metrics": {"enabled": metrics}}}}
+    trainer = render(values, "1.33").container("trainer")
+    assert trainer["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}] + [METRICS_ENV] * metrics + extra
 
 
 @pytest.mark.parametrize("variant, claim", [
@@ -291,7 +337,7 @@ def test_checkpoint_dir_outside_the_writable_volume_is_refused():
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-@pytest.mark.parametrize("variant", ["chart defaults", "issue values"])
+@pytest.mark.parametrize("variant", ["chart defaults", "issue values", "metrics off", "serviceMonitor"])
 def test_helm_lint_strict_is_clean(variant, kube_version):
     report = helm.lint(CHART, VARIANTS[variant], strict=True, kube_version=f"v{kube_version}.0")
     assert report["total_charts_linted"] == 1
@@ -307,6 +353,10 @@ def test_helm_lint_strict_is_clean(variant, kube_version):
     ("sidecar.trainer.cuda", 2), ("sidecar.trainer.cuda", True), ("sidecar.trainer.checkpointDir", "online"),
     ("sidecar.trainer.nativeSidecar", "yes"), ("sidecar.trainer.enabled", "true"),
     ("node.replicas", -1), ("persistence.models.mountPath", "/"),
+    ("sidecar.trainer.metrics.port", 0), ("sidecar.trainer.metrics.port", 70000),
+    ("sidecar.trainer.metrics.port", "9464"), ("sidecar.trainer.metrics.enabled", "true"),
+    ("sidecar.trainer.metrics.serviceMonitor.interval", 5), ("sidecar.trainer.metrics.serviceMonitor.interval", "5"),
+    ("sidecar.trainer.metrics.serviceMonitor.labels.release", 1),
 ])
 def test_schema_rejects_bad_values_naming_them(dotted, value):
     location = "/" + dotted.replace(".", "/")
@@ -318,3 +368,110 @@ def test_schema_rejects_a_misspelt_trainer_value():
     # Accepted, it would silently leave the setting at the sidecar's default.
     with pytest.raises(helm.HelmValuesError, match="at '/sidecar/trainer': additional properties 'learningrate'"):
         render(merged(ISSUE_VALUES, **{"sidecar.trainer.learningrate": 0.001}), "1.33")
+
+
+def test_schema_rejects_a_misspelt_metrics_value():
+    with pytest.raises(helm.HelmValuesError, match="at '/sidecar/trainer/metrics': additional properties 'Port'"):
+        render(merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.Port": 9100}), "1.33")
+    with pytest.raises(helm.HelmValuesError,
+                       match="at '/sidecar/trainer/metrics/serviceMonitor': additional properties 'label'"):
+        render(merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.serviceMonitor.label": {}}), "1.33")
+
+
+# ---- metrics (issue #7) ----
+
+@pytest.mark.parametrize("kube_version, port", [("1.28", 9464), ("1.33", 9464), ("1.33", 9100)])
+def test_trainer_serves_metrics_by_default_on_its_port(kube_version, port):
+    values = ISSUE_VALUES if port == 9464 else merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.port": port})
+    rendered = render(values, kube_version, api_versions=(SERVICE_MONITOR_API,))
+    trainer = rendered.container("trainer")
+    # A string, exactly: the sidecar parses [host]:port.
+    assert trainer["env"][1] == {"name": "VMAFX_SIDECAR_METRICS_ADDR", "value": f":{port}"}
+    assert trainer["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    template = rendered.objects["Deployment"]["spec"]["template"]
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+    node = rendered.container("vmafx-node")
+    assert "ports" not in node and "VMAFX_SIDECAR_METRICS_ADDR" not in env_of(node)
+    # The Service reaches the trainer's metrics port on this release's pods, under the name "metrics".
+    service = rendered.objects["Service"]
+    assert service["metadata"]["name"] == "demo-vmafx-node-metrics"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == rendered.objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    # By number: before Kubernetes 1.32 a Service does not resolve a native sidecar's named port.
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"}]
+    assert "ServiceMonitor" not in rendered.objects  # off by default, even where the cluster has the API
+    assert f":{port}/metrics" in rendered.notes and "ServiceMonitor" not in rendered.notes
+
+
+@pytest.mark.parametrize("case", ["metrics off", "trainer disabled"])
+def test_without_metrics_nothing_of_them_is_rendered(case):
+    values = merged(VARIANTS["serviceMonitor"], **{
+        "sidecar.trainer.metrics.enabled" if case == "metrics off" else "sidecar.trainer.enabled": False})
+    # Even with the ServiceMonitor asked for and its API present.
+    rendered = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,))
+    assert "Service" not in rendered.objects and "ServiceMonitor" not in rendered.objects
+    assert "annotations" not in rendered.objects["Deployment"]["spec"]["template"]["metadata"]
+    for container in rendered.pod["containers"] + rendered.pod.get("initContainers", []):
+        assert "ports" not in container and "VMAFX_SIDECAR_METRICS_ADDR" not in env_of(container), container["name"]
+    assert "metrics" not in rendered.notes and "ServiceMonitor" not in rendered.notes
+
+
+@pytest.mark.parametrize("kube_version", ["1.28", "1.33"])
+def test_service_monitor_selects_the_metrics_service_where_the_cluster_has_the_api(kube_version):
+    rendered = render(VARIANTS["serviceMonitor"], kube_version, api_versions=(SERVICE_MONITOR_API,))
+    monitor, service = rendered.objects["ServiceMonitor"], rendered.objects["Service"]
+    assert (monitor["apiVersion"], monitor["metadata"]["name"]) == ("monitoring.coreos.com/v1", "demo-vmafx-node-metrics")
+    labels = monitor["metadata"]["labels"]
+    assert labels["release"] == "prometheus"  # the extra labels, for the operator's serviceMonitorSelector
+    assert labels["app.kubernetes.io/instance"] == "demo" and labels["app.kubernetes.io/managed-by"] == "Helm"
+    # It selects the Service by the Service's own labels, in the release's namespace...
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert selector["app.kubernetes.io/component"] == "metrics"  # ...and no other Service of the release
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["vmafx"]}
+    # ...and scrapes the Service's port by its name.
+    [endpoint] = monitor["spec"]["endpoints"]
+    [port] = service["spec"]["ports"]
+    assert endpoint == {"port": port["name"], "path": "/metrics", "interval": "15s"}
+    assert rendered.container("trainer")["ports"][0]["containerPort"] == port["targetPort"]
+    assert "ServiceMonitor demo-vmafx-node-metrics" in rendered.notes and "WARNING: sidecar" not in rendered.notes
+
+
+def test_service_monitor_defaults_and_label_precedence():
+    values = {"sidecar": {"trainer": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {
+        "release": "kube-prometheus-stack", "app.kubernetes.io/name": "vmafx"}}}}}}
+    monitor = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,)).objects["ServiceMonitor"]
+    assert monitor["spec"]["endpoints"][0]["interval"] == "30s"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/name"] == "vmafx"  # an extra label wins
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # The selector is the chart's own, whatever the extra labels say.
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "vmafx-node"
+
+
+def test_service_monitor_without_the_api_is_left_out_and_the_notes_say_why():
+    rendered = render(VARIANTS["serviceMonitor"], "1.33")
+    assert "ServiceMonitor" not in rendered.objects
+    assert "Service" in rendered.objects  # the Service still exposes the metrics
+    notes = " ".join(rendered.notes.split())
+    assert ("WARNING: sidecar.trainer.metrics.serviceMonitor.enabled is true, but the cluster has no "
+            "monitoring.coreos.com/v1 ServiceMonitor API") in notes
+    assert "--api-versions monitoring.coreos.com/v1/ServiceMonitor" in notes
+    # The group/version alone is not the kind: Helm's Has() needs the exact string.
+    assert "ServiceMonitor" not in render(VARIANTS["serviceMonitor"], "1.33",
+                                          api_versions=("monitoring.coreos.com/v1",)).objects
+
+
+def test_only_the_service_monitor_skips_kubernetes_validate():
+    """kubernetes-validate has no schema for a CRD; check_service_monitor stands in for it, strictly."""
+    monitor = render(VARIANTS["serviceMonitor"], "1.33", api_versions=(SERVICE_MONITOR_API,)).objects["ServiceMonitor"]
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(monitor, "1.33", strict=True)
+    for broken in ({**monitor, "spec": {**monitor["spec"], "endpoint": []}},
+                   {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": 9464, "path": "/metrics",
+                                                                         "interval": "30s"}]}},
+                   {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "metrics", "path": "/metrics",
+                                                                         "interval": "30 s"}]}}):
+        with pytest.raises(AssertionError):
+            check_service_monitor(broken)

@@ -52,6 +52,27 @@ nFeatures: VMAFX_SIDECAR_N_FEATURES
 cuda: VMAFX_SIDECAR_CUDA
 {{- end -}}
 
+{{/* The trainer serves Prometheus metrics: "true" or "". */}}
+{{- define "vmafx-node.metrics" -}}
+{{- if and .Values.sidecar.trainer.enabled .Values.sidecar.trainer.metrics.enabled }}true{{ end -}}
+{{- end -}}
+
+{{- define "vmafx-node.metricsName" -}}
+{{- printf "%s-metrics" (include "vmafx-node.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The metrics Service's own labels, which the ServiceMonitor selects it by. */}}
+{{- define "vmafx-node.metricsSelectorLabels" -}}
+{{ include "vmafx-node.selectorLabels" . }}
+app.kubernetes.io/component: metrics
+{{- end -}}
+
+{{/* The ServiceMonitor is wanted and the cluster has its API: "true" or "". */}}
+{{- define "vmafx-node.serviceMonitor" -}}
+{{- $wanted := and (include "vmafx-node.metrics" .) .Values.sidecar.trainer.metrics.serviceMonitor.enabled -}}
+{{- if and $wanted (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true{{ end -}}
+{{- end -}}
+
 {{- define "vmafx-node.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
@@ -82,6 +103,10 @@ args: [serve]
 env:
   - name: VMAFX_SIDECAR_SOCKET
     value: {{ include "vmafx-node.socket" . }}
+  {{- if $trainer.metrics.enabled }}
+  - name: VMAFX_SIDECAR_METRICS_ADDR
+    value: {{ printf ":%d" (int $trainer.metrics.port) | quote }}
+  {{- end }}
   {{- range $key, $name := include "vmafx-node.trainerSettings" . | fromYaml }}
   {{- $value := index $trainer $key }}
   {{- if not (kindIs "invalid" $value) }}
@@ -93,6 +118,12 @@ env:
   {{- with $trainer.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- if $trainer.metrics.enabled }}
+ports:
+  - name: metrics
+    containerPort: {{ int $trainer.metrics.port }}
+    protocol: TCP
+{{- end }}
 {{- with $trainer.resources }}
 resources:
   {{- toYaml . | nindent 2 }}
