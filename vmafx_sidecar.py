@@ -197,8 +197,9 @@ class Config:
                                 "serve GET /metrics and /healthz here (empty: off)")
     log_level: str = setting("info", "VMAFX_SIDECAR_LOG_LEVEL", one_of("debug", "info", "warning", "error"),
                              "log level")
-    cuda: str = setting("0", "VMAFX_SIDECAR_CUDA", one_of("0", "1"),
-                        "1 asks for the CuPy backend (not available yet: numpy is used)")
+    cuda: str = setting("0", "VMAFX_SIDECAR_CUDA", one_of("0", "1", "require"),
+                        "1: train on the GPU through CuPy if it can run, else numpy with a warning; "
+                        "require: CuPy or exit")
 
     @classmethod
     def load(cls, environ: dict[str, str], overrides: dict[str, str]) -> Config:
@@ -650,8 +651,8 @@ class Server:
             "samples_held_out": t.samples_held_out,
             "steps_skipped": t.steps_skipped,
             "pending": t.n_pending,
-            "replay_size": t.replay.size,
-            "eval_size": t.eval.size,
+            "replay_size": t.replay_size,
+            "eval_size": t.eval_size,
             "checkpoint_version": t.checkpoints.latest["version"] if t.checkpoints.latest else None,
             "gate": t.last_gate,
             "last_loss": t.last_loss,
@@ -659,7 +660,7 @@ class Server:
             "connections_refused": self.connections_refused,
             "connections_dropped": self.connections_dropped,
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "backend": "numpy",
+            "backend": t.backend.name,
             "model": "-".join(map(str, t.model.sizes)),
             "activations": [str(a) for a in t.model.activations],
             "config": dataclasses.asdict(self.config),
@@ -880,7 +881,7 @@ def metrics_text(server: Server) -> str:
         ("vmafx_sidecar_step_duration_seconds", "histogram", "Time of one training step, since the process "
          "started", [*(("_bucket", labels, n) for labels, n in buckets), ("_sum", {}, step.sum),
                      ("_count", {}, sum(step.counts))]),
-        ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay.size)]),
+        ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay_size)]),
         ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
         ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",
          [({"result": r}, t.checkpoint_results[r]) for r in ("published", "quarantined", "failed")]),
@@ -892,7 +893,7 @@ def metrics_text(server: Server) -> str:
          [({}, candidate.get("plcc"))]),
         ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
          [({}, t.steps_skipped)]),
-        ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": "numpy"}, 1)]),
+        ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
         ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
         ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
         ("process_cpu_seconds_total", "counter", "User and system CPU time",
@@ -924,25 +925,63 @@ def resident_bytes() -> int | None:
         return None
 
 
-# ---- replay buffer: a preallocated float32 ring, oldest sample evicted first ----
+# ---- backend: numpy, or CuPy on a GPU; the rings, the model and the trainer are written against `xp` ----
 
-class ReplayBuffer:
-    def __init__(self, capacity: int, n_features: int):
-        self.x = np.zeros((capacity, n_features), np.float32)
-        self.y = np.zeros(capacity, np.float32)
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "numpy" or "cupy"
+    xp: Any  # the array module
+    erf: Callable[[Any], Any]  # elementwise, for exact GELU
+    to_host: Callable[[Any], np.ndarray]
+
+
+NUMPY = Backend("numpy", np, np.frompyfunc(math.erf, 1, 1), np.asarray)  # math.erf is exact to an ulp
+
+
+def select_backend(cuda: str) -> Backend:
+    """VMAFX_SIDECAR_CUDA: 0 numpy; 1 CuPy when it and a GPU are there, else numpy with a warning;
+    require: CuPy, or the sidecar does not start."""
+    if cuda == "0":
+        return NUMPY
+    try:
+        import cupy
+        import cupyx.scipy.special
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+    except Exception as e:  # not installed, no driver, no device: each says so in its message
+        if cuda == "require":
+            raise StartupError(f"VMAFX_SIDECAR_CUDA=require, but CuPy cannot run: {type(e).__name__}: {e}") from None
+        log.warning("VMAFX_SIDECAR_CUDA=1, but CuPy cannot run (%s: %s): training on numpy", type(e).__name__, e)
+        return NUMPY
+    return Backend("cupy", cupy, cupyx.scipy.special.erf, cupy.asnumpy)
+
+
+HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
+
+
+# ---- rings: preallocated float32 rings for replay and evaluation, oldest sample evicted first ----
+
+class Ring:
+    def __init__(self, capacity: int, n_features: int, backend: Backend):
+        self.xp = backend.xp
+        self.x = backend.xp.zeros((capacity, n_features), np.float32)
+        self.y = backend.xp.zeros(capacity, np.float32)
         self.size = 0
         self.next = 0  # write position
 
-    def add(self, features: np.ndarray, score: np.float32) -> None:
-        """Store a sample, evicting the oldest when full."""
-        self.x[self.next] = features
-        self.y[self.next] = score
-        self.next = (self.next + 1) % len(self.y)
-        self.size = min(self.size + 1, len(self.y))
+    def extend(self, x: Any, y: Any) -> None:
+        """Store len(y) <= capacity samples (arrays of the ring's backend), evicting the oldest."""
+        n, capacity = len(y), len(self.y)
+        head = min(n, capacity - self.next)  # what fits before the end; the rest wraps to the start
+        self.x[self.next:self.next + head], self.y[self.next:self.next + head] = x[:head], y[:head]
+        self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
+        self.next = (self.next + n) % capacity
+        self.size = min(self.size + n, capacity)
 
-    def sample_into(self, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> None:
-        """Fill x and y with len(y) samples drawn uniformly with replacement."""
-        index = rng.integers(0, self.size, len(y))
+    def sample_into(self, rng: np.random.Generator, x: Any, y: Any) -> None:
+        """Fill x and y with len(y) samples drawn uniformly with replacement, by the host's generator
+        so that every backend draws the same batches."""
+        index = self.xp.asarray(rng.integers(0, self.size, len(y)))
         self.x.take(index, axis=0, out=x)
         self.y.take(index, out=y)
 
@@ -950,44 +989,47 @@ class ReplayBuffer:
 # ---- model: dense layers with an activation between them, backprop written out by hand ----
 
 Activation = onnx_builder.Activation
-_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf; math.erf is exact to an ulp
 
 
-def activate(act: Activation, z: np.ndarray) -> np.ndarray:
+def activate(act: Activation, z: Any, backend: Backend = NUMPY) -> Any:
+    xp = backend.xp
     if act.kind == "relu":
-        return np.maximum(z, 0)
+        return xp.maximum(z, 0)
     if act.kind == "leaky_relu":
-        return np.where(z > 0, z, z * act.alpha).astype(z.dtype)
+        return xp.where(z > 0, z, z * act.alpha).astype(z.dtype)
     if act.kind == "tanh":
-        return np.tanh(z)
+        return xp.tanh(z)
     if act.kind == "sigmoid":
-        return (1 / (1 + np.exp(-z))).astype(z.dtype)
-    return (0.5 * z * (1 + _erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
+        return (1 / (1 + xp.exp(-z))).astype(z.dtype)
+    return (0.5 * z * (1 + backend.erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
 
 
-def activation_slope(act: Activation, z: np.ndarray, h: np.ndarray) -> np.ndarray:
+def activation_slope(act: Activation, z: Any, h: Any, backend: Backend = NUMPY) -> Any:
     """d activate(z) / dz, given z and h = activate(z)."""
+    xp = backend.xp
     if act.kind == "relu":
-        return np.sign(h)  # 1 where the unit was active (h > 0), else 0, as torch takes it at 0
+        return xp.sign(h)  # 1 where the unit was active (h > 0), else 0, as torch takes it at 0
     if act.kind == "leaky_relu":
-        return np.where(z > 0, 1, act.alpha).astype(z.dtype)
+        return xp.where(z > 0, 1, act.alpha).astype(z.dtype)
     if act.kind == "tanh":
         return 1 - h * h
     if act.kind == "sigmoid":
         return h * (1 - h)
-    cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
-    return (cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
+    cdf = 0.5 * (1 + backend.erf(z / math.sqrt(2)))
+    return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
 
 
 class MLP:
     """All parameters live in one flat vector and each layer's W (in, out) and b are views
     into it, so clipping, decay, momentum and EMA are each a single vector operation."""
 
-    def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32):
+    def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32,
+                 backend: Backend = NUMPY):
         assert len(activations) == len(sizes) - 2, "one activation per hidden layer"
         self.sizes = list(sizes)
         self.activations = list(activations)
-        self.flat = np.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
+        self.backend = backend
+        self.flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []
         offset = 0
         for fan_in, fan_out in zip(sizes, sizes[1:]):
@@ -997,11 +1039,12 @@ class MLP:
             offset += fan_out
 
     @classmethod
-    def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32) -> MLP:
-        model = cls(weights.sizes(), weights.activations, dtype)
+    def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32,
+                     backend: Backend = NUMPY) -> MLP:
+        model = cls(weights.sizes(), weights.activations, dtype, backend)
         for (w, b), (w_src, b_src) in zip(model.layers, weights.layers):
-            w[...] = w_src
-            b[...] = b_src
+            w[...] = backend.xp.asarray(w_src)
+            b[...] = backend.xp.asarray(b_src)
         return model
 
     @classmethod
@@ -1014,22 +1057,28 @@ class MLP:
             b[...] = rng.uniform(-bound, bound, b.shape)
         return model
 
+    def to(self, backend: Backend) -> MLP:
+        """A copy whose parameters live on `backend`."""
+        return MLP.from_weights(self.weights(), self.flat.dtype, backend)
+
     def copy(self) -> MLP:
-        twin = MLP(self.sizes, self.activations, self.flat.dtype)
+        twin = MLP(self.sizes, self.activations, self.flat.dtype, self.backend)
         twin.flat[...] = self.flat
         return twin
 
     def weights(self) -> onnx_builder.MLPWeights:
-        return onnx_builder.MLPWeights(self.layers, self.activations)
+        """The parameters as host arrays (views on the numpy backend)."""
+        host = self.backend.to_host
+        return onnx_builder.MLPWeights([(host(w), host(b)) for w, b in self.layers], self.activations)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: Any) -> Any:
         """Scores of shape (batch, 1)."""
         for (w, b), act in zip(self.layers, self.activations):
-            x = activate(act, x @ w + b)
+            x = activate(act, x @ w + b, self.backend)
         w, b = self.layers[-1]
         return x @ w + b
 
-    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, grad: MLP) -> float:
+    def loss_and_grad(self, x: Any, y: Any, grad: MLP) -> float:
         """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
         hidden, pre = [x], []
         for (w, b), act in zip(self.layers, self.activations):
@@ -1041,16 +1090,17 @@ class MLP:
         error = hidden[-1] @ w
         error += b
         error -= y[:, None]
-        loss = np.vdot(error, error) / len(y)
+        xp = self.backend.xp
+        loss = xp.vdot(error, error) / len(y)
         d_out = error * (2 / len(y))  # dL/d(output of layer i), walking back from the top
         for i in range(len(self.layers) - 1, -1, -1):
             w, d_w, d_b = self.layers[i][0], *grad.layers[i]
-            np.matmul(hidden[i].T, d_out, out=d_w)
-            np.add.reduce(d_out, axis=0, out=d_b)
+            xp.matmul(hidden[i].T, d_out, out=d_w)
+            xp.sum(d_out, axis=0, out=d_b)
             if i:
                 # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
                 d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
-                d_out *= activation_slope(self.activations[i - 1], pre[i - 1], hidden[i])
+                d_out *= activation_slope(self.activations[i - 1], pre[i - 1], hidden[i], self.backend)
         return float(loss)
 
 
@@ -1065,23 +1115,31 @@ class StepResult:
 class Trainer:
     def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
         self.config = config
+        self.backend = b = model.backend  # the model, the optimizer state and both rings live there
         self.model = model  # live weights, theta
         self.ema = model.copy()
-        self.grad = MLP(model.sizes, model.activations)
-        self.momentum = np.zeros_like(model.flat)
-        self.undo = tuple(np.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
+        self.grad = MLP(model.sizes, model.activations, backend=b)
+        self.momentum = b.xp.zeros_like(model.flat)
+        self.undo = tuple(b.xp.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
         self.checkpoints = checkpoints
         self.rng = rng
-        self.replay = ReplayBuffer(config.replay_capacity, config.n_features)
-        self.eval = ReplayBuffer(config.eval_capacity, config.n_features)  # held-out samples, never trained on
+        self.replay = Ring(config.replay_capacity, config.n_features, b)
+        self.eval = Ring(config.eval_capacity, config.n_features, b)  # held-out samples, never trained on
         self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
-        # Pending samples are written straight into the head of the batch; replay draws fill the tail.
-        self.batch_x = np.zeros((config.batch_size, config.n_features), np.float32)
-        self.batch_y = np.zeros(config.batch_size, np.float32)
+        # Samples gather on the host and go to the device a batch at a time: the new ones of the next step,
+        # and held-out ones in stages (written to the evaluation ring before anything reads it).
+        self.pending_x = np.zeros((self.n_new, config.n_features), np.float32)
+        self.pending_y = np.zeros(self.n_new, np.float32)
         self.n_pending = 0
+        self.held_x = np.zeros((min(HELD_OUT_STAGE, config.eval_capacity), config.n_features), np.float32)
+        self.held_y = np.zeros(len(self.held_x), np.float32)
+        self.n_held = 0
+        # The step's batch: the new samples at the head, replay draws in the tail.
+        self.batch_x = b.xp.zeros((config.batch_size, config.n_features), np.float32)
+        self.batch_y = b.xp.zeros(config.batch_size, np.float32)
         self.steps = 0
         self.steps_skipped = 0
         self.samples_trained = 0
@@ -1108,22 +1166,41 @@ class Trainer:
         """Take one valid sample (float32): into the evaluation ring if held out, else into the next
         batch, running a step when enough new samples are pending."""
         if held_out:
-            self.eval.add(features, score)
+            self.held_x[self.n_held], self.held_y[self.n_held] = features, score
+            self.n_held += 1
             self.samples_held_out += 1
+            if self.n_held == len(self.held_y):
+                self.flush_held_out()
             return None
-        self.replay.add(features, score)
-        self.batch_x[self.n_pending] = features
-        self.batch_y[self.n_pending] = score
+        self.pending_x[self.n_pending], self.pending_y[self.n_pending] = features, score
         self.n_pending += 1
         if self.n_pending < self.n_new:
             return None
         self.n_pending = 0
         return self.step()
 
+    def flush_held_out(self) -> None:
+        xp = self.backend.xp
+        self.eval.extend(xp.asarray(self.held_x[:self.n_held]), xp.asarray(self.held_y[:self.n_held]))
+        self.n_held = 0
+
+    @property
+    def replay_size(self) -> int:
+        """Samples in the replay buffer, the pending ones counted: they are in it when they are used."""
+        return min(self.replay.size + self.n_pending, len(self.replay.y))
+
+    @property
+    def eval_size(self) -> int:
+        return min(self.eval.size + self.n_held, len(self.eval.y))
+
     def step(self) -> StepResult | None:
         started = time.perf_counter()
+        xp = self.backend.xp
+        new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
+        self.replay.extend(new_x, new_y)
         n = self.n_new + min(self.n_replay, self.replay.size)
         x, y = self.batch_x[:n], self.batch_y[:n]
+        x[:self.n_new], y[:self.n_new] = new_x, new_y
         if n > self.n_new:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
@@ -1144,8 +1221,8 @@ class Trainer:
     def apply_gradient(self, loss: float) -> bool:
         """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
         False, with nothing changed, when the loss, the gradient or the new weights are not finite."""
-        c, g, theta = self.config, self.grad.flat, self.model.flat
-        norm = float(np.sqrt(np.dot(g, g)))
+        c, g, theta, xp = self.config, self.grad.flat, self.model.flat, self.backend.xp
+        norm = float(xp.sqrt(xp.dot(g, g)))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return False
         for live, saved in zip(self.state_vectors(), self.undo):
@@ -1161,7 +1238,7 @@ class Trainer:
         theta -= np.float32(c.lr * warmup) * self.momentum
         self.ema.flat *= np.float32(c.ema_decay)
         self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
-        if not (np.isfinite(theta).all() and np.isfinite(self.ema.flat).all()):  # overflowed: undo the step
+        if not (xp.isfinite(theta).all() and xp.isfinite(self.ema.flat).all()):  # overflowed: undo the step
             for live, saved in zip(self.state_vectors(), self.undo):
                 live[...] = saved
             return False
@@ -1180,10 +1257,12 @@ class Trainer:
             return None
         self.last_checkpoint_time = now
         started = time.perf_counter()
-        x, y = self.eval.x[:self.eval.size], self.eval.y[:self.eval.size]
+        self.flush_held_out()
+        host = self.backend.to_host
+        x, y = host(self.eval.x[:self.eval.size]), host(self.eval.y[:self.eval.size])
         verdict = judge(c, self.ema, self.incumbent, x, y)
         # The written file is run on held-out inputs; replayed ones stand in while there are none.
-        probe = x if len(x) else self.replay.x[:min(self.replay.size, 256)]
+        probe = x if len(x) else host(self.replay.x[:min(self.replay.size, 256)])
         try:
             checkpoint = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained, verdict, probe)
         except OSError as e:  # e.g. a full disk: keep training, try again after the interval
@@ -1215,11 +1294,12 @@ class Metrics:
 
 
 def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """The gate's verdict on `candidate`, with both models' metrics on the held-out samples (x, y)."""
+    """The gate's verdict on `candidate`, with both models' metrics on the held-out samples (x, y), all
+    on the host, so that every backend reaches the same verdict."""
     ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
     metrics = {"candidate": ours and dataclasses.asdict(ours), "incumbent": theirs and dataclasses.asdict(theirs),
                "eval_n": len(y)}
-    if not np.isfinite(candidate.flat).all() or (len(y) and ours is None):
+    if not np.isfinite(candidate.backend.to_host(candidate.flat)).all() or (len(y) and ours is None):
         return {"metrics": metrics, "gate": "quarantined", "reason": "non-finite weights or outputs"}
     if config.gate == "off":
         return {"metrics": metrics, "gate": "off"}
@@ -1464,6 +1544,7 @@ class StateStore:
 
     def snapshot_payload(self, generation: int) -> list[memoryview]:
         t, s = self.trainer, self.server
+        t.flush_held_out()  # the evaluation ring is then whole
         since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
         meta = {
             "fingerprint": self.fingerprint(), "generation": generation, "steps": t.steps,
@@ -1474,14 +1555,15 @@ class StateStore:
             "replay_next": t.replay.next, "rng": t.rng.bit_generator.state,
             "samples_accepted": s.samples_accepted, "samples_rejected": s.samples_rejected,
             "samples_held_out": t.samples_held_out, "unnamed_samples": t.unnamed_samples,
-            "eval_size": t.eval.size, "eval_next": t.eval.next, "last_gate": t.last_gate,
+            "eval_size": t.eval_size, "eval_next": t.eval.next, "last_gate": t.last_gate,
         }
-        return pack_arrays(meta, self.arrays(t.n_pending))
+        return pack_arrays(meta, {name: t.backend.to_host(a) for name, a in self.arrays(t.n_pending).items()})
 
-    def arrays(self, n_pending: int) -> dict[str, np.ndarray]:
+    def arrays(self, n_pending: int) -> dict[str, Any]:
+        """The state's arrays, where they live: on the backend, except the pending samples on the host."""
         t = self.trainer
         return {"theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
-                "replay_y": t.replay.y, "pending_x": t.batch_x[:n_pending], "pending_y": t.batch_y[:n_pending],
+                "replay_y": t.replay.y, "pending_x": t.pending_x[:n_pending], "pending_y": t.pending_y[:n_pending],
                 "eval_x": t.eval.x, "eval_y": t.eval.y}
 
     def load_snapshot(self) -> bool:
@@ -1523,17 +1605,17 @@ class StateStore:
 
     def apply(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         t, s = self.trainer, self.server
-        t.model.flat[...] = arrays["theta"]
-        t.ema.flat[...] = arrays["ema"]
-        t.momentum[...] = arrays["momentum"]
-        t.replay.x[...], t.replay.y[...] = arrays["replay_x"], arrays["replay_y"]
+        to_device = t.backend.xp.asarray
+        t.model.flat[...], t.ema.flat[...] = to_device(arrays["theta"]), to_device(arrays["ema"])
+        t.momentum[...] = to_device(arrays["momentum"])
+        t.replay.x[...], t.replay.y[...] = to_device(arrays["replay_x"]), to_device(arrays["replay_y"])
+        t.eval.x[...], t.eval.y[...] = to_device(arrays["eval_x"]), to_device(arrays["eval_y"])
+        t.n_pending = meta["n_pending"]
+        t.pending_x[:t.n_pending], t.pending_y[:t.n_pending] = arrays["pending_x"], arrays["pending_y"]
         t.replay.size, t.replay.next = meta["replay_size"], meta["replay_next"]
-        t.eval.x[...], t.eval.y[...] = arrays["eval_x"], arrays["eval_y"]
         t.eval.size, t.eval.next = meta["eval_size"], meta["eval_next"]
         t.samples_held_out, t.unnamed_samples = meta["samples_held_out"], meta["unnamed_samples"]
         t.last_gate = meta["last_gate"]
-        t.n_pending = meta["n_pending"]
-        t.batch_x[:t.n_pending], t.batch_y[:t.n_pending] = arrays["pending_x"], arrays["pending_y"]
         t.steps, t.steps_skipped = meta["steps"], meta["steps_skipped"]
         t.samples_trained, t.samples_since_checkpoint = meta["samples_trained"], meta["samples_since_checkpoint"]
         t.last_loss = meta["last_loss"]
@@ -1932,19 +2014,7 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
 # ---- CLI ----
 
 def serve(config: Config) -> int:
-    if config.cuda == "1":
-        log.warning("VMAFX_SIDECAR_CUDA=1: the CuPy backend is not available in this version; using numpy")
-    rng = np.random.default_rng(config.seed)
-    model = load_base_model(config)
-    source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
-    model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
-    trainer = Trainer(config, model, CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints), rng)
-    published = trainer.checkpoints.latest_model()
-    if published is not None and published.sizes[0] == config.n_features:
-        trainer.incumbent = published  # candidates must do as well as what nodes serve now
-    elif published is not None:
-        log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
-                    "the base model instead", published.sizes[0], config.n_features)
+    trainer, source = build_trainer(config)
     server = Server(config, trainer)
     server.state = StateStore(config, server)
     server.state.restore()
@@ -1952,14 +2022,34 @@ def serve(config: Config) -> int:
         server.metrics = MetricsEndpoint(server, config.metrics_addr)
         log.info("metrics on http://%s/metrics", config.metrics_addr)
     server.bind()
+    model = trainer.model
     shape = " ".join(["-".join(map(str, model.sizes)), *map(str, model.activations)])
-    log.info("serving on %s: model %s (%s), batch %d (%d new + %d replay), lr %g, replay %d, "
+    log.info("serving on %s: model %s (%s) on %s, batch %d (%d new + %d replay), lr %g, replay %d, "
              "checkpoints to %s every %gs and %d samples, next v%06d",
-             config.socket, shape, source, config.batch_size, trainer.n_new, trainer.n_replay, config.lr,
-             config.replay_capacity, config.checkpoint_dir, config.ckpt_interval_s, config.min_samples_ckpt,
-             trainer.checkpoints.version + 1)
+             config.socket, shape, source, trainer.backend.name, config.batch_size, trainer.n_new, trainer.n_replay,
+             config.lr, config.replay_capacity, config.checkpoint_dir, config.ckpt_interval_s,
+             config.min_samples_ckpt, trainer.checkpoints.version + 1)
     server.serve_forever()
     return 0
+
+
+def build_trainer(config: Config) -> tuple[Trainer, str]:
+    """The trainer on its backend, from the base model or a fresh one (which the second value names),
+    with the published checkpoint as the incumbent its candidates must match."""
+    backend = select_backend(config.cuda)
+    rng = np.random.default_rng(config.seed)
+    model = load_base_model(config)
+    source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
+    model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
+    trainer = Trainer(config, model.to(backend), CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints),
+                      rng)
+    published = trainer.checkpoints.latest_model()
+    if published is not None and published.sizes[0] == config.n_features:
+        trainer.incumbent = published
+    elif published is not None:
+        log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
+                    "the base model instead", published.sizes[0], config.n_features)
+    return trainer, source
 
 
 def demo(directory: str, samples: int) -> int:

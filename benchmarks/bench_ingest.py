@@ -330,15 +330,16 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
         data = np.random.default_rng(7)
         x = data.uniform(0, 1, (4096, config.n_features)).astype(np.float32)
         y = data.uniform(20, 100, 4096).astype(np.float32)
-        for i in range(config.replay_capacity):  # a full replay buffer, as in steady state
-            trainer.replay.add(x[i % len(x)].tolist(), float(y[i % len(y)]))
+        for i in range(0, config.replay_capacity, len(x)):  # a full replay buffer, as in steady state
+            n = min(len(x), config.replay_capacity - i)
+            trainer.replay.extend(x[:n], y[:n])
         n_new = trainer.n_new
         times = np.zeros(steps, np.int64)
         clock = time.perf_counter_ns
         for i in range(warmup + steps):
             j = (i * n_new) % (len(x) - n_new)
-            trainer.batch_x[:n_new] = x[j:j + n_new]  # what add() leaves in the batch head
-            trainer.batch_y[:n_new] = y[j:j + n_new]
+            trainer.pending_x[:] = x[j:j + n_new]  # what add() leaves pending for the step
+            trainer.pending_y[:] = y[j:j + n_new]
             t0 = clock()
             trainer.step()
             t1 = clock()

@@ -330,7 +330,8 @@ def test_held_out_samples_go_to_the_eval_ring_and_are_never_trained_on(tmp_path)
     flat = trainer.model.flat.copy()
     for row, score in zip(x, y):
         assert trainer.add(row, score, held_out=True) is None
-    assert (trainer.steps, trainer.samples_trained, trainer.samples_held_out) == (0, 0, 10)
+    assert (trainer.steps, trainer.samples_trained, trainer.samples_held_out, trainer.eval_size) == (0, 0, 10, 6)
+    trainer.flush_held_out()  # held-out samples reach the ring in stages; the gate flushes them first
     assert (trainer.replay.size, trainer.n_pending, trainer.eval.size) == (0, 0, 6)
     assert sorted(trainer.eval.y.tolist()) == [4, 5, 6, 7, 8, 9]  # a ring: the newest 6
     np.testing.assert_array_equal(trainer.model.flat, flat)
