@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import csv
 import dataclasses
 import datetime
 import errno
@@ -43,7 +44,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 DEFAULT_SOCKET = "/tmp/vmafx-sidecar.sock"
 PONG = b'{"ok": true, "op": "pong"}\n'
@@ -2011,7 +2012,7 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
                                            tuple(s * storage.itemsize for s in stride)).copy()
 
 
-# ---- CLI ----
+# ---- CLI: serve, and demo (a server fed a synthetic stream) ----
 
 def serve(config: Config) -> int:
     trainer, source = build_trainer(config)
@@ -2103,6 +2104,8 @@ def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
     model = MLP.from_weights(onnx_builder.read_mlp_model(onnx.load(checkpoint)))
     return float(np.mean((model.forward(x)[:, 0] - y) ** 2))
 
+
+# ---- checkpoint tools: `checkpoints` lists what the sidecar wrote, `verify` checks it ----
 
 def list_checkpoints(directory: Path) -> int:
     """Print every checkpoint in `directory` and its quarantine/ with its gate record, oldest first."""
@@ -2205,6 +2208,255 @@ def latest_problems(directory: Path) -> list[str]:
     return []
 
 
+# ---- clients of a running sidecar: `send` backfills from files, `status` asks how it is doing ----
+
+# send streams files to a running sidecar over one connection with SEND_WINDOW lines in flight: the server
+# answers pipelined lines in order, and the ACKs it holds for us stay far below OUTBUF_LIMIT.
+SEND_WINDOW = 256
+FIRST_REJECTIONS = 10
+ERROR_KINDS = 20  # distinct error texts counted apart; the rest share one count, so memory stays bounded
+INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    width: int  # cells per row, as in the header
+    features: list[tuple[int, str]]  # (index, name) in request order
+    score: tuple[int, str]
+    job_id: int | None
+
+
+def input_file(path: str) -> str:
+    """argparse type: - (JSON lines on stdin) or a readable file with a known suffix."""
+    if path != "-" and not path.lower().endswith(INPUT_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{path}: unknown file type (expected {', '.join(INPUT_SUFFIXES)} or -)")
+    if path != "-" and not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{path}: no such file, or not readable")
+    return path
+
+
+def csv_layout(header: list[str], score_column: str, feature_columns: list[str] | None) -> CsvLayout:
+    """Where a row holds the features (default: every column but the score and job_id), the score and the
+    job id; ValueError naming a column the header lacks."""
+    names = feature_columns or [n for n in header if n not in (score_column, "job_id")]
+    if missing := [n for n in (score_column, *names) if n not in header]:
+        raise ValueError(f"no column {', '.join(map(repr, missing))} in the header {header}")
+    return CsvLayout(len(header), [(header.index(n), n) for n in names], (header.index(score_column), score_column),
+                     header.index("job_id") if "job_id" in header else None)
+
+
+def csv_request(row: list[str], layout: CsvLayout) -> bytes:
+    """The request line for one CSV row; ValueError saying which value is missing or not a number."""
+    if len(row) != layout.width:
+        raise ValueError(f"expected {layout.width} values as in the header, got {len(row)}")
+    message: dict[str, Any] = {"features": [csv_number(row[i], name) for i, name in layout.features],
+                               "true_score": csv_number(row[layout.score[0]], layout.score[1])}
+    if layout.job_id is not None and row[layout.job_id]:  # an empty cell: a sample without a job id
+        message["job_id"] = row[layout.job_id]
+    return json.dumps(message).encode() + b"\n"
+
+
+def csv_number(text: str, column: str) -> float:
+    try:
+        return float(text)  # NaN and inf pass: the sidecar rejects them, with the reason it gives everyone
+    except ValueError:
+        raise ValueError(f"{column}: not a number: {text[:40]!r}") from None
+
+
+def csv_rows(lines: Iterator[bytes]) -> Any:
+    return csv.reader(line.decode("utf-8-sig", "replace") for line in lines)  # -sig: spreadsheets write a BOM
+
+
+def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
+                  ) -> Iterator[tuple[str, int, bytes | None, str | None]]:
+    """(file, line number, request line or None, why it is not sent or None) for each non-blank line."""
+    for path in paths:
+        name = "<stdin>" if path == "-" else path
+        with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
+            if path not in layouts:  # JSON lines go as they are: the sidecar checks them
+                for number, line in enumerate(tally.counted(f), 1):
+                    if line.strip():  # the sidecar answers no blank line
+                        yield name, number, line if line.endswith(b"\n") else line + b"\n", None
+                continue
+            rows = csv_rows(tally.counted(f))
+            next(rows)  # the header, checked before anything was sent
+            for row in filter(None, rows):  # [] is a blank line
+                try:
+                    yield name, rows.line_num, csv_request(row, layouts[path]), None
+                except ValueError as e:
+                    yield name, rows.line_num, None, str(e)
+
+
+class Tally:
+    """Counts, the first rejections and the progress display; its memory does not grow with the input."""
+
+    def __init__(self, total_bytes: int | None, tty: bool):
+        self.total_bytes, self.tty = total_bytes, tty
+        self.bytes_read = self.sent = self.accepted = self.rejected = self.local = 0
+        self.first: list[str] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.done_to: str | None = None  # the last line settled, in input order: where to resume
+        self.started = self.shown = time.monotonic()
+
+    def counted(self, lines: Iterator[bytes]) -> Iterator[bytes]:
+        for line in lines:
+            self.bytes_read += len(line)
+            yield line
+
+    def settle(self, name: str, number: int, error: str | None) -> None:
+        if error is None:
+            self.accepted += 1
+        else:
+            self.rejected += 1
+            if len(self.first) < FIRST_REJECTIONS:
+                self.first.append(f"{name}:{number}: {error}")
+            self.errors[error if error in self.errors or len(self.errors) < ERROR_KINDS else "(other errors)"] += 1
+        self.done_to = f"{name}:{number}"
+        now = time.monotonic()
+        if now - self.shown >= (0.1 if self.tty else 5.0):  # a redrawn line on a terminal, else a log line
+            self.shown = now
+            line = self.progress(now - self.started)
+            sys.stderr.write(f"\r{line}\x1b[K" if self.tty else f"vmafx-sidecar send: {line}\n")
+            sys.stderr.flush()
+
+    def progress(self, elapsed: float) -> str:
+        done = self.accepted + self.rejected
+        parts = [f"{done} lines", f"{done / elapsed:.0f} lines/s"]
+        if self.total_bytes and self.bytes_read:
+            eta = (self.total_bytes - self.bytes_read) * elapsed / self.bytes_read
+            parts += [f"{self.bytes_read / self.total_bytes:.0%} of {self.total_bytes / 1e6:.1f} MB",
+                      f"ETA {datetime.timedelta(seconds=round(eta))}"]
+        return "  ".join([*parts, f"accepted {self.accepted}", f"rejected {self.rejected}"])
+
+    def summary(self) -> None:
+        if self.tty and self.shown > self.started:
+            sys.stderr.write("\r\x1b[K")  # the progress line gives way to the summary
+        elapsed = time.monotonic() - self.started
+        rejected = f"{self.rejected} ({self.local} not sent: unreadable rows)" if self.local else self.rejected
+        print_rows([("sent", self.sent), ("accepted", self.accepted), ("rejected", rejected), ("elapsed",
+                    f"{elapsed:.1f} s"), ("rate", f"{(self.accepted + self.rejected) / elapsed:.0f} lines/s")])
+        if self.first:
+            print("first rejections:", *(f"  {line}" for line in self.first), sep="\n")
+            print("rejections by error:", *(f"  {n:>9}  {e}" for e, n in self.errors.most_common()), sep="\n")
+
+
+def send_lines(sock: socket.socket, reader: io.BufferedReader,
+               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
+    """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
+    queued. Lines rejected here wait in the queue too: everything is settled in input order."""
+    queue: collections.deque[tuple[str, int, str | None]] = collections.deque()
+    chunk: list[bytes] = []
+    for name, number, line, error in requests:
+        queue.append((name, number, error))
+        if line is not None:
+            chunk.append(line)
+        if len(queue) >= SEND_WINDOW:
+            transmit(sock, chunk, tally)
+            while len(queue) > SEND_WINDOW // 2:
+                settle_next(reader, queue, tally)
+    transmit(sock, chunk, tally)
+    while queue:
+        settle_next(reader, queue, tally)
+
+
+def transmit(sock: socket.socket, chunk: list[bytes], tally: Tally) -> None:
+    try:
+        sock.sendall(b"".join(chunk))
+        tally.sent += len(chunk)
+    except OSError:  # the sidecar went away: the ACKs it did send are still read, then reading fails
+        pass
+    chunk.clear()
+
+
+def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tally) -> None:
+    name, number, error = queue.popleft()
+    if error is None:
+        try:
+            ack = json.loads(reader.readline())  # b"" at EOF is a ValueError too
+        except (OSError, ValueError) as e:
+            raise ConnectionError(getattr(e, "strerror", None) or "the sidecar closed the connection") from None
+        error = None if ack.get("ok") else ack.get("error", "rejected")
+    else:
+        tally.local += 1
+    tally.settle(name, number, error)
+
+
+def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None) -> int:
+    """Stream every line of `paths` to the sidecar; 0 when all were accepted, 1 on any rejection or when
+    the connection is lost."""
+    layouts = {}
+    for path in (p for p in paths if p.lower().endswith(".csv")):  # every header is checked before sending
+        try:
+            with open(path, "rb") as f:
+                layouts[path] = csv_layout(next(csv_rows(f), []), score_column, feature_columns)
+        except (ValueError, csv.Error) as e:
+            print(f"vmafx-sidecar send: {path}: {e}", file=sys.stderr)
+            return 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(socket_path)
+        except OSError as e:
+            print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        tally = Tally(None if "-" in paths else sum(map(os.path.getsize, paths)), sys.stderr.isatty())
+        stopped = None
+        try:
+            with sock.makefile("rb") as reader:
+                send_lines(sock, reader, read_requests(paths, layouts, tally), tally)
+        except ConnectionError as e:
+            stopped = f"connection to {socket_path} lost ({e})"
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+    tally.summary()
+    if stopped:  # the sidecar journals each sample before its ACK: what follows done_to is all that is left
+        print(f"vmafx-sidecar send: {stopped} after {tally.accepted + tally.rejected - tally.local} lines were "
+              f"acknowledged" + (f"; the input was done up to {tally.done_to}" if tally.done_to else ""),
+              file=sys.stderr)
+    return 1 if stopped or tally.rejected else 0
+
+
+def show_status(socket_path: str, timeout_s: float, as_json: bool) -> int:
+    """The status op as aligned `key  value` lines, nested objects as dotted keys; or its answer as is."""
+    answer = b""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(timeout_s)
+            client.connect(socket_path)
+            client.sendall(b'{"op": "status"}\n')
+            answer = client.makefile("rb").readline()
+        status = json.loads(answer)
+    except OSError as e:
+        print(f"vmafx-sidecar status: {socket_path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError:
+        print(f"vmafx-sidecar status: {socket_path}: unexpected answer {answer[:200]!r}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(answer.decode().rstrip("\n"))
+    else:
+        print_rows([row for row in status_rows(status) if row[0] not in ("ok", "op")])
+    return 0
+
+
+def status_rows(status: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in status.items():
+        if isinstance(value, dict) and value:
+            rows += status_rows(value, f"{prefix}{key}.")
+        else:  # null as -, lists joined, an empty string as ""
+            rows.append((prefix + key, "-" if value is None else ", ".join(map(str, value)) if isinstance(value, list)
+                         else value if isinstance(value, str) and value else json.dumps(value)))
+    return rows
+
+
+def print_rows(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+# ---- command line ----
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -2224,6 +2476,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("dir", nargs="?", default=default_dir, type=Path,
                              help="checkpoint directory (default $VMAFX_SIDECAR_CHECKPOINT_DIR or %(default)s)")
     add_probe_arguments(commands.add_parser("probe", help=PROBE_HELP, description=PROBE_HELP))
+    send_help = "stream samples from CSV or JSON-lines files to a running sidecar (backfill)"
+    send = commands.add_parser("send", help=send_help, description=send_help)
+    send.add_argument("files", nargs="+", metavar="FILE", type=input_file,
+                      help=f"{', '.join(INPUT_SUFFIXES)}; - reads JSON lines from stdin")
+    send.add_argument("--score-column", default="true_score", help="CSV column of the true score (default %(default)s)")
+    send.add_argument("--feature-columns", type=lambda text: text.split(","), metavar="A,B,...",
+                      help="CSV feature columns in request order (default: every column but the score and job_id)")
+    send.add_argument("--socket", default=os.environ.get("VMAFX_SIDECAR_SOCKET", DEFAULT_SOCKET),
+                      help="socket path (default $VMAFX_SIDECAR_SOCKET or %(default)s)")
+    status_help = "print the sidecar's status as a table"
+    add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help)).add_argument(
+        "--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")
     return parser
 
 
@@ -2239,6 +2503,10 @@ def main(argv: list[str] | None = None) -> int:
         return list_checkpoints(args.dir)
     if args.command == "verify":
         return verify_checkpoints(args.dir)
+    if args.command == "send":
+        return send_files(args.files, args.socket, args.score_column, args.feature_columns)
+    if args.command == "status":
+        return show_status(args.socket, args.timeout, args.json)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     try:

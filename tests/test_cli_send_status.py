@@ -1,0 +1,302 @@
+"""`vmafx-sidecar send` (backfill from CSV and JSON-lines files) and `vmafx-sidecar status`, run as a user
+runs them: a subprocess against a real sidecar."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vmafx_sidecar as vs
+from conftest import ROOT, Client
+
+N = 4  # features: small, so that large files stay cheap
+SERVER = {"VMAFX_SIDECAR_N_FEATURES": str(N), "VMAFX_SIDECAR_JOURNAL_FSYNC": "no"}
+VALID = b'{"features": [0.1, 0.2, 0.3, 0.4], "true_score": 50}\n'
+SHORT = b'{"features": [0.1, 0.2, 0.3], "true_score": 50}\n'  # one feature short: the sidecar rejects it
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **extra}
+
+
+def cli(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], input=stdin, capture_output=True,
+                          env=cli_env(**env), cwd=ROOT, timeout=120)
+
+
+def send(sidecar, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    done = cli("send", "--socket", sidecar.socket, *args, stdin=stdin)
+    stderr = done.stderr.decode()
+    assert "\r" not in stderr and "Traceback" not in stderr, stderr  # not a terminal: plain lines only
+    return done.returncode, done.stdout.decode(), stderr
+
+
+def status(sidecar) -> dict:
+    client = Client(sidecar.socket)
+    try:
+        return client.request({"op": "status"})
+    finally:
+        client.close()
+
+
+def summary(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^(sent|accepted|rejected)\s+(.+)$", stdout, re.M))
+
+
+def rejections(stdout: str) -> list[str]:
+    block = stdout.split("first rejections:\n")[1].split("rejections by error:")[0]
+    return [line.strip() for line in block.splitlines()]
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def held_out(job_id: str, fraction: float) -> bool:
+    """The sidecar's own rule (Trainer.holds_out) for a sample with a job id."""
+    digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+# ---- CSV rows -> request lines, in process ----
+
+def test_csv_layout_defaults_to_every_column_but_score_and_job_id_in_header_order():
+    layout = vs.csv_layout(["b", "job_id", "a", "true_score", "c"], "true_score", None)
+    message = json.loads(vs.csv_request(["1", "enc-7", "2", "80.5", "3"], layout))
+    assert message == {"features": [1.0, 2.0, 3.0], "true_score": 80.5, "job_id": "enc-7"}
+
+
+def test_csv_layout_takes_the_named_feature_columns_in_the_order_given():
+    layout = vs.csv_layout(["a", "b", "c", "note", "vmaf"], "vmaf", ["c", "a"])
+    message = json.loads(vs.csv_request(["1", "2", "3", "not a number", "90"], layout))
+    assert message == {"features": [3.0, 1.0], "true_score": 90.0}
+
+
+def test_csv_rows_that_cannot_be_sent_say_why():
+    layout = vs.csv_layout(["job_id", "f0", "true_score"], "true_score", None)
+    assert "job_id" not in json.loads(vs.csv_request(["", "1", "2"], layout))  # an empty cell: no job id
+    for row, error in ((["j", "x1", "2"], "f0: not a number: 'x1'"), (["j", "1", ""], "true_score: not a number: ''"),
+                       (["j", "1"], "expected 3 values as in the header, got 2")):
+        with pytest.raises(ValueError, match=re.escape(error)):
+            vs.csv_request(row, layout)
+    with pytest.raises(ValueError, match="no column 'score', 'f9'"):
+        vs.csv_layout(["f0", "true_score"], "score", ["f9"])
+
+
+# ---- send ----
+
+def test_send_csv_backfills_every_row_and_passes_job_ids_through(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER, VMAFX_SIDECAR_HOLDOUT_FRACTION="0.5")
+    # Job ids the sidecar holds out, by its hash: all 12 rows are held out only if the ids reach it
+    # (without them, every second row would be).
+    ids = [j for j in (f"enc-{i}" for i in range(100)) if held_out(j, 0.5)][:12]
+    rows = [f"{j},{i},0.5,0.25,1e-3,{60 + i}" for i, j in enumerate(ids)]
+    path = write_csv(tmp_path / "jobs.csv", "job_id,f0,f1,f2,f3,true_score", rows)
+
+    rc, stdout, stderr = send(sidecar, str(path))
+
+    assert rc == 0, stdout + stderr
+    assert summary(stdout) == {"sent": "12", "accepted": "12", "rejected": "0"}
+    assert re.search(r"^elapsed\s+\d+\.\d s$", stdout, re.M) and re.search(r"^rate\s+\d+ lines/s$", stdout, re.M)
+    assert "first rejections" not in stdout
+    answer = status(sidecar)
+    assert (answer["samples_accepted"], answer["samples_held_out"], answer["samples_rejected"]) == (12, 12, 0)
+
+
+def test_send_csv_feature_and_score_columns(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    # Six numeric columns besides the score: only a four-column selection makes a valid sample; the NaN
+    # in f3 shows where f3 went in the request (the sidecar names the feature's index).
+    rows = ["1,2,3,4,5,6,77", "1,2,3,nan,5,6,78"]
+    path = write_csv(tmp_path / "vmaf.csv", "f0,f1,f2,f3,extra1,extra2,vmaf", rows)
+
+    rc, stdout, stderr = send(sidecar, "--score-column", "vmaf", "--feature-columns", "f3,f1,f0,f2", str(path))
+    assert rc == 1
+    assert summary(stdout) == {"sent": "2", "accepted": "1", "rejected": "1"}
+    assert rejections(stdout) == [f"{path}:3: features[0]: not a finite number (NaN, Infinity or an overflowing "
+                                  "literal)"]
+
+    rc, stdout, _ = send(sidecar, "--score-column", "vmaf", str(path))  # all six columns: two too many
+    assert rc == 1 and summary(stdout)["rejected"] == "2"
+    assert rejections(stdout) == [f"{path}:2: features: expected 4 numbers, got 6",
+                                  f"{path}:3: features: expected 4 numbers, got 6"]
+
+    rc, stdout, stderr = send(sidecar, str(path))  # no true_score column: nothing is sent
+    assert rc == 1 and stdout == ""
+    assert stderr.strip() == f"vmafx-sidecar send: {path}: no column 'true_score' in the header " \
+                             "['f0', 'f1', 'f2', 'f3', 'extra1', 'extra2', 'vmaf']"
+    assert status(sidecar)["samples_accepted"] == 1
+
+
+def test_send_jsonl_files_and_stdin_skip_blank_lines(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    first = tmp_path / "a.jsonl"
+    first.write_bytes(VALID + b"\n  \n" + VALID + VALID.rstrip(b"\n"))  # blank lines; no newline at the end
+    second = tmp_path / "b.ndjson"
+    second.write_bytes(VALID * 2)
+
+    rc, stdout, stderr = send(sidecar, str(first), "-", str(second), stdin=b"\n" + VALID * 4)
+
+    assert rc == 0, stdout + stderr
+    assert summary(stdout) == {"sent": "9", "accepted": "9", "rejected": "0"}
+    assert status(sidecar)["samples_accepted"] == 9
+
+
+def test_rejected_lines_are_listed_with_file_and_line_and_exit_1(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    jsonl = tmp_path / "samples.jsonl"
+    jsonl.write_bytes(VALID + b"\n" + b'{"features": [NaN, 0.2, 0.3, 0.4], "true_score": 50}\n' + VALID + SHORT)
+    table = write_csv(tmp_path / "table.csv", "f0,f1,f2,f3,true_score", ["1,2,3,4,50", "1,2,x,4,50", "", "1,2,3,4,5"])
+
+    rc, stdout, _ = send(sidecar, str(jsonl), str(table))
+
+    assert rc == 1
+    assert summary(stdout) == {"sent": "6", "accepted": "4", "rejected": "3 (1 not sent: unreadable rows)"}
+    assert rejections(stdout) == [
+        f"{jsonl}:3: features[0]: not a finite number (NaN, Infinity or an overflowing literal)",
+        f"{jsonl}:5: features: expected 4 numbers, got 3",
+        f"{table}:3: f2: not a number: 'x'",  # the header is line 1
+    ]
+    answer = status(sidecar)
+    assert (answer["samples_accepted"], answer["samples_rejected"]) == (4, 2)
+
+
+def test_send_memory_does_not_grow_with_the_input(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    # VmHWM of the process itself: getrusage's peak would include the pre-exec fork of this test process.
+    measured = ("import re, sys, vmafx_sidecar\nrc = vmafx_sidecar.main(sys.argv[1:])\n"
+                "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr)\n"
+                "sys.exit(rc)")
+    peaks = {}
+    for lines in (5_000, 50_000):
+        path = tmp_path / f"{lines}.jsonl"
+        path.write_bytes((VALID + SHORT) * (lines // 2))  # half of them rejected: the list of reasons is bounded
+        done = subprocess.run([sys.executable, "-c", measured, "send", "--socket", sidecar.socket, str(path)],
+                              capture_output=True, env=cli_env(), cwd=ROOT, timeout=120)
+        stdout = done.stdout.decode()
+        assert done.returncode == 1, done.stderr
+        assert summary(stdout) == {"sent": str(lines), "accepted": str(lines // 2), "rejected": str(lines // 2)}
+        assert len(rejections(stdout)) == 10
+        assert re.search(rf"^ +{lines // 2}  features: expected 4 numbers, got 3$", stdout, re.M)
+        peaks[lines] = int(done.stderr.splitlines()[-1])  # kB
+    # Keeping so much as one small int per line would add 1.6 MB.
+    assert peaks[50_000] - peaks[5_000] < 1024, peaks
+
+
+def test_send_on_a_terminal_draws_one_progress_line(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(VALID * 10_000)  # a quarter of a second or more: a redraw every 0.1 s
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, str(path)],
+                            stdout=subprocess.PIPE, stderr=terminal, env=cli_env(), cwd=ROOT)
+    os.close(terminal)
+    shown = b""
+    while True:  # read as it comes, until the child closes the terminal
+        select.select([controller], [], [], 30)
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's last user exited
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    stdout = proc.stdout.read().decode()
+    assert proc.wait(30) == 0
+    assert summary(stdout) == {"sent": "10000", "accepted": "10000", "rejected": "0"}
+    redraws = shown.split(b"\r")
+    assert len(redraws) >= 3, shown  # before the first "\r", at least one progress line and the final clearing
+    assert re.match(rb"\d+ lines  \d+ lines/s  \d+% of 0\.5 MB  ETA \d+:\d\d:\d\d  accepted \d+  rejected 0\x1b\[K$",
+                    redraws[1]), shown
+    assert redraws[-1] == b"\x1b[K"  # cleared before the summary
+    assert b"\n" not in shown
+
+
+def test_send_and_status_without_a_sidecar_say_so_in_one_line(tmp_path):
+    refusing = str(tmp_path / "dead.sock")  # a socket file nobody listens on, as a crashed sidecar leaves
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(refusing)
+    data = tmp_path / "a.jsonl"
+    data.write_bytes(VALID)
+    missing = str(tmp_path / "missing.sock")
+    for command, path, why in (("send", missing, "No such file or directory"), ("send", refusing, "Connection refused"),
+                               ("status", missing, "No such file or directory")):
+        done = cli(command, "--socket", path, *([str(data)] if command == "send" else []))
+        assert done.returncode == 1 and done.stdout == b""
+        assert done.stderr.decode() == f"vmafx-sidecar {command}: {path}: {why}\n"
+
+
+def test_send_refuses_files_of_unknown_type_before_connecting(tmp_path):
+    (tmp_path / "data.txt").write_text("1,2\n")
+    done = cli("send", "--socket", str(tmp_path / "none.sock"), str(tmp_path / "data.txt"))
+    assert done.returncode == 2
+    assert "data.txt: unknown file type (expected .csv, .jsonl, .ndjson, .json or -)" in done.stderr.decode()
+
+
+def test_connection_lost_midway_says_how_far_the_sidecar_acknowledged(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(VALID * 200_000)
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while status(sidecar)["samples_accepted"] < 2000:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    assert sidecar.stop(signal.SIGTERM) == 0
+    stdout, stderr = (s.decode() for s in proc.communicate(timeout=30))
+
+    assert proc.returncode == 1, stdout + stderr
+    match = re.fullmatch(rf"vmafx-sidecar send: connection to {re.escape(sidecar.socket)} lost \((.+)\) after "
+                         rf"(\d+) lines were acknowledged; the input was done up to {re.escape(str(path))}:(\d+)\n",
+                         stderr)
+    assert match, stderr
+    acknowledged = int(match.group(2))
+    assert 2000 <= acknowledged < 200_000 and int(match.group(3)) == acknowledged
+    assert summary(stdout)["accepted"] == str(acknowledged)
+    # Every acknowledged sample survived the stop: the rest of the file is what is left to send.
+    assert status(sidecar_factory(**SERVER))["samples_accepted"] == acknowledged
+
+
+# ---- status ----
+
+def test_status_prints_a_table_and_json(sidecar_factory):
+    # A checkpoint after the first step, so that the gate record is there to flatten.
+    sidecar = sidecar_factory(**SERVER, VMAFX_SIDECAR_BATCH_SIZE="2", VMAFX_SIDECAR_REPLAY_MIX="0",
+                              VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="1")
+    client = sidecar.client()
+    for _ in range(3):
+        assert client.request(VALID.rstrip())["ok"]
+    assert not client.request(SHORT.rstrip())["ok"]
+
+    done = cli("status", VMAFX_SIDECAR_SOCKET=sidecar.socket)  # the socket from the environment
+
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.decode()
+    rows = dict(line.split(None, 1) for line in table.splitlines())
+    assert {"steps": "1", "samples_accepted": "3", "samples_rejected": "1", "pending": "1", "checkpoint_version": "1",
+            "gate.version": "1", "gate.gate": "insufficient-data", "gate.metrics.candidate": "-",
+            "activations": "relu", "model": "4-64-1", "config.n_features": "4",
+            "config.base_model_path": '""'}.items() <= rows.items()
+    assert "ok" not in rows and "op" not in rows and "gate" not in rows
+    assert len({len(line) - len(value) for line, value in zip(table.splitlines(), rows.values())}) == 1  # aligned
+
+    done = cli("status", "--json", "--socket", sidecar.socket)
+    assert done.returncode == 0
+    answer, direct = json.loads(done.stdout), client.request({"op": "status"})
+    assert list(answer) == list(direct) and answer["ok"] is True and answer["op"] == "status"
+    assert {k: v for k, v in answer.items() if k not in ("uptime_s", "connections")} == \
+           {k: v for k, v in direct.items() if k not in ("uptime_s", "connections")}
