@@ -6,8 +6,9 @@ shadow, a replay buffer against forgetting) and now and then writes the EMA
 weights as a versioned ONNX checkpoint that nodes load.
 
 One process, one thread: a selectors loop owns the socket, every connection and
-the training step. Sections follow the data: config -> protocol -> server ->
-replay buffer -> model -> trainer -> checkpoints -> CLI.
+the training step. Sections follow the data: probe -> config -> protocol ->
+server -> metrics -> backend -> rings -> model -> trainer -> gate -> state ->
+checkpoints -> base models -> CLI and the tools that talk to a sidecar.
 """
 from __future__ import annotations
 

@@ -230,9 +230,10 @@ BOUNDARIES = {"baseModelPath": "", "replayMixRatio": 0, "emaDecay": 0, "checkpoi
 @pytest.mark.parametrize("settings", [
     ALL_SETTINGS,
     {**ALL_SETTINGS, "learningRate": 1e-05, "cuda": "1"},
+    {**ALL_SETTINGS, "cuda": "require"},
     {**ALL_SETTINGS, "learningRate": 1e-7, "replayBufferSize": 123456789},
     {**ALL_SETTINGS, **BOUNDARIES},
-], ids=["all", "lr 1e-05", "lr 1e-7", "boundaries"])
+], ids=["all", "lr 1e-05", "cuda require", "lr 1e-7", "boundaries"])
 def test_every_trainer_value_becomes_its_setting_exactly(settings):
     assert set(settings) == set(TRAINER_ENV)
     values = merged(ISSUE_VALUES, **{f"sidecar.trainer.{key}": value for key, value in settings.items()})
