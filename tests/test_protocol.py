@@ -114,6 +114,7 @@ def test_any_line_gets_one_strict_json_ack(tmp_path, line):
         assert fields["error"]
     status = server.status()
     assert status["samples_accepted"] == status["replay_size"]  # nothing rejected reached the buffer
+    assert sum(server.rejections.values()) == status["samples_rejected"]  # every rejection has a reason
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
