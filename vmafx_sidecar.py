@@ -1207,10 +1207,12 @@ class Trainer:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
             loss = self.model.loss_and_grad(x, y, self.grad)
-        if not self.apply_gradient(loss):
+            applied = self.apply_gradient(loss)
+        if not applied:
             self.steps_skipped += 1
-            log.warning("skipped a step: the loss, gradient or weights overflowed float32 (loss %s); "
-                        "weights unchanged", loss)
+            if self.steps_skipped & (self.steps_skipped - 1) == 0:  # 1, 2, 4, 8...: a bounded log
+                log.warning("skipped a step: the loss, gradient or weights overflowed float32 (loss %s); weights "
+                            "unchanged (%d skipped so far)", loss, self.steps_skipped)
             return None
         self.steps += 1
         self.samples_trained += self.n_new

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -805,3 +806,18 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_counted(sidecar_fac
     refused()  # full again
     st = status(first)
     assert st["connections"] == 8 and st["connections_refused"] == 4, st
+
+
+def test_samples_at_the_float32_limit_skip_steps_quietly_and_boundedly(tmp_path, caplog):
+    # Valid by the protocol (inside float32's range), yet every batch that holds one overflows.
+    trainer = make_trainer(tmp_path / "ckpt", min_samples_ckpt=10**9)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    before = trainer.model.flat.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning reaches stderr either
+        for _ in range(40):
+            one_step(trainer, np.full((4, N_FEATURES), 3.4e38), np.full(4, 50.0))
+    assert trainer.steps_skipped == 40 and trainer.steps == 0
+    np.testing.assert_array_equal(trainer.model.flat, before)
+    skipped = [r.getMessage() for r in caplog.records if "skipped a step" in r.getMessage()]
+    assert [m.rsplit("(", 1)[1] for m in skipped] == [f"{n} skipped so far)" for n in (1, 2, 4, 8, 16, 32)]
