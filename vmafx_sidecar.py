@@ -8,7 +8,7 @@ weights as a versioned ONNX checkpoint that nodes load.
 One process, one thread: a selectors loop owns the socket, every connection and
 the training step. Sections follow the data: probe -> config -> protocol ->
 server -> metrics -> backend -> rings -> model -> trainer -> gate -> state ->
-checkpoints -> base models -> CLI and the tools that talk to a sidecar.
+checkpoints -> base models -> CLI, then the clients (FeedbackClient, send, status).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -2209,6 +2210,280 @@ def latest_problems(directory: Path) -> list[str]:
     if hashlib.sha256(data).hexdigest() != latest["sha256"]:
         return [f"names {latest['file']} with a sha256 the file does not have"]
     return []
+
+
+# ---- client: FeedbackClient, the node's delivery contract for Python producers ----
+
+FEEDBACK_RETRY_S = (2.0, 120.0)  # first reconnect delay, doubled after each failure up to the second
+FEEDBACK_ACK_DEADLINE_S = 2.0  # for each answer; past it the connection is dropped and the sample resent
+FEEDBACK_STATUS_REQUEST = b'{"op":"status"}\n'
+FEEDBACK_METRICS = (
+    ("delivered", "Feedback samples the sidecar acknowledged."),
+    ("dropped", "Feedback samples not delivered: queue full, client closed, or still queued at close."),
+    ("rejected", "Feedback samples refused as malformed, locally or by the sidecar."),
+)
+
+
+class FeedbackConnectionLost(Exception):
+    """A request failed on the wire; `written` when some of it may have reached the sidecar."""
+
+    def __init__(self, why: str, written: bool):
+        super().__init__(why)
+        self.written = written
+
+
+class FeedbackClient:
+    """Sends (features, true_score) samples to the sidecar from a background thread, as vmafx-node does.
+
+    send() never blocks and never raises: it checks the sample as parse_request would, encodes it and
+    queues it, or counts it. Every sample ends in one counter:
+      delivered  the sidecar answered "ok": true;
+      rejected   refused by send() (never sent; length only once n_features is known) or "ok": false;
+      dropped    queue full, close() already called, an unexpected error in send(), or left when close()
+                 gave up.
+    One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
+    After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
+    back to the first after an ACK. Each connection starts with {"op": "status"}, from which the client
+    learns n_features and the line limit. The thread needs the GIL around each write and read: a producer
+    that keeps the interpreter busy delays each by up to sys.getswitchinterval() and caps delivery far
+    below the sidecar's rate.
+
+    Delivery is at least once; a sample send() accepted is lost or duplicated only in these cases:
+      - queue full: send() returns False and counts it as dropped (`capacity` includes the one in flight);
+      - close(timeout): what is still queued when the timeout expires is counted as dropped, including the
+        sample in flight, which the sidecar may have received;
+      - unknown delivery: the line was written, then the connection broke or the deadline passed before its
+        ACK. The sample stays at the front of the queue and is sent again on the next connection; the
+        sidecar counts it twice if only the ACK was lost. `resent` counts these, so the sidecar's
+        samples_accepted exceeds `delivered` by at most `resent` (plus the one in flight at a close()
+        timeout). A write that failed before any byte left is retried too, but cannot be a duplicate.
+    """
+
+    def __init__(self, socket_path: str | None = None, capacity: int = 1000) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if socket_path is None:
+            socket_path = os.environ.get("VMAFX_SIDECAR_SOCKET", DEFAULT_SOCKET)
+        self.socket_path = socket_path
+        self.capacity = capacity
+        self.delivered = self.dropped = self.rejected = self.resent = 0
+        self._queue: collections.deque[bytes] = collections.deque()  # the head leaves once settled
+        self._cond = threading.Condition()  # guards the queue, the counters, the flags and _sock
+        self._closing = False  # close() was called: send() refuses
+        self._stopping = False  # the thread stops at its next step
+        self._sock: socket.socket | None = None
+        self._inbuf = bytearray()
+        self._n_features: int | None = None  # from the last status answer
+        self._max_line: int | None = None
+        self._reachable = True  # a failure streak is logged once, not per retry
+        self._logged: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="vmafx-feedback", daemon=True)
+        self._thread.start()
+
+    def send(self, features: list[float] | tuple[float, ...] | np.ndarray, true_score: float,
+             job_id: str | None = None) -> bool:
+        """Queue one sample; False when it was rejected or dropped instead. Never blocks or raises."""
+        try:
+            line = feedback_line(features, true_score, job_id, self._n_features, self._max_line)
+        except BadRequest as e:
+            with self._cond:
+                self.rejected += 1
+            self._log_once("invalid", "feedback: sample refused (%s); later ones are only counted", e.error)
+            return False
+        except Exception as e:  # the caller is scoring video: a bug here must cost a sample, not the job
+            with self._cond:
+                self.dropped += 1
+            self._log_once(type(e).__name__, "feedback: sample dropped on an unexpected error: %r", e)
+            return False
+        with self._cond:
+            if not self._closing and len(self._queue) < self.capacity:
+                self._queue.append(line)
+                self._cond.notify_all()  # wakes the delivery thread
+                return True
+            self.dropped += 1
+            why = "the client is closed" if self._closing else f"the queue is full ({self.capacity})"
+        self._log_once(why, "feedback: sample dropped: %s; later ones are only counted", why)
+        return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued for up to `timeout` seconds, then stop; what is left counts as dropped.
+        Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect that blocks)."""
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: not self._queue or self._stopping, timeout)
+            self._stopping = True
+            self._cond.notify_all()  # ends a backoff pause
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # ends an ACK wait
+                except OSError:
+                    pass
+        self._thread.join()
+        with self._cond:
+            self.dropped += len(self._queue)
+            self._queue.clear()
+
+    def metrics_text(self) -> str:
+        """The counters in the Prometheus text format, under the names vmafx-node uses."""
+        with self._cond:
+            values = {name: getattr(self, name) for name, _ in FEEDBACK_METRICS}
+        return "".join(f"# HELP vmafx_training_feedback_{name}_total {text}\n"
+                       f"# TYPE vmafx_training_feedback_{name}_total counter\n"
+                       f"vmafx_training_feedback_{name}_total {values[name]}\n" for name, text in FEEDBACK_METRICS)
+
+    # -- the delivery thread
+
+    def _run(self) -> None:
+        delay = FEEDBACK_RETRY_S[0]
+        try:
+            while (line := self._next()) is not None:
+                if (self._sock is not None or self._connect()) and self._deliver(line):
+                    delay = FEEDBACK_RETRY_S[0]
+                    continue
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, delay)
+                delay = min(delay * 2, FEEDBACK_RETRY_S[1])
+        finally:
+            self._disconnect()
+
+    def _next(self) -> bytes | None:
+        """The head of the queue, once there is one; None when close() stops the thread."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._stopping)
+            return None if self._stopping else self._queue[0]
+
+    def _connect(self) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._cond:
+            if self._stopping:
+                sock.close()
+                return False
+            self._sock, self._inbuf = sock, bytearray()  # from now on close() can interrupt it
+        try:
+            sock.settimeout(FEEDBACK_ACK_DEADLINE_S)
+            sock.connect(self.socket_path)
+            config = self._request(FEEDBACK_STATUS_REQUEST)["config"]
+            self._n_features, self._max_line = config["n_features"], config["max_line_bytes"]
+        except (OSError, FeedbackConnectionLost, KeyError, TypeError) as e:
+            self._disconnect()
+            self._unreachable(e)
+            return False
+        return True
+
+    def _deliver(self, line: bytes) -> bool:
+        """Send the head of the queue and settle it by its ACK; False when the connection failed first."""
+        try:
+            ack = self._request(line)
+        except FeedbackConnectionLost as e:
+            self._disconnect()
+            with self._cond:
+                if e.written and not self._stopping:
+                    self.resent += 1  # it stays at the head: the next connection sends it again
+            self._unreachable(e)
+            return False
+        with self._cond:
+            self._queue.popleft()
+            if ack["ok"]:
+                self.delivered += 1
+            else:
+                self.rejected += 1
+            self._cond.notify_all()  # close() waits for an empty queue
+        if not ack["ok"]:
+            self._log_once("refused", "feedback: the sidecar refused a sample (%s); later ones are only "
+                           "counted", ack.get("error"))
+        if not self._reachable:
+            self._reachable = True
+            log.info("feedback: delivering to %s again", self.socket_path)
+        return True
+
+    def _request(self, line: bytes) -> dict[str, Any]:
+        """Write one line and read its answer before the deadline."""
+        sock, deadline, sent = self._sock, time.monotonic() + FEEDBACK_ACK_DEADLINE_S, 0
+        try:
+            while sent < len(line):
+                sock.settimeout(seconds_left(deadline))
+                sent += sock.send(line[sent:])
+            while (end := self._inbuf.find(b"\n")) < 0:
+                sock.settimeout(seconds_left(deadline))
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    raise ConnectionError("connection closed by the sidecar")
+                self._inbuf += data
+            ack = json.loads(self._inbuf[:end])
+            del self._inbuf[:end + 1]
+        except (OSError, ValueError) as e:
+            raise FeedbackConnectionLost(f"{type(e).__name__}: {e}", written=sent > 0) from None
+        if type(ack) is not dict or type(ack.get("ok")) is not bool:
+            raise FeedbackConnectionLost(f"unexpected answer {ack!r:.200}", written=True)
+        return ack
+
+    def _disconnect(self) -> None:
+        with self._cond:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _unreachable(self, why: Exception) -> None:
+        if self._reachable and not self._stopping:
+            self._reachable = False
+            log.warning("feedback: sidecar %s unreachable (%s): retrying with backoff, %d samples queued",
+                        self.socket_path, why, len(self._queue))
+
+    def _log_once(self, kind: str, message: str, *args: Any) -> None:
+        with self._cond:
+            first = kind not in self._logged
+            self._logged.add(kind)
+        if first:
+            log.warning(message, *args)
+
+
+def feedback_line(features: Any, true_score: Any, job_id: Any, n_features: int | None,
+                  max_line: int | None) -> bytes:
+    """The request line of one sample; BadRequest for what the sidecar would reject (see parse_request)."""
+    if job_id is not None and type(job_id) is not str:
+        raise BadRequest(f"job_id: expected a string, got {type(job_id).__name__}")
+    if isinstance(features, np.ndarray):
+        features = features.tolist()  # Python numbers; a 2-D array becomes lists, refused below
+    if type(features) is not list and type(features) is not tuple:
+        raise BadRequest(f"features: expected a list of numbers, got {type(features).__name__}")
+    if n_features is not None and len(features) != n_features:
+        raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}")
+    message: dict[str, Any] = {"features": feedback_numbers(features),
+                               "true_score": feedback_number(true_score, "true_score")}
+    if job_id is not None:
+        message["job_id"] = job_id
+    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if max_line is not None and len(line) - 1 > max_line:
+        raise BadRequest(f"line too long (limit {max_line} bytes)")
+    return line
+
+
+def feedback_numbers(values: list | tuple) -> list | tuple:
+    """The features as JSON numbers: parse_request's fast check, then a per-value pass only to convert
+    numpy scalars or name the problem (the fast check alone is ~5x cheaper)."""
+    if all((type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX for v in values):
+        return values
+    return [feedback_number(v, "features", i) for i, v in enumerate(values)]
+
+
+def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | float:
+    """`v` as the JSON number the sidecar accepts; BadRequest with number_problem's reason otherwise."""
+    if isinstance(v, (np.integer, np.floating)):
+        v = v.item()
+    if type(v) is not float and type(v) is not int:  # bool is neither
+        problem = f"expected a number, got {type(v).__name__}"
+    else:
+        problem = number_problem(v)
+    if problem:
+        raise BadRequest(f"{field_name}[{index}]: {problem}" if index is not None else f"{field_name}: {problem}")
+    return v
+
+
+def seconds_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no answer before the deadline")
+    return left
 
 
 # ---- clients of a running sidecar: `send` backfills from files, `status` asks how it is doing ----

@@ -12,6 +12,11 @@ with PYTHONPATH at the repository root, so nothing needs to be installed.
 `--profile DIR` runs each server under cProfile, writes DIR/server-<n>c.prof and prints
 the top functions by tottime (the profiler slows the server: its figures are not the
 ones to report).
+
+`--feedback-rate 1000,4000,8000 [--feedback-seconds 10]` measures vmafx_sidecar.FeedbackClient
+instead: per rate, a fresh server and one client in this process; send() is called at that
+fixed offered rate (paced, never waiting on delivery) for the given seconds, then close()
+gets 5 s to deliver the rest, and the table shows what was delivered, dropped and rejected.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +68,9 @@ def machine() -> str:
 
 # ---- /proc readings of the server ----
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of its thread `tid`, in seconds."""
+    text = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
     fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
@@ -317,6 +323,111 @@ def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir:
     return run
 
 
+# ---- FeedbackClient at a fixed offered rate ----
+
+FEEDBACK_CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class FeedbackRun:
+    rate: int
+    offered: int = 0
+    send_s: float = 0.0  # first send to last send
+    total_s: float = 0.0  # first send to close() returning
+    delivered: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    resent: int = 0
+    send_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    client_cpu_s: float = 0.0  # this process: the paced sender and the delivery thread
+    thread_cpu_s: float = 0.0  # the delivery thread alone
+    server_cpu_s: float = 0.0
+    machine_cpu_s: float = 0.0
+    server_accepted: int | None = None
+
+
+def run_feedback(rate: int, seconds: float, rows: list[list[float]], scores: list[float]) -> FeedbackRun:
+    run = FeedbackRun(rate, offered=max(1, round(rate * seconds)))
+    with tempfile.TemporaryDirectory(prefix="vmafx-bench-") as tmp:
+        server = Server(Path(tmp), None)
+        try:
+            server.start()
+            client = vs.FeedbackClient(server.socket)
+            thread = next(t for t in threading.enumerate() if t.name == "vmafx-feedback" and t.is_alive())
+            send, clock, period = client.send, time.perf_counter, 1.0 / rate
+            send_ns = np.zeros(run.offered, np.int64)
+            usage0 = resource.getrusage(resource.RUSAGE_SELF)
+            thread0 = cpu_seconds(os.getpid(), thread.native_id)
+            cpu0, busy0 = cpu_seconds(server.proc.pid), machine_busy_seconds()
+            start = due = clock()
+            for i in range(run.offered):
+                if (wait := due - clock()) > 0:
+                    time.sleep(wait)
+                t0 = time.perf_counter_ns()
+                send(rows[i % len(rows)], scores[i % len(scores)], f"fb-{i:07d}")
+                send_ns[i] = time.perf_counter_ns() - t0
+                due += period  # a fixed schedule: when behind it, sends go back to back until caught up
+            run.send_s = clock() - start
+            thread1 = cpu_seconds(os.getpid(), thread.native_id)  # the thread is gone after close()
+            client.close(FEEDBACK_CLOSE_TIMEOUT_S)
+            run.total_s = clock() - start
+            usage1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu1, busy1 = cpu_seconds(server.proc.pid), machine_busy_seconds()
+            run.send_ns = send_ns
+            run.delivered, run.dropped, run.rejected, run.resent = (client.delivered, client.dropped,
+                                                                    client.rejected, client.resent)
+            run.client_cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+            run.thread_cpu_s = thread1 - thread0
+            run.server_cpu_s, run.machine_cpu_s = cpu1 - cpu0, busy1 - busy0
+            run.server_accepted = server.request({"op": "status"})["samples_accepted"]
+            if server.stop() != 0:
+                print(f"warning: server ({rate} msgs/s) exited with {server.proc.returncode}", file=sys.stderr)
+        finally:
+            server.cleanup()
+    return run
+
+
+def print_feedback_table(runs: list[FeedbackRun]) -> None:
+    header = ["figure"] + [f"{fmt_int(r.rate)} msgs/s" for r in runs]
+    figures = [
+        ("offered (send() calls)", lambda r: fmt_int(r.offered)),
+        ("achieved offered rate", lambda r: f"{fmt_int(r.offered / r.send_s)} /s"),
+        ("delivered", lambda r: fmt_int(r.delivered)),
+        ("dropped", lambda r: fmt_int(r.dropped)),
+        ("rejected", lambda r: fmt_int(r.rejected)),
+        ("resent (unknown delivery)", lambda r: fmt_int(r.resent)),
+        ("server samples_accepted", lambda r: "n/a" if r.server_accepted is None else fmt_int(r.server_accepted)),
+        ("delivered/s (first send to close() done)", lambda r: fmt_int(r.delivered / r.total_s)),
+        ("close() drain", lambda r: f"{r.total_s - r.send_s:.2f} s"),
+        ("send() p50 / p99 / max", lambda r: " / ".join(f"{np.percentile(r.send_ns, q) / 1e3:.0f}"
+                                                        for q in (50, 99, 100)) + " µs"),
+        ("client process CPU (of one core)", lambda r: f"{100 * r.client_cpu_s / r.total_s:.0f} %"),
+        ("delivery thread CPU (of one core, while sending)", lambda r: f"{100 * r.thread_cpu_s / r.send_s:.0f} %"),
+        ("server CPU (of one core)", lambda r: f"{100 * r.server_cpu_s / r.total_s:.0f} %"),
+        ("other load on the machine",
+         lambda r: f"{max(0.0, r.machine_cpu_s - r.server_cpu_s - r.client_cpu_s) / r.total_s:.2f} cores"),
+    ]
+    rows = [[name] + [value(r) for r in runs] for name, value in figures]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+def feedback_main(rates: list[int], seconds: float) -> int:
+    print(f"machine: {machine()}")
+    print(f"FeedbackClient: one client, capacity 1000, {seconds:g} s per rate, close({FEEDBACK_CLOSE_TIMEOUT_S:g}), "
+          f"features: {N_FEATURES} float64 from Python lists, GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
+    rng = np.random.default_rng(2000)
+    rows, scores = rng.uniform(0, 1, (1000, N_FEATURES)).tolist(), rng.uniform(20, 100, 1000).tolist()
+    runs = [run_feedback(rate, seconds, rows, scores) for rate in rates]
+    print()
+    print_feedback_table(runs)
+    return 0
+
+
 # ---- the training step, measured in-process ----
 
 def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, float, str]:
@@ -432,7 +543,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="send features in float32 shortest form (~9 digits) instead of 17-digit float64")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="run each server under cProfile, write DIR/server-<n>c.prof, print the top functions")
+    parser.add_argument("--feedback-rate", metavar="MSGS_PER_S[,MSGS_PER_S...]",
+                        help="measure FeedbackClient at these offered rates instead (see above)")
+    parser.add_argument("--feedback-seconds", type=float, default=10.0,
+                        help="seconds of sending per --feedback-rate (default 10)")
     args = parser.parse_args(argv)
+    if args.feedback_rate:
+        rates = [int(r) for r in args.feedback_rate.split(",") if r.strip()]
+        if not rates or min(rates) < 1 or args.feedback_seconds <= 0:
+            parser.error("--feedback-rate needs rates >= 1 and --feedback-seconds > 0")
+        return feedback_main(rates, args.feedback_seconds)
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
     if args.messages < 1 or not counts or min(counts) < 1:
         parser.error("--messages and each --clients count must be >= 1")

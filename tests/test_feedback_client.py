@@ -1,0 +1,388 @@
+"""FeedbackClient: the node's delivery contract, against the real sidecar and scripted stand-ins for it."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import vmafx_sidecar as vs
+from conftest import Sidecar
+
+N = 8
+ENV = {"VMAFX_SIDECAR_N_FEATURES": str(N), "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**9)}
+
+
+def good(rng: np.random.Generator) -> tuple[list[float], float]:
+    return rng.uniform(0, 1, N).tolist(), float(rng.uniform(20, 100))
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.005)
+
+
+def server_status(sidecar) -> dict:
+    return sidecar.client().request({"op": "status"})
+
+
+def assert_no_loss(client: vs.FeedbackClient, accepted: int, sent: int) -> None:
+    """Every sample got an ok ACK; the server counted each at least once, twice only if it was resent."""
+    assert (client.delivered, client.dropped, client.rejected) == (sent, 0, 0)
+    assert sent <= accepted <= sent + client.resent
+
+
+@pytest.fixture
+def clients():
+    """Makes FeedbackClients and closes them at the end, so no delivery thread outlives its test."""
+    made: list[vs.FeedbackClient] = []
+
+    def make(*args, **kwargs) -> vs.FeedbackClient:
+        made.append(vs.FeedbackClient(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close(timeout=0)
+
+
+@pytest.fixture
+def fast_retry(monkeypatch):
+    monkeypatch.setattr(vs, "FEEDBACK_RETRY_S", (0.05, 0.2))
+
+
+@pytest.fixture
+def sidecar_later(tmp_path):
+    """A sidecar not started yet, so that its socket path is known before it listens."""
+    s = Sidecar(tmp_path, ENV)
+    yield s
+    if s.proc is None:
+        shutil.rmtree(s.sockdir, ignore_errors=True)
+    else:
+        s.cleanup()
+
+
+def start_again(s: Sidecar) -> None:
+    """Start a stopped sidecar on the same socket and checkpoint directory, with a log of its own."""
+    s.stderr_file.close()
+    s.stderr_path = s.workdir / "stderr-restarted.log"
+    s.start()
+
+
+@pytest.fixture
+def short_dir():
+    """A directory short enough for AF_UNIX socket paths (~107 bytes)."""
+    path = tempfile.mkdtemp(prefix="vxf")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class FakeSidecar:
+    """A scripted stand-in: answers status with n_features, then `on_sample(connection_index, line)` decides
+    the fate of each sample line: an ACK line to send, None to stay silent, or "close" to hang up."""
+
+    def __init__(self, path: str, on_sample):
+        self.on_sample = on_sample
+        self.samples: list[bytes] = []  # every sample line received, resends included
+        self.stopping = False
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.listener.settimeout(0.05)
+        self.threads = [threading.Thread(target=self.accept_loop, daemon=True)]
+        self.threads[0].start()
+
+    def accept_loop(self) -> None:
+        index = 0
+        while not self.stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            t = threading.Thread(target=self.serve, args=(conn, index), daemon=True)
+            self.threads.append(t)
+            t.start()
+            index += 1
+
+    def serve(self, conn: socket.socket, index: int) -> None:
+        conn.settimeout(0.05)
+        try:
+            for line in self.lines(conn):
+                if json.loads(line).get("op") == "status":
+                    conn.sendall(json.dumps({"ok": True, "op": "status", "config": {
+                        "n_features": N, "max_line_bytes": 1 << 20}}).encode() + b"\n")
+                    continue
+                self.samples.append(line)
+                answer = self.on_sample(index, line)
+                if answer == "close":
+                    return
+                if answer is not None:
+                    conn.sendall(answer)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def lines(self, conn: socket.socket):
+        buffer = bytearray()
+        while not self.stopping:
+            if (end := buffer.find(b"\n")) >= 0:
+                yield bytes(buffer[:end + 1])
+                del buffer[:end + 1]
+                continue
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            buffer += data
+
+    def stop(self) -> None:
+        self.stopping = True
+        for t in self.threads:
+            t.join(5)
+        self.listener.close()
+
+
+OK_ACK = b'{"ok": true, "step": 0, "trained": false}\n'
+
+
+# ---- against the real server
+
+
+def test_delivers_every_sample_and_reports_prometheus_counters(sidecar_factory, clients):
+    s = sidecar_factory(**ENV)
+    client = clients(s.socket)
+    rng = np.random.default_rng(1)
+    assert all(client.send(*good(rng), job_id=f"j{i}") for i in range(300))
+    assert not client.send([math.nan] * N, 50.0)  # rejected locally
+    client.close(timeout=30)
+    assert not client.send(*good(rng))  # after close: dropped
+    status = server_status(s)
+    assert client.delivered == 300 and 300 <= status["samples_accepted"] <= 300 + client.resent
+    assert (client.dropped, client.rejected, status["samples_rejected"]) == (1, 1, 0)
+    assert parse_prometheus(client.metrics_text()) == {
+        "vmafx_training_feedback_delivered_total": 300,
+        "vmafx_training_feedback_dropped_total": 1,
+        "vmafx_training_feedback_rejected_total": 1,
+    }
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """A strict reader of the text format as metrics_text writes it: HELP, TYPE counter, one sample each."""
+    assert text.endswith("\n")
+    lines = text[:-1].split("\n")
+    assert len(lines) % 3 == 0
+    values: dict[str, float] = {}
+    name_re = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+    for i in range(0, len(lines), 3):
+        help_line, type_line, sample_line = lines[i:i + 3]
+        m = re.fullmatch(rf"# HELP ({name_re}) (\S.*)", help_line)
+        assert m, help_line
+        name = m.group(1)
+        assert "\\" not in m.group(2)  # nothing that would need escaping
+        assert type_line == f"# TYPE {name} counter"
+        m = re.fullmatch(rf"({name_re}) (\S+)", sample_line)
+        assert m and m.group(1) == name, sample_line
+        value = float(m.group(2))
+        assert value >= 0 and name.endswith("_total") and name not in values
+        values[name] = value
+    return values
+
+
+def test_server_rejections_count_until_the_length_is_known(sidecar_factory, clients):
+    s = sidecar_factory(**ENV)
+    client = clients(s.socket)
+    # Before the first connection the client cannot know n_features: the server refuses the sample.
+    assert client.send([0.5] * (N - 3), 50.0, job_id="short")
+    wait_until(lambda: client.rejected == 1)
+    assert server_status(s)["samples_rejected"] == 1
+    # Now it knows: the same mistake is refused locally and never travels.
+    assert not client.send([0.5] * (N - 3), 50.0)
+    assert client.send([0.5] * N, 50.0)
+    client.close(timeout=30)
+    status = server_status(s)
+    assert (client.delivered, client.rejected, client.dropped) == (1, 2, 0)
+    assert (status["samples_accepted"], status["samples_rejected"]) == (1, 1)
+
+
+class BrokenArray(np.ndarray):
+    def tolist(self):
+        raise RuntimeError("a producer bug")
+
+
+def test_invalid_samples_are_refused_locally_and_never_raise(sidecar_factory, clients, caplog):
+    s = sidecar_factory(VMAFX_SIDECAR_MAX_LINE_BYTES="4096", **ENV)
+    client = clients(s.socket)
+    rng = np.random.default_rng(2)
+    assert client.send(*good(rng))
+    wait_until(lambda: client.delivered == 1)  # connected: n_features and the line limit are known
+    row = [0.5] * N
+    invalid = [
+        ([math.nan] + row[1:], 50.0, None), ([math.inf] + row[1:], 50.0, None),
+        (row[:-1] + [-math.inf], 50.0, None), ([1e39] + row[1:], 50.0, None), ([-1e39] + row[1:], 50.0, None),
+        ([2 ** 1024] + row[1:], 50.0, None), ([True] + row[1:], 50.0, None), (["0.5"] + row[1:], 50.0, None),
+        ([None] + row[1:], 50.0, None), ([np.bool_(True)] + row[1:], 50.0, None), ([1 + 2j] + row[1:], 50.0, None),
+        (row, math.nan, None), (row, math.inf, None), (row, 1e39, None), (row, True, None), (row, "87", None),
+        (row, None, None), (row[:-1], 50.0, None), (row + [0.5], 50.0, None), ([0.5] * 10**6, 50.0, None),
+        (None, 50.0, None), ("abcdefgh", 50.0, None), ({i: 0.5 for i in range(N)}, 50.0, None),
+        (object(), 50.0, None), ([object()] * N, 50.0, None), (np.zeros((N, 1)), 50.0, None),
+        (row, 50.0, 17), (row, 50.0, b"job"), (row, 50.0, "x" * 5000),  # the last: longer than the line limit
+    ]
+    for features, score, job_id in invalid:
+        assert client.send(features, score, job_id) is False, (features, score, job_id)
+    assert client.rejected == len(invalid)
+    # A failure inside send() is a dropped sample, logged once per kind, never an exception.
+    with caplog.at_level(logging.WARNING, logger="vmafx_sidecar"):
+        assert not client.send(np.zeros(N).view(BrokenArray), 50.0)
+        assert not client.send(np.zeros(N).view(BrokenArray), 50.0)
+    assert client.dropped == 2
+    assert sum("unexpected error" in r.getMessage() for r in caplog.records) == 1
+    # The edges that are valid: float32 extremes, ints, numpy arrays and scalars, a tuple.
+    valid = [([3.4028234663852886e38, -3.4028234663852886e38] + row[2:], 0, "edge"),
+             (np.float32(0.25) + np.zeros(N, np.float32), np.float64(42.0), None), (tuple(range(N)), 7, None),
+             ([np.int64(3)] * N, np.float32(1.5), None)]
+    for features, score, job_id in valid:
+        assert client.send(features, score, job_id) is True
+    client.close(timeout=30)
+    status = server_status(s)
+    assert (client.delivered, client.rejected, client.dropped) == (1 + len(valid), len(invalid), 2)
+    assert status["samples_rejected"] == 0
+    assert 1 + len(valid) <= status["samples_accepted"] <= 1 + len(valid) + client.resent
+
+
+def test_server_down_at_start_then_up_delivers_everything(sidecar_later, clients, fast_retry):
+    client = clients(sidecar_later.socket)
+    rng = np.random.default_rng(3)
+    assert all(client.send(*good(rng), job_id=f"j{i}") for i in range(50))
+    time.sleep(0.3)  # a few refused connects and backoff pauses, not a condition to wait for
+    assert client.delivered == 0
+    sidecar_later.start()
+    client.close(timeout=30)
+    assert_no_loss(client, server_status(sidecar_later)["samples_accepted"], 50)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_server_restart_mid_stream_loses_nothing(sidecar_later, clients, fast_retry, sig):
+    s = sidecar_later.start()
+    client = clients(s.socket, capacity=5000)
+    rng = np.random.default_rng(4)
+    sent = 0
+
+    def produce(n: int) -> None:
+        nonlocal sent
+        for _ in range(n):
+            assert client.send(*good(rng), job_id=f"j{sent}")
+            sent += 1
+
+    produce(1000)
+    wait_until(lambda: client.delivered >= 100)
+    # The stream goes on across the restart: same socket, same checkpoint directory (journal and snapshot).
+    s.stop(sig)
+    produce(500)
+    start_again(s)
+    produce(500)
+    client.close(timeout=60)
+    assert_no_loss(client, server_status(s)["samples_accepted"], sent)
+
+
+# ---- against stand-ins: the cases the real server does not produce on demand
+
+
+def test_queue_full_drops_are_counted_exactly(clients, short_dir):
+    client = clients(f"{short_dir}/nobody.sock", capacity=5)  # no server: nothing drains
+    rng = np.random.default_rng(5)
+    assert [client.send(*good(rng)) for _ in range(12)] == [True] * 5 + [False] * 7
+    assert (client.dropped, client.delivered, client.rejected) == (7, 0, 0)
+    client.close(timeout=0)
+    assert client.dropped == 12
+
+
+def test_close_with_the_server_down_counts_the_queue_as_dropped_in_time(clients, short_dir, monkeypatch):
+    monkeypatch.setattr(vs, "FEEDBACK_RETRY_S", (30.0, 120.0))  # a pause close() must cut short
+    path = f"{short_dir}/nobody.sock"
+    monkeypatch.setenv("VMAFX_SIDECAR_SOCKET", path)
+    client = clients()  # the default socket path comes from the environment
+    assert client.socket_path == path
+    rng = np.random.default_rng(6)
+    assert all(client.send(*good(rng)) for _ in range(10))
+    started = time.monotonic()
+    client.close(timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 10, elapsed
+    assert (client.dropped, client.delivered) == (10, 0)
+    assert not client.send(*good(rng))
+    client.close(timeout=5)  # idempotent
+    assert client.dropped == 11
+
+
+@pytest.mark.parametrize("failure", ["hang up", "no ACK before the deadline"])
+def test_unknown_delivery_is_resent_on_a_new_connection(clients, short_dir, monkeypatch, fast_retry, failure):
+    monkeypatch.setattr(vs, "FEEDBACK_ACK_DEADLINE_S", 1.0)
+    lost_answer = "close" if failure == "hang up" else None
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: lost_answer if conn == 0 else OK_ACK)
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        assert client.send([0.5] * N, 50.0, job_id="once")
+        client.close(timeout=30)
+        assert (client.delivered, client.resent, client.dropped) == (1, 1, 0)
+        assert len(fake.samples) == 2 and fake.samples[0] == fake.samples[1]
+        assert json.loads(fake.samples[0])["job_id"] == "once"
+    finally:
+        fake.stop()
+
+
+def test_send_never_blocks_and_close_cuts_a_stalled_delivery(clients, short_dir, monkeypatch):
+    monkeypatch.setattr(vs, "FEEDBACK_ACK_DEADLINE_S", 30.0)  # a wait that send() and close() must not share
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: None)  # takes samples, never answers
+    try:
+        client = clients(f"{short_dir}/s.sock", capacity=3000)
+        rng = np.random.default_rng(7)
+        rows = [good(rng) for _ in range(2000)]
+        assert client.send(*rows[0])
+        wait_until(lambda: len(fake.samples) == 1)  # the thread now waits for that ACK
+        started = time.monotonic()
+        assert all(client.send(*row) for row in rows[1:])
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        client.close(timeout=0)
+        assert time.monotonic() - started < 10  # close() interrupted the ACK wait
+        assert (client.dropped, client.delivered, client.resent) == (2000, 0, 0)  # the one in flight included
+    finally:
+        fake.stop()
+
+
+def test_backoff_doubles_to_the_cap_and_resets_after_an_ack(clients, short_dir, monkeypatch):
+    pauses: list[float] = []
+    original_wait_for = threading.Condition.wait_for
+
+    def record_pause(self, predicate, timeout=None):
+        if timeout is None:  # waiting for work: not a backoff pause
+            return original_wait_for(self, predicate, timeout)
+        pauses.append(timeout)
+        return original_wait_for(self, predicate, 0.001)  # the schedule is recorded, not slept
+
+    # Connections 0-7 hang up on the first sample; 8 acks it, then hangs up on the second, as do all later ones.
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: OK_ACK if len(fake.samples) == 9 else "close")
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        monkeypatch.setattr(client._cond, "wait_for", record_pause.__get__(client._cond))
+        assert client.send([0.5] * N, 50.0)
+        assert client.send([0.5] * N, 51.0)
+        wait_until(lambda: client.delivered == 1 and len(pauses) >= 10)
+        assert pauses[:10] == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 120.0, 120.0, 2.0, 4.0]
+    finally:
+        client.close(timeout=0)
+        fake.stop()
