@@ -938,7 +938,9 @@ class Backend:
     to_host: Callable[[Any], np.ndarray]
 
 
-NUMPY = Backend("numpy", np, np.frompyfunc(math.erf, 1, 1), np.asarray)  # math.erf is exact to an ulp
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has none; math.erf is exact to an ulp
+# Rounded to the input's dtype, as CuPy's erf returns it, so that both backends round GELU alike.
+NUMPY = Backend("numpy", np, lambda z: _erf(z).astype(z.dtype), np.asarray)
 
 
 def select_backend(cuda: str) -> Backend:
@@ -994,7 +996,7 @@ class Ring:
 Activation = onnx_builder.Activation
 
 
-def activate(act: Activation, z: Any, backend: Backend = NUMPY) -> Any:
+def activate(act: Activation, z: Any, backend: Backend) -> Any:
     xp = backend.xp
     if act.kind == "relu":
         return xp.maximum(z, 0)
@@ -1007,7 +1009,7 @@ def activate(act: Activation, z: Any, backend: Backend = NUMPY) -> Any:
     return (0.5 * z * (1 + backend.erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
 
 
-def activation_slope(act: Activation, z: Any, h: Any, backend: Backend = NUMPY) -> Any:
+def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
     """d activate(z) / dz, given z and h = activate(z)."""
     xp = backend.xp
     if act.kind == "relu":
@@ -1088,7 +1090,7 @@ class MLP:
             z = hidden[-1] @ w
             z += b
             pre.append(z)
-            hidden.append(activate(act, z))
+            hidden.append(activate(act, z, self.backend))
         w, b = self.layers[-1]
         error = hidden[-1] @ w
         error += b
