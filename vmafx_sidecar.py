@@ -2237,8 +2237,8 @@ class FeedbackConnectionLost(Exception):
 class FeedbackClient:
     """Sends (features, true_score) samples to the sidecar from a background thread, as vmafx-node does.
 
-    send() never blocks and never raises: it checks the sample as parse_request would, encodes it and
-    queues it, or counts it. Every sample ends in one counter:
+    send() never blocks and never raises: it checks the sample as parse_request would and queues a copy
+    (the thread encodes it), or counts it. Every sample ends in one counter:
       delivered  the sidecar answered "ok": true;
       rejected   refused by send() (never sent; length only once n_features is known) or "ok": false;
       dropped    queue full, close() already called, an unexpected error in send(), or left when close()
@@ -2246,9 +2246,8 @@ class FeedbackClient:
     One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
     After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
     back to the first after an ACK. Each connection starts with {"op": "status"}, from which the client
-    learns n_features and the line limit. The thread needs the GIL around each write and read: a producer
-    that keeps the interpreter busy delays each by up to sys.getswitchinterval() and caps delivery far
-    below the sidecar's rate.
+    learns n_features and the line limit. The thread needs the GIL to encode and around each write and
+    read: a producer that keeps the interpreter busy delays each by up to sys.getswitchinterval().
 
     Delivery is at least once; a sample send() accepted is lost or duplicated only in these cases:
       - queue full: send() returns False and counts it as dropped (`capacity` includes the one in flight);
@@ -2269,7 +2268,7 @@ class FeedbackClient:
         self.socket_path = socket_path
         self.capacity = capacity
         self.delivered = self.dropped = self.rejected = self.resent = 0
-        self._queue: collections.deque[bytes] = collections.deque()  # the head leaves once settled
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()  # the head leaves once settled
         self._cond = threading.Condition()  # guards the queue, the counters, the flags and _sock
         self._closing = False  # close() was called: send() refuses
         self._stopping = False  # the thread stops at its next step
@@ -2286,7 +2285,7 @@ class FeedbackClient:
              job_id: str | None = None) -> bool:
         """Queue one sample; False when it was rejected or dropped instead. Never blocks or raises."""
         try:
-            line = feedback_line(features, true_score, job_id, self._n_features, self._max_line)
+            message = feedback_message(features, true_score, job_id, self._n_features, self._max_line)
         except BadRequest as e:
             with self._cond:
                 self.rejected += 1
@@ -2299,7 +2298,7 @@ class FeedbackClient:
             return False
         with self._cond:
             if not self._closing and len(self._queue) < self.capacity:
-                self._queue.append(line)
+                self._queue.append(message)
                 self._cond.notify_all()  # wakes the delivery thread
                 return True
             self.dropped += 1
@@ -2338,8 +2337,8 @@ class FeedbackClient:
     def _run(self) -> None:
         delay = FEEDBACK_RETRY_S[0]
         try:
-            while (line := self._next()) is not None:
-                if (self._sock is not None or self._connect()) and self._deliver(line):
+            while (message := self._next()) is not None:
+                if (self._sock is not None or self._connect()) and self._deliver(feedback_line(message)):
                     delay = FEEDBACK_RETRY_S[0]
                     continue
                 with self._cond:
@@ -2348,7 +2347,7 @@ class FeedbackClient:
         finally:
             self._disconnect()
 
-    def _next(self) -> bytes | None:
+    def _next(self) -> dict[str, Any] | None:
         """The head of the queue, once there is one; None when close() stops the thread."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._stopping)
@@ -2439,9 +2438,11 @@ class FeedbackClient:
             log.warning(message, *args)
 
 
-def feedback_line(features: Any, true_score: Any, job_id: Any, n_features: int | None,
-                  max_line: int | None) -> bytes:
-    """The request line of one sample; BadRequest for what the sidecar would reject (see parse_request)."""
+def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: int | None,
+                     max_line: int | None) -> dict[str, Any]:
+    """The request of one sample, its features copied; BadRequest for what the sidecar would reject (see
+    parse_request). Encoding is left to the delivery thread: json.dumps of 80 floats is ~60 µs, which
+    would keep a busy producer thread from ever letting the delivery thread run."""
     if job_id is not None and type(job_id) is not str:
         raise BadRequest(f"job_id: expected a string, got {type(job_id).__name__}")
     if isinstance(features, np.ndarray):
@@ -2454,17 +2455,23 @@ def feedback_line(features: Any, true_score: Any, job_id: Any, n_features: int |
                                "true_score": feedback_number(true_score, "true_score")}
     if job_id is not None:
         message["job_id"] = job_id
-    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-    if max_line is not None and len(line) - 1 > max_line:
+    # A number takes at most 40 characters (a float's repr 24, an int up to 3.4e38 39 and a sign), a
+    # job_id character at most 6 (\uXXXX): only a line that might be too long is encoded here to check.
+    bound = 41 * (len(features) + 1) + 6 * len(job_id or "") + 64
+    if max_line is not None and bound > max_line and len(feedback_line(message)) - 1 > max_line:
         raise BadRequest(f"line too long (limit {max_line} bytes)")
-    return line
+    return message
 
 
-def feedback_numbers(values: list | tuple) -> list | tuple:
+def feedback_line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def feedback_numbers(values: list | tuple) -> list:
     """The features as JSON numbers: parse_request's fast check, then a per-value pass only to convert
     numpy scalars or name the problem (the fast check alone is ~5x cheaper)."""
     if all((type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX for v in values):
-        return values
+        return list(values)  # a copy: the caller may reuse its list before the thread sends this one
     return [feedback_number(v, "features", i) for i, v in enumerate(values)]
 
 

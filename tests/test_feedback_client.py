@@ -386,3 +386,11 @@ def test_backoff_doubles_to_the_cap_and_resets_after_an_ack(clients, short_dir, 
     finally:
         client.close(timeout=0)
         fake.stop()
+
+
+def test_a_queued_sample_is_a_copy_the_caller_may_reuse_its_list():
+    row = [0.5] * N
+    message = vs.feedback_message(row, 50.0, "j", N, 1 << 20)
+    row[0] = 99.0  # a producer refilling its buffer for the next job
+    assert message["features"] == [0.5] * N and message["features"] is not row
+    assert vs.feedback_line(message) == b'{"features":[' + b",".join([b"0.5"] * N) + b'],"true_score":50.0,"job_id":"j"}\n'
