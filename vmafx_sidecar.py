@@ -58,13 +58,18 @@ PONG = b'{"ok": true, "op": "pong"}\n'
 PROBE_HELP = "exit 0 when the sidecar answers a ping within the timeout, else 1 (for health probes)"
 
 
+def ask(path: str, request: bytes, timeout_s: float) -> bytes:
+    """Send one request line to the sidecar at `path` and return its answer line; OSError if none in time."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout_s)
+        client.connect(path)
+        client.sendall(request)
+        return client.makefile("rb").readline()
+
+
 def probe(path: str, timeout_s: float) -> int:
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(timeout_s)
-            client.connect(path)
-            client.sendall(b'{"op":"ping"}\n')
-            answer = client.makefile("rb").readline()
+        answer = ask(path, b'{"op":"ping"}\n', timeout_s)
     except OSError as e:
         print(f"vmafx-sidecar probe: {path}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -2706,11 +2711,7 @@ def show_status(socket_path: str, timeout_s: float, as_json: bool) -> int:
     """The status op as aligned `key  value` lines, nested objects as dotted keys; or its answer as is."""
     answer = b""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(timeout_s)
-            client.connect(socket_path)
-            client.sendall(b'{"op": "status"}\n')
-            answer = client.makefile("rb").readline()
+        answer = ask(socket_path, b'{"op": "status"}\n', timeout_s)
         status = json.loads(answer)
     except OSError as e:
         print(f"vmafx-sidecar status: {socket_path}: {e.strerror or e}", file=sys.stderr)

@@ -53,6 +53,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ---- the machine ----
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table with aligned columns."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -408,12 +418,7 @@ def print_feedback_table(runs: list[FeedbackRun]) -> None:
          lambda r: f"{max(0.0, r.machine_cpu_s - r.server_cpu_s - r.client_cpu_s) / r.total_s:.2f} cores"),
     ]
     rows = [[name] + [value(r) for r in runs] for name, value in figures]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
+    markdown_table(header, rows)
 
 
 def feedback_main(rates: list[int], seconds: float) -> int:
@@ -520,12 +525,7 @@ def print_table(runs: list[Run], step: tuple[float, float, str], messages: int) 
         lambda r: f"{r.checkpoint_acks} / {len(r.checkpoint_ms)} / {r.checkpoint_files}")
     row("bad ACKs (not ok, wrong job_id or order)", "0", lambda r: str(r.errors), lambda r: r.errors == 0)
 
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
+    markdown_table(header, rows)
 
 
 def print_profile(path: Path, top: int = 25) -> None:
