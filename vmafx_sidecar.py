@@ -847,24 +847,26 @@ def http_response(request: bytes, server: Server) -> bytes:
     head, complete, _ = request.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
+    method, target, version = (parts + [b""] * 3)[:3]
+    path = target.split(b"?")[0]
     status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
     if not complete or len(head) > HTTP_MAX_REQUEST:
         status, body = 431, b"request head too large\n"
-    elif len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
+    elif len(parts) != 3 or version not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
         status, body = 400, b"malformed request\n"
     elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
         status, body = 400, b"a request body is not accepted\n"
-    elif parts[1].split(b"?")[0] not in (b"/metrics", b"/healthz"):
+    elif path not in (b"/metrics", b"/healthz"):
         status, body = 404, b"not found: try /metrics or /healthz\n"
-    elif parts[0] not in (b"GET", b"HEAD"):
+    elif method not in (b"GET", b"HEAD"):
         status, body = 405, b"only GET and HEAD\n"
-    elif parts[1].split(b"?")[0] == b"/metrics":
+    elif path == b"/metrics":
         body, content_type = metrics_text(server).encode(), "text/plain; version=0.0.4; charset=utf-8"
     allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
     response = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n").encode()
-    return response + (b"" if parts[0] == b"HEAD" and status == 200 else body)
+    return response + (b"" if method == b"HEAD" and status == 200 else body)
 
 
 def metrics_text(server: Server) -> str:
@@ -1783,14 +1785,12 @@ class CheckpointWriter:
         """The published model latest.json names, if its file is intact."""
         if self.latest is None:
             return None
-        path = self.directory / self.latest["file"]
         try:
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != self.latest["sha256"]:
-                raise ValueError(f"its sha256 is not the one {LATEST} names")
+            data = read_named_checkpoint(self.directory, self.latest)
             return MLP.from_weights(onnx_builder.read_mlp_model(onnx.load_from_string(data)))
         except Exception as e:  # unreadable, altered or not an MLP: the gate falls back to the base model
-            log.error("cannot load %s, the latest published checkpoint: %s: %s", path, type(e).__name__, e)
+            log.error("cannot load %s, the latest published checkpoint: %s: %s", self.directory / self.latest["file"],
+                      type(e).__name__, e)
             return None
 
     def prune(self) -> None:
@@ -1830,6 +1830,14 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, TypeError, KeyError) as e:
         log.warning("ignoring %s: %s: %s", path, type(e).__name__, e)
         return None
+
+
+def read_named_checkpoint(directory: Path, record: dict[str, Any]) -> bytes:
+    """The model file a record such as latest.json names; ValueError if its sha256 is not the named one."""
+    data = (directory / record["file"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ValueError(f"{record['file']} does not have the sha256 {LATEST} names")
+    return data
 
 
 def json_text(record: dict[str, Any]) -> str:
@@ -2211,11 +2219,11 @@ def latest_problems(directory: Path) -> list[str]:
     if latest is None:
         return ["not a valid checkpoint record"]
     try:
-        data = (directory / latest["file"]).read_bytes()
+        read_named_checkpoint(directory, latest)
     except OSError as e:
         return [f"names {latest['file']}, which cannot be read: {e.strerror or e}"]
-    if hashlib.sha256(data).hexdigest() != latest["sha256"]:
-        return [f"names {latest['file']} with a sha256 the file does not have"]
+    except ValueError as e:
+        return [str(e)]
     return []
 
 

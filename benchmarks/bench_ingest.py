@@ -53,6 +53,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ---- the machine ----
 
+def server_env(socket_path: str, checkpoint_dir: Path, **settings: str) -> dict[str, str]:
+    """This environment without VMAFX_* settings, plus a fresh model, a checkpoint as soon as the samples
+    allow it, info logs and `settings`: what the benchmark scripts run a server with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMAFX_")}
+    return {**env, "PYTHONPATH": str(ROOT), "VMAFX_SIDECAR_SOCKET": socket_path,
+            "VMAFX_SIDECAR_CHECKPOINT_DIR": str(checkpoint_dir), "VMAFX_BASE_MODEL_PATH": "",
+            "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0", "VMAFX_SIDECAR_LOG_LEVEL": "info", **settings}
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> None:
     """A Markdown table with aligned columns."""
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
@@ -122,17 +131,7 @@ class Server:
         self.checkpoint_dir = workdir / "ckpt"
         self.stderr_path = workdir / "server.log"
         self.profile_out = profile_out
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VMAFX_")}
-        env.update({
-            "PYTHONPATH": str(ROOT),
-            "VMAFX_SIDECAR_SOCKET": self.socket,
-            "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
-            "VMAFX_BASE_MODEL_PATH": "",
-            "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0",
-            "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(CKPT_EVERY),
-            "VMAFX_SIDECAR_LOG_LEVEL": "info",
-        })
-        self.env = env
+        self.env = server_env(self.socket, self.checkpoint_dir, VMAFX_SIDECAR_MIN_SAMPLES_CKPT=str(CKPT_EVERY))
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
 

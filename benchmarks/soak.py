@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench_ingest import fmt_int, machine, request, status_kb  # noqa: E402  (this folder is on sys.path)
+from bench_ingest import fmt_int, machine, request, server_env, status_kb  # noqa: E402  (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_FEATURES = 80
@@ -73,18 +73,8 @@ class Sidecar:
         self.checkpoint_dir = workdir / "ckpt"
         self.log_path = workdir / "server.log"  # every incarnation appends here, after a marker line
         self.log_file = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VMAFX_")}
-        env.update({
-            "PYTHONPATH": str(ROOT),
-            "VMAFX_SIDECAR_SOCKET": self.socket,
-            "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
-            "VMAFX_BASE_MODEL_PATH": "",
-            "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0",
-            "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(MIN_SAMPLES_CKPT),
-            "VMAFX_SIDECAR_JOURNAL_FSYNC": "everysec",
-            "VMAFX_SIDECAR_LOG_LEVEL": "info",
-        })
-        self.env = env
+        self.env = server_env(self.socket, self.checkpoint_dir, VMAFX_SIDECAR_MIN_SAMPLES_CKPT=str(MIN_SAMPLES_CKPT),
+                              VMAFX_SIDECAR_JOURNAL_FSYNC="everysec")
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
