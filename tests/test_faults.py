@@ -478,10 +478,10 @@ def test_acks_keep_flowing_through_the_server_while_checkpoint_writes_fail(tmp_p
 
 # ---- 3. a step whose update overflows the weights is undone ----
 
-# lr 1e30 without clipping: a batch of +-1e6 features has a loss (~1e13) and a gradient norm (~1e13, its
-# square ~1e26) that are finite in float32, but lr * gradient (~1e43) is not. Ordinary samples
-# (gradients ~1e2) still give finite, if absurd, weights (~1e32), so a later checkpoint can be written;
-# its outputs overflow float32, so the gate quarantines it.
+# lr 1e30 without clipping: a batch of +-1e6 features has a loss and a gradient norm (and its square)
+# that are finite in float32, but lr * gradient is not (assert_update_overflows checks both premises).
+# Ordinary samples still give finite, if absurd, weights, so a later checkpoint can be written; its
+# outputs overflow float32, so the gate quarantines it.
 OVERFLOW = dict(lr=1e30, max_grad_norm=1e30, warmup_steps=0, ema_decay=0.9)
 
 
