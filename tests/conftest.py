@@ -13,9 +13,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# How numpy and OpenBLAS compute here (NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE, ...): passed on to every
+# sidecar a test starts, so that a run of the suite on narrower SIMD paths reaches the training too.
+NUMERIC_ENV = {k: v for k, v in os.environ.items() if k.startswith(("NPY_", "OPENBLAS_"))}
+
+# A failing property prints the @reproduce_failure line that replays it; under CI the examples are
+# derived from each test's name, so a red CI run is the same run again on any machine.
+settings.register_profile("vmafx", print_blob=True, derandomize=os.environ.get("CI") == "true")
+settings.load_profile("vmafx")
+
+
+def numeric_environment() -> list[str]:
+    """What decides how floats round here: what a failure report from another machine needs."""
+    umath = (np._core if hasattr(np, "_core") else np.core)._multiarray_umath  # np.core became np._core in 2.0
+    features, dispatch = umath.__cpu_features__, umath.__cpu_dispatch__
+    return [f"numpy {np.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"Python {sys.version.split()[0]}",
+            f"numpy SIMD in use: {' '.join(f for f in dispatch if features.get(f)) or 'baseline only'}",
+            f"numeric environment variables: {NUMERIC_ENV or 'none set'}"]
+
+
+def pytest_report_header() -> list[str]:
+    return numeric_environment()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus) -> None:
+    """Repeated after failures, since -q hides the header."""
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_sep("-", "numeric environment")
+        for line in numeric_environment():
+            terminalreporter.write_line(line)
 
 
 class Client:
@@ -60,6 +93,7 @@ class Sidecar:
             "VMAFX_SIDECAR_SOCKET": self.socket,
             "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "VMAFX_BASE_MODEL_PATH": "",
+            **NUMERIC_ENV,
             # Most tests count steps and samples exactly; those about the hold-out set it themselves.
             "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0",
             **env,
