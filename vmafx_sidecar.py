@@ -7,8 +7,9 @@ weights as a versioned ONNX checkpoint that nodes load.
 
 One process, one thread: a selectors loop owns the socket, every connection and
 the training step. Sections follow the data: probe -> config -> protocol ->
-server -> metrics -> backend -> rings -> model -> trainer -> gate -> state ->
-checkpoints -> base models -> CLI, then the clients (FeedbackClient, send, status).
+server -> metrics -> backend -> rings -> model -> trainer -> gate -> claims (one
+sidecar per socket and directory) -> state -> checkpoints -> base models -> CLI,
+then the clients (FeedbackClient, send, status).
 """
 from __future__ import annotations
 
@@ -154,6 +155,9 @@ class Config:
                                    "ONNX model to fine-tune; empty or missing file: a fresh model")
     checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", ANY,
                                   "where model_vNNNNNN.onnx checkpoints are written")
+    adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", ANY,
+                             "at start, take over the trainer state in this directory if the checkpoint "
+                             "directory holds none (scaling replicas); empty: never")
     replay_capacity: int = setting(10000, "VMAFX_SIDECAR_REPLAY_CAPACITY", at_least(1),
                                    "samples kept for replay (FIFO)")
     batch_size: int = setting(32, "VMAFX_SIDECAR_BATCH_SIZE", at_least(1), "samples per gradient step")
@@ -226,6 +230,9 @@ class Config:
         if config.replay_capacity < config.batch_size:
             raise ConfigError(f"VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE "
                               f"({config.batch_size}), got {config.replay_capacity}")
+        if config.adopt_dir and os.path.abspath(config.adopt_dir) == os.path.abspath(config.checkpoint_dir):
+            raise ConfigError("VMAFX_SIDECAR_ADOPT_DIR: must be another directory than "
+                              f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {config.adopt_dir!r}")
         if config.gate == "on" and config.gate_min_eval > config.eval_capacity:
             raise ConfigError(f"VMAFX_SIDECAR_GATE_MIN_EVAL: must be <= VMAFX_SIDECAR_EVAL_CAPACITY "
                               f"({config.eval_capacity}) or the gate never compares, got {config.gate_min_eval}")
@@ -395,15 +402,13 @@ class Server:
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
         self.metrics: MetricsEndpoint | None = None  # set by serve() when VMAFX_SIDECAR_METRICS_ADDR is set
-        self.lock_fd: int | None = None
         self.state: StateStore | None = None  # set by serve(); None in in-process tests
 
     # -- lifecycle
 
     def bind(self) -> None:
+        """Listen on the socket path, which take_claims() has already claimed."""
         path = self.config.socket
-        self.lock_fd = lock_beside(path)
-        claim_socket_path(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
@@ -673,43 +678,6 @@ class Server:
             "activations": [str(a) for a in t.model.activations],
             "config": dataclasses.asdict(self.config),
         }
-
-
-def lock_beside(path: str) -> int:
-    """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
-    try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise StartupError(f"cannot open lock file {path}.lock: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)") from None
-    return fd
-
-
-def claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one, a symlink or any other file."""
-    try:
-        mode = os.lstat(path).st_mode  # lstat: a symlink is never followed, nor removed
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; not touching it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        error = probe.connect_ex(path)
-    finally:
-        probe.close()
-    if error == errno.ECONNREFUSED:  # only a refused connection proves nobody is listening
-        os.unlink(path)
-        log.warning("removed stale socket %s left by a previous process", path)
-    elif error in (0, errno.EAGAIN, errno.EINPROGRESS):
-        raise StartupError(f"another server is already listening on {path}")
-    else:
-        raise StartupError(f"cannot check existing socket {path}: {os.strerror(error)}")
 
 
 def drain(sock: socket.socket) -> None:
@@ -1359,6 +1327,146 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+# ---- claims: one sidecar per socket and per checkpoint directory, taken before any state is touched ----
+
+DIRECTORY_LOCK = ".trainer.lock"
+ADOPTING = ".adopting"  # in a directory taking over another's trainer state: the source, until all is moved
+ADOPT_WAIT_S = 60.0  # for the trainer in a directory to adopt to stop, e.g. the pod a rollout replaces
+# What makes up a trainer's state in its directory; the lock file and other directories are not part of it.
+TRAINER_STATE = re.compile(r"\.state|quarantine|latest\.(json|onnx|onnx\.sha256)"
+                           r"|model_v\d{6,}\.(onnx|onnx\.sha256|json)")
+
+
+def take_claims(config: Config) -> None:
+    """The socket, then the checkpoint directory (and the one to adopt, while adopting it): each an flock
+    on a descriptor left open until the process exits, when the kernel releases it, after kill -9 too. A
+    sidecar refused either claim has read and written no state."""
+    holder = (f"pid {os.getpid()} on {socket.gethostname()}, serving {config.socket}, since "
+              f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    lock_beside(config.socket)
+    claim_socket_path(config.socket)
+    directory = Path(config.checkpoint_dir).absolute()
+    claim_directory(directory, holder)
+    if config.adopt_dir:
+        adopt_trainer_state(directory, Path(config.adopt_dir).absolute(), holder)
+
+
+def open_lock(path: Path) -> int:
+    """Opened once per process and kept open: on NFS an flock is a POSIX lock, which closing *any*
+    descriptor of the file releases."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot open lock file {path}: {e.strerror or e}") from None
+
+
+def locked_within(fd: int, wait_s: float) -> bool:
+    """Whether this process got the exclusive flock on `fd`, trying for up to wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def lock_beside(path: str) -> None:
+    """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
+    fd = open_lock(Path(path + ".lock"))
+    if not locked_within(fd, 0):
+        os.close(fd)
+        raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
+
+
+def claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead server; refuse a live one, a symlink or any other file."""
+    try:
+        mode = os.lstat(path).st_mode  # lstat: a symlink is never followed, nor removed
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        error = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if error == errno.ECONNREFUSED:  # only a refused connection proves nobody is listening
+        os.unlink(path)
+        log.warning("removed stale socket %s left by a previous process", path)
+    elif error in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise StartupError(f"another server is already listening on {path}")
+    else:
+        raise StartupError(f"cannot check existing socket {path}: {os.strerror(error)}")
+
+
+def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
+    """Hold <directory>/.trainer.lock: one trainer per checkpoint directory. The file names its holder, so
+    a refused sidecar can say who has the directory."""
+    if directory.is_symlink():
+        raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
+                           "configure the real path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
+    fd = open_lock(directory / DIRECTORY_LOCK)
+    if not locked_within(fd, wait_s):
+        other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
+        os.close(fd)
+        raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
+                           "trainer needs a directory of its own")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
+    return fd
+
+
+def trainer_state_in(directory: Path) -> list[Path]:
+    """The entries of a trainer's state in `directory`, if any."""
+    try:
+        return [directory / name for name in sorted(os.listdir(directory)) if TRAINER_STATE.fullmatch(name)]
+    except FileNotFoundError:
+        return []
+
+
+def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
+    """Move the trainer state in `source` into `directory` when `directory` holds none (replicas scaled up
+    or down), under both claims: training resumes where it stopped and numbering continues. A marker names
+    the source until every entry has moved, so a crash midway resumes the move rather than start afresh."""
+    marker = directory / ADOPTING
+    if marker.exists():
+        source = Path(marker.read_text().strip())
+    elif trainer_state_in(directory) or not trainer_state_in(source):
+        return
+    try:
+        source_claim = claim_directory(source, holder, ADOPT_WAIT_S)
+    except StartupError as e:
+        raise StartupError(f"cannot adopt the trainer state in {source} yet: {e}") from None
+    try:
+        entries = trainer_state_in(source)  # again, under its claim: another replica may have taken it
+        if not marker.exists():
+            if not entries:
+                return
+            write_synced(marker, [memoryview(f"{source}\n".encode())])
+        for entry in entries:
+            if (directory / entry.name).exists():
+                raise StartupError(f"cannot adopt {entry}: {directory / entry.name} exists too; move one aside")
+            os.rename(entry, directory / entry.name)
+        fsync_directory(source)
+        marker.unlink()
+        fsync_directory(directory)
+    except OSError as e:
+        raise StartupError(f"cannot adopt the trainer state in {source}: {e.strerror or e}") from None
+    finally:
+        os.close(source_claim)
+    log.warning("adopted the trainer state in %s (%s): training resumes from it here",
+                source, ", ".join(entry.name for entry in entries) or "the rest of it")
+
+
 # ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
 
 JOURNAL_HEADER = struct.Struct("<16sQ")  # magic, generation: the snapshot this journal continues
@@ -1672,6 +1780,7 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
 TEMP_SUFFIX = ".tmp"
 LATEST = "latest.json"
+LATEST_MODEL = "latest.onnx"  # a copy of the model latest.json names, at a path a node can be given once
 QUARANTINE_KEPT = 10
 READBACK_TOLERANCE = 1e-5  # relative, with scores below 1 compared absolutely
 
@@ -1694,9 +1803,6 @@ class CheckpointWriter:
         self.directory = Path(directory).absolute()  # ACKs name checkpoints for readers in other cwds
         self.quarantine = self.directory / "quarantine"
         self.keep = keep
-        if self.directory.is_symlink():
-            raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
-                               "configure the real path")
         try:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
@@ -1711,6 +1817,7 @@ class CheckpointWriter:
                     log.warning("removed unfinished checkpoint file %s", d / name)
         try:
             self.latest = self.recover_latest()
+            self.sync_latest_model()
         except OSError as e:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
 
@@ -1750,18 +1857,28 @@ class CheckpointWriter:
         checkpoint = Checkpoint(directory / name, record)
         fsync_directory(directory)
         if checkpoint.published:
-            self.point_latest(record)
+            self.point_latest(record, data)
         else:
             log.warning("checkpoint v%06d quarantined: %s", version, record["reason"])
         self.prune()
         return checkpoint
 
-    def point_latest(self, record: dict[str, Any]) -> None:
-        temp = self.directory / f".{LATEST}{TEMP_SUFFIX}"
-        write_synced(temp, [memoryview(json_text(record).encode())])
-        os.replace(temp, self.directory / LATEST)
+    def point_latest(self, record: dict[str, Any], data: bytes) -> None:
+        """latest.onnx (`data`, the model `record` names), latest.onnx.sha256, then latest.json, each replaced
+        whole, in that order: latest.json never names a model before latest.onnx holds it."""
+        self.replace_latest_model(record, data)
+        self.replace(LATEST, json_text(record).encode())
         fsync_directory(self.directory)
         self.latest = record
+
+    def replace_latest_model(self, record: dict[str, Any], data: bytes) -> None:
+        self.replace(LATEST_MODEL, data)
+        self.replace(f"{LATEST_MODEL}.sha256", f"{record['sha256']}  {LATEST_MODEL}\n".encode())
+
+    def replace(self, name: str, content: bytes) -> None:
+        temp = self.directory / f".{name}{TEMP_SUFFIX}"
+        write_synced(temp, [memoryview(content)])
+        os.replace(temp, self.directory / name)
 
     def recover_latest(self) -> dict[str, Any] | None:
         """latest.json, first pointed at the newest published checkpoint if it names another one: a crash
@@ -1776,10 +1893,29 @@ class CheckpointWriter:
             (self.directory / LATEST).unlink()
             log.warning("removed %s: the checkpoint it named is gone", self.directory / LATEST)
             return None
-        self.point_latest(newest)
+        self.replace(LATEST, json_text(newest).encode())
+        fsync_directory(self.directory)
         log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
                     newest["file"], latest and latest["file"])
         return newest
+
+    def sync_latest_model(self) -> None:
+        """latest.onnx and its .sha256 as latest.json says: after a crash between their updates, a rollback
+        or a directory an older version wrote; removed when nothing is published."""
+        if self.latest is None:
+            for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
+                (self.directory / name).unlink(missing_ok=True)
+            return
+        if not latest_model_problems(self.directory, self.latest):
+            return
+        try:
+            data = read_named_checkpoint(self.directory, self.latest)
+        except ValueError as e:  # nothing trustworthy to copy; latest_model() reports it too
+            log.error("cannot update %s: %s", self.directory / LATEST_MODEL, e)
+            return
+        self.replace_latest_model(self.latest, data)
+        fsync_directory(self.directory)
+        log.warning("%s now holds %s, as %s names", self.directory / LATEST_MODEL, self.latest["file"], LATEST)
 
     def latest_model(self) -> MLP | None:
         """The published model latest.json names, if its file is intact."""
@@ -1838,6 +1974,21 @@ def read_named_checkpoint(directory: Path, record: dict[str, Any]) -> bytes:
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise ValueError(f"{record['file']} does not have the sha256 {LATEST} names")
     return data
+
+
+def latest_model_problems(directory: Path, record: dict[str, Any]) -> list[str]:
+    """Why latest.onnx and latest.onnx.sha256 are not the model `record` (latest.json) names; [] if they are."""
+    try:
+        data = (directory / LATEST_MODEL).read_bytes()
+        checksum = (directory / f"{LATEST_MODEL}.sha256").read_text()
+    except OSError as e:
+        return [f"{LATEST_MODEL} or its .sha256 cannot be read: {e.strerror or e}"]
+    problems = []
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        problems.append(f"{LATEST_MODEL} is not {record['file']}, which {LATEST} names")
+    if checksum != f"{record['sha256']}  {LATEST_MODEL}\n":
+        problems.append(f"{LATEST_MODEL}.sha256 is not the sha256 of {record['file']}")
+    return problems
 
 
 def json_text(record: dict[str, Any]) -> str:
@@ -2034,6 +2185,7 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
 # ---- CLI: serve, and demo (a server fed a synthetic stream) ----
 
 def serve(config: Config) -> int:
+    take_claims(config)
     trainer, source = build_trainer(config)
     server = Server(config, trainer)
     server.state = StateStore(config, server)
@@ -2165,8 +2317,8 @@ def onnx_metadata(directory: Path, version: int) -> dict[str, Any]:
 
 
 def verify_checkpoints(directory: Path) -> int:
-    """Check every checkpoint's .sha256, record and model (onnx checker, then a run), and latest.json;
-    1 if anything is wrong."""
+    """Check every checkpoint's .sha256, record and model (onnx checker, then a run), latest.json and
+    latest.onnx; 1 if anything is wrong."""
     if not directory.is_dir():
         print(f"vmafx-sidecar verify: {directory}: no such directory", file=sys.stderr)
         return 1
@@ -2178,6 +2330,8 @@ def verify_checkpoints(directory: Path) -> int:
                             checkpoint_problems(where, version, published=where == directory)))
     if (directory / LATEST).exists():
         results.append((directory / LATEST, latest_problems(directory)))
+    if latest := read_record(directory / LATEST):
+        results.append((directory / LATEST_MODEL, latest_model_problems(directory, latest)))
     for path, problems in results:
         print(f"{'FAILED' if problems else 'ok':6}  {path}" + "".join(f"\n        {p}" for p in problems))
     failed = sum(bool(problems) for _, problems in results)

@@ -109,8 +109,8 @@ PROBE = np.random.default_rng(7).uniform(0, 1, (16, 80)).astype(np.float32)  # i
 
 
 def temp_files(directory: Path) -> list[str]:
-    """Dot-files beside the checkpoints, other than the trainer's state directory."""
-    return sorted(n for n in os.listdir(directory) if n.startswith(".") and n != ".state")
+    """Dot-files beside the checkpoints, other than the trainer's state directory and its claim."""
+    return sorted(n for n in os.listdir(directory) if n.startswith(".") and n not in (".state", ".trainer.lock"))
 
 
 def checkpoint_files(directory: Path) -> list[str]:
@@ -162,8 +162,10 @@ def test_first_checkpoint_is_written_with_the_ack_of_the_64th_sample(sidecar_fac
     assert ack["checkpoint"].endswith("model_v000001.onnx")
     assert Path(ack["checkpoint"]) == target
     assert target.is_file()
-    assert checkpoint_files(s.checkpoint_dir) == ["latest.json", "model_v000001.json", "model_v000001.onnx",
+    assert checkpoint_files(s.checkpoint_dir) == [".trainer.lock", "latest.json", "latest.onnx", "latest.onnx.sha256",
+                                                  "model_v000001.json", "model_v000001.onnx",
                                                   "model_v000001.onnx.sha256", "quarantine"]
+    assert (s.checkpoint_dir / "latest.onnx").read_bytes() == target.read_bytes()
     assert temp_files(s.checkpoint_dir) == []
     assert_sha256_file_verifies(target)
 
@@ -228,7 +230,7 @@ def test_restart_continues_numbering_and_keeps_old_checkpoints(sidecar_factory, 
     assert v1.read_bytes() == v1_bytes
     assert Path(str(v1) + ".sha256").read_bytes() == v1_sha
     assert checkpoint_files(s2.checkpoint_dir) == [
-        "latest.json", "model_v000001.json", "model_v000001.onnx", "model_v000001.onnx.sha256",
+        ".trainer.lock", "latest.json", "latest.onnx", "latest.onnx.sha256", "model_v000001.json", "model_v000001.onnx", "model_v000001.onnx.sha256",
         "model_v000002.json", "model_v000002.onnx", "model_v000002.onnx.sha256", "quarantine"]
     assert_sha256_file_verifies(v2)
     meta = metadata(onnx.load(str(v2)))

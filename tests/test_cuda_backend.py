@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,7 +354,8 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], env=sock.env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
     finally:
-        os.rmdir(sock.sockdir)
+        assert not os.path.exists(sock.socket)  # only the socket's lock file, which claimed the path first
+        shutil.rmtree(sock.sockdir)
 
 
 @pytest.mark.parametrize("why, env", [

@@ -544,7 +544,7 @@ def test_retention_keeps_ten_quarantined(tmp_path):
 def test_retention_never_deletes_the_checkpoint_latest_names(tmp_path):
     writer = vs.CheckpointWriter(str(tmp_path), keep=0)
     records = [write(writer, UNGATED, seed=i).record for i in range(4)]
-    writer.point_latest(records[0])  # an older published checkpoint is the latest one
+    writer.point_latest(records[0], (tmp_path / records[0]["file"]).read_bytes())  # an older one is the latest
     writer.keep = 2
     write(writer, REFUSED, seed=9)  # v5, quarantined; pruning runs
     assert model_files(tmp_path) == files_of(1) | files_of(3) | files_of(4)
@@ -749,10 +749,11 @@ def test_verify_passes_a_good_directory(checkpoint_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert failed_paths(done.stdout) == set()
     ok = {line.split(None, 1)[1] for line in done.stdout.splitlines() if line.startswith("ok")}
-    # every model, quarantined ones with non-finite outputs included, and latest.json were checked
+    # every model, quarantined ones with non-finite outputs included, latest.json and latest.onnx were checked
     assert ok == {str(checkpoint_dir / "model_v000001.onnx"), str(checkpoint_dir / "model_v000004.onnx"),
                   str(checkpoint_dir / "quarantine" / "model_v000002.onnx"),
-                  str(checkpoint_dir / "quarantine" / "model_v000003.onnx"), str(checkpoint_dir / "latest.json")}
+                  str(checkpoint_dir / "quarantine" / "model_v000003.onnx"), str(checkpoint_dir / "latest.json"),
+                  str(checkpoint_dir / "latest.onnx")}
 
 
 def test_verify_fails_on_a_flipped_byte(copied):
@@ -780,7 +781,8 @@ def test_verify_fails_on_latest_json_with_another_sha256(copied):
     (copied / "latest.json").write_text(json.dumps(latest))
     done = run_cli("verify", str(copied))
     assert done.returncode == 1, done.stdout + done.stderr
-    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+    # latest.onnx, the model the record names, is not one with that sha256 either
+    assert failed_paths(done.stdout) == {str(copied / "latest.json"), str(copied / "latest.onnx")}
     assert "model_v000004.onnx" in done.stdout
 
 

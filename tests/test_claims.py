@@ -1,0 +1,333 @@
+"""One trainer per checkpoint directory: the socket and directory claims come before any state is read or
+written, a refused sidecar names the holder and changes nothing, kill -9 releases both claims; replicas
+scaled up and down hand their trainer state over (adoption); latest.onnx always holds the model latest.json
+names, after start-up repair too."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vmafx_sidecar as vs
+from conftest import NUMERIC_ENV, ROOT, Sidecar, sample
+
+N_FEATURES = 6
+# A checkpoint every 16 trained samples (4 steps of 4), the gate off: every checkpoint is published.
+SETTINGS = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_HIDDEN="5", VMAFX_SIDECAR_BATCH_SIZE="4",
+                VMAFX_SIDECAR_REPLAY_MIX="0", VMAFX_SIDECAR_REPLAY_CAPACITY="32", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
+                VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16", VMAFX_SIDECAR_GATE="off")
+
+
+def settings_for(directory: Path, adopt: Path | None = None) -> dict[str, str]:
+    """A sidecar training in `directory` (and adopting from `adopt`)."""
+    adopting = {"VMAFX_SIDECAR_ADOPT_DIR": str(adopt)} if adopt is not None else {}
+    return {**SETTINGS, "VMAFX_SIDECAR_CHECKPOINT_DIR": str(directory), **adopting}
+
+
+def run_serve(sidecar_socket: str, directory: Path, **env: str) -> subprocess.CompletedProcess:
+    """A second `serve`, expected to exit on its own."""
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV, **SETTINGS,
+                "VMAFX_SIDECAR_SOCKET": sidecar_socket, "VMAFX_SIDECAR_CHECKPOINT_DIR": str(directory),
+                "VMAFX_BASE_MODEL_PATH": "", **env}
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], env=full_env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV}
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def feed(s: Sidecar, n: int, seed: int) -> list[dict]:
+    client = s.client()
+    rng = np.random.default_rng(seed)
+    acks = [client.request(sample(rng, N_FEATURES, job_id=f"{seed}-{i}")) for i in range(n)]
+    assert all(a["ok"] for a in acks), acks
+    return acks
+
+
+def status(s: Sidecar) -> dict:
+    return s.client().request({"op": "status"})
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def trainer_files(directory: Path) -> set[str]:
+    return {p.name for p in vs.trainer_state_in(directory)}
+
+
+def assert_latest_model_is_named_one(directory: Path) -> None:
+    latest = json.loads((directory / "latest.json").read_text())
+    named = (directory / latest["file"]).read_bytes()
+    assert (directory / "latest.onnx").read_bytes() == named
+    digest = hashlib.sha256(named).hexdigest()
+    assert latest["sha256"] == digest
+    assert (directory / "latest.onnx.sha256").read_text() == f"{digest}  latest.onnx\n"
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(directory, adopt=None): a sidecar on a socket of its own, killed at the end of the test."""
+    sidecars: list[Sidecar] = []
+
+    def start_in(directory: Path, adopt: Path | None = None) -> Sidecar:
+        sidecars.append(Sidecar(tmp_path, settings_for(directory, adopt)))
+        return sidecars[-1].start()
+
+    yield start_in
+    for s in sidecars:
+        s.cleanup()
+
+
+# ---- the directory claim ----
+
+def test_second_sidecar_on_a_claimed_directory_exits_naming_the_holder_and_changes_nothing(tmp_path, start):
+    directory = tmp_path / "models"
+    first = start(directory)
+    client = first.client()
+    rng = np.random.default_rng(0)
+    acks = [client.request(sample(rng, N_FEATURES, job_id=f"a-{i}")) for i in range(40)]
+    assert acks[-1]["ok"] and any("checkpoint" in a for a in acks)
+    before = contents(directory)
+
+    other_socket = os.path.join(first.sockdir, "other.sock")
+    done = run_serve(other_socket, directory)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and errors == done.stderr.strip().splitlines()[-1:], done.stderr
+    assert f"checkpoint directory {directory} is claimed by another sidecar" in errors[0]
+    assert f"pid {first.proc.pid} on {socket.gethostname()}, serving {first.socket}" in errors[0]
+    assert "a directory of its own" in errors[0]
+    assert contents(directory) == before  # snapshot, journal, checkpoints, latest files: byte for byte
+    assert not os.path.exists(other_socket)
+
+    # The first sidecar's client saw nothing and goes on.
+    client.sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        client.sock.recv(1)
+    client.sock.settimeout(5)
+    ack = client.request(sample(rng, N_FEATURES, job_id="a-40"))
+    assert ack["ok"] and ack["job_id"] == "a-40"
+    assert status(first)["samples_accepted"] == 41
+
+
+def test_lock_file_names_its_holder_and_read_only_tools_work_beside_it(tmp_path, start):
+    directory = tmp_path / "models"
+    s = start(directory)
+    feed(s, 20, seed=1)
+    holder = (directory / ".trainer.lock").read_text()
+    assert holder.startswith(f"pid {s.proc.pid} on {socket.gethostname()}, serving {s.socket}, since 20")
+    assert (directory / ".trainer.lock").stat().st_mode & 0o777 == 0o600
+    listing = cli("checkpoints", str(directory))
+    assert listing.returncode == 0 and "published, latest" in listing.stdout, listing.stdout + listing.stderr
+    verify = cli("verify", str(directory))
+    assert verify.returncode == 0 and "FAILED" not in verify.stdout, verify.stdout + verify.stderr
+    assert f"ok      {directory / 'latest.onnx'}" in verify.stdout
+    assert status(s)["samples_accepted"] == 20  # still serving
+
+
+def test_same_socket_twice_exits_before_touching_any_state(tmp_path, start):
+    directory = tmp_path / "models"
+    first = start(directory)
+    feed(first, 40, seed=2)
+    before = contents(directory)
+    same_directory = run_serve(first.socket, directory)
+    assert same_directory.returncode == 1 and "already listening" in same_directory.stderr
+    assert contents(directory) == before  # .state/ above all: a second process must not restore or rewrite it
+    fresh = tmp_path / "fresh"
+    other_directory = run_serve(first.socket, fresh)
+    assert other_directory.returncode == 1 and "already listening" in other_directory.stderr
+    assert not fresh.exists()  # the socket claim came first: its directory was never even created
+    assert status(first)["samples_accepted"] == 40
+
+
+def test_kill_9_releases_both_claims_and_the_next_sidecar_loses_nothing(tmp_path, start):
+    directory = tmp_path / "models"
+    first = start(directory)
+    acks = feed(first, 37, seed=3)  # mid-batch, after a checkpoint
+    first.stop(signal.SIGKILL)
+    second = start(directory)  # a claim still held would make it exit 1 at once
+    resumed = status(second)
+    assert resumed["samples_accepted"] == 37 and resumed["steps"] == acks[-1]["step"]
+    assert (directory / ".trainer.lock").read_text().startswith(f"pid {second.proc.pid} ")
+
+
+def test_adopt_dir_must_differ_from_the_checkpoint_directory(tmp_path):
+    directory = tmp_path / "models"
+    done = run_serve(str(tmp_path / "s.sock"), directory, VMAFX_SIDECAR_ADOPT_DIR=str(directory / "."))
+    assert done.returncode == 2 and "VMAFX_SIDECAR_ADOPT_DIR" in done.stderr
+    assert not directory.exists()
+
+
+# ---- latest.onnx ----
+
+def test_latest_onnx_follows_every_published_checkpoint(tmp_path, start):
+    directory = tmp_path / "models"
+    s = start(directory)
+    client = s.client()
+    rng = np.random.default_rng(4)
+    published = 0
+    for i in range(80):
+        ack = client.request(sample(rng, N_FEATURES, job_id=f"l-{i}"))
+        if "checkpoint" in ack:
+            published += 1
+            assert_latest_model_is_named_one(directory)  # already when the ACK names the checkpoint
+            assert json.loads((directory / "latest.json").read_text())["file"] == Path(ack["checkpoint"]).name
+    assert published == 5
+    assert not list(directory.glob(".*.tmp"))
+
+
+def crash_states(directory: Path) -> dict[str, dict[str, bytes]]:
+    """What a kill -9 can leave while v2 is published over v1: each prefix of the write sequence
+    (checkpoint files, then latest.onnx, latest.onnx.sha256 and latest.json, each via a temp file), plus an
+    older version's directory that has no latest.onnx at all."""
+    v1, v2 = (json.loads((directory / f"model_v{v:06d}.json").read_text()) for v in (1, 2))
+    files = contents(directory)
+    model = {v["version"]: files[v["file"]] for v in (v1, v2)}
+
+    def pointing(onnx_version: int, sha_version: int, json_version: int, **extra: bytes) -> dict[str, bytes]:
+        record = {1: v1, 2: v2}
+        return {**files, "latest.onnx": model[onnx_version],
+                "latest.onnx.sha256": f"{record[sha_version]['sha256']}  latest.onnx\n".encode(),
+                "latest.json": (json.dumps(record[json_version], indent=2) + "\n").encode(), **extra}
+
+    no_latest_model = {n: c for n, c in pointing(2, 2, 2).items() if not n.startswith("latest.onnx")}
+    return {"before-pointing": pointing(1, 1, 1),
+            "temp-of-latest.onnx": pointing(1, 1, 1, **{".latest.onnx.tmp": model[2][:100]}),
+            "after-latest.onnx": pointing(2, 1, 1),
+            "after-its-sha256": pointing(2, 2, 1, **{".latest.json.tmp": b"{\"vers"}),
+            "written-by-an-older-version": no_latest_model}
+
+
+@pytest.mark.parametrize("state", ["before-pointing", "temp-of-latest.onnx", "after-latest.onnx",
+                                   "after-its-sha256", "written-by-an-older-version"])
+def test_start_up_repairs_latest_onnx_whatever_a_crash_left(tmp_path, start, state):
+    directory = tmp_path / "models"
+    s = start(directory)
+    feed(s, 32, seed=5)  # v1 and v2
+    s.stop()
+    left = crash_states(directory)[state]
+    shutil.rmtree(directory)
+    for name, content in left.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(content)
+    s = start(directory)
+    assert json.loads((directory / "latest.json").read_text())["version"] == 2
+    assert_latest_model_is_named_one(directory)
+    assert not list(directory.glob(".*.tmp"))
+    assert status(s)["checkpoint_version"] == 2
+
+
+def test_rollback_recipe_moves_all_three_pointers_back(tmp_path, start):
+    directory = tmp_path / "models"
+    s = start(directory)
+    feed(s, 32, seed=6)
+    s.stop()
+    for name in ("model_v000002.onnx", "model_v000002.onnx.sha256", "model_v000002.json"):  # the README's recipe
+        (directory / name).rename(directory / "quarantine" / name)
+    s = start(directory)
+    assert json.loads((directory / "latest.json").read_text())["version"] == 1
+    assert_latest_model_is_named_one(directory)
+    assert status(s)["checkpoint_version"] == 1
+
+
+# ---- adoption: scaling replicas up and down hands the trainer state over ----
+
+def test_scaling_1_to_3_to_1_to_3_keeps_every_trainer_state_and_numbering(tmp_path, start):
+    parent = tmp_path / "online"
+    replicas = [parent / f"node-{i}" for i in range(3)]
+
+    single = start(parent, adopt=replicas[0])  # the chart's Deployment: adopts replica 0 if any
+    feed(single, 40, seed=10)
+    assert status(single)["checkpoint_version"] == 2
+    single.stop()
+    single_state = trainer_files(parent)
+
+    # 1 -> 3: replica 0, started first, takes the single trainer's state over; the others start afresh.
+    scaled = [start(replicas[i], adopt=parent) for i in range(3)]
+    assert trainer_files(parent) == set()  # nothing left where later tooling would take it for a trainer
+    assert trainer_files(replicas[0]) >= single_state
+    first = status(scaled[0])
+    assert (first["samples_accepted"], first["checkpoint_version"]) == (40, 2)
+    assert [status(r)["samples_accepted"] for r in scaled[1:]] == [0, 0]
+    acks = feed(scaled[0], 24, seed=11)
+    assert Path(acks[-1]["checkpoint"]) == replicas[0] / "model_v000004.onnx"  # numbering continues
+    for i, r in enumerate(scaled[1:], start=1):
+        feed(r, 16 * i, seed=11 + i)
+    for r in scaled:
+        assert r.stop() == 0
+    kept = {i: contents(replicas[i]) for i in (1, 2)}
+
+    # 3 -> 1: the single trainer continues replica 0; replicas 1 and 2 stay as they were.
+    single = start(parent, adopt=replicas[0])
+    back = status(single)
+    assert (back["samples_accepted"], back["checkpoint_version"]) == (64, 4)
+    assert trainer_files(replicas[0]) == set()
+    assert {i: contents(replicas[i]) for i in (1, 2)} == kept
+    acks = feed(single, 16, seed=20)
+    assert Path(acks[-1]["checkpoint"]) == parent / "model_v000005.onnx"
+    assert_latest_model_is_named_one(parent)
+    assert single.stop() == 0
+
+    # 1 -> 3 again: replica 0 takes it over once more; replicas 1 and 2 resume their own state.
+    scaled = [start(replicas[i], adopt=parent) for i in range(3)]
+    assert [status(r)["samples_accepted"] for r in scaled] == [80, 16, 32]
+    assert [status(r)["checkpoint_version"] for r in scaled] == [5, 1, 2]
+    verify = cli("verify", str(replicas[0]))
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_adoption_waits_for_the_trainer_that_still_holds_the_source(tmp_path, start):
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent)
+    feed(single, 20, seed=30)
+    single.stop()
+    fd = os.open(parent / ".trainer.lock", os.O_RDWR)  # a trainer still stopping there, as in a rollout
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    while_held = {}
+
+    def release() -> None:
+        while_held.update(replica=trainer_files(replica), parent=trainer_files(parent))
+        os.close(fd)
+
+    timer = threading.Timer(1.5, release)
+    timer.start()
+    waiting = start(replica, adopt=parent)  # answers once it has adopted
+    timer.join()
+    assert while_held["replica"] == set() and ".state" in while_held["parent"]  # nothing moved while claimed
+    assert status(waiting)["samples_accepted"] == 20, waiting.stderr()
+    assert "adopted the trainer state in" in waiting.stderr()
+
+
+def test_adoption_interrupted_midway_resumes_on_the_next_start(tmp_path, start):
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent)
+    feed(single, 40, seed=40)
+    single.stop()
+    everything = contents(parent)
+    # What a kill -9 after two moves leaves: the marker, two entries here, the rest still in the source.
+    replica.mkdir()
+    (replica / ".adopting").write_text(f"{parent}\n")
+    for name in (".state", "model_v000001.onnx"):
+        (parent / name).rename(replica / name)
+    s = start(replica, adopt=parent)
+    assert not (replica / ".adopting").exists() and trainer_files(parent) == set()
+    moved = contents(replica)
+    assert {n: c for n, c in moved.items() if n != ".trainer.lock" and not n.startswith(".state/")} == \
+        {n: c for n, c in everything.items() if n != ".trainer.lock" and not n.startswith(".state/")}
+    assert (status(s)["samples_accepted"], status(s)["checkpoint_version"]) == (40, 2)
