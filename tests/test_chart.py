@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import re
 import tomllib
 
@@ -71,19 +72,34 @@ PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-
 
 @dataclasses.dataclass
 class Rendered:
-    objects: dict[str, dict]  # by kind
+    objects: dict[tuple[str, str], dict]  # by kind and name
     notes: str
 
     @property
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.objects]
+
+    def one(self, kind: str) -> dict:
+        """The object of that kind, which must be the only one."""
+        [found] = [obj for (k, _), obj in self.objects.items() if k == kind]
+        return found
+
+    @property
+    def workload(self) -> dict:
+        """The Deployment or the StatefulSet: the chart renders exactly one of them."""
+        [found] = [obj for (kind, _), obj in self.objects.items() if kind in ("Deployment", "StatefulSet")]
+        return found
+
+    @property
     def pod(self) -> dict:
-        return self.objects["Deployment"]["spec"]["template"]["spec"]
+        return self.workload["spec"]["template"]["spec"]
 
     def container(self, name: str) -> dict:
         [found] = [c for c in self.pod["containers"] + self.pod.get("initContainers", []) if c["name"] == name]
         return found
 
 
-def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = ()) -> Rendered:
+def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = (), release: str = "demo") -> Rendered:
     """`helm template --kube-version [--api-versions ...]`, plus strict schema validation of every
     manifest for that version.
 
@@ -93,7 +109,7 @@ def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = ()) 
     and the ServiceMonitor tests if the API versions were (like `helm template --api-versions`, they
     add to Helm's built-in set, which has no monitoring.coreos.com)."""
     with helm.Chart.load(CHART) as chart:
-        options = {"name": "demo", "namespace": "vmafx", "is_install": True, "kube_version": f"v{kube_version}.0",
+        options = {"name": release, "namespace": "vmafx", "is_install": True, "kube_version": f"v{kube_version}.0",
                    "api_versions": list(api_versions)}
         files = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
     objects, notes = {}, ""
@@ -107,8 +123,9 @@ def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = ()) 
                     check_service_monitor(obj)
                 else:
                     kubernetes_validate.validate(obj, kube_version, strict=True)
-                assert obj["kind"] not in objects, obj["kind"]
-                objects[obj["kind"]] = obj
+                key = obj["kind"], obj["metadata"]["name"]
+                assert key not in objects, key
+                objects[key] = obj
     return Rendered(objects, notes)
 
 
@@ -144,9 +161,27 @@ def merged(base: dict, **overrides: object) -> dict:
     return values
 
 
-def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+def env_of(container: dict) -> dict[str, object]:
+    """Each variable's value, or its valueFrom."""
+    return {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in container.get("env", [])}
 
+
+def resolved_env(container: dict, pod_name: str) -> dict[str, str]:
+    """The environment the kubelet gives this container in pod `pod_name`: metadata.name from the downward
+    API, and each $(VAR) in a value replaced by an earlier entry's value (a later or unknown one is left as
+    written, as Kubernetes does)."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            assert entry["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, entry
+            env[entry["name"]] = pod_name
+        else:
+            env[entry["name"]] = re.sub(r"\$\(([^)]+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
+    return env
+
+
+# Issue #13: several pods, each with a trainer of its own on the one ReadWriteMany claim.
+SCALE_OUT = {"node.replicas": 3, "persistence.models.accessModes": ["ReadWriteMany"]}
 
 VARIANTS = {
     "issue values": ISSUE_VALUES,
@@ -159,6 +194,10 @@ VARIANTS = {
     "metrics off": merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.enabled": False}),
     "serviceMonitor": merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.serviceMonitor": {
         "enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}}),
+    "replicas 3": merged(ISSUE_VALUES, **SCALE_OUT),
+    "replicas 3, existingClaim": merged(ISSUE_VALUES, **{"node.replicas": 3,
+                                                         "persistence.models.existingClaim": "vmafx-models"}),
+    "replicas 3, persistence off": merged(ISSUE_VALUES, **{"node.replicas": 3, "persistence.models.enabled": False}),
 }
 
 
@@ -166,7 +205,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_renders_valid_manifests(variant, kube_version):
     rendered = render(VARIANTS[variant], kube_version)
-    assert "Deployment" in rendered.objects and rendered.notes
+    assert rendered.workload and rendered.notes
 
 
 @pytest.mark.parametrize("kube_version, native", [("1.28", False), ("1.29", True), ("1.33", True)])
@@ -240,13 +279,15 @@ def test_every_trainer_value_becomes_its_setting_exactly(settings):
     trainer = render(values, "1.33").container("trainer")
     env = env_of(trainer)
     assert [e["name"] for e in trainer["env"]][:2] == ["VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR"]
-    assert set(env) == {"VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR", *TRAINER_ENV.values()}
+    assert set(env) == {"VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR", *TRAINER_ENV.values(),
+                        "VMAFX_SIDECAR_ADOPT_DIR"}  # set by the chart (issue #13)
     assert all("e+" not in text for text in env.values()), env  # quote's 1e+06 would not parse as an integer
     # What the sidecar itself reads from that environment is exactly what was set.
     config = vs.Config.load(env, {})
     by_env = {f.metadata["env"]: f.name for f in dataclasses.fields(vs.Config)}
     for key, value in settings.items():
         assert getattr(config, by_env[TRAINER_ENV[key]]) == (str(value) if key == "cuda" else value), key
+    assert config.adopt_dir == f"{settings['checkpointDir']}/demo-vmafx-node-0"
 
 
 @pytest.mark.parametrize("metrics", [True, False], ids=["metrics on", "metrics off"])
@@ -258,7 +299,8 @@ def test_unset_trainer_values_keep_the_sidecar_defaults_and_extra_env_comes_last
 
 
 @pytest.mark.parametrize("variant, claim", [
-    ("issue values", "demo-vmafx-node-models"), ("existingClaim", "vmafx-models"), ("persistence off", None)])
+    ("issue values", "demo-vmafx-node-models"), ("existingClaim", "vmafx-models"), ("persistence off", None),
+    ("replicas 3", "demo-vmafx-node-models"), ("replicas 3, existingClaim", "vmafx-models")])
 def test_both_containers_mount_the_socket_dir_and_the_models_volume(variant, claim):
     rendered = render(VARIANTS[variant], "1.33")
     volumes = {v["name"]: v for v in rendered.pod["volumes"]}
@@ -268,8 +310,8 @@ def test_both_containers_mount_the_socket_dir_and_the_models_volume(variant, cla
     else:  # the read-only root filesystem leaves the trainer nowhere else to write
         assert volumes["models"]["emptyDir"] == {}
         assert "checkpoints are lost with the pod" in rendered.notes
-    pvc = rendered.objects.get("PersistentVolumeClaim")
-    assert (pvc["metadata"]["name"] if pvc else None) == (claim if variant == "issue values" else None)
+    pvc = rendered.one("PersistentVolumeClaim") if "PersistentVolumeClaim" in rendered.kinds else None
+    assert (pvc["metadata"]["name"] if pvc else None) == (None if "existingClaim" in variant else claim)
     if pvc:  # checkpoints and state must survive `helm uninstall`
         assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     for name, read_only in [("trainer", False), ("vmafx-node", True)]:
@@ -282,6 +324,7 @@ def test_both_containers_mount_the_socket_dir_and_the_models_volume(variant, cla
 def test_checkpoints_are_announced_where_the_trainer_writes_them():
     notes = render({"persistence": {"models": {"enabled": True}}}, "1.33").notes
     assert f"{vs.Config.checkpoint_dir}/latest.json" in notes  # unset: the sidecar's default
+    assert f"{vs.Config.checkpoint_dir}/{vs.LATEST_MODEL} and {vs.LATEST_MODEL}.sha256" in notes
     assert "/mnt/x/ckpt/latest.json" in render(merged(
         ISSUE_VALUES, **{"persistence.models.mountPath": "/mnt/x", "sidecar.trainer.checkpointDir": "/mnt/x/ckpt"}),
         "1.33").notes
@@ -315,7 +358,7 @@ def test_node_values_configure_the_vmafx_node_container_and_pod():
                 {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}}}
     rendered = render({"node": node}, "1.33")
     container = rendered.container("vmafx-node")
-    assert rendered.objects["Deployment"]["spec"]["replicas"] == 3
+    assert rendered.one("Deployment")["spec"]["replicas"] == 3
     assert (container["image"], container["imagePullPolicy"]) == ("registry.example/vmafx-node:2.3.1", "Always")
     assert container["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}] + node["env"]
     assert container["resources"] == node["resources"]
@@ -325,10 +368,10 @@ def test_node_values_configure_the_vmafx_node_container_and_pod():
 
 
 def test_one_trainer_at_a_time_owns_a_persistent_checkpoint_dir():
-    assert render(ISSUE_VALUES, "1.33").objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
-    with pytest.raises(helm.HelmRenderError, match="node.replicas > 1"):
-        render(merged(ISSUE_VALUES, **{"node.replicas": 2}), "1.33")
-    spec = render(merged(VARIANTS["persistence off"], **{"node.replicas": 2}), "1.33").objects["Deployment"]["spec"]
+    # A rolling update would start the new pod's trainer beside the old one's, on the same directory.
+    assert render(ISSUE_VALUES, "1.33").one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    # Each pod has its own emptyDir: nothing to share.
+    spec = render(merged(VARIANTS["persistence off"], **{"node.replicas": 2}), "1.33").one("Deployment")["spec"]
     assert spec["replicas"] == 2 and "strategy" not in spec
 
 
@@ -338,7 +381,7 @@ def test_checkpoint_dir_outside_the_writable_volume_is_refused():
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-@pytest.mark.parametrize("variant", ["chart defaults", "issue values", "metrics off", "serviceMonitor"])
+@pytest.mark.parametrize("variant", ["chart defaults", "issue values", "metrics off", "serviceMonitor", "replicas 3"])
 def test_helm_lint_strict_is_clean(variant, kube_version):
     report = helm.lint(CHART, VARIANTS[variant], strict=True, kube_version=f"v{kube_version}.0")
     assert report["total_charts_linted"] == 1
@@ -379,6 +422,208 @@ def test_schema_rejects_a_misspelt_metrics_value():
         render(merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.serviceMonitor.label": {}}), "1.33")
 
 
+
+# ---- several trainers, each in its own directory (issue #13) ----
+
+SCALED = VARIANTS["replicas 3"]
+FULLNAME = "demo-vmafx-node"  # the release "demo"'s: the StatefulSet's pods are demo-vmafx-node-0, -1, -2
+POD_NAME = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+# The environment entries in which the StatefulSet's pod differs from the Deployment's.
+PER_POD_ENV = {"POD_NAME", "VMAFX_SIDECAR_CHECKPOINT_DIR", "VMAFX_SIDECAR_ADOPT_DIR"}
+CHECKPOINT_DIRS = pytest.mark.parametrize("checkpoint_dir", [None, "/mnt/vmafx-models/online/run-7",
+                                                             "/mnt/vmafx-models/online/run-7/"],
+                                          ids=["default", "set", "trailing slash"])
+
+
+def with_checkpoint_dir(values: dict, checkpoint_dir: str | None) -> dict:
+    """`values` with sidecar.trainer.checkpointDir set, or unset (the sidecar's default) for None."""
+    values = merged(values, **{"sidecar.trainer.checkpointDir": checkpoint_dir})
+    if checkpoint_dir is None:
+        del values["sidecar"]["trainer"]["checkpointDir"]
+    return values
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_several_trainers_on_the_volume_run_as_a_stateful_set(kube_version):
+    rendered = render(SCALED, kube_version)  # strictly validated: 1.28 and 1.29 require a serviceName
+    assert "Deployment" not in rendered.kinds
+    stateful_set = rendered.one("StatefulSet")
+    spec = stateful_set["spec"]
+    # Named like the Deployment, so its pods are demo-vmafx-node-0, -1, -2: stable names, stable directories.
+    assert (stateful_set["apiVersion"], stateful_set["metadata"]["name"], spec["replicas"]) == ("apps/v1", FULLNAME, 3)
+    # Pod 0 starts first (it takes over the single trainer's state); an update deletes a pod before it
+    # starts the pod's successor, so no two trainers ever share a directory. Recreate is a Deployment's.
+    assert spec["podManagementPolicy"] == "OrderedReady" and spec["updateStrategy"] == {"type": "RollingUpdate"}
+    assert "strategy" not in spec
+    # All pods mount the one claim the chart creates, ReadWriteMany: no claim per pod.
+    assert "volumeClaimTemplates" not in spec
+    assert {v["name"]: v for v in rendered.pod["volumes"]}["models"]["persistentVolumeClaim"] == {
+        "claimName": f"{FULLNAME}-models"}
+    assert rendered.one("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Its governing Service is headless and selects exactly its pods.
+    headless = rendered.objects["Service", spec["serviceName"]]
+    assert headless["spec"] == {"clusterIP": "None", "selector": spec["selector"]["matchLabels"]}
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert "statefulset/demo-vmafx-node" in rendered.notes
+
+
+def test_the_service_monitor_scrapes_the_metrics_service_not_the_headless_one():
+    values = merged(VARIANTS["serviceMonitor"], **SCALE_OUT)
+    rendered = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,))
+    selector = rendered.one("ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    services = {name: obj for (kind, name), obj in rendered.objects.items() if kind == "Service"}
+    assert [name for name, obj in services.items() if selector.items() <= obj["metadata"]["labels"].items()] == [
+        "demo-vmafx-node-metrics"]
+
+
+@CHECKPOINT_DIRS
+def test_each_replica_trains_in_a_directory_named_after_its_pod(checkpoint_dir):
+    base = (checkpoint_dir or vs.Config.checkpoint_dir).rstrip("/")
+    trainer = render(with_checkpoint_dir(SCALED, checkpoint_dir), "1.33").container("trainer")
+    assert trainer["env"][0] == POD_NAME  # before every variable that may use it
+    env = env_of(trainer)
+    assert env["VMAFX_SIDECAR_CHECKPOINT_DIR"] == f"{base}/$(POD_NAME)"
+    assert env["VMAFX_SIDECAR_ADOPT_DIR"] == base
+    for pod in (f"{FULLNAME}-0", f"{FULLNAME}-2"):
+        # What the sidecar in that pod reads, after Kubernetes expanded $(POD_NAME); it accepts it.
+        config = vs.Config.load(resolved_env(trainer, pod), {})
+        assert (config.checkpoint_dir, config.adopt_dir) == (f"{base}/{pod}", base)
+
+
+@CHECKPOINT_DIRS
+def test_scaling_hands_the_state_between_the_single_trainer_and_replica_0(checkpoint_dir):
+    """1 -> N: replica 0 (the first to start) takes over the single trainer's directory; N -> 1: the single
+    trainer takes over replica 0's. The other replicas' directories are nobody else's."""
+    def config(values: dict, pod: str) -> vs.Config:
+        return vs.Config.load(resolved_env(render(values, "1.33").container("trainer"), pod), {})
+
+    single = config(with_checkpoint_dir(ISSUE_VALUES, checkpoint_dir), f"{FULLNAME}-5d8f9c7b4-x2k9p")
+    replicas = [config(with_checkpoint_dir(SCALED, checkpoint_dir), f"{FULLNAME}-{i}") for i in range(3)]
+    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)  # noqa: E731
+    assert same(replicas[0].adopt_dir, single.checkpoint_dir)
+    assert same(single.adopt_dir, replicas[0].checkpoint_dir)
+    directories = {os.path.normpath(c.checkpoint_dir) for c in [single, *replicas]}
+    assert len(directories) == 4
+
+
+def test_pod_name_is_there_for_node_env_values():
+    model = {"name": "VMAFX_NODE_MODEL_PATH", "value": "/mnt/vmafx-models/online/$(POD_NAME)/latest.onnx"}
+    rendered = render(merged(SCALED, **{"node.env": [model]}), "1.33")
+    node = rendered.container("vmafx-node")
+    assert node["env"] == [POD_NAME, {"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}, model]
+    # Each vmafx-node loads what its own pod's trainer publishes.
+    pod = f"{FULLNAME}-2"
+    trainer_dir = resolved_env(rendered.container("trainer"), pod)["VMAFX_SIDECAR_CHECKPOINT_DIR"]
+    assert resolved_env(node, pod)["VMAFX_NODE_MODEL_PATH"] == f"{trainer_dir}/{vs.LATEST_MODEL}"
+
+
+@pytest.mark.parametrize("access_modes", [None, ["ReadWriteOnce"], ["ReadWriteOncePod"], ["ReadOnlyMany"]])
+def test_several_trainers_on_a_claim_without_read_write_many_are_refused(access_modes):
+    values = merged(ISSUE_VALUES, **{"node.replicas": 2})
+    if access_modes:  # None: the chart's default, ReadWriteOnce
+        values["persistence"]["models"]["accessModes"] = access_modes
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(values, "1.33")
+    message = str(refused.value)
+    assert "PersistentVolumeClaim demo-vmafx-node-models, which then needs ReadWriteMany" in message
+    assert "--set persistence.models.accessModes={ReadWriteMany}" in message and "NFS" in message
+
+
+@pytest.mark.parametrize("access_modes", [["ReadWriteMany"], ["ReadWriteOnce", "ReadWriteMany"]])
+def test_several_trainers_on_a_read_write_many_claim_are_accepted(access_modes):
+    rendered = render(merged(ISSUE_VALUES, **{"node.replicas": 2, "persistence.models.accessModes": access_modes}),
+                      "1.33")
+    assert rendered.one("StatefulSet")["spec"]["replicas"] == 2
+    assert rendered.one("PersistentVolumeClaim")["spec"]["accessModes"] == access_modes
+    assert "access modes" not in rendered.notes
+
+
+def test_an_existing_claim_is_used_whatever_its_access_modes_and_the_notes_say_so():
+    rendered = render(VARIANTS["replicas 3, existingClaim"], "1.33")  # ReadWriteOnce in values: not the claim's
+    assert "PersistentVolumeClaim" not in rendered.kinds
+    assert {v["name"]: v for v in rendered.pod["volumes"]}["models"]["persistentVolumeClaim"] == {
+        "claimName": "vmafx-models"}
+    notes = " ".join(rendered.notes.split())
+    assert "all 3 pods mount this existing claim, whose access modes the chart cannot see: it needs ReadWriteMany" \
+        in notes
+    assert "Each trainer still locks its own directory" in notes
+    assert "access modes" not in render(VARIANTS["existingClaim"], "1.33").notes  # one pod
+
+
+def test_one_replica_keeps_the_deployment_which_would_take_over_replica_0s_state():
+    """Exactly what the chart rendered before issue #13, plus VMAFX_SIDECAR_ADOPT_DIR."""
+    rendered = render(ISSUE_VALUES, "1.33")
+    assert sorted(rendered.kinds) == ["Deployment", "PersistentVolumeClaim", "Service"]
+    deployment = rendered.one("Deployment")
+    assert deployment["metadata"]["name"] == FULLNAME
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert rendered.container("trainer")["env"] == [
+        {"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}, METRICS_ENV,
+        {"name": "VMAFX_BASE_MODEL_PATH", "value": "/mnt/vmafx-models/base/fr_regressor_v3.onnx"},
+        {"name": "VMAFX_SIDECAR_CHECKPOINT_DIR", "value": "/mnt/vmafx-models/online"},  # no pod subdirectory
+        {"name": "VMAFX_SIDECAR_N_FEATURES", "value": "80"},
+        {"name": "VMAFX_SIDECAR_ADOPT_DIR", "value": f"/mnt/vmafx-models/online/{FULLNAME}-0"}]
+    assert rendered.container("vmafx-node")["env"] == [{"name": "VMAFX_SIDECAR_SOCKET", "value": SOCKET}]
+    assert "statefulset" not in rendered.notes
+
+
+@pytest.mark.parametrize("variant", ["replicas 3, persistence off", "trainer disabled"])
+def test_replicas_without_a_trainer_on_the_volume_stay_a_deployment(variant):
+    # Each pod's trainer has its own emptyDir, or there is no trainer: ReadWriteOnce does not matter.
+    rendered = render(merged(VARIANTS[variant], **{"node.replicas": 3}), "1.33")
+    spec = rendered.one("Deployment")["spec"]
+    assert spec["replicas"] == 3 and "strategy" not in spec
+    assert "StatefulSet" not in rendered.kinds and rendered.kinds.count("Service") <= 1  # no headless one
+    for container in rendered.pod["containers"] + rendered.pod.get("initContainers", []):
+        env = env_of(container)
+        assert "POD_NAME" not in env and "VMAFX_SIDECAR_ADOPT_DIR" not in env, container["name"]
+        assert env.get("VMAFX_SIDECAR_CHECKPOINT_DIR", "/mnt/vmafx-models/online") == "/mnt/vmafx-models/online"
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("variant", ["issue values", "chart defaults", "existingClaim", "native sidecar off",
+                                     "metrics off"])
+def test_both_kinds_run_the_same_pod_but_for_the_trainers_directories(variant, kube_version):
+    one = merged(VARIANTS[variant], **{"persistence.models.enabled": True,
+                                       "persistence.models.accessModes": ["ReadWriteMany"]})
+    deployment = render(one, kube_version).one("Deployment")
+    stateful_set = render(merged(one, **{"node.replicas": 3}), kube_version).one("StatefulSet")
+
+    def without_per_pod_env(template: dict) -> dict:
+        template = copy.deepcopy(template)
+        pod = template["spec"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            if "env" in container:
+                container["env"] = [e for e in container["env"] if e["name"] not in PER_POD_ENV]
+        return template
+
+    assert without_per_pod_env(stateful_set["spec"]["template"]) == without_per_pod_env(deployment["spec"]["template"])
+    assert stateful_set["metadata"] == deployment["metadata"]
+    assert stateful_set["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_notes_say_where_each_replica_writes_and_how_scaling_hands_over():
+    notes = " ".join(render(SCALED, "1.33").notes.split())
+    assert "statefulset/demo-vmafx-node in namespace vmafx: pods demo-vmafx-node-0 to demo-vmafx-node-2" in notes
+    assert "/mnt/vmafx-models/online/demo-vmafx-node-<i>/ for i = 0 to 2" in notes
+    assert f"{vs.LATEST_MODEL} and {vs.LATEST_MODEL}.sha256" in notes and "latest.json" in notes
+    assert "{name: VMAFX_NODE_MODEL_PATH, value: /mnt/vmafx-models/online/$(POD_NAME)/latest.onnx}" in notes
+    assert "kubectl logs -n vmafx pod/demo-vmafx-node-0 -c trainer" in notes
+    assert ("kubectl logs -n vmafx -l app.kubernetes.io/instance=demo,app.kubernetes.io/name=vmafx-node "
+            "-c trainer --prefix") in notes
+    assert "replica 0 takes over the single trainer's state in /mnt/vmafx-models/online" in notes
+    assert "back to 1, the single trainer takes over replica 0's" in notes
+    assert "The other replicas' directories are left as they are, and resume when you scale up again" in notes
+
+
+def test_a_stateful_set_name_too_long_for_its_pods_labels_is_refused():
+    # A pod's controller-revision-hash label is "<StatefulSet name>-<hash>": at most 63 characters.
+    release = "r" * 42  # fullname: 53 characters
+    with pytest.raises(helm.HelmRenderError, match="longer than the 52 characters"):
+        render(SCALED, "1.33", release=release)
+    assert render(ISSUE_VALUES, "1.33", release=release).one("Deployment")
+    assert render(SCALED, "1.33", release="r" * 41).one("StatefulSet")
+
 # ---- metrics (issue #7) ----
 
 @pytest.mark.parametrize("kube_version, port", [("1.28", 9464), ("1.33", 9464), ("1.33", 9100)])
@@ -389,20 +634,20 @@ def test_trainer_serves_metrics_by_default_on_its_port(kube_version, port):
     # A string, exactly: the sidecar parses [host]:port.
     assert trainer["env"][1] == {"name": "VMAFX_SIDECAR_METRICS_ADDR", "value": f":{port}"}
     assert trainer["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
-    template = rendered.objects["Deployment"]["spec"]["template"]
+    template = rendered.one("Deployment")["spec"]["template"]
     assert template["metadata"]["annotations"] == {
         "prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
     node = rendered.container("vmafx-node")
     assert "ports" not in node and "VMAFX_SIDECAR_METRICS_ADDR" not in env_of(node)
     # The Service reaches the trainer's metrics port on this release's pods, under the name "metrics".
-    service = rendered.objects["Service"]
+    service = rendered.one("Service")
     assert service["metadata"]["name"] == "demo-vmafx-node-metrics"
     assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["selector"] == rendered.objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     # By number: before Kubernetes 1.32 a Service does not resolve a native sidecar's named port.
     assert service["spec"]["ports"] == [{"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"}]
-    assert "ServiceMonitor" not in rendered.objects  # off by default, even where the cluster has the API
+    assert "ServiceMonitor" not in rendered.kinds  # off by default, even where the cluster has the API
     assert f":{port}/metrics" in rendered.notes and "ServiceMonitor" not in rendered.notes
 
 
@@ -412,8 +657,8 @@ def test_without_metrics_nothing_of_them_is_rendered(case):
         "sidecar.trainer.metrics.enabled" if case == "metrics off" else "sidecar.trainer.enabled": False})
     # Even with the ServiceMonitor asked for and its API present.
     rendered = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,))
-    assert "Service" not in rendered.objects and "ServiceMonitor" not in rendered.objects
-    assert "annotations" not in rendered.objects["Deployment"]["spec"]["template"]["metadata"]
+    assert "Service" not in rendered.kinds and "ServiceMonitor" not in rendered.kinds
+    assert "annotations" not in rendered.one("Deployment")["spec"]["template"]["metadata"]
     for container in rendered.pod["containers"] + rendered.pod.get("initContainers", []):
         assert "ports" not in container and "VMAFX_SIDECAR_METRICS_ADDR" not in env_of(container), container["name"]
     assert "metrics" not in rendered.notes and "ServiceMonitor" not in rendered.notes
@@ -422,7 +667,7 @@ def test_without_metrics_nothing_of_them_is_rendered(case):
 @pytest.mark.parametrize("kube_version", ["1.28", "1.33"])
 def test_service_monitor_selects_the_metrics_service_where_the_cluster_has_the_api(kube_version):
     rendered = render(VARIANTS["serviceMonitor"], kube_version, api_versions=(SERVICE_MONITOR_API,))
-    monitor, service = rendered.objects["ServiceMonitor"], rendered.objects["Service"]
+    monitor, service = rendered.one("ServiceMonitor"), rendered.one("Service")
     assert (monitor["apiVersion"], monitor["metadata"]["name"]) == ("monitoring.coreos.com/v1", "demo-vmafx-node-metrics")
     labels = monitor["metadata"]["labels"]
     assert labels["release"] == "prometheus"  # the extra labels, for the operator's serviceMonitorSelector
@@ -443,7 +688,7 @@ def test_service_monitor_selects_the_metrics_service_where_the_cluster_has_the_a
 def test_service_monitor_defaults_and_label_precedence():
     values = {"sidecar": {"trainer": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {
         "release": "kube-prometheus-stack", "app.kubernetes.io/name": "vmafx"}}}}}}
-    monitor = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,)).objects["ServiceMonitor"]
+    monitor = render(values, "1.33", api_versions=(SERVICE_MONITOR_API,)).one("ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["interval"] == "30s"
     assert monitor["metadata"]["labels"]["app.kubernetes.io/name"] == "vmafx"  # an extra label wins
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -453,20 +698,20 @@ def test_service_monitor_defaults_and_label_precedence():
 
 def test_service_monitor_without_the_api_is_left_out_and_the_notes_say_why():
     rendered = render(VARIANTS["serviceMonitor"], "1.33")
-    assert "ServiceMonitor" not in rendered.objects
-    assert "Service" in rendered.objects  # the Service still exposes the metrics
+    assert "ServiceMonitor" not in rendered.kinds
+    assert "Service" in rendered.kinds  # the Service still exposes the metrics
     notes = " ".join(rendered.notes.split())
     assert ("WARNING: sidecar.trainer.metrics.serviceMonitor.enabled is true, but the cluster has no "
             "monitoring.coreos.com/v1 ServiceMonitor API") in notes
     assert "--api-versions monitoring.coreos.com/v1/ServiceMonitor" in notes
     # The group/version alone is not the kind: Helm's Has() needs the exact string.
     assert "ServiceMonitor" not in render(VARIANTS["serviceMonitor"], "1.33",
-                                          api_versions=("monitoring.coreos.com/v1",)).objects
+                                          api_versions=("monitoring.coreos.com/v1",)).kinds
 
 
 def test_only_the_service_monitor_skips_kubernetes_validate():
     """kubernetes-validate has no schema for a CRD; check_service_monitor stands in for it, strictly."""
-    monitor = render(VARIANTS["serviceMonitor"], "1.33", api_versions=(SERVICE_MONITOR_API,)).objects["ServiceMonitor"]
+    monitor = render(VARIANTS["serviceMonitor"], "1.33", api_versions=(SERVICE_MONITOR_API,)).one("ServiceMonitor")
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         kubernetes_validate.validate(monitor, "1.33", strict=True)
     for broken in ({**monitor, "spec": {**monitor["spec"], "endpoint": []}},

@@ -23,9 +23,52 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 /tmp/vmafx-sidecar.sock
 {{- end -}}
 
-{{/* Where checkpoints go: the value, else the sidecar's own default. */}}
+{{/* Where checkpoints go: the value, else the sidecar's own default; no trailing "/", since pod
+     subdirectories are appended to it. */}}
 {{- define "vmafx-node.checkpointDir" -}}
-{{- .Values.sidecar.trainer.checkpointDir | default "/mnt/vmafx-models/online" -}}
+{{- .Values.sidecar.trainer.checkpointDir | default "/mnt/vmafx-models/online" | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The models claim: existingClaim, else the one pvc.yaml creates. */}}
+{{- define "vmafx-node.claimName" -}}
+{{- .Values.persistence.models.existingClaim | default (printf "%s-models" (include "vmafx-node.fullname" .)) -}}
+{{- end -}}
+
+{{/* Several trainers on the persistent volume: a StatefulSet, whose pods <fullname>-0, -1, ... keep their
+     names, so each trainer has a directory of its own, named after its pod, and resumes it after a
+     restart. Otherwise (one pod, no trainer, or an emptyDir per pod) a Deployment. "true" or "". */}}
+{{- define "vmafx-node.statefulSet" -}}
+{{- if and .Values.sidecar.trainer.enabled .Values.persistence.models.enabled (gt (int .Values.node.replicas) 1) }}true{{ end -}}
+{{- end -}}
+
+{{/* The workload, as kubectl names it. */}}
+{{- define "vmafx-node.workload" -}}
+{{- if include "vmafx-node.statefulSet" . }}statefulset{{ else }}deployment{{ end }}/{{ include "vmafx-node.fullname" . -}}
+{{- end -}}
+
+{{/* The StatefulSet's governing Service (serviceName). */}}
+{{- define "vmafx-node.headlessName" -}}
+{{- printf "%s-headless" (include "vmafx-node.fullname" .) -}}
+{{- end -}}
+
+{{/* VMAFX_SIDECAR_ADOPT_DIR: where a trainer whose own directory holds no state yet takes it over from.
+     A StatefulSet's replica takes the single trainer's (scaling 1 -> N; pod 0 starts first, so it is
+     pod 0's); the single trainer takes replica 0's (N -> 1; on a fresh install there is none). With an
+     emptyDir there is nothing to take over. */}}
+{{- define "vmafx-node.adoptDir" -}}
+{{- if include "vmafx-node.statefulSet" . -}}
+{{ include "vmafx-node.checkpointDir" . }}
+{{- else if .Values.persistence.models.enabled -}}
+{{ include "vmafx-node.checkpointDir" . }}/{{ include "vmafx-node.fullname" . }}-0
+{{- end -}}
+{{- end -}}
+
+{{/* The pod's name, for $(POD_NAME) in the variables listed after it. */}}
+{{- define "vmafx-node.podNameEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- end -}}
 
 {{/* Native sidecar (init container with restartPolicy Always, Kubernetes >= 1.29): "true" or "". */}}
@@ -96,11 +139,15 @@ timeoutSeconds: 10
 
 {{- define "vmafx-node.trainer" -}}
 {{- $trainer := .Values.sidecar.trainer -}}
+{{- $statefulSet := include "vmafx-node.statefulSet" . -}}
 name: trainer
 image: "{{ $trainer.image.repository }}:{{ $trainer.image.tag | default .Chart.AppVersion }}"
 imagePullPolicy: {{ $trainer.image.pullPolicy }}
 args: [serve]
 env:
+  {{- if $statefulSet }}
+  {{- include "vmafx-node.podNameEnv" . | nindent 2 }}
+  {{- end }}
   - name: VMAFX_SIDECAR_SOCKET
     value: {{ include "vmafx-node.socket" . }}
   {{- if $trainer.metrics.enabled }}
@@ -109,11 +156,19 @@ env:
   {{- end }}
   {{- range $key, $name := include "vmafx-node.trainerSettings" . | fromYaml }}
   {{- $value := index $trainer $key }}
+  {{- if and $statefulSet (eq $key "checkpointDir") }}
+  {{- /* Each replica's own directory; Kubernetes expands $(POD_NAME), listed above. */}}
+  {{- $value = printf "%s/$(POD_NAME)" (include "vmafx-node.checkpointDir" $) }}
+  {{- end }}
   {{- if not (kindIs "invalid" $value) }}
   {{- /* toJson writes numbers exactly (1000000, 0.00001), where quote writes 1e+06. */}}
   - name: {{ $name }}
     value: {{ kindIs "string" $value | ternary $value (toJson $value) | quote }}
   {{- end }}
+  {{- end }}
+  {{- with include "vmafx-node.adoptDir" . }}
+  - name: VMAFX_SIDECAR_ADOPT_DIR
+    value: {{ . | quote }}
   {{- end }}
   {{- with $trainer.extraEnv }}
   {{- toYaml . | nindent 2 }}
@@ -146,4 +201,108 @@ livenessProbe:
   {{- include "vmafx-node.probe" . | nindent 2 }}
   periodSeconds: 20
   failureThreshold: 3
+{{- end -}}
+
+{{/* Values the schema cannot judge alone. */}}
+{{- define "vmafx-node.checks" -}}
+{{- $models := .Values.persistence.models -}}
+{{- if .Values.sidecar.trainer.enabled -}}
+{{- $dir := include "vmafx-node.checkpointDir" . -}}
+{{- $mount := trimSuffix "/" $models.mountPath -}}
+{{- if not (or (eq $dir $mount) (hasPrefix (printf "%s/" $mount) $dir)) -}}
+{{- fail (printf "sidecar.trainer.checkpointDir (%s) must be under persistence.models.mountPath (%s): the root filesystem is read-only" $dir $models.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- if include "vmafx-node.statefulSet" . -}}
+{{- /* Each pod's controller-revision-hash label is "<name>-<hash of up to 10 characters>", at most 63. */}}
+{{- if gt (len (include "vmafx-node.fullname" .)) 52 -}}
+{{- fail (printf "node.replicas > 1 runs a StatefulSet named %s, longer than the 52 characters a StatefulSet's name may have: choose a shorter release name" (include "vmafx-node.fullname" .)) -}}
+{{- end -}}
+{{- /* An existing claim's access modes cannot be seen here; NOTES.txt says so. */}}
+{{- if and (not $models.existingClaim) (not (has "ReadWriteMany" $models.accessModes)) -}}
+{{- fail (printf "node.replicas > 1 runs a trainer in each pod, all on PersistentVolumeClaim %s, which then needs ReadWriteMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod template, the same for the Deployment and the StatefulSet; only the trainer's environment
+     and POD_NAME differ (see vmafx-node.trainer). */}}
+{{- define "vmafx-node.podTemplate" -}}
+{{- include "vmafx-node.checks" . -}}
+{{- $trainer := .Values.sidecar.trainer -}}
+{{- $models := .Values.persistence.models -}}
+{{- $native := include "vmafx-node.nativeSidecar" . -}}
+metadata:
+  labels:
+    {{- include "vmafx-node.selectorLabels" . | nindent 4 }}
+  {{- if include "vmafx-node.metrics" . }}
+  annotations:
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ int $trainer.metrics.port | quote }}
+    prometheus.io/path: /metrics
+  {{- end }}
+spec:
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- if and $trainer.enabled $native }}
+  initContainers:
+    - {{ include "vmafx-node.trainer" . | indent 6 | trim }}
+      restartPolicy: Always
+  {{- end }}
+  containers:
+    - name: vmafx-node
+      image: "{{ .Values.node.image.repository }}:{{ .Values.node.image.tag }}"
+      imagePullPolicy: {{ .Values.node.image.pullPolicy }}
+      {{- if or $trainer.enabled .Values.node.env }}
+      env:
+        {{- /* For $(POD_NAME) in node.env, e.g. the path of this replica's latest.onnx. */}}
+        {{- if include "vmafx-node.statefulSet" . }}
+        {{- include "vmafx-node.podNameEnv" . | nindent 8 }}
+        {{- end }}
+        {{- if $trainer.enabled }}
+        - name: VMAFX_SIDECAR_SOCKET
+          value: {{ include "vmafx-node.socket" . }}
+        {{- end }}
+        {{- with .Values.node.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      {{- with .Values.node.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- include "vmafx-node.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- /* vmafx-node only reads models and checkpoints. */}}
+        - name: models
+          mountPath: {{ $models.mountPath }}
+          readOnly: true
+    {{- if and $trainer.enabled (not $native) }}
+    - {{ include "vmafx-node.trainer" . | indent 6 | trim }}
+    {{- end }}
+  {{- with .Values.node.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.node.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.node.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir: {}
+    - name: models
+      {{- if $models.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "vmafx-node.claimName" . }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
 {{- end -}}
