@@ -386,11 +386,10 @@ class Connection:
 
 
 class Server:
-    def __init__(self, config: Config, trainer: Trainer):
+    def __init__(self, config: Config, trainer: Trainer, state: StateStore | NoState):
         self.config = config
         self.trainer = trainer
-        self.samples_accepted = 0
-        self.samples_rejected = 0
+        self.state = state
         self.started = time.monotonic()
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
@@ -402,7 +401,6 @@ class Server:
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
         self.metrics: MetricsEndpoint | None = None  # set by serve() when VMAFX_SIDECAR_METRICS_ADDR is set
-        self.state: StateStore | None = None  # set by serve(); None in in-process tests
 
     # -- lifecycle
 
@@ -449,8 +447,7 @@ class Server:
                             self.read(key.data)
                         if mask & selectors.EVENT_WRITE and key.data in self.connections:
                             self.flush(key.data)
-                if self.state:
-                    self.state.tick()
+                self.state.tick()
                 if self.metrics:
                     self.metrics.tick()
             self.shutdown()
@@ -481,10 +478,9 @@ class Server:
                     self.flush(key.data)
         for conn in list(self.connections):
             self.close(conn)
-        if self.state:
-            self.state.save()
+        self.state.save()
         log.info("stopped after %d steps (%d samples accepted, %d rejected)",
-                 self.trainer.steps, self.samples_accepted, self.samples_rejected)
+                 self.trainer.steps, self.trainer.samples_accepted, self.trainer.samples_rejected)
 
     def close_listener(self) -> None:
         """Unlink the socket so no new client can connect, then take those already queued: their
@@ -543,8 +539,7 @@ class Server:
             conn.closing = True
         else:
             self.take_lines(conn, data)
-        if self.state:
-            self.state.journal.commit()  # the samples are on disk (or in the page cache) before their ACKs
+        self.state.commit()  # the samples are on disk (or in the page cache) before their ACKs
         self.flush(conn)
         return bool(data)
 
@@ -618,27 +613,23 @@ class Server:
             return encode_ack({"ok": False, "error": e.error}, e.job_id)
         if type(request) is Control:
             return encode_ack(self.control(request.op), request.job_id)
-        self.samples_accepted += 1
         row, score = np.array(request.features, np.float32), np.float32(request.score)
-        held_out = self.trainer.holds_out(request.job_id)
-        if self.state:
-            self.state.journal.append(row, score, held_out, unnamed=request.job_id is None)
-        result = self.trainer.add(row, score, held_out)
+        held_out, unnamed = self.trainer.is_held_out(request.job_id), request.job_id is None
+        self.state.record_sample(row, score, held_out, unnamed)  # journaled first, then trained on
+        result = self.trainer.ingest(row, score, held_out, unnamed)
         ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": result is not None}
         if result is not None:
             ack["loss"] = result.loss
             if result.checkpoint is not None:
                 if result.checkpoint.published:
                     ack["checkpoint"] = str(result.checkpoint.path)
-                if self.state:
-                    self.state.save()
+                self.state.save()
         return encode_ack(ack, request.job_id)
 
     def reject(self, error: str) -> None:
-        self.samples_rejected += 1
+        self.trainer.count_rejected()
         self.rejections[rejection_reason(error)] += 1
-        if self.state:
-            self.state.journal.append_rejection()
+        self.state.record_rejection()
 
     def too_long(self) -> bytes:
         error = f"line too long (limit {self.config.max_line_bytes} bytes)"
@@ -658,8 +649,8 @@ class Server:
         t = self.trainer
         return {
             "steps": t.steps,
-            "samples_accepted": self.samples_accepted,
-            "samples_rejected": self.samples_rejected,
+            "samples_accepted": t.samples_accepted,
+            "samples_rejected": t.samples_rejected,
             "samples_trained": t.samples_trained,
             "samples_held_out": t.samples_held_out,
             "steps_skipped": t.steps_skipped,
@@ -848,8 +839,8 @@ def metrics_text(server: Server) -> str:
     families = [
         ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
          "checkpoints (held_out), and rejected lines", [
-            ({"result": "accepted"}, s.samples_accepted - t.samples_held_out),
-            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, s.samples_rejected)]),
+            ({"result": "accepted"}, t.samples_accepted - t.samples_held_out),
+            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, t.samples_rejected)]),
         ("vmafx_sidecar_rejected_total", "counter", "Rejected lines by reason, since the process started",
          [({"reason": r}, s.rejections[r]) for r in REJECTION_REASONS.values()]),
         ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken", [({}, t.steps)]),
@@ -1092,6 +1083,10 @@ class StepResult:
     checkpoint: Checkpoint | None  # written by this step, published or quarantined
 
 
+class IncompatibleState(ValueError):
+    """A saved state whose layout (layer sizes, ring sizes, batch settings) is not the configured one."""
+
+
 class Trainer:
     def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
         self.config = config
@@ -1122,6 +1117,8 @@ class Trainer:
         self.batch_y = b.xp.zeros(config.batch_size, np.float32)
         self.steps = 0
         self.steps_skipped = 0
+        self.samples_accepted = 0  # valid samples taken in, held out or not
+        self.samples_rejected = 0  # lines refused before they reached the trainer
         self.samples_trained = 0
         self.samples_held_out = 0
         self.unnamed_samples = 0  # samples without a job_id: their count picks which are held out
@@ -1132,15 +1129,25 @@ class Trainer:
         self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
         self.checkpoint_results: collections.Counter[str] = collections.Counter()
 
-    def holds_out(self, job_id: str | None) -> bool:
-        """Whether a sample is kept for evaluation instead of training: decided by a hash of its job_id,
-        so that every sample of a job lands on the same side, or else by counting samples without one."""
+    def is_held_out(self, job_id: str | None) -> bool:
+        """Whether the next sample is to be kept for evaluation instead of training: decided by a hash of its
+        job_id, so that every sample of a job lands on the same side, or else by the count of samples
+        without one, which ingest() advances."""
         fraction = self.config.holdout_fraction
         if job_id is not None:
             digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
             return int.from_bytes(digest, "big") < fraction * 2**64
-        self.unnamed_samples += 1
-        return math.floor(self.unnamed_samples * fraction) > math.floor((self.unnamed_samples - 1) * fraction)
+        n = self.unnamed_samples + 1
+        return math.floor(n * fraction) > math.floor((n - 1) * fraction)
+
+    def ingest(self, features: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> StepResult | None:
+        """Take one accepted sample: the one path for samples from the socket and from journal replay."""
+        self.samples_accepted += 1
+        self.unnamed_samples += unnamed
+        return self.add(features, score, held_out)
+
+    def count_rejected(self) -> None:
+        self.samples_rejected += 1
 
     def add(self, features: np.ndarray, score: np.float32, held_out: bool = False) -> StepResult | None:
         """Take one valid sample (float32): into the evaluation ring if held out, else into the next
@@ -1172,6 +1179,67 @@ class Trainer:
     @property
     def eval_size(self) -> int:
         return min(self.eval.size + self.n_held, len(self.eval.y))
+
+    def layout(self) -> dict[str, Any]:
+        """What the state's shapes depend on: a state saved for another layout cannot be loaded."""
+        c = self.config
+        return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations],
+                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
+                "eval_capacity": c.eval_capacity}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs to continue exactly, arrays on the host: the one list of the trainer's
+        state. Left out: the incumbent (latest.json names it) and what counts since the process started."""
+        self.flush_held_out()  # the evaluation ring is then whole
+        host = self.backend.to_host
+        last = self.last_checkpoint_time
+        since_checkpoint = None if last is None else time.monotonic() - last
+        return {
+            "fingerprint": self.layout(), "steps": self.steps, "steps_skipped": self.steps_skipped,
+            "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
+            "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
+            "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
+            "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
+            "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
+            "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
+            "eval_size": self.eval.size, "eval_next": self.eval.next,
+            "theta": host(self.model.flat), "ema": host(self.ema.flat), "momentum": host(self.momentum),
+            "replay_x": host(self.replay.x), "replay_y": host(self.replay.y), "eval_x": host(self.eval.x),
+            "eval_y": host(self.eval.y), "pending_x": self.pending_x[:self.n_pending],
+            "pending_y": self.pending_y[:self.n_pending],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
+        for a missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
+        expected = self.state_dict()
+        missing = expected.keys() - state.keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        if state["fingerprint"] != self.layout():
+            raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
+        for name, array in expected.items():
+            if isinstance(array, np.ndarray) and (name not in state or state[name].shape != (
+                    (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape)):
+                raise ValueError(f"array {name} is missing or has another shape")
+        to_device = self.backend.xp.asarray
+        self.model.flat[...], self.ema.flat[...] = to_device(state["theta"]), to_device(state["ema"])
+        self.momentum[...] = to_device(state["momentum"])
+        self.replay.x[...], self.replay.y[...] = to_device(state["replay_x"]), to_device(state["replay_y"])
+        self.eval.x[...], self.eval.y[...] = to_device(state["eval_x"]), to_device(state["eval_y"])
+        self.n_pending = state["n_pending"]
+        self.pending_x[:self.n_pending], self.pending_y[:self.n_pending] = state["pending_x"], state["pending_y"]
+        self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
+        self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
+        self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
+        self.samples_accepted, self.samples_rejected = state["samples_accepted"], state["samples_rejected"]
+        self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]
+        self.unnamed_samples = state["unnamed_samples"]
+        self.samples_since_checkpoint = state["samples_since_checkpoint"]
+        if state["last_checkpoint_unix"] is not None:
+            self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
+        self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
+        self.rng.bit_generator.state = state["rng"]
 
     def step(self) -> StepResult | None:
         started = time.perf_counter()
@@ -1476,12 +1544,11 @@ REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected 
 HELD_OUT = 1 << 31  # flags in a record's length field: the sample went to the evaluation ring,
 UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
-SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"
+SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
-SNAPSHOT_FIELDS = {"fingerprint", "generation", "steps", "steps_skipped", "samples_trained",
-                   "samples_since_checkpoint", "last_checkpoint_unix", "last_loss", "n_pending", "replay_size",
-                   "replay_next", "rng", "samples_accepted", "samples_rejected", "samples_held_out",
-                   "unnamed_samples", "eval_size", "eval_next", "last_gate"}
+# Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format". A sidecar reads
+# every older format (migrated() lifts it in memory) and writes this one at its next snapshot.
+SNAPSHOT_FORMAT = 2
 
 
 @dataclass(slots=True)
@@ -1596,10 +1663,11 @@ class Journal:
 
 
 class StateStore:
-    """<checkpoint dir>/.state/: snapshot.bin (atomic, checksummed) and journal.bin."""
+    """<checkpoint dir>/.state/: snapshot.bin (the trainer's state_dict, framed with a checksum, replaced
+    atomically) and journal.bin (every sample since). It frames bytes; what the state is, the trainer says."""
 
-    def __init__(self, config: Config, server: Server):
-        self.config, self.server, self.trainer = config, server, server.trainer
+    def __init__(self, config: Config, trainer: Trainer):
+        self.config, self.trainer = config, trainer
         self.directory = Path(config.checkpoint_dir).absolute() / ".state"
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.snapshot_path = self.directory / "snapshot.bin"
@@ -1609,35 +1677,38 @@ class StateStore:
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
 
-    def fingerprint(self) -> dict[str, Any]:
-        t, c = self.trainer, self.config
-        return {"sizes": t.model.sizes, "activations": [str(a) for a in t.model.activations],
-                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
-                "eval_capacity": c.eval_capacity}
-
     def restore(self) -> None:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair."""
         loaded = self.load_snapshot()
         records = Journal.records(self.journal_path, self.config.n_features, self.generation) if loaded else []
         if not loaded and self.journal_path.exists() and self.journal_path.stat().st_size:
             self.move_aside(self.journal_path, "without its snapshot")
+        t = self.trainer
         for record in records:
             if record is None:
-                self.server.samples_rejected += 1
+                t.count_rejected()
             else:
-                self.server.samples_accepted += 1
-                self.trainer.unnamed_samples += record.unnamed
-                self.trainer.add(record.features, record.score, record.held_out)
+                t.ingest(record.features, record.score, record.held_out, record.unnamed)
         if loaded:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
-                     "so far", self.trainer.steps, self.trainer.replay.size, self.config.replay_capacity,
-                     len(records), self.server.samples_accepted)
+                     "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
         self.journal = Journal(self.journal_path, self.config.journal_fsync)
         self.save()
 
+    # The server's calls, per sample and per loop turn; NoState has the same ones.
+
+    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
+        self.journal.append(row, score, held_out, unnamed)
+
+    def record_rejection(self) -> None:
+        self.journal.append_rejection()
+
+    def commit(self) -> None:
+        self.journal.commit()
+
     def tick(self) -> None:
         self.journal.sync_if_due()
-        counters = (self.server.samples_accepted, self.server.samples_rejected)
+        counters = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         if counters != self.saved_at and time.monotonic() - self.last_save >= self.config.state_interval_s:
             self.save()
 
@@ -1645,7 +1716,10 @@ class StateStore:
         """Write the snapshot atomically, then empty the journal."""
         started = time.perf_counter()
         generation = self.generation + 1
-        payload = self.snapshot_payload(generation)
+        state = self.trainer.state_dict()
+        meta = {"format": SNAPSHOT_FORMAT, "generation": generation,
+                **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
+        payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
         for chunk in payload:
             crc = zlib.crc32(chunk, crc)
@@ -1661,91 +1735,33 @@ class StateStore:
             temp.unlink(missing_ok=True)
             log.error("state snapshot failed, will retry: %s", e)
         self.last_save = time.monotonic()
-        self.saved_at = (self.server.samples_accepted, self.server.samples_rejected)
+        self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
-
-    def snapshot_payload(self, generation: int) -> list[memoryview]:
-        t, s = self.trainer, self.server
-        t.flush_held_out()  # the evaluation ring is then whole
-        since_checkpoint = None if t.last_checkpoint_time is None else time.monotonic() - t.last_checkpoint_time
-        meta = {
-            "fingerprint": self.fingerprint(), "generation": generation, "steps": t.steps,
-            "steps_skipped": t.steps_skipped, "samples_trained": t.samples_trained,
-            "samples_since_checkpoint": t.samples_since_checkpoint,
-            "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
-            "last_loss": t.last_loss, "n_pending": t.n_pending, "replay_size": t.replay.size,
-            "replay_next": t.replay.next, "rng": t.rng.bit_generator.state,
-            "samples_accepted": s.samples_accepted, "samples_rejected": s.samples_rejected,
-            "samples_held_out": t.samples_held_out, "unnamed_samples": t.unnamed_samples,
-            "eval_size": t.eval_size, "eval_next": t.eval.next, "last_gate": t.last_gate,
-        }
-        return pack_arrays(meta, {name: t.backend.to_host(a) for name, a in self.arrays(t.n_pending).items()})
-
-    def arrays(self, n_pending: int) -> dict[str, Any]:
-        """The state's arrays, where they live: on the backend, except the pending samples on the host."""
-        t = self.trainer
-        return {"theta": t.model.flat, "ema": t.ema.flat, "momentum": t.momentum, "replay_x": t.replay.x,
-                "replay_y": t.replay.y, "pending_x": t.pending_x[:n_pending], "pending_y": t.pending_y[:n_pending],
-                "eval_x": t.eval.x, "eval_y": t.eval.y}
 
     def load_snapshot(self) -> bool:
         try:
             data = self.snapshot_path.read_bytes()
         except FileNotFoundError:
             return False
-        header_end = len(SNAPSHOT_MAGIC) + SNAPSHOT_HEADER.size
-        length, crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC)) if len(data) >= header_end else (-1, 0)
-        payload = data[header_end:]
-        if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
-            self.move_aside(self.snapshot_path, "corrupt (bad checksum or truncated)")
+        try:
+            meta, arrays = read_snapshot(data)
+        except ValueError as e:
+            self.move_aside(self.snapshot_path, f"corrupt ({e})")
             return False
         try:
-            meta, arrays = unpack_arrays(payload)
-            self.check_layout(meta, arrays)
-        except (ValueError, KeyError, TypeError) as e:  # e.g. written by another version of the sidecar
+            meta = migrated(meta)
+            generation = meta["generation"]
+            self.trainer.load_state_dict({**meta, **arrays})
+        except IncompatibleState as e:
+            self.move_aside(self.snapshot_path, f"incompatible: {e}")
+            self.move_aside(self.journal_path, "incompatible with this configuration")
+            return False
+        except (ValueError, KeyError, TypeError) as e:  # e.g. written by a newer sidecar
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
-        if meta["fingerprint"] != self.fingerprint():
-            self.move_aside(self.snapshot_path, f"incompatible: saved for {meta['fingerprint']}, "
-                                                f"configured {self.fingerprint()}")
-            self.move_aside(self.journal_path, "incompatible with this configuration")
-            return False
-        self.apply(meta, arrays)
+        self.generation = generation
         return True
-
-    def check_layout(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Raise before anything is applied if a field is missing or an array has another shape."""
-        missing = SNAPSHOT_FIELDS - meta.keys()
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
-        if meta["fingerprint"] != self.fingerprint():
-            return  # reported as incompatible by the caller
-        for name, target in self.arrays(meta["n_pending"]).items():
-            if name not in arrays or arrays[name].shape != target.shape:
-                raise ValueError(f"array {name} is missing or has another shape")
-
-    def apply(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        t, s = self.trainer, self.server
-        to_device = t.backend.xp.asarray
-        t.model.flat[...], t.ema.flat[...] = to_device(arrays["theta"]), to_device(arrays["ema"])
-        t.momentum[...] = to_device(arrays["momentum"])
-        t.replay.x[...], t.replay.y[...] = to_device(arrays["replay_x"]), to_device(arrays["replay_y"])
-        t.eval.x[...], t.eval.y[...] = to_device(arrays["eval_x"]), to_device(arrays["eval_y"])
-        t.n_pending = meta["n_pending"]
-        t.pending_x[:t.n_pending], t.pending_y[:t.n_pending] = arrays["pending_x"], arrays["pending_y"]
-        t.replay.size, t.replay.next = meta["replay_size"], meta["replay_next"]
-        t.eval.size, t.eval.next = meta["eval_size"], meta["eval_next"]
-        t.samples_held_out, t.unnamed_samples = meta["samples_held_out"], meta["unnamed_samples"]
-        t.last_gate = meta["last_gate"]
-        t.steps, t.steps_skipped = meta["steps"], meta["steps_skipped"]
-        t.samples_trained, t.samples_since_checkpoint = meta["samples_trained"], meta["samples_since_checkpoint"]
-        t.last_loss = meta["last_loss"]
-        if meta["last_checkpoint_unix"] is not None:
-            t.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - meta["last_checkpoint_unix"])
-        t.rng.bit_generator.state = meta["rng"]
-        s.samples_accepted, s.samples_rejected = meta["samples_accepted"], meta["samples_rejected"]
-        self.generation = meta["generation"]
 
     def move_aside(self, path: Path, why: str) -> None:
         if not path.exists():
@@ -1753,6 +1769,48 @@ class StateStore:
         target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{why.split()[0].strip(':')}")
         os.replace(path, target)
         log.warning("state file %s is %s: moved to %s; starting without it", path, why, target.name)
+
+
+class NoState:
+    """The state store of a server whose state need not outlive it (in-process tests): keeps nothing."""
+
+    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
+        pass
+
+    def record_rejection(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+
+def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The fields and arrays of a snapshot file's bytes, as written; ValueError if it is not whole."""
+    header_end = len(SNAPSHOT_MAGIC) + SNAPSHOT_HEADER.size
+    length, crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC)) if len(data) >= header_end else (-1, 0)
+    payload = data[header_end:]
+    if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
+        raise ValueError("bad checksum or truncated")
+    try:
+        return unpack_arrays(payload)
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def migrated(meta: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's fields in SNAPSHOT_FORMAT; ValueError for a format newer than this sidecar reads."""
+    version = meta.get("format", 1)
+    if not isinstance(version, int) or version > SNAPSHOT_FORMAT:
+        raise ValueError(f"snapshot format {version!r}, newer than this sidecar reads ({SNAPSHOT_FORMAT})")
+    if version == 1:  # the same fields, before they carried their format
+        meta = {**meta, "format": 2}
+    return meta
 
 
 def pack_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[memoryview]:
@@ -2187,9 +2245,9 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
 def serve(config: Config) -> int:
     take_claims(config)
     trainer, source = build_trainer(config)
-    server = Server(config, trainer)
-    server.state = StateStore(config, server)
-    server.state.restore()
+    state = StateStore(config, trainer)
+    state.restore()
+    server = Server(config, trainer, state)
     if config.metrics_addr:  # before the socket: a node never connects to a sidecar that then fails to start
         server.metrics = MetricsEndpoint(server, config.metrics_addr)
         log.info("metrics on http://%s/metrics", config.metrics_addr)

@@ -25,9 +25,8 @@ def build(directory: str, capacity: int) -> vs.Server:
     config = vs.Config(checkpoint_dir=directory, replay_capacity=capacity, min_samples_ckpt=10**9)
     rng = np.random.default_rng(config.seed)
     model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation(config.activation), rng)
-    server = vs.Server(config, vs.Trainer(config, model, vs.CheckpointWriter(directory), rng))
-    server.state = vs.StateStore(config, server)
-    return server
+    trainer = vs.Trainer(config, model, vs.CheckpointWriter(directory), rng)
+    return vs.Server(config, trainer, vs.StateStore(config, trainer))
 
 
 def main() -> int:

@@ -55,7 +55,7 @@ def train(backend: vs.Backend, steps: int, activation: str) -> tuple[np.ndarray,
         x, y = stream(steps * 18 + 1000)  # ~5% held out (by job_id), the rest trained 16 new per step
         verdicts, started, i = [], time.perf_counter(), 0
         while t.steps < steps:
-            result = t.add(x[i], y[i], t.holds_out(f"job-{i // 10}"))
+            result = t.ingest(x[i], y[i], t.is_held_out(f"job-{i // 10}"), unnamed=False)
             if result is not None and result.checkpoint is not None:
                 verdicts.append(result.checkpoint.record["gate"])
             i += 1

@@ -65,7 +65,7 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
 
 
 def held_out(job_id: str, fraction: float) -> bool:
-    """The sidecar's own rule (Trainer.holds_out) for a sample with a job id."""
+    """The sidecar's own rule (Trainer.is_held_out) for a sample with a job id."""
     digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
 

@@ -163,7 +163,8 @@ def train(trainer: vs.Trainer, n: int = 260) -> list[dict]:
     for i in range(n):
         x = rng.uniform(0, 1, 6).astype(np.float32)
         score = np.float32(x @ w + rng.normal(0, 0.3))
-        result = trainer.add(x, score, trainer.holds_out(None if i % 3 == 0 else f"job-{i % 40}"))
+        job_id = None if i % 3 == 0 else f"job-{i % 40}"
+        result = trainer.ingest(x, score, trainer.is_held_out(job_id), unnamed=job_id is None)
         if result is not None and result.checkpoint is not None:
             record = dict(result.checkpoint.record)
             for key in ("created", "created_unix", "sha256"):

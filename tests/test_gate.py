@@ -256,9 +256,9 @@ def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
     a = make_trainer(tmp_path / "a", holdout_fraction=0.3)
     b = make_trainer(tmp_path / "b", holdout_fraction=0.3, seed=5)
     ids = [f"job-{i}" for i in range(500)]
-    first = [a.holds_out(j) for j in ids]
-    assert [a.holds_out(j) for j in ids] == first
-    assert [b.holds_out(j) for j in reversed(ids)] == first[::-1]
+    first = [a.is_held_out(j) for j in ids]
+    assert [a.is_held_out(j) for j in ids] == first
+    assert [b.is_held_out(j) for j in reversed(ids)] == first[::-1]
     assert 0 < sum(first) < len(ids)
     assert a.unnamed_samples == b.unnamed_samples == 0  # named samples do not advance the count
 
@@ -266,10 +266,10 @@ def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
 def test_holdout_by_job_id_is_the_same_in_another_process(tmp_path):
     # A restart must put a job on the side it was on: no per-process salt (like hash()'s)
     ids = [f"enc-{i}" for i in range(300)]
-    here = [make_trainer(tmp_path / "a", holdout_fraction=0.5).holds_out(j) for j in ids]
+    here = [make_trainer(tmp_path / "a", holdout_fraction=0.5).is_held_out(j) for j in ids]
     code = ("import json, sys, vmafx_sidecar as vs\n"
             "t = vs.Trainer.__new__(vs.Trainer); t.config = vs.Config(holdout_fraction=0.5)\n"
-            f"print(json.dumps([t.holds_out(j) for j in {ids!r}]))\n")
+            f"print(json.dumps([t.is_held_out(j) for j in {ids!r}]))\n")
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": MODULE_DIR, "PYTHONHASHSEED": "12345"}
     done = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR, env=env, capture_output=True, text=True,
                           timeout=30)
@@ -281,14 +281,21 @@ def test_holdout_by_job_id_is_the_same_in_another_process(tmp_path):
 def test_holdout_fraction_of_distinct_job_ids_is_within_a_binomial_bound(tmp_path, fraction):
     trainer = make_trainer(tmp_path, holdout_fraction=fraction)
     n = 20000
-    held = sum(trainer.holds_out(f"job-{i:05d}") for i in range(n))
+    held = sum(trainer.is_held_out(f"job-{i:05d}") for i in range(n))
     sd = math.sqrt(n * fraction * (1 - fraction))
     assert abs(held - n * fraction) < 5 * sd, (held, n * fraction, sd)
 
 
+def ingest_unnamed(trainer: vs.Trainer) -> bool:
+    """Take a sample without a job_id as the server does; whether it was held out."""
+    held_out = trainer.is_held_out(None)
+    trainer.ingest(np.zeros(trainer.config.n_features, np.float32), np.float32(50), held_out, unnamed=True)
+    return held_out
+
+
 def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path):
     trainer = make_trainer(tmp_path, holdout_fraction=0.05)
-    positions = [i for i in range(1, 10001) if trainer.holds_out(None)]
+    positions = [i for i in range(1, 10001) if ingest_unnamed(trainer)]
     assert positions == list(range(20, 10001, 20))
     assert trainer.unnamed_samples == 10000
 
@@ -300,26 +307,26 @@ def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, m
     trainer = make_trainer(tmp_path, holdout_fraction=float(meant))
     held = 0
     for n in range(1, 3001):
-        held += trainer.holds_out(None)
+        held += ingest_unnamed(trainer)
         assert held == math.floor(n * meant), (n, held)
 
 
 def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
     never = make_trainer(tmp_path / "a", holdout_fraction=0.0)
-    assert not any(never.holds_out(f"job-{i}") for i in range(2000))
-    assert not any(never.holds_out(None) for _ in range(2000))
+    assert not any(never.is_held_out(f"job-{i}") for i in range(2000))
+    assert not any(ingest_unnamed(never) for _ in range(2000))
     always = make_trainer(tmp_path / "b", holdout_fraction=1.0)
-    assert all(always.holds_out(f"job-{i}") for i in range(2000))
-    assert all(always.holds_out(None) for _ in range(2000))
+    assert all(always.is_held_out(f"job-{i}") for i in range(2000))
+    assert all(ingest_unnamed(always) for _ in range(2000))
 
 
 def test_holdout_accepts_a_job_id_with_a_lone_surrogate(tmp_path):
     job_id = json.loads('"enc-\\ud800"')  # valid JSON, not encodable as UTF-8
     assert job_id == "enc-\ud800"
     trainer = make_trainer(tmp_path, holdout_fraction=0.5)
-    decisions = {trainer.holds_out(job_id) for _ in range(5)}
+    decisions = {trainer.is_held_out(job_id) for _ in range(5)}
     assert len(decisions) == 1
-    decisions = {trainer.holds_out(s) for s in ("\ud800", "\udfff", "\ud800\ud800", "a\udc00b")}
+    decisions = {trainer.is_held_out(s) for s in ("\ud800", "\udfff", "\ud800\ud800", "a\udc00b")}
     assert decisions <= {True, False}
 
 

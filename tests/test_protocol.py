@@ -17,7 +17,7 @@ def make_server(tmp_path, **settings_) -> vs.Server:
                        min_samples_ckpt=10**9, **settings_)
     rng = np.random.default_rng(0)
     trainer = vs.Trainer(config, vs.MLP.initial([3, 5, 1], vs.Activation("relu"), rng), vs.CheckpointWriter(config.checkpoint_dir), rng)
-    return vs.Server(config, trainer)
+    return vs.Server(config, trainer, vs.NoState())
 
 
 @pytest.mark.parametrize("line,error", [

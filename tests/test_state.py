@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -160,10 +161,10 @@ def in_process_server(directory: Path) -> vs.Server:
                        min_samples_ckpt=10**9)
     rng = np.random.default_rng(0)
     model = vs.MLP.initial([5, 7, 1], vs.Activation("relu"), rng)
-    server = vs.Server(config, vs.Trainer(config, model, vs.CheckpointWriter(str(directory)), rng))
-    server.state = vs.StateStore(config, server)
-    server.state.restore()
-    return server
+    trainer = vs.Trainer(config, model, vs.CheckpointWriter(str(directory)), rng)
+    state = vs.StateStore(config, trainer)
+    state.restore()
+    return vs.Server(config, trainer, state)
 
 
 def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path, monkeypatch):
@@ -183,7 +184,7 @@ def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path
     assert (tmp_path / ".state" / "journal.bin").stat().st_size > 100 * 24  # the old journal is still there
 
     again = in_process_server(tmp_path)
-    assert (again.samples_accepted, again.samples_rejected) == (100, 1)
+    assert (again.trainer.samples_accepted, again.trainer.samples_rejected) == (100, 1)
     assert again.trainer.replay.size == 64 and again.trainer.steps == server.trainer.steps
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
 
@@ -208,7 +209,7 @@ def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
     payload = b"".join(vs.pack_arrays(meta, arrays))
     path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
     again = in_process_server(tmp_path)
-    assert again.samples_accepted == 0 and again.trainer.steps == 0
+    assert again.trainer.samples_accepted == 0 and again.trainer.steps == 0
     assert list((tmp_path / ".state").glob("snapshot.bin.*.unreadable"))
 
 
@@ -233,5 +234,51 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     server.state.tick()  # the idle-time retry writes them all
     assert not journal.pending and not journal.failing
     again = in_process_server(tmp_path)
-    assert again.samples_accepted == 20
+    assert again.trainer.samples_accepted == 20
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
+
+
+# ---- upgrades: state an older sidecar wrote is read, never reset ----
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "state_v1"
+
+
+def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_path):
+    """tests/fixtures/state_v1/killed is a directory as 974ac50 left it after a kill -9: snapshot format 1,
+    records past it in the journal, a published checkpoint. restored.bin is the snapshot that version wrote
+    after resuming a copy of it. This version must resume to the same state and write its own format."""
+    shutil.copytree(FIXTURE / "killed", tmp_path / "ckpt")
+    s = sidecar_factory(**SETTINGS)
+    status = s.client().request({"op": "status"})
+    assert (status["samples_accepted"], status["checkpoint_version"]) == (73, 1), status
+    assert "moved to" not in s.stderr(), s.stderr()  # nothing set aside
+    assert s.stop() == 0
+    meta, arrays = vs.read_snapshot((tmp_path / "ckpt" / ".state" / "snapshot.bin").read_bytes())
+    old_meta, old_arrays = vs.read_snapshot((FIXTURE / "restored.bin").read_bytes())
+    assert "format" not in old_meta and meta["format"] == vs.SNAPSHOT_FORMAT
+    old_meta = vs.migrated(old_meta)
+    assert meta.keys() == old_meta.keys()
+    for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
+        assert meta[key] == old_meta[key], key
+    assert arrays.keys() == old_arrays.keys()
+    for name in arrays:
+        np.testing.assert_array_equal(arrays[name], old_arrays[name], err_msg=name)
+    latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
+    assert latest == json.loads((FIXTURE / "killed" / "latest.json").read_text())
+
+
+def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog):
+    server = in_process_server(tmp_path)
+    for m in messages(20):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    path = tmp_path / ".state" / "snapshot.bin"
+    meta, arrays = vs.read_snapshot(path.read_bytes())
+    meta["format"] = vs.SNAPSHOT_FORMAT + 1
+    payload = b"".join(vs.pack_arrays(meta, arrays))
+    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    caplog.clear()
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 0
+    lines = [r.getMessage() for r in caplog.records if "snapshot.bin is" in r.getMessage()]
+    assert len(lines) == 1 and "newer than this sidecar reads" in lines[0], lines
