@@ -152,7 +152,8 @@ class Config:
     socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", ANY,
                           "Unix socket the node connects to (created with mode 0600)")
     base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", ANY,
-                                   "ONNX model to fine-tune; empty or missing file: a fresh model")
+                                   "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "
+                                   "missing file: a fresh model")
     checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", ANY,
                                   "where model_vNNNNNN.onnx checkpoints are written")
     adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", ANY,
@@ -249,13 +250,14 @@ def flag_name(field_name: str) -> str:
 
 def parse_setting(raw: str, kind: type, check: Check, source: str) -> Any:
     kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
+    if kind is str and check.allowed:  # "a string one of ..." says the kind twice
+        kind_name = ""
     try:
         value = kind(raw.strip()) if kind is not str else raw
     except ValueError:
         value = None
     if value is None or (kind is float and not math.isfinite(value)) or not check.ok(value):
-        allowed = f" {check.allowed}" if check.allowed else ""
-        raise ConfigError(f"{source}: must be {kind_name}{allowed}, got {raw!r}")
+        raise ConfigError(f"{source}: must be {' '.join(filter(None, (kind_name, check.allowed)))}, got {raw!r}")
     return value
 
 
@@ -1677,8 +1679,9 @@ class StateStore:
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
 
-    def restore(self) -> None:
-        """Load the snapshot, replay the journal through the ingest path, and start a fresh pair."""
+    def restore(self) -> bool:
+        """Load the snapshot, replay the journal through the ingest path, and start a fresh pair; whether
+        there was a state to resume."""
         loaded = self.load_snapshot()
         records = Journal.records(self.journal_path, self.config.n_features, self.generation) if loaded else []
         if not loaded and self.journal_path.exists() and self.journal_path.stat().st_size:
@@ -1694,6 +1697,7 @@ class StateStore:
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
         self.journal = Journal(self.journal_path, self.config.journal_fsync)
         self.save()
+        return loaded
 
     # The server's calls, per sample and per loop turn; NoState has the same ones.
 
@@ -2246,7 +2250,8 @@ def serve(config: Config) -> int:
     take_claims(config)
     trainer, source = build_trainer(config)
     state = StateStore(config, trainer)
-    state.restore()
+    if state.restore():  # the base or fresh model was only the starting point of the state resumed
+        source = f"resumed from {state.directory}, step {trainer.steps}"
     server = Server(config, trainer, state)
     if config.metrics_addr:  # before the socket: a node never connects to a sidecar that then fails to start
         server.metrics = MetricsEndpoint(server, config.metrics_addr)
@@ -2299,6 +2304,12 @@ def demo(directory: str, samples: int) -> int:
         try:
             client = connect_when_ready(sock_path, server)
             reader = client.makefile("rb")
+            client.sendall(b'{"op": "status"}\n')
+            resumed = json.loads(reader.readline())
+            if resumed["samples_accepted"]:
+                print(f"{directory} holds a previous run's state (step {resumed['steps']}, "
+                      f"{resumed['samples_accepted']} samples): training resumes from it; delete {directory} "
+                      "to start afresh", flush=True)
             for i in range(samples):
                 line = json.dumps({"job_id": f"demo-{i}", "features": x[i].tolist(), "true_score": y[i]})
                 client.sendall(line.encode() + b"\n")
@@ -2974,7 +2985,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         serve_parser.add_argument(f"--{flag_name(f.name)}", dest=f.name, metavar="VALUE",
                                   help=f"{f.metadata['help']} [{f.metadata['env']}, default {f.default!r}]")
-    demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server")
+    demo_help = ("train on a synthetic stream through a real server, printing each checkpoint with its held-out "
+                 "error; a directory a previous demo left is resumed")
+    demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server",
+                                      description=demo_help)
     demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
     demo_parser.add_argument("--samples", type=int, default=20000, help="samples to stream (default 20000)")
     default_dir = os.environ.get("VMAFX_SIDECAR_CHECKPOINT_DIR", Config.checkpoint_dir)

@@ -116,6 +116,16 @@ def test_invalid_flag_value_exits_2_naming_variable_and_flag(short_dir, flag, va
     assert_rejected(done, short_dir, env, flag)
 
 
+@pytest.mark.parametrize("variables, message", [
+    ({"VMAFX_SIDECAR_JOURNAL_FSYNC": "weekly"}, "VMAFX_SIDECAR_JOURNAL_FSYNC: must be one of always, everysec, no, "
+                                                "got 'weekly'"),
+    ({"VMAFX_SIDECAR_LR": "fast"}, "VMAFX_SIDECAR_LR: must be a number > 0, got 'fast'"),
+    ({"VMAFX_SIDECAR_BATCH_SIZE": "0"}, "VMAFX_SIDECAR_BATCH_SIZE: must be an integer >= 1, got '0'"),
+])
+def test_invalid_value_message_reads_as_a_sentence(short_dir, variables, message):
+    assert assert_rejected(run_serve(short_dir, **variables), short_dir).endswith(message)
+
+
 # ---- Config.load in-process: precedence and parsed types ----
 
 def test_load_with_nothing_set_gives_the_defaults():
@@ -234,6 +244,29 @@ def test_help_lists_every_variable_and_its_default(short_dir):
         assert re.search(rf"(?<![\w-]){re.escape(flag)} VALUE", done.stdout), flag
         listed = [f"{env},default{f.default!r}", f"{env},default{f.default}"]
         assert any(item.replace(" ", "") in text for item in listed), (env, f.default, done.stdout)
+
+
+def test_help_names_every_kind_of_base_model_and_demo_has_a_description(short_dir):
+    def help_of(command: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", command, "--help"], env=clean_env(short_dir),
+                              cwd=short_dir, capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, done.stderr
+        return re.sub(r"\s+", " ", done.stdout)
+
+    assert all(kind in help_of("serve") for kind in ("ONNX", ".pt", ".pth", ".npz"))
+    assert "printing each checkpoint with its held-out error" in help_of("demo")
+
+
+def test_demo_run_twice_says_it_resumes_the_first_runs_state(short_dir):
+    def demo() -> str:
+        done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", "200"],
+                              env=clean_env(short_dir), cwd=short_dir, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "previous run" not in demo()
+    again = demo()
+    assert "vmafx-demo holds a previous run's state" in again and "delete vmafx-demo to start afresh" in again, again
 
 
 # ---- warnings at startup ----

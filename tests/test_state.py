@@ -80,6 +80,17 @@ def test_restart_continues_bit_for_bit(sidecar_factory, tmp_path, uninterrupted,
     assert meta["last_gate"]["metrics"]["candidate"] is not None
 
 
+def test_start_up_line_says_a_resumed_state_is_resumed(sidecar_factory, tmp_path):
+    first = sidecar_factory(**SETTINGS)
+    assert "(fresh, seed 0)" in first.stderr()
+    acks = feed(first, messages(20))
+    assert first.stop() == 0
+    serving = [line for line in sidecar_factory(**SETTINGS).stderr().splitlines() if "serving on" in line]
+    resumed = f"(resumed from {tmp_path / 'ckpt' / '.state'}, step {acks[-1]['step']})"
+    assert len(serving) == 1 and resumed in serving[0], serving
+    assert "fresh" not in serving[0]
+
+
 def test_torn_journal_tail_is_ignored(sidecar_factory, tmp_path):
     s = sidecar_factory(**SETTINGS)
     feed(s, messages()[:STOP_AT])
