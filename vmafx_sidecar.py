@@ -1268,7 +1268,7 @@ class Trainer:
         self.last_loss = loss
         self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
         self.step_seconds.observe(time.perf_counter() - started)
-        return StepResult(loss, self.maybe_checkpoint())
+        return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
 
     def apply_gradient(self, loss: float) -> bool:
         """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
@@ -1299,25 +1299,20 @@ class Trainer:
     def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.model.flat, self.momentum, self.ema.flat
 
-    def maybe_checkpoint(self) -> Checkpoint | None:
-        """When due, let the gate judge the EMA weights against the incumbent and write them, published
-        or quarantined; training goes on either way."""
-        c, now = self.config, time.monotonic()
-        if self.samples_since_checkpoint < c.min_samples_ckpt:
-            return None
-        if self.last_checkpoint_time is not None and now - self.last_checkpoint_time < c.ckpt_interval_s:
-            return None
-        self.last_checkpoint_time = now
+    def checkpoint_due(self) -> bool:
+        """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""
+        c, last = self.config, self.last_checkpoint_time
+        return self.samples_since_checkpoint >= c.min_samples_ckpt and (
+            last is None or time.monotonic() - last >= c.ckpt_interval_s)
+
+    def take_checkpoint(self) -> Checkpoint | None:
+        """publish() the EMA weights and take the outcome in (published: the new incumbent); training goes
+        on either way, and after a write the disk refused, the next try comes an interval later."""
+        self.last_checkpoint_time = time.monotonic()
         started = time.perf_counter()
-        self.flush_held_out()
-        host = self.backend.to_host
-        x, y = host(self.eval.x[:self.eval.size]), host(self.eval.y[:self.eval.size])
-        verdict = judge(c, self.ema, self.incumbent, x, y)
-        # The written file is run on held-out inputs; replayed ones stand in while there are none.
-        probe = x if len(x) else host(self.replay.x[:min(self.replay.size, 256)])
         try:
-            checkpoint = self.checkpoints.write(self.ema.weights(), self.steps, self.samples_trained, verdict, probe)
-        except OSError as e:  # e.g. a full disk: keep training, try again after the interval
+            checkpoint = publish(self)
+        except OSError as e:  # e.g. a full disk
             log.error("checkpoint write failed, will retry: %s", e)
             self.checkpoint_results["failed"] += 1
             return None
@@ -1339,40 +1334,62 @@ PUBLISHED = ("passed", "insufficient-data", "off")  # the gate verdicts that pub
 
 
 @dataclass(frozen=True)
-class Metrics:
+class Scores:
+    """One model's held-out scores."""
     plcc: float  # Pearson correlation of predictions and true scores
     srcc: float  # Spearman rank correlation, ties given their average rank
     rmse: float
 
 
-def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """The gate's verdict on `candidate`, with both models' metrics on the held-out samples (x, y), all
-    on the host, so that every backend reaches the same verdict."""
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of a candidate, with both models' held-out scores (None: nothing to measure)."""
+    gate: str  # one of PUBLISHED, or "quarantined"
+    candidate: Scores | None = None
+    incumbent: Scores | None = None
+    eval_n: int = 0
+    reason: str | None = None  # why it is quarantined
+
+    @property
+    def published(self) -> bool:
+        return self.gate in PUBLISHED
+
+    def refused(self, reason: str) -> Verdict:
+        return dataclasses.replace(self, gate="quarantined", reason=reason)
+
+    def record(self) -> dict[str, Any]:
+        """As a checkpoint's record holds it: "metrics" (both models' scores and eval_n), "gate", "reason"."""
+        scores = {"candidate": self.candidate and dataclasses.asdict(self.candidate),
+                  "incumbent": self.incumbent and dataclasses.asdict(self.incumbent), "eval_n": self.eval_n}
+        return {"metrics": scores, "gate": self.gate, **({"reason": self.reason} if self.reason else {})}
+
+
+def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> Verdict:
+    """The gate's verdict on `candidate`, with both models' scores on the held-out samples (x, y), all on
+    the host, so that every backend reaches the same verdict."""
     ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
-    metrics = {"candidate": ours and dataclasses.asdict(ours), "incumbent": theirs and dataclasses.asdict(theirs),
-               "eval_n": len(y)}
+    verdict = Verdict("passed", ours, theirs, len(y))
     if not np.isfinite(candidate.backend.to_host(candidate.flat)).all() or (len(y) and ours is None):
-        return {"metrics": metrics, "gate": "quarantined", "reason": "non-finite weights or outputs"}
+        return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
-        return {"metrics": metrics, "gate": "off"}
+        return dataclasses.replace(verdict, gate="off")
     if len(y) < config.gate_min_eval:
-        return {"metrics": metrics, "gate": "insufficient-data"}
+        return dataclasses.replace(verdict, gate="insufficient-data")
     if theirs is None or ours.plcc >= theirs.plcc - config.gate_max_plcc_drop:  # an unmeasurable incumbent loses
-        return {"metrics": metrics, "gate": "passed"}
-    return {"metrics": metrics, "gate": "quarantined",
-            "reason": f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, by more "
-                      f"than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})"}
+        return verdict
+    return verdict.refused(f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, "
+                           f"by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})")
 
 
-def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Metrics | None:
-    """Metrics of `model` on (x, y) in float64; None when there is nothing to measure or an output is
+def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
+    """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
     not finite."""
     with np.errstate(all="ignore"):
         predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64))[:, 0]
     if not len(y) or not np.isfinite(predicted).all():
         return None
     truth = y.astype(np.float64)
-    return Metrics(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
+    return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
                    rmse=math.sqrt(float(np.mean((predicted - truth) ** 2))))
 
 
@@ -1848,6 +1865,17 @@ READBACK_TOLERANCE = 1e-5  # relative, with scores below 1 compared absolutely
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A checkpoint's model file, written to a temp file and not yet placed."""
+    version: int
+    data: bytes
+    temp: Path
+    step: int
+    samples_trained: int
+    created_unix: float
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: Path
     record: dict[str, Any]  # what model_vNNNNNN.json holds, and latest.json when it is published
@@ -1883,28 +1911,35 @@ class CheckpointWriter:
         except OSError as e:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
 
-    def write(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int, verdict: dict[str, Any],
-              probe: np.ndarray) -> Checkpoint:
-        """Write the next version: published if the gate's `verdict` says so and the file, read back, computes
-        what `weights` do on `probe`; else quarantined. Temp files, fsync and renames (.sha256 last) make
-        each file appear whole, and a reader that sees the .sha256 can trust the checkpoint."""
+    def stage(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Staged:
+        """The next version's model, written and synced to a temp file, where nobody looks for it."""
         now, version = time.time(), self.version + 1
-        name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
         created = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds")
         metadata = {"version": str(version), "step": str(step), "samples_trained": str(samples_trained),
                     "created": created}
-        data = onnx_builder.build_mlp_model(weights, metadata).SerializeToString()
-        temps = [self.directory / f".{name}{TEMP_SUFFIX}"]
-        renamed: list[Path] = []
+        staged = Staged(version, onnx_builder.build_mlp_model(weights, metadata).SerializeToString(),
+                        self.directory / f".model_v{version:06d}.onnx{TEMP_SUFFIX}", step, samples_trained, now)
         try:
-            write_synced(temps[0], [memoryview(data)])
-            if verdict["gate"] in PUBLISHED and (problem := readback_problem(temps[0], weights, probe)):
-                verdict = {**verdict, "gate": "quarantined", "reason": f"read-back check failed: {problem}"}
-            digest = hashlib.sha256(data).hexdigest()
-            record = {"version": version, "file": name, "sha256": digest, "step": step,
-                      "samples_trained": samples_trained, "created": created, "created_unix": round(now, 3),
-                      **verdict}
-            directory = self.directory if record["gate"] in PUBLISHED else self.quarantine
+            write_synced(staged.temp, [memoryview(staged.data)])
+        except OSError:
+            staged.temp.unlink(missing_ok=True)
+            raise
+        return staged
+
+    def place(self, staged: Staged, verdict: Verdict) -> Checkpoint:
+        """Give a staged model its record and .sha256, in the directory or in quarantine/ as `verdict` says.
+        Temp files, fsync and renames (.sha256 last) make each file appear whole, and a reader that sees
+        the .sha256 can trust the checkpoint; a published one becomes the latest."""
+        version, created_unix = staged.version, staged.created_unix
+        name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
+        created = datetime.datetime.fromtimestamp(created_unix, datetime.timezone.utc).isoformat(timespec="seconds")
+        digest = hashlib.sha256(staged.data).hexdigest()
+        record = {"version": version, "file": name, "sha256": digest, "step": staged.step,
+                  "samples_trained": staged.samples_trained, "created": created,
+                  "created_unix": round(created_unix, 3), **verdict.record()}
+        directory = self.directory if verdict.published else self.quarantine
+        temps, renamed = [staged.temp], []
+        try:
             for n, content in ((f"{stem}.json", json_text(record)), (f"{name}.sha256", f"{digest}  {name}\n")):
                 temps.append(directory / f".{n}{TEMP_SUFFIX}")
                 write_synced(temps[-1], [memoryview(content.encode())])
@@ -1918,10 +1953,10 @@ class CheckpointWriter:
         self.version = version  # visible now: this version is never written again, whatever follows
         checkpoint = Checkpoint(directory / name, record)
         fsync_directory(directory)
-        if checkpoint.published:
-            self.point_latest(record, data)
+        if verdict.published:
+            self.point_latest(record, staged.data)
         else:
-            log.warning("checkpoint v%06d quarantined: %s", version, record["reason"])
+            log.warning("checkpoint v%06d quarantined: %s", version, verdict.reason)
         self.prune()
         return checkpoint
 
@@ -2100,6 +2135,31 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- publish: the one path of a checkpoint: judged, written, read back, then published or quarantined ----
+
+def publish(trainer: Trainer) -> Checkpoint:
+    """The trainer's EMA weights as its next checkpoint, judged by the gate against the incumbent on the
+    held-out set. OSError if the disk refuses it, with nothing partial left."""
+    trainer.flush_held_out()
+    host = trainer.backend.to_host
+    x, y = host(trainer.eval.x[:trainer.eval.size]), host(trainer.eval.y[:trainer.eval.size])
+    verdict = judge(trainer.config, trainer.ema, trainer.incumbent, x, y)
+    # The written file is run on held-out inputs; replayed ones stand in while there are none.
+    probe = x if len(x) else host(trainer.replay.x[:min(trainer.replay.size, 256)])
+    return write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
+                            verdict, probe)
+
+
+def write_checkpoint(writer: CheckpointWriter, weights: onnx_builder.MLPWeights, step: int, samples_trained: int,
+                     verdict: Verdict, probe: np.ndarray) -> Checkpoint:
+    """Write `weights` as the next version and place it as `verdict` says, unless the file, read back from
+    disk, does not compute what `weights` do on `probe`: then it is quarantined whatever the verdict."""
+    staged = writer.stage(weights, step, samples_trained)
+    if verdict.published and (problem := readback_problem(staged.temp, weights, probe)):
+        verdict = verdict.refused(f"read-back check failed: {problem}")
+    return writer.place(staged, verdict)
 
 
 # ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----

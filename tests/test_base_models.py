@@ -69,8 +69,8 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     # The first checkpoint, written before any step, gives the same outputs through onnxruntime.
     rng = np.random.default_rng(0)
     trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
-    ungated = {"metrics": None, "gate": "off"}
-    first = trainer.checkpoints.write(trainer.ema.weights(), 0, 0, ungated, x).path
+    ungated = vs.Verdict("off")
+    first = vs.write_checkpoint(trainer.checkpoints, trainer.ema.weights(), 0, 0, ungated, x).path
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)
     assert_close(ort_scores(first, x), y)
 
@@ -78,7 +78,8 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     for _ in range(3 * trainer.n_new):
         trainer.add(rng.normal(0, 1, fixture["n_features"]).tolist(), float(rng.normal(50, 10)))
     assert trainer.steps == 3
-    after = trainer.checkpoints.write(trainer.ema.weights(), trainer.steps, trainer.samples_trained, ungated, x).path
+    after = vs.write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
+                                ungated, x).path
     moved = relative_change(ort_scores(after, x), y)
     assert moved > 1e-3, f"{fixture['name']}: 3 steps moved the outputs by {moved:.2e} of their scale"
     assert_close(ort_scores(after, x), trainer.ema.forward(x)[:, 0])

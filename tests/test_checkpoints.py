@@ -104,7 +104,7 @@ def assert_sha256_file_verifies(model_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-UNGATED = {"metrics": None, "gate": "off"}  # a verdict that publishes, for tests of the writer alone
+UNGATED = vmafx_sidecar.Verdict("off")  # a verdict that publishes, for tests of the writer alone
 PROBE = np.random.default_rng(7).uniform(0, 1, (16, 80)).astype(np.float32)  # inputs of the read-back check
 
 
@@ -230,7 +230,8 @@ def test_restart_continues_numbering_and_keeps_old_checkpoints(sidecar_factory, 
     assert v1.read_bytes() == v1_bytes
     assert Path(str(v1) + ".sha256").read_bytes() == v1_sha
     assert checkpoint_files(s2.checkpoint_dir) == [
-        ".trainer.lock", "latest.json", "latest.onnx", "latest.onnx.sha256", "model_v000001.json", "model_v000001.onnx", "model_v000001.onnx.sha256",
+        ".trainer.lock", "latest.json", "latest.onnx", "latest.onnx.sha256",
+        "model_v000001.json", "model_v000001.onnx", "model_v000001.onnx.sha256",
         "model_v000002.json", "model_v000002.onnx", "model_v000002.onnx.sha256", "quarantine"]
     assert_sha256_file_verifies(v2)
     meta = metadata(onnx.load(str(v2)))
@@ -478,14 +479,14 @@ def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError):
-        writer.write(relu_mlp(layers), 3, 48, UNGATED, PROBE)
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(layers), 3, 48, UNGATED, PROBE)
     assert len(calls) == failing_call
     assert writer.version == 0
     assert temp_files(directory) == []
     assert os.listdir(directory) == ["quarantine"]  # not even an .onnx without its .sha256
 
     monkeypatch.setattr(os, "replace", real_replace)
-    path = writer.write(relu_mlp(layers), 4, 64, UNGATED, PROBE).path
+    path = vmafx_sidecar.write_checkpoint(writer, relu_mlp(layers), 4, 64, UNGATED, PROBE).path
     assert path == directory / "model_v000001.onnx"
     assert writer.version == 1
     assert_sha256_file_verifies(path)
@@ -508,7 +509,7 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
 
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", failing_fsync_directory)
     try:
-        writer.write(relu_mlp(first), 1, 16, UNGATED, PROBE)
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(first), 1, 16, UNGATED, PROBE)
     except OSError:
         pass
     monkeypatch.setattr(vmafx_sidecar, "fsync_directory", real_fsync_directory)
@@ -517,7 +518,7 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
                  if (directory / n).is_file() and n != "latest.json"}
     assert temp_files(directory) == []
 
-    path = writer.write(relu_mlp(second), 2, 32, UNGATED, PROBE).path
+    path = vmafx_sidecar.write_checkpoint(writer, relu_mlp(second), 2, 32, UNGATED, PROBE).path
     for name, content in published.items():
         assert (directory / name).read_bytes() == content, f"{name} was rewritten with other content"
     if v1.name + ".sha256" in published:
@@ -548,7 +549,8 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     for name, content in kept.items():
         assert (directory / name).read_bytes() == content, f"{name} was touched"
 
-    path = writer.write(relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1, 16, UNGATED, PROBE).path
+    weights = relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1]))
+    path = vmafx_sidecar.write_checkpoint(writer, weights, 1, 16, UNGATED, PROBE).path
     assert path == directory / "model_v000008.onnx"
     assert_sha256_file_verifies(path)
     assert metadata(onnx.load(str(path)))["version"] == "8"

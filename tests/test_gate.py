@@ -30,8 +30,8 @@ MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these 
 RECORD_KEYS = {"version", "file", "sha256", "step", "samples_trained", "created", "created_unix", "metrics", "gate"}
 N_FEATURES = 4  # small models keep the writer's read-back runs and the CLI fast
 PROBE = np.random.default_rng(7).uniform(0, 1, (16, N_FEATURES)).astype(np.float32)
-UNGATED = {"metrics": None, "gate": "off"}
-REFUSED = {"metrics": None, "gate": "quarantined", "reason": "refused by the test"}
+UNGATED = vs.Verdict("off")
+REFUSED = vs.Verdict("quarantined", reason="refused by the test")
 
 
 # ---- helpers ----
@@ -130,8 +130,8 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write(writer: vs.CheckpointWriter, verdict: dict, seed: int = 0, step: int = 1) -> vs.Checkpoint:
-    return writer.write(random_weights(seed), step, step * 4, verdict, PROBE)
+def write(writer: vs.CheckpointWriter, verdict: vs.Verdict, seed: int = 0, step: int = 1) -> vs.Checkpoint:
+    return vs.write_checkpoint(writer, random_weights(seed), step, step * 4, verdict, PROBE)
 
 
 # ---- 1. metrics ----
@@ -352,19 +352,24 @@ def test_held_out_samples_go_to_the_eval_ring_and_are_never_trained_on(tmp_path)
 
 # ---- 3. the gate's verdicts ----
 
+def judged(*args) -> dict:
+    """The gate's verdict as a checkpoint record holds it."""
+    return vs.judge(*args).record()
+
+
 def test_judge_verdicts_off_insufficient_and_passed():
     x, y, coef = linear_data()
     good = fitted(coef)
-    verdict = vs.judge(config(gate="off"), fitted(coef, -1.0), good, x, y)
+    verdict = judged(config(gate="off"), fitted(coef, -1.0), good, x, y)
     assert verdict["gate"] == "off" and "reason" not in verdict  # off publishes even a far worse candidate
     assert verdict["metrics"]["eval_n"] == 300
     assert verdict["metrics"]["candidate"]["plcc"] < 0 < verdict["metrics"]["incumbent"]["plcc"]
 
-    verdict = vs.judge(config(gate_min_eval=301), fitted(coef, -1.0), good, x, y)
+    verdict = judged(config(gate_min_eval=301), fitted(coef, -1.0), good, x, y)
     assert verdict["gate"] == "insufficient-data" and verdict["metrics"]["eval_n"] == 300
-    assert vs.judge(config(gate_min_eval=300), fitted(coef, -1.0), good, x, y)["gate"] == "quarantined"
+    assert judged(config(gate_min_eval=300), fitted(coef, -1.0), good, x, y)["gate"] == "quarantined"
 
-    verdict = vs.judge(config(gate_min_eval=300), good.copy(), good, x, y)
+    verdict = judged(config(gate_min_eval=300), good.copy(), good, x, y)
     assert verdict["gate"] == "passed" and "reason" not in verdict
     assert verdict["metrics"]["candidate"] == verdict["metrics"]["incumbent"]
     assert set(verdict["metrics"]["candidate"]) == {"plcc", "srcc", "rmse"}
@@ -373,14 +378,14 @@ def test_judge_verdicts_off_insufficient_and_passed():
 
 def test_judge_with_no_held_out_samples_publishes_with_null_metrics():
     x, y, coef = linear_data()
-    verdict = vs.judge(config(), fitted(coef, -1.0), fitted(coef), x[:0], y[:0])
+    verdict = judged(config(), fitted(coef, -1.0), fitted(coef), x[:0], y[:0])
     assert verdict == {"metrics": {"candidate": None, "incumbent": None, "eval_n": 0}, "gate": "insufficient-data"}
 
 
 def test_judge_quarantines_a_worse_candidate_and_names_both_plccs():
     x, y, coef = linear_data()
     good, inverted = fitted(coef), fitted(coef, -1.0)
-    verdict = vs.judge(config(gate_min_eval=200), inverted, good, x, y)
+    verdict = judged(config(gate_min_eval=200), inverted, good, x, y)
     assert verdict["gate"] == "quarantined"
     ours, theirs = verdict["metrics"]["candidate"]["plcc"], verdict["metrics"]["incumbent"]["plcc"]
     assert theirs > 0.9 and ours == pytest.approx(-theirs, abs=1e-9)
@@ -396,10 +401,10 @@ def test_judge_quarantines_non_finite_candidates_even_with_the_gate_off():
         broken = good.copy()
         broken.flat[3] = value
         for cfg in (config(gate="off"), config(gate_min_eval=10_000), config()):
-            verdict = vs.judge(cfg, broken, good, x, y)
+            verdict = judged(cfg, broken, good, x, y)
             assert verdict["gate"] == "quarantined" and verdict["reason"], (value, cfg.gate, verdict)
         # and with nothing held out to measure it on
-        assert vs.judge(config(gate="off"), broken, good, x[:0], y[:0])["gate"] == "quarantined"
+        assert judged(config(gate="off"), broken, good, x[:0], y[:0])["gate"] == "quarantined"
 
 
 def test_judge_boundary_exactly_the_allowed_drop_passes():
@@ -414,11 +419,11 @@ def test_judge_boundary_exactly_the_allowed_drop_passes():
     while theirs - drop > ours:
         drop = math.nextafter(drop, math.inf)
     assert theirs - drop == ours
-    assert vs.judge(config(gate_min_eval=2, gate_max_plcc_drop=drop), candidate, incumbent, x, y)["gate"] == "passed"
+    assert judged(config(gate_min_eval=2, gate_max_plcc_drop=drop), candidate, incumbent, x, y)["gate"] == "passed"
     smaller = math.nextafter(drop, 0.0)
     while theirs - smaller == ours:
         smaller = math.nextafter(smaller, 0.0)
-    assert vs.judge(config(gate_min_eval=2, gate_max_plcc_drop=smaller), candidate, incumbent, x, y)["gate"] \
+    assert judged(config(gate_min_eval=2, gate_max_plcc_drop=smaller), candidate, incumbent, x, y)["gate"] \
         == "quarantined"
 
 
@@ -426,7 +431,7 @@ def test_judge_an_unmeasurable_incumbent_loses():
     x, y, coef = linear_data()
     broken = fitted(coef)
     broken.flat[-1] = np.inf
-    verdict = vs.judge(config(gate_min_eval=2), fitted(coef, -1.0), broken, x, y)
+    verdict = judged(config(gate_min_eval=2), fitted(coef, -1.0), broken, x, y)
     assert verdict["gate"] == "passed" and verdict["metrics"]["incumbent"] is None
 
 
@@ -437,7 +442,7 @@ def test_published_write_produces_the_files_and_latest_json(tmp_path):
     verdict = vs.judge(config(gate_min_eval=2), fitted(coef), fitted(coef), x, y)
     writer = vs.CheckpointWriter(str(tmp_path))
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    checkpoint = writer.write(random_weights(1), 7, 28, verdict, PROBE)
+    checkpoint = vs.write_checkpoint(writer, random_weights(1), 7, 28, verdict, PROBE)
     after = datetime.datetime.now(datetime.timezone.utc)
     assert checkpoint.published and checkpoint.path == tmp_path / "model_v000001.onnx"
     assert model_files(tmp_path) == files_of(1)
@@ -450,7 +455,7 @@ def test_published_write_produces_the_files_and_latest_json(tmp_path):
         (1, "model_v000001.onnx", 7, 28)
     assert latest["sha256"] == sha256_of(checkpoint.path)
     assert (tmp_path / "model_v000001.onnx.sha256").read_text() == f"{latest['sha256']}  model_v000001.onnx\n"
-    assert latest["gate"] == "passed" and latest["metrics"] == verdict["metrics"]
+    assert latest["gate"] == "passed" and latest["metrics"] == verdict.record()["metrics"]
     created = datetime.datetime.fromisoformat(latest["created"])
     assert created.utcoffset() == datetime.timedelta(0)
     slack = datetime.timedelta(seconds=60)
@@ -732,13 +737,13 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     probe = x[:32]
     writer = vs.CheckpointWriter(str(directory))
     good = fitted(coef)
-    writer.write(good.weights(), 10, 40, vs.judge(config(gate_min_eval=2), good, good, x, y), probe)
+    vs.write_checkpoint(writer, good.weights(), 10, 40, vs.judge(config(gate_min_eval=2), good, good, x, y), probe)
     worse = fitted(coef, -1.0)
-    writer.write(worse.weights(), 20, 80, vs.judge(config(gate_min_eval=2), worse, good, x, y), probe)
+    vs.write_checkpoint(writer, worse.weights(), 20, 80, vs.judge(config(gate_min_eval=2), worse, good, x, y), probe)
     broken = good.copy()
     broken.flat[:] = np.inf
-    writer.write(broken.weights(), 30, 120, vs.judge(config(), broken, good, x, y), probe)
-    writer.write(good.weights(), 40, 160, vs.judge(config(gate="off"), good, good, x, y), probe)
+    vs.write_checkpoint(writer, broken.weights(), 30, 120, vs.judge(config(), broken, good, x, y), probe)
+    vs.write_checkpoint(writer, good.weights(), 40, 160, vs.judge(config(gate="off"), good, good, x, y), probe)
     assert model_files(directory) == files_of(1) | files_of(4)
     assert model_files(directory / "quarantine") == files_of(2) | files_of(3)
     return directory
