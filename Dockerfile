@@ -3,7 +3,7 @@
 # runtime dependencies (numpy, onnx) into /app, the one directory the distroless stage copies.
 FROM python:3.13-slim-trixie AS build
 WORKDIR /src
-COPY pyproject.toml README.md vmafx_sidecar.py vmafx_onnx_builder.py ./
+COPY pyproject.toml README.md vmafx_sidecar.py vmafx_feedback.py vmafx_onnx_builder.py ./
 # Unchecked-hash .pyc files stay valid whatever mtimes the copy gives the sources, so the read-only
 # container never compiles anything at start. bin/ only holds a console script for this stage's Python.
 RUN pip install --no-cache-dir --no-compile --target /app . \

@@ -6,17 +6,19 @@ shadow, a replay buffer against forgetting) and now and then writes the EMA
 weights as a versioned ONNX checkpoint that nodes load.
 
 One process, one thread: a selectors loop owns the socket, every connection and
-the training step. Sections follow the data: probe -> config -> protocol ->
-server -> metrics -> backend -> rings -> model -> trainer -> gate -> claims (one
-sidecar per socket and directory) -> state -> checkpoints -> base models -> CLI,
-then the clients (FeedbackClient, send, status).
+the training step. Sections follow the data: probe (an early exit, before numpy and
+onnx) -> config -> protocol -> server -> metrics -> backend -> rings -> model ->
+trainer -> gate -> claims (one sidecar per socket and directory) -> state ->
+checkpoints -> base models -> CLI (serve, demo) -> checkpoint tools -> command line.
+
+The producer side (the probe, FeedbackClient, the send and status commands) lives
+in vmafx_feedback, standard library only; this module imports it, never the reverse.
 """
 from __future__ import annotations
 
 import argparse
 import bisect
 import collections
-import csv
 import dataclasses
 import datetime
 import errno
@@ -41,56 +43,27 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-DEFAULT_SOCKET = "/tmp/vmafx-sidecar.sock"
-PONG = b'{"ok": true, "op": "pong"}\n'
+import vmafx_feedback as feedback
+from vmafx_feedback import DEFAULT_SOCKET
+
+# Deprecated: producers import FeedbackClient from vmafx_feedback, which loads neither numpy nor onnx and
+# leaves their environment alone (see the BLAS settings below); this name keeps older ones working.
+FeedbackClient = feedback.FeedbackClient
 
 
 # ---- probe: the pod's health check, answered before numpy and onnx are imported ----
 # Kubernetes runs it every few seconds beside the encoders: 0.04 s of CPU this way, 0.5 s after the imports.
-
-PROBE_HELP = "exit 0 when the sidecar answers a ping within the timeout, else 1 (for health probes)"
-
-
-def ask(path: str, request: bytes, timeout_s: float) -> bytes:
-    """Send one request line to the sidecar at `path` and return its answer line; OSError if none in time."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.settimeout(timeout_s)
-        client.connect(path)
-        client.sendall(request)
-        return client.makefile("rb").readline()
-
-
-def probe(path: str, timeout_s: float) -> int:
-    try:
-        answer = ask(path, b'{"op":"ping"}\n', timeout_s)
-    except OSError as e:
-        print(f"vmafx-sidecar probe: {path}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    if answer != PONG:
-        print(f"vmafx-sidecar probe: {path}: unexpected answer {answer[:200]!r}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--socket", default=os.environ.get("VMAFX_SIDECAR_SOCKET", DEFAULT_SOCKET),
-                        help="socket path (default $VMAFX_SIDECAR_SOCKET or %(default)s)")
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait (default 2)")
-    return parser
-
+# The chart runs `python -m vmafx_sidecar probe`: vmafx_feedback answers it, and the process exits here.
 
 if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
-    _args = add_probe_arguments(argparse.ArgumentParser(prog="vmafx-sidecar probe", description=PROBE_HELP))
-    _args = _args.parse_args(sys.argv[2:])
-    sys.exit(probe(_args.socket, _args.timeout))
+    sys.exit(feedback.probe_main(sys.argv[2:]))
 
 
 # Single-threaded by design, next to CPU-hungry encoders: a BLAS thread pool would only add
@@ -2510,530 +2483,6 @@ def latest_problems(directory: Path) -> list[str]:
     return []
 
 
-# ---- client: FeedbackClient, the node's delivery contract for Python producers ----
-
-FEEDBACK_RETRY_S = (2.0, 120.0)  # first reconnect delay, doubled after each failure up to the second
-FEEDBACK_ACK_DEADLINE_S = 2.0  # for each answer; past it the connection is dropped and the sample resent
-FEEDBACK_STATUS_REQUEST = b'{"op":"status"}\n'
-FEEDBACK_METRICS = (
-    ("delivered", "Feedback samples the sidecar acknowledged."),
-    ("dropped", "Feedback samples not delivered: queue full, client closed, or still queued at close."),
-    ("rejected", "Feedback samples refused as malformed, locally or by the sidecar."),
-)
-
-
-class FeedbackConnectionLost(Exception):
-    """A request failed on the wire; `written` when some of it may have reached the sidecar."""
-
-    def __init__(self, why: str, written: bool):
-        super().__init__(why)
-        self.written = written
-
-
-class FeedbackClient:
-    """Sends (features, true_score) samples to the sidecar from a background thread, as vmafx-node does.
-
-    send() never blocks and never raises: it checks the sample as parse_request would and queues a copy
-    (the thread encodes it), or counts it. Every sample ends in one counter:
-      delivered  the sidecar answered "ok": true;
-      rejected   refused by send() (never sent; length only once n_features is known) or "ok": false;
-      dropped    queue full, close() already called, an unexpected error in send(), or left when close()
-                 gave up.
-    One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
-    After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
-    back to the first after an ACK. Each connection starts with {"op": "status"}, from which the client
-    learns n_features and the line limit. The thread needs the GIL to encode and around each write and
-    read: a producer that keeps the interpreter busy delays each by up to sys.getswitchinterval().
-
-    Delivery is at least once; a sample send() accepted is lost or duplicated only in these cases:
-      - queue full: send() returns False and counts it as dropped (`capacity` includes the one in flight);
-      - close(timeout): what is still queued when the timeout expires is counted as dropped, including the
-        sample in flight, which the sidecar may have received;
-      - unknown delivery: the line was written, then the connection broke or the deadline passed before its
-        ACK. The sample stays at the front of the queue and is sent again on the next connection; the
-        sidecar counts it twice if only the ACK was lost. `resent` counts these, so the sidecar's
-        samples_accepted exceeds `delivered` by at most `resent` (plus the one in flight at a close()
-        timeout). A write that failed before any byte left is retried too, but cannot be a duplicate.
-    """
-
-    def __init__(self, socket_path: str | None = None, capacity: int = 1000) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if socket_path is None:
-            socket_path = os.environ.get("VMAFX_SIDECAR_SOCKET", DEFAULT_SOCKET)
-        self.socket_path = socket_path
-        self.capacity = capacity
-        self.delivered = self.dropped = self.rejected = self.resent = 0
-        self._queue: collections.deque[dict[str, Any]] = collections.deque()  # the head leaves once settled
-        self._cond = threading.Condition()  # guards the queue, the counters, the flags and _sock
-        self._closing = False  # close() was called: send() refuses
-        self._stopping = False  # the thread stops at its next step
-        self._sock: socket.socket | None = None
-        self._inbuf = bytearray()
-        self._n_features: int | None = None  # from the last status answer
-        self._max_line: int | None = None
-        self._reachable = True  # a failure streak is logged once, not per retry
-        self._logged: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="vmafx-feedback", daemon=True)
-        self._thread.start()
-
-    def send(self, features: list[float] | tuple[float, ...] | np.ndarray, true_score: float,
-             job_id: str | None = None) -> bool:
-        """Queue one sample; False when it was rejected or dropped instead. Never blocks or raises."""
-        try:
-            message = feedback_message(features, true_score, job_id, self._n_features, self._max_line)
-        except BadRequest as e:
-            with self._cond:
-                self.rejected += 1
-            self._log_once("invalid", "feedback: sample refused (%s); later ones are only counted", e.error)
-            return False
-        except Exception as e:  # the caller is scoring video: a bug here must cost a sample, not the job
-            with self._cond:
-                self.dropped += 1
-            self._log_once(type(e).__name__, "feedback: sample dropped on an unexpected error: %r", e)
-            return False
-        with self._cond:
-            if not self._closing and len(self._queue) < self.capacity:
-                self._queue.append(message)
-                self._cond.notify_all()  # wakes the delivery thread
-                return True
-            self.dropped += 1
-            why = "the client is closed" if self._closing else f"the queue is full ({self.capacity})"
-        self._log_once(why, "feedback: sample dropped: %s; later ones are only counted", why)
-        return False
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued for up to `timeout` seconds, then stop; what is left counts as dropped.
-        Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect that blocks)."""
-        with self._cond:
-            self._closing = True
-            self._cond.wait_for(lambda: not self._queue or self._stopping, timeout)
-            self._stopping = True
-            self._cond.notify_all()  # ends a backoff pause
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)  # ends an ACK wait
-                except OSError:
-                    pass
-        self._thread.join()
-        with self._cond:
-            self.dropped += len(self._queue)
-            self._queue.clear()
-
-    def metrics_text(self) -> str:
-        """The counters in the Prometheus text format, under the names vmafx-node uses."""
-        with self._cond:
-            values = {name: getattr(self, name) for name, _ in FEEDBACK_METRICS}
-        return "".join(f"# HELP vmafx_training_feedback_{name}_total {text}\n"
-                       f"# TYPE vmafx_training_feedback_{name}_total counter\n"
-                       f"vmafx_training_feedback_{name}_total {values[name]}\n" for name, text in FEEDBACK_METRICS)
-
-    # -- the delivery thread
-
-    def _run(self) -> None:
-        delay = FEEDBACK_RETRY_S[0]
-        try:
-            while (message := self._next()) is not None:
-                if (self._sock is not None or self._connect()) and self._deliver(feedback_line(message)):
-                    delay = FEEDBACK_RETRY_S[0]
-                    continue
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stopping, delay)
-                delay = min(delay * 2, FEEDBACK_RETRY_S[1])
-        finally:
-            self._disconnect()
-
-    def _next(self) -> dict[str, Any] | None:
-        """The head of the queue, once there is one; None when close() stops the thread."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._stopping)
-            return None if self._stopping else self._queue[0]
-
-    def _connect(self) -> bool:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with self._cond:
-            if self._stopping:
-                sock.close()
-                return False
-            self._sock, self._inbuf = sock, bytearray()  # from now on close() can interrupt it
-        try:
-            sock.settimeout(FEEDBACK_ACK_DEADLINE_S)
-            sock.connect(self.socket_path)
-            config = self._request(FEEDBACK_STATUS_REQUEST)["config"]
-            self._n_features, self._max_line = config["n_features"], config["max_line_bytes"]
-        except (OSError, FeedbackConnectionLost, KeyError, TypeError) as e:
-            self._disconnect()
-            self._unreachable(e)
-            return False
-        return True
-
-    def _deliver(self, line: bytes) -> bool:
-        """Send the head of the queue and settle it by its ACK; False when the connection failed first."""
-        try:
-            ack = self._request(line)
-        except FeedbackConnectionLost as e:
-            self._disconnect()
-            with self._cond:
-                if e.written and not self._stopping:
-                    self.resent += 1  # it stays at the head: the next connection sends it again
-            self._unreachable(e)
-            return False
-        with self._cond:
-            self._queue.popleft()
-            if ack["ok"]:
-                self.delivered += 1
-            else:
-                self.rejected += 1
-            self._cond.notify_all()  # close() waits for an empty queue
-        if not ack["ok"]:
-            self._log_once("refused", "feedback: the sidecar refused a sample (%s); later ones are only "
-                           "counted", ack.get("error"))
-        if not self._reachable:
-            self._reachable = True
-            log.info("feedback: delivering to %s again", self.socket_path)
-        return True
-
-    def _request(self, line: bytes) -> dict[str, Any]:
-        """Write one line and read its answer before the deadline."""
-        sock, deadline, sent = self._sock, time.monotonic() + FEEDBACK_ACK_DEADLINE_S, 0
-        try:
-            while sent < len(line):
-                sock.settimeout(seconds_left(deadline))
-                sent += sock.send(line[sent:])
-            while (end := self._inbuf.find(b"\n")) < 0:
-                sock.settimeout(seconds_left(deadline))
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    raise ConnectionError("connection closed by the sidecar")
-                self._inbuf += data
-            ack = json.loads(self._inbuf[:end])
-            del self._inbuf[:end + 1]
-        except (OSError, ValueError) as e:
-            raise FeedbackConnectionLost(f"{type(e).__name__}: {e}", written=sent > 0) from None
-        if type(ack) is not dict or type(ack.get("ok")) is not bool:
-            raise FeedbackConnectionLost(f"unexpected answer {ack!r:.200}", written=True)
-        return ack
-
-    def _disconnect(self) -> None:
-        with self._cond:
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    def _unreachable(self, why: Exception) -> None:
-        if self._reachable and not self._stopping:
-            self._reachable = False
-            log.warning("feedback: sidecar %s unreachable (%s): retrying with backoff, %d samples queued",
-                        self.socket_path, why, len(self._queue))
-
-    def _log_once(self, kind: str, message: str, *args: Any) -> None:
-        with self._cond:
-            first = kind not in self._logged
-            self._logged.add(kind)
-        if first:
-            log.warning(message, *args)
-
-
-def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: int | None,
-                     max_line: int | None) -> dict[str, Any]:
-    """The request of one sample, its features copied; BadRequest for what the sidecar would reject (see
-    parse_request). Encoding is left to the delivery thread: json.dumps of 80 floats is ~60 µs, which
-    would keep a busy producer thread from ever letting the delivery thread run."""
-    if job_id is not None and type(job_id) is not str:
-        raise BadRequest(f"job_id: expected a string, got {type(job_id).__name__}")
-    if isinstance(features, np.ndarray):
-        features = features.tolist()  # Python numbers; a 2-D array becomes lists, refused below
-    if type(features) is not list and type(features) is not tuple:
-        raise BadRequest(f"features: expected a list of numbers, got {type(features).__name__}")
-    if n_features is not None and len(features) != n_features:
-        raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}")
-    message: dict[str, Any] = {"features": feedback_numbers(features),
-                               "true_score": feedback_number(true_score, "true_score")}
-    if job_id is not None:
-        message["job_id"] = job_id
-    # A number takes at most 40 characters (a float's repr 24, an int up to 3.4e38 39 and a sign), a
-    # job_id character at most 6 (\uXXXX): only a line that might be too long is encoded here to check.
-    bound = 41 * (len(features) + 1) + 6 * len(job_id or "") + 64
-    if max_line is not None and bound > max_line and len(feedback_line(message)) - 1 > max_line:
-        raise BadRequest(f"line too long (limit {max_line} bytes)")
-    return message
-
-
-def feedback_line(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def feedback_numbers(values: list | tuple) -> list:
-    """The features as JSON numbers: parse_request's fast check, then a per-value pass only to convert
-    numpy scalars or name the problem (the fast check alone is ~5x cheaper)."""
-    if all((type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX for v in values):
-        return list(values)  # a copy: the caller may reuse its list before the thread sends this one
-    return [feedback_number(v, "features", i) for i, v in enumerate(values)]
-
-
-def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | float:
-    """`v` as the JSON number the sidecar accepts; BadRequest with number_problem's reason otherwise."""
-    if isinstance(v, (np.integer, np.floating)):
-        v = v.item()
-    if type(v) is not float and type(v) is not int:  # bool is neither
-        problem = f"expected a number, got {type(v).__name__}"
-    else:
-        problem = number_problem(v)
-    if problem:
-        raise BadRequest(f"{field_name}[{index}]: {problem}" if index is not None else f"{field_name}: {problem}")
-    return v
-
-
-def seconds_left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("no answer before the deadline")
-    return left
-
-
-# ---- clients of a running sidecar: `send` backfills from files, `status` asks how it is doing ----
-
-# send streams files to a running sidecar over one connection with SEND_WINDOW lines in flight: the server
-# answers pipelined lines in order, and the ACKs it holds for us stay far below OUTBUF_LIMIT.
-SEND_WINDOW = 256
-FIRST_REJECTIONS = 10
-ERROR_KINDS = 20  # distinct error texts counted apart; the rest share one count, so memory stays bounded
-INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
-
-
-@dataclass(frozen=True)
-class CsvLayout:
-    width: int  # cells per row, as in the header
-    features: list[tuple[int, str]]  # (index, name) in request order
-    score: tuple[int, str]
-    job_id: int | None
-
-
-def input_file(path: str) -> str:
-    """argparse type: - (JSON lines on stdin) or a readable file with a known suffix."""
-    if path != "-" and not path.lower().endswith(INPUT_SUFFIXES):
-        raise argparse.ArgumentTypeError(f"{path}: unknown file type (expected {', '.join(INPUT_SUFFIXES)} or -)")
-    if path != "-" and not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{path}: no such file, or not readable")
-    return path
-
-
-def csv_layout(header: list[str], score_column: str, feature_columns: list[str] | None) -> CsvLayout:
-    """Where a row holds the features (default: every column but the score and job_id), the score and the
-    job id; ValueError naming a column the header lacks."""
-    names = feature_columns or [n for n in header if n not in (score_column, "job_id")]
-    if missing := [n for n in (score_column, *names) if n not in header]:
-        raise ValueError(f"no column {', '.join(map(repr, missing))} in the header {header}")
-    return CsvLayout(len(header), [(header.index(n), n) for n in names], (header.index(score_column), score_column),
-                     header.index("job_id") if "job_id" in header else None)
-
-
-def csv_request(row: list[str], layout: CsvLayout) -> bytes:
-    """The request line for one CSV row; ValueError saying which value is missing or not a number."""
-    if len(row) != layout.width:
-        raise ValueError(f"expected {layout.width} values as in the header, got {len(row)}")
-    message: dict[str, Any] = {"features": [csv_number(row[i], name) for i, name in layout.features],
-                               "true_score": csv_number(row[layout.score[0]], layout.score[1])}
-    if layout.job_id is not None and row[layout.job_id]:  # an empty cell: a sample without a job id
-        message["job_id"] = row[layout.job_id]
-    return json.dumps(message).encode() + b"\n"
-
-
-def csv_number(text: str, column: str) -> float:
-    try:
-        return float(text)  # NaN and inf pass: the sidecar rejects them, with the reason it gives everyone
-    except ValueError:
-        raise ValueError(f"{column}: not a number: {text[:40]!r}") from None
-
-
-def csv_rows(lines: Iterator[bytes]) -> Any:
-    return csv.reader(line.decode("utf-8-sig", "replace") for line in lines)  # -sig: spreadsheets write a BOM
-
-
-def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
-                  ) -> Iterator[tuple[str, int, bytes | None, str | None]]:
-    """(file, line number, request line or None, why it is not sent or None) for each non-blank line."""
-    for path in paths:
-        name = "<stdin>" if path == "-" else path
-        with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
-            if path not in layouts:  # JSON lines go as they are: the sidecar checks them
-                for number, line in enumerate(tally.counted(f), 1):
-                    if line.strip():  # the sidecar answers no blank line
-                        yield name, number, line if line.endswith(b"\n") else line + b"\n", None
-                continue
-            rows = csv_rows(tally.counted(f))
-            next(rows)  # the header, checked before anything was sent
-            for row in filter(None, rows):  # [] is a blank line
-                try:
-                    yield name, rows.line_num, csv_request(row, layouts[path]), None
-                except ValueError as e:
-                    yield name, rows.line_num, None, str(e)
-
-
-class Tally:
-    """Counts, the first rejections and the progress display; its memory does not grow with the input."""
-
-    def __init__(self, total_bytes: int | None, tty: bool):
-        self.total_bytes, self.tty = total_bytes, tty
-        self.bytes_read = self.sent = self.accepted = self.rejected = self.local = 0
-        self.first: list[str] = []
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.done_to: str | None = None  # the last line settled, in input order: where to resume
-        self.started = self.shown = time.monotonic()
-
-    def counted(self, lines: Iterator[bytes]) -> Iterator[bytes]:
-        for line in lines:
-            self.bytes_read += len(line)
-            yield line
-
-    def settle(self, name: str, number: int, error: str | None) -> None:
-        if error is None:
-            self.accepted += 1
-        else:
-            self.rejected += 1
-            if len(self.first) < FIRST_REJECTIONS:
-                self.first.append(f"{name}:{number}: {error}")
-            self.errors[error if error in self.errors or len(self.errors) < ERROR_KINDS else "(other errors)"] += 1
-        self.done_to = f"{name}:{number}"
-        now = time.monotonic()
-        if now - self.shown >= (0.1 if self.tty else 5.0):  # a redrawn line on a terminal, else a log line
-            self.shown = now
-            line = self.progress(now - self.started)
-            sys.stderr.write(f"\r{line}\x1b[K" if self.tty else f"vmafx-sidecar send: {line}\n")
-            sys.stderr.flush()
-
-    def progress(self, elapsed: float) -> str:
-        done = self.accepted + self.rejected
-        parts = [f"{done} lines", f"{done / elapsed:.0f} lines/s"]
-        if self.total_bytes and self.bytes_read:
-            eta = (self.total_bytes - self.bytes_read) * elapsed / self.bytes_read
-            parts += [f"{self.bytes_read / self.total_bytes:.0%} of {self.total_bytes / 1e6:.1f} MB",
-                      f"ETA {datetime.timedelta(seconds=round(eta))}"]
-        return "  ".join([*parts, f"accepted {self.accepted}", f"rejected {self.rejected}"])
-
-    def summary(self) -> None:
-        if self.tty and self.shown > self.started:
-            sys.stderr.write("\r\x1b[K")  # the progress line gives way to the summary
-        elapsed = time.monotonic() - self.started
-        rejected = f"{self.rejected} ({self.local} not sent: unreadable rows)" if self.local else self.rejected
-        print_rows([("sent", self.sent), ("accepted", self.accepted), ("rejected", rejected), ("elapsed",
-                    f"{elapsed:.1f} s"), ("rate", f"{(self.accepted + self.rejected) / elapsed:.0f} lines/s")])
-        if self.first:
-            print("first rejections:", *(f"  {line}" for line in self.first), sep="\n")
-            print("rejections by error:", *(f"  {n:>9}  {e}" for e, n in self.errors.most_common()), sep="\n")
-
-
-def send_lines(sock: socket.socket, reader: io.BufferedReader,
-               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
-    """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
-    queued. Lines rejected here wait in the queue too: everything is settled in input order."""
-    queue: collections.deque[tuple[str, int, str | None]] = collections.deque()
-    chunk: list[bytes] = []
-    for name, number, line, error in requests:
-        queue.append((name, number, error))
-        if line is not None:
-            chunk.append(line)
-        if len(queue) >= SEND_WINDOW:
-            transmit(sock, chunk, tally)
-            while len(queue) > SEND_WINDOW // 2:
-                settle_next(reader, queue, tally)
-    transmit(sock, chunk, tally)
-    while queue:
-        settle_next(reader, queue, tally)
-
-
-def transmit(sock: socket.socket, chunk: list[bytes], tally: Tally) -> None:
-    try:
-        sock.sendall(b"".join(chunk))
-        tally.sent += len(chunk)
-    except OSError:  # the sidecar went away: the ACKs it did send are still read, then reading fails
-        pass
-    chunk.clear()
-
-
-def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tally) -> None:
-    name, number, error = queue.popleft()
-    if error is None:
-        try:
-            ack = json.loads(reader.readline())  # b"" at EOF is a ValueError too
-        except (OSError, ValueError) as e:
-            raise ConnectionError(getattr(e, "strerror", None) or "the sidecar closed the connection") from None
-        error = None if ack.get("ok") else ack.get("error", "rejected")
-    else:
-        tally.local += 1
-    tally.settle(name, number, error)
-
-
-def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None) -> int:
-    """Stream every line of `paths` to the sidecar; 0 when all were accepted, 1 on any rejection or when
-    the connection is lost."""
-    layouts = {}
-    for path in (p for p in paths if p.lower().endswith(".csv")):  # every header is checked before sending
-        try:
-            with open(path, "rb") as f:
-                layouts[path] = csv_layout(next(csv_rows(f), []), score_column, feature_columns)
-        except (ValueError, csv.Error) as e:
-            print(f"vmafx-sidecar send: {path}: {e}", file=sys.stderr)
-            return 1
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(socket_path)
-        except OSError as e:
-            print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
-            return 1
-        tally = Tally(None if "-" in paths else sum(map(os.path.getsize, paths)), sys.stderr.isatty())
-        stopped = None
-        try:
-            with sock.makefile("rb") as reader:
-                send_lines(sock, reader, read_requests(paths, layouts, tally), tally)
-        except ConnectionError as e:
-            stopped = f"connection to {socket_path} lost ({e})"
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-    tally.summary()
-    if stopped:  # the sidecar journals each sample before its ACK: what follows done_to is all that is left
-        print(f"vmafx-sidecar send: {stopped} after {tally.accepted + tally.rejected - tally.local} lines were "
-              f"acknowledged" + (f"; the input was done up to {tally.done_to}" if tally.done_to else ""),
-              file=sys.stderr)
-    return 1 if stopped or tally.rejected else 0
-
-
-def show_status(socket_path: str, timeout_s: float, as_json: bool) -> int:
-    """The status op as aligned `key  value` lines, nested objects as dotted keys; or its answer as is."""
-    answer = b""
-    try:
-        answer = ask(socket_path, b'{"op": "status"}\n', timeout_s)
-        status = json.loads(answer)
-    except OSError as e:
-        print(f"vmafx-sidecar status: {socket_path}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except ValueError:
-        print(f"vmafx-sidecar status: {socket_path}: unexpected answer {answer[:200]!r}", file=sys.stderr)
-        return 1
-    if as_json:
-        print(answer.decode().rstrip("\n"))
-    else:
-        print_rows([row for row in status_rows(status) if row[0] not in ("ok", "op")])
-    return 0
-
-
-def status_rows(status: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    rows = []
-    for key, value in status.items():
-        if isinstance(value, dict) and value:
-            rows += status_rows(value, f"{prefix}{key}.")
-        else:  # null as -, lists joined, an empty string as ""
-            rows.append((prefix + key, "-" if value is None else ", ".join(map(str, value)) if isinstance(value, list)
-                         else value if isinstance(value, str) and value else json.dumps(value)))
-    return rows
-
-
-def print_rows(rows: list[tuple[str, Any]]) -> None:
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
-
-
 # ---- command line ----
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3057,19 +2506,20 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help, description=help)
         command.add_argument("dir", nargs="?", default=default_dir, type=Path,
                              help="checkpoint directory (default $VMAFX_SIDECAR_CHECKPOINT_DIR or %(default)s)")
-    add_probe_arguments(commands.add_parser("probe", help=PROBE_HELP, description=PROBE_HELP))
+    feedback.add_probe_arguments(commands.add_parser("probe", help=feedback.PROBE_HELP,
+                                                     description=feedback.PROBE_HELP))
     send_help = "stream samples from CSV or JSON-lines files to a running sidecar (backfill)"
     send = commands.add_parser("send", help=send_help, description=send_help)
-    send.add_argument("files", nargs="+", metavar="FILE", type=input_file,
-                      help=f"{', '.join(INPUT_SUFFIXES)}; - reads JSON lines from stdin")
+    send.add_argument("files", nargs="+", metavar="FILE", type=feedback.input_file,
+                      help=f"{', '.join(feedback.INPUT_SUFFIXES)}; - reads JSON lines from stdin")
     send.add_argument("--score-column", default="true_score", help="CSV column of the true score (default %(default)s)")
     send.add_argument("--feature-columns", type=lambda text: text.split(","), metavar="A,B,...",
                       help="CSV feature columns in request order (default: every column but the score and job_id)")
-    send.add_argument("--socket", default=os.environ.get("VMAFX_SIDECAR_SOCKET", DEFAULT_SOCKET),
-                      help="socket path (default $VMAFX_SIDECAR_SOCKET or %(default)s)")
+    send.add_argument("--socket", default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET),
+                      help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
     status_help = "print the sidecar's status as a table"
-    add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help)).add_argument(
-        "--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")
+    status = feedback.add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help))
+    status.add_argument("--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")
     return parser
 
 
@@ -3080,15 +2530,15 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
         return demo(args.dir, args.samples)
     if args.command == "probe":
-        return probe(args.socket, args.timeout)
+        return feedback.probe(args.socket, args.timeout)
     if args.command == "checkpoints":
         return list_checkpoints(args.dir)
     if args.command == "verify":
         return verify_checkpoints(args.dir)
     if args.command == "send":
-        return send_files(args.files, args.socket, args.score_column, args.feature_columns)
+        return feedback.send_files(args.files, args.socket, args.score_column, args.feature_columns)
     if args.command == "status":
-        return show_status(args.socket, args.timeout, args.json)
+        return feedback.show_status(args.socket, args.timeout, args.json)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     try:

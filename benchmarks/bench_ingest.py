@@ -13,7 +13,7 @@ with PYTHONPATH at the repository root, so nothing needs to be installed.
 the top functions by tottime (the profiler slows the server: its figures are not the
 ones to report).
 
-`--feedback-rate 1000,4000,8000 [--feedback-seconds 10]` measures vmafx_sidecar.FeedbackClient
+`--feedback-rate 1000,4000,8000 [--feedback-seconds 10]` measures vmafx_feedback.FeedbackClient
 instead: per rate, a fresh server and one client in this process; send() is called at that
 fixed offered rate (paced, never waiting on delivery) for the given seconds, then close()
 gets 5 s to deliver the rest, and the table shows what was delivered, dropped and rejected.
@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import vmafx_feedback  # noqa: E402
 import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thread, as in the server
 
 import numpy as np  # noqa: E402
@@ -361,7 +362,7 @@ def run_feedback(rate: int, seconds: float, rows: list[list[float]], scores: lis
         server = Server(Path(tmp), None)
         try:
             server.start()
-            client = vs.FeedbackClient(server.socket)
+            client = vmafx_feedback.FeedbackClient(server.socket)
             thread = next(t for t in threading.enumerate() if t.name == "vmafx-feedback" and t.is_alive())
             send, clock, period = client.send, time.perf_counter, 1.0 / rate
             send_ns = np.zeros(run.offered, np.int64)

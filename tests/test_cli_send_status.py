@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import vmafx_sidecar as vs
+import vmafx_feedback as vf
 from conftest import ROOT, Client
 
 N = 4  # features: small, so that large files stay cheap
@@ -73,26 +73,26 @@ def held_out(job_id: str, fraction: float) -> bool:
 # ---- CSV rows -> request lines, in process ----
 
 def test_csv_layout_defaults_to_every_column_but_score_and_job_id_in_header_order():
-    layout = vs.csv_layout(["b", "job_id", "a", "true_score", "c"], "true_score", None)
-    message = json.loads(vs.csv_request(["1", "enc-7", "2", "80.5", "3"], layout))
+    layout = vf.csv_layout(["b", "job_id", "a", "true_score", "c"], "true_score", None)
+    message = json.loads(vf.csv_request(["1", "enc-7", "2", "80.5", "3"], layout))
     assert message == {"features": [1.0, 2.0, 3.0], "true_score": 80.5, "job_id": "enc-7"}
 
 
 def test_csv_layout_takes_the_named_feature_columns_in_the_order_given():
-    layout = vs.csv_layout(["a", "b", "c", "note", "vmaf"], "vmaf", ["c", "a"])
-    message = json.loads(vs.csv_request(["1", "2", "3", "not a number", "90"], layout))
+    layout = vf.csv_layout(["a", "b", "c", "note", "vmaf"], "vmaf", ["c", "a"])
+    message = json.loads(vf.csv_request(["1", "2", "3", "not a number", "90"], layout))
     assert message == {"features": [3.0, 1.0], "true_score": 90.0}
 
 
 def test_csv_rows_that_cannot_be_sent_say_why():
-    layout = vs.csv_layout(["job_id", "f0", "true_score"], "true_score", None)
-    assert "job_id" not in json.loads(vs.csv_request(["", "1", "2"], layout))  # an empty cell: no job id
+    layout = vf.csv_layout(["job_id", "f0", "true_score"], "true_score", None)
+    assert "job_id" not in json.loads(vf.csv_request(["", "1", "2"], layout))  # an empty cell: no job id
     for row, error in ((["j", "x1", "2"], "f0: not a number: 'x1'"), (["j", "1", ""], "true_score: not a number: ''"),
                        (["j", "1"], "expected 3 values as in the header, got 2")):
         with pytest.raises(ValueError, match=re.escape(error)):
-            vs.csv_request(row, layout)
+            vf.csv_request(row, layout)
     with pytest.raises(ValueError, match="no column 'score', 'f9'"):
-        vs.csv_layout(["f0", "true_score"], "score", ["f9"])
+        vf.csv_layout(["f0", "true_score"], "score", ["f9"])
 
 
 # ---- send ----

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-import vmafx_sidecar as vs
+import vmafx_feedback as vf
 from conftest import Sidecar
 
 N = 8
@@ -37,7 +37,7 @@ def server_status(sidecar) -> dict:
     return sidecar.client().request({"op": "status"})
 
 
-def assert_no_loss(client: vs.FeedbackClient, accepted: int, sent: int) -> None:
+def assert_no_loss(client: vf.FeedbackClient, accepted: int, sent: int) -> None:
     """Every sample got an ok ACK; the server counted each at least once, twice only if it was resent."""
     assert (client.delivered, client.dropped, client.rejected) == (sent, 0, 0)
     assert sent <= accepted <= sent + client.resent
@@ -46,10 +46,10 @@ def assert_no_loss(client: vs.FeedbackClient, accepted: int, sent: int) -> None:
 @pytest.fixture
 def clients():
     """Makes FeedbackClients and closes them at the end, so no delivery thread outlives its test."""
-    made: list[vs.FeedbackClient] = []
+    made: list[vf.FeedbackClient] = []
 
-    def make(*args, **kwargs) -> vs.FeedbackClient:
-        made.append(vs.FeedbackClient(*args, **kwargs))
+    def make(*args, **kwargs) -> vf.FeedbackClient:
+        made.append(vf.FeedbackClient(*args, **kwargs))
         return made[-1]
 
     yield make
@@ -59,7 +59,7 @@ def clients():
 
 @pytest.fixture
 def fast_retry(monkeypatch):
-    monkeypatch.setattr(vs, "FEEDBACK_RETRY_S", (0.05, 0.2))
+    monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (0.05, 0.2))
 
 
 @pytest.fixture
@@ -311,7 +311,7 @@ def test_queue_full_drops_are_counted_exactly(clients, short_dir):
 
 
 def test_close_with_the_server_down_counts_the_queue_as_dropped_in_time(clients, short_dir, monkeypatch):
-    monkeypatch.setattr(vs, "FEEDBACK_RETRY_S", (30.0, 120.0))  # a pause close() must cut short
+    monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (30.0, 120.0))  # a pause close() must cut short
     path = f"{short_dir}/nobody.sock"
     monkeypatch.setenv("VMAFX_SIDECAR_SOCKET", path)
     client = clients()  # the default socket path comes from the environment
@@ -330,7 +330,7 @@ def test_close_with_the_server_down_counts_the_queue_as_dropped_in_time(clients,
 
 @pytest.mark.parametrize("failure", ["hang up", "no ACK before the deadline"])
 def test_unknown_delivery_is_resent_on_a_new_connection(clients, short_dir, monkeypatch, fast_retry, failure):
-    monkeypatch.setattr(vs, "FEEDBACK_ACK_DEADLINE_S", 1.0)
+    monkeypatch.setattr(vf, "FEEDBACK_ACK_DEADLINE_S", 1.0)
     lost_answer = "close" if failure == "hang up" else None
     fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: lost_answer if conn == 0 else OK_ACK)
     try:
@@ -345,7 +345,7 @@ def test_unknown_delivery_is_resent_on_a_new_connection(clients, short_dir, monk
 
 
 def test_send_never_blocks_and_close_cuts_a_stalled_delivery(clients, short_dir, monkeypatch):
-    monkeypatch.setattr(vs, "FEEDBACK_ACK_DEADLINE_S", 30.0)  # a wait that send() and close() must not share
+    monkeypatch.setattr(vf, "FEEDBACK_ACK_DEADLINE_S", 30.0)  # a wait that send() and close() must not share
     fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: None)  # takes samples, never answers
     try:
         client = clients(f"{short_dir}/s.sock", capacity=3000)
@@ -390,7 +390,7 @@ def test_backoff_doubles_to_the_cap_and_resets_after_an_ack(clients, short_dir, 
 
 def test_a_queued_sample_is_a_copy_the_caller_may_reuse_its_list():
     row = [0.5] * N
-    message = vs.feedback_message(row, 50.0, "j", N, 1 << 20)
+    message = vf.feedback_message(row, 50.0, "j", N, 1 << 20)
     row[0] = 99.0  # a producer refilling its buffer for the next job
     assert message["features"] == [0.5] * N and message["features"] is not row
-    assert vs.feedback_line(message) == b'{"features":[' + b",".join([b"0.5"] * N) + b'],"true_score":50.0,"job_id":"j"}\n'
+    assert vf.feedback_line(message) == b'{"features":[' + b",".join([b"0.5"] * N) + b'],"true_score":50.0,"job_id":"j"}\n'

@@ -1,0 +1,62 @@
+"""vmafx_feedback, what producers and health probes import: the standard library alone, and in step with
+the sidecar at the other end of the socket."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import vmafx_feedback as vf
+import vmafx_sidecar as vs
+from conftest import ROOT
+
+BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def test_a_producer_loads_neither_numpy_nor_onnx_nor_the_sidecar_and_keeps_its_environment(tmp_path):
+    # A producer's environment is every encoder's it launches: the sidecar's BLAS pinning must stay out of it.
+    script = ("import os, sys\n"
+              "before = dict(os.environ)\n"
+              "import vmafx_feedback\n"
+              "client = vmafx_feedback.FeedbackClient(sys.argv[1])\n"  # and using the client imports none later
+              "assert client.send([0.5] * 4, 50.0, 'j')\n"
+              "client.close(timeout=0)\n"
+              "print(sorted({'numpy', 'onnx', 'vmafx_sidecar'} & set(sys.modules)), dict(os.environ) == before)\n")
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_VARIABLES} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "nobody.sock")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[] True\n"
+
+
+def test_the_deprecated_import_from_the_sidecar_is_the_same_client():
+    from vmafx_sidecar import FeedbackClient
+    assert FeedbackClient is vf.FeedbackClient
+
+
+def test_both_ends_agree_on_the_socket_and_the_float32_range():
+    socket_setting = next(f for f in dataclasses.fields(vs.Config) if f.name == "socket")
+    assert (socket_setting.metadata["env"], socket_setting.default) == (vf.SOCKET_ENV, vf.DEFAULT_SOCKET)
+    assert vf.F32_MAX == vs.F32_MAX == float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e39, -1e39, 2 ** 1024, -2 ** 128])
+def test_a_bad_number_is_refused_in_the_words_of_the_sidecar(bad):
+    for features, score in (([0.5, bad, 0.5, 0.5], 50.0), ([0.5] * 4, bad)):
+        with pytest.raises(vf.InvalidSample) as here:
+            vf.feedback_message(features, score, None, 4, None)
+        with pytest.raises(vs.BadRequest) as there:
+            vs.parse_request(json.dumps({"features": features, "true_score": score}).encode(), 4)
+        assert str(here.value) == there.value.error
+
+
+def test_the_float32_edges_pass_on_both_ends():
+    features, score = [vf.F32_MAX, -vf.F32_MAX, 2 ** 127, -2 ** 127], 0
+    assert vf.feedback_message(features, score, None, 4, None) == {"features": features, "true_score": score}
+    assert vs.parse_request(json.dumps({"features": features, "true_score": score}).encode(), 4).features == features
