@@ -547,6 +547,8 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
         except (OSError, ValueError) as e:
             raise ConnectionError(getattr(e, "strerror", None) or "the sidecar closed the connection") from None
         error = None if ack.get("ok") else ack.get("error", "rejected")
+        if error is None and "op" in ack:  # answered, but the line was a control message, not a sample
+            error = f"not a sample: a control message, answered with op {ack['op']!r}"
     else:
         tally.local += 1
     tally.settle(name, number, error)

@@ -154,6 +154,16 @@ def test_send_jsonl_files_and_stdin_skip_blank_lines(sidecar_factory, tmp_path):
     assert status(sidecar)["samples_accepted"] == 9
 
 
+def test_control_lines_are_not_counted_as_accepted_samples(sidecar_factory):
+    sidecar = sidecar_factory(**SERVER)
+    rc, stdout, stderr = send(sidecar, "-", stdin=VALID + b'{"op": "ping"}\n' + VALID + b'{"op": "status"}\n')
+    assert rc == 1, stdout + stderr
+    assert summary(stdout) == {"sent": "4", "accepted": "2", "rejected": "2"}
+    assert "<stdin>:2: not a sample: a control message, answered with op 'pong'" in stdout, stdout
+    assert "<stdin>:4: not a sample: a control message, answered with op 'status'" in stdout, stdout
+    assert status(sidecar)["samples_accepted"] == 2
+
+
 def test_rejected_lines_are_listed_with_file_and_line_and_exit_1(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(**SERVER)
     jsonl = tmp_path / "samples.jsonl"
