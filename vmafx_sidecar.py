@@ -1832,6 +1832,7 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
 TEMP_SUFFIX = ".tmp"
 LATEST = "latest.json"
+RECORD_FORMAT = 2  # of checkpoint records and latest.json: 1 had no "format" field, 2 the same fields with it
 LATEST_MODEL = "latest.onnx"  # a copy of the model latest.json names, at a path a node can be given once
 QUARANTINE_KEPT = 10
 READBACK_TOLERANCE = 1e-5  # relative, with scores below 1 compared absolutely
@@ -1907,7 +1908,7 @@ class CheckpointWriter:
         name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
         created = datetime.datetime.fromtimestamp(created_unix, datetime.timezone.utc).isoformat(timespec="seconds")
         digest = hashlib.sha256(staged.data).hexdigest()
-        record = {"version": version, "file": name, "sha256": digest, "step": staged.step,
+        record = {"format": RECORD_FORMAT, "version": version, "file": name, "sha256": digest, "step": staged.step,
                   "samples_trained": staged.samples_trained, "created": created,
                   "created_unix": round(created_unix, 3), **verdict.record()}
         directory = self.directory if verdict.published else self.quarantine
@@ -2025,12 +2026,16 @@ def checkpoint_versions(directory: Path) -> list[int]:
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """A checkpoint's JSON record (latest.json or model_vNNNNNN.json); None if absent or malformed."""
+    """A checkpoint's JSON record (latest.json or model_vNNNNNN.json), in RECORD_FORMAT; None if absent,
+    malformed or of a newer format."""
     try:
         record = json.loads(path.read_bytes())
         if record["file"] != f"model_v{record['version']:06d}.onnx" or not isinstance(record["sha256"], str):
             raise ValueError("its file and version do not match")
-        return record
+        version = record.get("format", 1)
+        if not isinstance(version, int) or version > RECORD_FORMAT:
+            raise ValueError(f"format {version!r}, newer than this sidecar reads ({RECORD_FORMAT})")
+        return {"format": RECORD_FORMAT, **record}  # format 1: the same fields
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as e:

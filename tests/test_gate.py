@@ -27,7 +27,8 @@ import vmafx_sidecar as vs
 
 RELU = vs.Activation("relu")
 MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
-RECORD_KEYS = {"version", "file", "sha256", "step", "samples_trained", "created", "created_unix", "metrics", "gate"}
+RECORD_KEYS = {"format", "version", "file", "sha256", "step", "samples_trained", "created", "created_unix",
+               "metrics", "gate"}
 N_FEATURES = 4  # small models keep the writer's read-back runs and the CLI fast
 PROBE = np.random.default_rng(7).uniform(0, 1, (16, N_FEATURES)).astype(np.float32)
 UNGATED = vs.Verdict("off")
@@ -436,6 +437,19 @@ def test_judge_an_unmeasurable_incumbent_loses():
 
 
 # ---- 4. the writer ----
+
+def test_records_carry_their_format_and_one_from_a_newer_sidecar_is_not_trusted(tmp_path, caplog):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    record = write(writer, UNGATED).record
+    assert record["format"] == vs.RECORD_FORMAT == read_json(tmp_path / "latest.json")["format"]
+    older = {k: v for k, v in record.items() if k != "format"}  # as 974ac50 wrote them
+    (tmp_path / "model_v000001.json").write_text(json.dumps(older))
+    assert vs.read_record(tmp_path / "model_v000001.json") == record
+    (tmp_path / "latest.json").write_text(json.dumps({**record, "format": vs.RECORD_FORMAT + 1}))
+    caplog.clear()
+    assert vs.read_record(tmp_path / "latest.json") is None
+    assert "newer than this sidecar reads" in caplog.text
+
 
 def test_published_write_produces_the_files_and_latest_json(tmp_path):
     x, y, coef = linear_data()
