@@ -349,15 +349,20 @@ class StartupError(RuntimeError):
 
 
 class Connection:
-    __slots__ = ("sock", "inbuf", "outbuf", "discarding", "closing", "events")
+    """A client's socket and buffers; called by the loop when the socket is ready (its selector key's data)."""
+    __slots__ = ("sock", "on_ready", "inbuf", "outbuf", "discarding", "closing", "events")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, on_ready: Callable[[Connection, int], None]):
         self.sock = sock
+        self.on_ready = on_ready
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.discarding = False  # inside a too-long line: drop bytes up to the next newline
         self.closing = False  # peer sent EOF: close once the ACKs are out
         self.events = selectors.EVENT_READ  # what the selector watches for
+
+    def __call__(self, mask: int) -> None:
+        self.on_ready(self, mask)
 
 
 class Server:
@@ -396,7 +401,7 @@ class Server:
         listener.setblocking(False)
         self.listener = listener
         self.socket_inode = os.stat(path).st_ino
-        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.selector.register(listener, selectors.EVENT_READ, self.on_listener_ready)
 
     def serve_forever(self) -> None:
         wake_r, wake_w = socket.socketpair()
@@ -406,22 +411,12 @@ class Server:
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
-        self.selector.register(wake_r, selectors.EVENT_READ, wake_r)
+        self.selector.register(wake_r, selectors.EVENT_READ, lambda mask: drain(wake_r))
         try:
             while not self.stopping:
                 # A timeout, so the journal's once-a-second fsync and the snapshots also run when idle.
                 for key, mask in self.selector.select(timeout=1.0):
-                    if key.data is None:
-                        self.accept()
-                    elif key.data is wake_r:
-                        drain(wake_r)
-                    elif callable(key.data):  # the metrics endpoint's listener and connections
-                        key.data(mask)
-                    else:
-                        if mask & selectors.EVENT_READ:
-                            self.read(key.data)
-                        if mask & selectors.EVENT_WRITE and key.data in self.connections:
-                            self.flush(key.data)
+                    key.data(mask)  # each socket's callback: the listeners, the wake-up pipe, each connection
                 self.state.tick()
                 if self.metrics:
                     self.metrics.tick()
@@ -476,6 +471,15 @@ class Server:
 
     # -- connections
 
+    def on_listener_ready(self, mask: int) -> None:
+        self.accept()
+
+    def on_connection_ready(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.read(conn)
+        if mask & selectors.EVENT_WRITE and conn in self.connections:
+            self.flush(conn)
+
     def accept(self) -> bool:
         try:
             sock, _ = self.listener.accept()
@@ -493,7 +497,7 @@ class Server:
             self.connections_refused += 1
             return True
         sock.setblocking(False)
-        conn = Connection(sock)
+        conn = Connection(sock, self.on_connection_ready)
         self.connections.add(conn)
         self.selector.register(sock, selectors.EVENT_READ, conn)
         return True
@@ -572,7 +576,7 @@ class Server:
         self.selector.unregister(conn.sock)
         conn.sock.close()
         if not self.accepting and self.listener is not None:
-            self.selector.register(self.listener, selectors.EVENT_READ, None)
+            self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener_ready)
             self.accepting = True
 
     # -- requests

@@ -123,7 +123,7 @@ def test_any_line_gets_one_strict_json_ack(tmp_path, line):
 def test_acks_do_not_depend_on_how_bytes_are_split(tmp_path, stream, cuts):
     data = b"".join(line + b"\n" for line in stream)
     whole, pieces = make_server(tmp_path, max_line_bytes=100), make_server(tmp_path, max_line_bytes=100)
-    conn_whole, conn_pieces = vs.Connection(None), vs.Connection(None)
+    conn_whole, conn_pieces = (vs.Connection(None, s.on_connection_ready) for s in (whole, pieces))
     whole.take_lines(conn_whole, data)
     bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
     for start, end in zip(bounds, bounds[1:]):
