@@ -6,10 +6,24 @@ shadow, a replay buffer against forgetting) and now and then writes the EMA
 weights as a versioned ONNX checkpoint that nodes load.
 
 One process, one thread: a selectors loop owns the socket, every connection and
-the training step. Sections follow the data: probe (an early exit, before numpy and
-onnx) -> config -> protocol -> server -> metrics -> backend -> rings -> model ->
-trainer -> gate -> claims (one sidecar per socket and directory) -> state ->
-checkpoints -> base models -> CLI (serve, demo) -> checkpoint tools -> command line.
+the training step. The sections follow a sample, after the start-up ones (probe,
+an early exit before numpy and onnx; config; claims, one sidecar per socket and
+directory):
+
+  server      Server.on_connection_ready -> read -> take_lines -> answer
+  protocol    parse_request (and encode_ack, the answer's last step)
+  state       StateStore.record_sample: journaled before its ACK
+  trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
+    backend     the array module (numpy or CuPy) the rings and the model use
+    rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
+    model       MLP.loss_and_grad: forward pass and backprop
+              then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint
+  gate        judge -> measure: a Verdict
+  publish     publish -> write_checkpoint
+  checkpoints CheckpointWriter.stage -> readback_problem -> place -> point_latest
+
+then what watches or feeds that path: the prometheus endpoint, base models, the
+CLI (serve, demo), the checkpoint tools and the command line.
 
 The producer side (the probe, FeedbackClient, the send and status commands) lives
 in vmafx_feedback, standard library only; this module imports it, never the reverse.
@@ -241,99 +255,144 @@ def warn_unknown_settings(environ: dict[str, str]) -> None:
             log.warning("unknown setting %s ignored (known: %s)", name, ", ".join(sorted(known)))
 
 
-# ---- protocol: newline-delimited JSON requests, one ACK line each ----
+# ---- claims: one sidecar per socket and per checkpoint directory, taken before any state is touched ----
 
-F32_MAX = float(np.finfo(np.float32).max)
-JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
-                   type(None): "null", int: "number", float: "number"}
-
-
-@dataclass(slots=True)
-class Sample:
-    features: list
-    score: float
-    job_id: str | None
+DIRECTORY_LOCK = ".trainer.lock"
+ADOPTING = ".adopting"  # in a directory taking over another's trainer state: the source, until all is moved
+ADOPT_WAIT_S = 60.0  # for the trainer in a directory to adopt to stop, e.g. the pod a rollout replaces
+# What makes up a trainer's state in its directory; the lock file and other directories are not part of it.
+TRAINER_STATE = re.compile(r"\.state|quarantine|latest\.(json|onnx|onnx\.sha256)"
+                           r"|model_v\d{6,}\.(onnx|onnx\.sha256|json)")
 
 
-@dataclass(slots=True)
-class Control:
-    op: str
-    job_id: str | None
+def take_claims(config: Config) -> None:
+    """The socket, then the checkpoint directory (and the one to adopt, while adopting it): each an flock
+    on a descriptor left open until the process exits, when the kernel releases it, after kill -9 too. A
+    sidecar refused either claim has read and written no state."""
+    holder = (f"pid {os.getpid()} on {socket.gethostname()}, serving {config.socket}, since "
+              f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    lock_beside(config.socket)
+    claim_socket_path(config.socket)
+    directory = Path(config.checkpoint_dir).absolute()
+    claim_directory(directory, holder)
+    if config.adopt_dir:
+        adopt_trainer_state(directory, Path(config.adopt_dir).absolute(), holder)
 
 
-# What each error message starts with, and the reason metrics count it under.
-REJECTION_REASONS = {"not valid JSON": "invalid_json", "expected a JSON object": "not_an_object",
-                     "job_id:": "job_id", "op:": "op", "unknown op": "unknown_op", "features": "features",
-                     "true_score:": "true_score", "line too long": "line_too_long"}
-
-
-def rejection_reason(error: str) -> str:
-    return next(reason for prefix, reason in REJECTION_REASONS.items() if error.startswith(prefix))
-
-
-class BadRequest(Exception):
-    def __init__(self, error: str, job_id: str | None = None):
-        super().__init__(error)
-        self.error = error
-        self.job_id = job_id
-
-
-def parse_request(line: bytes, n_features: int) -> Sample | Control:
-    """Decode one request line; raise BadRequest with a specific error for anything malformed."""
+def open_lock(path: Path) -> int:
+    """Opened once per process and kept open: on NFS an flock is a POSIX lock, which closing *any*
+    descriptor of the file releases."""
     try:
-        message = json.loads(line.decode())  # UTF-8 only: json.loads(bytes) would also guess UTF-16/32
-    except UnicodeDecodeError:
-        raise BadRequest("not valid JSON: the line is not UTF-8") from None
-    except ValueError as e:
-        raise BadRequest(f"not valid JSON: {e}") from None
-    except RecursionError:
-        raise BadRequest("not valid JSON: nested too deeply") from None
-    if type(message) is not dict:
-        raise BadRequest(f"expected a JSON object, got {JSON_TYPE_NAMES[type(message)]}")
-    job_id = message.get("job_id")
-    if job_id is not None and type(job_id) is not str:
-        raise BadRequest(f"job_id: expected a string, got {JSON_TYPE_NAMES[type(job_id)]}")
-    if "op" in message:
-        if type(message["op"]) is not str:
-            raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)
-        return Control(message["op"], job_id)
-
-    if "features" not in message:
-        raise BadRequest("features: missing", job_id)
-    features = message["features"]
-    if type(features) is not list:
-        raise BadRequest(f"features: expected a list of {n_features} numbers, "
-                         f"got {JSON_TYPE_NAMES[type(features)]}", job_id)
-    if len(features) != n_features:
-        raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}", job_id)
-    for v in features:  # the fast path: every value a float32-representable number
-        if (type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX:
-            continue
-        i, problem = next((i, p) for i, v in enumerate(features) if (p := number_problem(v)))
-        raise BadRequest(f"features[{i}]: {problem}", job_id)
-    if "true_score" not in message:
-        raise BadRequest("true_score: missing", job_id)
-    score = message["true_score"]
-    if problem := number_problem(score):
-        raise BadRequest(f"true_score: {problem}", job_id)
-    return Sample(features, score, job_id)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot open lock file {path}: {e.strerror or e}") from None
 
 
-def number_problem(v: Any) -> str | None:
-    """Why `v` cannot be a float32 model input, or None when it can."""
-    if type(v) is not float and type(v) is not int:
-        return f"expected a number, got {JSON_TYPE_NAMES[type(v)]}"
-    if type(v) is float and not math.isfinite(v):
-        return "not a finite number (NaN, Infinity or an overflowing literal)"
-    if not -F32_MAX <= v <= F32_MAX:
-        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
-    return None
+def locked_within(fd: int, wait_s: float) -> bool:
+    """Whether this process got the exclusive flock on `fd`, trying for up to wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
 
-def encode_ack(fields: dict[str, Any], job_id: str | None) -> bytes:
-    if job_id is not None:
-        fields["job_id"] = job_id
-    return json.dumps(fields).encode() + b"\n"
+def lock_beside(path: str) -> None:
+    """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
+    fd = open_lock(Path(path + ".lock"))
+    if not locked_within(fd, 0):
+        os.close(fd)
+        raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
+
+
+def claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead server; refuse a live one, a symlink or any other file."""
+    try:
+        mode = os.lstat(path).st_mode  # lstat: a symlink is never followed, nor removed
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        error = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if error == errno.ECONNREFUSED:  # only a refused connection proves nobody is listening
+        os.unlink(path)
+        log.warning("removed stale socket %s left by a previous process", path)
+    elif error in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise StartupError(f"another server is already listening on {path}")
+    else:
+        raise StartupError(f"cannot check existing socket {path}: {os.strerror(error)}")
+
+
+def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
+    """Hold <directory>/.trainer.lock: one trainer per checkpoint directory. The file names its holder, so
+    a refused sidecar can say who has the directory."""
+    if directory.is_symlink():
+        raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
+                           "configure the real path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
+    fd = open_lock(directory / DIRECTORY_LOCK)
+    if not locked_within(fd, wait_s):
+        other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
+        os.close(fd)
+        raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
+                           "trainer needs a directory of its own")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
+    return fd
+
+
+def trainer_state_in(directory: Path) -> list[Path]:
+    """The entries of a trainer's state in `directory`, if any."""
+    try:
+        return [directory / name for name in sorted(os.listdir(directory)) if TRAINER_STATE.fullmatch(name)]
+    except FileNotFoundError:
+        return []
+
+
+def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
+    """Move the trainer state in `source` into `directory` when `directory` holds none (replicas scaled up
+    or down), under both claims: training resumes where it stopped and numbering continues. A marker names
+    the source until every entry has moved, so a crash midway resumes the move rather than start afresh."""
+    marker = directory / ADOPTING
+    if marker.exists():
+        source = Path(marker.read_text().strip())
+    elif trainer_state_in(directory) or not trainer_state_in(source):
+        return
+    try:
+        source_claim = claim_directory(source, holder, ADOPT_WAIT_S)
+    except StartupError as e:
+        raise StartupError(f"cannot adopt the trainer state in {source} yet: {e}") from None
+    try:
+        entries = trainer_state_in(source)  # again, under its claim: another replica may have taken it
+        if not marker.exists():
+            if not entries:
+                return
+            write_synced(marker, [memoryview(f"{source}\n".encode())])
+        for entry in entries:
+            if (directory / entry.name).exists():
+                raise StartupError(f"cannot adopt {entry}: {directory / entry.name} exists too; move one aside")
+            os.rename(entry, directory / entry.name)
+        fsync_directory(source)
+        marker.unlink()
+        fsync_directory(directory)
+    except OSError as e:
+        raise StartupError(f"cannot adopt the trainer state in {source}: {e.strerror or e}") from None
+    finally:
+        os.close(source_claim)
+    log.warning("adopted the trainer state in %s (%s): training resumes from it here",
+                source, ", ".join(entry.name for entry in entries) or "the rest of it")
 
 
 # ---- server: one selectors loop owns the socket, every connection and the training step ----
@@ -658,877 +717,99 @@ def drain(sock: socket.socket) -> None:
         pass
 
 
-# ---- metrics: Prometheus text on a minimal HTTP/1.1 endpoint, served by the same loop ----
+# ---- protocol: newline-delimited JSON requests, one ACK line each ----
 
-HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
-HTTP_TIMEOUT_S = 5.0  # a scrape that has not finished by then is cut off
-HTTP_MAX_CONNECTIONS = 16
-STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                431: "Request Header Fields Too Large"}
-
-
-class Histogram:
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a bucket holds values <= its bound
-        self.sum += value
-
-
-def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
-    """`:9464` (every IPv4 interface), `127.0.0.1:9464` or `[::1]:9464`."""
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})", text)
-    if not match or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"not HOST:PORT: {text!r}")
-    host = match.group(1)
-    if host.startswith("["):
-        return socket.AF_INET6, host[1:-1], int(match.group(2))
-    return socket.AF_INET, host or "0.0.0.0", int(match.group(2))
+F32_MAX = float(np.finfo(np.float32).max)
+JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
+                   type(None): "null", int: "number", float: "number"}
 
 
 @dataclass(slots=True)
-class HttpConnection:
-    sock: socket.socket
-    deadline: float
-    inbuf: bytearray = field(default_factory=bytearray)
-    outbuf: bytes = b""
+class Sample:
+    features: list
+    score: float
+    job_id: str | None
 
-
-class MetricsEndpoint:
-    """GET /metrics and /healthz, one request per connection. Sockets are non-blocking and every
-    connection has a deadline, so a slow or stuck scraper never holds up the trainer or the node."""
-
-    def __init__(self, server: Server, address: str):
-        family, host, port = parse_listen_address(address)
-        self.server, self.address = server, address
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.listener.bind((host, port))
-            self.listener.listen(HTTP_MAX_CONNECTIONS)
-        except OSError as e:
-            self.listener.close()
-            raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
-        self.listener.setblocking(False)
-        self.connections: list[HttpConnection] = []
-        self.paused = False  # out of file descriptors: the listener is unwatched until the next tick
-        server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
-
-    def accept(self, mask: int) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # EMFILE: stop watching, or the loop would spin on a ready listener
-            log.error("cannot accept a metrics connection (%s): pausing for a second", e.strerror or e)
-            self.server.selector.unregister(self.listener)
-            self.paused = True
-            return
-        if len(self.connections) >= HTTP_MAX_CONNECTIONS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        conn = HttpConnection(sock, time.monotonic() + HTTP_TIMEOUT_S)
-        self.connections.append(conn)
-        self.server.selector.register(sock, selectors.EVENT_READ, functools.partial(self.serve, conn))
-
-    def serve(self, conn: HttpConnection, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
-            try:
-                data = conn.sock.recv(HTTP_MAX_REQUEST)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:  # the scraper left before its request was complete
-                return self.close(conn)
-            conn.inbuf += data
-            if b"\r\n\r\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
-                conn.outbuf = http_response(bytes(conn.inbuf), self.server)
-                self.server.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self.serve, conn))
-        if conn.outbuf:
-            try:
-                conn.outbuf = conn.outbuf[conn.sock.send(conn.outbuf):]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                conn.outbuf = b""
-            if not conn.outbuf:
-                self.close(conn)
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self.connections if c.deadline < now]:
-            self.close(conn)
-        if self.paused:
-            self.server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
-            self.paused = False
-
-    def close(self, conn: HttpConnection | None = None) -> None:
-        """Close one connection, or with none given the endpoint and all of its connections."""
-        for c in [conn] if conn else list(self.connections):
-            self.connections.remove(c)
-            self.server.selector.unregister(c.sock)
-            c.sock.close()
-        if conn is None:
-            if not self.paused:
-                self.server.selector.unregister(self.listener)
-            self.listener.close()
-
-
-def http_response(request: bytes, server: Server) -> bytes:
-    """The whole response to one request: strict, since only Prometheus and kubelets talk to it."""
-    head, complete, _ = request.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    method, target, version = (parts + [b""] * 3)[:3]
-    path = target.split(b"?")[0]
-    status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if not complete or len(head) > HTTP_MAX_REQUEST:
-        status, body = 431, b"request head too large\n"
-    elif len(parts) != 3 or version not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
-        status, body = 400, b"malformed request\n"
-    elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
-        status, body = 400, b"a request body is not accepted\n"
-    elif path not in (b"/metrics", b"/healthz"):
-        status, body = 404, b"not found: try /metrics or /healthz\n"
-    elif method not in (b"GET", b"HEAD"):
-        status, body = 405, b"only GET and HEAD\n"
-    elif path == b"/metrics":
-        body, content_type = metrics_text(server).encode(), "text/plain; version=0.0.4; charset=utf-8"
-    allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
-    response = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n").encode()
-    return response + (b"" if method == b"HEAD" and status == 200 else body)
-
-
-def metrics_text(server: Server) -> str:
-    """Every metric in the Prometheus text exposition format (0.0.4)."""
-    t, s = server.trainer, server
-    latest = t.checkpoints.latest or {}
-    candidate = ((t.last_gate or {}).get("metrics") or {}).get("candidate") or {}
-    step = t.step_seconds
-    buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    families = [
-        ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
-         "checkpoints (held_out), and rejected lines", [
-            ({"result": "accepted"}, t.samples_accepted - t.samples_held_out),
-            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, t.samples_rejected)]),
-        ("vmafx_sidecar_rejected_total", "counter", "Rejected lines by reason, since the process started",
-         [({"reason": r}, s.rejections[r]) for r in REJECTION_REASONS.values()]),
-        ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken", [({}, t.steps)]),
-        ("vmafx_sidecar_train_loss", "gauge", "MSE of the last batch trained", [({}, t.last_loss)]),
-        ("vmafx_sidecar_train_loss_smoothed", "gauge", "MSE of the batches, exponentially smoothed over ~100 "
-         "steps", [({}, t.loss_smoothed)]),
-        ("vmafx_sidecar_step_duration_seconds", "histogram", "Time of one training step, since the process "
-         "started", [*(("_bucket", labels, n) for labels, n in buckets), ("_sum", {}, step.sum),
-                     ("_count", {}, sum(step.counts))]),
-        ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay_size)]),
-        ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
-        ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",
-         [({"result": r}, t.checkpoint_results[r]) for r in ("published", "quarantined", "failed")]),
-        ("vmafx_sidecar_checkpoint_version", "gauge", "Version of the checkpoint latest.json names",
-         [({}, latest.get("version"))]),
-        ("vmafx_sidecar_last_checkpoint_timestamp_seconds", "gauge", "When the checkpoint latest.json names "
-         "was written (Unix time)", [({}, latest.get("created_unix"))]),
-        ("vmafx_sidecar_eval_plcc", "gauge", "Held-out PLCC of the last checkpoint the gate judged",
-         [({}, candidate.get("plcc"))]),
-        ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
-         [({}, t.steps_skipped)]),
-        ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
-        ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
-        ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
-        ("process_cpu_seconds_total", "counter", "User and system CPU time",
-         [({}, usage.ru_utime + usage.ru_stime)]),
-    ]
-    lines = []
-    for name, kind, help, samples in families:
-        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-        for suffix, labels, value in (x if len(x) == 3 else ("", *x) for x in samples):
-            if value is not None:
-                text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-                lines.append(f"{name}{suffix}{{{text}}} {value!r}" if text else f"{name}{suffix} {value!r}")
-    return "\n".join(lines) + "\n"
-
-
-@functools.cache
-def version() -> str:
-    try:
-        return importlib.metadata.version("vmafx-sidecar")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
-def resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux
-        return None
-
-
-# ---- backend: numpy, or CuPy on a GPU; the rings, the model and the trainer are written against `xp` ----
-
-@dataclass(frozen=True)
-class Backend:
-    name: str  # "numpy" or "cupy"
-    xp: Any  # the array module
-    erf: Callable[[Any], Any]  # elementwise, for exact GELU
-    to_host: Callable[[Any], np.ndarray]
-
-
-_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has none; math.erf is exact to an ulp
-# Rounded to the input's dtype, as CuPy's erf returns it, so that both backends round GELU alike.
-NUMPY = Backend("numpy", np, lambda z: _erf(z).astype(z.dtype), np.asarray)
-
-
-def select_backend(cuda: str) -> Backend:
-    """VMAFX_SIDECAR_CUDA: 0 numpy; 1 CuPy when it and a GPU are there, else numpy with a warning;
-    require: CuPy, or the sidecar does not start."""
-    if cuda == "0":
-        return NUMPY
-    try:
-        import cupy
-        import cupyx.scipy.special
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device")
-    except Exception as e:  # not installed, no driver, no device: each says so in its message
-        if cuda == "require":
-            raise StartupError(f"VMAFX_SIDECAR_CUDA=require, but CuPy cannot run: {type(e).__name__}: {e}") from None
-        log.warning("VMAFX_SIDECAR_CUDA=1, but CuPy cannot run (%s: %s): training on numpy", type(e).__name__, e)
-        return NUMPY
-    return Backend("cupy", cupy, cupyx.scipy.special.erf, cupy.asnumpy)
-
-
-HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
-
-
-# ---- rings: preallocated float32 rings for replay and evaluation, oldest sample evicted first ----
-
-class Ring:
-    def __init__(self, capacity: int, n_features: int, backend: Backend):
-        self.xp = backend.xp
-        self.x = backend.xp.zeros((capacity, n_features), np.float32)
-        self.y = backend.xp.zeros(capacity, np.float32)
-        self.size = 0
-        self.next = 0  # write position
-
-    def extend(self, x: Any, y: Any) -> None:
-        """Store len(y) <= capacity samples (arrays of the ring's backend), evicting the oldest."""
-        n, capacity = len(y), len(self.y)
-        head = min(n, capacity - self.next)  # what fits before the end; the rest wraps to the start
-        self.x[self.next:self.next + head], self.y[self.next:self.next + head] = x[:head], y[:head]
-        self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
-        self.next = (self.next + n) % capacity
-        self.size = min(self.size + n, capacity)
-
-    def sample_into(self, rng: np.random.Generator, x: Any, y: Any) -> None:
-        """Fill x and y with len(y) samples drawn uniformly with replacement, by the host's generator
-        so that every backend draws the same batches."""
-        index = self.xp.asarray(rng.integers(0, self.size, len(y)))
-        self.x.take(index, axis=0, out=x)
-        self.y.take(index, out=y)
-
-
-# ---- model: dense layers with an activation between them, backprop written out by hand ----
-
-Activation = onnx_builder.Activation
-
-
-def activate(act: Activation, z: Any, backend: Backend) -> Any:
-    xp = backend.xp
-    if act.kind == "relu":
-        return xp.maximum(z, 0)
-    if act.kind == "leaky_relu":
-        return xp.where(z > 0, z, z * act.alpha).astype(z.dtype)
-    if act.kind == "tanh":
-        return xp.tanh(z)
-    if act.kind == "sigmoid":
-        return (1 / (1 + xp.exp(-z))).astype(z.dtype)
-    return (0.5 * z * (1 + backend.erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
-
-
-def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
-    """d activate(z) / dz, given z and h = activate(z)."""
-    xp = backend.xp
-    if act.kind == "relu":
-        return xp.sign(h)  # 1 where the unit was active (h > 0), else 0, as torch takes it at 0
-    if act.kind == "leaky_relu":
-        return xp.where(z > 0, 1, act.alpha).astype(z.dtype)
-    if act.kind == "tanh":
-        return 1 - h * h
-    if act.kind == "sigmoid":
-        return h * (1 - h)
-    cdf = 0.5 * (1 + backend.erf(z / math.sqrt(2)))
-    return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
-
-
-class MLP:
-    """All parameters live in one flat vector and each layer's W (in, out) and b are views
-    into it, so clipping, decay, momentum and EMA are each a single vector operation."""
-
-    def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32,
-                 backend: Backend = NUMPY):
-        assert len(activations) == len(sizes) - 2, "one activation per hidden layer"
-        self.sizes = list(sizes)
-        self.activations = list(activations)
-        self.backend = backend
-        self.flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
-        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
-        offset = 0
-        for fan_in, fan_out in zip(sizes, sizes[1:]):
-            w = self.flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
-            offset += fan_in * fan_out
-            self.layers.append((w, self.flat[offset:offset + fan_out]))
-            offset += fan_out
-
-    @classmethod
-    def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32,
-                     backend: Backend = NUMPY) -> MLP:
-        model = cls(weights.sizes(), weights.activations, dtype, backend)
-        for (w, b), (w_src, b_src) in zip(model.layers, weights.layers):
-            w[...] = backend.xp.asarray(w_src)
-            b[...] = backend.xp.asarray(b_src)
-        return model
-
-    @classmethod
-    def initial(cls, sizes: list[int], activation: Activation, rng: np.random.Generator) -> MLP:
-        """Like torch.nn.Linear's default: weights and biases uniform in +-1/sqrt(fan_in)."""
-        model = cls(sizes, [activation] * (len(sizes) - 2))
-        for w, b in model.layers:
-            bound = 1.0 / math.sqrt(w.shape[0])
-            w[...] = rng.uniform(-bound, bound, w.shape)
-            b[...] = rng.uniform(-bound, bound, b.shape)
-        return model
-
-    def to(self, backend: Backend) -> MLP:
-        """A copy whose parameters live on `backend`."""
-        return MLP.from_weights(self.weights(), self.flat.dtype, backend)
-
-    def copy(self) -> MLP:
-        twin = MLP(self.sizes, self.activations, self.flat.dtype, self.backend)
-        twin.flat[...] = self.flat
-        return twin
-
-    def weights(self) -> onnx_builder.MLPWeights:
-        """The parameters as host arrays (views on the numpy backend)."""
-        host = self.backend.to_host
-        return onnx_builder.MLPWeights([(host(w), host(b)) for w, b in self.layers], self.activations)
-
-    def forward(self, x: Any) -> Any:
-        """Scores of shape (batch, 1)."""
-        for (w, b), act in zip(self.layers, self.activations):
-            x = activate(act, x @ w + b, self.backend)
-        w, b = self.layers[-1]
-        return x @ w + b
-
-    def loss_and_grad(self, x: Any, y: Any, grad: MLP) -> float:
-        """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
-        hidden, pre = [x], []
-        for (w, b), act in zip(self.layers, self.activations):
-            z = hidden[-1] @ w
-            z += b
-            pre.append(z)
-            hidden.append(activate(act, z, self.backend))
-        w, b = self.layers[-1]
-        error = hidden[-1] @ w
-        error += b
-        error -= y[:, None]
-        xp = self.backend.xp
-        loss = xp.vdot(error, error) / len(y)
-        d_out = error * (2 / len(y))  # dL/d(output of layer i), walking back from the top
-        for i in range(len(self.layers) - 1, -1, -1):
-            w, d_w, d_b = self.layers[i][0], *grad.layers[i]
-            xp.matmul(hidden[i].T, d_out, out=d_w)
-            xp.sum(d_out, axis=0, out=d_b)
-            if i:
-                # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
-                d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
-                d_out *= activation_slope(self.activations[i - 1], pre[i - 1], hidden[i], self.backend)
-        return float(loss)
-
-
-# ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
 
 @dataclass(slots=True)
-class StepResult:
-    loss: float
-    checkpoint: Checkpoint | None  # written by this step, published or quarantined
+class Control:
+    op: str
+    job_id: str | None
 
 
-class IncompatibleState(ValueError):
-    """A saved state whose layout (layer sizes, ring sizes, batch settings) is not the configured one."""
+# What each error message starts with, and the reason metrics count it under.
+REJECTION_REASONS = {"not valid JSON": "invalid_json", "expected a JSON object": "not_an_object",
+                     "job_id:": "job_id", "op:": "op", "unknown op": "unknown_op", "features": "features",
+                     "true_score:": "true_score", "line too long": "line_too_long"}
 
 
-class Trainer:
-    def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
-        self.config = config
-        self.backend = b = model.backend  # the model, the optimizer state and both rings live there
-        self.model = model  # live weights, theta
-        self.ema = model.copy()
-        self.grad = MLP(model.sizes, model.activations, backend=b)
-        self.momentum = b.xp.zeros_like(model.flat)
-        self.undo = tuple(b.xp.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
-        self.checkpoints = checkpoints
-        self.rng = rng
-        self.replay = Ring(config.replay_capacity, config.n_features, b)
-        self.eval = Ring(config.eval_capacity, config.n_features, b)  # held-out samples, never trained on
-        self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
-        self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
-        self.n_replay = math.floor(config.batch_size * config.replay_mix)
-        self.n_new = config.batch_size - self.n_replay
-        # Samples gather on the host and go to the device a batch at a time: the new ones of the next step,
-        # and held-out ones in stages (written to the evaluation ring before anything reads it).
-        self.pending_x = np.zeros((self.n_new, config.n_features), np.float32)
-        self.pending_y = np.zeros(self.n_new, np.float32)
-        self.n_pending = 0
-        self.held_x = np.zeros((min(HELD_OUT_STAGE, config.eval_capacity), config.n_features), np.float32)
-        self.held_y = np.zeros(len(self.held_x), np.float32)
-        self.n_held = 0
-        # The step's batch: the new samples at the head, replay draws in the tail.
-        self.batch_x = b.xp.zeros((config.batch_size, config.n_features), np.float32)
-        self.batch_y = b.xp.zeros(config.batch_size, np.float32)
-        self.steps = 0
-        self.steps_skipped = 0
-        self.samples_accepted = 0  # valid samples taken in, held out or not
-        self.samples_rejected = 0  # lines refused before they reached the trainer
-        self.samples_trained = 0
-        self.samples_held_out = 0
-        self.unnamed_samples = 0  # samples without a job_id: their count picks which are held out
-        self.samples_since_checkpoint = 0
-        self.last_checkpoint_time: float | None = None
-        self.last_loss: float | None = None
-        self.loss_smoothed: float | None = None
-        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
-        self.checkpoint_results: collections.Counter[str] = collections.Counter()
-
-    def is_held_out(self, job_id: str | None) -> bool:
-        """Whether the next sample is to be kept for evaluation instead of training: decided by a hash of its
-        job_id, so that every sample of a job lands on the same side, or else by the count of samples
-        without one, which ingest() advances."""
-        fraction = self.config.holdout_fraction
-        if job_id is not None:
-            digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            return int.from_bytes(digest, "big") < fraction * 2**64
-        n = self.unnamed_samples + 1
-        return math.floor(n * fraction) > math.floor((n - 1) * fraction)
-
-    def ingest(self, features: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> StepResult | None:
-        """Take one accepted sample: the one path for samples from the socket and from journal replay."""
-        self.samples_accepted += 1
-        self.unnamed_samples += unnamed
-        return self.add(features, score, held_out)
-
-    def count_rejected(self) -> None:
-        self.samples_rejected += 1
-
-    def add(self, features: np.ndarray, score: np.float32, held_out: bool = False) -> StepResult | None:
-        """Take one valid sample (float32): into the evaluation ring if held out, else into the next
-        batch, running a step when enough new samples are pending."""
-        if held_out:
-            self.held_x[self.n_held], self.held_y[self.n_held] = features, score
-            self.n_held += 1
-            self.samples_held_out += 1
-            if self.n_held == len(self.held_y):
-                self.flush_held_out()
-            return None
-        self.pending_x[self.n_pending], self.pending_y[self.n_pending] = features, score
-        self.n_pending += 1
-        if self.n_pending < self.n_new:
-            return None
-        self.n_pending = 0
-        return self.step()
-
-    def flush_held_out(self) -> None:
-        xp = self.backend.xp
-        self.eval.extend(xp.asarray(self.held_x[:self.n_held]), xp.asarray(self.held_y[:self.n_held]))
-        self.n_held = 0
-
-    @property
-    def replay_size(self) -> int:
-        """Samples in the replay buffer, the pending ones counted: they are in it when they are used."""
-        return min(self.replay.size + self.n_pending, len(self.replay.y))
-
-    @property
-    def eval_size(self) -> int:
-        return min(self.eval.size + self.n_held, len(self.eval.y))
-
-    def layout(self) -> dict[str, Any]:
-        """What the state's shapes depend on: a state saved for another layout cannot be loaded."""
-        c = self.config
-        return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations],
-                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
-                "eval_capacity": c.eval_capacity}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a restart needs to continue exactly, arrays on the host: the one list of the trainer's
-        state. Left out: the incumbent (latest.json names it) and what counts since the process started."""
-        self.flush_held_out()  # the evaluation ring is then whole
-        host = self.backend.to_host
-        last = self.last_checkpoint_time
-        since_checkpoint = None if last is None else time.monotonic() - last
-        return {
-            "fingerprint": self.layout(), "steps": self.steps, "steps_skipped": self.steps_skipped,
-            "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
-            "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
-            "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
-            "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
-            "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
-            "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
-            "eval_size": self.eval.size, "eval_next": self.eval.next,
-            "theta": host(self.model.flat), "ema": host(self.ema.flat), "momentum": host(self.momentum),
-            "replay_x": host(self.replay.x), "replay_y": host(self.replay.y), "eval_x": host(self.eval.x),
-            "eval_y": host(self.eval.y), "pending_x": self.pending_x[:self.n_pending],
-            "pending_y": self.pending_y[:self.n_pending],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
-        for a missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
-        expected = self.state_dict()
-        missing = expected.keys() - state.keys()
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
-        if state["fingerprint"] != self.layout():
-            raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
-        for name, array in expected.items():
-            if isinstance(array, np.ndarray) and (name not in state or state[name].shape != (
-                    (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape)):
-                raise ValueError(f"array {name} is missing or has another shape")
-        to_device = self.backend.xp.asarray
-        self.model.flat[...], self.ema.flat[...] = to_device(state["theta"]), to_device(state["ema"])
-        self.momentum[...] = to_device(state["momentum"])
-        self.replay.x[...], self.replay.y[...] = to_device(state["replay_x"]), to_device(state["replay_y"])
-        self.eval.x[...], self.eval.y[...] = to_device(state["eval_x"]), to_device(state["eval_y"])
-        self.n_pending = state["n_pending"]
-        self.pending_x[:self.n_pending], self.pending_y[:self.n_pending] = state["pending_x"], state["pending_y"]
-        self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
-        self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
-        self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
-        self.samples_accepted, self.samples_rejected = state["samples_accepted"], state["samples_rejected"]
-        self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]
-        self.unnamed_samples = state["unnamed_samples"]
-        self.samples_since_checkpoint = state["samples_since_checkpoint"]
-        if state["last_checkpoint_unix"] is not None:
-            self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
-        self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
-        self.rng.bit_generator.state = state["rng"]
-
-    def step(self) -> StepResult | None:
-        started = time.perf_counter()
-        xp = self.backend.xp
-        new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
-        self.replay.extend(new_x, new_y)
-        n = self.n_new + min(self.n_replay, self.replay.size)
-        x, y = self.batch_x[:n], self.batch_y[:n]
-        x[:self.n_new], y[:self.n_new] = new_x, new_y
-        if n > self.n_new:
-            self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
-            loss = self.model.loss_and_grad(x, y, self.grad)
-            applied = self.apply_gradient(loss)
-        if not applied:
-            self.steps_skipped += 1
-            if self.steps_skipped & (self.steps_skipped - 1) == 0:  # 1, 2, 4, 8...: a bounded log
-                log.warning("skipped a step: the loss, gradient or weights overflowed float32 (loss %s); weights "
-                            "unchanged (%d skipped so far)", loss, self.steps_skipped)
-            return None
-        self.steps += 1
-        self.samples_trained += self.n_new
-        self.samples_since_checkpoint += self.n_new
-        self.last_loss = loss
-        self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
-        self.step_seconds.observe(time.perf_counter() - started)
-        return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
-
-    def apply_gradient(self, loss: float) -> bool:
-        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
-        False, with nothing changed, when the loss, the gradient or the new weights are not finite."""
-        c, g, theta, xp = self.config, self.grad.flat, self.model.flat, self.backend.xp
-        norm = float(xp.sqrt(xp.dot(g, g)))
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            return False
-        for live, saved in zip(self.state_vectors(), self.undo):
-            saved[...] = live
-        clip = c.max_grad_norm / (norm + 1e-6)
-        if clip < 1.0:
-            g *= np.float32(clip)
-        if c.weight_decay:
-            g += np.float32(c.weight_decay) * theta
-        self.momentum *= np.float32(c.momentum)  # starts at zero, so the first step sets it to g as torch does
-        self.momentum += g
-        warmup = min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0
-        theta -= np.float32(c.lr * warmup) * self.momentum
-        self.ema.flat *= np.float32(c.ema_decay)
-        self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
-        if not (xp.isfinite(theta).all() and xp.isfinite(self.ema.flat).all()):  # overflowed: undo the step
-            for live, saved in zip(self.state_vectors(), self.undo):
-                live[...] = saved
-            return False
-        return True
-
-    def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.model.flat, self.momentum, self.ema.flat
-
-    def checkpoint_due(self) -> bool:
-        """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""
-        c, last = self.config, self.last_checkpoint_time
-        return self.samples_since_checkpoint >= c.min_samples_ckpt and (
-            last is None or time.monotonic() - last >= c.ckpt_interval_s)
-
-    def take_checkpoint(self) -> Checkpoint | None:
-        """publish() the EMA weights and take the outcome in (published: the new incumbent); training goes
-        on either way, and after a write the disk refused, the next try comes an interval later."""
-        self.last_checkpoint_time = time.monotonic()
-        started = time.perf_counter()
-        try:
-            checkpoint = publish(self)
-        except OSError as e:  # e.g. a full disk
-            log.error("checkpoint write failed, will retry: %s", e)
-            self.checkpoint_results["failed"] += 1
-            return None
-        self.checkpoint_results["published" if checkpoint.published else "quarantined"] += 1
-        self.samples_since_checkpoint = 0
-        self.last_gate = checkpoint.record
-        if checkpoint.published:
-            self.incumbent = self.ema.copy()
-        log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms with the gate)",
-                 checkpoint.record["version"], "published" if checkpoint.published else "quarantined",
-                 checkpoint.path, self.steps, self.samples_trained, checkpoint.record["gate"],
-                 (time.perf_counter() - started) * 1e3)
-        return checkpoint
+def rejection_reason(error: str) -> str:
+    return next(reason for prefix, reason in REJECTION_REASONS.items() if error.startswith(prefix))
 
 
-# ---- gate: held-out metrics decide whether a checkpoint is published or quarantined ----
-
-PUBLISHED = ("passed", "insufficient-data", "off")  # the gate verdicts that publish; else "quarantined"
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One model's held-out scores."""
-    plcc: float  # Pearson correlation of predictions and true scores
-    srcc: float  # Spearman rank correlation, ties given their average rank
-    rmse: float
+class BadRequest(Exception):
+    def __init__(self, error: str, job_id: str | None = None):
+        super().__init__(error)
+        self.error = error
+        self.job_id = job_id
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The gate's judgement of a candidate, with both models' held-out scores (None: nothing to measure)."""
-    gate: str  # one of PUBLISHED, or "quarantined"
-    candidate: Scores | None = None
-    incumbent: Scores | None = None
-    eval_n: int = 0
-    reason: str | None = None  # why it is quarantined
-
-    @property
-    def published(self) -> bool:
-        return self.gate in PUBLISHED
-
-    def refused(self, reason: str) -> Verdict:
-        return dataclasses.replace(self, gate="quarantined", reason=reason)
-
-    def record(self) -> dict[str, Any]:
-        """As a checkpoint's record holds it: "metrics" (both models' scores and eval_n), "gate", "reason"."""
-        scores = {"candidate": self.candidate and dataclasses.asdict(self.candidate),
-                  "incumbent": self.incumbent and dataclasses.asdict(self.incumbent), "eval_n": self.eval_n}
-        return {"metrics": scores, "gate": self.gate, **({"reason": self.reason} if self.reason else {})}
-
-
-def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> Verdict:
-    """The gate's verdict on `candidate`, with both models' scores on the held-out samples (x, y), all on
-    the host, so that every backend reaches the same verdict."""
-    ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
-    verdict = Verdict("passed", ours, theirs, len(y))
-    if not np.isfinite(candidate.backend.to_host(candidate.flat)).all() or (len(y) and ours is None):
-        return verdict.refused("non-finite weights or outputs")
-    if config.gate == "off":
-        return dataclasses.replace(verdict, gate="off")
-    if len(y) < config.gate_min_eval:
-        return dataclasses.replace(verdict, gate="insufficient-data")
-    if theirs is None or ours.plcc >= theirs.plcc - config.gate_max_plcc_drop:  # an unmeasurable incumbent loses
-        return verdict
-    return verdict.refused(f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, "
-                           f"by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})")
-
-
-def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
-    """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
-    not finite."""
-    with np.errstate(all="ignore"):
-        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64))[:, 0]
-    if not len(y) or not np.isfinite(predicted).all():
-        return None
-    truth = y.astype(np.float64)
-    return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
-                   rmse=math.sqrt(float(np.mean((predicted - truth) ** 2))))
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; 0.0 when either side is constant, which no correlation can be measured for
-    (a model that predicts one score for everything ranks nothing)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    a, b = a - a.mean(), b - b.mean()
-    a, b = a / np.abs(a).max(), b / np.abs(b).max()  # scaled so that no sum of products overflows
-    return float(np.clip(a @ b / math.sqrt(float(a @ a) * float(b @ b)), -1.0, 1.0))
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing the average of the ranks they span."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
-    return ranks
-
-
-# ---- claims: one sidecar per socket and per checkpoint directory, taken before any state is touched ----
-
-DIRECTORY_LOCK = ".trainer.lock"
-ADOPTING = ".adopting"  # in a directory taking over another's trainer state: the source, until all is moved
-ADOPT_WAIT_S = 60.0  # for the trainer in a directory to adopt to stop, e.g. the pod a rollout replaces
-# What makes up a trainer's state in its directory; the lock file and other directories are not part of it.
-TRAINER_STATE = re.compile(r"\.state|quarantine|latest\.(json|onnx|onnx\.sha256)"
-                           r"|model_v\d{6,}\.(onnx|onnx\.sha256|json)")
-
-
-def take_claims(config: Config) -> None:
-    """The socket, then the checkpoint directory (and the one to adopt, while adopting it): each an flock
-    on a descriptor left open until the process exits, when the kernel releases it, after kill -9 too. A
-    sidecar refused either claim has read and written no state."""
-    holder = (f"pid {os.getpid()} on {socket.gethostname()}, serving {config.socket}, since "
-              f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    lock_beside(config.socket)
-    claim_socket_path(config.socket)
-    directory = Path(config.checkpoint_dir).absolute()
-    claim_directory(directory, holder)
-    if config.adopt_dir:
-        adopt_trainer_state(directory, Path(config.adopt_dir).absolute(), holder)
-
-
-def open_lock(path: Path) -> int:
-    """Opened once per process and kept open: on NFS an flock is a POSIX lock, which closing *any*
-    descriptor of the file releases."""
+def parse_request(line: bytes, n_features: int) -> Sample | Control:
+    """Decode one request line; raise BadRequest with a specific error for anything malformed."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise StartupError(f"cannot open lock file {path}: {e.strerror or e}") from None
+        message = json.loads(line.decode())  # UTF-8 only: json.loads(bytes) would also guess UTF-16/32
+    except UnicodeDecodeError:
+        raise BadRequest("not valid JSON: the line is not UTF-8") from None
+    except ValueError as e:
+        raise BadRequest(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("not valid JSON: nested too deeply") from None
+    if type(message) is not dict:
+        raise BadRequest(f"expected a JSON object, got {JSON_TYPE_NAMES[type(message)]}")
+    job_id = message.get("job_id")
+    if job_id is not None and type(job_id) is not str:
+        raise BadRequest(f"job_id: expected a string, got {JSON_TYPE_NAMES[type(job_id)]}")
+    if "op" in message:
+        if type(message["op"]) is not str:
+            raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)
+        return Control(message["op"], job_id)
+
+    if "features" not in message:
+        raise BadRequest("features: missing", job_id)
+    features = message["features"]
+    if type(features) is not list:
+        raise BadRequest(f"features: expected a list of {n_features} numbers, "
+                         f"got {JSON_TYPE_NAMES[type(features)]}", job_id)
+    if len(features) != n_features:
+        raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}", job_id)
+    for v in features:  # the fast path: every value a float32-representable number
+        if (type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX:
+            continue
+        i, problem = next((i, p) for i, v in enumerate(features) if (p := number_problem(v)))
+        raise BadRequest(f"features[{i}]: {problem}", job_id)
+    if "true_score" not in message:
+        raise BadRequest("true_score: missing", job_id)
+    score = message["true_score"]
+    if problem := number_problem(score):
+        raise BadRequest(f"true_score: {problem}", job_id)
+    return Sample(features, score, job_id)
 
 
-def locked_within(fd: int, wait_s: float) -> bool:
-    """Whether this process got the exclusive flock on `fd`, trying for up to wait_s seconds."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+def number_problem(v: Any) -> str | None:
+    """Why `v` cannot be a float32 model input, or None when it can."""
+    if type(v) is not float and type(v) is not int:
+        return f"expected a number, got {JSON_TYPE_NAMES[type(v)]}"
+    if type(v) is float and not math.isfinite(v):
+        return "not a finite number (NaN, Infinity or an overflowing literal)"
+    if not -F32_MAX <= v <= F32_MAX:
+        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
+    return None
 
 
-def lock_beside(path: str) -> None:
-    """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
-    fd = open_lock(Path(path + ".lock"))
-    if not locked_within(fd, 0):
-        os.close(fd)
-        raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
-
-
-def claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one, a symlink or any other file."""
-    try:
-        mode = os.lstat(path).st_mode  # lstat: a symlink is never followed, nor removed
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; not touching it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        error = probe.connect_ex(path)
-    finally:
-        probe.close()
-    if error == errno.ECONNREFUSED:  # only a refused connection proves nobody is listening
-        os.unlink(path)
-        log.warning("removed stale socket %s left by a previous process", path)
-    elif error in (0, errno.EAGAIN, errno.EINPROGRESS):
-        raise StartupError(f"another server is already listening on {path}")
-    else:
-        raise StartupError(f"cannot check existing socket {path}: {os.strerror(error)}")
-
-
-def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
-    """Hold <directory>/.trainer.lock: one trainer per checkpoint directory. The file names its holder, so
-    a refused sidecar can say who has the directory."""
-    if directory.is_symlink():
-        raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
-                           "configure the real path")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
-    fd = open_lock(directory / DIRECTORY_LOCK)
-    if not locked_within(fd, wait_s):
-        other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
-        os.close(fd)
-        raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
-                           "trainer needs a directory of its own")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{holder}\n".encode(), 0)
-    return fd
-
-
-def trainer_state_in(directory: Path) -> list[Path]:
-    """The entries of a trainer's state in `directory`, if any."""
-    try:
-        return [directory / name for name in sorted(os.listdir(directory)) if TRAINER_STATE.fullmatch(name)]
-    except FileNotFoundError:
-        return []
-
-
-def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
-    """Move the trainer state in `source` into `directory` when `directory` holds none (replicas scaled up
-    or down), under both claims: training resumes where it stopped and numbering continues. A marker names
-    the source until every entry has moved, so a crash midway resumes the move rather than start afresh."""
-    marker = directory / ADOPTING
-    if marker.exists():
-        source = Path(marker.read_text().strip())
-    elif trainer_state_in(directory) or not trainer_state_in(source):
-        return
-    try:
-        source_claim = claim_directory(source, holder, ADOPT_WAIT_S)
-    except StartupError as e:
-        raise StartupError(f"cannot adopt the trainer state in {source} yet: {e}") from None
-    try:
-        entries = trainer_state_in(source)  # again, under its claim: another replica may have taken it
-        if not marker.exists():
-            if not entries:
-                return
-            write_synced(marker, [memoryview(f"{source}\n".encode())])
-        for entry in entries:
-            if (directory / entry.name).exists():
-                raise StartupError(f"cannot adopt {entry}: {directory / entry.name} exists too; move one aside")
-            os.rename(entry, directory / entry.name)
-        fsync_directory(source)
-        marker.unlink()
-        fsync_directory(directory)
-    except OSError as e:
-        raise StartupError(f"cannot adopt the trainer state in {source}: {e.strerror or e}") from None
-    finally:
-        os.close(source_claim)
-    log.warning("adopted the trainer state in %s (%s): training resumes from it here",
-                source, ", ".join(entry.name for entry in entries) or "the rest of it")
+def encode_ack(fields: dict[str, Any], job_id: str | None) -> bytes:
+    if job_id is not None:
+        fields["job_id"] = job_id
+    return json.dumps(fields).encode() + b"\n"
 
 
 # ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
@@ -1831,6 +1112,549 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return header["meta"], arrays
 
 
+# ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
+
+@dataclass(slots=True)
+class StepResult:
+    loss: float
+    checkpoint: Checkpoint | None  # written by this step, published or quarantined
+
+
+class IncompatibleState(ValueError):
+    """A saved state whose layout (layer sizes, ring sizes, batch settings) is not the configured one."""
+
+
+class Trainer:
+    def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
+        self.config = config
+        self.backend = b = model.backend  # the model, the optimizer state and both rings live there
+        self.model = model  # live weights, theta
+        self.ema = model.copy()
+        self.grad = MLP(model.sizes, model.activations, backend=b)
+        self.momentum = b.xp.zeros_like(model.flat)
+        self.undo = tuple(b.xp.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
+        self.checkpoints = checkpoints
+        self.rng = rng
+        self.replay = Ring(config.replay_capacity, config.n_features, b)
+        self.eval = Ring(config.eval_capacity, config.n_features, b)  # held-out samples, never trained on
+        self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
+        self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
+        self.n_replay = math.floor(config.batch_size * config.replay_mix)
+        self.n_new = config.batch_size - self.n_replay
+        # Samples gather on the host and go to the device a batch at a time: the new ones of the next step,
+        # and held-out ones in stages (written to the evaluation ring before anything reads it).
+        self.pending_x = np.zeros((self.n_new, config.n_features), np.float32)
+        self.pending_y = np.zeros(self.n_new, np.float32)
+        self.n_pending = 0
+        self.held_x = np.zeros((min(HELD_OUT_STAGE, config.eval_capacity), config.n_features), np.float32)
+        self.held_y = np.zeros(len(self.held_x), np.float32)
+        self.n_held = 0
+        # The step's batch: the new samples at the head, replay draws in the tail.
+        self.batch_x = b.xp.zeros((config.batch_size, config.n_features), np.float32)
+        self.batch_y = b.xp.zeros(config.batch_size, np.float32)
+        self.steps = 0
+        self.steps_skipped = 0
+        self.samples_accepted = 0  # valid samples taken in, held out or not
+        self.samples_rejected = 0  # lines refused before they reached the trainer
+        self.samples_trained = 0
+        self.samples_held_out = 0
+        self.unnamed_samples = 0  # samples without a job_id: their count picks which are held out
+        self.samples_since_checkpoint = 0
+        self.last_checkpoint_time: float | None = None
+        self.last_loss: float | None = None
+        self.loss_smoothed: float | None = None
+        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
+        self.checkpoint_results: collections.Counter[str] = collections.Counter()
+
+    def is_held_out(self, job_id: str | None) -> bool:
+        """Whether the next sample is to be kept for evaluation instead of training: decided by a hash of its
+        job_id, so that every sample of a job lands on the same side, or else by the count of samples
+        without one, which ingest() advances."""
+        fraction = self.config.holdout_fraction
+        if job_id is not None:
+            digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            return int.from_bytes(digest, "big") < fraction * 2**64
+        n = self.unnamed_samples + 1
+        return math.floor(n * fraction) > math.floor((n - 1) * fraction)
+
+    def ingest(self, features: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> StepResult | None:
+        """Take one accepted sample: the one path for samples from the socket and from journal replay."""
+        self.samples_accepted += 1
+        self.unnamed_samples += unnamed
+        return self.add(features, score, held_out)
+
+    def count_rejected(self) -> None:
+        self.samples_rejected += 1
+
+    def add(self, features: np.ndarray, score: np.float32, held_out: bool = False) -> StepResult | None:
+        """Take one valid sample (float32): into the evaluation ring if held out, else into the next
+        batch, running a step when enough new samples are pending."""
+        if held_out:
+            self.held_x[self.n_held], self.held_y[self.n_held] = features, score
+            self.n_held += 1
+            self.samples_held_out += 1
+            if self.n_held == len(self.held_y):
+                self.flush_held_out()
+            return None
+        self.pending_x[self.n_pending], self.pending_y[self.n_pending] = features, score
+        self.n_pending += 1
+        if self.n_pending < self.n_new:
+            return None
+        self.n_pending = 0
+        return self.step()
+
+    def flush_held_out(self) -> None:
+        xp = self.backend.xp
+        self.eval.extend(xp.asarray(self.held_x[:self.n_held]), xp.asarray(self.held_y[:self.n_held]))
+        self.n_held = 0
+
+    @property
+    def replay_size(self) -> int:
+        """Samples in the replay buffer, the pending ones counted: they are in it when they are used."""
+        return min(self.replay.size + self.n_pending, len(self.replay.y))
+
+    @property
+    def eval_size(self) -> int:
+        return min(self.eval.size + self.n_held, len(self.eval.y))
+
+    def layout(self) -> dict[str, Any]:
+        """What the state's shapes depend on: a state saved for another layout cannot be loaded."""
+        c = self.config
+        return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations],
+                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
+                "eval_capacity": c.eval_capacity}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs to continue exactly, arrays on the host: the one list of the trainer's
+        state. Left out: the incumbent (latest.json names it) and what counts since the process started."""
+        self.flush_held_out()  # the evaluation ring is then whole
+        host = self.backend.to_host
+        last = self.last_checkpoint_time
+        since_checkpoint = None if last is None else time.monotonic() - last
+        return {
+            "fingerprint": self.layout(), "steps": self.steps, "steps_skipped": self.steps_skipped,
+            "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
+            "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
+            "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
+            "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
+            "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
+            "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
+            "eval_size": self.eval.size, "eval_next": self.eval.next,
+            "theta": host(self.model.flat), "ema": host(self.ema.flat), "momentum": host(self.momentum),
+            "replay_x": host(self.replay.x), "replay_y": host(self.replay.y), "eval_x": host(self.eval.x),
+            "eval_y": host(self.eval.y), "pending_x": self.pending_x[:self.n_pending],
+            "pending_y": self.pending_y[:self.n_pending],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
+        for a missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
+        expected = self.state_dict()
+        missing = expected.keys() - state.keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        if state["fingerprint"] != self.layout():
+            raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
+        for name, array in expected.items():
+            if isinstance(array, np.ndarray) and (name not in state or state[name].shape != (
+                    (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape)):
+                raise ValueError(f"array {name} is missing or has another shape")
+        to_device = self.backend.xp.asarray
+        self.model.flat[...], self.ema.flat[...] = to_device(state["theta"]), to_device(state["ema"])
+        self.momentum[...] = to_device(state["momentum"])
+        self.replay.x[...], self.replay.y[...] = to_device(state["replay_x"]), to_device(state["replay_y"])
+        self.eval.x[...], self.eval.y[...] = to_device(state["eval_x"]), to_device(state["eval_y"])
+        self.n_pending = state["n_pending"]
+        self.pending_x[:self.n_pending], self.pending_y[:self.n_pending] = state["pending_x"], state["pending_y"]
+        self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
+        self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
+        self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
+        self.samples_accepted, self.samples_rejected = state["samples_accepted"], state["samples_rejected"]
+        self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]
+        self.unnamed_samples = state["unnamed_samples"]
+        self.samples_since_checkpoint = state["samples_since_checkpoint"]
+        if state["last_checkpoint_unix"] is not None:
+            self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
+        self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
+        self.rng.bit_generator.state = state["rng"]
+
+    def step(self) -> StepResult | None:
+        started = time.perf_counter()
+        xp = self.backend.xp
+        new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
+        self.replay.extend(new_x, new_y)
+        n = self.n_new + min(self.n_replay, self.replay.size)
+        x, y = self.batch_x[:n], self.batch_y[:n]
+        x[:self.n_new], y[:self.n_new] = new_x, new_y
+        if n > self.n_new:
+            self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
+            loss = self.model.loss_and_grad(x, y, self.grad)
+            applied = self.apply_gradient(loss)
+        if not applied:
+            self.steps_skipped += 1
+            if self.steps_skipped & (self.steps_skipped - 1) == 0:  # 1, 2, 4, 8...: a bounded log
+                log.warning("skipped a step: the loss, gradient or weights overflowed float32 (loss %s); weights "
+                            "unchanged (%d skipped so far)", loss, self.steps_skipped)
+            return None
+        self.steps += 1
+        self.samples_trained += self.n_new
+        self.samples_since_checkpoint += self.n_new
+        self.last_loss = loss
+        self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
+        self.step_seconds.observe(time.perf_counter() - started)
+        return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
+
+    def apply_gradient(self, loss: float) -> bool:
+        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
+        False, with nothing changed, when the loss, the gradient or the new weights are not finite."""
+        c, g, theta, xp = self.config, self.grad.flat, self.model.flat, self.backend.xp
+        norm = float(xp.sqrt(xp.dot(g, g)))
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return False
+        for live, saved in zip(self.state_vectors(), self.undo):
+            saved[...] = live
+        clip = c.max_grad_norm / (norm + 1e-6)
+        if clip < 1.0:
+            g *= np.float32(clip)
+        if c.weight_decay:
+            g += np.float32(c.weight_decay) * theta
+        self.momentum *= np.float32(c.momentum)  # starts at zero, so the first step sets it to g as torch does
+        self.momentum += g
+        warmup = min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        theta -= np.float32(c.lr * warmup) * self.momentum
+        self.ema.flat *= np.float32(c.ema_decay)
+        self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
+        if not (xp.isfinite(theta).all() and xp.isfinite(self.ema.flat).all()):  # overflowed: undo the step
+            for live, saved in zip(self.state_vectors(), self.undo):
+                live[...] = saved
+            return False
+        return True
+
+    def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.model.flat, self.momentum, self.ema.flat
+
+    def checkpoint_due(self) -> bool:
+        """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""
+        c, last = self.config, self.last_checkpoint_time
+        return self.samples_since_checkpoint >= c.min_samples_ckpt and (
+            last is None or time.monotonic() - last >= c.ckpt_interval_s)
+
+    def take_checkpoint(self) -> Checkpoint | None:
+        """publish() the EMA weights and take the outcome in (published: the new incumbent); training goes
+        on either way, and after a write the disk refused, the next try comes an interval later."""
+        self.last_checkpoint_time = time.monotonic()
+        started = time.perf_counter()
+        try:
+            checkpoint = publish(self)
+        except OSError as e:  # e.g. a full disk
+            log.error("checkpoint write failed, will retry: %s", e)
+            self.checkpoint_results["failed"] += 1
+            return None
+        self.checkpoint_results["published" if checkpoint.published else "quarantined"] += 1
+        self.samples_since_checkpoint = 0
+        self.last_gate = checkpoint.record
+        if checkpoint.published:
+            self.incumbent = self.ema.copy()
+        log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms with the gate)",
+                 checkpoint.record["version"], "published" if checkpoint.published else "quarantined",
+                 checkpoint.path, self.steps, self.samples_trained, checkpoint.record["gate"],
+                 (time.perf_counter() - started) * 1e3)
+        return checkpoint
+
+
+# ---- backend: numpy, or CuPy on a GPU; the rings, the model and the trainer are written against `xp` ----
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "numpy" or "cupy"
+    xp: Any  # the array module
+    erf: Callable[[Any], Any]  # elementwise, for exact GELU
+    to_host: Callable[[Any], np.ndarray]
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has none; math.erf is exact to an ulp
+# Rounded to the input's dtype, as CuPy's erf returns it, so that both backends round GELU alike.
+NUMPY = Backend("numpy", np, lambda z: _erf(z).astype(z.dtype), np.asarray)
+
+
+def select_backend(cuda: str) -> Backend:
+    """VMAFX_SIDECAR_CUDA: 0 numpy; 1 CuPy when it and a GPU are there, else numpy with a warning;
+    require: CuPy, or the sidecar does not start."""
+    if cuda == "0":
+        return NUMPY
+    try:
+        import cupy
+        import cupyx.scipy.special
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+    except Exception as e:  # not installed, no driver, no device: each says so in its message
+        if cuda == "require":
+            raise StartupError(f"VMAFX_SIDECAR_CUDA=require, but CuPy cannot run: {type(e).__name__}: {e}") from None
+        log.warning("VMAFX_SIDECAR_CUDA=1, but CuPy cannot run (%s: %s): training on numpy", type(e).__name__, e)
+        return NUMPY
+    return Backend("cupy", cupy, cupyx.scipy.special.erf, cupy.asnumpy)
+
+
+HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
+
+
+# ---- rings: preallocated float32 rings for replay and evaluation, oldest sample evicted first ----
+
+class Ring:
+    def __init__(self, capacity: int, n_features: int, backend: Backend):
+        self.xp = backend.xp
+        self.x = backend.xp.zeros((capacity, n_features), np.float32)
+        self.y = backend.xp.zeros(capacity, np.float32)
+        self.size = 0
+        self.next = 0  # write position
+
+    def extend(self, x: Any, y: Any) -> None:
+        """Store len(y) <= capacity samples (arrays of the ring's backend), evicting the oldest."""
+        n, capacity = len(y), len(self.y)
+        head = min(n, capacity - self.next)  # what fits before the end; the rest wraps to the start
+        self.x[self.next:self.next + head], self.y[self.next:self.next + head] = x[:head], y[:head]
+        self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
+        self.next = (self.next + n) % capacity
+        self.size = min(self.size + n, capacity)
+
+    def sample_into(self, rng: np.random.Generator, x: Any, y: Any) -> None:
+        """Fill x and y with len(y) samples drawn uniformly with replacement, by the host's generator
+        so that every backend draws the same batches."""
+        index = self.xp.asarray(rng.integers(0, self.size, len(y)))
+        self.x.take(index, axis=0, out=x)
+        self.y.take(index, out=y)
+
+
+# ---- model: dense layers with an activation between them, backprop written out by hand ----
+
+Activation = onnx_builder.Activation
+
+
+def activate(act: Activation, z: Any, backend: Backend) -> Any:
+    xp = backend.xp
+    if act.kind == "relu":
+        return xp.maximum(z, 0)
+    if act.kind == "leaky_relu":
+        return xp.where(z > 0, z, z * act.alpha).astype(z.dtype)
+    if act.kind == "tanh":
+        return xp.tanh(z)
+    if act.kind == "sigmoid":
+        return (1 / (1 + xp.exp(-z))).astype(z.dtype)
+    return (0.5 * z * (1 + backend.erf(z / math.sqrt(2)))).astype(z.dtype)  # exact GELU
+
+
+def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
+    """d activate(z) / dz, given z and h = activate(z)."""
+    xp = backend.xp
+    if act.kind == "relu":
+        return xp.sign(h)  # 1 where the unit was active (h > 0), else 0, as torch takes it at 0
+    if act.kind == "leaky_relu":
+        return xp.where(z > 0, 1, act.alpha).astype(z.dtype)
+    if act.kind == "tanh":
+        return 1 - h * h
+    if act.kind == "sigmoid":
+        return h * (1 - h)
+    cdf = 0.5 * (1 + backend.erf(z / math.sqrt(2)))
+    return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
+
+
+class MLP:
+    """All parameters live in one flat vector and each layer's W (in, out) and b are views
+    into it, so clipping, decay, momentum and EMA are each a single vector operation."""
+
+    def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32,
+                 backend: Backend = NUMPY):
+        assert len(activations) == len(sizes) - 2, "one activation per hidden layer"
+        self.sizes = list(sizes)
+        self.activations = list(activations)
+        self.backend = backend
+        self.flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
+        offset = 0
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            w = self.flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
+            offset += fan_in * fan_out
+            self.layers.append((w, self.flat[offset:offset + fan_out]))
+            offset += fan_out
+
+    @classmethod
+    def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32,
+                     backend: Backend = NUMPY) -> MLP:
+        model = cls(weights.sizes(), weights.activations, dtype, backend)
+        for (w, b), (w_src, b_src) in zip(model.layers, weights.layers):
+            w[...] = backend.xp.asarray(w_src)
+            b[...] = backend.xp.asarray(b_src)
+        return model
+
+    @classmethod
+    def initial(cls, sizes: list[int], activation: Activation, rng: np.random.Generator) -> MLP:
+        """Like torch.nn.Linear's default: weights and biases uniform in +-1/sqrt(fan_in)."""
+        model = cls(sizes, [activation] * (len(sizes) - 2))
+        for w, b in model.layers:
+            bound = 1.0 / math.sqrt(w.shape[0])
+            w[...] = rng.uniform(-bound, bound, w.shape)
+            b[...] = rng.uniform(-bound, bound, b.shape)
+        return model
+
+    def to(self, backend: Backend) -> MLP:
+        """A copy whose parameters live on `backend`."""
+        return MLP.from_weights(self.weights(), self.flat.dtype, backend)
+
+    def copy(self) -> MLP:
+        twin = MLP(self.sizes, self.activations, self.flat.dtype, self.backend)
+        twin.flat[...] = self.flat
+        return twin
+
+    def weights(self) -> onnx_builder.MLPWeights:
+        """The parameters as host arrays (views on the numpy backend)."""
+        host = self.backend.to_host
+        return onnx_builder.MLPWeights([(host(w), host(b)) for w, b in self.layers], self.activations)
+
+    def forward(self, x: Any) -> Any:
+        """Scores of shape (batch, 1)."""
+        for (w, b), act in zip(self.layers, self.activations):
+            x = activate(act, x @ w + b, self.backend)
+        w, b = self.layers[-1]
+        return x @ w + b
+
+    def loss_and_grad(self, x: Any, y: Any, grad: MLP) -> float:
+        """Batch MSE of predicting y from x; its gradient is written into grad's parameters."""
+        hidden, pre = [x], []
+        for (w, b), act in zip(self.layers, self.activations):
+            z = hidden[-1] @ w
+            z += b
+            pre.append(z)
+            hidden.append(activate(act, z, self.backend))
+        w, b = self.layers[-1]
+        error = hidden[-1] @ w
+        error += b
+        error -= y[:, None]
+        xp = self.backend.xp
+        loss = xp.vdot(error, error) / len(y)
+        d_out = error * (2 / len(y))  # dL/d(output of layer i), walking back from the top
+        for i in range(len(self.layers) - 1, -1, -1):
+            w, d_w, d_b = self.layers[i][0], *grad.layers[i]
+            xp.matmul(hidden[i].T, d_out, out=d_w)
+            xp.sum(d_out, axis=0, out=d_b)
+            if i:
+                # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
+                d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
+                d_out *= activation_slope(self.activations[i - 1], pre[i - 1], hidden[i], self.backend)
+        return float(loss)
+
+
+# ---- gate: held-out metrics decide whether a checkpoint is published or quarantined ----
+
+PUBLISHED = ("passed", "insufficient-data", "off")  # the gate verdicts that publish; else "quarantined"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's held-out scores."""
+    plcc: float  # Pearson correlation of predictions and true scores
+    srcc: float  # Spearman rank correlation, ties given their average rank
+    rmse: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of a candidate, with both models' held-out scores (None: nothing to measure)."""
+    gate: str  # one of PUBLISHED, or "quarantined"
+    candidate: Scores | None = None
+    incumbent: Scores | None = None
+    eval_n: int = 0
+    reason: str | None = None  # why it is quarantined
+
+    @property
+    def published(self) -> bool:
+        return self.gate in PUBLISHED
+
+    def refused(self, reason: str) -> Verdict:
+        return dataclasses.replace(self, gate="quarantined", reason=reason)
+
+    def record(self) -> dict[str, Any]:
+        """As a checkpoint's record holds it: "metrics" (both models' scores and eval_n), "gate", "reason"."""
+        scores = {"candidate": self.candidate and dataclasses.asdict(self.candidate),
+                  "incumbent": self.incumbent and dataclasses.asdict(self.incumbent), "eval_n": self.eval_n}
+        return {"metrics": scores, "gate": self.gate, **({"reason": self.reason} if self.reason else {})}
+
+
+def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> Verdict:
+    """The gate's verdict on `candidate`, with both models' scores on the held-out samples (x, y), all on
+    the host, so that every backend reaches the same verdict."""
+    ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
+    verdict = Verdict("passed", ours, theirs, len(y))
+    if not np.isfinite(candidate.backend.to_host(candidate.flat)).all() or (len(y) and ours is None):
+        return verdict.refused("non-finite weights or outputs")
+    if config.gate == "off":
+        return dataclasses.replace(verdict, gate="off")
+    if len(y) < config.gate_min_eval:
+        return dataclasses.replace(verdict, gate="insufficient-data")
+    if theirs is None or ours.plcc >= theirs.plcc - config.gate_max_plcc_drop:  # an unmeasurable incumbent loses
+        return verdict
+    return verdict.refused(f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, "
+                           f"by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})")
+
+
+def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
+    """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
+    not finite."""
+    with np.errstate(all="ignore"):
+        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64))[:, 0]
+    if not len(y) or not np.isfinite(predicted).all():
+        return None
+    truth = y.astype(np.float64)
+    return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
+                   rmse=math.sqrt(float(np.mean((predicted - truth) ** 2))))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when either side is constant, which no correlation can be measured for
+    (a model that predicts one score for everything ranks nothing)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    a, b = a / np.abs(a).max(), b / np.abs(b).max()  # scaled so that no sum of products overflows
+    return float(np.clip(a @ b / math.sqrt(float(a @ a) * float(b @ b)), -1.0, 1.0))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the average of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
+    return ranks
+
+
+# ---- publish: the one path of a checkpoint: judged, written, read back, then published or quarantined ----
+
+def publish(trainer: Trainer) -> Checkpoint:
+    """The trainer's EMA weights as its next checkpoint, judged by the gate against the incumbent on the
+    held-out set. OSError if the disk refuses it, with nothing partial left."""
+    trainer.flush_held_out()
+    host = trainer.backend.to_host
+    x, y = host(trainer.eval.x[:trainer.eval.size]), host(trainer.eval.y[:trainer.eval.size])
+    verdict = judge(trainer.config, trainer.ema, trainer.incumbent, x, y)
+    # The written file is run on held-out inputs; replayed ones stand in while there are none.
+    probe = x if len(x) else host(trainer.replay.x[:min(trainer.replay.size, 256)])
+    return write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
+                            verdict, probe)
+
+
+def write_checkpoint(writer: CheckpointWriter, weights: onnx_builder.MLPWeights, step: int, samples_trained: int,
+                     verdict: Verdict, probe: np.ndarray) -> Checkpoint:
+    """Write `weights` as the next version and place it as `verdict` says, unless the file, read back from
+    disk, does not compute what `weights` do on `probe`: then it is quarantined whatever the verdict."""
+    staged = writer.stage(weights, step, samples_trained)
+    if verdict.published and (problem := readback_problem(staged.temp, weights, probe)):
+        verdict = verdict.refused(f"read-back check failed: {problem}")
+    return writer.place(staged, verdict)
+
+
 # ---- checkpoints: versioned ONNX files of the EMA weights, written atomically, a pointer to the newest ----
 
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
@@ -2119,29 +1943,219 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-# ---- publish: the one path of a checkpoint: judged, written, read back, then published or quarantined ----
+# ---- prometheus endpoint: metrics as Prometheus text on a minimal HTTP/1.1 server in the same loop ----
 
-def publish(trainer: Trainer) -> Checkpoint:
-    """The trainer's EMA weights as its next checkpoint, judged by the gate against the incumbent on the
-    held-out set. OSError if the disk refuses it, with nothing partial left."""
-    trainer.flush_held_out()
-    host = trainer.backend.to_host
-    x, y = host(trainer.eval.x[:trainer.eval.size]), host(trainer.eval.y[:trainer.eval.size])
-    verdict = judge(trainer.config, trainer.ema, trainer.incumbent, x, y)
-    # The written file is run on held-out inputs; replayed ones stand in while there are none.
-    probe = x if len(x) else host(trainer.replay.x[:min(trainer.replay.size, 256)])
-    return write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
-                            verdict, probe)
+HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
+HTTP_TIMEOUT_S = 5.0  # a scrape that has not finished by then is cut off
+HTTP_MAX_CONNECTIONS = 16
+STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                431: "Request Header Fields Too Large"}
 
 
-def write_checkpoint(writer: CheckpointWriter, weights: onnx_builder.MLPWeights, step: int, samples_trained: int,
-                     verdict: Verdict, probe: np.ndarray) -> Checkpoint:
-    """Write `weights` as the next version and place it as `verdict` says, unless the file, read back from
-    disk, does not compute what `weights` do on `probe`: then it is quarantined whatever the verdict."""
-    staged = writer.stage(weights, step, samples_trained)
-    if verdict.published and (problem := readback_problem(staged.temp, weights, probe)):
-        verdict = verdict.refused(f"read-back check failed: {problem}")
-    return writer.place(staged, verdict)
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a bucket holds values <= its bound
+        self.sum += value
+
+
+def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
+    """`:9464` (every IPv4 interface), `127.0.0.1:9464` or `[::1]:9464`."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    host = match.group(1)
+    if host.startswith("["):
+        return socket.AF_INET6, host[1:-1], int(match.group(2))
+    return socket.AF_INET, host or "0.0.0.0", int(match.group(2))
+
+
+@dataclass(slots=True)
+class HttpConnection:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytes = b""
+
+
+class MetricsEndpoint:
+    """GET /metrics and /healthz, one request per connection. Sockets are non-blocking and every
+    connection has a deadline, so a slow or stuck scraper never holds up the trainer or the node."""
+
+    def __init__(self, server: Server, address: str):
+        family, host, port = parse_listen_address(address)
+        self.server, self.address = server, address
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((host, port))
+            self.listener.listen(HTTP_MAX_CONNECTIONS)
+        except OSError as e:
+            self.listener.close()
+            raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+        self.listener.setblocking(False)
+        self.connections: list[HttpConnection] = []
+        self.paused = False  # out of file descriptors: the listener is unwatched until the next tick
+        server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+
+    def accept(self, mask: int) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE: stop watching, or the loop would spin on a ready listener
+            log.error("cannot accept a metrics connection (%s): pausing for a second", e.strerror or e)
+            self.server.selector.unregister(self.listener)
+            self.paused = True
+            return
+        if len(self.connections) >= HTTP_MAX_CONNECTIONS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = HttpConnection(sock, time.monotonic() + HTTP_TIMEOUT_S)
+        self.connections.append(conn)
+        self.server.selector.register(sock, selectors.EVENT_READ, functools.partial(self.serve, conn))
+
+    def serve(self, conn: HttpConnection, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = conn.sock.recv(HTTP_MAX_REQUEST)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the scraper left before its request was complete
+                return self.close(conn)
+            conn.inbuf += data
+            if b"\r\n\r\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
+                conn.outbuf = http_response(bytes(conn.inbuf), self.server)
+                self.server.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self.serve, conn))
+        if conn.outbuf:
+            try:
+                conn.outbuf = conn.outbuf[conn.sock.send(conn.outbuf):]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                conn.outbuf = b""
+            if not conn.outbuf:
+                self.close(conn)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            self.close(conn)
+        if self.paused:
+            self.server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+            self.paused = False
+
+    def close(self, conn: HttpConnection | None = None) -> None:
+        """Close one connection, or with none given the endpoint and all of its connections."""
+        for c in [conn] if conn else list(self.connections):
+            self.connections.remove(c)
+            self.server.selector.unregister(c.sock)
+            c.sock.close()
+        if conn is None:
+            if not self.paused:
+                self.server.selector.unregister(self.listener)
+            self.listener.close()
+
+
+def http_response(request: bytes, server: Server) -> bytes:
+    """The whole response to one request: strict, since only Prometheus and kubelets talk to it."""
+    head, complete, _ = request.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    method, target, version = (parts + [b""] * 3)[:3]
+    path = target.split(b"?")[0]
+    status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    if not complete or len(head) > HTTP_MAX_REQUEST:
+        status, body = 431, b"request head too large\n"
+    elif len(parts) != 3 or version not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
+        status, body = 400, b"malformed request\n"
+    elif headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+        status, body = 400, b"a request body is not accepted\n"
+    elif path not in (b"/metrics", b"/healthz"):
+        status, body = 404, b"not found: try /metrics or /healthz\n"
+    elif method not in (b"GET", b"HEAD"):
+        status, body = 405, b"only GET and HEAD\n"
+    elif path == b"/metrics":
+        body, content_type = metrics_text(server).encode(), "text/plain; version=0.0.4; charset=utf-8"
+    allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
+    response = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n").encode()
+    return response + (b"" if method == b"HEAD" and status == 200 else body)
+
+
+def metrics_text(server: Server) -> str:
+    """Every metric in the Prometheus text exposition format (0.0.4)."""
+    t, s = server.trainer, server
+    latest = t.checkpoints.latest or {}
+    candidate = ((t.last_gate or {}).get("metrics") or {}).get("candidate") or {}
+    step = t.step_seconds
+    buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    families = [
+        ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
+         "checkpoints (held_out), and rejected lines", [
+            ({"result": "accepted"}, t.samples_accepted - t.samples_held_out),
+            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, t.samples_rejected)]),
+        ("vmafx_sidecar_rejected_total", "counter", "Rejected lines by reason, since the process started",
+         [({"reason": r}, s.rejections[r]) for r in REJECTION_REASONS.values()]),
+        ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken", [({}, t.steps)]),
+        ("vmafx_sidecar_train_loss", "gauge", "MSE of the last batch trained", [({}, t.last_loss)]),
+        ("vmafx_sidecar_train_loss_smoothed", "gauge", "MSE of the batches, exponentially smoothed over ~100 "
+         "steps", [({}, t.loss_smoothed)]),
+        ("vmafx_sidecar_step_duration_seconds", "histogram", "Time of one training step, since the process "
+         "started", [*(("_bucket", labels, n) for labels, n in buckets), ("_sum", {}, step.sum),
+                     ("_count", {}, sum(step.counts))]),
+        ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay_size)]),
+        ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
+        ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",
+         [({"result": r}, t.checkpoint_results[r]) for r in ("published", "quarantined", "failed")]),
+        ("vmafx_sidecar_checkpoint_version", "gauge", "Version of the checkpoint latest.json names",
+         [({}, latest.get("version"))]),
+        ("vmafx_sidecar_last_checkpoint_timestamp_seconds", "gauge", "When the checkpoint latest.json names "
+         "was written (Unix time)", [({}, latest.get("created_unix"))]),
+        ("vmafx_sidecar_eval_plcc", "gauge", "Held-out PLCC of the last checkpoint the gate judged",
+         [({}, candidate.get("plcc"))]),
+        ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
+         [({}, t.steps_skipped)]),
+        ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
+        ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
+        ("process_cpu_seconds_total", "counter", "User and system CPU time",
+         [({}, usage.ru_utime + usage.ru_stime)]),
+    ]
+    lines = []
+    for name, kind, help, samples in families:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        for suffix, labels, value in (x if len(x) == 3 else ("", *x) for x in samples):
+            if value is not None:
+                text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                lines.append(f"{name}{suffix}{{{text}}} {value!r}" if text else f"{name}{suffix} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def version() -> str:
+    try:
+        return importlib.metadata.version("vmafx-sidecar")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        return None
 
 
 # ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----
