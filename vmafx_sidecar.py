@@ -204,6 +204,8 @@ class Config:
     @classmethod
     def load(cls, environ: dict[str, str], overrides: dict[str, str]) -> Config:
         """Read settings from the environment, with `overrides` (field -> text) from flags winning."""
+        for env in sorted(RETIRED_SETTINGS.keys() & environ.keys()):
+            raise ConfigError(f"{env}: no longer read by this version; {RETIRED_SETTINGS[env]}")
         values = {}
         for f in dataclasses.fields(cls):
             env = f.metadata["env"]
@@ -246,6 +248,11 @@ def parse_setting(raw: str, kind: type, check: Check, source: str) -> Any:
     if value is None or (kind is float and not math.isfinite(value)) or not check.ok(value):
         raise ConfigError(f"{source}: must be {' '.join(filter(None, (kind_name, check.allowed)))}, got {raw!r}")
     return value
+
+
+# Settings an older version read, and what to do instead: a sidecar started with one exits 2, rather than run
+# on a default its operator did not choose. Add a setting here when it is renamed or removed.
+RETIRED_SETTINGS: dict[str, str] = {}
 
 
 def warn_unknown_settings(environ: dict[str, str]) -> None:

@@ -128,6 +128,16 @@ def test_invalid_value_message_reads_as_a_sentence(short_dir, variables, message
 
 # ---- Config.load in-process: precedence and parsed types ----
 
+def test_a_retired_setting_fails_loudly_naming_what_replaces_it(monkeypatch, capsys):
+    monkeypatch.setitem(vmafx_sidecar.RETIRED_SETTINGS, "VMAFX_SIDECAR_OLD_NAME", "set VMAFX_SIDECAR_NEW_NAME instead")
+    with pytest.raises(vmafx_sidecar.ConfigError, match="VMAFX_SIDECAR_OLD_NAME: no longer read by this version; set "
+                                             "VMAFX_SIDECAR_NEW_NAME instead"):
+        vmafx_sidecar.Config.load({"VMAFX_SIDECAR_OLD_NAME": "1"}, {})
+    monkeypatch.setenv("VMAFX_SIDECAR_OLD_NAME", "1")
+    assert vmafx_sidecar.main(["serve"]) == 2  # before anything is claimed or read
+    assert "VMAFX_SIDECAR_NEW_NAME" in capsys.readouterr().err
+
+
 def test_load_with_nothing_set_gives_the_defaults():
     assert vmafx_sidecar.Config.load({}, {}) == vmafx_sidecar.Config()
 
