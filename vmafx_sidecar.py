@@ -726,7 +726,7 @@ def drain(sock: socket.socket) -> None:
 
 # ---- protocol: newline-delimited JSON requests, one ACK line each ----
 
-F32_MAX = float(np.finfo(np.float32).max)
+F32_MAX = feedback.F32_MAX  # the largest value the model takes: both ends of the socket check it
 JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
                    type(None): "null", int: "number", float: "number"}
 
@@ -1121,6 +1121,11 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
 
 # ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
 
+HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
+# Bounds of the step-time histogram (seconds).
+STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
 @dataclass(slots=True)
 class StepResult:
     loss: float
@@ -1401,9 +1406,6 @@ def select_backend(cuda: str) -> Backend:
         log.warning("VMAFX_SIDECAR_CUDA=1, but CuPy cannot run (%s: %s): training on numpy", type(e).__name__, e)
         return NUMPY
     return Backend("cupy", cupy, cupyx.scipy.special.erf, cupy.asnumpy)
-
-
-HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
 
 
 # ---- rings: preallocated float32 rings for replay and evaluation, oldest sample evicted first ----
@@ -1955,7 +1957,6 @@ def fsync_directory(directory: Path) -> None:
 HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
 HTTP_TIMEOUT_S = 5.0  # a scrape that has not finished by then is cut off
 HTTP_MAX_CONNECTIONS = 16
-STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                 431: "Request Header Fields Too Large"}
 
