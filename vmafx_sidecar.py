@@ -295,8 +295,8 @@ def open_lock(path: Path) -> int:
         raise StartupError(f"cannot open lock file {path}: {e.strerror or e}") from None
 
 
-def locked_within(fd: int, wait_s: float) -> bool:
-    """Whether this process got the exclusive flock on `fd`, trying for up to wait_s seconds."""
+def take_lock_within(fd: int, wait_s: float) -> bool:
+    """Take the exclusive flock on `fd`, trying for up to wait_s seconds; whether this process got it."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -311,7 +311,7 @@ def locked_within(fd: int, wait_s: float) -> bool:
 def lock_beside(path: str) -> None:
     """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
     fd = open_lock(Path(path + ".lock"))
-    if not locked_within(fd, 0):
+    if not take_lock_within(fd, 0):
         os.close(fd)
         raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
 
@@ -350,7 +350,7 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
     except OSError as e:
         raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
     fd = open_lock(directory / DIRECTORY_LOCK)
-    if not locked_within(fd, wait_s):
+    if not take_lock_within(fd, wait_s):
         other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
         os.close(fd)
         raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
