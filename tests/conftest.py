@@ -1,4 +1,5 @@
-"""Shared fixtures: a real sidecar server in a subprocess and a line-oriented client for it."""
+"""Shared fixtures: a real sidecar server in a subprocess, a line-oriented client for it, and the trainer
+that in-process tests build."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # How numpy and OpenBLAS compute here (NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE, ...): passed on to every
 # sidecar a test starts, so that a run of the suite on narrower SIMD paths reaches the training too.
 NUMERIC_ENV = {k: v for k, v in os.environ.items() if k.startswith(("NPY_", "OPENBLAS_"))}
+
+# After NUMERIC_ENV, which is to hold this environment's settings, not the OPENBLAS_NUM_THREADS this import sets.
+import vmafx_sidecar as vs  # noqa: E402
 
 # A failing property prints the @reproduce_failure line that replays it; under CI the examples are
 # derived from each test's name, so a red CI run is the same run again on any machine.
@@ -173,3 +178,19 @@ def sample(rng: np.random.Generator, n_features: int = 80, job_id: str | None = 
     if job_id is not None:
         message["job_id"] = job_id
     return message
+
+
+RELU = vs.Activation("relu")
+
+
+def make_trainer(directory: Path, *, sizes: list[int] | None = None, activation: vs.Activation = RELU,
+                 backend: vs.Backend = vs.NUMPY, **settings: Any) -> vs.Trainer:
+    """A trainer on a fresh model, put together as vs.build_trainer puts one: its initial weights and its
+    replay draws from one generator seeded with `seed`. `settings` are Config fields; no checkpoint is due
+    unless they say so. `sizes`, for a model the settings cannot describe, also sets n_features."""
+    settings = {"min_samples_ckpt": 10**9, **({"n_features": sizes[0]} if sizes else {}), **settings}
+    config = vs.Config(checkpoint_dir=str(directory), **settings)
+    rng = np.random.default_rng(config.seed)
+    model = vs.MLP.initial(sizes or [config.n_features, config.hidden, 1], activation, rng)
+    writer = vs.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
+    return vs.Trainer(config, model.to(backend), writer, rng)
