@@ -440,9 +440,7 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-step-") as tmp:
         config = vs.Config.load({"VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
                                  "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
-        rng = np.random.default_rng(config.seed)
-        model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation(config.activation), rng)
-        trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+        trainer, _ = vs.build_trainer(config)
         data = np.random.default_rng(7)
         x = data.uniform(0, 1, (4096, config.n_features)).astype(np.float32)
         y = data.uniform(20, 100, 4096).astype(np.float32)
@@ -462,7 +460,7 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
             if i >= warmup:
                 times[i - warmup] = t1 - t0
         shape = (f"batch {config.batch_size} ({n_new} new + {trainer.n_replay} replay), "
-                 f"{'-'.join(map(str, model.sizes))}")
+                 f"{'-'.join(map(str, trainer.model.sizes))}")
         return float(np.median(times)) / 1e3, float(np.percentile(times, 99)) / 1e3, shape
 
 
