@@ -90,12 +90,11 @@ class Sidecar:
         self.workdir = workdir
         # AF_UNIX paths are limited to ~107 bytes, so the socket lives in a short temp dir.
         self.sockdir = tempfile.mkdtemp(prefix="vx")
-        self.socket = os.path.join(self.sockdir, "s.sock")
         self.checkpoint_dir = workdir / "ckpt"
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": str(ROOT),
-            "VMAFX_SIDECAR_SOCKET": self.socket,
+            "VMAFX_SIDECAR_SOCKET": os.path.join(self.sockdir, "s.sock"),
             "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "VMAFX_BASE_MODEL_PATH": "",
             **NUMERIC_ENV,
@@ -103,27 +102,19 @@ class Sidecar:
             "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0",
             **env,
         }
+        self.socket = self.env["VMAFX_SIDECAR_SOCKET"]  # the one `env` names, if it names one
         self.proc: subprocess.Popen | None = None
         self.stderr_path = workdir / f"stderr-{time.monotonic_ns()}.log"
         self.clients: list[Client] = []
 
     def start(self, timeout: float = 15.0) -> Sidecar:
+        """Returns once the sidecar answers a ping; AssertionError with its stderr if it does not."""
         self.stderr_file = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=self.env,
-                                     cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=self.stderr_file)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.stderr()}")
-            try:
-                c = Client(self.socket)
-                assert c.request({"op": "ping"}) == {"ok": True, "op": "pong"}
-                c.close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"sidecar did not answer ping:\n{self.stderr()}")
-                time.sleep(0.02)
+        try:
+            self.proc = vs.start_server(self.env, timeout, stderr=self.stderr_file, cwd=self.workdir)
+        except vs.ServerNotReady as e:
+            raise AssertionError(f"{e}:\n{self.stderr()}") from None
+        return self
 
     def client(self) -> Client:
         c = Client(self.socket)
