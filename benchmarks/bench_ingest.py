@@ -137,29 +137,16 @@ class Server:
         self.ready_s: float | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        argv = [sys.executable]
-        if self.profile_out:
-            argv += ["-m", "cProfile", "-o", str(self.profile_out)]
-        argv += ["-m", "vmafx_sidecar", "serve"]
+        """Start the server and wait until it answers a ping; ready_s is how long that took."""
+        profile = ("-m", "cProfile", "-o", str(self.profile_out)) if self.profile_out else ()
         self.stderr_file = open(self.stderr_path, "wb")
         started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=self.env, cwd=self.workdir,
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file)
-        deadline = started + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                pong = self.request({"op": "ping"}, timeout=5.0)
-            except OSError:
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"server did not answer ping in {timeout} s:\n{self.log()}") from None
-                time.sleep(0.001)
-                continue
-            self.ready_s = time.perf_counter() - started
-            if pong != {"ok": True, "op": "pong"}:
-                raise RuntimeError(f"unexpected answer to ping: {pong!r}")
-            return
+        try:
+            self.proc = vs.start_server(self.env, timeout, stderr=self.stderr_file, cwd=self.workdir,
+                                        python_args=profile)
+        except vs.ServerNotReady as e:
+            raise RuntimeError(f"{e}:\n{self.log()}") from None
+        self.ready_s = time.perf_counter() - started
 
     def request(self, message: dict, timeout: float = 5.0) -> dict:
         return request(self.socket, message, timeout)
