@@ -2308,7 +2308,7 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
                                            tuple(s * storage.itemsize for s in stride)).copy()
 
 
-# ---- CLI: serve, and demo (a server fed a synthetic stream) ----
+# ---- CLI: serve, demo (a server fed a synthetic stream), start_server (for it, the tests, the benchmarks) ----
 
 def serve(config: Config) -> int:
     take_claims(config)
@@ -2364,9 +2364,13 @@ def demo(directory: str, samples: int) -> int:
         env = dict(os.environ, VMAFX_SIDECAR_SOCKET=sock_path, VMAFX_SIDECAR_CHECKPOINT_DIR=directory,
                    VMAFX_BASE_MODEL_PATH="", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
                    VMAFX_SIDECAR_MIN_SAMPLES_CKPT="2000", VMAFX_SIDECAR_LR="0.03", VMAFX_SIDECAR_EMA_DECAY="0.99")
-        server = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=env)
         try:
-            client = connect_when_ready(sock_path, server)
+            server = start_server(env, timeout_s=10.0)
+        except ServerNotReady as e:
+            raise SystemExit(f"the demo server did not start: {e}") from None
+        try:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(sock_path)
             reader = client.makefile("rb")
             client.sendall(b'{"op": "status"}\n')
             resumed = json.loads(reader.readline())
@@ -2390,18 +2394,45 @@ def demo(directory: str, samples: int) -> int:
     return 0
 
 
-def connect_when_ready(path: str, server: subprocess.Popen, timeout_s: float = 10.0) -> socket.socket:
+class ServerNotReady(RuntimeError):
+    """A server that start_server started exited, or did not answer a ping in time."""
+
+
+READY_POLL_S = 0.001  # fine-grained, since the benchmarks time the start with it
+
+
+def start_server(env: dict[str, str], timeout_s: float, stderr: int | io.IOBase | None = None,
+                 cwd: Path | None = None, python_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`python [python_args] -m vmafx_sidecar serve` with `env`, returned once the socket that env names
+    answers a ping. ServerNotReady if it exits first or `timeout_s` passes; the process is then gone."""
+    server = subprocess.Popen([sys.executable, *python_args, "-m", "vmafx_sidecar", "serve"], env=env, cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for_pong(server, env.get(feedback.SOCKET_ENV, DEFAULT_SOCKET), timeout_s)
+    except BaseException:  # the caller never holds a server that did not start
+        server.kill()
+        server.wait()
+        raise
+    return server
+
+
+def wait_for_pong(server: subprocess.Popen, path: str, timeout_s: float) -> None:
+    """Ping `path` until it answers, `server` exits or `timeout_s` passes. A refused connection, or one
+    closed without an answer, is a server not listening yet: the next poll() says whether it died."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while server.poll() is None:
         try:
-            client.connect(path)
-            return client
+            answer = feedback.ask(path, b'{"op":"ping"}\n', max(deadline - time.monotonic(), READY_POLL_S))
         except OSError:
-            client.close()
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the demo server did not start") from None
-            time.sleep(0.02)
+            answer = b""
+        if answer == feedback.PONG:
+            return
+        if answer.endswith(b"\n"):
+            raise ServerNotReady(f"the server answered a ping on {path} with {answer[:200]!r}")
+        if time.monotonic() > deadline:
+            raise ServerNotReady(f"the server did not answer a ping on {path} within {timeout_s:g} s")
+        time.sleep(READY_POLL_S)
+    raise ServerNotReady(f"the server exited with {server.returncode} before {path} answered a ping")
 
 
 def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:

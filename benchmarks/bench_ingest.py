@@ -137,29 +137,16 @@ class Server:
         self.ready_s: float | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        argv = [sys.executable]
-        if self.profile_out:
-            argv += ["-m", "cProfile", "-o", str(self.profile_out)]
-        argv += ["-m", "vmafx_sidecar", "serve"]
+        """Start the server and wait until it answers a ping; ready_s is how long that took."""
+        profile = ("-m", "cProfile", "-o", str(self.profile_out)) if self.profile_out else ()
         self.stderr_file = open(self.stderr_path, "wb")
         started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=self.env, cwd=self.workdir,
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file)
-        deadline = started + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                pong = self.request({"op": "ping"}, timeout=5.0)
-            except OSError:
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"server did not answer ping in {timeout} s:\n{self.log()}") from None
-                time.sleep(0.001)
-                continue
-            self.ready_s = time.perf_counter() - started
-            if pong != {"ok": True, "op": "pong"}:
-                raise RuntimeError(f"unexpected answer to ping: {pong!r}")
-            return
+        try:
+            self.proc = vs.start_server(self.env, timeout, stderr=self.stderr_file, cwd=self.workdir,
+                                        python_args=profile)
+        except vs.ServerNotReady as e:
+            raise RuntimeError(f"{e}:\n{self.log()}") from None
+        self.ready_s = time.perf_counter() - started
 
     def request(self, message: dict, timeout: float = 5.0) -> dict:
         return request(self.socket, message, timeout)
@@ -440,9 +427,7 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-step-") as tmp:
         config = vs.Config.load({"VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
                                  "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
-        rng = np.random.default_rng(config.seed)
-        model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation(config.activation), rng)
-        trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+        trainer, _ = vs.build_trainer(config)
         data = np.random.default_rng(7)
         x = data.uniform(0, 1, (4096, config.n_features)).astype(np.float32)
         y = data.uniform(20, 100, 4096).astype(np.float32)
@@ -462,7 +447,7 @@ def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, flo
             if i >= warmup:
                 times[i - warmup] = t1 - t0
         shape = (f"batch {config.batch_size} ({n_new} new + {trainer.n_replay} replay), "
-                 f"{'-'.join(map(str, model.sizes))}")
+                 f"{'-'.join(map(str, trainer.model.sizes))}")
         return float(np.median(times)) / 1e3, float(np.percentile(times, 99)) / 1e3, shape
 
 

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_snapshot.py [--capacity 10000] [--runs 20]
 
-Builds the trainer as `serve` does (80-64-1, default settings), fills the replay buffer, then times
-StateStore.save() (serialize, checksum, write, fsync, rename, fsync the directory, empty the journal)
-and the restore at start-up.
+Builds the trainer as `serve` does, with vmafx_sidecar.build_trainer (a fresh 80-64-1 model, default
+settings), fills the replay buffer, then times StateStore.save() (serialize, checksum, write, fsync, rename,
+fsync the directory, empty the journal) and the restore at start-up.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ import numpy as np  # noqa: E402
 
 
 def build(directory: str, capacity: int) -> vs.Server:
-    config = vs.Config(checkpoint_dir=directory, replay_capacity=capacity, min_samples_ckpt=10**9)
-    rng = np.random.default_rng(config.seed)
-    model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation(config.activation), rng)
-    trainer = vs.Trainer(config, model, vs.CheckpointWriter(directory), rng)
+    config = vs.Config(checkpoint_dir=directory, base_model_path="", replay_capacity=capacity,
+                       min_samples_ckpt=10**9)
+    trainer, _ = vs.build_trainer(config)
     return vs.Server(config, trainer, vs.StateStore(config, trainer))
 
 

@@ -38,20 +38,20 @@ def stream(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.float32)
 
 
-def make_trainer(backend: vs.Backend, directory: str, batch: int, hidden: int, activation: str,
+def make_trainer(cuda: str, directory: str, batch: int, hidden: int, activation: str,
                  checkpoints_every: int) -> vs.Trainer:
-    config = vs.Config(checkpoint_dir=directory, batch_size=batch, hidden=hidden, n_features=N_FEATURES,
-                       activation=activation, lr=0.001, ckpt_interval_s=0.0, min_samples_ckpt=checkpoints_every,
-                       gate_min_eval=50, eval_capacity=2000, keep_checkpoints=0, seed=0)
-    rng = np.random.default_rng(config.seed)
-    model = vs.MLP.initial([N_FEATURES, hidden, 1], vs.Activation(activation), rng)
-    return vs.Trainer(config, model.to(backend), vs.CheckpointWriter(directory, config.keep_checkpoints), rng)
+    """Built as serve builds it: on numpy with `cuda` "0", on CuPy with "require"."""
+    config = vs.Config(checkpoint_dir=directory, base_model_path="", cuda=cuda, batch_size=batch, hidden=hidden,
+                       n_features=N_FEATURES, activation=activation, lr=0.001, ckpt_interval_s=0.0,
+                       min_samples_ckpt=checkpoints_every, gate_min_eval=50, eval_capacity=2000, keep_checkpoints=0,
+                       seed=0)
+    return vs.build_trainer(config)[0]
 
 
-def train(backend: vs.Backend, steps: int, activation: str) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+def train(cuda: str, steps: int, activation: str) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """Final live and EMA weights (host), the gate's verdicts, and seconds, after `steps` steps."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as directory:
-        t = make_trainer(backend, directory, 32, 64, activation, checkpoints_every=steps * 16 // 4)
+        t = make_trainer(cuda, directory, 32, 64, activation, checkpoints_every=steps * 16 // 4)
         x, y = stream(steps * 18 + 1000)  # ~5% held out (by job_id), the rest trained 16 new per step
         verdicts, started, i = [], time.perf_counter(), 0
         while t.steps < steps:
@@ -59,14 +59,14 @@ def train(backend: vs.Backend, steps: int, activation: str) -> tuple[np.ndarray,
             if result is not None and result.checkpoint is not None:
                 verdicts.append(result.checkpoint.record["gate"])
             i += 1
-        live, ema = backend.to_host(t.model.flat), backend.to_host(t.ema.flat)
+        live, ema = t.backend.to_host(t.model.flat), t.backend.to_host(t.ema.flat)
         return live, ema, verdicts, time.perf_counter() - started
 
 
-def step_time(backend: vs.Backend, sync, batch: int, hidden: int, repeats: int) -> float:
+def step_time(cuda: str, sync, batch: int, hidden: int, repeats: int) -> float:
     """Median seconds of one Trainer.step, batch new + replay samples already gathered on the host."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as directory:
-        t = make_trainer(backend, directory, batch, hidden, "relu", checkpoints_every=10**12)
+        t = make_trainer(cuda, directory, batch, hidden, "relu", checkpoints_every=10**12)
         x, y = stream(t.n_new * 8)
         times = []
         for k in range(repeats + 10):  # the first 10 warm up (and fill the replay ring)
@@ -94,7 +94,7 @@ def main() -> int:
               "on a machine with an NVIDIA GPU", file=sys.stderr)
         return 2
     try:
-        gpu = vs.select_backend("require")
+        vs.select_backend("require")
         name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     except Exception as e:  # StartupError: no driver or no device, the reason in the message
         print(f"gpu_check: {e}", file=sys.stderr)
@@ -103,8 +103,8 @@ def main() -> int:
     device = cupy.cuda.Device(0)
     print(f"GPU: {name}, CuPy {cupy.__version__}, numpy {np.__version__}")
 
-    cpu_live, cpu_ema, cpu_verdicts, cpu_s = train(vs.NUMPY, args.steps, args.activation)
-    gpu_live, gpu_ema, gpu_verdicts, gpu_s = train(gpu, args.steps, args.activation)
+    cpu_live, cpu_ema, cpu_verdicts, cpu_s = train("0", args.steps, args.activation)
+    gpu_live, gpu_ema, gpu_verdicts, gpu_s = train("require", args.steps, args.activation)
     d_live = float(np.max(np.abs(cpu_live.astype(np.float64) - gpu_live)))
     d_ema = float(np.max(np.abs(cpu_ema.astype(np.float64) - gpu_ema)))
     ok = d_live <= TOLERANCE and d_ema <= TOLERANCE and np.isfinite(gpu_live).all()
@@ -117,8 +117,8 @@ def main() -> int:
 
     print(f"\n{'median Trainer.step':<28}{'numpy ms':>10}{'cupy ms':>10}{'speedup':>9}")
     for batch, hidden in ((32, 64), (1024, 256)):
-        cpu_t = step_time(vs.NUMPY, lambda: None, batch, hidden, args.repeats)
-        gpu_t = step_time(gpu, device.synchronize, batch, hidden, args.repeats)
+        cpu_t = step_time("0", lambda: None, batch, hidden, args.repeats)
+        gpu_t = step_time("require", device.synchronize, batch, hidden, args.repeats)
         print(f"{f'batch {batch}, {N_FEATURES}-{hidden}-1':<28}{cpu_t * 1e3:>10.3f}{gpu_t * 1e3:>10.3f}"
               f"{cpu_t / gpu_t:>8.1f}x")
     if not ok:

@@ -49,6 +49,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_ingest import fmt_int, machine, request, server_env, status_kb  # noqa: E402  (this folder is on sys.path)
+import vmafx_sidecar as vs  # noqa: E402  (bench_ingest put the repository root on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_FEATURES = 80
@@ -84,24 +85,11 @@ class Sidecar:
         self.log_file.write(f"---- soak.py: start #{self.starts} at {time.strftime('%H:%M:%S')}\n".encode())
         self.log_file.flush()
         started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=self.env,
-                                     cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=self.log_file)
-        deadline = started + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server start #{self.starts} exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
-            try:
-                pong = self.request({"op": "ping"})
-            except (OSError, ValueError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server start #{self.starts} did not answer ping in "
-                                       f"{START_TIMEOUT_S:.0f} s:\n{self.log_tail()}") from None
-                time.sleep(0.005)
-                continue
-            if pong != {"ok": True, "op": "pong"}:
-                raise RuntimeError(f"unexpected answer to ping: {pong!r}")
-            return time.monotonic() - started
+        try:
+            self.proc = vs.start_server(self.env, START_TIMEOUT_S, stderr=self.log_file, cwd=self.workdir)
+        except vs.ServerNotReady as e:
+            raise RuntimeError(f"server start #{self.starts}: {e}:\n{self.log_tail()}") from None
+        return time.monotonic() - started
 
     def request(self, message: dict, timeout: float = ACK_TIMEOUT_S) -> dict:
         return request(self.socket, message, timeout)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real sidecar server in a subprocess and a line-oriented client for it."""
+"""Shared fixtures: a real sidecar server in a subprocess, a line-oriented client for it, and the trainer
+that in-process tests build."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # How numpy and OpenBLAS compute here (NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE, ...): passed on to every
 # sidecar a test starts, so that a run of the suite on narrower SIMD paths reaches the training too.
 NUMERIC_ENV = {k: v for k, v in os.environ.items() if k.startswith(("NPY_", "OPENBLAS_"))}
+
+# After NUMERIC_ENV, which is to hold this environment's settings, not the OPENBLAS_NUM_THREADS this import sets.
+import vmafx_sidecar as vs  # noqa: E402
 
 # A failing property prints the @reproduce_failure line that replays it; under CI the examples are
 # derived from each test's name, so a red CI run is the same run again on any machine.
@@ -85,12 +90,11 @@ class Sidecar:
         self.workdir = workdir
         # AF_UNIX paths are limited to ~107 bytes, so the socket lives in a short temp dir.
         self.sockdir = tempfile.mkdtemp(prefix="vx")
-        self.socket = os.path.join(self.sockdir, "s.sock")
         self.checkpoint_dir = workdir / "ckpt"
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": str(ROOT),
-            "VMAFX_SIDECAR_SOCKET": self.socket,
+            "VMAFX_SIDECAR_SOCKET": os.path.join(self.sockdir, "s.sock"),
             "VMAFX_SIDECAR_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "VMAFX_BASE_MODEL_PATH": "",
             **NUMERIC_ENV,
@@ -98,27 +102,19 @@ class Sidecar:
             "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0",
             **env,
         }
+        self.socket = self.env["VMAFX_SIDECAR_SOCKET"]  # the one `env` names, if it names one
         self.proc: subprocess.Popen | None = None
         self.stderr_path = workdir / f"stderr-{time.monotonic_ns()}.log"
         self.clients: list[Client] = []
 
     def start(self, timeout: float = 15.0) -> Sidecar:
+        """Returns once the sidecar answers a ping; AssertionError with its stderr if it does not."""
         self.stderr_file = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=self.env,
-                                     cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=self.stderr_file)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.stderr()}")
-            try:
-                c = Client(self.socket)
-                assert c.request({"op": "ping"}) == {"ok": True, "op": "pong"}
-                c.close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"sidecar did not answer ping:\n{self.stderr()}")
-                time.sleep(0.02)
+        try:
+            self.proc = vs.start_server(self.env, timeout, stderr=self.stderr_file, cwd=self.workdir)
+        except vs.ServerNotReady as e:
+            raise AssertionError(f"{e}:\n{self.stderr()}") from None
+        return self
 
     def client(self) -> Client:
         c = Client(self.socket)
@@ -173,3 +169,19 @@ def sample(rng: np.random.Generator, n_features: int = 80, job_id: str | None = 
     if job_id is not None:
         message["job_id"] = job_id
     return message
+
+
+RELU = vs.Activation("relu")
+
+
+def make_trainer(directory: Path, *, sizes: list[int] | None = None, activation: vs.Activation = RELU,
+                 backend: vs.Backend = vs.NUMPY, **settings: Any) -> vs.Trainer:
+    """A trainer on a fresh model, put together as vs.build_trainer puts one: its initial weights and its
+    replay draws from one generator seeded with `seed`. `settings` are Config fields; no checkpoint is due
+    unless they say so. `sizes`, for a model the settings cannot describe, also sets n_features."""
+    settings = {"min_samples_ckpt": 10**9, **({"n_features": sizes[0]} if sizes else {}), **settings}
+    config = vs.Config(checkpoint_dir=str(directory), **settings)
+    rng = np.random.default_rng(config.seed)
+    model = vs.MLP.initial(sizes or [config.n_features, config.hidden, 1], activation, rng)
+    writer = vs.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
+    return vs.Trainer(config, model.to(backend), writer, rng)

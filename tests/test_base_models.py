@@ -67,8 +67,8 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     assert_close(model.forward(x)[:, 0], y)
 
     # The first checkpoint, written before any step, gives the same outputs through onnxruntime.
-    rng = np.random.default_rng(0)
-    trainer = vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+    trainer, _ = vs.build_trainer(config)  # on this base model, as serve builds it
+    rng = trainer.rng  # the samples below come from the generator of the trainer's replay draws
     ungated = vs.Verdict("off")
     first = vs.write_checkpoint(trainer.checkpoints, trainer.ema.weights(), 0, 0, ungated, x).path
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)

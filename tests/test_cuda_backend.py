@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import ROOT, Sidecar, sample
+from conftest import ROOT, Sidecar, make_trainer, sample
 
 FAKE_DIR = ROOT / "tests" / "fakecupy"
 FAKE_MODULES = ("cupy", "cupyx", "cupyx.scipy", "cupyx.scipy.special")
@@ -143,16 +143,13 @@ def test_forward_and_gradient_on_the_device_match_numpy(gpu, act):
     assert scores.tobytes() == host.forward(x).tobytes()
 
 
-def make_trainer(directory: Path, act: vs.Activation, backend: vs.Backend) -> vs.Trainer:
-    """Replay mixed in, the hold-out on, clipping and decay active, a checkpoint every 2 steps, judged by
-    the gate on up to 24 held-out samples (from 8 on) with no PLCC drop allowed: passes and quarantines."""
-    config = vs.Config(n_features=6, hidden=9, checkpoint_dir=str(directory), batch_size=8, replay_mix=0.5,
-                       replay_capacity=24, eval_capacity=24, holdout_fraction=0.25, gate="on", gate_min_eval=8,
-                       gate_max_plcc_drop=0.0, min_samples_ckpt=8, ckpt_interval_s=0.0, lr=0.05, warmup_steps=5,
-                       weight_decay=0.001, max_grad_norm=2.0, momentum=0.9, ema_decay=0.8, seed=5)
-    rng = np.random.default_rng(config.seed)
-    model = vs.MLP.initial([6, 9, 5, 1], act, rng).to(backend)
-    return vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir, keep=0), rng)
+# make_trainer settings: a 6-9-5-1 model, replay mixed in, the hold-out on, clipping and decay active, a checkpoint
+# every 2 steps (all kept), judged by the gate on up to 24 held-out samples (from 8 on) with no PLCC drop allowed:
+# passes and quarantines.
+BUSY = dict(sizes=[6, 9, 5, 1], hidden=9, batch_size=8, replay_mix=0.5, replay_capacity=24, eval_capacity=24,
+            holdout_fraction=0.25, gate="on", gate_min_eval=8, gate_max_plcc_drop=0.0, min_samples_ckpt=8,
+            ckpt_interval_s=0.0, lr=0.05, warmup_steps=5, weight_decay=0.001, max_grad_norm=2.0, momentum=0.9,
+            ema_decay=0.8, seed=5, keep_checkpoints=0)
 
 
 def train(trainer: vs.Trainer, n: int = 260) -> list[dict]:
@@ -188,8 +185,8 @@ def trainer_state(t: vs.Trainer) -> dict:
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=str)
 def test_trainer_on_the_device_matches_numpy_bit_for_bit(gpu, tmp_path, act):
-    cpu_trainer = make_trainer(tmp_path / "numpy", act, vs.NUMPY)
-    gpu_trainer = make_trainer(tmp_path / "cupy", act, gpu)
+    cpu_trainer = make_trainer(tmp_path / "numpy", activation=act, backend=vs.NUMPY, **BUSY)
+    gpu_trainer = make_trainer(tmp_path / "cupy", activation=act, backend=gpu, **BUSY)
     cpu_records, gpu_records = train(cpu_trainer), train(gpu_trainer)
     assert isinstance(gpu_trainer.momentum, gpu.xp.ndarray) and isinstance(gpu_trainer.replay.x, gpu.xp.ndarray)
     assert gpu_records == cpu_records  # weights stepped, verdicts and metrics alike

@@ -30,7 +30,7 @@ import pytest
 from onnx import numpy_helper
 
 import vmafx_sidecar as vs
-from conftest import Client, Sidecar, sample
+from conftest import Client, Sidecar, make_trainer, sample
 
 N_FEATURES = 8
 SMALL_MODEL = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_HIDDEN="8")
@@ -320,14 +320,9 @@ def test_kill_9_at_random_moments_during_a_stream(tmp_path):
 
 # ---- 2. checkpoint writes that fail ----
 
-def make_trainer(directory: Path, **settings) -> vs.Trainer:
-    """A small model that steps every 4 samples, with a checkpoint due at every step."""
-    values = dict(n_features=N_FEATURES, hidden=8, checkpoint_dir=str(directory), batch_size=4, replay_mix=0.0,
-                  replay_capacity=64, min_samples_ckpt=4, ckpt_interval_s=0.0, lr=0.01, seed=0)
-    config = vs.Config(**{**values, **settings})
-    rng = np.random.default_rng(config.seed)
-    model = vs.MLP.initial([config.n_features, config.hidden, 1], vs.Activation("relu"), rng)
-    return vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+# make_trainer settings: a small model that steps every 4 samples, with a checkpoint due at every step.
+STEPPING = dict(n_features=N_FEATURES, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=64, min_samples_ckpt=4,
+                ckpt_interval_s=0.0, lr=0.01)
 
 
 def one_step(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray):
@@ -349,7 +344,7 @@ FAULTS = {"ENOSPC": (errno.ENOSPC, "No space left on device"), "EROFS": (errno.E
 def test_failing_checkpoint_writes_keep_training_and_retry_when_next_due(tmp_path, monkeypatch, caplog, where, code):
     err, reason = FAULTS[code]
     directory = tmp_path / "ckpt"
-    trainer = make_trainer(directory)
+    trainer = make_trainer(directory, **STEPPING)
     rng = np.random.default_rng(1)
     first = one_step(trainer, *normal_batch(rng))
     assert first is not None and first.checkpoint.path == directory / "model_v000001.onnx", first
@@ -401,7 +396,7 @@ def test_checkpoint_whose_sha256_cannot_be_renamed_leaves_no_partial_checkpoint(
     """The .onnx is renamed into place first; if the .sha256 rename then fails, that .onnx is a partial
     checkpoint (never published) and must not be left behind."""
     directory = tmp_path / "ckpt"
-    trainer = make_trainer(directory)
+    trainer = make_trainer(directory, **STEPPING)
     rng = np.random.default_rng(2)
     assert one_step(trainer, *normal_batch(rng)).checkpoint.path.name == "model_v000001.onnx"
     before = dir_contents(directory)
@@ -508,7 +503,7 @@ def assert_update_overflows(model: vs.MLP, momentum: np.ndarray, config: vs.Conf
 
 def test_a_step_that_makes_weights_non_finite_is_undone(tmp_path):
     directory = tmp_path / "ckpt"
-    trainer = make_trainer(directory, **OVERFLOW)
+    trainer = make_trainer(directory, **(STEPPING | OVERFLOW))
     rng = np.random.default_rng(6)
     # A history: momentum and EMA away from their start, so "exactly as before" is not "reset to zero".
     trainer.momentum[...] = rng.normal(0, 0.01, trainer.momentum.shape)
@@ -811,7 +806,7 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_counted(sidecar_fac
 
 def test_samples_at_the_float32_limit_skip_steps_quietly_and_boundedly(tmp_path, caplog):
     # Valid by the protocol (inside float32's range), yet every batch that holds one overflows.
-    trainer = make_trainer(tmp_path / "ckpt", min_samples_ckpt=10**9)
+    trainer = make_trainer(tmp_path / "ckpt", **(STEPPING | {"min_samples_ckpt": 10**9}))
     caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
     before = trainer.model.flat.copy()
     with warnings.catch_warnings():

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import vmafx_onnx_builder as ob
 import vmafx_sidecar as vs
+from conftest import RELU, make_trainer
 
-RELU = vs.Activation("relu")
 MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
 RECORD_KEYS = {"format", "version", "file", "sha256", "step", "samples_trained", "created", "created_unix",
                "metrics", "gate"}
@@ -101,14 +101,9 @@ def plain_pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def make_trainer(directory: Path, **settings) -> vs.Trainer:
-    """Like test_faults.make_trainer: a small model that steps every 4 samples, checkpoints due at each step."""
-    values = dict(n_features=8, hidden=8, checkpoint_dir=str(directory), batch_size=4, replay_mix=0.0,
-                  replay_capacity=64, min_samples_ckpt=4, ckpt_interval_s=0.0, lr=0.01, seed=0)
-    cfg = vs.Config(**{**values, **settings})
-    rng = np.random.default_rng(cfg.seed)
-    model = vs.MLP.initial([cfg.n_features, cfg.hidden, 1], RELU, rng)
-    return vs.Trainer(cfg, model, vs.CheckpointWriter(cfg.checkpoint_dir, cfg.keep_checkpoints), rng)
+# make_trainer settings, as test_faults.STEPPING: a small model stepping every 4 samples, a checkpoint due each step.
+STEPPING = dict(n_features=8, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=64, min_samples_ckpt=4,
+                ckpt_interval_s=0.0, lr=0.01)
 
 
 def stem(version: int) -> str:
@@ -254,8 +249,8 @@ def test_measure_matches_an_independent_computation_on_random_models(seed):
 # ---- 2. the held-out set ----
 
 def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
-    a = make_trainer(tmp_path / "a", holdout_fraction=0.3)
-    b = make_trainer(tmp_path / "b", holdout_fraction=0.3, seed=5)
+    a = make_trainer(tmp_path / "a", **STEPPING, holdout_fraction=0.3)
+    b = make_trainer(tmp_path / "b", **STEPPING, holdout_fraction=0.3, seed=5)
     ids = [f"job-{i}" for i in range(500)]
     first = [a.is_held_out(j) for j in ids]
     assert [a.is_held_out(j) for j in ids] == first
@@ -267,7 +262,7 @@ def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
 def test_holdout_by_job_id_is_the_same_in_another_process(tmp_path):
     # A restart must put a job on the side it was on: no per-process salt (like hash()'s)
     ids = [f"enc-{i}" for i in range(300)]
-    here = [make_trainer(tmp_path / "a", holdout_fraction=0.5).is_held_out(j) for j in ids]
+    here = [make_trainer(tmp_path / "a", **STEPPING, holdout_fraction=0.5).is_held_out(j) for j in ids]
     code = ("import json, sys, vmafx_sidecar as vs\n"
             "t = vs.Trainer.__new__(vs.Trainer); t.config = vs.Config(holdout_fraction=0.5)\n"
             f"print(json.dumps([t.is_held_out(j) for j in {ids!r}]))\n")
@@ -280,7 +275,7 @@ def test_holdout_by_job_id_is_the_same_in_another_process(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.05, 0.3])
 def test_holdout_fraction_of_distinct_job_ids_is_within_a_binomial_bound(tmp_path, fraction):
-    trainer = make_trainer(tmp_path, holdout_fraction=fraction)
+    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=fraction)
     n = 20000
     held = sum(trainer.is_held_out(f"job-{i:05d}") for i in range(n))
     sd = math.sqrt(n * fraction * (1 - fraction))
@@ -295,7 +290,7 @@ def ingest_unnamed(trainer: vs.Trainer) -> bool:
 
 
 def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path):
-    trainer = make_trainer(tmp_path, holdout_fraction=0.05)
+    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=0.05)
     positions = [i for i in range(1, 10001) if ingest_unnamed(trainer)]
     assert positions == list(range(20, 10001, 20))
     assert trainer.unnamed_samples == 10000
@@ -305,7 +300,7 @@ def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path)
                                    Fraction(7, 100), Fraction(1, 7), Fraction(1, 2), Fraction(1)], ids=str)
 def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, meant):
     # the setting is a float; the count must be that of the fraction it spells, not of its binary rounding
-    trainer = make_trainer(tmp_path, holdout_fraction=float(meant))
+    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=float(meant))
     held = 0
     for n in range(1, 3001):
         held += ingest_unnamed(trainer)
@@ -313,10 +308,10 @@ def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, m
 
 
 def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
-    never = make_trainer(tmp_path / "a", holdout_fraction=0.0)
+    never = make_trainer(tmp_path / "a", **STEPPING, holdout_fraction=0.0)
     assert not any(never.is_held_out(f"job-{i}") for i in range(2000))
     assert not any(ingest_unnamed(never) for _ in range(2000))
-    always = make_trainer(tmp_path / "b", holdout_fraction=1.0)
+    always = make_trainer(tmp_path / "b", **STEPPING, holdout_fraction=1.0)
     assert all(always.is_held_out(f"job-{i}") for i in range(2000))
     assert all(ingest_unnamed(always) for _ in range(2000))
 
@@ -324,7 +319,7 @@ def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
 def test_holdout_accepts_a_job_id_with_a_lone_surrogate(tmp_path):
     job_id = json.loads('"enc-\\ud800"')  # valid JSON, not encodable as UTF-8
     assert job_id == "enc-\ud800"
-    trainer = make_trainer(tmp_path, holdout_fraction=0.5)
+    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=0.5)
     decisions = {trainer.is_held_out(job_id) for _ in range(5)}
     assert len(decisions) == 1
     decisions = {trainer.is_held_out(s) for s in ("\ud800", "\udfff", "\ud800\ud800", "a\udc00b")}
@@ -332,7 +327,7 @@ def test_holdout_accepts_a_job_id_with_a_lone_surrogate(tmp_path):
 
 
 def test_held_out_samples_go_to_the_eval_ring_and_are_never_trained_on(tmp_path):
-    trainer = make_trainer(tmp_path, eval_capacity=6)
+    trainer = make_trainer(tmp_path, **STEPPING, eval_capacity=6)
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 1, (10, 8)).astype(np.float32), np.arange(10, dtype=np.float32)
     flat = trainer.model.flat.copy()
@@ -658,7 +653,7 @@ def gate_trainer(directory: Path, **settings) -> vs.Trainer:
     """A trainer with 40 held-out samples whose scores are the initial model's own predictions (PLCC 1)."""
     values = dict(ema_decay=0.0, momentum=0.0, warmup_steps=0, weight_decay=0.0, max_grad_norm=1e6,
                   gate_min_eval=20, eval_capacity=64, holdout_fraction=0.0)
-    trainer = make_trainer(directory, **{**values, **settings})
+    trainer = make_trainer(directory, **(STEPPING | values | settings))
     x = np.random.default_rng(1).uniform(0, 1, (40, 8)).astype(np.float32)
     for row, score in zip(x, trainer.model.forward(x)[:, 0]):
         trainer.add(row, score, held_out=True)

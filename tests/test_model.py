@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-
-RELU = vs.Activation("relu")
-
-
-def make_trainer(tmp_path, sizes, seed=0, **settings) -> vs.Trainer:
-    config = vs.Config(n_features=sizes[0], checkpoint_dir=str(tmp_path), min_samples_ckpt=10**9, seed=seed,
-                       **settings)
-    rng = np.random.default_rng(seed)
-    model = vs.MLP.initial(sizes, RELU, rng)
-    return vs.Trainer(config, model, vs.CheckpointWriter(config.checkpoint_dir), rng)
+from conftest import RELU, make_trainer
 
 
 # ---- gradient check: backprop against central finite differences ----
@@ -142,7 +133,7 @@ SETTINGS = dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3, ema_de
 @pytest.mark.parametrize("steps", [1, 6])
 def test_steps_match_reference(tmp_path, max_norm, scale, steps):
     sizes = [5, 8, 1]
-    trainer = make_trainer(tmp_path, sizes, batch_size=4, replay_mix=0.0, replay_capacity=100,
+    trainer = make_trainer(tmp_path, sizes=sizes, batch_size=4, replay_mix=0.0, replay_capacity=100,
                            max_grad_norm=max_norm, **SETTINGS)
     initial = [(w.copy(), b.copy()) for w, b in trainer.model.layers]
     rng = np.random.default_rng(7)
@@ -164,7 +155,7 @@ def test_steps_match_reference(tmp_path, max_norm, scale, steps):
 
 def test_clipping_is_active_in_the_clipping_case(tmp_path):
     """Guards the parametrisation above: the big targets really produce a norm above the limit."""
-    trainer = make_trainer(tmp_path, [5, 8, 1], batch_size=4, replay_mix=0.0, replay_capacity=100)
+    trainer = make_trainer(tmp_path, sizes=[5, 8, 1], batch_size=4, replay_mix=0.0, replay_capacity=100)
     rng = np.random.default_rng(7)
     x = rng.uniform(-1, 1, (4, 5)).astype(np.float32)
     y = (50.0 * rng.uniform(-1, 1, 4)).astype(np.float32)
@@ -174,7 +165,7 @@ def test_clipping_is_active_in_the_clipping_case(tmp_path):
 
 def test_one_step_by_hand(tmp_path):
     """The first step, spelled out: b1 = clip(g) + wd * theta0, theta1 = theta0 - lr/warmup * b1."""
-    trainer = make_trainer(tmp_path, [3, 4, 1], batch_size=2, replay_mix=0.0, replay_capacity=10,
+    trainer = make_trainer(tmp_path, sizes=[3, 4, 1], batch_size=2, replay_mix=0.0, replay_capacity=10,
                            lr=0.1, warmup_steps=10, weight_decay=1e-3, max_grad_norm=0.05, ema_decay=0.25)
     theta0 = trainer.model.flat.astype(np.float64)
     layers0 = [(w.astype(np.float64), b.astype(np.float64)) for w, b in trainer.model.layers]
@@ -196,7 +187,7 @@ def test_one_step_by_hand(tmp_path):
 
 
 def test_overflowing_batch_is_skipped_and_weights_kept(tmp_path):
-    trainer = make_trainer(tmp_path, [3, 4, 1], batch_size=1, replay_mix=0.0, replay_capacity=10)
+    trainer = make_trainer(tmp_path, sizes=[3, 4, 1], batch_size=1, replay_mix=0.0, replay_capacity=10)
     trainer.model.flat[...] = 0.5  # every unit active, so huge inputs reach the output
     before = trainer.model.flat.copy(), trainer.ema.flat.copy()
     assert trainer.add([3e38, 3e38, 3e38], 1.0) is None  # float32-valid inputs whose activations overflow
@@ -210,7 +201,7 @@ def test_overflowing_batch_is_skipped_and_weights_kept(tmp_path):
 
 def test_replay_batches_match_reference(tmp_path):
     sizes = [4, 6, 1]
-    trainer = make_trainer(tmp_path, sizes, seed=5, batch_size=8, replay_mix=0.75, replay_capacity=6,
+    trainer = make_trainer(tmp_path, sizes=sizes, seed=5, batch_size=8, replay_mix=0.75, replay_capacity=6,
                            max_grad_norm=1e6, **SETTINGS)
     initial = [(w.copy(), b.copy()) for w, b in trainer.model.layers]
     data_rng = np.random.default_rng(1)

@@ -4,20 +4,17 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vmafx_sidecar as vs
+from conftest import make_trainer
 
 
 def make_server(tmp_path, **settings_) -> vs.Server:
-    config = vs.Config(n_features=3, batch_size=4, replay_capacity=8, checkpoint_dir=str(tmp_path),
-                       min_samples_ckpt=10**9, **settings_)
-    rng = np.random.default_rng(0)
-    trainer = vs.Trainer(config, vs.MLP.initial([3, 5, 1], vs.Activation("relu"), rng), vs.CheckpointWriter(config.checkpoint_dir), rng)
-    return vs.Server(config, trainer, vs.NoState())
+    trainer = make_trainer(tmp_path, sizes=[3, 5, 1], batch_size=4, replay_capacity=8, **settings_)
+    return vs.Server(trainer.config, trainer, vs.NoState())
 
 
 @pytest.mark.parametrize("line,error", [

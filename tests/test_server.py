@@ -703,6 +703,16 @@ def test_replaces_a_stale_socket_file(tmp_path):
         s.cleanup()
 
 
+def test_a_sidecar_comes_back_on_the_socket_its_environment_names(sidecar_factory, short_dir):
+    path = os.path.join(short_dir, "named.sock")
+    s = sidecar_factory(VMAFX_SIDECAR_SOCKET=path)  # start() returns once that socket answers a ping
+    assert s.socket == path
+    assert s.stop(signal.SIGKILL) == -signal.SIGKILL  # a crash: the socket file stays behind
+    s.stderr_file.close()
+    s.start()
+    assert s.client().request({"op": "ping"}) == {"ok": True, "op": "pong"}
+
+
 # ---- logging ----
 
 def test_no_log_line_per_message(sidecar):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import sample
+from conftest import make_trainer, sample
 
 SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64", VMAFX_SIDECAR_LR="0.01",
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
@@ -168,14 +168,10 @@ def test_state_files_are_private(sidecar_factory):
 
 
 def in_process_server(directory: Path) -> vs.Server:
-    config = vs.Config(checkpoint_dir=str(directory), n_features=5, hidden=7, batch_size=8, replay_capacity=64,
-                       min_samples_ckpt=10**9)
-    rng = np.random.default_rng(0)
-    model = vs.MLP.initial([5, 7, 1], vs.Activation("relu"), rng)
-    trainer = vs.Trainer(config, model, vs.CheckpointWriter(str(directory)), rng)
-    state = vs.StateStore(config, trainer)
+    trainer = make_trainer(directory, n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+    state = vs.StateStore(trainer.config, trainer)
     state.restore()
-    return vs.Server(config, trainer, state)
+    return vs.Server(trainer.config, trainer, state)
 
 
 def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path, monkeypatch):
