@@ -350,19 +350,23 @@ def feedback_numbers(values: list | tuple) -> list:
 
 
 def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | float:
-    """`v` as the JSON number the sidecar accepts; InvalidSample otherwise, with the reason the sidecar's
-    number_problem gives (tests/test_feedback_module.py keeps the two in step)."""
+    """`v` as the JSON number the sidecar accepts; InvalidSample otherwise, with the sidecar's reason."""
     if isinstance(v, numpy_types("integer", "floating")):
         v = v.item()
     if type(v) is not float and type(v) is not int:  # bool is neither
         problem = f"expected a number, got {type(v).__name__}"
-    elif type(v) is float and not math.isfinite(v):
-        problem = "not a finite number (NaN, Infinity or an overflowing literal)"
-    elif not -F32_MAX <= v <= F32_MAX:
-        problem = f"outside the float32 range (magnitude above {F32_MAX:.4g})"
-    else:
+    elif not (problem := float32_problem(v)):
         return v
     raise InvalidSample(f"{field_name}[{index}]: {problem}" if index is not None else f"{field_name}: {problem}")
+
+
+def float32_problem(v: int | float) -> str | None:
+    """Why a number cannot be a float32 model input, in the words of both ends of the socket; None if it can."""
+    if type(v) is float and not math.isfinite(v):
+        return "not a finite number (NaN, Infinity or an overflowing literal)"
+    if not -F32_MAX <= v <= F32_MAX:
+        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
+    return None
 
 
 def numpy_types(*names: str) -> tuple[type, ...]:

@@ -276,8 +276,7 @@ def take_claims(config: Config) -> None:
     """The socket, then the checkpoint directory (and the one to adopt, while adopting it): each an flock
     on a descriptor left open until the process exits, when the kernel releases it, after kill -9 too. A
     sidecar refused either claim has read and written no state."""
-    holder = (f"pid {os.getpid()} on {socket.gethostname()}, serving {config.socket}, since "
-              f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, serving {config.socket}, since {utc_text(time.time())}"
     lock_beside(config.socket)
     claim_socket_path(config.socket)
     directory = Path(config.checkpoint_dir).absolute()
@@ -806,11 +805,7 @@ def number_problem(v: Any) -> str | None:
     """Why `v` cannot be a float32 model input, or None when it can."""
     if type(v) is not float and type(v) is not int:
         return f"expected a number, got {JSON_TYPE_NAMES[type(v)]}"
-    if type(v) is float and not math.isfinite(v):
-        return "not a finite number (NaN, Infinity or an overflowing literal)"
-    if not -F32_MAX <= v <= F32_MAX:
-        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
-    return None
+    return feedback.float32_problem(v)
 
 
 def encode_ack(fields: dict[str, Any], job_id: str | None) -> bytes:
@@ -1241,6 +1236,9 @@ class Trainer:
         state. Left out: the incumbent (latest.json names it) and what counts since the process started."""
         self.flush_held_out()  # the evaluation ring is then whole
         host = self.backend.to_host
+        return {**self.state_scalars(), **{name: host(array) for name, array in self.state_arrays().items()}}
+
+    def state_scalars(self) -> dict[str, Any]:
         last = self.last_checkpoint_time
         since_checkpoint = None if last is None else time.monotonic() - last
         return {
@@ -1252,32 +1250,30 @@ class Trainer:
             "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
             "eval_size": self.eval.size, "eval_next": self.eval.next,
-            "theta": host(self.model.flat), "ema": host(self.ema.flat), "momentum": host(self.momentum),
-            "replay_x": host(self.replay.x), "replay_y": host(self.replay.y), "eval_x": host(self.eval.x),
-            "eval_y": host(self.eval.y), "pending_x": self.pending_x[:self.n_pending],
-            "pending_y": self.pending_y[:self.n_pending],
         }
+
+    def state_arrays(self) -> dict[str, Any]:
+        """The state's arrays where they live: on the backend, but for the pending samples on the host."""
+        return {"theta": self.model.flat, "ema": self.ema.flat, "momentum": self.momentum,
+                "replay_x": self.replay.x, "replay_y": self.replay.y, "eval_x": self.eval.x, "eval_y": self.eval.y,
+                "pending_x": self.pending_x[:self.n_pending], "pending_y": self.pending_y[:self.n_pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
         for a missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
-        expected = self.state_dict()
-        missing = expected.keys() - state.keys()
+        arrays = self.state_arrays()  # their shapes, without copying them off the device
+        missing = (self.state_scalars().keys() | arrays.keys()) - state.keys()
         if missing:
             raise KeyError(", ".join(sorted(missing)))
         if state["fingerprint"] != self.layout():
             raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
-        for name, array in expected.items():
-            if isinstance(array, np.ndarray) and (name not in state or state[name].shape != (
-                    (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape)):
-                raise ValueError(f"array {name} is missing or has another shape")
-        to_device = self.backend.xp.asarray
-        self.model.flat[...], self.ema.flat[...] = to_device(state["theta"]), to_device(state["ema"])
-        self.momentum[...] = to_device(state["momentum"])
-        self.replay.x[...], self.replay.y[...] = to_device(state["replay_x"]), to_device(state["replay_y"])
-        self.eval.x[...], self.eval.y[...] = to_device(state["eval_x"]), to_device(state["eval_y"])
-        self.n_pending = state["n_pending"]
-        self.pending_x[:self.n_pending], self.pending_y[:self.n_pending] = state["pending_x"], state["pending_y"]
+        for name, array in arrays.items():
+            shape = (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape
+            if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
+                raise ValueError(f"array {name} has another shape than {shape}")
+        self.n_pending = state["n_pending"]  # sizes the pending arrays below
+        for name, target in self.state_arrays().items():
+            target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
         self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
         self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
@@ -1725,7 +1721,7 @@ class CheckpointWriter:
     def stage(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Staged:
         """The next version's model, written and synced to a temp file, where nobody looks for it."""
         now, version = time.time(), self.version + 1
-        created = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds")
+        created = utc_text(now)
         metadata = {"version": str(version), "step": str(step), "samples_trained": str(samples_trained),
                     "created": created}
         staged = Staged(version, onnx_builder.build_mlp_model(weights, metadata).SerializeToString(),
@@ -1743,7 +1739,7 @@ class CheckpointWriter:
         the .sha256 can trust the checkpoint; a published one becomes the latest."""
         version, created_unix = staged.version, staged.created_unix
         name, stem = f"model_v{version:06d}.onnx", f"model_v{version:06d}"
-        created = datetime.datetime.fromtimestamp(created_unix, datetime.timezone.utc).isoformat(timespec="seconds")
+        created = utc_text(created_unix)
         digest = hashlib.sha256(staged.data).hexdigest()
         record = {"format": RECORD_FORMAT, "version": version, "file": name, "sha256": digest, "step": staged.step,
                   "samples_trained": staged.samples_trained, "created": created,
@@ -1901,6 +1897,11 @@ def latest_model_problems(directory: Path, record: dict[str, Any]) -> list[str]:
     if checksum != f"{record['sha256']}  {LATEST_MODEL}\n":
         problems.append(f"{LATEST_MODEL}.sha256 is not the sha256 of {record['file']}")
     return problems
+
+
+def utc_text(unix: float) -> str:
+    """ISO 8601 in UTC, to the second: the time in checkpoint records, their metadata and the lock file."""
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def json_text(record: dict[str, Any]) -> str:
