@@ -164,6 +164,13 @@ def sidecar(sidecar_factory) -> Sidecar:
     return sidecar_factory()
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m vmafx_sidecar ARGS` from the repository, with its exit status and text output."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV}
+    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 def sample(rng: np.random.Generator, n_features: int = 80, job_id: str | None = None) -> dict:
     message = {"features": rng.uniform(0, 1, n_features).tolist(), "true_score": float(rng.uniform(20, 100))}
     if job_id is not None:

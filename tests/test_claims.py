@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import NUMERIC_ENV, ROOT, Sidecar, sample
+from conftest import NUMERIC_ENV, ROOT, Sidecar, run_cli, sample
 
 N_FEATURES = 6
 # A checkpoint every 16 trained samples (4 steps of 4), the gate off: every checkpoint is published.
@@ -42,12 +42,6 @@ def run_serve(sidecar_socket: str, directory: Path, **env: str) -> subprocess.Co
                 "VMAFX_BASE_MODEL_PATH": "", **env}
     return subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], env=full_env, capture_output=True,
                           text=True, timeout=30)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV}
-    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], env=env, capture_output=True, text=True,
-                          timeout=60)
 
 
 def feed(s: Sidecar, n: int, seed: int) -> list[dict]:
@@ -133,9 +127,9 @@ def test_lock_file_names_its_holder_and_read_only_tools_work_beside_it(tmp_path,
     holder = (directory / ".trainer.lock").read_text()
     assert holder.startswith(f"pid {s.proc.pid} on {socket.gethostname()}, serving {s.socket}, since 20")
     assert (directory / ".trainer.lock").stat().st_mode & 0o777 == 0o600
-    listing = cli("checkpoints", str(directory))
+    listing = run_cli("checkpoints", str(directory))
     assert listing.returncode == 0 and "published, latest" in listing.stdout, listing.stdout + listing.stderr
-    verify = cli("verify", str(directory))
+    verify = run_cli("verify", str(directory))
     assert verify.returncode == 0 and "FAILED" not in verify.stdout, verify.stdout + verify.stderr
     assert f"ok      {directory / 'latest.onnx'}" in verify.stdout
     assert status(s)["samples_accepted"] == 20  # still serving
@@ -288,7 +282,7 @@ def test_scaling_1_to_3_to_1_to_3_keeps_every_trainer_state_and_numbering(tmp_pa
     scaled = [start(replicas[i], adopt=parent) for i in range(3)]
     assert [status(r)["samples_accepted"] for r in scaled] == [80, 16, 32]
     assert [status(r)["checkpoint_version"] for r in scaled] == [5, 1, 2]
-    verify = cli("verify", str(replicas[0]))
+    verify = run_cli("verify", str(replicas[0]))
     assert verify.returncode == 0, verify.stdout
 
 

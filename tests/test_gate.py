@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import vmafx_onnx_builder as ob
 import vmafx_sidecar as vs
-from conftest import RELU, make_trainer
+from conftest import RELU, make_trainer, run_cli
 
 MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
 RECORD_KEYS = {"format", "version", "file", "sha256", "step", "samples_trained", "created", "created_unix",
@@ -727,12 +727,6 @@ def test_trainer_keeps_the_last_published_incumbent_when_a_later_checkpoint_is_q
 
 
 # ---- 8. the command-line tools ----
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": MODULE_DIR}
-    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], cwd=MODULE_DIR, env=env,
-                          capture_output=True, text=True, timeout=60)
-
 
 def failed_paths(output: str) -> set[str]:
     return {line.split(None, 1)[1] for line in output.splitlines() if line.startswith("FAILED")}

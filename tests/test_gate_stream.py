@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import pytest
 
 import vmafx_onnx_builder as onnx_builder
 import vmafx_sidecar as sidecar_module
-from conftest import NUMERIC_ENV, ROOT, Client, Sidecar
+from conftest import Client, Sidecar, run_cli
 
 N_FEATURES = 8
 MIN_EVAL = 100
@@ -257,12 +254,6 @@ def clean_plcc(model: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(scores[:, 0].astype(np.float64), y)[0, 1])
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV}
-    return subprocess.run([sys.executable, "-m", "vmafx_sidecar", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 def test_mislabelled_burst_is_quarantined_and_publishing_resumes_after_recovery(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(**SETTINGS)
     ckpt = sidecar.checkpoint_dir
@@ -352,13 +343,13 @@ def test_mislabelled_burst_is_quarantined_and_publishing_resumes_after_recovery(
     assert sorted(p.name for p in ckpt.glob("model_v*.onnx")) == [f"model_v{v:06d}.onnx" for v in published]
     assert json.loads((ckpt / "latest.json").read_text()) == after.record
 
-    verify = cli("verify", str(ckpt))
+    verify = run_cli("verify", str(ckpt))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "FAILED" not in verify.stdout, verify.stdout
     for w in stream.written:  # it checked them all, the quarantined ones too
         assert w.record["file"] in verify.stdout, verify.stdout
 
-    listing = cli("checkpoints", str(ckpt))
+    listing = run_cli("checkpoints", str(ckpt))
     assert listing.returncode == 0, listing.stderr
     rows = {int(line.split()[0]): line for line in listing.stdout.splitlines() if line.split()[0].isdigit()}
     assert sorted(rows) == list(range(1, len(stream.written) + 1)), listing.stdout
