@@ -16,9 +16,10 @@ directory):
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
-    model       MLP.loss_and_grad: forward pass and backprop
+    model       MLP.forward for Trainer.validate (into the gate's Window), then
+                MLP.loss_and_grad: forward pass and backprop
               then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint
-  gate        judge -> measure: a Verdict
+  gate        gather_evidence (Window.evidence, measure on Trainer.history) -> judge: a Verdict
   publish     publish -> write_checkpoint
   checkpoints CheckpointWriter.stage -> readback_problem -> place -> point_latest
 
@@ -159,15 +160,17 @@ class Config:
     min_samples_ckpt: int = setting(1000, "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", at_least(0),
                                     "minimum new samples trained between checkpoints")
     holdout_fraction: float = setting(0.05, "VMAFX_SIDECAR_HOLDOUT_FRACTION", unit_interval(),
-                                      "fraction of samples never trained on, kept to evaluate checkpoints")
+                                      "fraction of samples never trained on, kept for the gate's history")
     eval_capacity: int = setting(2000, "VMAFX_SIDECAR_EVAL_CAPACITY", at_least(1),
-                                 "held-out samples kept for evaluation (FIFO)")
+                                 "held-out samples kept for the gate's history (FIFO)")
     gate: str = setting("on", "VMAFX_SIDECAR_GATE", one_of("on", "off"),
-                        "off: publish every due checkpoint without comparing it to the last one")
+                        "off: publish every due checkpoint unjudged (non-finite ones are still quarantined)")
     gate_max_plcc_drop: float = setting(0.005, "VMAFX_SIDECAR_GATE_MAX_PLCC_DROP", at_least(0),
-                                        "a checkpoint whose held-out PLCC falls further is quarantined")
+                                        "a candidate whose PLCC falls further below the best reference's, on the "
+                                        "window or the history, is quarantined")
     gate_min_eval: int = setting(200, "VMAFX_SIDECAR_GATE_MIN_EVAL", at_least(2),
-                                 "held-out samples needed before the gate compares models")
+                                 "samples a set (window, history) needs to be judged on; with neither, a "
+                                 "candidate is not published")
     keep_checkpoints: int = setting(50, "VMAFX_SIDECAR_KEEP_CHECKPOINTS", at_least(0),
                                     "published checkpoints kept (older ones deleted); 0 keeps all")
     n_features: int = setting(80, "VMAFX_SIDECAR_N_FEATURES", at_least(1), "length of each feature vector")
@@ -225,7 +228,7 @@ class Config:
                               f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {config.adopt_dir!r}")
         if config.gate == "on" and config.gate_min_eval > config.eval_capacity:
             raise ConfigError(f"VMAFX_SIDECAR_GATE_MIN_EVAL: must be <= VMAFX_SIDECAR_EVAL_CAPACITY "
-                              f"({config.eval_capacity}) or the gate never compares, got {config.gate_min_eval}")
+                              f"({config.eval_capacity}) or the history is never judged, got {config.gate_min_eval}")
         return config
 
 
@@ -703,6 +706,7 @@ class Server:
             "eval_size": t.eval_size,
             "checkpoint_version": t.checkpoints.latest["version"] if t.checkpoints.latest else None,
             "gate": t.last_gate,
+            "window": t.window.evidence(t.references()).record(),
             "last_loss": t.last_loss,
             "connections": len(self.connections),
             "connections_refused": self.connections_refused,
@@ -825,9 +829,10 @@ UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
-# Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format". A sidecar reads
-# every older format (migrated() lifts it in memory) and writes this one at its next snapshot.
-SNAPSHOT_FORMAT = 2
+# Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
+# champion and window added. A sidecar reads every older format (migrated() lifts it in memory) and writes
+# this one at its next snapshot.
+SNAPSHOT_FORMAT = 3
 
 
 @dataclass(slots=True)
@@ -1030,9 +1035,9 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"corrupt ({e})")
             return False
         try:
-            meta = migrated(meta)
-            generation = meta["generation"]
-            self.trainer.load_state_dict({**meta, **arrays})
+            state = migrated({**meta, **arrays})
+            generation = state["generation"]
+            self.trainer.load_state_dict(state)
         except IncompatibleState as e:
             self.move_aside(self.snapshot_path, f"incompatible: {e}")
             self.move_aside(self.journal_path, "incompatible with this configuration")
@@ -1084,14 +1089,19 @@ def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
-def migrated(meta: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot's fields in SNAPSHOT_FORMAT; ValueError for a format newer than this sidecar reads."""
-    version = meta.get("format", 1)
+def migrated(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's fields and arrays in SNAPSHOT_FORMAT; ValueError for a format newer than this sidecar
+    reads, KeyError if one it lifts lacks what it needs."""
+    version = state.get("format", 1)
     if not isinstance(version, int) or version > SNAPSHOT_FORMAT:
         raise ValueError(f"snapshot format {version!r}, newer than this sidecar reads ({SNAPSHOT_FORMAT})")
     if version == 1:  # the same fields, before they carried their format
-        meta = {**meta, "format": 2}
-    return meta
+        state = {**state, "format": 2}
+    if state["format"] == 2:  # no champion (the incumbent becomes the first) and an empty window
+        state = {**state, "format": 3, "has_champion": False, "champion": np.zeros_like(state["theta"]),
+                 "window_n": 0, "window_shift": 0.0, "window_sums": np.zeros((1 + len(REFERENCES), 4)),
+                 "window_truth": np.zeros(2)}
+    return state
 
 
 def pack_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[memoryview]:
@@ -1145,6 +1155,9 @@ class Trainer:
         self.replay = Ring(config.replay_capacity, config.n_features, b)
         self.eval = Ring(config.eval_capacity, config.n_features, b)  # held-out samples, never trained on
         self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
+        self.champion = model.copy()  # the best published model, once has_champion
+        self.has_champion = False  # whether anything was published: then the references are incumbent and champion
+        self.window = Window(b)  # progressive validation since the last checkpoint
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
@@ -1159,6 +1172,7 @@ class Trainer:
         # The step's batch: the new samples at the head, replay draws in the tail.
         self.batch_x = b.xp.zeros((config.batch_size, config.n_features), np.float32)
         self.batch_y = b.xp.zeros(config.batch_size, np.float32)
+        self.window_predictions = b.xp.zeros((1 + len(REFERENCES), self.n_new), np.float32)  # candidate first
         self.steps = 0
         self.steps_skipped = 0
         self.samples_accepted = 0  # valid samples taken in, held out or not
@@ -1249,14 +1263,16 @@ class Trainer:
             "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
             "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
-            "eval_size": self.eval.size, "eval_next": self.eval.next,
+            "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
+            "window_n": self.window.n, "window_shift": self.window.shift,
         }
 
     def state_arrays(self) -> dict[str, Any]:
         """The state's arrays where they live: on the backend, but for the pending samples on the host."""
         return {"theta": self.model.flat, "ema": self.ema.flat, "momentum": self.momentum,
                 "replay_x": self.replay.x, "replay_y": self.replay.y, "eval_x": self.eval.x, "eval_y": self.eval.y,
-                "pending_x": self.pending_x[:self.n_pending], "pending_y": self.pending_y[:self.n_pending]}
+                "pending_x": self.pending_x[:self.n_pending], "pending_y": self.pending_y[:self.n_pending],
+                "champion": self.champion.flat, "window_sums": self.window.sums, "window_truth": self.window.truth}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
@@ -1273,6 +1289,8 @@ class Trainer:
                 raise ValueError(f"array {name} has another shape than {shape}")
         self.n_pending = state["n_pending"]  # sizes the pending arrays below
         for name, target in self.state_arrays().items():
+            if name == "champion" and not state["has_champion"]:
+                continue  # see has_champion below
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
         self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
@@ -1285,6 +1303,10 @@ class Trainer:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
         self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
         self.rng.bit_generator.state = state["rng"]
+        self.window.n, self.window.shift = state["window_n"], state["window_shift"]
+        # Without a champion saved, the one build_trainer() set stays: the published incumbent, if any (a
+        # state from before champions existed makes its incumbent its first champion).
+        self.has_champion |= state["has_champion"]
 
     def step(self) -> StepResult | None:
         started = time.perf_counter()
@@ -1297,6 +1319,7 @@ class Trainer:
         if n > self.n_new:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
+            self.validate(new_x, new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
             applied = self.apply_gradient(loss)
         if not applied:
@@ -1312,6 +1335,36 @@ class Trainer:
         self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
         self.step_seconds.observe(time.perf_counter() - started)
         return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
+
+    def validate(self, x: Any, y: Any) -> None:
+        """Progressive validation: the candidate (the EMA) and each reference predict the step's new samples
+        before it trains on them, and the window takes their paired errors."""
+        models = [self.ema, *self.references().values()]
+        predictions = self.window_predictions[:len(models)]
+        for row, model in enumerate(models):
+            predictions[row] = model.forward(x)[:, 0]
+        self.window.add(predictions, y)
+
+    def references(self) -> dict[str, MLP]:
+        """The models a candidate must match, by name: the incumbent and the champion once a checkpoint is
+        published; before that the base (or fresh) model, which nodes then serve."""
+        if not self.has_champion:
+            return {"base": self.incumbent}
+        return {"incumbent": self.incumbent, "champion": self.champion}
+
+    def history(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The gate's long memory, on the host, and how much of it is held out: the evaluation ring, topped up
+        while it holds fewer than GATE_MIN_EVAL samples with the newest replay samples older than the window
+        (up to EVAL_CAPACITY in all)."""
+        self.flush_held_out()
+        host = self.backend.to_host
+        x, y = host(self.eval.x[:self.eval.size]), host(self.eval.y[:self.eval.size])
+        held_out, c = len(y), self.config
+        if held_out >= c.gate_min_eval:
+            return x, y, held_out
+        older = min(max(0, self.replay.size - self.window.n), c.eval_capacity - held_out)
+        replay_x, replay_y = self.replay.older(self.window.n, older)
+        return np.concatenate([x, host(replay_x)]), np.concatenate([y, host(replay_y)]), held_out
 
     def apply_gradient(self, loss: float) -> bool:
         """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
@@ -1349,8 +1402,9 @@ class Trainer:
             last is None or time.monotonic() - last >= c.ckpt_interval_s)
 
     def take_checkpoint(self) -> Checkpoint | None:
-        """publish() the EMA weights and take the outcome in (published: the new incumbent); training goes
-        on either way, and after a write the disk refused, the next try comes an interval later."""
+        """publish() the EMA weights and take the outcome in (published: the new incumbent, and the champion
+        if it is at least as good); a new window starts. Training goes on either way, and after a write the
+        disk refused, the next try comes an interval later (the window goes on to then)."""
         self.last_checkpoint_time = time.monotonic()
         started = time.perf_counter()
         try:
@@ -1361,9 +1415,13 @@ class Trainer:
             return None
         self.checkpoint_results["published" if checkpoint.published else "quarantined"] += 1
         self.samples_since_checkpoint = 0
+        self.window.reset()
         self.last_gate = checkpoint.record
         if checkpoint.published:
             self.incumbent = self.ema.copy()
+            if not self.has_champion or checkpoint.verdict.displaces_champion():
+                self.champion.flat[...] = self.incumbent.flat
+                self.has_champion = True
         log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms with the gate)",
                  checkpoint.record["version"], "published" if checkpoint.published else "quarantined",
                  checkpoint.path, self.steps, self.samples_trained, checkpoint.record["gate"],
@@ -1422,6 +1480,11 @@ class Ring:
         self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
         self.next = (self.next + n) % capacity
         self.size = min(self.size + n, capacity)
+
+    def older(self, skip: int, count: int) -> tuple[Any, Any]:
+        """Copies of the `count` samples stored before the newest `skip` ones (count <= size - skip)."""
+        index = (self.next - skip - 1 - self.xp.arange(count)) % len(self.y)
+        return self.x[index], self.y[index]
 
     def sample_into(self, rng: np.random.Generator, x: Any, y: Any) -> None:
         """Fill x and y with len(y) samples drawn uniformly with replacement, by the host's generator
@@ -1549,27 +1612,47 @@ class MLP:
         return float(loss)
 
 
-# ---- gate: held-out metrics decide whether a checkpoint is published or quarantined ----
+# ---- gate: progressive validation and a held-out history decide whether a checkpoint is published ----
 
-PUBLISHED = ("passed", "insufficient-data", "off")  # the gate verdicts that publish; else "quarantined"
+PUBLISHED = ("passed", "off")  # the gate verdicts that publish; else "quarantined"
+REFERENCES = ("incumbent", "champion", "base")  # the names of what a candidate is compared with; see references()
+# A variance below this fraction of its raw second moment is rounding noise: that side is taken as constant.
+CONSTANT_VARIANCE = 1e-10
 
 
 @dataclass(frozen=True)
 class Scores:
-    """One model's held-out scores."""
+    """One model's scores on one set of samples."""
     plcc: float  # Pearson correlation of predictions and true scores
-    srcc: float  # Spearman rank correlation, ties given their average rank
+    srcc: float | None  # Spearman rank correlation, ties given their average rank; None on the window (sums only)
     rmse: float
+    r2: float  # 1 - SSE / SST: above 0 only for a model better than predicting the set's mean
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A set the gate judges on, its size and the candidate's and each reference's scores on it (None: not
+    measurable: no samples, or outputs that are not finite)."""
+    n: int
+    scores: dict[str, Scores | None]  # "candidate", then the references by name
+    held_out: int | None = None  # of the history: how many of its samples are held out, the rest replayed
+
+    def best_reference(self) -> tuple[str, Scores] | None:
+        measured = [(name, s) for name, s in self.scores.items() if name != "candidate" and s is not None]
+        return max(measured, key=lambda item: item[1].plcc, default=None)
+
+    def record(self) -> dict[str, Any]:
+        held_out = {} if self.held_out is None else {"held_out": self.held_out}
+        return {"n": self.n, **held_out, **{name: s and dataclasses.asdict(s) for name, s in self.scores.items()}}
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The gate's judgement of a candidate, with both models' held-out scores (None: nothing to measure)."""
+    """The gate's judgement of a candidate, with the evidence it was judged on."""
     gate: str  # one of PUBLISHED, or "quarantined"
-    candidate: Scores | None = None
-    incumbent: Scores | None = None
-    eval_n: int = 0
-    reason: str | None = None  # why it is quarantined
+    window: Evidence  # progressive validation since the last checkpoint
+    history: Evidence  # the held-out ring, and older replay samples while it is small
+    reason: str  # why it is published or not
 
     @property
     def published(self) -> bool:
@@ -1578,28 +1661,116 @@ class Verdict:
     def refused(self, reason: str) -> Verdict:
         return dataclasses.replace(self, gate="quarantined", reason=reason)
 
+    def displaces_champion(self) -> bool:
+        """Whether this candidate's history PLCC (the window's, with no history) is at least the champion's."""
+        for evidence in (self.history, self.window):
+            ours, theirs = evidence.scores.get("candidate"), evidence.scores.get("champion")
+            if ours is not None and theirs is not None:
+                return ours.plcc >= theirs.plcc
+        return True
+
     def record(self) -> dict[str, Any]:
-        """As a checkpoint's record holds it: "metrics" (both models' scores and eval_n), "gate", "reason"."""
-        scores = {"candidate": self.candidate and dataclasses.asdict(self.candidate),
-                  "incumbent": self.incumbent and dataclasses.asdict(self.incumbent), "eval_n": self.eval_n}
-        return {"metrics": scores, "gate": self.gate, **({"reason": self.reason} if self.reason else {})}
+        """As a checkpoint's record holds it: "metrics", "gate", "reason". metrics.candidate, .incumbent and
+        .eval_n are the history's (the keys nodes read since format 1); .window and .history hold it all."""
+        history = self.history.scores
+        incumbent = history.get("incumbent", history.get("base"))
+        metrics = {"candidate": history["candidate"] and dataclasses.asdict(history["candidate"]),
+                   "incumbent": incumbent and dataclasses.asdict(incumbent), "eval_n": self.history.n,
+                   "window": self.window.record(), "history": self.history.record()}
+        return {"metrics": metrics, "gate": self.gate, "reason": self.reason}
 
 
-def judge(config: Config, candidate: MLP, incumbent: MLP, x: np.ndarray, y: np.ndarray) -> Verdict:
-    """The gate's verdict on `candidate`, with both models' scores on the held-out samples (x, y), all on
-    the host, so that every backend reaches the same verdict."""
-    ours, theirs = measure(candidate, x, y), measure(incumbent, x, y)
-    verdict = Verdict("passed", ours, theirs, len(y))
-    if not np.isfinite(candidate.backend.to_host(candidate.flat)).all() or (len(y) and ours is None):
+def judge(config: Config, window: Evidence, history: Evidence, finite_weights: bool = True) -> Verdict:
+    """The rule: on every set with at least GATE_MIN_EVAL samples, the candidate must beat a constant
+    prediction (R² > 0) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC. With no such set,
+    nothing shows it is good, and it is not published."""
+    verdict = Verdict("passed", window, history, "")
+    if not finite_weights or any(e.n and e.scores["candidate"] is None for e in (window, history)):
         return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
-        return dataclasses.replace(verdict, gate="off")
-    if len(y) < config.gate_min_eval:
-        return dataclasses.replace(verdict, gate="insufficient-data")
-    if theirs is None or ours.plcc >= theirs.plcc - config.gate_max_plcc_drop:  # an unmeasurable incumbent loses
-        return verdict
-    return verdict.refused(f"held-out PLCC fell from {theirs.plcc:.6f} to {ours.plcc:.6f} on {len(y)} samples, "
-                           f"by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({config.gate_max_plcc_drop})")
+        return dataclasses.replace(verdict, gate="off", reason="published unjudged: VMAFX_SIDECAR_GATE=off")
+    judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.n >= config.gate_min_eval]
+    if not judged:
+        return verdict.refused(f"too little evidence: {window.n} window and {history.n} history samples, fewer "
+                               f"than VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval}) in each")
+    passes = []
+    for name, evidence in judged:
+        ours, best = evidence.scores["candidate"], evidence.best_reference()
+        if ours.r2 <= 0:
+            return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples: no better than "
+                                   "predicting their mean")
+        if best is not None and ours.plcc < best[1].plcc - config.gate_max_plcc_drop:
+            return verdict.refused(f"{name}: PLCC {ours.plcc:.6f} on {evidence.n} samples, below the {best[0]}'s "
+                                   f"{best[1].plcc:.6f} by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP "
+                                   f"({config.gate_max_plcc_drop})")
+        against = f", {best[0]} {best[1].plcc:.6f}" if best else ""
+        passes.append(f"{name}: R² {ours.r2:.4f}, PLCC {ours.plcc:.6f}{against} on {evidence.n} samples")
+    return dataclasses.replace(verdict, reason="; ".join(passes))
+
+
+def gather_evidence(trainer: Trainer) -> tuple[Evidence, Evidence, np.ndarray]:
+    """The window's scores, and the history's, with the history's inputs (what the written file is run on)."""
+    x, y, held_out = trainer.history()
+    models = {"candidate": trainer.ema, **trainer.references()}
+    history = Evidence(len(y), {name: measure(model, x, y) for name, model in models.items()}, held_out)
+    return trainer.window.evidence(trainer.references()), history, x
+
+
+class Window:
+    """Progressive validation (test, then train): each model's paired errors on the samples trained since
+    the last checkpoint, each sample predicted before the step that trains on it. Every sample is evidence,
+    none is withheld, and memory stays constant: sums in float64 of values shifted by the window's first
+    score, so that no variance is lost to cancellation. Row 0 is the candidate's, then the references' in
+    the order Trainer.references() gives them; the rows past those stay zero."""
+
+    def __init__(self, backend: Backend):
+        self.to_host = backend.to_host
+        xp = backend.xp
+        self.sums = xp.zeros((1 + len(REFERENCES), 4))  # per model: sums of d, d², d·e, (d - e)²
+        self.truth = xp.zeros(2)  # sums of e and e²; d = prediction - shift, e = score - shift
+        self.n = 0
+        self.shift = 0.0
+
+    def add(self, predictions: Any, y: Any) -> None:
+        """Take one step's predictions (a row per model, a column per sample) of the scores y."""
+        if not self.n:
+            self.shift = float(y[0])
+        d = predictions.astype(np.float64)
+        d -= self.shift
+        e = y.astype(np.float64)
+        e -= self.shift
+        r = d - e
+        sums = self.sums[:len(d)]
+        sums[:, 0] += d.sum(axis=1)
+        sums[:, 1] += (d * d).sum(axis=1)
+        sums[:, 2] += d @ e
+        sums[:, 3] += (r * r).sum(axis=1)
+        self.truth[0] += e.sum()
+        self.truth[1] += e @ e
+        self.n += len(y)
+
+    def reset(self) -> None:
+        self.sums[...] = 0
+        self.truth[...] = 0
+        self.n, self.shift = 0, 0.0
+
+    def evidence(self, references: dict[str, Any]) -> Evidence:
+        """The candidate's and the references' scores on the window so far (`references`: their names, in the
+        order their rows were added)."""
+        sums, (sum_e, sum_ee) = self.to_host(self.sums), self.to_host(self.truth).tolist()
+        names = ["candidate", *references]
+        return Evidence(self.n, {name: self.scores(sums[row], sum_e, sum_ee) for row, name in enumerate(names)})
+
+    def scores(self, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scores | None:
+        n = self.n
+        if not n or not (np.isfinite(sums).all() and math.isfinite(sum_ee)):
+            return None
+        sum_d, sum_dd, sum_de, sse = sums.tolist()
+        var_d, var_e = sum_dd - sum_d * sum_d / n, sum_ee - sum_e * sum_e / n  # n times the variances
+        constant_d, constant_e = var_d <= CONSTANT_VARIANCE * sum_dd, var_e <= CONSTANT_VARIANCE * sum_ee
+        plcc = 0.0 if constant_d or constant_e else (sum_de - sum_d * sum_e / n) / math.sqrt(var_d * var_e)
+        r2 = 0.0 if constant_e else 1.0 - sse / var_e
+        return Scores(plcc=min(1.0, max(-1.0, plcc)), srcc=None, rmse=math.sqrt(max(0.0, sse) / n), r2=r2)
 
 
 def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
@@ -1610,8 +1781,9 @@ def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
     if not len(y) or not np.isfinite(predicted).all():
         return None
     truth = y.astype(np.float64)
+    sse, sst = float(np.sum((predicted - truth) ** 2)), float(np.sum((truth - truth.mean()) ** 2))
     return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
-                   rmse=math.sqrt(float(np.mean((predicted - truth) ** 2))))
+                  rmse=math.sqrt(sse / len(y)), r2=1.0 - sse / sst if np.ptp(truth) else 0.0)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -1638,14 +1810,14 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 # ---- publish: the one path of a checkpoint: judged, written, read back, then published or quarantined ----
 
 def publish(trainer: Trainer) -> Checkpoint:
-    """The trainer's EMA weights as its next checkpoint, judged by the gate against the incumbent on the
-    held-out set. OSError if the disk refuses it, with nothing partial left."""
-    trainer.flush_held_out()
+    """The trainer's EMA weights as its next checkpoint, judged by the gate on the window and the history
+    against every reference. OSError if the disk refuses it, with nothing partial left."""
+    window, history, x = gather_evidence(trainer)
+    finite = bool(np.isfinite(trainer.backend.to_host(trainer.ema.flat)).all())
+    verdict = judge(trainer.config, window, history, finite)
+    # The written file is run on history inputs; replayed ones stand in while there are none.
     host = trainer.backend.to_host
-    x, y = host(trainer.eval.x[:trainer.eval.size]), host(trainer.eval.y[:trainer.eval.size])
-    verdict = judge(trainer.config, trainer.ema, trainer.incumbent, x, y)
-    # The written file is run on held-out inputs; replayed ones stand in while there are none.
-    probe = x if len(x) else host(trainer.replay.x[:min(trainer.replay.size, 256)])
+    probe = x[:READBACK_PROBE] if len(x) else host(trainer.replay.x[:min(trainer.replay.size, READBACK_PROBE)])
     return write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
                             verdict, probe)
 
@@ -1669,6 +1841,7 @@ RECORD_FORMAT = 2  # of checkpoint records and latest.json: 1 had no "format" fi
 LATEST_MODEL = "latest.onnx"  # a copy of the model latest.json names, at a path a node can be given once
 QUARANTINE_KEPT = 10
 READBACK_TOLERANCE = 1e-5  # relative, with scores below 1 compared absolutely
+READBACK_PROBE = 256  # inputs the written file is run on
 
 
 @dataclass(frozen=True)
@@ -1686,10 +1859,11 @@ class Staged:
 class Checkpoint:
     path: Path
     record: dict[str, Any]  # what model_vNNNNNN.json holds, and latest.json when it is published
+    verdict: Verdict
 
     @property
     def published(self) -> bool:
-        return self.record["gate"] in PUBLISHED
+        return self.verdict.published
 
 
 class CheckpointWriter:
@@ -1758,7 +1932,7 @@ class CheckpointWriter:
                 leftover.unlink(missing_ok=True)
             raise
         self.version = version  # visible now: this version is never written again, whatever follows
-        checkpoint = Checkpoint(directory / name, record)
+        checkpoint = Checkpoint(directory / name, record, verdict)
         fsync_directory(directory)
         if verdict.published:
             self.point_latest(record, staged.data)
@@ -2105,7 +2279,10 @@ def metrics_text(server: Server) -> str:
     """Every metric in the Prometheus text exposition format (0.0.4)."""
     t, s = server.trainer, server
     latest = t.checkpoints.latest or {}
-    candidate = ((t.last_gate or {}).get("metrics") or {}).get("candidate") or {}
+    verdict_metrics = (t.last_gate or {}).get("metrics") or {}
+    candidate = verdict_metrics.get("candidate") or {}
+    judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
+    live = t.window.evidence(t.references())
     step = t.step_seconds
     buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -2131,8 +2308,19 @@ def metrics_text(server: Server) -> str:
          [({}, latest.get("version"))]),
         ("vmafx_sidecar_last_checkpoint_timestamp_seconds", "gauge", "When the checkpoint latest.json names "
          "was written (Unix time)", [({}, latest.get("created_unix"))]),
-        ("vmafx_sidecar_eval_plcc", "gauge", "Held-out PLCC of the last checkpoint the gate judged",
+        ("vmafx_sidecar_eval_plcc", "gauge", "History PLCC of the last checkpoint the gate judged",
          [({}, candidate.get("plcc"))]),
+        ("vmafx_sidecar_window_samples", "gauge", "Samples in the live window: predicted, then trained on, since "
+         "the last checkpoint", [({}, live.n)]),
+        *(("vmafx_sidecar_window_" + score, "gauge", f"{score.upper()} of each model on the live window",
+           [({"model": name}, getattr(measured, score)) for name, measured in live.scores.items() if measured])
+          for score in ("plcc", "r2", "rmse")),
+        ("vmafx_sidecar_gate_samples", "gauge", "Samples of each set the last verdict judged on",
+         [({"set": name}, judged[name].get("n")) for name in judged]),
+        *(("vmafx_sidecar_gate_" + score, "gauge", f"{score.upper()} of each model on each set, at the last "
+           "verdict", [({"set": name, "model": model}, measured[score]) for name in judged
+                       for model, measured in judged[name].items() if isinstance(measured, dict)])
+          for score in ("plcc", "r2", "rmse")),
         ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
          [({}, t.steps_skipped)]),
         ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
@@ -2335,7 +2523,7 @@ def serve(config: Config) -> int:
 
 def build_trainer(config: Config) -> tuple[Trainer, str]:
     """The trainer on its backend, from the base model or a fresh one (which the second value names),
-    with the published checkpoint as the incumbent its candidates must match."""
+    with the published checkpoint as the incumbent (and champion) its candidates must match."""
     backend = select_backend(config.cuda)
     rng = np.random.default_rng(config.seed)
     model = load_base_model(config)
@@ -2345,7 +2533,10 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
                       rng)
     published = trainer.checkpoints.latest_model()
     if published is not None and published.sizes[0] == config.n_features:
-        trainer.incumbent = published
+        trainer.incumbent = published.to(backend)
+        if published.sizes == model.sizes:  # the champion until the state names another
+            trainer.champion.flat[...] = trainer.incumbent.flat
+            trainer.has_champion = True
     elif published is not None:
         log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
                     "the base model instead", published.sizes[0], config.n_features)

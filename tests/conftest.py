@@ -179,6 +179,9 @@ def sample(rng: np.random.Generator, n_features: int = 80, job_id: str | None = 
 
 
 RELU = vs.Activation("relu")
+NO_EVIDENCE = vs.Evidence(0, {"candidate": None})
+UNGATED = vs.Verdict("off", NO_EVIDENCE, NO_EVIDENCE, "published by the test")  # for tests of the writer alone
+REFUSED = UNGATED.refused("refused by the test")
 
 
 def make_trainer(directory: Path, *, sizes: list[int] | None = None, activation: vs.Activation = RELU,

@@ -255,7 +255,8 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     """tests/fixtures/state_v1/killed is a directory as 974ac50 left it after a kill -9: snapshot format 1,
     records past it in the journal (which compute nothing when replayed, so the figures hold on any CPU),
     a published checkpoint. restored.bin is the snapshot that version wrote after resuming a copy of it.
-    This version must resume to the same state and write its own format."""
+    This version must resume to the same state, make the published checkpoint (its incumbent) its first
+    champion, and write its own format."""
     old_meta, old_arrays = vs.read_snapshot((FIXTURE / "restored.bin").read_bytes())
     shutil.copytree(FIXTURE / "killed", tmp_path / "ckpt")
     s = sidecar_factory(**SETTINGS)
@@ -267,13 +268,13 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     assert s.stop() == 0
     meta, arrays = vs.read_snapshot((tmp_path / "ckpt" / ".state" / "snapshot.bin").read_bytes())
     assert "format" not in old_meta and meta["format"] == vs.SNAPSHOT_FORMAT
-    old_meta = vs.migrated(old_meta)
-    assert meta.keys() == old_meta.keys()
+    incumbent = vs.MLP.from_weights(vs.onnx_builder.read_mlp_model(vs.onnx.load(FIXTURE / "killed" / "latest.onnx")))
+    expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion": incumbent.flat}
+    assert {**meta, **arrays}.keys() == expected.keys()
     for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
-        assert meta[key] == old_meta[key], key
-    assert arrays.keys() == old_arrays.keys()
+        assert meta[key] == expected[key], key
     for name in arrays:
-        np.testing.assert_array_equal(arrays[name], old_arrays[name], err_msg=name)
+        np.testing.assert_array_equal(arrays[name], expected[name], err_msg=name)
     latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
     assert latest == json.loads((FIXTURE / "killed" / "latest.json").read_text())
 
