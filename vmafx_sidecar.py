@@ -1307,6 +1307,8 @@ class Trainer:
         # Without a champion saved, the one build_trainer() set stays: the published incumbent, if any (a
         # state from before champions existed makes its incumbent its first champion).
         self.has_champion |= state["has_champion"]
+        if self.has_champion != state["has_champion"]:  # published after the snapshot, whose window scored the base
+            self.window.reset()
 
     def step(self) -> StepResult | None:
         started = time.perf_counter()
@@ -1712,13 +1714,14 @@ def gather_evidence(trainer: Trainer) -> tuple[Evidence, Evidence, np.ndarray]:
     """The window's scores, and the history's, with the history's inputs (what the written file is run on)."""
     x, y, held_out = trainer.history()
     models = {"candidate": trainer.ema, **trainer.references()}
-    history = Evidence(len(y), {name: measure(model, x, y) for name, model in models.items()}, held_out)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)  # once for all the models
+    history = Evidence(len(y), {name: measure(model, x64, y64) for name, model in models.items()}, held_out)
     return trainer.window.evidence(trainer.references()), history, x
 
 
 class Window:
-    """Progressive validation (test, then train): each model's paired errors on the samples trained since
-    the last checkpoint, each sample predicted before the step that trains on it. Every sample is evidence,
+    """Progressive validation (test, then train): each model's paired errors on the new samples of every step
+    since the last checkpoint, each predicted before the step trains on it. Every sample is evidence,
     none is withheld, and memory stays constant: sums in float64 of values shifted by the window's first
     score, so that no variance is lost to cancellation. Row 0 is the candidate's, then the references' in
     the order Trainer.references() gives them; the rows past those stay zero."""
@@ -1777,10 +1780,10 @@ def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
     """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
     not finite."""
     with np.errstate(all="ignore"):
-        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64))[:, 0]
+        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64, copy=False))[:, 0]
     if not len(y) or not np.isfinite(predicted).all():
         return None
-    truth = y.astype(np.float64)
+    truth = y.astype(np.float64, copy=False)
     sse, sst = float(np.sum((predicted - truth) ** 2)), float(np.sum((truth - truth.mean()) ** 2))
     return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
                   rmse=math.sqrt(sse / len(y)), r2=1.0 - sse / sst if np.ptp(truth) else 0.0)
@@ -2635,7 +2638,8 @@ def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
 # ---- checkpoint tools: `checkpoints` lists what the sidecar wrote, `verify` checks it ----
 
 def list_checkpoints(directory: Path) -> int:
-    """Print every checkpoint in `directory` and its quarantine/ with its gate record, oldest first."""
+    """Print every checkpoint in `directory` and its quarantine/ with its history scores and verdict, oldest
+    first, then why each quarantined one was refused."""
     if not directory.is_dir():
         print(f"vmafx-sidecar checkpoints: {directory}: no such directory", file=sys.stderr)
         return 1
@@ -2649,11 +2653,11 @@ def list_checkpoints(directory: Path) -> int:
             if latest and latest["version"] == version and where == directory:
                 state += ", latest"
             rows.append([version, record.get("created", "-"), record.get("step", "-"),
-                         *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in ("plcc", "srcc", "rmse")),
+                         *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in ("plcc", "srcc", "rmse", "r2")),
                          (record.get("metrics") or {}).get("eval_n", "-"), record.get("gate", "-"), state])
-            if "reason" in record:
+            if "reason" in record and where != directory:  # why it was refused
                 reasons.append(f"v{version:06d}: {record['reason']}")
-    header = ["version", "created", "step", "plcc", "srcc", "rmse", "eval_n", "gate", "state"]
+    header = ["version", "created", "step", "plcc", "srcc", "rmse", "r2", "eval_n", "gate", "state"]
     table = [header, *([str(cell) for cell in row] for row in sorted(rows, key=lambda row: row[0]))]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:

@@ -20,16 +20,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vmafx_onnx_builder
 import vmafx_sidecar
-from conftest import ROOT, Client, Sidecar, sample
+from conftest import ROOT, UNGATED, Client, Sidecar, sample
 
 N_FEATURES = 80
 # batch 32 with replay_mix 0.5 (the defaults, spelled out): each step trains 16 new samples,
-# so the 4th step, at the 64th sample, is the first with >= 64 new samples trained.
+# so the 4th step, at the 64th sample, is the first with >= 64 new samples trained. The gate off: these
+# tests are about the files, and 64 random samples are too little evidence for it to publish anything.
 CKPT_ENV = {
     "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0",
     "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "64",
     "VMAFX_SIDECAR_BATCH_SIZE": "32",
     "VMAFX_SIDECAR_REPLAY_MIX": "0.5",
+    "VMAFX_SIDECAR_GATE": "off",
 }
 
 
@@ -104,7 +106,6 @@ def assert_sha256_file_verifies(model_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-UNGATED = vmafx_sidecar.Verdict("off")  # a verdict that publishes, for tests of the writer alone
 PROBE = np.random.default_rng(7).uniform(0, 1, (16, 80)).astype(np.float32)  # inputs of the read-back check
 
 
@@ -256,7 +257,8 @@ def test_checkpoint_loads_as_base_model(sidecar_factory, tmp_path):
     assert np.max(np.abs(fresh.forward(x) - base_scores)) > 1e-2, "base is indistinguishable from a fresh model"
 
     s2 = sidecar_factory(workdir=tmp_path / "b", VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_LR="1e-12",
-                         VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16")
+                         VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16",
+                         VMAFX_SIDECAR_GATE="off")  # as CKPT_ENV: the checkpoint is what is looked at
     client = s2.client()
     status = client.request({"op": "status"})
     assert status["steps"] == 0
@@ -275,7 +277,8 @@ def test_deeper_base_model_is_trained_and_checkpointed_in_its_own_shape(sidecar_
     layers = random_layers(np.random.default_rng(4), [N_FEATURES, 32, 16, 1])
     onnx.save(vmafx_onnx_builder.build_mlp_model(relu_mlp(layers), {}), str(base))
     s = sidecar_factory(VMAFX_BASE_MODEL_PATH=str(base), VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
-                        VMAFX_SIDECAR_MIN_SAMPLES_CKPT="32", VMAFX_SIDECAR_LR="0.01")
+                        VMAFX_SIDECAR_MIN_SAMPLES_CKPT="32", VMAFX_SIDECAR_LR="0.01",
+                        VMAFX_SIDECAR_GATE="off")  # as CKPT_ENV: the checkpoint's shape is what is looked at
     client = s.client()
     assert client.request({"op": "status"})["model"] == f"{N_FEATURES}-32-16-1"
     acks = feed(client, np.random.default_rng(0), 32)

@@ -284,9 +284,11 @@ def test_connection_lost_midway_says_how_far_the_sidecar_acknowledged(sidecar_fa
 # ---- status ----
 
 def test_status_prints_a_table_and_json(sidecar_factory):
-    # A checkpoint after the first step, so that the gate record is there to flatten.
+    # A checkpoint after the first step, so that the gate record is there to flatten; the gate off, so that
+    # it is published (two samples are too little evidence) and checkpoint_version is a number.
     sidecar = sidecar_factory(**SERVER, VMAFX_SIDECAR_BATCH_SIZE="2", VMAFX_SIDECAR_REPLAY_MIX="0",
-                              VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="1")
+                              VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="1",
+                              VMAFX_SIDECAR_GATE="off")
     client = sidecar.client()
     for _ in range(3):
         assert client.request(VALID.rstrip())["ok"]
@@ -298,7 +300,9 @@ def test_status_prints_a_table_and_json(sidecar_factory):
     table = done.stdout.decode()
     rows = dict(line.split(None, 1) for line in table.splitlines())
     assert {"steps": "1", "samples_accepted": "3", "samples_rejected": "1", "pending": "1", "checkpoint_version": "1",
-            "gate.version": "1", "gate.gate": "insufficient-data", "gate.metrics.candidate": "-",
+            "gate.version": "1", "gate.gate": "off", "gate.reason": "published unjudged: VMAFX_SIDECAR_GATE=off",
+            "gate.metrics.candidate": "-", "gate.metrics.window.n": "2", "gate.metrics.history.n": "0",
+            "window.n": "0", "window.candidate": "-",  # the live window, new since that checkpoint
             "activations": "relu", "model": "4-64-1", "config.n_features": "4",
             "config.base_model_path": '""'}.items() <= rows.items()
     assert "ok" not in rows and "op" not in rows and "gate" not in rows

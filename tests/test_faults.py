@@ -109,6 +109,7 @@ KILL_ENV = {
     "VMAFX_SIDECAR_LR": "0.001",
     "VMAFX_SIDECAR_KEEP_CHECKPOINTS": "0",  # the ledger checks that no published checkpoint ever changes
     "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0.1",  # journal records of held-out samples are replayed too
+    "VMAFX_SIDECAR_GATE": "off",  # random scores never pass the gate; the ledger needs published checkpoints
 }
 KILL_MESSAGES = 10_000
 KILL_CLIENTS = 2
@@ -320,9 +321,10 @@ def test_kill_9_at_random_moments_during_a_stream(tmp_path):
 
 # ---- 2. checkpoint writes that fail ----
 
-# make_trainer settings: a small model that steps every 4 samples, with a checkpoint due at every step.
+# make_trainer settings: a small model that steps every 4 samples, with a checkpoint due at every step,
+# published unless the write or its read-back fails: the gate, which 4 samples could never satisfy, is off.
 STEPPING = dict(n_features=N_FEATURES, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=64, min_samples_ckpt=4,
-                ckpt_interval_s=0.0, lr=0.01)
+                ckpt_interval_s=0.0, lr=0.01, gate="off")
 
 
 def one_step(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray):
@@ -444,6 +446,7 @@ def test_acks_keep_flowing_through_the_server_while_checkpoint_writes_fail(tmp_p
     monkeypatch.setattr(subprocess, "Popen",
                         lambda args, **kwargs: real_popen([sys.executable, "-c", FAULTY_SERVER], **kwargs))
     s = Sidecar(tmp_path, {**SMALL_MODEL, "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0", "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "16",
+                           "VMAFX_SIDECAR_GATE": "off",  # every written checkpoint is published, as in STEPPING
                            "VMAFX_TEST_CHECKPOINT_FAULT": str(flag)})
     try:
         s.start()
@@ -477,7 +480,7 @@ def test_acks_keep_flowing_through_the_server_while_checkpoint_writes_fail(tmp_p
 # lr 1e30 without clipping: a batch of +-1e6 features has a loss and a gradient norm (and its square)
 # that are finite in float32, but lr * gradient is not (assert_update_overflows checks both premises).
 # Ordinary samples still give finite, if absurd, weights, so a later checkpoint can be written; its
-# outputs overflow float32, so the gate quarantines it.
+# outputs overflow float32, so the read-back check quarantines it, even with the gate off.
 OVERFLOW = dict(lr=1e30, max_grad_norm=1e30, warmup_steps=0, ema_decay=0.9)
 
 
@@ -534,7 +537,8 @@ def test_a_step_that_makes_weights_non_finite_is_undone(tmp_path):
 def test_status_counts_a_step_undone_for_overflow(sidecar_factory):
     s = sidecar_factory(**SMALL_MODEL, VMAFX_SIDECAR_BATCH_SIZE="4", VMAFX_SIDECAR_REPLAY_MIX="0",
                         VMAFX_SIDECAR_LR="1e30", VMAFX_SIDECAR_MAX_GRAD_NORM="1e30", VMAFX_SIDECAR_WARMUP_STEPS="0",
-                        VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="4")
+                        VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="4",
+                        VMAFX_SIDECAR_GATE="off")  # so that only the overflowing outputs can quarantine it
     # The server's fresh model (seed 0), rebuilt here only to check the test's premise.
     model = vs.MLP.initial([N_FEATURES, 8, 1], vs.Activation("relu"), np.random.default_rng(0))
     assert_update_overflows(model, np.zeros_like(model.flat), vs.Config(lr=1e30, max_grad_norm=1e30))
@@ -550,7 +554,8 @@ def test_status_counts_a_step_undone_for_overflow(sidecar_factory):
     acks = [c.request(sample(rng, N_FEATURES, job_id=f"ok-{i}")) for i in range(4)]
     assert acks[-1]["trained"] is True and acks[-1]["step"] == 1, acks[-1]
     st = status(c)
-    assert st["steps_skipped"] == 1 and st["gate"]["gate"] == "quarantined", st  # its outputs overflow
+    assert st["steps_skipped"] == 1 and st["gate"]["gate"] == "quarantined", st
+    assert st["gate"]["reason"] == "read-back check failed: the weights give outputs that are not finite", st
     assert checkpoint_weights_are_finite(s.checkpoint_dir / "quarantine" / "model_v000001.onnx")
 
 

@@ -1,10 +1,12 @@
-"""The stability gate (issue #5): the held-out set, the metrics, the verdicts, and what the checkpoint
-writer does with them: published or quarantined files, retention, recovery of latest.json, and the
+"""The stability gate (issues #5 and #15): the metrics, the window's sums (progressive validation), the held-out
+set and the history, the verdicts, and what the checkpoint writer does with them: published or quarantined
+files, retention, recovery of latest.json; the trainer's window, references and champion; and the
 `checkpoints`/`verify` tools."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -24,15 +26,13 @@ from hypothesis import strategies as st
 
 import vmafx_onnx_builder as ob
 import vmafx_sidecar as vs
-from conftest import RELU, make_trainer, run_cli
+from conftest import NO_EVIDENCE, REFUSED, RELU, UNGATED, make_trainer, run_cli
 
 MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
 RECORD_KEYS = {"format", "version", "file", "sha256", "step", "samples_trained", "created", "created_unix",
-               "metrics", "gate"}
+               "metrics", "gate", "reason"}
 N_FEATURES = 4  # small models keep the writer's read-back runs and the CLI fast
 PROBE = np.random.default_rng(7).uniform(0, 1, (16, N_FEATURES)).astype(np.float32)
-UNGATED = vs.Verdict("off")
-REFUSED = vs.Verdict("quarantined", reason="refused by the test")
 
 
 # ---- helpers ----
@@ -135,15 +135,19 @@ def write(writer: vs.CheckpointWriter, verdict: vs.Verdict, seed: int = 0, step:
 def test_metrics_of_a_small_case_computed_by_hand():
     # predictions [1, 2, 3] against truth [1, 3, 2]: centred [-1, 0, 1] and [-1, 1, 0], so
     # PLCC = (1 + 0 + 0) / sqrt(2 * 2) = 1/2; the ranks are the values themselves, so SRCC = 1/2 too;
-    # errors 0, -1, 1 give RMSE = sqrt(2/3).
+    # errors 0, -1, 1 give RMSE = sqrt(2/3); their squares sum to 2, as the truth's squared deviations from
+    # its mean 2 do: R² = 1 - 2/2 = 0.
     m = vs.measure(passthrough(), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
     assert m.plcc == pytest.approx(0.5, abs=1e-12)
     assert m.srcc == pytest.approx(0.5, abs=1e-12)
     assert m.rmse == pytest.approx(math.sqrt(2 / 3), abs=1e-12)
-    # with a bias of 2: predictions [3, 4, 5], errors 2, 1, 3: RMSE = sqrt(14/3); correlations unchanged
+    assert m.r2 == pytest.approx(0.0, abs=1e-12)
+    # with a bias of 2: predictions [3, 4, 5], errors 2, 1, 3: RMSE = sqrt(14/3), R² = 1 - 14/2;
+    # correlations unchanged
     m = vs.measure(passthrough(2.0), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
     assert (m.plcc, m.srcc) == (pytest.approx(0.5, abs=1e-12), pytest.approx(0.5, abs=1e-12))
     assert m.rmse == pytest.approx(math.sqrt(14 / 3), abs=1e-12)
+    assert m.r2 == pytest.approx(-6.0, abs=1e-12)
 
 
 def test_linear_and_anti_linear_data_give_plus_and_minus_one():
@@ -186,10 +190,10 @@ def test_constant_predictions_or_truth_give_zero_correlation_without_warnings():
         assert (m.plcc, m.srcc) == (0.0, 0.0)
         assert m.rmse == pytest.approx(math.sqrt((4 + 1 + 1 + 4) / 4), abs=1e-12)
         m = vs.measure(passthrough(), x, np.full(4, 7, np.float32))  # every true score equal
-        assert (m.plcc, m.srcc) == (0.0, 0.0)
+        assert (m.plcc, m.srcc, m.r2) == (0.0, 0.0, 0.0)
         assert m.rmse == pytest.approx(math.sqrt((36 + 25 + 16 + 9) / 4), abs=1e-12)
         m = vs.measure(passthrough(), column([5]), np.array([5], np.float32))  # a single sample
-        assert (m.plcc, m.srcc, m.rmse) == (0.0, 0.0, 0.0)
+        assert (m.plcc, m.srcc, m.rmse, m.r2) == (0.0, 0.0, 0.0, 0.0)
         assert vs.pearson(np.array([3.0, 3.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 0.0
         assert vs.pearson(np.array([1.0, 2.0, 3.0]), np.array([-2.0, -2.0, -2.0])) == 0.0
 
@@ -244,9 +248,107 @@ def test_measure_matches_an_independent_computation_on_random_models(seed):
     srcc = plain_pearson([float(r) for r in brute_ranks(predicted)], [float(r) for r in brute_ranks(y)])
     assert m.srcc == pytest.approx(srcc, abs=1e-9)
     assert m.rmse == pytest.approx(math.sqrt(np.mean((predicted - y) ** 2)), rel=1e-9)
+    truth = y.astype(np.float64)
+    assert m.r2 == pytest.approx(1 - np.sum((predicted - truth) ** 2) / np.sum((truth - truth.mean()) ** 2), rel=1e-9)
 
 
-# ---- 2. the held-out set ----
+MODELS = ("candidate", *vs.REFERENCES)  # as many models as a window holds rows for: the candidate first
+
+
+def window_of(predictions: np.ndarray, truth: np.ndarray, steps: list[int]) -> vs.Window:
+    """A window that took each model's predictions (rows) of `truth` in steps of these sizes."""
+    window = vs.Window(vs.NUMPY)
+    start = 0
+    for size in steps:
+        window.add(predictions[:, start:start + size], truth[start:start + size])
+        start += size
+    assert start == len(truth)
+    return window
+
+
+def direct_scores(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """PLCC, R² and RMSE of one model, straight from all its predictions in float64."""
+    p, t = predicted.astype(np.float64), truth.astype(np.float64)
+    sse, sst = float(np.sum((p - t) ** 2)), float(np.sum((t - t.mean()) ** 2))
+    plcc = 0.0 if np.ptp(p) == 0 or np.ptp(t) == 0 else float(np.corrcoef(p, t)[0, 1])
+    return plcc, 0.0 if np.ptp(t) == 0 else 1 - sse / sst, math.sqrt(sse / len(t))
+
+
+def assert_window_scores_match(window: vs.Window, predictions: np.ndarray, truth: np.ndarray) -> None:
+    found = window.evidence(dict.fromkeys(vs.REFERENCES))
+    assert found.n == len(truth) and set(found.scores) == set(MODELS)
+    for row, name in enumerate(MODELS):
+        plcc, r2, rmse = direct_scores(predictions[row], truth)
+        ours = found.scores[name]
+        assert ours.srcc is None  # ranks would need every prediction kept
+        assert ours.plcc == pytest.approx(plcc, abs=1e-9), name
+        assert ours.r2 == pytest.approx(r2, rel=1e-9, abs=1e-9), name
+        assert ours.rmse == pytest.approx(rmse, rel=1e-9), name
+
+
+def predictions_of(rng: np.random.Generator, truth: np.ndarray, spread: float) -> np.ndarray:
+    """For each model, a noisy, scaled and shifted copy of the truth (one of them anti-correlated), in float32
+    as the models predict."""
+    n, rows = len(truth), len(MODELS)
+    slopes = rng.uniform(0.2, 2.0, rows)
+    slopes[-1] *= -1
+    biases, noise = rng.uniform(-3, 3, rows) * spread, rng.uniform(0.05, 1.0, rows) * spread
+    centred = truth.astype(np.float64) - truth.mean()
+    predicted = truth.mean() + slopes[:, None] * centred + biases[:, None] + noise[:, None] * rng.normal(size=(rows, n))
+    return predicted.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_window_sums_give_the_scores_of_all_predictions_at_once(seed):
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(1, 33, 60).tolist()  # steps of any size, as batches and replay mixes make them
+    truth = rng.uniform(20, 100, sum(steps)).astype(np.float32)
+    predictions = predictions_of(rng, truth, spread=10.0)
+    assert_window_scores_match(window_of(predictions, truth, steps), predictions, truth)
+
+
+@settings(max_examples=100, deadline=None)
+@given(offset=st.sampled_from([0.0, 50.0, 1e3, -1e3]) | st.floats(-1e3, 1e3),
+       spread=st.floats(1e-2, 1e2), steps=st.lists(st.integers(1, 16), min_size=1, max_size=8),
+       seed=st.integers(0, 2**32 - 1))
+def test_window_sums_match_a_float64_computation_even_far_from_zero(offset, spread, steps, seed):
+    # Scores of ~1e3 that vary by 1e-2: plain sums of squares would lose that variance to cancellation.
+    rng = np.random.default_rng(seed)
+    truth = (offset + spread * rng.normal(size=sum(steps))).astype(np.float32)
+    predictions = predictions_of(rng, truth, spread)
+    assert_window_scores_match(window_of(predictions, truth, steps), predictions, truth)
+
+
+def test_window_of_constant_predictions_or_truth_correlates_zero():
+    rng = np.random.default_rng(3)
+    truth = (1e3 + rng.normal(0, 0.5, 48)).astype(np.float32)
+    predictions = predictions_of(rng, truth, spread=0.5)
+    predictions[0] = np.float32(1234.5)  # a model that predicts one score for everything
+    predictions[1] = truth[0]  # the same, at the score the window's sums are shifted by
+    constant_truth = np.full(48, 987.25, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by a zero variance
+        found = window_of(predictions, truth, [16, 16, 16]).evidence(dict.fromkeys(vs.REFERENCES))
+        assert found.scores["candidate"].plcc == found.scores[vs.REFERENCES[0]].plcc == 0.0
+        assert_window_scores_match(window_of(predictions, truth, [16, 16, 16]), predictions, truth)
+        flat = window_of(predictions, constant_truth, [5, 43]).evidence(dict.fromkeys(vs.REFERENCES))
+        assert all((s.plcc, s.r2) == (0.0, 0.0) for s in flat.scores.values())
+        assert_window_scores_match(window_of(predictions, constant_truth, [5, 43]), predictions, constant_truth)
+
+
+def test_window_scores_are_none_without_samples_or_with_outputs_that_are_not_finite():
+    empty = vs.Window(vs.NUMPY).evidence({"base": None})
+    assert empty == vs.Evidence(0, {"candidate": None, "base": None})
+    truth = np.arange(8, dtype=np.float32)
+    predictions = np.tile(truth, (len(MODELS), 1))
+    predictions[0, 3] = np.inf  # the candidate's outputs overflowed
+    with np.errstate(invalid="ignore", over="ignore"):
+        found = window_of(predictions, truth, [4, 4]).evidence({"base": None})
+    assert found.scores["candidate"] is None
+    assert found.scores["base"] == vs.Scores(plcc=1.0, srcc=None, rmse=0.0, r2=1.0)
+
+
+# ---- 2. the held-out set and the history ----
 
 def test_holdout_by_job_id_is_stable_across_calls_and_trainers(tmp_path):
     a = make_trainer(tmp_path / "a", **STEPPING, holdout_fraction=0.3)
@@ -282,6 +384,11 @@ def test_holdout_fraction_of_distinct_job_ids_is_within_a_binomial_bound(tmp_pat
     assert abs(held - n * fraction) < 5 * sd, (held, n * fraction, sd)
 
 
+# STEPPING without its checkpoints: the tests below take thousands of samples and look only at where they
+# go; a checkpoint at every step would write thousands of files.
+COUNTING = STEPPING | {"min_samples_ckpt": 10**9}
+
+
 def ingest_unnamed(trainer: vs.Trainer) -> bool:
     """Take a sample without a job_id as the server does; whether it was held out."""
     held_out = trainer.is_held_out(None)
@@ -290,7 +397,7 @@ def ingest_unnamed(trainer: vs.Trainer) -> bool:
 
 
 def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path):
-    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=0.05)
+    trainer = make_trainer(tmp_path, **COUNTING, holdout_fraction=0.05)
     positions = [i for i in range(1, 10001) if ingest_unnamed(trainer)]
     assert positions == list(range(20, 10001, 20))
     assert trainer.unnamed_samples == 10000
@@ -300,7 +407,7 @@ def test_holdout_without_job_ids_takes_every_twentieth_at_five_percent(tmp_path)
                                    Fraction(7, 100), Fraction(1, 7), Fraction(1, 2), Fraction(1)], ids=str)
 def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, meant):
     # the setting is a float; the count must be that of the fraction it spells, not of its binary rounding
-    trainer = make_trainer(tmp_path, **STEPPING, holdout_fraction=float(meant))
+    trainer = make_trainer(tmp_path, **COUNTING, holdout_fraction=float(meant))
     held = 0
     for n in range(1, 3001):
         held += ingest_unnamed(trainer)
@@ -308,10 +415,10 @@ def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, m
 
 
 def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
-    never = make_trainer(tmp_path / "a", **STEPPING, holdout_fraction=0.0)
+    never = make_trainer(tmp_path / "a", **COUNTING, holdout_fraction=0.0)
     assert not any(never.is_held_out(f"job-{i}") for i in range(2000))
     assert not any(ingest_unnamed(never) for _ in range(2000))
-    always = make_trainer(tmp_path / "b", **STEPPING, holdout_fraction=1.0)
+    always = make_trainer(tmp_path / "b", **COUNTING, holdout_fraction=1.0)
     assert all(always.is_held_out(f"job-{i}") for i in range(2000))
     assert all(ingest_unnamed(always) for _ in range(2000))
 
@@ -346,89 +453,243 @@ def test_held_out_samples_go_to_the_eval_ring_and_are_never_trained_on(tmp_path)
     assert 99.0 not in trainer.replay.y[:trainer.replay.size].tolist()
 
 
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.integers(1, 12).flatmap(lambda capacity: st.tuples(
+    st.just(capacity), st.lists(st.integers(1, capacity), min_size=1, max_size=10))), data=st.data())
+def test_ring_older_gives_the_samples_before_the_newest_newest_first_across_the_wrap(chunks, data):
+    capacity, sizes = chunks
+    ring, total = vs.Ring(capacity, 2, vs.NUMPY), 0
+    for size in sizes:
+        numbers = np.arange(total, total + size, dtype=np.float32)
+        ring.extend(np.stack([numbers, -numbers], axis=1), numbers)
+        total += size
+    skip = data.draw(st.integers(0, ring.size), label="skip")
+    count = data.draw(st.integers(0, ring.size - skip), label="count")
+    x, y = ring.older(skip, count)
+    expected = [total - 1 - skip - k for k in range(count)]
+    assert y.tolist() == expected and x[:, 0].tolist() == expected and (x[:, 1] == -y).all()
+    x[:], y[:] = 1e6, 1e6  # copies: the ring is not changed through them
+    assert 1e6 not in ring.y
+
+
+# make_trainer settings for the history: a replay ring of 16, steps of 4 new samples, a checkpoint (a new
+# window) after 20 trained ones, and GATE_MIN_EVAL 6.
+HISTORY = dict(n_features=8, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=16, gate_min_eval=6,
+               min_samples_ckpt=20, ckpt_interval_s=0.0, lr=1e-4)
+
+
+def numbered(i: int) -> np.ndarray:
+    """The features of sample i (whose score is i): they name it."""
+    return np.full(8, i / 64, np.float32)
+
+
+def add_numbered(trainer: vs.Trainer, numbers, held_out: bool = False) -> None:
+    for i in numbers:
+        trainer.add(numbered(i), np.float32(i), held_out=held_out)
+
+
+def assert_history(trainer: vs.Trainer, numbers: list[int], held_out: int) -> None:
+    x, y, n_held_out = trainer.history()
+    assert (y.tolist(), n_held_out) == (numbers, held_out)
+    np.testing.assert_array_equal(x, np.stack([numbered(i) for i in numbers]))
+
+
+@pytest.mark.parametrize("eval_capacity, replayed", [(16, list(range(19, 11, -1))), (8, [19, 18, 17, 16, 15])],
+                         ids=["all-older-replayed", "capped-at-eval-capacity"])
+def test_history_tops_a_small_held_out_ring_up_with_replay_older_than_the_window(tmp_path, eval_capacity, replayed):
+    trainer = make_trainer(tmp_path, **HISTORY, eval_capacity=eval_capacity)
+    add_numbered(trainer, [1000, 1001, 1002], held_out=True)
+    add_numbered(trainer, range(12))
+    assert_history(trainer, [1000, 1001, 1002], 3)  # every replayed sample is in the window: none older
+    add_numbered(trainer, range(12, 28))
+    assert trainer.checkpoints.version == 1 and trainer.window.n == 8  # a new window after sample 19
+    # The replay ring holds 12..27, wrapped round its end; 20..27 are the window's. Held-out first, then the
+    # newest older ones, up to EVAL_CAPACITY in all.
+    assert_history(trainer, [1000, 1001, 1002, *replayed], 3)
+    add_numbered(trainer, [1003, 1004, 1005], held_out=True)
+    assert_history(trainer, list(range(1000, 1006)), 6)  # GATE_MIN_EVAL held out: those alone
+
+
 # ---- 3. the gate's verdicts ----
 
-def judged(*args) -> dict:
-    """The gate's verdict as a checkpoint record holds it."""
-    return vs.judge(*args).record()
+def scores(plcc: float, r2: float = 0.5) -> vs.Scores:
+    """A model's scores on a set, as the gate reads them: only PLCC and R² decide."""
+    return vs.Scores(plcc=plcc, srcc=None, rmse=1.0, r2=r2)
 
 
-def test_judge_verdicts_off_insufficient_and_passed():
-    x, y, coef = linear_data()
-    good = fitted(coef)
-    verdict = judged(config(gate="off"), fitted(coef, -1.0), good, x, y)
-    assert verdict["gate"] == "off" and "reason" not in verdict  # off publishes even a far worse candidate
-    assert verdict["metrics"]["eval_n"] == 300
-    assert verdict["metrics"]["candidate"]["plcc"] < 0 < verdict["metrics"]["incumbent"]["plcc"]
-
-    verdict = judged(config(gate_min_eval=301), fitted(coef, -1.0), good, x, y)
-    assert verdict["gate"] == "insufficient-data" and verdict["metrics"]["eval_n"] == 300
-    assert judged(config(gate_min_eval=300), fitted(coef, -1.0), good, x, y)["gate"] == "quarantined"
-
-    verdict = judged(config(gate_min_eval=300), good.copy(), good, x, y)
-    assert verdict["gate"] == "passed" and "reason" not in verdict
-    assert verdict["metrics"]["candidate"] == verdict["metrics"]["incumbent"]
-    assert set(verdict["metrics"]["candidate"]) == {"plcc", "srcc", "rmse"}
-    assert verdict["metrics"]["candidate"]["plcc"] > 0.9
+def evidence(n: int, candidate: vs.Scores | None, **references: vs.Scores | None) -> vs.Evidence:
+    return vs.Evidence(n, {"candidate": candidate, **references})
 
 
-def test_judge_with_no_held_out_samples_publishes_with_null_metrics():
-    x, y, coef = linear_data()
-    verdict = judged(config(), fitted(coef, -1.0), fitted(coef), x[:0], y[:0])
-    assert verdict == {"metrics": {"candidate": None, "incumbent": None, "eval_n": 0}, "gate": "insufficient-data"}
+def measured(models: dict[str, vs.MLP], x: np.ndarray, y: np.ndarray) -> vs.Evidence:
+    """Each model's scores on (x, y), all of them held out: a history as gather_evidence measures one."""
+    return vs.Evidence(len(y), {name: vs.measure(model, x, y) for name, model in models.items()}, len(y))
 
 
-def test_judge_quarantines_a_worse_candidate_and_names_both_plccs():
-    x, y, coef = linear_data()
-    good, inverted = fitted(coef), fitted(coef, -1.0)
-    verdict = judged(config(gate_min_eval=200), inverted, good, x, y)
-    assert verdict["gate"] == "quarantined"
-    ours, theirs = verdict["metrics"]["candidate"]["plcc"], verdict["metrics"]["incumbent"]["plcc"]
-    assert theirs > 0.9 and ours == pytest.approx(-theirs, abs=1e-9)
-    assert f"{theirs:.6f}" in verdict["reason"] and f"{ours:.6f}" in verdict["reason"]
-    assert "300" in verdict["reason"]
-    json.dumps(verdict, allow_nan=False)  # what goes into the record is plain JSON
+ENOUGH = 300  # samples in a set: the GATE_MIN_EVAL the tests below judge with
+GOOD = evidence(ENOUGH, scores(0.9, r2=0.8), incumbent=scores(0.9), champion=scores(0.9))
+
+
+def verdict_on(name: str, judged: vs.Evidence, **fields) -> vs.Verdict:
+    """The verdict with `judged` as the set `name` ("window" or "history") and GOOD as the other one."""
+    window, history = (judged, GOOD) if name == "window" else (GOOD, judged)
+    return vs.judge(config(gate_min_eval=ENOUGH, **fields), window, history)
+
+
+def test_judge_with_the_gate_off_publishes_any_finite_candidate_unjudged():
+    worse = evidence(ENOUGH, scores(-0.9, r2=-3.0), base=scores(0.9))
+    verdict = vs.judge(config(gate="off"), worse, worse)
+    assert verdict.published and verdict.gate == "off"
+    assert verdict.reason == "published unjudged: VMAFX_SIDECAR_GATE=off"
+    assert verdict.record()["metrics"]["window"] == worse.record()  # measured and recorded all the same
+    assert vs.judge(config(gate="off"), NO_EVIDENCE, NO_EVIDENCE).gate == "off"  # with no evidence either
 
 
 def test_judge_quarantines_non_finite_candidates_even_with_the_gate_off():
+    unmeasurable = evidence(ENOUGH, None, base=scores(0.9))  # outputs that are not finite
+    for cfg in (config(gate="off"), config(), config(gate_min_eval=ENOUGH)):
+        for window, history, finite in ((GOOD, GOOD, False), (unmeasurable, GOOD, True), (GOOD, unmeasurable, True),
+                                        (NO_EVIDENCE, NO_EVIDENCE, False)):
+            verdict = vs.judge(cfg, window, history, finite)
+            assert verdict.gate == "quarantined" and verdict.reason == "non-finite weights or outputs", cfg.gate
+    # measured on real samples: a weight that is not finite leaves the candidate unmeasurable
     x, y, coef = linear_data()
-    good = fitted(coef)
     for value in (np.nan, np.inf):
-        broken = good.copy()
+        broken = fitted(coef)
         broken.flat[3] = value
-        for cfg in (config(gate="off"), config(gate_min_eval=10_000), config()):
-            verdict = judged(cfg, broken, good, x, y)
-            assert verdict["gate"] == "quarantined" and verdict["reason"], (value, cfg.gate, verdict)
-        # and with nothing held out to measure it on
-        assert judged(config(gate="off"), broken, good, x[:0], y[:0])["gate"] == "quarantined"
+        history = measured({"candidate": broken, "base": fitted(coef)}, x, y)
+        assert history.scores["candidate"] is None
+        assert vs.judge(config(gate="off"), NO_EVIDENCE, history).gate == "quarantined"
 
 
-def test_judge_boundary_exactly_the_allowed_drop_passes():
-    x, y, coef = linear_data()
-    incumbent = fitted(coef)
-    candidate = fitted(coef * np.array([1.0, 0.0, 1.0, 1.0]))  # drops a feature: a lower PLCC
-    ours, theirs = vs.measure(candidate, x, y).plcc, vs.measure(incumbent, x, y).plcc
-    assert 0 < ours < theirs - 0.01
-    drop = theirs - ours
-    while theirs - drop < ours:  # the drop that makes incumbent - drop == candidate exactly in floats
-        drop = math.nextafter(drop, 0.0)
-    while theirs - drop > ours:
-        drop = math.nextafter(drop, math.inf)
-    assert theirs - drop == ours
-    assert judged(config(gate_min_eval=2, gate_max_plcc_drop=drop), candidate, incumbent, x, y)["gate"] == "passed"
-    smaller = math.nextafter(drop, 0.0)
-    while theirs - smaller == ours:
-        smaller = math.nextafter(smaller, 0.0)
-    assert judged(config(gate_min_eval=2, gate_max_plcc_drop=smaller), candidate, incumbent, x, y)["gate"] \
-        == "quarantined"
+def test_judge_publishes_nothing_on_too_little_evidence():
+    cfg = config(gate_min_eval=ENOUGH)
+    short = evidence(ENOUGH - 1, scores(0.99, r2=0.98), base=scores(0.1, r2=0.01))  # a far better candidate
+    verdict = vs.judge(cfg, short, dataclasses.replace(short, n=ENOUGH - 2))
+    assert verdict.gate == "quarantined"
+    assert verdict.reason == (f"too little evidence: {ENOUGH - 1} window and {ENOUGH - 2} history samples, fewer "
+                              f"than VMAFX_SIDECAR_GATE_MIN_EVAL ({ENOUGH}) in each")
+    assert vs.judge(cfg, NO_EVIDENCE, NO_EVIDENCE).reason.startswith("too little evidence: 0 window and 0 history")
+    assert vs.judge(cfg, dataclasses.replace(short, n=ENOUGH), short).gate == "passed"  # GATE_MIN_EVAL is enough
 
 
-def test_judge_an_unmeasurable_incumbent_loses():
+@pytest.mark.parametrize("name", ["window", "history"])
+@pytest.mark.parametrize("r2", [0.0, -0.5, -1e6])
+def test_judge_refuses_an_r2_of_zero_or_less_on_either_set(name, r2):
+    poor = evidence(ENOUGH, scores(0.95, r2=r2), incumbent=scores(0.9))  # a PLCC that passes: R² alone refuses
+    verdict = verdict_on(name, poor)
+    assert verdict.gate == "quarantined"
+    assert verdict.reason == (f"{name}: R² {r2:.4f} on {ENOUGH} samples: no better than predicting their mean")
+    barely = evidence(ENOUGH, scores(0.95, r2=math.nextafter(0.0, 1.0)), incumbent=scores(0.9))
+    assert verdict_on(name, barely).gate == "passed"
+
+
+@pytest.mark.parametrize("name", ["window", "history"])
+@pytest.mark.parametrize("drop", [0.0, 0.005, 0.1])
+def test_judge_plcc_boundary_exactly_the_allowed_drop_passes_and_just_below_fails(name, drop):
+    theirs = 0.8765432101
+    at_boundary = theirs - drop  # the float the rule compares with
+    judged = evidence(ENOUGH, scores(at_boundary), incumbent=scores(theirs), champion=scores(theirs - 0.1))
+    verdict = verdict_on(name, judged, gate_max_plcc_drop=drop)
+    assert verdict.gate == "passed", verdict.reason
+    assert f"{name}: R² 0.5000, PLCC {at_boundary:.6f}, incumbent {theirs:.6f} on {ENOUGH} samples" in verdict.reason
+    below = evidence(ENOUGH, scores(math.nextafter(at_boundary, -1.0)), incumbent=scores(theirs),
+                     champion=scores(theirs - 0.1))
+    verdict = verdict_on(name, below, gate_max_plcc_drop=drop)
+    assert verdict.gate == "quarantined"
+    assert verdict.reason == (f"{name}: PLCC {math.nextafter(at_boundary, -1.0):.6f} on {ENOUGH} samples, below the "
+                              f"incumbent's {theirs:.6f} by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({drop})")
+
+
+@pytest.mark.parametrize("best", ["incumbent", "champion"])
+def test_judge_compares_with_the_best_reference(best):
+    other = "champion" if best == "incumbent" else "incumbent"
+    references = {best: scores(0.95), other: scores(0.80)}
+    between = evidence(ENOUGH, scores(0.90), **references)  # beats one reference, not the best one
+    verdict = vs.judge(config(gate_min_eval=ENOUGH), between, GOOD)
+    assert verdict.gate == "quarantined" and f"below the {best}'s 0.950000" in verdict.reason
+    close = evidence(ENOUGH, scores(0.946), **references)  # within GATE_MAX_PLCC_DROP of the best
+    verdict = vs.judge(config(gate_min_eval=ENOUGH), close, GOOD)
+    assert verdict.gate == "passed" and f"PLCC 0.946000, {best} 0.950000 on" in verdict.reason
+
+
+def test_judge_ignores_an_unmeasurable_reference():
+    cfg = config(gate_min_eval=ENOUGH)
+    verdict = vs.judge(cfg, evidence(ENOUGH, scores(0.80), incumbent=scores(0.802), champion=None), GOOD)
+    assert verdict.gate == "passed" and "incumbent 0.802000" in verdict.reason
+    verdict = vs.judge(cfg, evidence(ENOUGH, scores(0.70), incumbent=None, champion=scores(0.9)), GOOD)
+    assert verdict.gate == "quarantined" and "below the champion's" in verdict.reason
+    # with no reference measurable, R² alone decides
+    assert vs.judge(cfg, evidence(ENOUGH, scores(0.1, r2=0.01), base=None), GOOD).gate == "passed"
+    assert vs.judge(cfg, evidence(ENOUGH, scores(0.9, r2=-0.01), base=None), GOOD).gate == "quarantined"
+    # a base model whose outputs overflow, measured on real samples
     x, y, coef = linear_data()
     broken = fitted(coef)
     broken.flat[-1] = np.inf
-    verdict = judged(config(gate_min_eval=2), fitted(coef, -1.0), broken, x, y)
-    assert verdict["gate"] == "passed" and verdict["metrics"]["incumbent"] is None
+    history = measured({"candidate": fitted(coef), "base": broken}, x, y)
+    assert history.scores["base"] is None
+    assert vs.judge(cfg, NO_EVIDENCE, history).gate == "passed"
+
+
+def test_judge_judges_only_the_sets_with_enough_samples():
+    cfg = config(gate_min_eval=ENOUGH)
+    terrible = evidence(ENOUGH - 1, scores(-0.9, r2=-4.0), incumbent=scores(0.9))
+    verdict = vs.judge(cfg, terrible, GOOD)
+    assert verdict.gate == "passed" and verdict.reason.startswith("history: ") and "window" not in verdict.reason
+    verdict = vs.judge(cfg, GOOD, terrible)
+    assert verdict.gate == "passed" and verdict.reason.startswith("window: ") and "history" not in verdict.reason
+    both = vs.judge(cfg, GOOD, GOOD)
+    assert both.gate == "passed" and both.reason.startswith("window: ") and "; history: " in both.reason
+    assert vs.judge(cfg, GOOD, dataclasses.replace(terrible, n=ENOUGH)).gate == "quarantined"
+    assert vs.judge(cfg, dataclasses.replace(terrible, n=ENOUGH), GOOD).gate == "quarantined"
+
+
+def test_judge_refuses_a_worse_model_measured_on_real_samples_and_names_both_plccs():
+    x, y, coef = linear_data()
+    incumbent = fitted(coef)
+    candidate = fitted(coef * np.array([1.0, 0.0, 1.0, 1.0]))  # drops a feature: a lower PLCC, R² still > 0
+    history = measured({"candidate": candidate, "incumbent": incumbent, "champion": incumbent}, x, y)
+    ours, theirs = history.scores["candidate"], history.scores["incumbent"]
+    assert ours.r2 > 0 and 0 < ours.plcc < theirs.plcc - 0.01
+    verdict = vs.judge(config(gate_min_eval=ENOUGH), NO_EVIDENCE, history)
+    assert verdict.gate == "quarantined"
+    assert f"{ours.plcc:.6f}" in verdict.reason and f"{theirs.plcc:.6f}" in verdict.reason
+    assert verdict.reason.startswith("history: PLCC") and f"on {ENOUGH} samples" in verdict.reason
+    json.dumps(verdict.record(), allow_nan=False)  # what goes into the record is plain JSON
+    inverted = measured({"candidate": fitted(coef, -1.0), "base": incumbent}, x, y)
+    assert vs.judge(config(gate_min_eval=ENOUGH), NO_EVIDENCE, inverted).reason.startswith("history: R² -")
+
+
+def test_record_keeps_the_history_under_the_keys_records_had_before_the_window():
+    window = evidence(40, scores(0.7), base=scores(0.6))
+    before = vs.Evidence(ENOUGH, {"candidate": scores(0.9, r2=0.8), "base": scores(0.85, r2=0.7)}, held_out=120)
+    record = vs.judge(config(), window, before).record()
+    assert set(record) == {"metrics", "gate", "reason"}
+    metrics = record["metrics"]
+    assert metrics["candidate"] == dataclasses.asdict(before.scores["candidate"])
+    assert metrics["incumbent"] == dataclasses.asdict(before.scores["base"])  # before a publish: the base
+    assert metrics["eval_n"] == ENOUGH
+    assert metrics["window"] == {"n": 40, "candidate": dataclasses.asdict(scores(0.7)),
+                                 "base": dataclasses.asdict(scores(0.6))}
+    assert metrics["history"] == {"n": ENOUGH, "held_out": 120, "candidate": dataclasses.asdict(scores(0.9, r2=0.8)),
+                                  "base": dataclasses.asdict(scores(0.85, r2=0.7))}
+    after = evidence(ENOUGH, scores(0.9), incumbent=scores(0.8), champion=scores(0.85))
+    assert vs.judge(config(), window, after).record()["metrics"]["incumbent"] == dataclasses.asdict(scores(0.8))
+    empty = vs.judge(config(), NO_EVIDENCE, NO_EVIDENCE).record()["metrics"]
+    assert (empty["candidate"], empty["incumbent"], empty["eval_n"]) == (None, None, 0)
+
+
+def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_is_at_least_the_champions():
+    def displaces(window: vs.Evidence, history: vs.Evidence) -> bool:
+        return vs.Verdict("passed", window, history, "").displaces_champion()
+
+    champion = {"incumbent": scores(0.5), "champion": scores(0.8)}
+    assert displaces(GOOD, evidence(ENOUGH, scores(0.8), **champion))  # a tie: the newer one
+    assert not displaces(GOOD, evidence(ENOUGH, scores(math.nextafter(0.8, 0.0)), **champion))
+    # with no history measured, the window decides; with neither, the first published one is the champion
+    assert not displaces(evidence(ENOUGH, scores(0.7), **champion), NO_EVIDENCE)
+    assert displaces(evidence(ENOUGH, scores(0.9), **champion), NO_EVIDENCE)
+    assert displaces(NO_EVIDENCE, NO_EVIDENCE)
 
 
 # ---- 4. the writer ----
@@ -448,7 +709,8 @@ def test_records_carry_their_format_and_one_from_a_newer_sidecar_is_not_trusted(
 
 def test_published_write_produces_the_files_and_latest_json(tmp_path):
     x, y, coef = linear_data()
-    verdict = vs.judge(config(gate_min_eval=2), fitted(coef), fitted(coef), x, y)
+    verdict = vs.judge(config(gate_min_eval=2), NO_EVIDENCE, measured({"candidate": fitted(coef), "base": fitted(coef)},
+                                                                       x, y))
     writer = vs.CheckpointWriter(str(tmp_path))
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     checkpoint = vs.write_checkpoint(writer, random_weights(1), 7, 28, verdict, PROBE)
@@ -488,7 +750,7 @@ def test_quarantined_write_goes_to_quarantine_and_leaves_latest_alone(tmp_path):
     assert writer.latest["version"] == 1
     record = read_json(tmp_path / "quarantine" / "model_v000002.json")
     assert record == checkpoint.record
-    assert set(record) == RECORD_KEYS | {"reason"}
+    assert set(record) == RECORD_KEYS
     assert record["gate"] == "quarantined" and record["reason"] == "refused by the test"
     assert record["sha256"] == sha256_of(checkpoint.path)
     assert (tmp_path / "quarantine" / "model_v000002.onnx.sha256").read_text() == \
@@ -726,6 +988,124 @@ def test_trainer_keeps_the_last_published_incumbent_when_a_later_checkpoint_is_q
     assert (tmp_path / "latest.json").read_bytes() == latest
 
 
+def step_on_random_samples(trainer: vs.Trainer, rng: np.random.Generator) -> vs.StepResult | None:
+    """One step's worth of new samples (STEPPING's 4); what the last one's add returned."""
+    x, y = rng.uniform(0, 1, (4, 8)).astype(np.float32), rng.uniform(20, 100, 4).astype(np.float32)
+    return [trainer.add(row, score) for row, score in zip(x, y)][-1]
+
+
+def test_progressive_validation_predicts_each_sample_before_the_step_that_trains_on_it(tmp_path):
+    # EMA decay 0 makes the EMA the new weights, and an unclipped step moves them far: the candidate's
+    # predictions before the step and after it are easy to tell apart.
+    trainer = make_trainer(tmp_path, **(STEPPING | dict(min_samples_ckpt=10**9, ema_decay=0.0, warmup_steps=0,
+                                                        max_grad_norm=1e6)))
+    rng = np.random.default_rng(8)
+    trainer.ema.flat[...] = trainer.model.flat + rng.normal(0, 0.1, trainer.model.flat.shape).astype(np.float32)
+    before = trainer.ema.copy()  # the candidate, unlike the base
+    x, y = rng.uniform(0, 1, (4, 8)).astype(np.float32), rng.uniform(20, 100, 4).astype(np.float32)
+    for row, score in zip(x, y):
+        trainer.add(row, score)
+    assert trainer.steps == 1 and trainer.window.n == 4
+
+    def on_these_samples(candidate: vs.MLP) -> vs.Evidence:
+        predictions = np.stack([candidate.forward(x)[:, 0], trainer.incumbent.forward(x)[:, 0]])
+        return window_of(predictions, y, [4]).evidence({"base": None})
+
+    live = trainer.window.evidence(trainer.references())
+    expected, after = on_these_samples(before).scores, on_these_samples(trainer.ema).scores
+    for name in ("candidate", "base"):
+        ours, theirs = live.scores[name], expected[name]
+        assert (ours.plcc, ours.r2, ours.rmse) == pytest.approx((theirs.plcc, theirs.r2, theirs.rmse), rel=1e-6)
+    # the step moved the EMA far: what the window holds are the predictions of the one before it
+    assert abs(after["candidate"].rmse - expected["candidate"].rmse) > 1e-2 * expected["candidate"].rmse
+
+
+@pytest.mark.parametrize("gate", ["on", "off"])  # on: each checkpoint is quarantined (too little evidence)
+def test_each_checkpoint_starts_a_new_window_but_a_failed_write_does_not(tmp_path, monkeypatch, gate):
+    trainer = make_trainer(tmp_path, **STEPPING, gate=gate)  # a checkpoint due at every step of 4 samples
+    rng = np.random.default_rng(4)
+    first = step_on_random_samples(trainer, rng).checkpoint
+    assert first.published is (gate == "off")
+    assert first.record["metrics"]["window"]["n"] == 4 and trainer.window.n == 0
+
+    def disk_full(path, chunks, mode=0o644):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vs, "write_synced", disk_full)
+    assert step_on_random_samples(trainer, rng).checkpoint is None
+    assert trainer.window.n == 4  # the window goes on to the next try
+    monkeypatch.undo()
+    third = step_on_random_samples(trainer, rng).checkpoint
+    assert third.record["version"] == 2 and third.record["metrics"]["window"]["n"] == 8 and trainer.window.n == 0
+
+
+def test_references_are_the_base_until_a_checkpoint_is_published_then_the_incumbent_and_the_champion(tmp_path):
+    trainer = gate_trainer(tmp_path, lr=0.001, gate_min_eval=64)  # 40 held out: too little evidence
+    rng = np.random.default_rng(5)
+    assert trainer.references() == {"base": trainer.incumbent} and not trainer.has_champion
+    assert not step_on_random_samples(trainer, rng).checkpoint.published
+    assert trainer.references() == {"base": trainer.incumbent} and not trainer.has_champion
+    trainer.config = dataclasses.replace(trainer.config, gate="off")
+    assert step_on_random_samples(trainer, rng).checkpoint.published
+    assert trainer.references() == {"incumbent": trainer.incumbent, "champion": trainer.champion}
+    assert trainer.has_champion and trainer.champion is not trainer.incumbent
+    np.testing.assert_array_equal(trainer.champion.flat, trainer.incumbent.flat)  # the first published one
+    np.testing.assert_array_equal(trainer.incumbent.flat, trainer.ema.flat)
+
+
+def published_as_ema(trainer: vs.Trainer, weights: np.ndarray) -> vs.Checkpoint:
+    """A checkpoint of these weights as the EMA, published (the trainer's gate is off)."""
+    trainer.ema.flat[...] = weights
+    checkpoint = trainer.take_checkpoint()
+    assert checkpoint.published, checkpoint.record
+    return checkpoint
+
+
+def candidates(trainer: vs.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights for gate_trainer's history: the exact model, one near it and one far from it, which score
+    history PLCCs of 1, less and less again."""
+    exact = trainer.model.flat.copy()
+    noise = np.random.default_rng(6).normal(0, 1, exact.shape).astype(np.float32)
+    near, far = exact + np.float32(0.05) * noise, exact + np.float32(0.5) * noise
+    x, y, _ = trainer.history()
+    plcc = [vs.measure(vs.MLP.from_weights(weights_like(trainer.model, w)), x, y).plcc for w in (exact, near, far)]
+    assert plcc[0] > plcc[1] > plcc[2], plcc  # the tests' premise
+    return exact, near, far
+
+
+def weights_like(model: vs.MLP, flat: np.ndarray):
+    other = model.copy()
+    other.flat[...] = flat
+    return other.weights()
+
+
+def test_the_champion_is_replaced_only_by_a_candidate_whose_history_plcc_is_at_least_its_own(tmp_path):
+    trainer = gate_trainer(tmp_path, gate="off")
+    exact, near, far = candidates(trainer)
+    published_as_ema(trainer, near)
+    np.testing.assert_array_equal(trainer.champion.flat, near)  # the first one published
+    worse = published_as_ema(trainer, far).record["metrics"]["history"]
+    assert worse["candidate"]["plcc"] < worse["champion"]["plcc"]
+    np.testing.assert_array_equal(trainer.incumbent.flat, far)  # published, the model nodes serve...
+    np.testing.assert_array_equal(trainer.champion.flat, near)  # ...but not the champion
+    better = published_as_ema(trainer, exact).record["metrics"]["history"]
+    assert better["candidate"]["plcc"] > better["champion"]["plcc"]
+    np.testing.assert_array_equal(trainer.champion.flat, exact)
+
+
+def test_records_keep_the_history_scores_under_their_old_keys_the_base_as_incumbent_until_a_publish(tmp_path):
+    trainer = gate_trainer(tmp_path, gate="off")
+    exact, near, far = candidates(trainer)
+    records = [published_as_ema(trainer, weights).record["metrics"] for weights in (near, far, exact)]
+    for metrics, reference in zip(records, ("base", "incumbent", "incumbent")):
+        history = metrics["history"]
+        assert (metrics["candidate"], metrics["incumbent"], metrics["eval_n"]) == \
+            (history["candidate"], history[reference], history["n"])
+        assert history["n"] == history["held_out"] == 40
+    assert set(records[0]["history"]) == {"n", "held_out", "candidate", "base"}
+    assert records[2]["incumbent"] != records[2]["history"]["champion"]  # far's scores, not near's
+
+
 # ---- 8. the command-line tools ----
 
 def failed_paths(output: str) -> set[str]:
@@ -739,14 +1119,19 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     x, y, coef = linear_data()
     probe = x[:32]
     writer = vs.CheckpointWriter(str(directory))
+
+    def judged(cfg: vs.Config, candidate: vs.MLP, finite: bool = True) -> vs.Verdict:
+        """Against the good model as the base, on a history of the 300 samples and no window."""
+        return vs.judge(cfg, NO_EVIDENCE, measured({"candidate": candidate, "base": good}, x, y), finite)
+
     good = fitted(coef)
-    vs.write_checkpoint(writer, good.weights(), 10, 40, vs.judge(config(gate_min_eval=2), good, good, x, y), probe)
+    vs.write_checkpoint(writer, good.weights(), 10, 40, judged(config(gate_min_eval=2), good), probe)
     worse = fitted(coef, -1.0)
-    vs.write_checkpoint(writer, worse.weights(), 20, 80, vs.judge(config(gate_min_eval=2), worse, good, x, y), probe)
+    vs.write_checkpoint(writer, worse.weights(), 20, 80, judged(config(gate_min_eval=2), worse), probe)
     broken = good.copy()
     broken.flat[:] = np.inf
-    vs.write_checkpoint(writer, broken.weights(), 30, 120, vs.judge(config(), broken, good, x, y), probe)
-    vs.write_checkpoint(writer, good.weights(), 40, 160, vs.judge(config(gate="off"), good, good, x, y), probe)
+    vs.write_checkpoint(writer, broken.weights(), 30, 120, judged(config(), broken, finite=False), probe)
+    vs.write_checkpoint(writer, good.weights(), 40, 160, judged(config(gate="off"), good), probe)
     assert model_files(directory) == files_of(1) | files_of(4)
     assert model_files(directory / "quarantine") == files_of(2) | files_of(3)
     return directory
@@ -813,7 +1198,7 @@ def test_checkpoints_lists_every_version(checkpoint_dir):
     done = run_cli("checkpoints", str(checkpoint_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["version", "created", "step", "plcc", "srcc", "rmse", "eval_n", "gate", "state"]
+    assert lines[0].split() == ["version", "created", "step", "plcc", "srcc", "rmse", "r2", "eval_n", "gate", "state"]
     rows = {int(line.split()[0]): line for line in lines[1:5]}
     assert sorted(rows) == [1, 2, 3, 4]
     assert rows[1].split()[-2:] == ["passed", "published"]
@@ -825,11 +1210,10 @@ def test_checkpoints_lists_every_version(checkpoint_dir):
         record = read_json(checkpoint_dir / ("" if version in (1, 4) else "quarantine") / f"{stem(version)}.json")
         cells = rows[version].split()
         assert cells[2] == str(record["step"])
-        assert cells[3:7] == [f"{record['metrics']['candidate']['plcc']:.4f}",
-                              f"{record['metrics']['candidate']['srcc']:.4f}",
-                              f"{record['metrics']['candidate']['rmse']:.4f}", "300"]
+        shown = [f"{record['metrics']['candidate'][score]:.4f}" for score in ("plcc", "srcc", "rmse", "r2")]
+        assert cells[3:8] == [*shown, "300"]
     assert float(rows[2].split()[3]) < 0 < float(rows[1].split()[3])
-    assert rows[3].split()[3:6] == ["-", "-", "-"]  # non-finite: nothing measured
-    reasons = lines[5:]
-    assert len(reasons) == 2 and reasons[0].startswith("v000002: held-out PLCC fell from")
-    assert reasons[1].startswith("v000003: non-finite")
+    assert rows[3].split()[3:7] == ["-", "-", "-", "-"]  # non-finite: nothing measured
+    reasons = lines[5:]  # why each quarantined one was refused
+    assert len(reasons) == 2 and reasons[0].startswith("v000002: history: R² -")
+    assert reasons[1] == "v000003: non-finite weights or outputs"

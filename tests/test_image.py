@@ -84,7 +84,7 @@ def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
     assert probe() != 0  # nothing listening yet
     args, kwargs = bare_python("-m", "vmafx_sidecar", "serve", "--socket", sock, "--checkpoint-dir", str(ckpt),
                                "--base-model-path", "", "--batch-size", "8", "--ckpt-interval-s", "0",
-                               "--min-samples-ckpt", "16")
+                               "--min-samples-ckpt", "16", "--gate", "off")  # 32 random samples: publish unjudged
     stderr = tmp_path / "stderr.log"
     with open(stderr, "wb") as err:
         server = subprocess.Popen(args, **kwargs, stdout=subprocess.DEVNULL, stderr=err)

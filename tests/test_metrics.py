@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOT, sample
 
 N_FEATURES = 8
+# The gate off: random scores never pass it, and these tests need published checkpoints for the checkpoint
+# families to move. Its verdict's scores are measured and exported all the same.
 SETTINGS = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_HIDDEN="8", VMAFX_SIDECAR_BATCH_SIZE="8",
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40",
-                VMAFX_SIDECAR_HOLDOUT_FRACTION="0.25")
+                VMAFX_SIDECAR_HOLDOUT_FRACTION="0.25", VMAFX_SIDECAR_GATE="off")
 FAMILIES = {  # name: type, as the issue names them
     "vmafx_sidecar_samples_total": "counter", "vmafx_sidecar_rejected_total": "counter",
     "vmafx_sidecar_train_steps_total": "counter", "vmafx_sidecar_train_loss": "gauge",
@@ -25,6 +27,9 @@ FAMILIES = {  # name: type, as the issue names them
     "vmafx_sidecar_replay_buffer_samples": "gauge", "vmafx_sidecar_connections": "gauge",
     "vmafx_sidecar_checkpoints_total": "counter", "vmafx_sidecar_checkpoint_version": "gauge",
     "vmafx_sidecar_last_checkpoint_timestamp_seconds": "gauge", "vmafx_sidecar_eval_plcc": "gauge",
+    "vmafx_sidecar_window_samples": "gauge", "vmafx_sidecar_window_plcc": "gauge", "vmafx_sidecar_window_r2": "gauge",
+    "vmafx_sidecar_window_rmse": "gauge", "vmafx_sidecar_gate_samples": "gauge", "vmafx_sidecar_gate_plcc": "gauge",
+    "vmafx_sidecar_gate_r2": "gauge", "vmafx_sidecar_gate_rmse": "gauge",
     "vmafx_sidecar_nonfinite_steps_total": "counter", "vmafx_sidecar_backend_info": "gauge",
     "vmafx_sidecar_build_info": "gauge", "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
@@ -103,6 +108,19 @@ def value(metrics: dict, name: str, **labels: str) -> float:
     return metrics[(name, tuple(labels.items()))]
 
 
+def family(metrics: dict, name: str) -> dict[tuple, float]:
+    """A family's series: their labels, as (name, value) pairs, and values."""
+    return {labels: v for (n, labels), v in metrics.items() if n == name}
+
+
+def scores_by_labels(evidence: dict, **labels: str) -> dict[str, dict[tuple, float]]:
+    """A gate evidence record (status "window", or a verdict's "window" or "history") as the score families
+    should export it: for each score, the measured models' values by their labels."""
+    measured = {model: s for model, s in evidence.items() if isinstance(s, dict)}
+    return {score: {(*labels.items(), ("model", model)): s[score] for model, s in measured.items()}
+            for score in ("plcc", "r2", "rmse")}
+
+
 @pytest.fixture
 def served(sidecar_factory):
     port = free_port()
@@ -150,9 +168,26 @@ def test_values_move_as_traffic_flows(served):
     assert value(after, "vmafx_sidecar_checkpoint_version") == status["checkpoint_version"]
     assert abs(value(after, "vmafx_sidecar_last_checkpoint_timestamp_seconds") - time.time()) < 600
     assert value(after, "vmafx_sidecar_eval_plcc") == pytest.approx(status["gate"]["metrics"]["candidate"]["plcc"])
+    assert_gate_families_match_status(after, status)
     assert value(after, "process_resident_memory_bytes") > 10e6
     assert value(after, "process_cpu_seconds_total") >= value(before, "process_cpu_seconds_total")
     assert [v for (n, lbl), v in after.items() if n == "vmafx_sidecar_build_info"] == [1]
+
+
+def assert_gate_families_match_status(metrics: dict, status: dict) -> None:
+    """The live window's and the last verdict's families hold what the status answer does, model by model."""
+    window = status["window"]
+    assert set(window) == {"n", "candidate", "incumbent", "champion"}  # after a publish: both references
+    assert window["n"] > 0 and window["candidate"] is not None  # samples trained since the last checkpoint
+    assert value(metrics, "vmafx_sidecar_window_samples") == window["n"]
+    for score, expected in scores_by_labels(window).items():
+        assert family(metrics, f"vmafx_sidecar_window_{score}") == pytest.approx(expected), score
+    judged = {name: status["gate"]["metrics"][name] for name in ("window", "history")}
+    assert family(metrics, "vmafx_sidecar_gate_samples") == {(("set", name),): e["n"] for name, e in judged.items()}
+    for score in ("plcc", "r2", "rmse"):
+        expected = {k: v for name, e in judged.items() for k, v in scores_by_labels(e, set=name)[score].items()}
+        assert len(expected) >= 4, judged  # the candidate and at least one reference measured on each set
+        assert family(metrics, f"vmafx_sidecar_gate_{score}") == pytest.approx(expected), score
 
 
 # ---- HTTP ----

@@ -66,7 +66,9 @@ def test_symlinked_checkpoint_directory_is_refused(short_dir, tmp_path):
 
 
 def test_files_are_never_world_writable(sidecar_factory, tmp_path):
-    s = sidecar_factory(VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16")
+    # The gate off, so that the checkpoint is published beside latest.json rather than quarantined.
+    s = sidecar_factory(VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16",
+                        VMAFX_SIDECAR_GATE="off")
     client = s.client()
     rng = np.random.default_rng(0)
     acks = [client.request(sample(rng)) for _ in range(16)]

@@ -208,7 +208,9 @@ def test_error_ack_is_byte_exact(shared_sidecar):
 
 
 def test_checkpoint_path_appears_in_the_ack_that_wrote_it(sidecar_factory):
-    s = sidecar_factory(VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16", VMAFX_SIDECAR_CKPT_INTERVAL_S="0")
+    # The gate off: 16 random samples are too little evidence for it, and a quarantined checkpoint is not named.
+    s = sidecar_factory(VMAFX_SIDECAR_MIN_SAMPLES_CKPT="16", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
+                        VMAFX_SIDECAR_GATE="off")
     rng = np.random.default_rng(2)
     c = s.client()
     for i in range(15):

@@ -294,3 +294,25 @@ def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog)
     assert again.trainer.samples_accepted == 0
     lines = [r.getMessage() for r in caplog.records if "snapshot.bin is" in r.getMessage()]
     assert len(lines) == 1 and "newer than this sidecar reads" in lines[0], lines
+
+
+def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_path):
+    """A kill -9 between the first publish and the snapshot after it: the saved window scored the base, but
+    the restarted trainer compares with the incumbent and the champion; it starts a new window rather than
+    give the base's sums their names."""
+    settings = dict(n_features=4, hidden=4, batch_size=4, replay_mix=0.0, replay_capacity=16, gate="off",
+                    min_samples_ckpt=8, ckpt_interval_s=0.0)
+    trainer = make_trainer(tmp_path, **settings)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    before_publish = trainer.state_dict()
+    assert before_publish["window_n"] == 4 and not before_publish["has_champion"]
+    for _ in range(4):
+        trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    assert trainer.checkpoints.latest is not None  # published, and latest.json names it
+    again, _ = vs.build_trainer(vs.Config(checkpoint_dir=str(tmp_path), base_model_path="", **settings))
+    again.load_state_dict(before_publish)
+    assert again.window.n == 0 and list(again.references()) == ["incumbent", "champion"]
+    assert again.window.evidence(again.references()).scores == {"candidate": None, "incumbent": None,
+                                                                  "champion": None}
