@@ -1098,7 +1098,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
     if version == 1:  # the same fields, before they carried their format
         state = {**state, "format": 2}
     if state["format"] == 2:  # no champion (the incumbent becomes the first) and an empty window
-        state = {**state, "format": 3, "has_champion": False, "champion": np.zeros_like(state["theta"]),
+        state = {**state, "format": 3, "has_champion": False, "champion_version": None,
+                 "champion": np.zeros_like(state["theta"]),
                  "window_n": 0, "window_shift": 0.0, "window_sums": np.zeros((1 + len(REFERENCES), 4)),
                  "window_truth": np.zeros(2)}
     return state
@@ -1264,6 +1265,7 @@ class Trainer:
             "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
+            "champion_version": self.checkpoints.champion_version,
             "window_n": self.window.n, "window_shift": self.window.shift,
         }
 
@@ -1288,8 +1290,9 @@ class Trainer:
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
                 raise ValueError(f"array {name} has another shape than {shape}")
         self.n_pending = state["n_pending"]  # sizes the pending arrays below
+        keeps_champion = state["has_champion"] and self.checkpoints.is_published(state["champion_version"])
         for name, target in self.state_arrays().items():
-            if name == "champion" and not state["has_champion"]:
+            if name == "champion" and not keeps_champion:
                 continue  # see has_champion below
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
@@ -1304,10 +1307,15 @@ class Trainer:
         self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
         self.rng.bit_generator.state = state["rng"]
         self.window.n, self.window.shift = state["window_n"], state["window_shift"]
-        # Without a champion saved, the one build_trainer() set stays: the published incumbent, if any (a
-        # state from before champions existed makes its incumbent its first champion).
-        self.has_champion |= state["has_champion"]
-        if self.has_champion != state["has_champion"]:  # published after the snapshot, whose window scored the base
+        # Without a champion saved, or with one rolled back since (its checkpoint moved to quarantine/), the one
+        # build_trainer() set stays: the published incumbent, if any (a state from before champions existed
+        # makes its incumbent its first champion).
+        if keeps_champion:
+            self.has_champion, self.checkpoints.champion_version = True, state["champion_version"]
+        elif state["has_champion"]:
+            log.warning("the champion, v%06d, is no longer published: the incumbent takes its place",
+                        state["champion_version"])
+        if not keeps_champion and (self.has_champion or state["has_champion"]):  # it scored another champion
             self.window.reset()
 
     def step(self) -> StepResult | None:
@@ -1424,6 +1432,7 @@ class Trainer:
             if not self.has_champion or checkpoint.verdict.displaces_champion():
                 self.champion.flat[...] = self.incumbent.flat
                 self.has_champion = True
+                self.checkpoints.champion_version = checkpoint.record["version"]
         log.info("checkpoint v%06d %s: %s (step %d, %d samples trained, gate %s, %.1f ms with the gate)",
                  checkpoint.record["version"], "published" if checkpoint.published else "quarantined",
                  checkpoint.path, self.steps, self.samples_trained, checkpoint.record["gate"],
@@ -1877,6 +1886,7 @@ class CheckpointWriter:
         self.directory = Path(directory).absolute()  # ACKs name checkpoints for readers in other cwds
         self.quarantine = self.directory / "quarantine"
         self.keep = keep
+        self.champion_version: int | None = None  # the trainer's champion, which retention keeps too
         try:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
@@ -2010,13 +2020,18 @@ class CheckpointWriter:
                       type(e).__name__, e)
             return None
 
+    def is_published(self, version: int | None) -> bool:
+        """Whether checkpoint `version` is in the directory, whole: not pruned, not rolled back."""
+        return version is not None and (self.directory / f"model_v{version:06d}.onnx.sha256").exists()
+
     def prune(self) -> None:
         """Delete all but the newest `keep` published (0: keep all) and QUARANTINE_KEPT quarantined
-        checkpoints, never the one latest.json names; .sha256 first, so no reader trusts a partial one."""
-        named = self.latest and self.latest["version"]
+        checkpoints, never the one latest.json names nor the champion; .sha256 first, so no reader trusts a
+        partial one."""
+        kept = {self.latest and self.latest["version"], self.champion_version}
         for directory, keep in ((self.directory, self.keep), (self.quarantine, QUARANTINE_KEPT)):
             for version in checkpoint_versions(directory)[:-keep] if keep else []:
-                if directory == self.directory and version == named:
+                if directory == self.directory and version in kept:
                     continue
                 stem = directory / f"model_v{version:06d}"
                 try:
@@ -2539,7 +2554,7 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
         trainer.incumbent = published.to(backend)
         if published.sizes == model.sizes:  # the champion until the state names another
             trainer.champion.flat[...] = trainer.incumbent.flat
-            trainer.has_champion = True
+            trainer.has_champion, trainer.checkpoints.champion_version = True, trainer.checkpoints.latest["version"]
     elif published is not None:
         log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
                     "the base model instead", published.sizes[0], config.n_features)

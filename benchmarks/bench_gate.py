@@ -46,7 +46,7 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 import numpy as np  # noqa: E402
 from bench_ingest import machine, markdown_table  # noqa: E402
 
-VMAF_MODEL = Path("/work/shared/data/vmaf_v0.6.1.json")
+VMAF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "vmaf_v0.6.1.json"  # beside the checkout
 N_FEATURES = 6  # the VMAF v0.6.1 model's
 SEED = 3  # of the streams and the test sets; the trainers use VMAFX_SIDECAR_SEED's default
 Teacher = Callable[[np.ndarray], np.ndarray]

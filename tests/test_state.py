@@ -1,7 +1,9 @@
 """Snapshot + journal: a restart, clean or kill -9, continues bit for bit as if it never happened."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import shutil
 import signal
@@ -269,7 +271,8 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     meta, arrays = vs.read_snapshot((tmp_path / "ckpt" / ".state" / "snapshot.bin").read_bytes())
     assert "format" not in old_meta and meta["format"] == vs.SNAPSHOT_FORMAT
     incumbent = vs.MLP.from_weights(vs.onnx_builder.read_mlp_model(vs.onnx.load(FIXTURE / "killed" / "latest.onnx")))
-    expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion": incumbent.flat}
+    expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion_version": 1,
+                "champion": incumbent.flat}
     assert {**meta, **arrays}.keys() == expected.keys()
     for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
         assert meta[key] == expected[key], key
@@ -316,3 +319,54 @@ def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_
     assert again.window.n == 0 and list(again.references()) == ["incumbent", "champion"]
     assert again.window.evidence(again.references()).scores == {"candidate": None, "incumbent": None,
                                                                   "champion": None}
+
+
+def published_twice(directory) -> vs.Trainer:
+    """A trainer that published v1 and v2 (the gate off), with the champion forced to v1 as the gate leaves it
+    when v2 was published a little worse."""
+    settings = dict(n_features=4, hidden=4, batch_size=4, replay_mix=0.0, replay_capacity=16, gate="off",
+                    min_samples_ckpt=8, ckpt_interval_s=0.0, lr=0.05)
+    trainer = make_trainer(directory, **settings)
+    rng = np.random.default_rng(1)
+    while trainer.checkpoints.version < 1:
+        trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    v1 = trainer.champion.flat.copy()
+    while trainer.checkpoints.version < 2:
+        trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    trainer.champion.flat[...] = v1
+    trainer.checkpoints.champion_version = 1
+    return trainer
+
+
+def test_a_rolled_back_champion_gives_way_to_the_incumbent(tmp_path, caplog):
+    trainer = published_twice(tmp_path)
+    saved = trainer.state_dict()
+    assert (saved["has_champion"], saved["champion_version"]) == (True, 1)
+    for path in tmp_path.glob("model_v000001.*"):  # the README's rollback, of the champion
+        path.rename(tmp_path / "quarantine" / path.name)
+    config = dataclasses.replace(trainer.config, base_model_path="")
+    again, _ = vs.build_trainer(config)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    again.load_state_dict(saved)
+    assert again.checkpoints.champion_version == 2 == again.checkpoints.latest["version"]
+    np.testing.assert_array_equal(again.champion.flat, again.incumbent.flat)
+    assert again.window.n == 0  # the saved window scored the rolled-back champion
+    assert any("v000001, is no longer published" in r.getMessage() for r in caplog.records)
+    for path in (tmp_path / "quarantine").glob("model_v000001.*"):  # undone: the saved champion stays
+        path.rename(tmp_path / path.name)
+    kept, _ = vs.build_trainer(config)
+    kept.load_state_dict(saved)
+    assert kept.checkpoints.champion_version == 1
+    np.testing.assert_array_equal(kept.champion.flat, saved["champion"])
+
+
+def test_retention_keeps_the_champion(tmp_path, monkeypatch):
+    trainer = published_twice(tmp_path)
+    monkeypatch.setattr(vs.Verdict, "displaces_champion", lambda self: False)  # v1 stays the champion
+    trainer.checkpoints.keep = 1
+    rng = np.random.default_rng(2)
+    while trainer.checkpoints.version < 4:
+        trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    assert trainer.checkpoints.champion_version == 1
+    published = sorted(p.name for p in tmp_path.glob("model_v*.onnx.sha256"))
+    assert published == ["model_v000001.onnx.sha256", "model_v000004.onnx.sha256"], published
