@@ -44,9 +44,12 @@ class Activation:
 
 @dataclass
 class MLPWeights:
-    """What a model file holds: dense layers and the activation after each hidden one."""
+    """What a model file holds: dense layers and the activation after each hidden one. A constant input
+    normalisation before the first layer is folded into it, and also kept as read (its scale and shift:
+    x * scale + shift) for a trainer that standardizes its inputs the same way."""
     layers: list[Layer]
     activations: list[Activation]
+    normalisation: tuple[np.ndarray, np.ndarray] | None = None
 
     def sizes(self) -> list[int]:
         return [self.layers[0][0].shape[0]] + [w.shape[1] for w, _ in self.layers]
@@ -176,7 +179,7 @@ class _ChainReader:
             raise UnsupportedModelError("the graph must end with a dense layer (no activation after the output)")
         if self.layers[-1][0].shape[1] != 1:
             raise UnsupportedModelError(f"the output layer has {self.layers[-1][0].shape[1]} units, expected 1")
-        return MLPWeights(self.fold_normalisation(), self.activations)
+        return MLPWeights(self.fold_normalisation(), self.activations, self.read_normalisation())
 
     def step(self, cursor: str) -> str:
         """Consume the node(s) that take `cursor`; return the tensor the chain continues from."""
@@ -342,6 +345,13 @@ class _ChainReader:
             self.scale, self.shift = self.scale * c, self.shift * c
         else:
             self.scale, self.shift = self.scale / c, self.shift / c
+
+    def read_normalisation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The scale and shift, one per feature, in float64; None without a normalisation."""
+        if isinstance(self.scale, float) and isinstance(self.shift, float):
+            return None
+        n = self.layers[0][0].shape[0]
+        return tuple(np.broadcast_to(np.asarray(a, np.float64), (n,)).copy() for a in (self.scale, self.shift))
 
     def fold_normalisation(self) -> list[Layer]:
         """(x * s + t) @ W + b == x @ (s[:, None] * W) + (t @ W + b), computed in float64."""

@@ -16,6 +16,8 @@ directory):
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
+    coordinates Trainer.take_statistics (once), Trainer.standardize: the batch in
+                the model's standardized coordinates
     model       MLP.forward for Trainer.validate (into the gate's Window), then
                 MLP.loss_and_grad: forward pass and backprop
               then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint
@@ -177,6 +179,9 @@ class Config:
     hidden: int = setting(64, "VMAFX_SIDECAR_HIDDEN", at_least(1), "hidden width of a fresh model")
     activation: str = setting("relu", "VMAFX_SIDECAR_ACTIVATION", one_of(*onnx_builder.ACTIVATION_KINDS),
                               "activation of a fresh model and of a state-dict base model")
+    normalize: str = setting("on", "VMAFX_SIDECAR_NORMALIZE", one_of("on", "off"),
+                             "on: train on standardized features and scores, export a model of raw ones; off: "
+                             "train on raw ones, step for step as the PyTorch reference")
     momentum: float = setting(0.9, "VMAFX_SIDECAR_MOMENTUM", unit_interval(), "SGD momentum")
     weight_decay: float = setting(0.00001, "VMAFX_SIDECAR_WEIGHT_DECAY", at_least(0), "L2 weight decay")
     max_grad_norm: float = setting(1.0, "VMAFX_SIDECAR_MAX_GRAD_NORM", above(0),
@@ -715,6 +720,7 @@ class Server:
             "backend": t.backend.name,
             "model": "-".join(map(str, t.model.sizes)),
             "activations": [str(a) for a in t.model.activations],
+            "coordinates": t.coords.standardized,
             "config": dataclasses.asdict(self.config),
         }
 
@@ -830,9 +836,9 @@ JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
-# champion and window added. A sidecar reads every older format (migrated() lifts it in memory) and writes
-# this one at its next snapshot.
-SNAPSHOT_FORMAT = 3
+# champion and window added; 4: the coordinates the weights are in. A sidecar reads every older format
+# (migrated() lifts it in memory) and writes this one at its next snapshot.
+SNAPSHOT_FORMAT = 4
 
 
 @dataclass(slots=True)
@@ -1102,6 +1108,10 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
                  "champion": np.zeros_like(state["theta"]),
                  "window_n": 0, "window_shift": 0.0, "window_sums": np.zeros((1 + len(REFERENCES), 4)),
                  "window_truth": np.zeros(2)}
+    if state["format"] == 3:  # raw weights: the identity
+        n_features = state["fingerprint"]["sizes"][0]
+        state = {**state, "format": 4, "coordinates": {"x_shift": [0.0] * n_features, "x_scale": [1.0] * n_features,
+                                                        "y_shift": 0.0, "y_scale": 1.0, "standardized": "none"}}
     return state
 
 
@@ -1143,8 +1153,10 @@ class IncompatibleState(ValueError):
 
 
 class Trainer:
-    def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator):
+    def __init__(self, config: Config, model: MLP, checkpoints: CheckpointWriter, rng: np.random.Generator,
+                 fresh: bool = True):
         self.config = config
+        self.fresh = fresh  # a random initialisation, not a base model: see take_statistics()
         self.backend = b = model.backend  # the model, the optimizer state and both rings live there
         self.model = model  # live weights, theta
         self.ema = model.copy()
@@ -1159,6 +1171,8 @@ class Trainer:
         self.champion = model.copy()  # the best published model, once has_champion
         self.has_champion = False  # whether anything was published: then the references are incumbent and champion
         self.window = Window(b)  # progressive validation since the last checkpoint
+        self.use_coordinates(Coordinates.identity(config.n_features))  # what the model's inputs and outputs mean
+        self.kept_raw = False  # statistics refused since the process started (they would overflow)
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
@@ -1267,6 +1281,7 @@ class Trainer:
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
             "window_n": self.window.n, "window_shift": self.window.shift,
+            "coordinates": dataclasses.asdict(self.coords),
         }
 
     def state_arrays(self) -> dict[str, Any]:
@@ -1285,6 +1300,10 @@ class Trainer:
             raise KeyError(", ".join(sorted(missing)))
         if state["fingerprint"] != self.layout():
             raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
+        saved = state["coordinates"]
+        coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
+        if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
+            raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
         for name, array in arrays.items():
             shape = (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
@@ -1317,6 +1336,11 @@ class Trainer:
                         state["champion_version"])
         if not keeps_champion and (self.has_champion or state["has_champion"]):  # it scored another champion
             self.window.reset()
+        self.use_coordinates(coords)  # those the loaded weights are in
+        if self.config.normalize == "off" and coords.standardized != "none":  # back to the reference's arithmetic
+            if not self.move_to(Coordinates.identity(self.config.n_features)):
+                log.error("VMAFX_SIDECAR_NORMALIZE=off, but the saved weights overflow float32 in raw coordinates: "
+                          "training goes on standardized")
 
     def step(self) -> StepResult | None:
         started = time.perf_counter()
@@ -1328,8 +1352,11 @@ class Trainer:
         x[:self.n_new], y[:self.n_new] = new_x, new_y
         if n > self.n_new:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
+        if self.statistics_due():
+            self.take_statistics()
+        self.standardize(x, y)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
-            self.validate(new_x, new_y)
+            self.validate(new_x, x[:self.n_new], new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
             applied = self.apply_gradient(loss)
         if not applied:
@@ -1341,19 +1368,112 @@ class Trainer:
         self.steps += 1
         self.samples_trained += self.n_new
         self.samples_since_checkpoint += self.n_new
+        loss *= self.coords.y_scale ** 2  # reported in squared score units, whatever the model trains in
         self.last_loss = loss
         self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
         self.step_seconds.observe(time.perf_counter() - started)
         return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
 
-    def validate(self, x: Any, y: Any) -> None:
+    def validate(self, x: Any, model_x: Any, y: Any) -> None:
         """Progressive validation: the candidate (the EMA) and each reference predict the step's new samples
-        before it trains on them, and the window takes their paired errors."""
-        models = [self.ema, *self.references().values()]
-        predictions = self.window_predictions[:len(models)]
-        for row, model in enumerate(models):
+        (x; model_x in the model's coordinates) before it trains on them, and the window takes their paired
+        errors."""
+        references = list(self.references().values())
+        predictions = self.window_predictions[:1 + len(references)]
+        predictions[0] = self.raw_scores(self.ema.forward(model_x)[:, 0])
+        for row, model in enumerate(references, 1):
             predictions[row] = model.forward(x)[:, 0]
         self.window.add(predictions, y)
+
+    # -- coordinates
+
+    def statistics_due(self) -> bool:
+        """Whether the step about to run takes statistics: the replay ring now holds the samples that set them,
+        or a fresh model is about to take its first step (its first batch's set them provisionally)."""
+        if self.config.normalize == "off" or self.coords.standardized == "final" or self.kept_raw:
+            return False
+        return self.replay.size >= min(STATISTICS_SAMPLES, len(self.replay.y)) or (
+            self.fresh and self.steps == 0 and self.coords.standardized == "none")
+
+    def take_statistics(self) -> None:
+        """Take the statistics of the samples in the replay ring (the features' from the base model if it had
+        them). A fresh model that has not stepped is declared to be in their coordinates: its weights are
+        random, and a start in standardized coordinates, scores included, is what makes them a good start. Any
+        other model moves to them, computing what it computed; a model that did not start standardized (a
+        base model, or one trained before this version) keeps raw scores, which fine-tune it faster."""
+        x, y = map(self.backend.to_host, self.replay.older(0, self.replay.size))
+        starts = self.fresh and self.steps == 0 and self.coords.standardized == "none"
+        final = not starts or len(y) >= min(STATISTICS_SAMPLES, len(self.replay.y))
+        scores = starts or self.coords.standardized == "provisional"
+        with np.errstate(over="ignore", invalid="ignore"):
+            new = Coordinates.of_samples(x, y, "final" if final else "provisional",
+                                         self.coords if self.coords.standardized == "features" else None, scores)
+        if not final and np.isfinite(new.x_shift + new.x_scale).all():
+            self.use_coordinates(new)
+        elif not self.move_to(new):
+            self.kept_raw = True
+            log.warning("not standardizing: the statistics of the first %d samples would overflow float32 in the "
+                        "weights; training goes on in the coordinates it had", len(y))
+            return
+        log.info("%s standardized by the first %d samples%s (scores: mean %.6g, spread %.6g); checkpoints stay "
+                 "models of raw ones", "features and scores" if scores else "features", len(y),
+                 "" if final else ", for now", new.y_shift, new.y_scale)
+
+    def standardize(self, x: Any, y: Any) -> None:
+        """Move a batch of raw samples (the step's own buffers) to the model's coordinates, in place."""
+        if self.coords.standardized == "none":
+            return  # the reference's arithmetic, untouched
+        shift, scale, y_shift, y_scale = self.maps
+        x -= shift
+        x /= scale
+        y -= y_shift
+        y /= y_scale
+
+    def raw_scores(self, scores: Any) -> Any:
+        """The model's outputs `scores` as raw scores, converted in place."""
+        if self.coords.standardized in ("none", "features"):
+            return scores
+        _, _, y_shift, y_scale = self.maps
+        scores *= y_scale
+        scores += y_shift
+        return scores
+
+    def move_to(self, new: Coordinates) -> bool:
+        """Re-parameterize the live weights, the EMA and the momentum for `new` coordinates, exactly: every
+        function they compute, and every step the momentum stands for, stays what it was. False, with
+        nothing changed, if a parameter would overflow float32 (samples near its limits)."""
+        xp, host = self.backend.xp, self.backend.to_host
+        vectors = (self.model.flat, self.ema.flat, self.momentum)
+        moved = []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for flat, offsets in zip(vectors, (True, True, False)):
+                layers = [(host(w).astype(np.float64), host(b).astype(np.float64))
+                          for w, b in layer_views(flat, self.model.sizes)]
+                moved.append([(w.astype(np.float32), b.astype(np.float32))
+                              for w, b in remap(layers, self.coords, new, offsets)])
+        if not all(np.isfinite(a).all() for layers in moved for layer in layers for a in layer):
+            return False
+        for flat, layers in zip(vectors, moved):
+            for (w, b), (w_new, b_new) in zip(layer_views(flat, self.model.sizes), layers):
+                w[...], b[...] = xp.asarray(w_new), xp.asarray(b_new)
+        self.use_coordinates(new)
+        return True
+
+    def use_coordinates(self, coords: Coordinates) -> None:
+        """Take `coords` as what the weights are in, without changing them."""
+        xp = self.backend.xp
+        self.coords = coords
+        self.maps = (xp.asarray(np.array(coords.x_shift, np.float32)), xp.asarray(np.array(coords.x_scale, np.float32)),
+                     np.float32(coords.y_shift), np.float32(coords.y_scale))  # as the step applies them
+
+    def raw_weights(self, model: MLP) -> onnx_builder.MLPWeights:
+        """What `model` computes in the trainer's coordinates, as a model of raw features and scores."""
+        if self.coords.standardized == "none":
+            return model.weights()
+        layers = [(w.astype(np.float64), b.astype(np.float64)) for w, b in model.weights().layers]
+        raw = remap(layers, self.coords, Coordinates.identity(len(self.coords.x_shift)))
+        return onnx_builder.MLPWeights([(w.astype(np.float32), b.astype(np.float32)) for w, b in raw],
+                                       model.activations)
 
     def references(self) -> dict[str, MLP]:
         """The models a candidate must match, by name: the incumbent and the champion once a checkpoint is
@@ -1428,7 +1548,7 @@ class Trainer:
         self.window.reset()
         self.last_gate = checkpoint.record
         if checkpoint.published:
-            self.incumbent = self.ema.copy()
+            self.incumbent = MLP.from_weights(self.raw_weights(self.ema), backend=self.backend)
             if not self.has_champion or checkpoint.verdict.displaces_champion():
                 self.champion.flat[...] = self.incumbent.flat
                 self.has_champion = True
@@ -1505,6 +1625,73 @@ class Ring:
         self.y.take(index, out=y)
 
 
+# ---- coordinates: raw features and scores, and the standardized ones the model trains on ----
+
+STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
+NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size (or of 1) is not divided by
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """The model trains on (x - x_shift) / x_scale and predicts (y - y_shift) / y_scale; the raw model, what
+    is exported and judged, has both maps folded into its first and last layers. `standardized`: "none"
+    (the identity: statistics not taken yet, or VMAFX_SIDECAR_NORMALIZE=off), "features" (a base model's
+    own input normalisation), "provisional" (a fresh model's first batch's) or "final" (STATISTICS_SAMPLES
+    samples'). Values are float32, held as Python floats (immutable, and JSON as they are)."""
+    x_shift: tuple[float, ...]
+    x_scale: tuple[float, ...]
+    y_shift: float = 0.0
+    y_scale: float = 1.0
+    standardized: str = "none"
+
+    @classmethod
+    def identity(cls, n_features: int) -> Coordinates:
+        return cls((0.0,) * n_features, (1.0,) * n_features)
+
+    @classmethod
+    def of_samples(cls, x: np.ndarray, y: np.ndarray, standardized: str, features: Coordinates | None,
+                   scores: bool) -> Coordinates:
+        """Statistics of (x, y): the features' taken from `features` instead when given, the scores left raw
+        unless `scores`."""
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        x_shift, x_scale = (features.x_shift, features.x_scale) if features else (x.mean(axis=0), spread(x))
+        y_shift, y_scale = (y.mean(), spread(y[:, None])[0]) if scores else (0.0, 1.0)
+        return cls(float32_values(x_shift), float32_values(x_scale), float(np.float32(y_shift)),
+                   float(np.float32(y_scale)), standardized)
+
+    @classmethod
+    def of_normalisation(cls, scale: np.ndarray, shift: np.ndarray) -> Coordinates | None:
+        """The features' coordinates of a base model's normalisation x * scale + shift, if it divides."""
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all() and (scale != 0).all()):
+            return None
+        return cls(float32_values(-shift / scale), float32_values(1 / scale), standardized="features")
+
+
+def spread(values: np.ndarray) -> np.ndarray:
+    """Each column's standard deviation, or 1 where it is too small to divide by (a constant feature)."""
+    mean, deviation = values.mean(axis=0), values.std(axis=0)
+    return np.where(deviation > NEAR_CONSTANT * np.maximum(1.0, np.abs(mean)), deviation, 1.0)
+
+
+def float32_values(values: Any) -> tuple[float, ...]:
+    return tuple(np.asarray(values, np.float32).tolist())
+
+
+def remap(layers: list[tuple[np.ndarray, np.ndarray]], old: Coordinates, new: Coordinates,
+          offsets: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The layers (float64) that compute in `new` coordinates what `layers` compute in `old` ones. The map is
+    affine; without offsets it is its linear part, for a difference of parameters (a step, the momentum).
+    Features: ((x - a1) / s1) @ W' + b' == ((x - a0) / s0) @ W + b for W' = (s1 / s0) W, b' = b + ((a1 - a0) / s0) @ W.
+    Scores: s1 (h @ W' + b') + a1 == s0 (h @ W + b) + a0 for W' = (s0 / s1) W, b' = (s0 b + a0 - a1) / s1."""
+    old_shift, new_shift = (np.asarray(c.x_shift) for c in (old, new))
+    old_scale, new_scale = (np.asarray(c.x_scale) for c in (old, new))
+    (w, b), *rest = layers
+    layers = [(w * (new_scale / old_scale)[:, None], b + ((new_shift - old_shift) / old_scale) @ w), *rest]
+    (w, b), gain = layers[-1], old.y_scale / new.y_scale
+    layers[-1] = (w * gain, b * gain + ((old.y_shift - new.y_shift) / new.y_scale if offsets else 0.0))
+    return layers
+
+
 # ---- model: dense layers with an activation between them, backprop written out by hand ----
 
 Activation = onnx_builder.Activation
@@ -1538,6 +1725,17 @@ def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
     return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
 
 
+def layer_views(flat: Any, sizes: list[int]) -> list[tuple[Any, Any]]:
+    """Each layer's W (in, out) and b as views into a flat parameter vector (or one shaped like it)."""
+    layers, offset = [], 0
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        w = flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
+        offset += fan_in * fan_out
+        layers.append((w, flat[offset:offset + fan_out]))
+        offset += fan_out
+    return layers
+
+
 class MLP:
     """All parameters live in one flat vector and each layer's W (in, out) and b are views
     into it, so clipping, decay, momentum and EMA are each a single vector operation."""
@@ -1549,13 +1747,7 @@ class MLP:
         self.activations = list(activations)
         self.backend = backend
         self.flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
-        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
-        offset = 0
-        for fan_in, fan_out in zip(sizes, sizes[1:]):
-            w = self.flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out)
-            offset += fan_in * fan_out
-            self.layers.append((w, self.flat[offset:offset + fan_out]))
-            offset += fan_out
+        self.layers = layer_views(self.flat, sizes)
 
     @classmethod
     def from_weights(cls, weights: onnx_builder.MLPWeights, dtype: type = np.float32,
@@ -1692,9 +1884,9 @@ class Verdict:
 
 
 def judge(config: Config, window: Evidence, history: Evidence, finite_weights: bool = True) -> Verdict:
-    """The rule: on every set with at least GATE_MIN_EVAL samples, the candidate must beat a constant
-    prediction (R² > 0) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC. With no such set,
-    nothing shows it is good, and it is not published."""
+    """The rule: on every set with at least GATE_MIN_EVAL samples, the candidate must clearly beat a constant
+    prediction (R² above r2_floor) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC. With
+    no such set, nothing shows it is good, and it is not published."""
     verdict = Verdict("passed", window, history, "")
     if not finite_weights or any(e.n and e.scores["candidate"] is None for e in (window, history)):
         return verdict.refused("non-finite weights or outputs")
@@ -1707,9 +1899,9 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
     passes = []
     for name, evidence in judged:
         ours, best = evidence.scores["candidate"], evidence.best_reference()
-        if ours.r2 <= 0:
-            return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples: no better than "
-                                   "predicting their mean")
+        if ours.r2 <= r2_floor(evidence.n):
+            return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples: not clearly better than "
+                                   f"predicting their mean (needs more than 2/√n = {r2_floor(evidence.n):.4f})")
         if best is not None and ours.plcc < best[1].plcc - config.gate_max_plcc_drop:
             return verdict.refused(f"{name}: PLCC {ours.plcc:.6f} on {evidence.n} samples, below the {best[0]}'s "
                                    f"{best[1].plcc:.6f} by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP "
@@ -1719,10 +1911,19 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
     return dataclasses.replace(verdict, reason="; ".join(passes))
 
 
-def gather_evidence(trainer: Trainer) -> tuple[Evidence, Evidence, np.ndarray]:
-    """The window's scores, and the history's, with the history's inputs (what the written file is run on)."""
+def r2_floor(n: int) -> float:
+    """What R² must exceed on n samples: the R² of a model no better than a constant scatters by about 1/√n
+    between samples of that size (0.6/√n to 1.3/√n in simulation), so a candidate at 0 plus noise would
+    otherwise pass half the time. A model near the mean is where a fresh one in standardized coordinates
+    starts."""
+    return 2 / math.sqrt(n)
+
+
+def gather_evidence(trainer: Trainer, candidate: MLP) -> tuple[Evidence, Evidence, np.ndarray]:
+    """The window's scores, and the history's of `candidate` (the EMA as a raw model) and the references,
+    with the history's inputs (what the written file is run on)."""
     x, y, held_out = trainer.history()
-    models = {"candidate": trainer.ema, **trainer.references()}
+    models = {"candidate": candidate, **trainer.references()}
     x64, y64 = x.astype(np.float64), y.astype(np.float64)  # once for all the models
     history = Evidence(len(y), {name: measure(model, x64, y64) for name, model in models.items()}, held_out)
     return trainer.window.evidence(trainer.references()), history, x
@@ -1822,16 +2023,17 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 # ---- publish: the one path of a checkpoint: judged, written, read back, then published or quarantined ----
 
 def publish(trainer: Trainer) -> Checkpoint:
-    """The trainer's EMA weights as its next checkpoint, judged by the gate on the window and the history
-    against every reference. OSError if the disk refuses it, with nothing partial left."""
-    window, history, x = gather_evidence(trainer)
-    finite = bool(np.isfinite(trainer.backend.to_host(trainer.ema.flat)).all())
+    """The trainer's EMA weights, as a model of raw features and scores, as its next checkpoint, judged by the
+    gate on the window and the history against every reference. OSError if the disk refuses it, with
+    nothing partial left."""
+    weights = trainer.raw_weights(trainer.ema)
+    window, history, x = gather_evidence(trainer, MLP.from_weights(weights))
+    finite = all(np.isfinite(a).all() for layer in weights.layers for a in layer)
     verdict = judge(trainer.config, window, history, finite)
     # The written file is run on history inputs; replayed ones stand in while there are none.
     host = trainer.backend.to_host
     probe = x[:READBACK_PROBE] if len(x) else host(trainer.replay.x[:min(trainer.replay.size, READBACK_PROBE)])
-    return write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
-                            verdict, probe)
+    return write_checkpoint(trainer.checkpoints, weights, trainer.steps, trainer.samples_trained, verdict, probe)
 
 
 def write_checkpoint(writer: CheckpointWriter, weights: onnx_builder.MLPWeights, step: int, samples_trained: int,
@@ -2375,7 +2577,7 @@ def resident_bytes() -> int | None:
 
 # ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----
 
-def load_base_model(config: Config) -> MLP | None:
+def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     """The model to fine-tune, or None when none is configured or the file is absent."""
     path = config.base_model_path
     if not path:
@@ -2398,7 +2600,7 @@ def load_base_model(config: Config) -> MLP | None:
     if weights.sizes()[0] != config.n_features:
         raise StartupError(f"base model {path} takes {weights.sizes()[0]} features but "
                            f"VMAFX_SIDECAR_N_FEATURES is {config.n_features}")
-    return MLP.from_weights(weights)
+    return weights
 
 
 def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
@@ -2544,11 +2746,17 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
     with the published checkpoint as the incumbent (and champion) its candidates must match."""
     backend = select_backend(config.cuda)
     rng = np.random.default_rng(config.seed)
-    model = load_base_model(config)
-    source = f"base {config.base_model_path}" if model else f"fresh, seed {config.seed}"
-    model = model or MLP.initial([config.n_features, config.hidden, 1], Activation(config.activation), rng)
+    base = load_base_model(config)
+    source = f"base {config.base_model_path}" if base else f"fresh, seed {config.seed}"
+    model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1],
+                                                             Activation(config.activation), rng)
     trainer = Trainer(config, model.to(backend), CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints),
-                      rng)
+                      rng, fresh=base is None)
+    if config.normalize == "on" and base and base.normalisation:  # its own standardization of the features
+        coords = Coordinates.of_normalisation(*base.normalisation)
+        if coords is None or not trainer.move_to(coords):
+            log.warning("base model %s: its input normalisation cannot be the training's coordinates; the "
+                        "features' statistics come from the first samples", config.base_model_path)
     published = trainer.checkpoints.latest_model()
     if published is not None and published.sizes[0] == config.n_features:
         trainer.incumbent = published.to(backend)

@@ -256,9 +256,11 @@ def ingest_seconds(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray) -> float:
 
 def validate_call_us(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray, calls: int = 2000) -> float:
     """µs per sample of Trainer.validate alone on one step's new samples."""
+    model_x, model_y = x.copy(), y.copy()
+    trainer.standardize(model_x, model_y)
     started = time.perf_counter()
     for _ in range(calls):
-        trainer.validate(x, y)
+        trainer.validate(x, model_x, y)
     return (time.perf_counter() - started) / calls / len(y) * 1e6
 
 
@@ -281,7 +283,7 @@ def measure_validation(rounds: int, samples: int, block: int = 1000) -> list[tup
             seconds = {True: 0.0, False: 0.0}  # with validation, without
             for b, start in enumerate(range(0, samples, block)):
                 on = (b + r) % 2 == 0
-                trainer.validate = validate if on else (lambda x, y: None)
+                trainer.validate = validate if on else (lambda x, model_x, y: None)
                 seconds[on] += ingest_seconds(trainer, x[start:start + block], y[start:start + block])
             trainer.validate = validate
             alone = validate_call_us(trainer, x[:trainer.n_new], y[:trainer.n_new])
@@ -308,7 +310,7 @@ def measure_checkpoint(runs: int) -> tuple[list[float], list[float], str]:
         gate_ms, checkpoint_ms, verdicts = [], [], set()
         for _ in range(runs):
             started = time.perf_counter()
-            window, history, _ = vs.gather_evidence(trainer)
+            window, history, _ = vs.gather_evidence(trainer, vs.MLP.from_weights(trainer.raw_weights(trainer.ema)))
             vs.judge(c, window, history)
             gate_ms.append((time.perf_counter() - started) * 1e3)
             started = time.perf_counter()

@@ -61,15 +61,16 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     # The steps below must move the outputs by far more than float32 rounding could, or the test would
     # compare the checkpoint with the base again: a large step, no warmup, an EMA that follows the weights.
     config = config_for(fixture, tmp_path, lr=0.01, warmup_steps=0, ema_decay=0.5)
-    model = vs.load_base_model(config)
+    model = vs.MLP.from_weights(vs.load_base_model(config))
     assert [str(a) for a in model.activations] == [a.replace(":", "(") + ")" if ":" in a else a
                                                    for a in fixture["activations"]] or not fixture["activations"]
     assert_close(model.forward(x)[:, 0], y)
 
-    # The first checkpoint, written before any step, gives the same outputs through onnxruntime.
+    # The first checkpoint, written before any step, gives the same outputs through onnxruntime, whether the
+    # trainer took the base's input normalisation as its coordinates or not.
     trainer, _ = vs.build_trainer(config)  # on this base model, as serve builds it
     rng = trainer.rng  # the samples below come from the generator of the trainer's replay draws
-    first = vs.write_checkpoint(trainer.checkpoints, trainer.ema.weights(), 0, 0, UNGATED, x).path
+    first = vs.write_checkpoint(trainer.checkpoints, trainer.raw_weights(trainer.ema), 0, 0, UNGATED, x).path
     onnx.checker.check_model(onnx.load(str(first)), full_check=True)
     assert_close(ort_scores(first, x), y)
 
@@ -77,11 +78,11 @@ def test_loaded_model_reproduces_the_original_and_exports_faithfully(fixture, tm
     for _ in range(3 * trainer.n_new):
         trainer.add(rng.normal(0, 1, fixture["n_features"]).tolist(), float(rng.normal(50, 10)))
     assert trainer.steps == 3
-    after = vs.write_checkpoint(trainer.checkpoints, trainer.ema.weights(), trainer.steps, trainer.samples_trained,
-                                UNGATED, x).path
+    raw = trainer.raw_weights(trainer.ema)
+    after = vs.write_checkpoint(trainer.checkpoints, raw, trainer.steps, trainer.samples_trained, UNGATED, x).path
     moved = relative_change(ort_scores(after, x), y)
     assert moved > 1e-3, f"{fixture['name']}: 3 steps moved the outputs by {moved:.2e} of their scale"
-    assert_close(ort_scores(after, x), trainer.ema.forward(x)[:, 0])
+    assert_close(ort_scores(after, x), vs.MLP.from_weights(raw).forward(x)[:, 0])
     reread = vs.MLP.from_weights(builder.read_mlp_model(onnx.load(str(after))))
     assert reread.activations == model.activations
 

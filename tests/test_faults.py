@@ -322,9 +322,10 @@ def test_kill_9_at_random_moments_during_a_stream(tmp_path):
 # ---- 2. checkpoint writes that fail ----
 
 # make_trainer settings: a small model that steps every 4 samples, with a checkpoint due at every step,
-# published unless the write or its read-back fails: the gate, which 4 samples could never satisfy, is off.
+# published unless the write or its read-back fails: the gate, which 4 samples could never satisfy, is off. Raw
+# coordinates: the overflow tests below work their premises out in them.
 STEPPING = dict(n_features=N_FEATURES, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=64, min_samples_ckpt=4,
-                ckpt_interval_s=0.0, lr=0.01, gate="off")
+                ckpt_interval_s=0.0, lr=0.01, gate="off", normalize="off")
 
 
 def one_step(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray):
@@ -538,7 +539,8 @@ def test_status_counts_a_step_undone_for_overflow(sidecar_factory):
     s = sidecar_factory(**SMALL_MODEL, VMAFX_SIDECAR_BATCH_SIZE="4", VMAFX_SIDECAR_REPLAY_MIX="0",
                         VMAFX_SIDECAR_LR="1e30", VMAFX_SIDECAR_MAX_GRAD_NORM="1e30", VMAFX_SIDECAR_WARMUP_STEPS="0",
                         VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="4",
-                        VMAFX_SIDECAR_GATE="off")  # so that only the overflowing outputs can quarantine it
+                        VMAFX_SIDECAR_GATE="off",  # so that only the overflowing outputs can quarantine it
+                        VMAFX_SIDECAR_NORMALIZE="off")  # raw coordinates, in which the premise below is checked
     # The server's fresh model (seed 0), rebuilt here only to check the test's premise.
     model = vs.MLP.initial([N_FEATURES, 8, 1], vs.Activation("relu"), np.random.default_rng(0))
     assert_update_overflows(model, np.zeros_like(model.flat), vs.Config(lr=1e30, max_grad_norm=1e30))

@@ -101,9 +101,10 @@ def plain_pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-# make_trainer settings, as test_faults.STEPPING: a small model stepping every 4 samples, a checkpoint due each step.
+# make_trainer settings, as test_faults.STEPPING: a small model stepping every 4 samples, a checkpoint due each step,
+# in raw coordinates, so that the EMA's weights are the candidate's (test_normalize covers the standardized ones).
 STEPPING = dict(n_features=8, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=64, min_samples_ckpt=4,
-                ckpt_interval_s=0.0, lr=0.01)
+                ckpt_interval_s=0.0, lr=0.01, normalize="off")
 
 
 def stem(version: int) -> str:
@@ -473,9 +474,9 @@ def test_ring_older_gives_the_samples_before_the_newest_newest_first_across_the_
 
 
 # make_trainer settings for the history: a replay ring of 16, steps of 4 new samples, a checkpoint (a new
-# window) after 20 trained ones, and GATE_MIN_EVAL 6.
+# window) after 20 trained ones, and GATE_MIN_EVAL 6, in raw coordinates.
 HISTORY = dict(n_features=8, hidden=8, batch_size=4, replay_mix=0.0, replay_capacity=16, gate_min_eval=6,
-               min_samples_ckpt=20, ckpt_interval_s=0.0, lr=1e-4)
+               min_samples_ckpt=20, ckpt_interval_s=0.0, lr=1e-4, normalize="off")
 
 
 def numbered(i: int) -> np.ndarray:
@@ -574,14 +575,20 @@ def test_judge_publishes_nothing_on_too_little_evidence():
 
 
 @pytest.mark.parametrize("name", ["window", "history"])
-@pytest.mark.parametrize("r2", [0.0, -0.5, -1e6])
-def test_judge_refuses_an_r2_of_zero_or_less_on_either_set(name, r2):
+@pytest.mark.parametrize("r2", [2 / math.sqrt(ENOUGH), 0.05, 0.0, -0.5, -1e6])
+def test_judge_refuses_an_r2_within_its_noise_of_zero_on_either_set(name, r2):
+    floor = 2 / math.sqrt(ENOUGH)  # 0.1155 on 300 samples
     poor = evidence(ENOUGH, scores(0.95, r2=r2), incumbent=scores(0.9))  # a PLCC that passes: R² alone refuses
     verdict = verdict_on(name, poor)
     assert verdict.gate == "quarantined"
-    assert verdict.reason == (f"{name}: R² {r2:.4f} on {ENOUGH} samples: no better than predicting their mean")
-    barely = evidence(ENOUGH, scores(0.95, r2=math.nextafter(0.0, 1.0)), incumbent=scores(0.9))
+    assert verdict.reason == (f"{name}: R² {r2:.4f} on {ENOUGH} samples: not clearly better than predicting their "
+                              f"mean (needs more than 2/√n = {floor:.4f})")
+    barely = evidence(ENOUGH, scores(0.95, r2=math.nextafter(floor, 1.0)), incumbent=scores(0.9))
     assert verdict_on(name, barely).gate == "passed"
+
+
+def test_the_r2_floor_shrinks_with_the_evidence():
+    assert [round(vs.r2_floor(n), 4) for n in (100, 400, 2000)] == [0.2, 0.1, 0.0447]
 
 
 @pytest.mark.parametrize("name", ["window", "history"])
@@ -619,9 +626,9 @@ def test_judge_ignores_an_unmeasurable_reference():
     assert verdict.gate == "passed" and "incumbent 0.802000" in verdict.reason
     verdict = vs.judge(cfg, evidence(ENOUGH, scores(0.70), incumbent=None, champion=scores(0.9)), GOOD)
     assert verdict.gate == "quarantined" and "below the champion's" in verdict.reason
-    # with no reference measurable, R² alone decides
-    assert vs.judge(cfg, evidence(ENOUGH, scores(0.1, r2=0.01), base=None), GOOD).gate == "passed"
-    assert vs.judge(cfg, evidence(ENOUGH, scores(0.9, r2=-0.01), base=None), GOOD).gate == "quarantined"
+    # with no reference measurable, R² alone decides (it must exceed 2/√300 = 0.115)
+    assert vs.judge(cfg, evidence(ENOUGH, scores(0.1, r2=0.12), base=None), GOOD).gate == "passed"
+    assert vs.judge(cfg, evidence(ENOUGH, scores(0.9, r2=0.11), base=None), GOOD).gate == "quarantined"
     # a base model whose outputs overflow, measured on real samples
     x, y, coef = linear_data()
     broken = fitted(coef)

@@ -4,6 +4,7 @@ gate publishes it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def records(checkpoint_dir: Path) -> dict[int, dict]:
 
 
 def rule_holds(metrics: dict, min_eval: int, max_drop: float) -> bool:
-    """The gate's rule on a record's scores: on each set with min_eval samples or more, R² > 0 and a PLCC
+    """The gate's rule on a record's scores: on each set with min_eval samples or more, R² > 2/√n and a PLCC
     within max_drop of the best reference's; and at least one such set."""
     judged = [metrics[name] for name in ("window", "history") if metrics[name]["n"] >= min_eval]
     return bool(judged) and all(holds_on(evidence, max_drop) for evidence in judged)
@@ -50,7 +51,7 @@ def rule_holds(metrics: dict, min_eval: int, max_drop: float) -> bool:
 def holds_on(evidence: dict, max_drop: float) -> bool:
     ours = evidence["candidate"]
     references = [s["plcc"] for name, s in evidence.items() if name not in ("n", "held_out", "candidate") and s]
-    return ours["r2"] > 0 and all(ours["plcc"] >= plcc - max_drop for plcc in references)
+    return ours["r2"] > 2 / math.sqrt(evidence["n"]) and all(ours["plcc"] >= plcc - max_drop for plcc in references)
 
 
 def stream(client: Client, x: np.ndarray, y: np.ndarray) -> list[dict]:

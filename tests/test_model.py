@@ -126,7 +126,8 @@ def flat(layers) -> np.ndarray:
     return np.concatenate([a.ravel() for pair in layers for a in pair])
 
 
-SETTINGS = dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3, ema_decay=0.8)
+# The reference's arithmetic: raw coordinates.
+SETTINGS = dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3, ema_decay=0.8, normalize="off")
 
 
 @pytest.mark.parametrize("max_norm,scale", [(0.5, 50.0), (1e6, 1.0)], ids=["clipping", "no-clipping"])
@@ -155,7 +156,7 @@ def test_steps_match_reference(tmp_path, max_norm, scale, steps):
 
 def test_clipping_is_active_in_the_clipping_case(tmp_path):
     """Guards the parametrisation above: the big targets really produce a norm above the limit."""
-    trainer = make_trainer(tmp_path, sizes=[5, 8, 1], batch_size=4, replay_mix=0.0, replay_capacity=100)
+    trainer = make_trainer(tmp_path, sizes=[5, 8, 1], batch_size=4, replay_mix=0.0, replay_capacity=100, normalize="off")
     rng = np.random.default_rng(7)
     x = rng.uniform(-1, 1, (4, 5)).astype(np.float32)
     y = (50.0 * rng.uniform(-1, 1, 4)).astype(np.float32)
@@ -166,7 +167,7 @@ def test_clipping_is_active_in_the_clipping_case(tmp_path):
 def test_one_step_by_hand(tmp_path):
     """The first step, spelled out: b1 = clip(g) + wd * theta0, theta1 = theta0 - lr/warmup * b1."""
     trainer = make_trainer(tmp_path, sizes=[3, 4, 1], batch_size=2, replay_mix=0.0, replay_capacity=10,
-                           lr=0.1, warmup_steps=10, weight_decay=1e-3, max_grad_norm=0.05, ema_decay=0.25)
+                           lr=0.1, warmup_steps=10, weight_decay=1e-3, max_grad_norm=0.05, ema_decay=0.25, normalize="off")
     theta0 = trainer.model.flat.astype(np.float64)
     layers0 = [(w.astype(np.float64), b.astype(np.float64)) for w, b in trainer.model.layers]
     x = np.array([[0.1, 0.2, 0.3], [0.4, -0.5, 0.6]], np.float32)
@@ -187,7 +188,7 @@ def test_one_step_by_hand(tmp_path):
 
 
 def test_overflowing_batch_is_skipped_and_weights_kept(tmp_path):
-    trainer = make_trainer(tmp_path, sizes=[3, 4, 1], batch_size=1, replay_mix=0.0, replay_capacity=10)
+    trainer = make_trainer(tmp_path, sizes=[3, 4, 1], batch_size=1, replay_mix=0.0, replay_capacity=10, normalize="off")
     trainer.model.flat[...] = 0.5  # every unit active, so huge inputs reach the output
     before = trainer.model.flat.copy(), trainer.ema.flat.copy()
     assert trainer.add([3e38, 3e38, 3e38], 1.0) is None  # float32-valid inputs whose activations overflow

@@ -1,0 +1,256 @@
+"""Standardized coordinates (issue #16): the trainer works on standardized features and scores, every
+change of coordinates keeps what the model, the EMA and the momentum compute, checkpoints stay models of
+raw features and scores, the statistics outlive a restart, and VMAFX_SIDECAR_NORMALIZE=off is the raw
+arithmetic."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vmafx_sidecar as vs
+from conftest import UNGATED, make_trainer
+
+N_FEATURES = 5
+# make_trainer settings: a small model, 4 new samples a step, a replay ring that holds STATISTICS_SAMPLES.
+SMALL = dict(n_features=N_FEATURES, hidden=8, batch_size=8, replay_mix=0.5, replay_capacity=2000, lr=0.01,
+             warmup_steps=5)
+
+
+def stream(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features of very different scales (one in [0, 1], one in [0, 20], one near 1000) and VMAF-like scores."""
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.uniform(0, 1, n), rng.uniform(0, 20, n), 1000 + rng.normal(0, 5, n),
+                  rng.uniform(-1, 1, n), rng.uniform(0, 1, n)], axis=1).astype(np.float32)
+    y = (50 + 30 * np.tanh(x[:, 0] - 0.5 + (x[:, 1] - 10) / 10 + (x[:, 2] - 1000) / 10)).astype(np.float32)
+    return x, y
+
+
+def feed(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray) -> None:
+    for row, score in zip(x, y):
+        trainer.ingest(row, score, False, True)
+
+
+def raw_outputs(trainer: vs.Trainer, model: vs.MLP, x: np.ndarray) -> np.ndarray:
+    return vs.MLP.from_weights(trainer.raw_weights(model), np.float64).forward(x.astype(np.float64))[:, 0]
+
+
+def assert_same_function(before: np.ndarray, after: np.ndarray) -> None:
+    """Equal to float32 rounding: a few units in the last place of the outputs' size."""
+    scale = max(1.0, float(np.abs(before).max()))
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5 * scale)
+
+
+# ---- when statistics are taken ----
+
+def test_a_fresh_model_starts_in_its_first_batchs_coordinates_then_takes_final_ones(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(0, vs.STATISTICS_SAMPLES + 8)
+    assert trainer.coords.standardized == "none"
+    feed(trainer, x[:4], y[:4])  # the first step
+    first = trainer.coords
+    assert first.standardized == "provisional"
+    np.testing.assert_allclose(first.x_shift, x[:4].mean(axis=0), rtol=1e-6)
+    assert first.y_shift == pytest.approx(float(y[:4].mean()), rel=1e-6)
+    feed(trainer, x[4:vs.STATISTICS_SAMPLES], y[4:vs.STATISTICS_SAMPLES])
+    final = trainer.coords
+    assert final.standardized == "final"
+    np.testing.assert_allclose(final.x_shift, x[:vs.STATISTICS_SAMPLES].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(final.x_scale, x[:vs.STATISTICS_SAMPLES].std(axis=0), rtol=1e-4)
+    assert final.y_scale == pytest.approx(float(y[:vs.STATISTICS_SAMPLES].std()), rel=1e-4)
+    feed(trainer, x[vs.STATISTICS_SAMPLES:], y[vs.STATISTICS_SAMPLES:])
+    assert trainer.coords == final  # taken once
+
+
+def test_a_base_model_keeps_raw_scores_and_its_weights_move_without_changing_what_they_compute(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    trainer.fresh = False  # as build_trainer makes a trainer on a base model
+    x, y = stream(1, vs.STATISTICS_SAMPLES)
+    feed(trainer, x[:-4], y[:-4])
+    assert trainer.coords.standardized == "none"
+    probe = x[:200]
+    before = [raw_outputs(trainer, model, probe) for model in (trainer.model, trainer.ema)]
+    momentum = trainer.momentum.copy()
+    trainer.take_statistics()
+    assert (trainer.coords.standardized, trainer.coords.y_shift, trainer.coords.y_scale) == ("final", 0.0, 1.0)
+    for model, outputs in zip((trainer.model, trainer.ema), before):
+        assert_same_function(outputs, raw_outputs(trainer, model, probe))
+    assert not np.allclose(trainer.momentum, momentum)  # moved with the weights
+
+
+def test_a_constant_feature_is_shifted_not_scaled_and_training_stays_finite(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(2, 3 * vs.STATISTICS_SAMPLES)
+    x[:vs.STATISTICS_SAMPLES, 3] = 0.25  # constant while the statistics are taken, then it varies
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feed(trainer, x, y)
+    assert trainer.coords.x_scale[3] == 1.0 and trainer.coords.x_shift[3] == np.float32(0.25)
+    assert trainer.steps_skipped == 0 and np.isfinite(trainer.model.flat).all() and np.isfinite(trainer.ema.flat).all()
+
+
+def test_statistics_that_would_overflow_the_weights_are_refused_once(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, **SMALL, normalize="off")  # no statistics until the switch below
+    trainer.fresh = False  # a trained model: its weights must move, and cannot
+    for flat in (trainer.model.flat, trainer.ema.flat):
+        flat *= 100  # weights of up to ~40: times a spread of 3e38, beyond float32
+    before = trainer.state_dict()
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], (vs.STATISTICS_SAMPLES, N_FEATURES))
+    feed(trainer, (3e38 * signs).astype(np.float32), np.full(vs.STATISTICS_SAMPLES, 50, np.float32))
+    trainer.config = vs.dataclasses.replace(trainer.config, normalize="on")
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            if trainer.statistics_due():
+                trainer.take_statistics()
+    assert trainer.coords.standardized == "none" and not trainer.statistics_due()
+    for name in ("theta", "ema"):  # steps at the float32 limit were skipped; the move changed nothing either
+        assert trainer.state_dict()[name].tobytes() == before[name].tobytes(), name
+    refusals = [r.getMessage() for r in caplog.records if "not standardizing" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+
+
+# ---- exact re-parameterization ----
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), offsets=st.tuples(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3)),
+       scales=st.tuples(st.floats(1e-3, 1e3), st.floats(1e-3, 1e3)))
+def test_remap_keeps_the_function_and_is_linear_in_steps(seed, offsets, scales):
+    rng = np.random.default_rng(seed)
+    model = vs.MLP.initial([N_FEATURES, 6, 4, 1], vs.Activation("tanh"), rng)
+    old = vs.Coordinates(rng.normal(0, 10, N_FEATURES), rng.uniform(0.1, 10, N_FEATURES), 20.0, 5.0, "final")
+    new = vs.Coordinates(rng.normal(offsets[0], 10, N_FEATURES), rng.uniform(0.1, 10, N_FEATURES) * scales[0],
+                         offsets[1], scales[1], "final")
+    layers = [(w.astype(np.float64), b.astype(np.float64)) for w, b in model.weights().layers]
+    x = rng.normal(0, 20, (50, N_FEATURES))
+
+    def raw(ls, coords):  # s * g((x - a) / s) + a, in float64
+        m = vs.MLP.from_weights(vs.onnx_builder.MLPWeights(ls, model.activations), np.float64)
+        return m.forward((x - coords.x_shift) / coords.x_scale)[:, 0] * coords.y_scale + coords.y_shift
+
+    np.testing.assert_allclose(raw(vs.remap(layers, old, new), new), raw(layers, old), rtol=1e-9, atol=1e-9 * 1e3)
+    step = [(rng.normal(size=w.shape), rng.normal(size=b.shape)) for w, b in layers]
+    moved_sum = vs.remap([(w + dw, b + db) for (w, b), (dw, db) in zip(layers, step)], old, new)
+    sum_moved = [(w + dw, b + db) for (w, b), (dw, db) in zip(vs.remap(layers, old, new),
+                                                              vs.remap(step, old, new, offsets=False))]
+    for (a, b), (c, d) in zip(moved_sum, sum_moved):
+        np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(b, d, rtol=1e-9, atol=1e-6)
+
+
+def test_taking_final_statistics_keeps_the_model_and_the_ema_to_float32_rounding(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(3, vs.STATISTICS_SAMPLES)
+    feed(trainer, x[:-4], y[:-4])
+    assert trainer.coords.standardized == "provisional"
+    probe = x[:300]
+    before = [raw_outputs(trainer, model, probe) for model in (trainer.model, trainer.ema)]
+    trainer.take_statistics()
+    assert trainer.coords.standardized == "final"
+    for model, outputs in zip((trainer.model, trainer.ema), before):
+        assert_same_function(outputs, raw_outputs(trainer, model, probe))
+
+
+# ---- checkpoints stay raw ----
+
+def test_a_checkpoint_of_a_standardized_model_runs_on_raw_features_in_onnxruntime(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(4, vs.STATISTICS_SAMPLES + 200)
+    feed(trainer, x, y)
+    assert trainer.coords.standardized == "final" and trainer.coords.y_scale > 1
+    weights = trainer.raw_weights(trainer.ema)
+    path = vs.write_checkpoint(trainer.checkpoints, weights, trainer.steps, trainer.samples_trained, UNGATED,
+                               x[:64]).path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"features": x[:300]})[0][:, 0]
+    shift, scale, _, _ = trainer.maps
+    in_training = trainer.raw_scores(trainer.ema.forward((x[:300] - shift) / scale))
+    assert_same_function(in_training[:, 0].astype(np.float64), scores.astype(np.float64))
+    assert float(np.sqrt(np.mean((scores - y[:300]) ** 2))) < float(y.std())  # and it learned something
+
+
+# ---- state ----
+
+@pytest.mark.parametrize("cut", [2, 600, vs.STATISTICS_SAMPLES + 40], ids=["before-any", "provisional", "final"])
+def test_a_restart_resumes_bit_for_bit_across_the_statistics(tmp_path, cut):
+    x, y = stream(5, vs.STATISTICS_SAMPLES + 200)
+    whole = make_trainer(tmp_path / "whole", **SMALL)
+    feed(whole, x, y)
+    first = make_trainer(tmp_path / "first", **SMALL)
+    feed(first, x[:cut], y[:cut])
+    resumed = make_trainer(tmp_path / "resumed", **SMALL)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, x[cut:], y[cut:])
+    assert resumed.coords == whole.coords
+    for name in ("theta", "ema", "momentum"):
+        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
+
+
+def test_normalize_off_is_the_raw_arithmetic_and_turning_it_off_moves_back_to_raw(tmp_path):
+    x, y = stream(6, vs.STATISTICS_SAMPLES + 100)
+    off = make_trainer(tmp_path / "off", **SMALL, normalize="off")
+    feed(off, x, y)
+    assert off.coords.standardized == "none"
+    assert off.raw_weights(off.ema).layers[0][0].tobytes() == off.ema.weights().layers[0][0].tobytes()
+    on = make_trainer(tmp_path / "on", **SMALL)
+    feed(on, x, y)
+    probe = x[:200]
+    before = raw_outputs(on, on.ema, probe)
+    switched = make_trainer(tmp_path / "switched", **SMALL, normalize="off")
+    switched.load_state_dict(on.state_dict())
+    assert switched.coords.standardized == "none"
+    assert_same_function(before, raw_outputs(switched, switched.ema, probe))
+
+
+# ---- a base model's own normalisation; the gate sees raw scores ----
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["ts_norm_mean_std_op17", "dyn_norm_mean_std_op18", "ts_norm_scale_shift_op17"])
+def test_a_base_models_input_normalisation_is_the_features_coordinates(tmp_path, name):
+    path = FIXTURES / f"{name}.onnx"
+    normalisation = vs.onnx_builder.read_mlp_model(onnx.load(path)).normalisation
+    assert normalisation is not None
+    scale, shift = normalisation
+    trainer, _ = vs.build_trainer(vs.Config(checkpoint_dir=str(tmp_path), base_model_path=str(path), n_features=6))
+    assert trainer.coords.standardized == "features" and not trainer.fresh
+    np.testing.assert_allclose(trainer.coords.x_scale, 1 / scale, rtol=1e-6)
+    np.testing.assert_allclose(trainer.coords.x_shift, -shift / scale, rtol=1e-6, atol=1e-6)
+    # In those coordinates the first layer is the base's own, before the folding the loader did.
+    io_arrays = np.load(FIXTURES / f"{name}.io.npz")
+    assert_same_function(io_arrays["y"].astype(np.float64), raw_outputs(trainer, trainer.model, io_arrays["x"]))
+    off, _ = vs.build_trainer(vs.Config(checkpoint_dir=str(tmp_path / "off"), base_model_path=str(path), n_features=6,
+                                        normalize="off"))
+    assert off.coords.standardized == "none"
+
+
+def test_the_window_judges_the_candidate_in_raw_scores(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(7, vs.STATISTICS_SAMPLES + 40)
+    feed(trainer, x[:-4], y[:-4])
+    assert trainer.coords.standardized == "final" and trainer.n_pending == 0
+    trainer.window.reset()
+    expected = raw_outputs(trainer, trainer.ema, x[-4:])  # the EMA before the step, as a raw model
+    feed(trainer, x[-4:], y[-4:])  # one step: predicted first, then trained on
+    found = trainer.window.evidence(trainer.references()).scores["candidate"]
+    error = expected - y[-4:].astype(np.float64)
+    assert found.rmse == pytest.approx(float(np.sqrt(np.mean(error ** 2))), rel=1e-4)
+
+
+def test_status_says_which_coordinates_the_trainer_is_in(sidecar_factory):
+    s = sidecar_factory(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES))
+    client = s.client()
+    assert client.request({"op": "status"})["coordinates"] == "none"
+    x, y = stream(8, 16)
+    for row, score in zip(x, y):
+        assert client.request({"features": row.tolist(), "true_score": float(score)})["ok"]
+    assert client.request({"op": "status"})["coordinates"] == "provisional"  # a fresh model's first step
