@@ -10,7 +10,8 @@ the line it has no ACK for, as the Go client does (so the server may accept such
 
 Every --kill-every seconds (jittered +-30 %) the server is SIGKILLed (its VmHWM read from /proc just
 before) and restarted on the same checkpoint directory and socket, with CKPT_INTERVAL_S=0,
-MIN_SAMPLES_CKPT=2000 and JOURNAL_FSYNC=everysec: a kill -9 is a process crash, so no acknowledged
+MIN_SAMPLES_CKPT=2000, JOURNAL_FSYNC=everysec and the gate off (the scores are random, so no candidate
+would pass it, and every checkpoint is to be verified): a kill -9 is a process crash, so no acknowledged
 sample may be lost. At the end the server is stopped with SIGTERM and started once more; its
 `samples_accepted` must be at least the number of distinct job_ids the clients got "ok": true for
 (the excess is resends whose first ACK died with a server). Then every checkpoint with a .sha256 is
@@ -74,8 +75,10 @@ class Sidecar:
         self.checkpoint_dir = workdir / "ckpt"
         self.log_path = workdir / "server.log"  # every incarnation appends here, after a marker line
         self.log_file = open(self.log_path, "ab")
+        # GATE off: the scores are random, so the gate would rightly refuse every candidate; the soak is about
+        # the files a crash leaves, and needs published checkpoints to verify.
         self.env = server_env(self.socket, self.checkpoint_dir, VMAFX_SIDECAR_MIN_SAMPLES_CKPT=str(MIN_SAMPLES_CKPT),
-                              VMAFX_SIDECAR_JOURNAL_FSYNC="everysec")
+                              VMAFX_SIDECAR_JOURNAL_FSYNC="everysec", VMAFX_SIDECAR_GATE="off")
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
