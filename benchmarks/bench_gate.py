@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import sys
@@ -45,9 +44,8 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 
 import numpy as np  # noqa: E402
 from bench_ingest import machine, markdown_table  # noqa: E402
+from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher  # noqa: E402
 
-VMAF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "vmaf_v0.6.1.json"  # beside the checkout
-N_FEATURES = 6  # the VMAF v0.6.1 model's
 SEED = 3  # of the streams and the test sets; the trainers use VMAFX_SIDECAR_SEED's default
 Teacher = Callable[[np.ndarray], np.ndarray]
 
@@ -57,33 +55,9 @@ FAST = dict(n_features=N_FEATURES, hidden=16, batch_size=16, lr=0.05, warmup_ste
 DEFAULTS = dict(n_features=N_FEATURES, hidden=16, ckpt_interval_s=0.0, keep_checkpoints=0)
 BURST = dict(n_features=N_FEATURES, hidden=16, batch_size=16, lr=0.2, warmup_steps=10, ema_decay=0.5,
              ckpt_interval_s=0.0, min_samples_ckpt=320, gate_min_eval=100, gate_max_plcc_drop=0.1, keep_checkpoints=0)
-REFERENCES = ("incumbent", "champion", "base")
 
 
 # ---- teachers ----
-
-def vmaf_teacher(path: Path) -> Teacher:
-    """The VMAF model's score of feature vectors already in its normalised space: the nu-SVR's sum of RBF
-    kernels, mapped back from its normalised score and clipped to [0, 100] (its score_clip)."""
-    model = json.loads(path.read_text())["model_dict"]
-    text = model["model"].split("\n")
-    header = dict(line.split(" ", 1) for line in text[:text.index("SV")])
-    gamma, rho = float(header["gamma"]), float(header["rho"])
-    rows = [line.split() for line in text[text.index("SV") + 1:] if line.strip()]
-    coef = np.array([float(row[0]) for row in rows])
-    support = np.zeros((len(rows), N_FEATURES))
-    for i, row in enumerate(rows):  # libsvm's sparse "index:value", 1-based; absent means 0
-        for item in row[1:]:
-            index, value = item.split(":")
-            support[i, int(index) - 1] = float(value)
-    slope, intercept = model["slopes"][0], model["intercepts"][0]
-
-    def score(x: np.ndarray) -> np.ndarray:
-        distances = (x * x).sum(1)[:, None] - 2 * x @ support.T + (support * support).sum(1)
-        svr = np.exp(-gamma * distances) @ coef - rho
-        return np.clip((svr - intercept) / slope, 0.0, 100.0)
-    return score
-
 
 def ridge_teacher() -> Teacher:
     """A smooth stand-in: 60 + 30 tanh of a fixed projection (tests/test_gate_stream.py's target)."""
@@ -224,8 +198,8 @@ def print_scenario(name: str, about: str, written: list[Written], seconds: float
             first = evidence == "window"
             rows.append([str(w.record["version"]) if first else "", w.phase if first else "",
                          w.record["gate"] if first else "", evidence, n, scores_text(scores["candidate"]),
-                         *(scores_text(scores[r]) if r in scores else "" for r in REFERENCES)])
-    markdown_table(["version", "phase", "gate", "set", "n", "candidate", *REFERENCES], rows)
+                         *(scores_text(scores[r]) if r in scores else "" for r in vs.REFERENCES)])
+    markdown_table(["version", "phase", "gate", "set", "n", "candidate", *vs.REFERENCES], rows)
     print()
     for w in written:
         print(f"v{w.record['version']}: {w.record['reason']}")
@@ -272,7 +246,7 @@ def measure_validation(rounds: int, samples: int, block: int = 1000) -> list[tup
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-gate-validation-") as tmp:
         trainer = default_trainer(tmp)
         references = {name: vs.MLP.initial(trainer.model.sizes, vs.Activation("relu"), np.random.default_rng(i))
-                      for i, name in enumerate(REFERENCES)}
+                      for i, name in enumerate(vs.REFERENCES)}
         trainer.references = lambda: references  # three distinct models: the most a step ever runs
         validate = trainer.validate
         x = rng.uniform(0, 1, (samples, trainer.config.n_features)).astype(np.float32)
@@ -351,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("vmafx_sidecar").setLevel(logging.ERROR)  # each quarantine is a warning; the tables say it
     scale, rounds = (0.25, 2) if args.quick else (1.0, args.rounds)
-    teacher = vmaf_teacher(args.teacher) if args.teacher.is_file() else ridge_teacher()
+    # The scenarios draw features in the VMAF model's normalised [0, 1] space.
+    teacher = VmafTeacher.load(args.teacher).normalised_score if args.teacher.is_file() else ridge_teacher()
     print(f"machine: {machine()}\nteacher: "
           + (f"VMAF v0.6.1 ({args.teacher})" if args.teacher.is_file() else f"a ridge ({args.teacher} not found)"))
     run_scenarios(teacher, scale)

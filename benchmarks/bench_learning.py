@@ -24,14 +24,11 @@ Printed, with the machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,53 +39,14 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
+from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher  # noqa: E402
 
-TEACHER = ROOT.parent / "shared" / "data" / "vmaf_v0.6.1.json"
-N_FEATURES = 6
 TEST_SAMPLES = 5000
 DEFAULTS = (vs.Config.lr, vs.Config.ema_decay)
 GRID = [(lr, ema) for lr in (3e-3, 1e-2, 3e-2) for ema in (0.99, 0.999)]
 
 
 # ---- the teacher and the content ----
-
-@dataclass(frozen=True)
-class VmafTeacher:
-    """VMAF v0.6.1's prediction: features rescaled linearly, nu-SVR with an RBF kernel, the score rescaled,
-    its polynomial transform (never below the untransformed score) and the clip to [0, 100]."""
-    support: np.ndarray  # (n_sv, 6), in the model's feature order
-    coef: np.ndarray
-    gamma: float
-    rho: float
-    slopes: np.ndarray  # [score, feature 1..6]
-    intercepts: np.ndarray
-    transform: tuple[float, float, float]
-
-    @classmethod
-    def load(cls, path: Path) -> VmafTeacher:
-        model = json.loads(path.read_text())["model_dict"]
-        text = model["model"]
-        header, _, vectors = text.partition("\nSV\n")
-        fields = dict(line.split(" ", 1) for line in header.splitlines())
-        rows = [line.split() for line in vectors.strip().splitlines()]
-        support = np.zeros((len(rows), N_FEATURES))  # libsvm's sparse rows: a feature at 0 is left out
-        for i, row in enumerate(rows):
-            for pair in row[1:]:
-                index, value = pair.split(":")
-                support[i, int(index) - 1] = float(value)
-        transform = model["score_transform"]
-        return cls(support, np.array([float(row[0]) for row in rows]), float(fields["gamma"]), float(fields["rho"]),
-                   np.array(model["slopes"]), np.array(model["intercepts"]),
-                   (transform["p0"], transform["p1"], transform["p2"]))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        scaled = x * self.slopes[1:] + self.intercepts[1:]
-        distance = (scaled ** 2).sum(1)[:, None] - 2 * scaled @ self.support.T + (self.support ** 2).sum(1)
-        raw = np.exp(-self.gamma * distance) @ self.coef - self.rho
-        score = (raw - self.intercepts[0]) / self.slopes[0]
-        p0, p1, p2 = self.transform
-        return np.clip(np.maximum(p0 + p1 * score + p2 * score ** 2, score), 0, 100)
-
 
 def content(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
     """Feature vectors (adm2, motion2, vif scales 0-3) of n encodes of live action or, shifted, animation."""
@@ -287,8 +245,8 @@ def main() -> None:
     args = parser.parse_args()
     samples, rounds = (12_000, 1) if args.quick else (args.samples, args.rounds)
     vs.log.setLevel("WARNING")
-    teacher = VmafTeacher.load(TEACHER)
-    print(f"bench_learning on {machine()}; teacher {TEACHER.name}")
+    teacher = VmafTeacher.load()
+    print(f"bench_learning on {machine()}; teacher {VMAF_MODEL.name}")
     rng = np.random.default_rng(2026)
     fresh_model(teacher, samples, rng)
     fine_tuned_base(teacher, samples, rng)
