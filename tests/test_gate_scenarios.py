@@ -1,7 +1,7 @@
 """The stability gate's scenarios (issue 15), each against a real sidecar over its socket, fed by a seeded
 stream of a smooth teacher's scores:
 
-1. ratchet: a converged model, restarted with a ten times larger learning rate, so that its candidates
+1. ratchet: a converged model, restarted with a three times larger learning rate, so that its candidates
    wander and tend to get worse: the gate publishes none that falls below the champion (the best
    published model) by more than the tolerance on its own evidence, and on a test set of our own the
    published models never drift down far, while quarantined ones show the walk happened;
@@ -211,14 +211,14 @@ def unseen(kind: str = "old") -> tuple[np.ndarray, np.ndarray]:
 # ---- 1. ratchet ----
 
 RATCHET_DROP = 0.002  # VMAFX_SIDECAR_GATE_MAX_PLCC_DROP: below the walk's steps, so a ratchet would show
-# The walk: ten times the learning rate, and an EMA that follows it more closely, for ~70 checkpoints. Its
-# candidates' PLCC on a test set wandered down to 0.005-0.03 below the converged model's in the runs tried:
-# less would not show on the test set beside the evidence's sampling error, more would leave nothing to
-# publish; a shorter walk did not always show.
-WALK = dict(VMAFX_SIDECAR_LR="0.5", VMAFX_SIDECAR_EMA_DECAY="0.9")
+# The walk: three times the learning rate, and an EMA that follows it more closely, for ~70 checkpoints. Its
+# candidates' PLCC on a test set wandered down to 0.004-0.007 below the converged model's in the runs tried
+# (seeds, SIMD paths, numpy 1.26): less would not show on the test set beside the evidence's sampling error;
+# more (0.2 and up, in standardized coordinates) collapses the model, leaving nothing to publish.
+WALK = dict(VMAFX_SIDECAR_LR="0.15", VMAFX_SIDECAR_EMA_DECAY="0.9")
 WALK_SAMPLES = 36000
 # How far below the converged model a published one may be on the test set: five tolerances, for the
-# evidence's sampling error; the published walk models stayed within 0.0004-0.002 in every run tried.
+# evidence's sampling error; the published walk models stayed within 0.0011-0.0020 in every run tried.
 DRIFT_BOUND = 5 * RATCHET_DROP
 
 
@@ -241,7 +241,7 @@ def test_ratchet_publishes_nothing_below_the_champion(sidecar_factory, tmp_path)
     walk = feed.send("walk", WALK_SAMPLES)
     published = [w for w in walk if w.published]
     quarantined = [w for w in walk if not w.published]
-    assert published and quarantined, feed.summary()  # the walk went both ways
+    assert len(published) >= 2 and quarantined, feed.summary()  # the walk went both ways, past its first step
 
     # On the gate's own evidence: every published candidate is within the tolerance of the champion (and
     # of the incumbent) on every set it was judged on.

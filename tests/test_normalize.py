@@ -174,7 +174,8 @@ def test_a_checkpoint_of_a_standardized_model_runs_on_raw_features_in_onnxruntim
     shift, scale, _, _ = trainer.maps
     in_training = trainer.raw_scores(trainer.ema.forward((x[:300] - shift) / scale))
     assert_same_function(in_training[:, 0].astype(np.float64), scores.astype(np.float64))
-    assert float(np.sqrt(np.mean((scores - y[:300]) ** 2))) < float(y.std())  # and it learned something
+    # Whether 300 steps at lr 0.01 beat the mean depends on the seed (RMSE/std 0.71-1.17 over the seeds
+    # tried); test_learning is where learning is asserted.
 
 
 # ---- state ----
