@@ -4,7 +4,7 @@ stream of a smooth teacher's scores:
 1. ratchet: a converged model, restarted with a three times larger learning rate, so that its candidates
    wander and tend to get worse: the gate publishes none that falls below the champion (the best
    published model) by more than the tolerance on its own evidence, and on a test set of our own the
-   published models never drift down far, while quarantined ones show the walk happened;
+   published models never drift down far;
 2. a fresh model with the default learning rate and EMA: nothing not clearly better than predicting the mean is
    published, and the records say so;
 3. a mislabelled burst, late and early: in test_gate_stream.py, which recomputes every record from the files;
@@ -255,14 +255,14 @@ def test_ratchet_publishes_nothing_below_the_champion(sidecar_factory, tmp_path)
 
     assert_champion_is_the_best_published(feed)
 
-    # On a test set of our own: the published models stay near the converged one, and the quarantined ones
-    # include a candidate worse than every published one: the gate refused the walk's low points.
+    # On a test set of our own: the published models stay near the converged one. (Whether the walk's
+    # refused candidates are also worse there than every published one depends on the seed: in one of 13
+    # seeds tried the walk drifted up, not down, and its refusals were within the test set's noise.)
     x, y = unseen()
     start = scored(converged[-1].model, x, y).plcc
     plcc = {w.version: scored(w.model, x, y).plcc for w in walk}
     report = f"converged v{converged[-1].version}: {start:.5f}; test PLCC by version {plcc}\n{feed.summary()}"
     assert min(plcc[w.version] for w in published) >= start - DRIFT_BOUND, report
-    assert min(plcc[w.version] for w in quarantined) < min(plcc[w.version] for w in published), report
 
 
 # ---- 2. fresh model, defaults ----
