@@ -10,7 +10,7 @@ VMAF v0.6.1 model (--teacher, the JSON vmaf ships: a libsvm nu-SVR with an RBF k
 and vif_scale0..3, predicted here in numpy) for feature vectors drawn in its normalised [0, 1] space; a
 smooth ridge stands in when the file is missing. The scenarios are those tests/test_gate_scenarios.py and
 tests/test_gate_stream.py run over the socket, with their settings:
-  ratchet   a converged model restarted with three times the learning rate and a lighter EMA
+  ratchet   a converged model restarted with five times the learning rate and a lighter EMA
   fresh     a fresh model at the default learning rate and EMA, a checkpoint every 256 samples
   burst     100 - score for two checkpoint intervals, late (held-out ring judged) and early (history
             topped up with replayed samples), then clean data until publishing resumes
@@ -135,7 +135,7 @@ def published(w: Written) -> bool:
 
 def ratchet(run: Run, scale: float) -> None:
     run.feed("converge", int(6000 * scale))
-    run.restart(lr=0.15, ema_decay=0.9)
+    run.restart(lr=0.25, ema_decay=0.9)
     run.feed("walk", int(36000 * scale))
 
 
@@ -162,7 +162,7 @@ def low_rate(run: Run, scale: float) -> None:
 
 
 SCENARIOS = {  # name: (what it is, settings, how it runs)
-    "ratchet": ("a converged model, restarted with LR 0.15 (from 0.05) and EMA 0.9 (from 0.95); tolerance 0.002",
+    "ratchet": ("a converged model, restarted with LR 0.25 (from 0.05) and EMA 0.9 (from 0.95); tolerance 0.002",
                 {**FAST, "replay_capacity": 2000, "gate_max_plcc_drop": 0.002}, ratchet),
     "fresh": ("a fresh model, default LR and EMA, a checkpoint every 256 samples",
               {**DEFAULTS, "min_samples_ckpt": 256, "holdout_fraction": 0.05}, fresh),
