@@ -65,7 +65,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import vmafx_feedback as feedback
 from vmafx_feedback import DEFAULT_SOCKET
@@ -1133,6 +1133,114 @@ def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]
         arrays[name] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
         offset += count * np.dtype(dtype).itemsize
     return header["meta"], arrays
+
+
+# ---- sample log: every accepted sample, appended to checksummed segments for the fleet trainer ----
+
+SAMPLE_LOG_DIR = ".samples"
+SEGMENT_MAGIC = b"VMAFX-SAMPLES-1\n"
+SEGMENT_HEADER = struct.Struct("<16sI")  # magic, feature count
+SAMPLE_RECORD = struct.Struct("<IIQdB")  # payload length, crc32 of the rest, sequence, arrival (Unix), held out
+SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much; the next starts at the next sequence
+
+
+@dataclass(frozen=True)
+class LoggedSample:
+    sequence: int  # the replica's samples_accepted after it: unique and increasing, across restarts too
+    arrival: float
+    held_out: bool
+    job_id: str | None
+    features: np.ndarray
+    score: np.float32
+
+
+class SampleLog:
+    """<checkpoint dir>/.samples/<first sequence>.seg: each accepted sample in the order it was accepted,
+    appended with the journal's batch (one write per batch, synced as the journal is). A record is written
+    whole or, after a crash mid-write, ignored with everything after it in that segment."""
+
+    def __init__(self, directory: Path, n_features: int):
+        self.directory = directory / SAMPLE_LOG_DIR
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self.n_features = n_features
+        self.pending = bytearray()
+        self.last_sequence = 0  # of the newest record written whole
+        self.fd: int | None = None
+        self.size = 0
+        for path in segment_paths(self.directory)[-1:]:  # continue after the newest intact record
+            for sample in read_segment(path, n_features):
+                self.last_sequence = sample.sequence
+
+    def append(self, sample: LoggedSample) -> None:
+        """Take a sample newer than every one logged; older ones (a journal replayed after a crash that
+        came after the log's write) are already there."""
+        if sample.sequence <= self.last_sequence:
+            return
+        job_id = (sample.job_id or "").encode("utf-8", "surrogatepass")
+        body = (struct.pack("<H", len(job_id)) + job_id + sample.features.astype(np.float32).tobytes()
+                + np.float32(sample.score).tobytes())
+        head = struct.pack("<QdB", sample.sequence, sample.arrival, sample.held_out)
+        crc = zlib.crc32(head + body)
+        self.pending += SAMPLE_RECORD.pack(len(body), crc, sample.sequence, sample.arrival, sample.held_out) + body
+        self.last_sequence = sample.sequence
+
+    def commit(self) -> None:
+        """Write the pending records, in a new segment when the current one is full. OSError if the disk
+        refuses them; they stay pending."""
+        if not self.pending:
+            return
+        if self.fd is None or self.size >= SEGMENT_BYTES:
+            self.open_segment()
+        write_all(self.fd, self.pending)
+        self.size += len(self.pending)
+        self.pending.clear()
+
+    def sync(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def open_segment(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+        (first,) = struct.unpack_from("<Q", self.pending, 8)
+        path = self.directory / f"{first:016d}.seg"
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        write_all(self.fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features))
+        self.size = SEGMENT_HEADER.size
+        fsync_directory(self.directory)
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    """The segments in `directory`, oldest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in sorted(n for n in names if re.fullmatch(r"\d{16}\.seg", n))]
+
+
+def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[LoggedSample]:
+    """The intact records of one segment with a sequence above `after`, in order; ValueError for a segment
+    of another format or feature count. A torn or corrupt record ends the segment."""
+    data = path.read_bytes()
+    if len(data) < SEGMENT_HEADER.size or SEGMENT_HEADER.unpack_from(data) != (SEGMENT_MAGIC, n_features):
+        raise ValueError(f"{path.name}: not a sample log segment of {n_features} features")
+    offset, vector = SEGMENT_HEADER.size, 4 * (n_features + 1)
+    while offset + SAMPLE_RECORD.size <= len(data):
+        length, crc, sequence, arrival, held_out = SAMPLE_RECORD.unpack_from(data, offset)
+        start = offset + SAMPLE_RECORD.size
+        body = data[start:start + length]
+        if len(body) != length or length < 2 + vector or zlib.crc32(data[offset + 8:start] + body) != crc:
+            return
+        (id_length,) = struct.unpack_from("<H", body)
+        if 2 + id_length + vector != length:
+            return
+        values = np.frombuffer(body, np.float32, n_features + 1, 2 + id_length)
+        offset = start + length
+        if sequence > after:
+            job_id = body[2:2 + id_length].decode("utf-8", "surrogatepass") or None
+            yield LoggedSample(sequence, arrival, bool(held_out), job_id, values[:-1].copy(), values[-1])
 
 
 # ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
