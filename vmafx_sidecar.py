@@ -198,6 +198,10 @@ class Config:
                                   "longest request line accepted")
     journal_fsync: str = setting("everysec", "VMAFX_SIDECAR_JOURNAL_FSYNC", one_of("always", "everysec", "no"),
                                  "how often the journal of acknowledged samples is fsynced")
+    sample_log: str = setting("0", "VMAFX_SIDECAR_SAMPLE_LOG", one_of("0", "1"),
+                              "1: append every accepted sample to <checkpoint dir>/.samples/, for a fleet trainer")
+    sample_log_max_bytes: int = setting(1 << 30, "VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES", at_least(1),
+                                        "the sample log's size bound: beyond it the oldest segments go, counted")
     state_interval_s: float = setting(60.0, "VMAFX_SIDECAR_STATE_INTERVAL_S", at_least(0),
                                       "seconds between snapshots of the trainer state (when it changed)")
     metrics_addr: str = setting("", "VMAFX_SIDECAR_METRICS_ADDR", Check(listen_address_ok, "HOST:PORT such as "
@@ -667,7 +671,7 @@ class Server:
             return encode_ack(self.control(request.op), request.job_id)
         row, score = np.array(request.features, np.float32), np.float32(request.score)
         held_out, unnamed = self.trainer.is_held_out(request.job_id), request.job_id is None
-        self.state.record_sample(row, score, held_out, unnamed)  # journaled first, then trained on
+        self.state.record_sample(row, score, held_out, request.job_id)  # journaled first, then trained on
         result = self.trainer.ingest(row, score, held_out, unnamed)
         ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": result is not None}
         if result is not None:
@@ -963,6 +967,7 @@ class StateStore:
         self.snapshot_path = self.directory / "snapshot.bin"
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
+        self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
@@ -980,6 +985,14 @@ class StateStore:
                 t.count_rejected()
             else:
                 t.ingest(record.features, record.score, record.held_out, record.unnamed)
+                if self.samples is not None:  # journaled, but not logged when the process died: its time is now
+                    self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
+                                                     record.features, record.score))
+        if self.samples is not None:
+            # A log that holds more than the state restored (a power loss took the journal's tail but not the
+            # log's) is continued from the state's count: the new segment supersedes the old one's tail.
+            self.samples.last_sequence = min(self.samples.last_sequence, t.samples_accepted)
+            self.commit_samples()
         if loaded:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
@@ -989,17 +1002,34 @@ class StateStore:
 
     # The server's calls, per sample and per loop turn; NoState has the same ones.
 
-    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
-        self.journal.append(row, score, held_out, unnamed)
+    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
+        self.journal.append(row, score, held_out, job_id is None)
+        if self.samples is not None:  # the sample's number: the trainer counts it next
+            self.samples.append(LoggedSample(self.trainer.samples_accepted + 1, time.time(), held_out, job_id, row,
+                                             score))
 
     def record_rejection(self) -> None:
         self.journal.append_rejection()
 
     def commit(self) -> None:
+        """The journal's batch, then the sample log's: a logged sample is always a journaled one."""
         self.journal.commit()
+        if self.samples is not None and not self.journal.failing:
+            self.commit_samples()
+
+    def commit_samples(self) -> None:
+        try:
+            self.samples.commit(self.config.sample_log_max_bytes)
+            if self.config.journal_fsync == "always":
+                self.samples.sync()
+        except OSError as e:  # kept pending, and written with the next batch
+            log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
 
     def tick(self) -> None:
+        synced = self.journal.last_sync
         self.journal.sync_if_due()
+        if self.samples is not None and self.journal.last_sync != synced:  # synced as the journal is
+            self.samples.sync()
         counters = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         if counters != self.saved_at and time.monotonic() - self.last_save >= self.config.state_interval_s:
             self.save()
@@ -1066,7 +1096,7 @@ class StateStore:
 class NoState:
     """The state store of a server whose state need not outlive it (in-process tests): keeps nothing."""
 
-    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
+    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
         pass
 
     def record_rejection(self) -> None:
@@ -1167,6 +1197,7 @@ class SampleLog:
         self.last_sequence = 0  # of the newest record written whole
         self.fd: int | None = None
         self.size = 0
+        self.samples_dropped = 0  # deleted by the size bound, since the process started
         for path in segment_paths(self.directory)[-1:]:  # continue after the newest intact record
             for sample in read_segment(path, n_features):
                 self.last_sequence = sample.sequence
@@ -1184,16 +1215,32 @@ class SampleLog:
         self.pending += SAMPLE_RECORD.pack(len(body), crc, sample.sequence, sample.arrival, sample.held_out) + body
         self.last_sequence = sample.sequence
 
-    def commit(self) -> None:
-        """Write the pending records, in a new segment when the current one is full. OSError if the disk
-        refuses them; they stay pending."""
+    def commit(self, max_bytes: int) -> None:
+        """Write the pending records, in a new segment when the current one is full, and keep the log within
+        `max_bytes` then. OSError if the disk refuses them; they stay pending."""
         if not self.pending:
             return
         if self.fd is None or self.size >= SEGMENT_BYTES:
             self.open_segment()
+            self.prune(max_bytes)
         write_all(self.fd, self.pending)
         self.size += len(self.pending)
         self.pending.clear()
+
+    def prune(self, max_bytes: int) -> None:
+        """Delete the oldest segments while the log is larger than `max_bytes` (never the one being written),
+        counting the samples they held."""
+        paths = segment_paths(self.directory)
+        sizes = [p.stat().st_size for p in paths]
+        for path, following in zip(paths, paths[1:]):
+            if sum(sizes) <= max_bytes:
+                return
+            lost = int(following.name[:16]) - int(path.name[:16])
+            path.unlink()
+            sizes.pop(0)
+            self.samples_dropped += lost
+            log.warning("sample log over VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES (%d): deleted %s, up to %d samples "
+                        "(%d so far)", max_bytes, path.name, lost, self.samples_dropped)
 
     def sync(self) -> None:
         if self.fd is not None:
@@ -1218,6 +1265,18 @@ def segment_paths(directory: Path) -> list[Path]:
     except FileNotFoundError:
         return []
     return [directory / n for n in sorted(n for n in names if re.fullmatch(r"\d{16}\.seg", n))]
+
+
+def read_log(directory: Path, n_features: int, after: int = 0) -> Iterator[LoggedSample]:
+    """The samples of a sample log with a sequence above `after`, in order. A segment ends where the next
+    one begins: a restart that continued from fewer samples than a segment holds supersedes its tail."""
+    paths = segment_paths(directory / SAMPLE_LOG_DIR)
+    for path, following in itertools.zip_longest(paths, paths[1:]):
+        end = int(following.name[:16]) if following else None
+        for sample in read_segment(path, n_features, after):
+            if end is not None and sample.sequence >= end:
+                break
+            yield sample
 
 
 def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[LoggedSample]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
+from conftest import make_trainer
 
 N_FEATURES = 5
 
@@ -16,8 +17,7 @@ def sample(sequence: int, rng: np.random.Generator, job_id: str | None = "job") 
 
 
 def read_all(directory, after: int = 0) -> list[vs.LoggedSample]:
-    return [s for path in vs.segment_paths(directory / vs.SAMPLE_LOG_DIR)
-            for s in vs.read_segment(path, N_FEATURES, after)]
+    return list(vs.read_log(directory, N_FEATURES, after))
 
 
 def assert_same(found: list[vs.LoggedSample], written: list[vs.LoggedSample]) -> None:
@@ -34,7 +34,7 @@ def test_samples_come_back_exactly_in_order_and_from_a_cursor(tmp_path):
     for batch in range(0, 100, 7):
         for s in written[batch:batch + 7]:
             log.append(s)
-        log.commit()
+        log.commit(10**9)
     assert_same(read_all(tmp_path), written)
     assert_same(read_all(tmp_path, after=60), written[60:])
 
@@ -45,12 +45,12 @@ def test_a_restart_continues_after_the_last_record_and_never_writes_one_twice(tm
     log = vs.SampleLog(tmp_path, N_FEATURES)
     for s in written[:25]:
         log.append(s)
-    log.commit()
+    log.commit(10**9)
     again = vs.SampleLog(tmp_path, N_FEATURES)  # as after a crash: the journal replays 20..40
     assert again.last_sequence == 25
     for s in written[19:]:
         again.append(s)
-    again.commit()
+    again.commit(10**9)
     assert_same(read_all(tmp_path), written)
     assert len(vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)) == 2  # a restart starts a new segment
 
@@ -62,7 +62,7 @@ def test_a_torn_tail_is_ignored_never_misread(tmp_path, cut):
     log = vs.SampleLog(tmp_path, N_FEATURES)
     for s in written:
         log.append(s)
-    log.commit()
+    log.commit(10**9)
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     data = path.read_bytes()
     record = (len(data) - vs.SEGMENT_HEADER.size) // 10
@@ -77,7 +77,7 @@ def test_a_flipped_byte_ends_the_segment_there(tmp_path):
     log = vs.SampleLog(tmp_path, N_FEATURES)
     for s in written:
         log.append(s)
-    log.commit()
+    log.commit(10**9)
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     data = bytearray(path.read_bytes())
     record = (len(data) - vs.SEGMENT_HEADER.size) // 10
@@ -93,7 +93,7 @@ def test_segments_rotate_by_size_and_each_starts_at_its_first_sequence(tmp_path,
     log = vs.SampleLog(tmp_path, N_FEATURES)
     for s in written:
         log.append(s)
-        log.commit()
+        log.commit(10**9)
     paths = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     assert len(paths) > 5
     for path in paths:
@@ -105,7 +105,103 @@ def test_segments_rotate_by_size_and_each_starts_at_its_first_sequence(tmp_path,
 def test_a_segment_of_another_feature_count_is_refused_by_name(tmp_path):
     log = vs.SampleLog(tmp_path, N_FEATURES)
     log.append(sample(1, np.random.default_rng(5)))
-    log.commit()
+    log.commit(10**9)
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     with pytest.raises(ValueError, match=f"{path.name}: not a sample log segment of 6 features"):
         list(vs.read_segment(path, 6))
+
+
+def test_a_restart_from_fewer_samples_supersedes_the_old_segments_tail(tmp_path):
+    rng = np.random.default_rng(6)
+    first = [sample(i, rng) for i in range(1, 31)]
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    for s in first:
+        log.append(s)
+    log.commit(10**9)
+    again = vs.SampleLog(tmp_path, N_FEATURES)
+    again.last_sequence = 20  # the state restored 20 samples: 21.. were never journaled
+    second = [sample(i, rng, job_id="again") for i in range(21, 41)]
+    for s in second:
+        again.append(s)
+    again.commit(10**9)
+    assert_same(read_all(tmp_path), first[:20] + second)
+
+
+def test_the_size_bound_deletes_the_oldest_segments_and_counts_their_samples(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
+    rng = np.random.default_rng(7)
+    written = [sample(i, rng) for i in range(1, 301)]
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    for s in written:
+        log.append(s)
+        log.commit(5000)
+    kept = read_all(tmp_path)
+    sizes = [p.stat().st_size for p in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)]
+    assert sum(sizes) <= 5000 + 1000 + 200  # the bound, then at most the segment being filled
+    assert kept and kept[-1].sequence == 300
+    assert log.samples_dropped == kept[0].sequence - 1  # every sample before the oldest kept one is counted
+    assert_same(kept, written[kept[0].sequence - 1:])
+    assert any("VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES" in r.getMessage() for r in caplog.records)
+
+
+# ---- a real sidecar with the log on ----
+
+LOGGING = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_SAMPLE_LOG="1",
+               VMAFX_SIDECAR_HOLDOUT_FRACTION="0.2")
+
+
+def messages(rng: np.random.Generator, start: int, n: int) -> list[dict]:
+    """Samples with a job_id, and every fourth without one."""
+    return [{**({} if i % 4 == 0 else {"job_id": f"job-{i}"}),
+             "features": rng.uniform(0, 1, N_FEATURES).astype(np.float32).tolist(),
+             "true_score": float(np.float32(rng.uniform(20, 100)))} for i in range(start, start + n)]
+
+
+def test_every_acknowledged_sample_is_logged_once_across_a_kill(sidecar_factory, tmp_path):
+    rng = np.random.default_rng(8)
+    sent = messages(rng, 0, 300)
+    s = sidecar_factory(**LOGGING)
+    client = s.client()
+    assert all(client.request(m)["ok"] for m in sent[:150])
+    s.stop(vs.signal.SIGKILL)  # mid-stream: the last batch may be journaled but not logged
+    s = sidecar_factory(workdir=tmp_path, **LOGGING)
+    client = s.client()
+    assert all(client.request(m)["ok"] for m in sent[150:])
+    held_out = client.request({"op": "status"})["samples_held_out"]
+    assert s.stop() == 0
+    logged = list(vs.read_log(s.checkpoint_dir, N_FEATURES))
+    assert [x.sequence for x in logged] == list(range(1, 301))
+    for x, m in zip(logged, sent):
+        assert x.features.tolist() == m["features"] and float(x.score) == m["true_score"]
+        assert x.job_id in (m.get("job_id"), None)  # None: re-logged from the journal after the kill
+    assert sum(x.held_out for x in logged) == held_out > 0
+
+
+def test_the_sample_log_is_off_by_default(sidecar_factory):
+    s = sidecar_factory(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES))
+    client = s.client()
+    assert all(client.request(m)["ok"] for m in messages(np.random.default_rng(9), 0, 20))
+    assert s.stop() == 0
+    assert not (s.checkpoint_dir / vs.SAMPLE_LOG_DIR).exists()
+
+
+def test_samples_journaled_but_not_logged_when_the_process_died_are_logged_at_restart(tmp_path):
+    settings = dict(n_features=N_FEATURES, sample_log="1", holdout_fraction=0.2)
+    rng = np.random.default_rng(10)
+    trainer = make_trainer(tmp_path, **settings)
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    rows = [(rng.uniform(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(20, 100))) for _ in range(30)]
+    for i, (row, score) in enumerate(rows):
+        held_out = store.trainer.is_held_out(f"job-{i}")
+        store.record_sample(row, score, held_out, f"job-{i}")
+        store.trainer.ingest(row, score, held_out, False)
+        if i == 19:
+            store.commit()  # 20 journaled and logged
+    store.journal.commit()  # the last 10 journaled; the process dies before the log's write
+    again = vs.StateStore(store.config, make_trainer(tmp_path, **settings))
+    again.restore()
+    logged = list(vs.read_log(tmp_path, N_FEATURES))
+    assert [x.sequence for x in logged] == list(range(1, 31))
+    assert [x.job_id for x in logged] == [f"job-{i}" for i in range(20)] + [None] * 10
+    assert all(x.features.tobytes() == row.tobytes() for x, (row, _) in zip(logged, rows))
