@@ -42,6 +42,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import importlib.metadata
 import io
 import itertools
@@ -967,6 +968,7 @@ class StateStore:
         self.snapshot_path = self.directory / "snapshot.bin"
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
+        self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.last_save = time.monotonic()
@@ -1039,7 +1041,7 @@ class StateStore:
         started = time.perf_counter()
         generation = self.generation + 1
         state = self.trainer.state_dict()
-        meta = {"format": SNAPSHOT_FORMAT, "generation": generation,
+        meta = {"format": SNAPSHOT_FORMAT, "generation": generation, "sources": self.sources,
                 **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
         payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
@@ -1082,7 +1084,7 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
-        self.generation = generation
+        self.generation, self.sources = generation, dict(state.get("sources", {}))
         return True
 
     def move_aside(self, path: Path, why: str) -> None:
@@ -2514,6 +2516,57 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# ---- fleet: one trainer on the union of every replica's sample log, a run per invocation ----
+
+FLEET_DIR = "fleet"
+FLEET_NOTHING_NEW = 3  # the exit status of a run that found no new sample; 0: trained, 1: failed
+
+
+def fleet(root: Path, config: Config) -> int:
+    """Train ROOT/fleet/ on the samples every replica (a directory of ROOT with a sample log) logged since
+    the last run, merged by arrival time, publishing when due; then save the state together with how far
+    each log was read, so that a run killed anywhere is redone from the last save: each sample is ingested
+    once."""
+    directory = root.absolute() / FLEET_DIR
+    config = dataclasses.replace(config, checkpoint_dir=str(directory), sample_log="0")
+    claim = claim_directory(directory, f"pid {os.getpid()} on {socket.gethostname()}, fleet run, since "
+                                       f"{utc_text(time.time())}")
+    try:
+        trainer, _ = build_trainer(config)
+        state = StateStore(config, trainer)
+        state.restore()
+        logs = [replica_samples(path, config.n_features, state.sources.get(path.name, 0))
+                for path in sorted(root.absolute().iterdir()) if path.name != FLEET_DIR and path.is_dir()]
+        ingested = 0
+        for _, name, _, sample in heapq.merge(*logs):
+            result = trainer.ingest(sample.features, sample.score, sample.held_out, sample.job_id is None)
+            state.sources[name] = sample.sequence
+            ingested += 1
+            if result is not None and result.checkpoint is not None:
+                state.save()  # the state a checkpoint came from, with the logs' positions then
+        state.save()
+    finally:
+        os.close(claim)  # the kernel would release it at exit; a run in a test's process goes on
+    log.info("fleet run: %d samples ingested, step %d, latest v%s", ingested, trainer.steps,
+             trainer.checkpoints.latest and trainer.checkpoints.latest["version"])
+    return 0 if ingested else FLEET_NOTHING_NEW
+
+
+def replica_samples(directory: Path, n_features: int,
+                    after: int) -> Iterator[tuple[float, str, int, LoggedSample]]:
+    """A replica's samples after sequence `after`, keyed for the merge; a directory without a sample log,
+    or with one that cannot be read, gives none and one log line saying why."""
+    if not (directory / SAMPLE_LOG_DIR).is_dir():
+        log.info("fleet: %s skipped: no %s (not a replica with VMAFX_SIDECAR_SAMPLE_LOG=1)", directory.name,
+                 SAMPLE_LOG_DIR)
+        return
+    try:
+        for sample in read_log(directory, n_features, after):
+            yield sample.arrival, directory.name, sample.sequence, sample
+    except (OSError, ValueError) as e:
+        log.warning("fleet: %s skipped from here: %s", directory.name, e)
+
+
 # ---- prometheus endpoint: metrics as Prometheus text on a minimal HTTP/1.1 server in the same loop ----
 
 HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
@@ -3165,6 +3218,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CSV feature columns in request order (default: every column but the score and job_id)")
     send.add_argument("--socket", default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET),
                       help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
+    fleet_help = ("train ROOT/fleet/ once on the samples every replica in ROOT logged since the last run (exit 0: "
+                  f"trained, {FLEET_NOTHING_NEW}: nothing new, 1: failed)")
+    fleet_parser = commands.add_parser("fleet", help=fleet_help, description=fleet_help)
+    fleet_parser.add_argument("root", type=Path, help="the directory holding the replicas' checkpoint directories")
     status_help = "print the sidecar's status as a table"
     status = feedback.add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help))
     status.add_argument("--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")
@@ -3197,7 +3254,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(config.log_level.upper())
     warn_unknown_settings(dict(os.environ))
     try:
-        return serve(config)
+        return fleet(args.root, config) if args.command == "fleet" else serve(config)
     except StartupError as e:
         log.error("%s", e)
         return 1

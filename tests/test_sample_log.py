@@ -2,11 +2,16 @@
 back exactly, torn tails ignored, sequences continued across restarts and never written twice."""
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import make_trainer
+from conftest import NUMERIC_ENV, ROOT, make_trainer
 
 N_FEATURES = 5
 
@@ -205,3 +210,85 @@ def test_samples_journaled_but_not_logged_when_the_process_died_are_logged_at_re
     assert [x.sequence for x in logged] == list(range(1, 31))
     assert [x.job_id for x in logged] == [f"job-{i}" for i in range(20)] + [None] * 10
     assert all(x.features.tobytes() == row.tobytes() for x, (row, _) in zip(logged, rows))
+
+
+# ---- the fleet trainer ----
+
+def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
+    (root / name).mkdir(exist_ok=True)
+    log = vs.SampleLog(root / name, N_FEATURES)
+    for s in samples:
+        log.append(s)
+    log.commit(10**9)
+
+
+def fleet_config(**settings) -> vs.Config:
+    return vs.Config(n_features=N_FEATURES, hidden=8, base_model_path="", min_samples_ckpt=10**9, **settings)
+
+
+def fleet_state(root) -> dict:
+    meta, _ = vs.read_snapshot((root / vs.FLEET_DIR / ".state" / "snapshot.bin").read_bytes())
+    return meta
+
+
+def test_a_fleet_run_ingests_every_replicas_new_samples_once(tmp_path):
+    rng = np.random.default_rng(11)
+    for name, count in (("vmafx-node-0", 40), ("vmafx-node-1", 25)):
+        replica(tmp_path, name, [sample(i, rng) for i in range(1, count + 1)])
+    (tmp_path / "not-a-replica").mkdir()
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    meta = fleet_state(tmp_path)
+    assert meta["samples_accepted"] == 65 and meta["sources"] == {"vmafx-node-0": 40, "vmafx-node-1": 25}
+    assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW
+    replica(tmp_path, "vmafx-node-1", [sample(i, rng) for i in range(26, 31)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    meta = fleet_state(tmp_path)
+    assert meta["samples_accepted"] == 70 and meta["sources"] == {"vmafx-node-0": 40, "vmafx-node-1": 30}
+    held_out = sum(s.held_out for i in range(1, 41) for s in [sample(i, np.random.default_rng(0))])
+    assert meta["samples_held_out"] >= held_out  # the flags as logged, never decided again
+
+
+def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, caplog):
+    replica(tmp_path, "good", [sample(i, np.random.default_rng(12)) for i in range(1, 11)])
+    (tmp_path / "other").mkdir()
+    other = vs.SampleLog(tmp_path / "other", N_FEATURES + 1)
+    other.append(vs.LoggedSample(1, 1.0, False, None, np.zeros(N_FEATURES + 1, np.float32), np.float32(50)))
+    other.commit(10**9)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["sources"] == {"good": 10}
+    lines = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]
+    assert len(lines) == 1 and "not a sample log segment of 5 features" in lines[0], lines
+
+
+def test_fleet_runs_killed_anywhere_ingest_every_sample_exactly_once(tmp_path):
+    rng = np.random.default_rng(13)
+    total = 0
+    for r in range(3):
+        count = 15000 + 2000 * r
+        replica(tmp_path, f"vmafx-node-{r}", [sample(i, rng) for i in range(1, count + 1)])
+        total += count
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV,
+           "VMAFX_SIDECAR_N_FEATURES": str(N_FEATURES), "VMAFX_SIDECAR_HIDDEN": "8", "VMAFX_BASE_MODEL_PATH": "",
+           "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0", "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "400", "VMAFX_SIDECAR_GATE": "off"}
+    command = [sys.executable, "-m", "vmafx_sidecar", "fleet", str(tmp_path)]
+    kills = 0
+    for delay in rng.uniform(0.2, 1.0, 40):  # kill -9 at random moments until a run gets through
+        run = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            code = run.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+            kills += 1
+            continue
+        assert code in (0, vs.FLEET_NOTHING_NEW), run.stderr.read()
+        if code == vs.FLEET_NOTHING_NEW:
+            break
+    assert kills >= 2 and code == vs.FLEET_NOTHING_NEW, (kills, code)
+    meta = fleet_state(tmp_path)
+    assert meta["samples_accepted"] == total  # never twice, never skipped
+    assert meta["sources"] == {f"vmafx-node-{r}": 15000 + 2000 * r for r in range(3)}
+    verify = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "verify", str(tmp_path / vs.FLEET_DIR)],
+                            env=env, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
