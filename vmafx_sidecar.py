@@ -841,9 +841,10 @@ JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
-# champion and window added; 4: the coordinates the weights are in. A sidecar reads every older format
-# (migrated() lifts it in memory) and writes this one at its next snapshot.
-SNAPSHOT_FORMAT = 4
+# champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
+# replicas' sample logs. A sidecar reads every older format (migrated() lifts it in memory) and writes this
+# one at its next snapshot.
+SNAPSHOT_FORMAT = 5
 
 
 @dataclass(slots=True)
@@ -1084,7 +1085,7 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
-        self.generation, self.sources = generation, dict(state.get("sources", {}))
+        self.generation, self.sources = generation, dict(state["sources"])
         return True
 
     def move_aside(self, path: Path, why: str) -> None:
@@ -1144,6 +1145,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         n_features = state["fingerprint"]["sizes"][0]
         state = {**state, "format": 4, "coordinates": {"x_shift": [0.0] * n_features, "x_scale": [1.0] * n_features,
                                                         "y_shift": 0.0, "y_scale": 1.0, "standardized": "none"}}
+    if state["format"] == 4:  # nothing read from a sample log yet
+        state = {**state, "format": 5, "sources": {}}
     return state
 
 
@@ -1230,19 +1233,22 @@ class SampleLog:
         self.pending.clear()
 
     def prune(self, max_bytes: int) -> None:
-        """Delete the oldest segments while the log is larger than `max_bytes` (never the one being written),
-        counting the samples they held."""
+        """Delete the oldest segments (never the one being written) that the fleet trainer has read whole,
+        then while the log is larger than `max_bytes`, counting the samples lost unread."""
+        read = fleet_cursor(self.directory.parent)
         paths = segment_paths(self.directory)
         sizes = [p.stat().st_size for p in paths]
         for path, following in zip(paths, paths[1:]):
-            if sum(sizes) <= max_bytes:
+            first, end = int(path.name[:16]), int(following.name[:16])  # this segment holds [first, end)
+            if end - 1 > read and sum(sizes) <= max_bytes:
                 return
-            lost = int(following.name[:16]) - int(path.name[:16])
             path.unlink()
             sizes.pop(0)
-            self.samples_dropped += lost
-            log.warning("sample log over VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES (%d): deleted %s, up to %d samples "
-                        "(%d so far)", max_bytes, path.name, lost, self.samples_dropped)
+            lost = end - max(first, read + 1)
+            if lost > 0:
+                self.samples_dropped += lost
+                log.warning("sample log over VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES (%d): deleted %s, %d samples the "
+                            "fleet trainer had not read (%d so far)", max_bytes, path.name, lost, self.samples_dropped)
 
     def sync(self) -> None:
         if self.fd is not None:
@@ -2519,6 +2525,7 @@ def fsync_directory(directory: Path) -> None:
 # ---- fleet: one trainer on the union of every replica's sample log, a run per invocation ----
 
 FLEET_DIR = "fleet"
+FLEET_CURSORS = "cursors.json"  # in ROOT/fleet/: how far each replica's log was read, for its retention
 FLEET_NOTHING_NEW = 3  # the exit status of a run that found no new sample; 0: trained, 1: failed
 
 
@@ -2543,13 +2550,32 @@ def fleet(root: Path, config: Config) -> int:
             state.sources[name] = sample.sequence
             ingested += 1
             if result is not None and result.checkpoint is not None:
-                state.save()  # the state a checkpoint came from, with the logs' positions then
-        state.save()
+                save_fleet_state(state)  # the state a checkpoint came from, with the logs' positions then
+        save_fleet_state(state)
     finally:
         os.close(claim)  # the kernel would release it at exit; a run in a test's process goes on
     log.info("fleet run: %d samples ingested, step %d, latest v%s", ingested, trainer.steps,
              trainer.checkpoints.latest and trainer.checkpoints.latest["version"])
     return 0 if ingested else FLEET_NOTHING_NEW
+
+
+def save_fleet_state(state: StateStore) -> None:
+    """The snapshot (the trainer's state and the logs' positions, together), then the positions for the
+    replicas, whose retention keeps what was not read yet: never ahead of a saved state."""
+    state.save()
+    cursors = json.dumps({"sources": state.sources, "saved_unix": round(time.time(), 3)}).encode()
+    temp = state.directory.parent / f".{FLEET_CURSORS}{TEMP_SUFFIX}"
+    write_synced(temp, [memoryview(cursors)])
+    os.replace(temp, state.directory.parent / FLEET_CURSORS)
+
+
+def fleet_cursor(checkpoint_dir: Path) -> int:
+    """How far the fleet trainer has read this replica's log (0: not at all, or no fleet)."""
+    try:
+        cursors = json.loads((checkpoint_dir.parent / FLEET_DIR / FLEET_CURSORS).read_bytes())
+        return int(cursors["sources"].get(checkpoint_dir.name, 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def replica_samples(directory: Path, n_features: int,

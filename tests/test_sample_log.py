@@ -292,3 +292,28 @@ def test_fleet_runs_killed_anywhere_ingest_every_sample_exactly_once(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "verify", str(tmp_path / vs.FLEET_DIR)],
                             env=env, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_segments_the_fleet_has_read_are_deleted_and_only_unread_losses_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
+    rng = np.random.default_rng(14)
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    log = vs.SampleLog(node, N_FEATURES)
+    for i in range(1, 101):
+        log.append(sample(i, rng))
+        log.commit(10**9)
+    assert vs.fleet(tmp_path, fleet_config()) == 0  # reads 1..100
+    assert vs.fleet_cursor(node) == 100
+    for i in range(101, 131):
+        log.append(sample(i, rng))
+        log.commit(10**9)  # rotations delete what the fleet has read, and nothing is lost
+    assert log.samples_dropped == 0
+    assert vs.read_log(node, N_FEATURES).__next__().sequence > 80
+    assert [s.sequence for s in vs.read_log(node, N_FEATURES, after=100)] == list(range(101, 131))
+    for i in range(131, 331):
+        log.append(sample(i, rng))
+        log.commit(3000)  # unread, and over the bound: the oldest unread ones go, counted
+    kept = list(vs.read_log(node, N_FEATURES))
+    assert log.samples_dropped == kept[0].sequence - 101 > 0
+    assert kept[-1].sequence == 330
