@@ -726,6 +726,7 @@ class Server:
             "model": "-".join(map(str, t.model.sizes)),
             "activations": [str(a) for a in t.model.activations],
             "coordinates": t.coords.standardized,
+            "fleet": fleet_model(Path(self.config.checkpoint_dir).absolute()),
             "config": dataclasses.asdict(self.config),
         }
 
@@ -2569,6 +2570,14 @@ def save_fleet_state(state: StateStore) -> None:
     os.replace(temp, state.directory.parent / FLEET_CURSORS)
 
 
+def fleet_model(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The newest fleet model as a replica sees it (its version and age in seconds), or None without one."""
+    latest = read_record(checkpoint_dir.parent / FLEET_DIR / LATEST)
+    if latest is None:
+        return None
+    return {"version": latest["version"], "age_s": round(time.time() - latest["created_unix"], 3)}
+
+
 def fleet_cursor(checkpoint_dir: Path) -> int:
     """How far the fleet trainer has read this replica's log (0: not at all, or no fleet)."""
     try:
@@ -2588,9 +2597,39 @@ def replica_samples(directory: Path, n_features: int,
         return
     try:
         for sample in read_log(directory, n_features, after):
+            if sample.sequence > after + 1:
+                log.warning("fleet: %s: samples %d to %d were deleted before this run read them (the replica's "
+                            "VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES)", directory.name, after + 1, sample.sequence - 1)
+            after = sample.sequence
             yield sample.arrival, directory.name, sample.sequence, sample
     except (OSError, ValueError) as e:
         log.warning("fleet: %s skipped from here: %s", directory.name, e)
+
+
+def fleet_status(root: Path, n_features: int) -> int:
+    """Print each replica's lag behind the fleet trainer (samples logged and not read yet, and how long the
+    oldest of them has waited) and the samples deleted unread, without training."""
+    directory = root.absolute() / FLEET_DIR
+    latest = read_record(directory / LATEST)
+    rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "deleted unread"]]
+    now = time.time()
+    for path in sorted(p for p in root.absolute().iterdir() if p.name != FLEET_DIR and (p / SAMPLE_LOG_DIR).is_dir()):
+        read, first, newest = fleet_cursor(path), None, None
+        try:
+            for sample in read_log(path, n_features, read):
+                first, newest = first or sample, sample
+        except (OSError, ValueError) as e:
+            rows.append([path.name, "-", str(read), "-", "-", f"unreadable: {e}"])
+            continue
+        logged = newest.sequence if newest else read
+        rows.append([path.name, str(logged), str(read), str(logged - read),
+                     f"{now - first.arrival:.0f}" if first else "0", str(first.sequence - read - 1 if first else 0)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"fleet model: {'none published' if latest is None else latest['file']}"
+          + (f", {now - latest['created_unix']:.0f} s old" if latest else ""))
+    return 0
 
 
 # ---- prometheus endpoint: metrics as Prometheus text on a minimal HTTP/1.1 server in the same loop ----
@@ -2749,6 +2788,7 @@ def metrics_text(server: Server) -> str:
     candidate = verdict_metrics.get("candidate") or {}
     judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
     live = t.window.evidence(t.references())
+    fleet = fleet_model(Path(s.config.checkpoint_dir).absolute())
     step = t.step_seconds
     buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -2789,6 +2829,10 @@ def metrics_text(server: Server) -> str:
           for score in ("plcc", "r2", "rmse")),
         ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
          [({}, t.steps_skipped)]),
+        ("vmafx_sidecar_fleet_model_version", "gauge", "Version of the newest fleet model (its latest.json)",
+         [({}, fleet and fleet["version"])]),
+        ("vmafx_sidecar_fleet_model_age_seconds", "gauge", "Seconds since the newest fleet model was written",
+         [({}, fleet and fleet["age_s"])]),
         ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
         ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
         ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
@@ -3248,6 +3292,8 @@ def build_parser() -> argparse.ArgumentParser:
                   f"trained, {FLEET_NOTHING_NEW}: nothing new, 1: failed)")
     fleet_parser = commands.add_parser("fleet", help=fleet_help, description=fleet_help)
     fleet_parser.add_argument("root", type=Path, help="the directory holding the replicas' checkpoint directories")
+    fleet_parser.add_argument("--status", action="store_true",
+                              help="print each replica's lag and the samples deleted unread, and train nothing")
     status_help = "print the sidecar's status as a table"
     status = feedback.add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help))
     status.add_argument("--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")
@@ -3280,7 +3326,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(config.log_level.upper())
     warn_unknown_settings(dict(os.environ))
     try:
-        return fleet(args.root, config) if args.command == "fleet" else serve(config)
+        if args.command == "fleet":
+            return fleet_status(args.root, config.n_features) if args.status else fleet(args.root, config)
+        return serve(config)
     except StartupError as e:
         log.error("%s", e)
         return 1

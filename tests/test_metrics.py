@@ -30,7 +30,8 @@ FAMILIES = {  # name: type, as the issue names them
     "vmafx_sidecar_window_samples": "gauge", "vmafx_sidecar_window_plcc": "gauge", "vmafx_sidecar_window_r2": "gauge",
     "vmafx_sidecar_window_rmse": "gauge", "vmafx_sidecar_gate_samples": "gauge", "vmafx_sidecar_gate_plcc": "gauge",
     "vmafx_sidecar_gate_r2": "gauge", "vmafx_sidecar_gate_rmse": "gauge",
-    "vmafx_sidecar_nonfinite_steps_total": "counter", "vmafx_sidecar_backend_info": "gauge",
+    "vmafx_sidecar_nonfinite_steps_total": "counter", "vmafx_sidecar_fleet_model_version": "gauge",
+    "vmafx_sidecar_fleet_model_age_seconds": "gauge", "vmafx_sidecar_backend_info": "gauge",
     "vmafx_sidecar_build_info": "gauge", "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
 }

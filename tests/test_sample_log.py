@@ -2,6 +2,7 @@
 back exactly, torn tails ignored, sequences continued across restarts and never written twice."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -317,3 +318,56 @@ def test_segments_the_fleet_has_read_are_deleted_and_only_unread_losses_counted(
     kept = list(vs.read_log(node, N_FEATURES))
     assert log.samples_dropped == kept[0].sequence - 101 > 0
     assert kept[-1].sequence == 330
+
+
+def test_fleet_status_shows_each_replicas_lag_and_what_was_deleted_unread(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(15)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 51)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(51, 71)])
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
+    node = tmp_path / "vmafx-node-1"
+    node.mkdir()
+    log = vs.SampleLog(node, N_FEATURES)
+    for i in range(1, 301):
+        log.append(sample(i, rng))
+        log.commit(4000)  # never read, and over the bound: the oldest go
+    first_kept = next(vs.read_log(node, N_FEATURES)).sequence
+    capsys.readouterr()
+    assert vs.fleet_status(tmp_path, N_FEATURES) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["vmafx-node-0"][1:4] == ["70", "50", "20"] and rows["vmafx-node-0"][5] == "0"
+    assert rows["vmafx-node-1"][1:4] == ["300", "0", "300"] and rows["vmafx-node-1"][5] == str(first_kept - 1)
+    assert "fleet model: none published" in rows["fleet"][0] + " " + " ".join(rows["fleet"][1:])
+
+
+def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path):
+    """Three replicas on one root, each logging what it accepts; a fleet run trains fleet/ on all of it and
+    publishes a model every replica then reports; a second run finds nothing new."""
+    rng = np.random.default_rng(16)
+    root, sent = tmp_path / "models", {}
+    for r in range(3):  # each on its own socket, in its own directory of one root, as a StatefulSet's pods
+        directory = root / f"vmafx-node-{r}"
+        (tmp_path / f"pod-{r}").mkdir()
+        s = sidecar_factory(workdir=tmp_path / f"pod-{r}", VMAFX_SIDECAR_CHECKPOINT_DIR=str(directory), **LOGGING)
+        client = s.client()
+        sent[directory] = messages(rng, 1000 * r, 200 + 50 * r)
+        assert all(client.request(m)["ok"] for m in sent[directory])
+        assert s.stop() == 0
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV,
+           "VMAFX_SIDECAR_N_FEATURES": str(N_FEATURES), "VMAFX_BASE_MODEL_PATH": "", "VMAFX_SIDECAR_GATE": "off",
+           "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0", "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "400"}
+    command = [sys.executable, "-m", "vmafx_sidecar", "fleet", str(root)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    meta = fleet_state(root)
+    assert meta["sources"] == {d.name: len(m) for d, m in sent.items()} and meta["samples_accepted"] == 750
+    assert (root / vs.FLEET_DIR / "latest.onnx").is_file()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == vs.FLEET_NOTHING_NEW, again.stderr
+    status = subprocess.run([*command, "--status"], env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "fleet model: model_v" in status.stdout, status.stdout + status.stderr
+    s = sidecar_factory(workdir=tmp_path / "pod-0", VMAFX_SIDECAR_CHECKPOINT_DIR=str(root / "vmafx-node-0"), **LOGGING)
+    fleet = s.client().request({"op": "status"})["fleet"]
+    assert fleet["version"] == json.loads((root / vs.FLEET_DIR / "latest.json").read_text())["version"]
+    assert 0 <= fleet["age_s"] < 120
