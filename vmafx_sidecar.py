@@ -13,6 +13,7 @@ directory):
   server      Server.on_connection_ready -> read -> take_lines -> answer
   protocol    parse_request (and encode_ack, the answer's last step)
   state       StateStore.record_sample: journaled before its ACK
+  sample log  SampleLog.append: with VMAFX_SIDECAR_SAMPLE_LOG=1, logged for the fleet
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
@@ -25,7 +26,8 @@ directory):
   publish     publish -> write_checkpoint
   checkpoints CheckpointWriter.stage -> readback_problem -> place -> point_latest
 
-then what watches or feeds that path: the prometheus endpoint, base models, the
+then the fleet trainer (fleet: the same path, fed by every replica's sample log),
+and what watches or feeds that path: the prometheus endpoint, base models, the
 CLI (serve, demo), the checkpoint tools and the command line.
 
 The producer side (the probe, FeedbackClient, the send and status commands) lives
