@@ -1180,6 +1180,7 @@ SEGMENT_MAGIC = b"VMAFX-SAMPLES-1\n"
 SEGMENT_HEADER = struct.Struct("<16sI")  # magic, feature count
 SAMPLE_RECORD = struct.Struct("<IIQdB")  # payload length, crc32 of the rest, sequence, arrival (Unix), held out
 SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much; the next starts at the next sequence
+LOG_ORIGIN = "origin"  # in .samples/: the first sequence ever logged (a replica may start logging late)
 
 
 @dataclass(frozen=True)
@@ -1262,11 +1263,21 @@ class SampleLog:
             os.fsync(self.fd)
             os.close(self.fd)
         (first,) = struct.unpack_from("<Q", self.pending, 8)
+        if not (self.directory / LOG_ORIGIN).exists():  # samples before it were never logged, not lost
+            write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{first}\n".encode())], mode=0o600)
         path = self.directory / f"{first:016d}.seg"
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         write_all(self.fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features))
         self.size = SEGMENT_HEADER.size
         fsync_directory(self.directory)
+
+
+def log_origin(directory: Path) -> int:
+    """The first sequence a replica's log ever held (1 if it cannot tell)."""
+    try:
+        return int((directory / SAMPLE_LOG_DIR / LOG_ORIGIN).read_text())
+    except (OSError, ValueError):
+        return 1
 
 
 def segment_paths(directory: Path) -> list[Path]:
@@ -2597,6 +2608,7 @@ def replica_samples(directory: Path, n_features: int,
         log.info("fleet: %s skipped: no %s (not a replica with VMAFX_SIDECAR_SAMPLE_LOG=1)", directory.name,
                  SAMPLE_LOG_DIR)
         return
+    after = max(after, log_origin(directory) - 1)
     try:
         for sample in read_log(directory, n_features, after):
             if sample.sequence > after + 1:
@@ -2616,7 +2628,7 @@ def fleet_status(root: Path, n_features: int) -> int:
     rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "deleted unread"]]
     now = time.time()
     for path in sorted(p for p in root.absolute().iterdir() if p.name != FLEET_DIR and (p / SAMPLE_LOG_DIR).is_dir()):
-        read, first, newest = fleet_cursor(path), None, None
+        read, first, newest = max(fleet_cursor(path), log_origin(path) - 1), None, None
         try:
             for sample in read_log(path, n_features, read):
                 first, newest = first or sample, sample

@@ -371,3 +371,16 @@ def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path)
     fleet = s.client().request({"op": "status"})["fleet"]
     assert fleet["version"] == json.loads((root / vs.FLEET_DIR / "latest.json").read_text())["version"]
     assert 0 <= fleet["age_s"] < 120
+
+
+def test_a_replica_that_starts_logging_late_has_lost_nothing(tmp_path, caplog, capsys):
+    """An upgraded replica, or one whose log was turned on late, starts at its count of accepted samples."""
+    rng = np.random.default_rng(17)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(501, 541)])
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 40
+    assert not [r for r in caplog.records if "deleted before" in r.getMessage()]
+    capsys.readouterr()
+    vs.fleet_status(tmp_path, N_FEATURES)
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["540", "540", "0", "0", "0"]
