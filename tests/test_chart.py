@@ -8,6 +8,8 @@ import functools
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 import helm_python as helm
@@ -198,6 +200,7 @@ VARIANTS = {
     "replicas 3, existingClaim": merged(ISSUE_VALUES, **{"node.replicas": 3,
                                                          "persistence.models.existingClaim": "vmafx-models"}),
     "replicas 3, persistence off": merged(ISSUE_VALUES, **{"node.replicas": 3, "persistence.models.enabled": False}),
+    "replicas 3, fleet": merged(ISSUE_VALUES, **SCALE_OUT, **{"fleet.enabled": True}),  # issue #17
 }
 
 
@@ -721,3 +724,165 @@ def test_only_the_service_monitor_skips_kubernetes_validate():
                                                                          "interval": "30 s"}]}}):
         with pytest.raises(AssertionError):
             check_service_monitor(broken)
+
+
+# ---- the fleet trainer (issue #17) ----
+
+FLEET = merged(SCALED, **{"fleet.enabled": True})
+FLEET_NAME = f"{FULLNAME}-fleet"
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_the_fleet_trainer_is_a_cron_job_beside_the_stateful_set(kube_version):
+    rendered = render(FLEET, kube_version)  # strictly validated, podFailurePolicy included
+    cron_job = rendered.one("CronJob")
+    assert (cron_job["apiVersion"], cron_job["metadata"]["name"]) == ("batch/v1", FLEET_NAME)
+    assert cron_job["spec"]["schedule"] == "*/10 * * * *"
+    assert cron_job["spec"]["concurrencyPolicy"] == "Forbid"  # a run holds <root>/fleet/'s lock
+    assert (cron_job["spec"]["successfulJobsHistoryLimit"], cron_job["spec"]["failedJobsHistoryLimit"]) == (3, 1)
+    job = cron_job["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 2
+    # An evicted or preempted run is replaced without counting as a failure.
+    assert job["podFailurePolicy"] == {"rules": [{"action": "Ignore", "onPodConditions": [
+        {"type": "DisruptionTarget", "status": "True"}]}]}
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    [container] = pod["containers"]
+    trainer = rendered.container("trainer")
+    assert container["name"] == "fleet"
+    assert (container["image"], container["imagePullPolicy"]) == (trainer["image"], trainer["imagePullPolicy"])
+    # The same locked-down user as the replicas, so it can read their logs and they its cursors.
+    assert pod["securityContext"] == rendered.pod["securityContext"]
+    assert container["securityContext"] == trainer["securityContext"]
+    # The replicas' volume, read-write, where their trainers have it, and a writable /tmp.
+    assert pod["volumes"] == rendered.pod["volumes"]
+    assert container["volumeMounts"] == trainer["volumeMounts"]
+    assert "resources" not in container
+    # The fleet's pods are no vmafx-node pods: neither the StatefulSet nor any Service selects them.
+    labels = job["template"]["metadata"]["labels"]
+    selectors = [rendered.one("StatefulSet")["spec"]["selector"]["matchLabels"]] + [
+        obj["spec"]["selector"] for (kind, _), obj in rendered.objects.items() if kind == "Service"]
+    assert all(not selector.items() <= labels.items() for selector in selectors)
+
+
+@pytest.mark.parametrize("checkpoint_dir", [None, "/mnt/vmafx-models/online/run-7/"], ids=["default", "set"])
+def test_the_fleet_runs_the_sidecars_fleet_command_on_the_replicas_parent_directory(checkpoint_dir):
+    rendered = render(with_checkpoint_dir(FLEET, checkpoint_dir), "1.33")
+    container = rendered.one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    root = (checkpoint_dir or vs.Config.checkpoint_dir).rstrip("/")
+    assert container["command"][:2] == ["/usr/bin/python3", "-c"]  # the image's interpreter, as the probes
+    assert container["args"] == ["fleet", root]
+    # The root is where every replica's directory is: <root>/<pod name>.
+    trainer_dir = resolved_env(rendered.container("trainer"), f"{FULLNAME}-1")["VMAFX_SIDECAR_CHECKPOINT_DIR"]
+    assert os.path.dirname(trainer_dir) == root
+    assert f"{root}/fleet/latest.onnx" in rendered.notes
+
+
+def run_fleet_command(container: dict, root, env: dict[str, str]) -> int:
+    """The CronJob's command, here: this interpreter for the image's, with this checkout importable."""
+    command = [sys.executable, *container["command"][1:], container["args"][0], str(root)]
+    return subprocess.run(command, env={**env, "PYTHONPATH": str(ROOT)}, timeout=120).returncode
+
+
+def test_the_fleet_command_exits_0_when_nothing_is_new_and_fails_otherwise(tmp_path):
+    """Exit 3 (no new sample) would mark the Job failed: no podFailurePolicy action counts an exit as a
+    success and the distroless image has no shell, so the command maps 3 to 0 with the image's Python."""
+    values = merged(FLEET, **{"sidecar.trainer.baseModelPath": "", "sidecar.trainer.nFeatures": 4})
+    container = render(values, "1.33").one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (tmp_path / f"{FULLNAME}-0").mkdir()  # a replica that has logged nothing yet
+    assert run_fleet_command(container, tmp_path, env) == 0
+    assert (tmp_path / vs.FLEET_DIR).is_dir()
+    assert run_fleet_command(container, tmp_path, {**env, "VMAFX_SIDECAR_N_FEATURES": "0"}) == 2  # bad setting
+
+
+def test_the_fleet_gets_the_trainers_settings_but_not_the_per_replica_ones():
+    extra = [{"name": "VMAFX_SIDECAR_LOG_LEVEL", "value": "debug"}]
+    values = merged(FLEET, **{f"sidecar.trainer.{key}": value for key, value in ALL_SETTINGS.items()},
+                    **{"sidecar.trainer.extraEnv": extra})
+    rendered = render(values, "1.33")
+    container = rendered.one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    trainer_env = [e for e in rendered.container("trainer")["env"] if e["name"] not in {
+        *PER_POD_ENV, "VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR", "VMAFX_SIDECAR_SAMPLE_LOG"}]
+    assert container["env"] == trainer_env and container["env"][-1] == extra[0]
+    # It trains in <root>/fleet/ whatever VMAFX_SIDECAR_CHECKPOINT_DIR says: none is set.
+    config = vs.Config.load(env_of(container), {})
+    assert (config.n_features, config.lr, config.replay_capacity) == (120, 0.0001, 1000000)
+
+
+def test_fleet_values_configure_the_cron_job():
+    fleet = {"enabled": True, "schedule": "@hourly", "resources": {"limits": {"cpu": "4", "memory": "4Gi"}},
+             "successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 5, "backoffLimit": 0}
+    spec = render(merged(SCALED, fleet=fleet), "1.33").one("CronJob")["spec"]
+    assert (spec["schedule"], spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == ("@hourly", 0, 5)
+    assert spec["jobTemplate"]["spec"]["backoffLimit"] == 0
+    assert spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["resources"] == fleet["resources"]
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["fleet off", "fleet on"])
+def test_the_replicas_log_their_samples_only_for_the_fleet(fleet):
+    rendered = render(merged(SCALED, **{"fleet.enabled": fleet}), "1.33")
+    env = env_of(rendered.container("trainer"))
+    assert ("VMAFX_SIDECAR_SAMPLE_LOG" in env) == fleet and "VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES" not in env
+    assert ("CronJob" in rendered.kinds) == fleet and ("fleet" in rendered.notes) == fleet
+    assert "VMAFX_SIDECAR_SAMPLE_LOG" not in env_of(rendered.container("vmafx-node"))
+    if fleet:
+        assert env["VMAFX_SIDECAR_SAMPLE_LOG"] == "1"
+        config = vs.Config.load(resolved_env(rendered.container("trainer"), f"{FULLNAME}-0"), {})
+        assert config.sample_log == "1" and config.sample_log_max_bytes == 1 << 30  # the sidecar's default
+
+
+def test_the_sample_log_bound_becomes_its_setting_exactly():
+    trainer = render(merged(FLEET, **{"fleet.sampleLogMaxBytes": 10**10}), "1.33").container("trainer")
+    env = env_of(trainer)
+    assert env["VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES"] == "10000000000"
+    assert vs.Config.load(resolved_env(trainer, f"{FULLNAME}-0"), {}).sample_log_max_bytes == 10**10
+
+
+@pytest.mark.parametrize("overrides, state", [
+    ({"node.replicas": 1}, "node.replicas > 1 (is 1), sidecar.trainer.enabled (is true) and "
+                           "persistence.models.enabled (is true)"),
+    ({"sidecar.trainer.enabled": False}, "(is 3), sidecar.trainer.enabled (is false)"),
+    ({"persistence.models.enabled": False}, "persistence.models.enabled (is false)"),
+], ids=["one replica", "trainer disabled", "persistence off"])
+def test_the_fleet_without_several_trainers_on_the_volume_is_refused(overrides, state):
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(merged(FLEET, **overrides), "1.33")
+    message = str(refused.value)
+    assert "fleet.enabled trains on the sample logs of several trainers" in message and state in message
+    assert "ReadWriteMany" in message
+
+
+def test_the_fleet_on_a_claim_without_read_write_many_is_refused_as_the_replicas_are():
+    with pytest.raises(helm.HelmRenderError, match="which then needs ReadWriteMany"):
+        render(merged(FLEET, **{"persistence.models.accessModes": ["ReadWriteOnce"]}), "1.33")
+
+
+def test_a_cron_job_name_too_long_for_its_jobs_is_refused():
+    # Each Job is named "<CronJob name>-<up to 11 characters>", at most 63.
+    with pytest.raises(helm.HelmRenderError, match=f"CronJob named {'r' * 36}-vmafx-node-fleet, longer than the 52"):
+        render(FLEET, "1.33", release="r" * 36)  # fullname: 47 characters
+    assert render(FLEET, "1.33", release="r" * 35).one("CronJob")["metadata"]["name"] == f"{'r' * 35}-vmafx-node-fleet"
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_helm_lint_strict_is_clean_with_the_fleet(kube_version):
+    report = helm.lint(CHART, FLEET, strict=True, kube_version=f"v{kube_version}.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("fleet.enabled", "true"), ("fleet.schedule", ""), ("fleet.schedule", 10), ("fleet.sampleLogMaxBytes", 0),
+    ("fleet.sampleLogMaxBytes", "1Gi"), ("fleet.successfulJobsHistoryLimit", -1),
+    ("fleet.failedJobsHistoryLimit", 1.5), ("fleet.backoffLimit", -1), ("fleet.resources", []),
+])
+def test_schema_rejects_bad_fleet_values_naming_them(dotted, value):
+    location = "/" + dotted.replace(".", "/")
+    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
+        render(merged(FLEET, **{dotted: value}), "1.33")
+
+
+def test_schema_rejects_a_misspelt_fleet_value():
+    with pytest.raises(helm.HelmValuesError, match="at '/fleet': additional properties 'Schedule'"):
+        render(merged(FLEET, **{"fleet.Schedule": "@daily"}), "1.33")

@@ -95,6 +95,53 @@ nFeatures: VMAFX_SIDECAR_N_FEATURES
 cuda: VMAFX_SIDECAR_CUDA
 {{- end -}}
 
+{{/* The trainer values that are set, as their settings' EnvVar entries, in trainerSettings' order.
+     .ctx: the root context; .overrides: values that replace the trainer's, by key (null: leave it out). */}}
+{{- define "vmafx-node.settingsEnv" -}}
+{{- $trainer := .ctx.Values.sidecar.trainer -}}
+{{- $overrides := .overrides -}}
+{{- range $key, $name := include "vmafx-node.trainerSettings" .ctx | fromYaml }}
+{{- $value := hasKey $overrides $key | ternary (index $overrides $key) (index $trainer $key) }}
+{{- if not (kindIs "invalid" $value) }}
+{{- /* toJson writes numbers exactly (1000000, 0.00001), where quote writes 1e+06. */}}
+- name: {{ $name }}
+  value: {{ kindIs "string" $value | ternary $value (toJson $value) | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The fleet trainer (fleet.enabled): a CronJob training <checkpointDir>/fleet/ on every replica's
+     sample log. "true" or "". */}}
+{{- define "vmafx-node.fleet" -}}
+{{- if .Values.fleet.enabled }}true{{ end -}}
+{{- end -}}
+
+{{- define "vmafx-node.fleetName" -}}
+{{- printf "%s-fleet" (include "vmafx-node.fullname" .) -}}
+{{- end -}}
+
+{{/* The fleet trainer's root: the directory holding every replica's checkpoint directory. */}}
+{{- define "vmafx-node.fleetRoot" -}}
+{{ include "vmafx-node.checkpointDir" . }}
+{{- end -}}
+
+{{/* Each replica's sample log, which the fleet trainer reads. */}}
+{{- define "vmafx-node.sampleLogEnv" -}}
+- name: VMAFX_SIDECAR_SAMPLE_LOG
+  value: "1"
+{{- with .Values.fleet.sampleLogMaxBytes }}
+- name: VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The fleet pods' labels: not the selectorLabels, or the Services and the StatefulSet would select them. */}}
+{{- define "vmafx-node.fleetSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-fleet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: fleet
+{{- end -}}
+
 {{/* The trainer serves Prometheus metrics: "true" or "". */}}
 {{- define "vmafx-node.metrics" -}}
 {{- if and .Values.sidecar.trainer.enabled .Values.sidecar.trainer.metrics.enabled }}true{{ end -}}
@@ -154,21 +201,18 @@ env:
   - name: VMAFX_SIDECAR_METRICS_ADDR
     value: {{ printf ":%d" (int $trainer.metrics.port) | quote }}
   {{- end }}
-  {{- range $key, $name := include "vmafx-node.trainerSettings" . | fromYaml }}
-  {{- $value := index $trainer $key }}
-  {{- if and $statefulSet (eq $key "checkpointDir") }}
   {{- /* Each replica's own directory; Kubernetes expands $(POD_NAME), listed above. */}}
-  {{- $value = printf "%s/$(POD_NAME)" (include "vmafx-node.checkpointDir" $) }}
+  {{- $overrides := dict }}
+  {{- if $statefulSet }}
+  {{- $overrides = dict "checkpointDir" (printf "%s/$(POD_NAME)" (include "vmafx-node.checkpointDir" .)) }}
   {{- end }}
-  {{- if not (kindIs "invalid" $value) }}
-  {{- /* toJson writes numbers exactly (1000000, 0.00001), where quote writes 1e+06. */}}
-  - name: {{ $name }}
-    value: {{ kindIs "string" $value | ternary $value (toJson $value) | quote }}
-  {{- end }}
-  {{- end }}
+  {{- include "vmafx-node.settingsEnv" (dict "ctx" . "overrides" $overrides) | nindent 2 }}
   {{- with include "vmafx-node.adoptDir" . }}
   - name: VMAFX_SIDECAR_ADOPT_DIR
     value: {{ . | quote }}
+  {{- end }}
+  {{- if include "vmafx-node.fleet" . }}
+  {{- include "vmafx-node.sampleLogEnv" . | nindent 2 }}
   {{- end }}
   {{- with $trainer.extraEnv }}
   {{- toYaml . | nindent 2 }}
@@ -221,6 +265,15 @@ livenessProbe:
 {{- /* An existing claim's access modes cannot be seen here; NOTES.txt says so. */}}
 {{- if and (not $models.existingClaim) (not (has "ReadWriteMany" $models.accessModes)) -}}
 {{- fail (printf "node.replicas > 1 runs a trainer in each pod, all on PersistentVolumeClaim %s, which then needs ReadWriteMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
+{{- end -}}
+{{- end -}}
+{{- if include "vmafx-node.fleet" . -}}
+{{- if not (include "vmafx-node.statefulSet" .) -}}
+{{- fail (printf "fleet.enabled trains on the sample logs of several trainers, each in its own directory on the one volume: it needs node.replicas > 1 (is %d), sidecar.trainer.enabled (is %t) and persistence.models.enabled (is %t), with persistence.models.accessModes including ReadWriteMany (or an existingClaim that has it)" (int .Values.node.replicas) .Values.sidecar.trainer.enabled $models.enabled) -}}
+{{- end -}}
+{{- /* Each Job's name is "<CronJob name>-<11 characters>", at most 63. */}}
+{{- if gt (len (include "vmafx-node.fleetName" .)) 52 -}}
+{{- fail (printf "fleet.enabled runs a CronJob named %s, longer than the 52 characters a CronJob's name may have: choose a shorter release name" (include "vmafx-node.fleetName" .)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
