@@ -384,3 +384,16 @@ def test_a_replica_that_starts_logging_late_has_lost_nothing(tmp_path, caplog, c
     capsys.readouterr()
     vs.fleet_status(tmp_path, N_FEATURES)
     assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["540", "540", "0", "0", "0"]
+
+
+@pytest.mark.parametrize("damage", ["header cut short", "not a segment"])
+def test_a_replica_with_a_half_written_or_foreign_segment_is_skipped_with_one_line(tmp_path, caplog, damage):
+    replica(tmp_path, "good", [sample(i, np.random.default_rng(18)) for i in range(1, 11)])
+    bad = tmp_path / "bad" / vs.SAMPLE_LOG_DIR
+    bad.mkdir(parents=True)
+    (bad / f"{1:016d}.seg").write_bytes(vs.SEGMENT_MAGIC[:7] if damage == "header cut short" else b"x" * 64)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["sources"] == {"good": 10}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fleet: bad")]
+    assert len(lines) == 1 and "not a sample log segment" in lines[0], lines
