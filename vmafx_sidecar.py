@@ -2575,8 +2575,12 @@ def fleet(root: Path, config: Config) -> int:
 
 def save_fleet_state(state: StateStore) -> None:
     """The snapshot (the trainer's state and the logs' positions, together), then the positions for the
-    replicas, whose retention keeps what was not read yet: never ahead of a saved state."""
+    replicas, whose retention keeps what was not read yet: never ahead of a saved state, so a snapshot the
+    disk refused fails the run (the next one goes on from the last saved state)."""
+    generation = state.generation
     state.save()
+    if state.generation == generation:
+        raise StartupError(f"cannot save the fleet trainer's state in {state.directory}")
     cursors = json.dumps({"sources": state.sources, "saved_unix": round(time.time(), 3)}).encode()
     temp = state.directory.parent / f".{FLEET_CURSORS}{TEMP_SUFFIX}"
     write_synced(temp, [memoryview(cursors)])

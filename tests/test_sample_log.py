@@ -397,3 +397,19 @@ def test_a_replica_with_a_half_written_or_foreign_segment_is_skipped_with_one_li
     assert fleet_state(tmp_path)["sources"] == {"good": 10}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fleet: bad")]
     assert len(lines) == 1 and "not a sample log segment" in lines[0], lines
+
+
+def test_a_fleet_run_whose_state_cannot_be_saved_fails_without_moving_the_replicas_cursors(tmp_path, monkeypatch):
+    replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(19)) for i in range(1, 21)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(20)) for i in range(21, 41)])
+
+    def refused(path, chunks, mode=0o644):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vs, "write_synced", refused)
+    with pytest.raises(vs.StartupError, match="cannot save the fleet trainer's state"):
+        vs.fleet(tmp_path, fleet_config())
+    monkeypatch.undo()
+    assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 20  # retention keeps 21..40 for the next run
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 40
