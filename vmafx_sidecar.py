@@ -974,6 +974,7 @@ class StateStore:
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
+        self.samples_failing = False
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
@@ -1024,12 +1025,23 @@ class StateStore:
             self.commit_samples()
 
     def commit_samples(self) -> None:
+        """As the journal's commit: what the disk refuses stays pending, and is written with the next batch;
+        logged once per outage, and memory stays bounded in a long one (the fleet then reports the gap)."""
         try:
             self.samples.commit(self.config.sample_log_max_bytes)
             if self.config.journal_fsync == "always":
                 self.samples.sync()
-        except OSError as e:  # kept pending, and written with the next batch
-            log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
+        except OSError as e:
+            if not self.samples_failing:
+                log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
+            self.samples_failing = True
+            if len(self.samples.pending) > JOURNAL_MEMORY_LIMIT:
+                log.error("sample log still failing: %d bytes of samples dropped from it", len(self.samples.pending))
+                self.samples.pending.clear()
+            return
+        if self.samples_failing:
+            log.info("sample log writes work again")
+        self.samples_failing = False
 
     def tick(self) -> None:
         synced = self.journal.last_sync
@@ -1232,6 +1244,7 @@ class SampleLog:
         if self.fd is None or self.size >= SEGMENT_BYTES:
             self.open_segment()
             self.prune(max_bytes)
+        os.ftruncate(self.fd, self.size)  # what a failed write left past the last whole batch
         write_all(self.fd, self.pending)
         self.size += len(self.pending)
         self.pending.clear()
@@ -1259,17 +1272,28 @@ class SampleLog:
             os.fsync(self.fd)
 
     def open_segment(self) -> None:
+        """Close the current segment and start the next at the first pending sequence; on an OSError no
+        segment is open, and none was left without its header."""
         if self.fd is not None:
             os.fsync(self.fd)
             os.close(self.fd)
+            self.fd = None
         (first,) = struct.unpack_from("<Q", self.pending, 8)
         if not (self.directory / LOG_ORIGIN).exists():  # samples before it were never logged, not lost
             write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{first}\n".encode())], mode=0o600)
         path = self.directory / f"{first:016d}.seg"
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        write_all(self.fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features))
-        self.size = SEGMENT_HEADER.size
-        fsync_directory(self.directory)
+        if path.exists():  # a restart from fewer samples than the log held: that segment is superseded whole
+            path.unlink()
+            log.warning("sample log: %s superseded by the state restored, which holds fewer samples", path.name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            write_all(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features))
+            fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self.fd, self.size = fd, SEGMENT_HEADER.size
 
 
 def log_origin(directory: Path) -> int:

@@ -413,3 +413,68 @@ def test_a_fleet_run_whose_state_cannot_be_saved_fails_without_moving_the_replic
     assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 20  # retention keeps 21..40 for the next run
     assert vs.fleet(tmp_path, fleet_config()) == 0
     assert fleet_state(tmp_path)["samples_accepted"] == 40
+
+
+def test_a_write_the_disk_cut_short_is_redone_whole(tmp_path, monkeypatch):
+    rng = np.random.default_rng(21)
+    written = [sample(i, rng) for i in range(1, 31)]
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    for s in written[:10]:
+        log.append(s)
+    log.commit(10**9)
+    real_write_all = vs.write_all
+
+    def half_then_full(fd, content):  # the disk takes half of the next batch, then refuses
+        os.write(fd, bytes(content)[:len(content) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vs, "write_all", half_then_full)
+    for s in written[10:20]:
+        log.append(s)
+    with pytest.raises(OSError):
+        log.commit(10**9)
+    monkeypatch.setattr(vs, "write_all", real_write_all)
+    for s in written[20:]:
+        log.append(s)
+    log.commit(10**9)  # the pending batch and the new one, after the torn half is cut away
+    assert_same(read_all(tmp_path), written)
+
+
+def test_a_restart_that_supersedes_a_whole_segment_replaces_it(tmp_path):
+    rng = np.random.default_rng(22)
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    for i in range(1, 11):
+        log.append(sample(i, rng))
+    log.commit(10**9)
+    again = vs.SampleLog(tmp_path, N_FEATURES)
+    again.last_sequence = 0  # the state restored holds none of them
+    fresh = [sample(i, rng, job_id="fresh") for i in range(1, 6)]
+    for s in fresh:
+        again.append(s)
+    again.commit(10**9)
+    assert_same(read_all(tmp_path), fresh)
+
+
+def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeypatch, caplog):
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    real_write_all = vs.write_all
+    refusing = {"on": True}
+
+    def write_all(fd, content):  # the journal's writes go through, the log's are refused
+        if refusing["on"] and fd != store.journal.fd:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, content)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    rng = np.random.default_rng(23)
+    rows = [rng.uniform(0, 1, N_FEATURES).astype(np.float32) for _ in range(30)]
+    for i, row in enumerate(rows):
+        store.record_sample(row, np.float32(50), False, f"job-{i}")
+        trainer.ingest(row, np.float32(50), False, False)
+        store.commit()  # a batch per sample: 20 refused, then 10 written with all before them
+        if i == 19:
+            refusing["on"] = False
+    messages = [r.getMessage() for r in caplog.records if "sample log" in r.getMessage()]
+    assert sum("write failed" in m for m in messages) == 1 and any("work again" in m for m in messages), messages
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 31))
