@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -53,7 +52,8 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher  # noqa: E402
+from bench_ingest import machine  # noqa: E402
+from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher, live_action  # noqa: E402
 
 REPLICAS = (2, 4, 8, 16)
 OWN_SHARE = 0.9  # of a replica's samples from its own band of content
@@ -68,18 +68,6 @@ RMSE_RATIO_TARGET = 1.05
 
 
 # ---- the content, partitioned ----
-
-def live_action(rng: np.random.Generator, q: np.ndarray) -> np.ndarray:
-    """Feature vectors (adm2, motion2, vif scales 0-3) of live-action encodes of latent quality q."""
-    n = len(q)
-    noise = lambda s: rng.normal(0, s, n)  # noqa: E731
-    adm2 = 0.72 + 0.28 * q + noise(0.015)
-    motion = np.minimum(rng.gamma(2.0, 2.5, n), 20)
-    vif = [q ** (0.6 + 0.45 * k) + noise(0.03) for k in range(4)]
-    x = np.stack([adm2, motion, *vif], axis=1)
-    x[:, [0, 2, 3, 4, 5]] = np.clip(x[:, [0, 2, 3, 4, 5]], 0, 1)
-    return x.astype(np.float32)
-
 
 def partitioned_stream(rng: np.random.Generator, samples: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The replica of each sample, in arrival order, and its latent quality: 90 % from the replica's band of
@@ -273,12 +261,6 @@ def wide_throughput(rng: np.random.Generator, samples: int, rounds: int) -> None
             rate = samples / wall
             print(f"| {r} | {rate:,.0f} | {'met' if rate >= FLEET_TARGET else 'NOT met'} | {cpu:.2f} | "
                   f"{samples / reading:,.0f} | {samples / ingesting:,.0f} | {per_sample:.1f} |", flush=True)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}"
 
 
 def main() -> None:

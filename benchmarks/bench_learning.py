@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +38,8 @@ import vmafx_sidecar as vs  # noqa: E402  before numpy: it pins BLAS to one thre
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
-from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher  # noqa: E402
+from bench_ingest import machine  # noqa: E402
+from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher, live_action, sports  # noqa: E402
 
 TEST_SAMPLES = 5000
 DEFAULTS = (vs.Config.lr, vs.Config.ema_decay)
@@ -49,20 +49,8 @@ GRID = [(lr, ema) for lr in (3e-3, 1e-2, 3e-2) for ema in (0.99, 0.999)]
 # ---- the teacher and the content ----
 
 def content(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
-    """Feature vectors (adm2, motion2, vif scales 0-3) of n encodes of live action or, shifted, animation."""
-    q = rng.beta(2.0, 1.6, n)
-    noise = lambda s: rng.normal(0, s, n)  # noqa: E731
-    if kind == "live":
-        adm2 = 0.72 + 0.28 * q + noise(0.015)
-        motion = np.minimum(rng.gamma(2.0, 2.5, n), 20)
-        vif = [q ** (0.6 + 0.45 * k) + noise(0.03) for k in range(4)]
-    else:  # sports-like: fast motion, and detail (the fine VIF scales) that survives encoding better
-        adm2 = 0.55 + 0.45 * q + noise(0.015)
-        motion = rng.uniform(8, 20, n)
-        vif = [q ** (1.6 - 0.4 * k) + noise(0.03) for k in range(4)]
-    x = np.stack([adm2, motion, *vif], axis=1)
-    x[:, [0, 2, 3, 4, 5]] = np.clip(x[:, [0, 2, 3, 4, 5]], 0, 1)
-    return x.astype(np.float32)
+    """Feature vectors of n encodes of live action or, shifted, sports."""
+    return (live_action if kind == "live" else sports)(rng, rng.beta(2.0, 1.6, n))
 
 
 # ---- the trainer, as serve builds it ----
@@ -229,12 +217,6 @@ def per_sample_cost(teacher: VmafTeacher, rng: np.random.Generator, rounds: int,
                 seconds[normalize] = (time.perf_counter() - started) / samples
         print(f"| {r} | {seconds['off'] * 1e6:.2f} | {seconds['on'] * 1e6:.2f} | "
               f"{seconds['on'] / seconds['off']:.3f} |", flush=True)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}"
 
 
 def main() -> None:

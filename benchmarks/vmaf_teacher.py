@@ -1,6 +1,6 @@
 """Netflix's VMAF v0.6.1 model (../shared/data/vmaf_v0.6.1.json beside the checkout: a libsvm nu-SVR with an
 RBF kernel over adm2, motion2 and vif_scale0..3) evaluated in numpy: the non-linear teacher of the
-learning and gate benchmarks."""
+learning, gate and fleet benchmarks; and the synthetic encodes they score."""
 from __future__ import annotations
 
 import json
@@ -53,3 +53,25 @@ class VmafTeacher:
         score = (np.exp(-self.gamma * distance) @ self.coef - self.rho - self.intercepts[0]) / self.slopes[0]
         p0, p1, p2 = self.transform
         return np.clip(np.maximum(p0 + p1 * score + p2 * score ** 2, score), 0, 100)
+
+
+def live_action(rng: np.random.Generator, q: np.ndarray) -> np.ndarray:
+    """Feature vectors (adm2, motion2, vif scales 0-3) of live-action encodes of latent quality q: adm2 and
+    VIF follow q, VIF falling faster at finer scales; motion2 is independent of it."""
+    adm2 = 0.72 + 0.28 * q + rng.normal(0, 0.015, len(q))
+    motion = np.minimum(rng.gamma(2.0, 2.5, len(q)), 20)
+    return encodes(adm2, motion, [q ** (0.6 + 0.45 * k) + rng.normal(0, 0.03, len(q)) for k in range(4)])
+
+
+def sports(rng: np.random.Generator, q: np.ndarray) -> np.ndarray:
+    """Sports-like encodes: fast motion, and detail (the fine VIF scales) that survives encoding better."""
+    adm2 = 0.55 + 0.45 * q + rng.normal(0, 0.015, len(q))
+    motion = rng.uniform(8, 20, len(q))
+    return encodes(adm2, motion, [q ** (1.6 - 0.4 * k) + rng.normal(0, 0.03, len(q)) for k in range(4)])
+
+
+def encodes(adm2: np.ndarray, motion: np.ndarray, vif: list[np.ndarray]) -> np.ndarray:
+    """The model's feature order, float32, the scores in [0, 1] clipped there."""
+    x = np.stack([adm2, motion, *vif], axis=1)
+    x[:, [0, 2, 3, 4, 5]] = np.clip(x[:, [0, 2, 3, 4, 5]], 0, 1)
+    return x.astype(np.float32)
