@@ -22,6 +22,15 @@ def sample(sequence: int, rng: np.random.Generator, job_id: str | None = "job") 
                            rng.normal(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(0, 100)))
 
 
+def logged(directory, samples: list[vs.LoggedSample]) -> vs.SampleLog:
+    """A sample log in `directory` that took `samples` in one batch."""
+    log = vs.SampleLog(directory, N_FEATURES)
+    for s in samples:
+        log.append(s)
+    log.commit(10**9)
+    return log
+
+
 def read_all(directory, after: int = 0) -> list[vs.LoggedSample]:
     return list(vs.read_log(directory, N_FEATURES, after))
 
@@ -48,10 +57,7 @@ def test_samples_come_back_exactly_in_order_and_from_a_cursor(tmp_path):
 def test_a_restart_continues_after_the_last_record_and_never_writes_one_twice(tmp_path):
     rng = np.random.default_rng(1)
     written = [sample(i, rng) for i in range(1, 41)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written[:25]:
-        log.append(s)
-    log.commit(10**9)
+    logged(tmp_path, written[:25])
     again = vs.SampleLog(tmp_path, N_FEATURES)  # as after a crash: the journal replays 20..40
     assert again.last_sequence == 25
     for s in written[19:]:
@@ -65,10 +71,7 @@ def test_a_restart_continues_after_the_last_record_and_never_writes_one_twice(tm
 def test_a_torn_tail_is_ignored_never_misread(tmp_path, cut):
     rng = np.random.default_rng(2)
     written = [sample(i, rng) for i in range(1, 11)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written:
-        log.append(s)
-    log.commit(10**9)
+    logged(tmp_path, written)
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     data = path.read_bytes()
     record = (len(data) - vs.SEGMENT_HEADER.size) // 10
@@ -80,10 +83,7 @@ def test_a_torn_tail_is_ignored_never_misread(tmp_path, cut):
 def test_a_flipped_byte_ends_the_segment_there(tmp_path):
     rng = np.random.default_rng(3)
     written = [sample(i, rng) for i in range(1, 11)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written:
-        log.append(s)
-    log.commit(10**9)
+    logged(tmp_path, written)
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     data = bytearray(path.read_bytes())
     record = (len(data) - vs.SEGMENT_HEADER.size) // 10
@@ -120,10 +120,7 @@ def test_a_segment_of_another_feature_count_is_refused_by_name(tmp_path):
 def test_a_restart_from_fewer_samples_supersedes_the_old_segments_tail(tmp_path):
     rng = np.random.default_rng(6)
     first = [sample(i, rng) for i in range(1, 31)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in first:
-        log.append(s)
-    log.commit(10**9)
+    logged(tmp_path, first)
     again = vs.SampleLog(tmp_path, N_FEATURES)
     again.last_sequence = 20  # the state restored 20 samples: 21.. were never journaled
     second = [sample(i, rng, job_id="again") for i in range(21, 41)]
@@ -217,10 +214,7 @@ def test_samples_journaled_but_not_logged_when_the_process_died_are_logged_at_re
 
 def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
     (root / name).mkdir(exist_ok=True)
-    log = vs.SampleLog(root / name, N_FEATURES)
-    for s in samples:
-        log.append(s)
-    log.commit(10**9)
+    logged(root / name, samples)
 
 
 def fleet_config(**settings) -> vs.Config:
@@ -418,10 +412,7 @@ def test_a_fleet_run_whose_state_cannot_be_saved_fails_without_moving_the_replic
 def test_a_write_the_disk_cut_short_is_redone_whole(tmp_path, monkeypatch):
     rng = np.random.default_rng(21)
     written = [sample(i, rng) for i in range(1, 31)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written[:10]:
-        log.append(s)
-    log.commit(10**9)
+    log = logged(tmp_path, written[:10])
     real_write_all = vs.write_all
 
     def half_then_full(fd, content):  # the disk takes half of the next batch, then refuses
