@@ -56,6 +56,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus) -> None:
             terminalreporter.write_line(line)
 
 
+def system_program(name: str, package: str) -> str:
+    """The path of a program a test needs from the system: where it is missing the test is skipped, naming the
+    Debian package that brings it, but fails under CI=true, so CI never passes by silently skipping it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package: {package}; apt-get install {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 class Client:
     """Speaks the node's protocol: one request line, then exactly one ACK line."""
 
