@@ -422,6 +422,7 @@ RECV_BYTES = 65536
 # A client that stops reading its ACKs is disconnected once this much is queued for it.
 OUTBUF_LIMIT = 1 << 20
 SHUTDOWN_GRACE_S = 1.5
+ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class StartupError(RuntimeError):
@@ -460,6 +461,10 @@ class Server:
         self.connections_refused = 0  # over max_connections
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
+        self.acks = 0  # ACK lines made, since the start
+        # From the moment a loop turn's requests were ready to their ACKs handed to the socket: observed once
+        # per turn, for every ACK of the turn, so that measuring costs a message nothing but `acks += 1`.
+        self.ack_seconds = Histogram(ACK_SECONDS_BUCKETS)
         self.metrics: MetricsEndpoint | None = None  # set by serve() when VMAFX_SIDECAR_METRICS_ADDR is set
 
     # -- lifecycle
@@ -495,8 +500,12 @@ class Server:
         try:
             while not self.stopping:
                 # A timeout, so the journal's once-a-second fsync and the snapshots also run when idle.
-                for key, mask in self.selector.select(timeout=1.0):
+                ready = self.selector.select(timeout=1.0)
+                started, acks = time.perf_counter(), self.acks
+                for key, mask in ready:
                     key.data(mask)  # each socket's callback: the listeners, the wake-up pipe, each connection
+                if self.acks != acks:
+                    self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
                 self.state.tick()
                 if self.metrics:
                     self.metrics.tick()
@@ -665,6 +674,7 @@ class Server:
         """The ACK line for one request line (b"" for a blank line, which gets none)."""
         if not line or line.isspace():
             return b""
+        self.acks += 1
         try:
             request = parse_request(line, self.config.n_features)
         except BadRequest as e:
@@ -692,6 +702,7 @@ class Server:
 
     def too_long(self) -> bytes:
         error = f"line too long (limit {self.config.max_line_bytes} bytes)"
+        self.acks += 1
         self.reject(error)
         return encode_ack({"ok": False, "error": error}, None)
 
@@ -868,6 +879,7 @@ class Journal:
         self.size = os.fstat(self.fd).st_size  # bytes known to be written whole
         self.truncate_first = False  # the file may hold bytes past self.size: a reset, a failed write
         self.failing = False
+        self.failures = 0  # writes the disk refused, since the process started
         self.unsynced = False
         self.last_sync = time.monotonic()
 
@@ -895,6 +907,7 @@ class Journal:
             if not self.failing:
                 log.error("journal write failed, keeping the samples in memory until it works: %s", e)
             self.failing = self.truncate_first = True
+            self.failures += 1
             if len(self.pending) > JOURNAL_MEMORY_LIMIT:  # memory stays bounded in a long outage
                 keep = JOURNAL_HEADER.size if self.size == 0 else 0
                 log.error("journal still failing: %d bytes of samples dropped, not durable",
@@ -975,6 +988,7 @@ class StateStore:
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
         self.samples_failing = False
+        self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
@@ -1035,9 +1049,9 @@ class StateStore:
             if not self.samples_failing:
                 log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
             self.samples_failing = True
+            self.sample_log_failures += 1
             if len(self.samples.pending) > JOURNAL_MEMORY_LIMIT:
-                log.error("sample log still failing: %d bytes of samples dropped from it", len(self.samples.pending))
-                self.samples.pending.clear()
+                log.error("sample log still failing: %d samples dropped from it", self.samples.drop_pending())
             return
         if self.samples_failing:
             log.info("sample log writes work again")
@@ -1073,10 +1087,16 @@ class StateStore:
             self.journal.reset(generation)
         except OSError as e:  # the journal keeps everything since the last good snapshot
             temp.unlink(missing_ok=True)
+            self.snapshot_failures += 1
             log.error("state snapshot failed, will retry: %s", e)
         self.last_save = time.monotonic()
         self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def write_failures(self) -> dict[str, int]:
+        """Writes the disk refused since the process started, by what was written; NoState has the same."""
+        return {"journal": self.journal.failures, "snapshot": self.snapshot_failures,
+                "sample_log": self.sample_log_failures}
 
     def load_snapshot(self) -> bool:
         try:
@@ -1114,6 +1134,8 @@ class StateStore:
 class NoState:
     """The state store of a server whose state need not outlive it (in-process tests): keeps nothing."""
 
+    samples = None  # no sample log
+
     def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
         pass
 
@@ -1128,6 +1150,9 @@ class NoState:
 
     def save(self) -> None:
         pass
+
+    def write_failures(self) -> dict[str, int]:
+        return {}
 
 
 def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -1218,7 +1243,7 @@ class SampleLog:
         self.last_sequence = 0  # of the newest record written whole
         self.fd: int | None = None
         self.size = 0
-        self.samples_dropped = 0  # deleted by the size bound, since the process started
+        self.samples_dropped = 0  # lost before the fleet read them (size bound, outage), since the start
         for path in segment_paths(self.directory)[-1:]:  # continue after the newest intact record
             for sample in read_segment(path, n_features):
                 self.last_sequence = sample.sequence
@@ -1266,6 +1291,16 @@ class SampleLog:
                 self.samples_dropped += lost
                 log.warning("sample log over VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES (%d): deleted %s, %d samples the "
                             "fleet trainer had not read (%d so far)", max_bytes, path.name, lost, self.samples_dropped)
+
+    def drop_pending(self) -> int:
+        """Give up the samples waiting to be written (a long outage: memory stays bounded); how many."""
+        if not self.pending:
+            return 0
+        (first,) = struct.unpack_from("<Q", self.pending, 8)
+        dropped = self.last_sequence - first + 1
+        self.pending.clear()
+        self.samples_dropped += dropped
+        return dropped
 
     def sync(self) -> None:
         if self.fd is not None:
@@ -2689,9 +2724,16 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # a bucket holds values <= its bound
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """`times` observations of one value: an ACK latency, once for every ACK of a loop turn."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times  # a bucket holds values <= its bound
+        self.sum += value * times
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """Its series in the exposition: cumulative buckets up to +Inf, the sum and the count."""
+        bounds = [*map(repr, self.bounds), "+Inf"]
+        return [*(("_bucket", {"le": b}, n) for b, n in zip(bounds, itertools.accumulate(self.counts))),
+                ("_sum", {}, self.sum), ("_count", {}, sum(self.counts))]
 
 
 def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
@@ -2831,8 +2873,8 @@ def metrics_text(server: Server) -> str:
     judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
     live = t.window.evidence(t.references())
     fleet = fleet_model(Path(s.config.checkpoint_dir).absolute())
-    step = t.step_seconds
-    buckets = [({"le": b}, n) for b, n in zip([*map(repr, step.bounds), "+Inf"], itertools.accumulate(step.counts))]
+    failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"]}
+    samples_log = getattr(s.state, "samples", None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     families = [
         ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
@@ -2846,10 +2888,23 @@ def metrics_text(server: Server) -> str:
         ("vmafx_sidecar_train_loss_smoothed", "gauge", "MSE of the batches, exponentially smoothed over ~100 "
          "steps", [({}, t.loss_smoothed)]),
         ("vmafx_sidecar_step_duration_seconds", "histogram", "Time of one training step, since the process "
-         "started", [*(("_bucket", labels, n) for labels, n in buckets), ("_sum", {}, step.sum),
-                     ("_count", {}, sum(step.counts))]),
+         "started", t.step_seconds.samples()),
+        ("vmafx_sidecar_ack_latency_seconds", "histogram", "From a loop turn's requests being ready to their ACKs "
+         "handed to the socket, for every ACK of the turn, since the process started", s.ack_seconds.samples()),
         ("vmafx_sidecar_replay_buffer_samples", "gauge", "Samples in the replay buffer", [({}, t.replay_size)]),
+        ("vmafx_sidecar_replay_buffer_capacity", "gauge", "Samples the replay buffer holds at most",
+         [({}, s.config.replay_capacity)]),
+        ("vmafx_sidecar_eval_buffer_samples", "gauge", "Held-out samples kept to judge checkpoints",
+         [({}, t.eval_size)]),
+        ("vmafx_sidecar_eval_buffer_capacity", "gauge", "Held-out samples kept at most",
+         [({}, s.config.eval_capacity)]),
         ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
+        ("vmafx_sidecar_connections_refused_total", "counter", "Connections closed at once, over "
+         "VMAFX_SIDECAR_MAX_CONNECTIONS, since the process started", [({}, s.connections_refused)]),
+        ("vmafx_sidecar_connections_dropped_total", "counter", "Connections closed because they stopped reading "
+         "their ACKs, since the process started", [({}, s.connections_dropped)]),
+        ("vmafx_sidecar_write_failures_total", "counter", "Writes the disk refused (each retried), by what was "
+         "written, since the process started", [({"kind": k}, n) for k, n in failures.items()]),
         ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",
          [({"result": r}, t.checkpoint_results[r]) for r in ("published", "quarantined", "failed")]),
         ("vmafx_sidecar_checkpoint_version", "gauge", "Version of the checkpoint latest.json names",
@@ -2875,6 +2930,9 @@ def metrics_text(server: Server) -> str:
          [({}, fleet and fleet["version"])]),
         ("vmafx_sidecar_fleet_model_age_seconds", "gauge", "Seconds since the newest fleet model was written",
          [({}, fleet and fleet["age_s"])]),
+        ("vmafx_sidecar_sample_log_dropped_total", "counter", "Samples gone from the sample log before the fleet "
+         "trainer read them (its size bound, a long write outage), since the process started",
+         [({}, samples_log and samples_log.samples_dropped)]),
         ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
         ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
         ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),

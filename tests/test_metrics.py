@@ -2,6 +2,7 @@
 the traffic, a strict little HTTP/1.1 server, and scrapers that cannot stall the trainer."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import socket
@@ -12,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, sample
+import vmafx_sidecar as vs
+from conftest import ROOT, make_trainer, sample
 
 N_FEATURES = 8
 # The gate off: random scores never pass it, and these tests need published checkpoints for the checkpoint
@@ -32,6 +34,11 @@ FAMILIES = {  # name: type, as the issue names them
     "vmafx_sidecar_gate_r2": "gauge", "vmafx_sidecar_gate_rmse": "gauge",
     "vmafx_sidecar_nonfinite_steps_total": "counter", "vmafx_sidecar_fleet_model_version": "gauge",
     "vmafx_sidecar_fleet_model_age_seconds": "gauge", "vmafx_sidecar_backend_info": "gauge",
+    # issue 18's: what the alerts and the dashboard need
+    "vmafx_sidecar_ack_latency_seconds": "histogram", "vmafx_sidecar_replay_buffer_capacity": "gauge",
+    "vmafx_sidecar_eval_buffer_samples": "gauge", "vmafx_sidecar_eval_buffer_capacity": "gauge",
+    "vmafx_sidecar_connections_refused_total": "counter", "vmafx_sidecar_connections_dropped_total": "counter",
+    "vmafx_sidecar_write_failures_total": "counter", "vmafx_sidecar_sample_log_dropped_total": "counter",
     "vmafx_sidecar_build_info": "gauge", "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds_total": "counter",
 }
@@ -162,7 +169,19 @@ def test_values_move_as_traffic_flows(served):
     assert value(after, "vmafx_sidecar_step_duration_seconds_count") == status["steps"]
     assert 0 < value(after, "vmafx_sidecar_step_duration_seconds_sum") < status["steps"]
     assert value(after, "vmafx_sidecar_replay_buffer_samples") == status["replay_size"]
+    assert value(after, "vmafx_sidecar_replay_buffer_capacity") == status["config"]["replay_capacity"]
+    assert value(after, "vmafx_sidecar_eval_buffer_samples") == status["eval_size"] > 0
+    assert value(after, "vmafx_sidecar_eval_buffer_capacity") == status["config"]["eval_capacity"]
     assert value(after, "vmafx_sidecar_connections") == 1
+    # every line answered since (200 samples, 4 bad lines, the status request), each ACK observed once
+    observed = [value(m, "vmafx_sidecar_ack_latency_seconds_count") for m in (before, after)]
+    assert observed[1] - observed[0] == 205
+    assert 0 < value(after, "vmafx_sidecar_ack_latency_seconds_sum") < 205 * 10
+    assert family(after, "vmafx_sidecar_write_failures_total") == {
+        (("kind", k),): 0 for k in ("journal", "snapshot", "sample_log", "checkpoint")}
+    assert value(after, "vmafx_sidecar_connections_refused_total") == 0
+    assert value(after, "vmafx_sidecar_connections_dropped_total") == 0
+    assert ("vmafx_sidecar_sample_log_dropped_total", ()) not in after  # the sample log is off
     published = sum("checkpoint" in a for a in acks)
     assert published > 0
     assert value(after, "vmafx_sidecar_checkpoints_total", result="published") == published
@@ -295,3 +314,76 @@ def test_exposition_values_are_plain_numbers(served):
     _, port = served
     for value_ in scrape(port).values():
         assert math.isfinite(value_)
+
+
+# ---- what the alerts count: refused writes, refused connections, ACK latency ----
+
+def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8, batch_size=8, sample_log="1", gate="off",
+                           min_samples_ckpt=8, ckpt_interval_s=0)
+    state = vs.StateStore(trainer.config, trainer)
+    state.restore()
+    server = vs.Server(trainer.config, trainer, state)
+    refused: set[str] = set()  # what the disk refuses now
+    real_write_all, real_write_synced, real_publish = vs.write_all, vs.write_synced, vs.publish
+
+    def write_all(fd, content):
+        if fd in [state.journal.fd] * ("journal" in refused) + [state.samples.fd] * ("sample_log" in refused):
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, content)
+
+    def write_synced(path, chunks, mode=0o644):
+        if "snapshot" in refused and path.parent == state.directory:
+            raise OSError(28, "No space left on device")
+        real_write_synced(path, chunks, mode)
+
+    def publish(t):
+        if "checkpoint" in refused:
+            raise OSError(28, "No space left on device")
+        return real_publish(t)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    monkeypatch.setattr(vs, "write_synced", write_synced)
+    monkeypatch.setattr(vs, "publish", publish)
+    rng = np.random.default_rng(4)
+
+    def batches(n: int, *kinds: str) -> None:
+        refused.clear()
+        refused.update(kinds)
+        for _ in range(n):  # a line a batch, as a client with one request in flight sends them
+            server.answer(json.dumps(sample(rng, N_FEATURES)).encode())
+            state.commit()
+    batches(3, "journal")  # the sample log waits for the journal: never tried
+    batches(2, "sample_log")
+    refused.add("snapshot")
+    state.save()
+    batches(3, "checkpoint")  # a step every 4 samples: the 8th sample's has a checkpoint due
+    batches(1)
+    failures = family(parse_exposition(vs.metrics_text(server)), "vmafx_sidecar_write_failures_total")
+    assert failures == {(("kind", "journal"),): 3, (("kind", "snapshot"),): 1, (("kind", "sample_log"),): 2,
+                        (("kind", "checkpoint"),): 1}
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 10))  # all retried, in order
+
+
+def test_connections_over_the_limit_are_counted(sidecar_factory):
+    port = free_port()
+    s = sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f"127.0.0.1:{port}", VMAFX_SIDECAR_MAX_CONNECTIONS="1",
+                        **SETTINGS)
+    kept = s.client()
+    assert kept.request({"op": "ping"})["ok"]
+    for _ in range(2):
+        with socket.socket(socket.AF_UNIX) as refused:
+            refused.connect(str(s.socket))
+            refused.settimeout(10)
+            assert refused.recv(1) == b""  # closed at once
+    metrics = scrape(port)
+    assert value(metrics, "vmafx_sidecar_connections_refused_total") == 2
+    assert value(metrics, "vmafx_sidecar_connections_dropped_total") == 0
+    assert value(metrics, "vmafx_sidecar_connections") == 1
+
+
+def test_a_histogram_takes_one_value_for_many_observations():
+    h = vs.Histogram((0.001, 0.01))
+    h.observe(0.005, times=40)
+    h.observe(0.0005)
+    assert h.samples() == [("_bucket", {"le": "0.001"}, 1), ("_bucket", {"le": "0.01"}, 41),
+                           ("_bucket", {"le": "+Inf"}, 41), ("_sum", {}, pytest.approx(0.2005)), ("_count", {}, 41)]

@@ -469,3 +469,28 @@ def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeyp
     messages = [r.getMessage() for r in caplog.records if "sample log" in r.getMessage()]
     assert sum("write failed" in m for m in messages) == 1 and any("work again" in m for m in messages), messages
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 31))
+
+
+def test_samples_given_up_in_a_long_outage_are_counted_as_dropped(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 300)  # a few records: memory stays bounded that soon
+    real_write_all = vs.write_all
+    refusing = {"on": True}
+
+    def write_all(fd, content):
+        if refusing["on"] and fd != store.journal.fd:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, content)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50), False, f"job-{i}")
+        trainer.ingest(row, np.float32(50), False, False)
+        store.commit()
+        refusing["on"] = i < 30
+    logged = [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)]
+    assert 0 < len(logged) < 40 and logged == sorted(logged)
+    assert store.samples.samples_dropped == 40 - len(logged)
