@@ -68,6 +68,7 @@ TRAINER_ENV = {
 
 METRICS_ENV = {"name": "VMAFX_SIDECAR_METRICS_ADDR", "value": ":9464"}  # the chart's default (issue #7)
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
 # The Prometheus operator's Duration, as its CRDs validate it.
 PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
 
@@ -121,8 +122,8 @@ def render(values: dict, kube_version: str, api_versions: tuple[str, ...] = (), 
             continue
         for obj in yaml.load_all(text, Loader=SAFE_LOADER):
             if obj:
-                if obj["kind"] == "ServiceMonitor":  # a CRD: kubernetes-validate has no schema for it
-                    check_service_monitor(obj)
+                if obj["kind"] in CUSTOM_RESOURCE_CHECKS:  # CRDs: kubernetes-validate has no schema for them
+                    CUSTOM_RESOURCE_CHECKS[obj["kind"]](obj)
                 else:
                     kubernetes_validate.validate(obj, kube_version, strict=True)
                 key = obj["kind"], obj["metadata"]["name"]
@@ -149,6 +150,31 @@ def check_service_monitor(obj: dict) -> None:
         assert endpoint.keys() == {"port", "path", "interval"}, endpoint.keys()
         assert isinstance(endpoint["port"], str) and endpoint["path"].startswith("/")
         assert isinstance(endpoint["interval"], str) and PROMETHEUS_DURATION.match(endpoint["interval"])
+
+
+def check_prometheus_rule(obj: dict) -> None:
+    """The part of the monitoring.coreos.com/v1 PrometheusRule schema the chart uses, checked strictly (what
+    the rules mean, promtool checks: tests/test_alerts.py)."""
+    assert obj.keys() == {"apiVersion", "kind", "metadata", "spec"}, obj.keys()
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+    assert obj["metadata"].keys() == {"name", "labels"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", obj["metadata"]["name"])
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in obj["metadata"]["labels"].items())
+    assert obj["spec"].keys() == {"groups"}
+    for group in obj["spec"]["groups"]:
+        assert group.keys() == {"name", "rules"} and isinstance(group["name"], str) and group["rules"], group
+        for rule in group["rules"]:
+            assert isinstance(rule["expr"], str)
+            if "record" in rule:
+                assert rule.keys() == {"record", "expr"}, rule.keys()
+            else:
+                assert rule.keys() <= {"alert", "expr", "for", "labels", "annotations"}, rule.keys()
+                assert PROMETHEUS_DURATION.match(rule["for"])
+                for mapping in (rule["labels"], rule["annotations"]):
+                    assert all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()), mapping
+
+
+CUSTOM_RESOURCE_CHECKS = {"ServiceMonitor": check_service_monitor, "PrometheusRule": check_prometheus_rule}
 
 
 def merged(base: dict, **overrides: object) -> dict:

@@ -163,6 +163,36 @@ app.kubernetes.io/component: metrics
 {{- if and $wanted (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true{{ end -}}
 {{- end -}}
 
+{{/* The PrometheusRule is wanted and the cluster has its API: "true" or "". */}}
+{{- define "vmafx-node.prometheusRule" -}}
+{{- $wanted := and (include "vmafx-node.metrics" .) .Values.sidecar.trainer.metrics.prometheusRule.enabled -}}
+{{- if and $wanted (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") }}true{{ end -}}
+{{- end -}}
+
+{{/* An alert's for, labels and annotations. .alert: its values; .rule: prometheusRule's; .name, .summary,
+     .description: its own. Its runbook is the chart README's section named after it. */}}
+{{- define "vmafx-node.alertTail" -}}
+for: {{ .alert.for }}
+labels:
+  {{- merge (dict "severity" .alert.severity) (deepCopy (.rule.alertLabels | default dict)) | toYaml | nindent 2 }}
+annotations:
+  summary: {{ .summary | quote }}
+  description: {{ printf "%s Runbook: chart/README.md, %s." .description .name | quote }}
+  {{- with .rule.runbookUrl }}
+  runbook_url: {{ printf "%s#%s" . (lower $.name) | quote }}
+  {{- end }}
+{{- end -}}
+
+{{/* A duration of the form 1d2h3m4s (any part may be left out) in seconds, for PromQL comparisons. */}}
+{{- define "vmafx-node.seconds" -}}
+{{- $text := . -}}
+{{- $seconds := 0 -}}
+{{- range $unit, $size := dict "d" 86400 "h" 3600 "m" 60 "s" 1 -}}
+{{- $seconds = add $seconds (mul (regexFind (printf "[0-9]+%s" $unit) $text | trimSuffix $unit | default "0" | int) $size) -}}
+{{- end -}}
+{{- $seconds -}}
+{{- end -}}
+
 {{- define "vmafx-node.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true

@@ -1,0 +1,236 @@
+"""The chart's alert and recording rules (chart/templates/prometheusrule.yaml), checked by Prometheus's own
+promtool (Debian package prometheus): they load, and every alert fires on the series that should fire it and
+stays silent on healthy ones; each has a runbook; their values reach them."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, system_program
+from test_chart import KUBE_VERSIONS, PROMETHEUS_RULE_API, VARIANTS, merged, render
+
+RULE_VALUES = merged(VARIANTS["replicas 3, fleet"], **{"sidecar.trainer.metrics.prometheusRule.enabled": True})
+FLEET_ALERTS = {"VmafxFleetModelStale", "VmafxFleetSamplesLost"}
+# The labels a ServiceMonitor's scrape gives a trainer's series; the rules select them by namespace and job.
+NAMESPACE, JOB, POD = "vmafx", "demo-vmafx-node-metrics", "demo-vmafx-node-0"
+TRAINER = {"namespace": NAMESPACE, "job": JOB, "pod": POD, "instance": "10.0.0.1:9464"}
+
+
+def rule_groups(values: dict = RULE_VALUES) -> list[dict]:
+    return render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,)).one("PrometheusRule")["spec"]["groups"]
+
+
+def alerts(groups: list[dict]) -> dict[str, dict]:
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def series(metric: str, labels: dict[str, str] = TRAINER, **more: str) -> str:
+    return metric + "{" + ",".join(f'{k}="{v}"' for k, v in {**labels, **more}.items()) + "}"
+
+
+def node(metric: str, pod: str = POD) -> str:
+    """A series of vmafx-node's own, scraped by some other job."""
+    return series(metric, {"namespace": NAMESPACE, "job": "vmafx-node", "pod": pod, "container": "vmafx-node"})
+
+
+@dataclasses.dataclass
+class Case:
+    """Series (promtool's expanding notation, one value a minute), and at eval_time either the labels of each
+    alert expected to fire (besides alertname and severity) or none: the healthy case."""
+    alert: str
+    name: str
+    input: dict[str, str]
+    eval_time: str
+    fires: list[dict[str, str]]
+    value: str = ""  # $value as the description shows it
+
+
+POD_LABELS = {"namespace": NAMESPACE, "pod": POD}
+CASES = [
+    Case("VmafxFeedbackDropped", "rising", {node("vmafx_training_feedback_dropped_total"): "0x10 1+1x20"}, "20m",
+         [POD_LABELS]),
+    Case("VmafxFeedbackDropped", "flat, another release's rising",
+         {node("vmafx_training_feedback_dropped_total"): "0x30",
+          node("vmafx_training_feedback_dropped_total", pod="other-vmafx-node-0"): "0+1x30"}, "20m", []),
+    Case("VmafxSidecarDown", "down 10 minutes", {series("up"): "1x10 0x20"}, "20m", [TRAINER]),
+    Case("VmafxSidecarDown", "up", {series("up"): "1x30"}, "20m", []),
+    Case("VmafxSidecarNotScraped", "only another job", {series("up", job="other"): "1x30"}, "20m",
+         [{"namespace": NAMESPACE, "job": JOB}]),
+    Case("VmafxSidecarNotScraped", "scraped", {series("up"): "1x30"}, "20m", []),
+    Case("VmafxNoCheckpointPublished", "samples, nothing published",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+90x150",
+          series("vmafx_sidecar_samples_total", result="held_out"): "0+10x150",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "0x150"}, "130m", [POD_LABELS]),
+    Case("VmafxNoCheckpointPublished", "samples, one published every 10 minutes",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+90x150",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "0+0.1x150"}, "130m", []),
+    Case("VmafxNoCheckpointPublished", "too few samples for a checkpoint to be due",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+10x150",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "0x150"}, "130m", []),
+    Case("VmafxCheckpointQuarantined", "one", {series("vmafx_sidecar_checkpoints_total", result="quarantined"):
+                                               "0x10 1x20"}, "12m", [POD_LABELS]),
+    Case("VmafxCheckpointQuarantined", "none", {series("vmafx_sidecar_checkpoints_total", result="quarantined"):
+                                                "0x30"}, "20m", []),
+    Case("VmafxCheckpointQuarantined", "one, half an hour ago",
+         {series("vmafx_sidecar_checkpoints_total", result="quarantined"): "0x10 1x40"}, "45m", []),
+    Case("VmafxCheckpointsQuarantinedRepeatedly", "three in 6h",
+         {series("vmafx_sidecar_checkpoints_total", result="quarantined"): "0x30 1x60 2x60 3x60"}, "220m",
+         [POD_LABELS]),
+    Case("VmafxCheckpointsQuarantinedRepeatedly", "two in 6h",
+         {series("vmafx_sidecar_checkpoints_total", result="quarantined"): "0x30 1x60 2x120"}, "220m", []),
+    Case("VmafxNonFiniteSteps", "one", {series("vmafx_sidecar_nonfinite_steps_total"): "0x10 1x20"}, "12m",
+         [POD_LABELS]),
+    Case("VmafxNonFiniteSteps", "none", {series("vmafx_sidecar_nonfinite_steps_total"): "0x30"}, "20m", []),
+    Case("VmafxWriteFailures", "the journal's, now",
+         {series("vmafx_sidecar_write_failures_total", kind="journal"): "0x10 1+1x20",
+          series("vmafx_sidecar_write_failures_total", kind="snapshot"): "0x30"}, "15m",
+         [{**POD_LABELS, "kind": "journal"}]),
+    Case("VmafxWriteFailures", "one, long ago", {series("vmafx_sidecar_write_failures_total", kind="snapshot"):
+                                                 "0x5 1x30"}, "30m", []),
+    Case("VmafxConnectionsRefused", "two", {series("vmafx_sidecar_connections_refused_total"): "0x10 2x20"}, "12m",
+         [POD_LABELS]),
+    Case("VmafxConnectionsRefused", "none", {series("vmafx_sidecar_connections_refused_total"): "0x30"}, "20m", []),
+    Case("VmafxConnectionsDropped", "one", {series("vmafx_sidecar_connections_dropped_total"): "0x10 1x20"}, "12m",
+         [POD_LABELS]),
+    Case("VmafxConnectionsDropped", "none", {series("vmafx_sidecar_connections_dropped_total"): "0x30"}, "20m", []),
+    Case("VmafxFleetModelStale", "old while samples arrive",
+         {series("vmafx_sidecar_fleet_model_age_seconds"): "0+60x200",
+          series("vmafx_sidecar_fleet_model_age_seconds", pod="demo-vmafx-node-1"): "0+60x200",
+          series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200"}, "150m",
+         [{"namespace": NAMESPACE}], value="2h 30m 0s"),
+    Case("VmafxFleetModelStale", "old, but no samples",
+         {series("vmafx_sidecar_fleet_model_age_seconds"): "0+60x200",
+          series("vmafx_sidecar_samples_total", result="accepted"): "5000x200"}, "150m", []),
+    Case("VmafxFleetModelStale", "fresh", {series("vmafx_sidecar_fleet_model_age_seconds"): "600x200",
+                                           series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200"},
+         "150m", []),
+    Case("VmafxFleetSamplesLost", "some", {series("vmafx_sidecar_sample_log_dropped_total"): "0x10 5+5x20"}, "15m",
+         [POD_LABELS]),
+    Case("VmafxFleetSamplesLost", "none", {series("vmafx_sidecar_sample_log_dropped_total"): "0x30"}, "15m", []),
+]
+
+
+def expanded(template: str, labels: dict[str, str], value: str) -> str:
+    """An annotation as Prometheus renders it, for the two constructs the rules use."""
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+    text = text.replace("{{ $value | humanizeDuration }}", value)
+    assert "{{" not in text, text
+    return text
+
+
+def promtool_test(case: Case, rule: dict) -> dict:
+    """The case as one of promtool's rule unit tests."""
+    expected = [{"exp_labels": {**labels, "severity": rule["labels"]["severity"]},
+                 "exp_annotations": {k: expanded(v, labels, case.value) for k, v in rule["annotations"].items()}}
+                for labels in case.fires]
+    return {"name": f"{case.alert}: {case.name}", "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in case.input.items()],
+            "alert_rule_test": [{"eval_time": case.eval_time, "alertname": case.alert, "exp_alerts": expected}]}
+
+
+def write_rules(directory: Path, groups: list[dict]) -> Path:
+    path = directory / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+# ---- promtool ----
+
+def test_promtool_accepts_every_rule(tmp_path):
+    promtool = system_program("promtool", "prometheus")
+    groups = rule_groups()
+    result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, groups)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {sum(len(g['rules']) for g in groups)} rules found" in result.stdout
+
+
+def test_every_alert_fires_on_its_series_and_stays_silent_on_healthy_ones(tmp_path):
+    promtool = system_program("promtool", "prometheus")
+    rules = alerts(rule_groups())
+    assert {c.alert for c in CASES if c.fires} == {c.alert for c in CASES if not c.fires} == set(rules)
+    write_rules(tmp_path, rule_groups())
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+             "tests": [promtool_test(case, rules[case.alert]) for case in CASES]}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_broken_alert_is_caught(tmp_path):
+    """The cases can fail: a rule that never fires, or one that always does, each fails some of them."""
+    promtool = system_program("promtool", "prometheus")
+    for i, broken in enumerate(("vector(0) > 1", "vector(1)")):
+        groups = rule_groups()
+        for rule in (r for group in groups for r in group["rules"] if r.get("alert") == "VmafxCheckpointQuarantined"):
+            rule["expr"] = broken
+        rules, directory = alerts(groups), tmp_path / str(i)
+        directory.mkdir()
+        write_rules(directory, groups)
+        cases = [promtool_test(c, rules[c.alert]) for c in CASES if c.alert == "VmafxCheckpointQuarantined"]
+        tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": cases}
+        (directory / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+        result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=directory, capture_output=True)
+        assert result.returncode != 0, broken
+
+
+# ---- the chart ----
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_the_rule_is_rendered_where_the_cluster_has_its_api(kube_version):
+    rendered = render(RULE_VALUES, kube_version, api_versions=(PROMETHEUS_RULE_API,))
+    assert set(alerts(rendered.one("PrometheusRule")["spec"]["groups"])) >= FLEET_ALERTS
+    assert "PrometheusRule demo-vmafx-node holds the trainers' alerts" in " ".join(rendered.notes.split())
+
+
+def test_without_the_api_or_the_value_there_is_no_rule_and_the_notes_say_why():
+    rendered = render(RULE_VALUES, "1.33")
+    assert "PrometheusRule" not in rendered.kinds
+    assert ("WARNING: sidecar.trainer.metrics.prometheusRule.enabled is true, but the cluster has no "
+            "monitoring.coreos.com/v1 PrometheusRule API") in " ".join(rendered.notes.split())
+    off = merged(RULE_VALUES, **{"sidecar.trainer.metrics.prometheusRule.enabled": False})
+    assert "PrometheusRule" not in render(off, "1.33", api_versions=(PROMETHEUS_RULE_API,)).kinds
+    no_metrics = merged(RULE_VALUES, **{"sidecar.trainer.metrics.enabled": False})
+    assert "PrometheusRule" not in render(no_metrics, "1.33", api_versions=(PROMETHEUS_RULE_API,)).kinds
+
+
+def test_fleet_alerts_only_with_the_fleet():
+    without = merged(VARIANTS["replicas 3"], **{"sidecar.trainer.metrics.prometheusRule.enabled": True})
+    assert set(alerts(rule_groups(without))) == set(alerts(rule_groups())) - FLEET_ALERTS
+
+
+def test_values_reach_every_alert():
+    values = merged(RULE_VALUES, **{
+        "sidecar.trainer.metrics.prometheusRule.job": "kubernetes-pods",
+        "sidecar.trainer.metrics.prometheusRule.runbookUrl": "https://git.example/vmafx/chart/README.md",
+        "sidecar.trainer.metrics.prometheusRule.alertLabels": {"team": "video", "severity": "ignored"},
+        "sidecar.trainer.metrics.prometheusRule.labels": {"release": "prometheus"},
+        "sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown": {"severity": "page", "for": "2m"},
+        "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished":
+            {"severity": "warning", "for": "0m", "window": "1d2h", "minSamples": 500},
+        "sidecar.trainer.metrics.prometheusRule.alerts.fleetModelStale":
+            {"severity": "warning", "for": "15m", "maxAge": "1h30m"},
+    })
+    rendered = render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,)).one("PrometheusRule")
+    assert rendered["metadata"]["labels"]["release"] == "prometheus"
+    rules = alerts(rendered["spec"]["groups"])
+    for name, rule in rules.items():
+        assert rule["labels"]["team"] == "video" and rule["labels"]["severity"] != "ignored", name
+        assert rule["annotations"]["runbook_url"] == f"https://git.example/vmafx/chart/README.md#{name.lower()}"
+        if "vmafx_sidecar" in rule["expr"] or "up{" in rule["expr"]:
+            assert 'job="kubernetes-pods"' in rule["expr"] or "namespace_pod:" in rule["expr"], name
+    assert (rules["VmafxSidecarDown"]["labels"]["severity"], rules["VmafxSidecarDown"]["for"]) == ("page", "2m")
+    assert "[1d2h]" in rules["VmafxNoCheckpointPublished"]["expr"]
+    assert "* 93600 > 500" in rules["VmafxNoCheckpointPublished"]["expr"]  # 1d2h in seconds
+    assert "> 5400" in rules["VmafxFleetModelStale"]["expr"]
+
+
+def test_every_alert_has_a_runbook_in_the_chart_readme():
+    readme = (ROOT / "chart/README.md").read_text()
+    runbooks = re.findall(r"^#### (Vmafx\w+)$", readme.split("### Runbooks", 1)[1], re.M)
+    assert runbooks == list(alerts(rule_groups()))  # one each, in the rules' order
