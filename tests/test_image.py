@@ -99,37 +99,30 @@ def test_pruning_leaves_no_test_suite_and_all_the_sidecar_imports(runtime_dir, b
     assert result.returncode == 0, result.stderr
 
 
-def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
+def cli(bare_python, *args: str) -> subprocess.CompletedProcess:
+    args, kwargs = bare_python("-m", "vmafx_sidecar", *args)
+    return subprocess.run(args, **kwargs, capture_output=True, text=True, timeout=60)
+
+
+def serve(bare_python, tmp_path: Path, *flags: str) -> tuple[Path, list[dict]]:
+    """Run `serve` until the chart's startup probe passes, send it 32 random samples (a checkpoint is due every
+    16 trained) and stop it: its checkpoint directory and the ACKs, once it exited 0 and removed its socket."""
     sockdir = tempfile.mkdtemp(prefix="vx")  # AF_UNIX paths are short; tmp_path may be too long
-    sock = f"{sockdir}/s.sock"
-    ckpt = tmp_path / "ckpt"
-
-    def probe() -> int:
-        args, kwargs = bare_python("-m", "vmafx_sidecar", "probe", "--socket", sock)
-        return subprocess.run(args, **kwargs, capture_output=True).returncode
-
-    assert probe() != 0  # nothing listening yet
+    sock, ckpt, stderr = f"{sockdir}/s.sock", tmp_path / "ckpt", tmp_path / "stderr.log"
+    assert cli(bare_python, "probe", "--socket", sock).returncode != 0  # nothing listening yet
     args, kwargs = bare_python("-m", "vmafx_sidecar", "serve", "--socket", sock, "--checkpoint-dir", str(ckpt),
                                "--base-model-path", "", "--batch-size", "8", "--ckpt-interval-s", "0",
-                               "--min-samples-ckpt", "16", "--gate", "off")  # 32 random samples: publish unjudged
-    stderr = tmp_path / "stderr.log"
+                               "--min-samples-ckpt", "16", *flags)
     with open(stderr, "wb") as err:
         server = subprocess.Popen(args, **kwargs, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 30
-        while probe() != 0:  # the chart's startup probe, exactly
+        while cli(bare_python, "probe", "--socket", sock).returncode != 0:  # the chart's startup probe, exactly
             assert server.poll() is None and time.monotonic() < deadline, stderr.read_text()
         client = Client(sock)
         rng = np.random.default_rng(0)
         acks = [client.request(sample(rng)) for _ in range(32)]
         client.close()
-        assert all(ack["ok"] for ack in acks), acks
-        checkpoints = [ack["checkpoint"] for ack in acks if "checkpoint" in ack]
-        assert checkpoints, acks
-        latest = Path(checkpoints[-1])
-        assert latest.parent == ckpt
-        digest = latest.with_name(latest.name + ".sha256").read_text().split()[0]
-        assert digest == hashlib.sha256(latest.read_bytes()).hexdigest()
         server.terminate()
         assert server.wait(10) == 0, stderr.read_text()
         assert not Path(sock).exists()
@@ -138,3 +131,35 @@ def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
             server.kill()
             server.wait()
         shutil.rmtree(sockdir, ignore_errors=True)
+    assert all(ack["ok"] for ack in acks), acks
+    return ckpt, acks
+
+
+def test_runtime_layer_serves_trains_checkpoints_and_verifies(bare_python, tmp_path):
+    ckpt, acks = serve(bare_python, tmp_path, "--gate", "off")  # 32 random samples: publish unjudged
+    checkpoints = [ack["checkpoint"] for ack in acks if "checkpoint" in ack]
+    assert checkpoints, acks
+    latest = Path(checkpoints[-1])
+    assert latest.parent == ckpt
+    digest = latest.with_name(latest.name + ".sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(latest.read_bytes()).hexdigest()
+    listing = cli(bare_python, "checkpoints", str(ckpt))
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split()[-3:] == ["off", "published,", "latest"], listing.stdout
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 0 and verified.stdout.endswith(", 0 with problems\n"), verified
+    latest.write_bytes(latest.read_bytes()[:100])  # verify's other exit, through onnx's parser: from this tree too
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 1 and f"FAILED  {latest}" in verified.stdout, verified
+
+
+def test_runtime_layer_judges_checkpoints_with_the_gate_on(bare_python, tmp_path):
+    ckpt, _ = serve(bare_python, tmp_path, "--gate", "on", "--gate-min-eval", "8")  # the window of 16 is judged
+    records = [json.loads(path.read_text()) for path in sorted(ckpt.glob("**/model_v*.json"))]
+    assert records, list(ckpt.rglob("*"))
+    for record in records:
+        assert record["gate"] in ("passed", "quarantined") and record["metrics"]["window"]["candidate"], record
+    listing = cli(bare_python, "checkpoints", str(ckpt))
+    assert listing.returncode == 0 and records[-1]["gate"] in listing.stdout, listing
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 0, verified
