@@ -4,8 +4,8 @@
 FROM python:3.13-slim-trixie AS build
 WORKDIR /src
 COPY pyproject.toml README.md vmafx_sidecar.py vmafx_feedback.py vmafx_onnx_builder.py image_prune.py ./
-# image_prune.py deletes the test suites and test data the wheels ship (a sixth of the layer), then checks
-# that the sidecar still imports. Unchecked-hash .pyc files stay valid whatever mtimes the copy gives the
+# image_prune.py deletes the test suites and test data the wheels ship (nearly a third of the layer), then
+# checks that the sidecar still imports. Unchecked-hash .pyc files stay valid whatever mtimes the copy gives the
 # sources, so the read-only container never compiles anything at start. tests/test_image.py runs this step.
 RUN pip install --no-cache-dir --no-compile --target /app . \
  && python image_prune.py /app \

@@ -100,8 +100,8 @@ def test_pruning_leaves_no_test_suite_and_all_the_sidecar_imports(runtime_dir, b
 
 
 def cli(bare_python, *args: str) -> subprocess.CompletedProcess:
-    args, kwargs = bare_python("-m", "vmafx_sidecar", *args)
-    return subprocess.run(args, **kwargs, capture_output=True, text=True, timeout=60)
+    command, kwargs = bare_python("-m", "vmafx_sidecar", *args)
+    return subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=60)
 
 
 def serve(bare_python, tmp_path: Path, *flags: str) -> tuple[Path, list[dict]]:
