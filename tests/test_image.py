@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import image_prune
 from conftest import ROOT, Client, sample
 
-SIZE_BUDGET_MB = 120
+SIZE_BUDGET_MB = 90
 
 
 def test_dockerfile_is_hadolint_clean():
@@ -40,16 +43,28 @@ def build_context() -> list[str]:
     return files
 
 
+def build_step() -> str:
+    """The build stage's one RUN instruction, as /bin/sh runs it: pip install, image_prune.py, compileall."""
+    (run,) = [line for line in (ROOT / "Dockerfile").read_text().replace("\\\n", "").splitlines()
+              if line.startswith("RUN ")]
+    return run.removeprefix("RUN ")
+
+
 @pytest.fixture(scope="module")
 def runtime_dir(tmp_path_factory) -> Path:
-    """The directory the Dockerfile copies into the image, made the same way from the same files
-    (pip needs the package index)."""
+    """The directory the Dockerfile copies into the image, made by the build stage's own RUN from the same
+    files, into a temporary /app, with this interpreter as the stage's `python` and `pip` (pip needs the
+    package index). Its wheels and bytecode are this Python's rather than 3.13's, much the same in size."""
     source = tmp_path_factory.mktemp("src")
     for name in build_context():
         shutil.copy(ROOT / name, source)
+    shims = tmp_path_factory.mktemp("bin")
+    for name, module in (("python", ""), ("pip", " -m pip")):
+        (shims / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)}{module} "$@"\n')
+        (shims / name).chmod(0o755)
     target = tmp_path_factory.mktemp("runtime") / "app"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", target, source], check=True)
-    shutil.rmtree(target / "bin")
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["/bin/sh", "-c", build_step().replace("/app", str(target))], cwd=source, env=env, check=True)
     return target
 
 
@@ -68,41 +83,46 @@ def bare_python(runtime_dir, tmp_path):
 
 
 def test_runtime_layer_fits_the_size_budget(runtime_dir):
-    size_mb = sum(f.stat().st_size for f in runtime_dir.rglob("*") if f.is_file()) / 1e6
+    """The layer as the image holds it, bytecode included: the sum of its files' sizes."""
+    size_mb = image_prune.size(runtime_dir) / 1e6
     assert size_mb <= SIZE_BUDGET_MB, f"runtime layer {size_mb:.1f} MB"
 
 
-def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
+def test_pruning_leaves_no_test_suite_and_all_the_sidecar_imports(runtime_dir, bare_python):
+    for pattern in image_prune.PRUNED:
+        assert not list(runtime_dir.glob(pattern)), pattern
+    assert (runtime_dir / "onnx/backend/base.py").is_file() and not (runtime_dir / "onnx/backend/test").exists()
+    assert (runtime_dir / "numpy/testing/__init__.py").is_file()  # numpy's public API, not a test suite
+    imports = ["numpy", "onnx", "onnx.checker", "onnx.helper", "onnx.numpy_helper", *image_prune.RUNTIME_IMPORTS]
+    args, kwargs = bare_python("-c", f"import {', '.join(imports)}")
+    result = subprocess.run(args, **kwargs, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def cli(bare_python, *args: str) -> subprocess.CompletedProcess:
+    command, kwargs = bare_python("-m", "vmafx_sidecar", *args)
+    return subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=60)
+
+
+def serve(bare_python, tmp_path: Path, *flags: str) -> tuple[Path, list[dict]]:
+    """Run `serve` until the chart's startup probe passes, send it 32 random samples (a checkpoint is due every
+    16 trained) and stop it: its checkpoint directory and the ACKs, once it exited 0 and removed its socket."""
     sockdir = tempfile.mkdtemp(prefix="vx")  # AF_UNIX paths are short; tmp_path may be too long
-    sock = f"{sockdir}/s.sock"
-    ckpt = tmp_path / "ckpt"
-
-    def probe() -> int:
-        args, kwargs = bare_python("-m", "vmafx_sidecar", "probe", "--socket", sock)
-        return subprocess.run(args, **kwargs, capture_output=True).returncode
-
-    assert probe() != 0  # nothing listening yet
+    sock, ckpt, stderr = f"{sockdir}/s.sock", tmp_path / "ckpt", tmp_path / "stderr.log"
+    assert cli(bare_python, "probe", "--socket", sock).returncode != 0  # nothing listening yet
     args, kwargs = bare_python("-m", "vmafx_sidecar", "serve", "--socket", sock, "--checkpoint-dir", str(ckpt),
                                "--base-model-path", "", "--batch-size", "8", "--ckpt-interval-s", "0",
-                               "--min-samples-ckpt", "16", "--gate", "off")  # 32 random samples: publish unjudged
-    stderr = tmp_path / "stderr.log"
+                               "--min-samples-ckpt", "16", *flags)
     with open(stderr, "wb") as err:
         server = subprocess.Popen(args, **kwargs, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 30
-        while probe() != 0:  # the chart's startup probe, exactly
+        while cli(bare_python, "probe", "--socket", sock).returncode != 0:  # the chart's startup probe, exactly
             assert server.poll() is None and time.monotonic() < deadline, stderr.read_text()
         client = Client(sock)
         rng = np.random.default_rng(0)
         acks = [client.request(sample(rng)) for _ in range(32)]
         client.close()
-        assert all(ack["ok"] for ack in acks), acks
-        checkpoints = [ack["checkpoint"] for ack in acks if "checkpoint" in ack]
-        assert checkpoints, acks
-        latest = Path(checkpoints[-1])
-        assert latest.parent == ckpt
-        digest = latest.with_name(latest.name + ".sha256").read_text().split()[0]
-        assert digest == hashlib.sha256(latest.read_bytes()).hexdigest()
         server.terminate()
         assert server.wait(10) == 0, stderr.read_text()
         assert not Path(sock).exists()
@@ -111,3 +131,35 @@ def test_runtime_layer_serves_trains_and_checkpoints(bare_python, tmp_path):
             server.kill()
             server.wait()
         shutil.rmtree(sockdir, ignore_errors=True)
+    assert all(ack["ok"] for ack in acks), acks
+    return ckpt, acks
+
+
+def test_runtime_layer_serves_trains_checkpoints_and_verifies(bare_python, tmp_path):
+    ckpt, acks = serve(bare_python, tmp_path, "--gate", "off")  # 32 random samples: publish unjudged
+    checkpoints = [ack["checkpoint"] for ack in acks if "checkpoint" in ack]
+    assert checkpoints, acks
+    latest = Path(checkpoints[-1])
+    assert latest.parent == ckpt
+    digest = latest.with_name(latest.name + ".sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(latest.read_bytes()).hexdigest()
+    listing = cli(bare_python, "checkpoints", str(ckpt))
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split()[-3:] == ["off", "published,", "latest"], listing.stdout
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 0 and verified.stdout.endswith(", 0 with problems\n"), verified
+    latest.write_bytes(latest.read_bytes()[:100])  # verify's other exit, through onnx's parser: from this tree too
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 1 and f"FAILED  {latest}" in verified.stdout, verified
+
+
+def test_runtime_layer_judges_checkpoints_with_the_gate_on(bare_python, tmp_path):
+    ckpt, _ = serve(bare_python, tmp_path, "--gate", "on", "--gate-min-eval", "8")  # the window of 16 is judged
+    records = [json.loads(path.read_text()) for path in sorted(ckpt.glob("**/model_v*.json"))]
+    assert records, list(ckpt.rglob("*"))
+    for record in records:
+        assert record["gate"] in ("passed", "quarantined") and record["metrics"]["window"]["candidate"], record
+    listing = cli(bare_python, "checkpoints", str(ckpt))
+    assert listing.returncode == 0 and records[-1]["gate"] in listing.stdout, listing
+    verified = cli(bare_python, "verify", str(ckpt))
+    assert verified.returncode == 0, verified
