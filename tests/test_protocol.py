@@ -72,6 +72,13 @@ def test_ack_fields_in_go_client_order(tmp_path):
     assert ack.startswith(b'{"ok": true, "step": 1, "trained": true, "loss": ')
 
 
+@settings(max_examples=500)
+@given(step=st.integers(0, 2**63), job_id=st.none() | st.text(st.characters(blacklist_categories=()), max_size=12))
+def test_the_untrained_ack_is_json_dumps_byte_for_byte(step, job_id):
+    """Every character a job_id can bring, lone surrogates from \\ud800 escapes too."""
+    assert vs.untrained_ack(step, job_id) == vs.encode_ack({"ok": True, "step": step, "trained": False}, job_id)
+
+
 # ---- properties: whatever arrives, exactly one well-formed ACK per non-blank line ----
 
 json_values = st.recursive(

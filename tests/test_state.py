@@ -5,8 +5,10 @@ import dataclasses
 import json
 import logging
 import re
+import selectors
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +372,33 @@ def test_retention_keeps_the_champion(tmp_path, monkeypatch):
     assert trainer.checkpoints.champion_version == 1
     published = sorted(p.name for p in tmp_path.glob("model_v*.onnx.sha256"))
     assert published == ["model_v000001.onnx.sha256", "model_v000004.onnx.sha256"], published
+
+
+def test_a_loop_turn_journals_its_lines_in_one_write_before_any_of_their_acks(tmp_path, monkeypatch):
+    server = in_process_server(tmp_path)
+    writes = []
+    real_write_all = vs.write_all
+    monkeypatch.setattr(vs, "write_all", lambda fd, content: (writes.append(bytes(content)), real_write_all(fd, content)))
+    pairs = [socket.socketpair(socket.AF_UNIX) for _ in range(3)]
+    connections = []
+    for server_end, client_end in pairs:
+        server_end.setblocking(False)
+        client_end.setblocking(False)
+        connections.append(vs.Connection(server_end, server.on_connection_ready))
+        server.connections.add(connections[-1])
+        server.selector.register(server_end, selectors.EVENT_READ, connections[-1])
+    for (_, client_end), m in zip(pairs, messages(3)):
+        client_end.sendall(json.dumps(m).encode() + b"\n")
+    for conn in connections:  # the turn's callbacks, as select() reported the three ready
+        conn(selectors.EVENT_READ)
+    for _, client_end in pairs:
+        with pytest.raises(BlockingIOError):  # no ACK before the journal has the samples
+            client_end.recv(100)
+    assert writes == []
+    server.end_turn()
+    assert len(writes) == 1  # one write for the three connections' samples
+    for (_, client_end), m in zip(pairs, messages(3)):
+        ack = json.loads(client_end.recv(1000))
+        assert ack["ok"] and ack.get("job_id") == m.get("job_id")
+    records = vs.Journal.records(server.state.journal_path, 5, server.state.generation)
+    assert [r.features.tolist() for r in records] == [np.float32(m["features"]).tolist() for m in messages(3)]
