@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import helm_python as helm
 import pytest
 import yaml
 
@@ -228,6 +229,31 @@ def test_values_reach_every_alert():
     assert "[1d2h]" in rules["VmafxNoCheckpointPublished"]["expr"]
     assert "* 93600 > 500" in rules["VmafxNoCheckpointPublished"]["expr"]  # 1d2h in seconds
     assert "> 5400" in rules["VmafxFleetModelStale"]["expr"]
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("sidecar.trainer.metrics.prometheusRule.enabled", "true"),
+    ("sidecar.trainer.metrics.prometheusRule.labels.release", 1),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown.for", "5 minutes"),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown.severity", ""),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished.window", "1.5h"),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished.minSamples", -1),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.checkpointsQuarantinedRepeatedly.count", 0),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.fleetModelStale.maxAge", "2 hours"),
+])
+def test_schema_rejects_bad_rule_values_naming_them(dotted, value):
+    location = "/" + dotted.replace(".", "/")
+    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
+        render(merged(RULE_VALUES, **{dotted: value}), "1.33")
+
+
+@pytest.mark.parametrize("dotted, misspelt", [
+    ("sidecar.trainer.metrics.prometheusRule.alerts.sidecarDwn", "sidecarDwn"),
+    ("sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown.threshold", "threshold"),
+])
+def test_schema_rejects_a_misspelt_alert_or_threshold(dotted, misspelt):
+    with pytest.raises(helm.HelmValuesError, match=f"additional properties '{misspelt}'"):
+        render(merged(RULE_VALUES, **{dotted: 1}), "1.33")
 
 
 def test_every_alert_has_a_runbook_in_the_chart_readme():
