@@ -570,8 +570,9 @@ class Server:
 
     def on_connection_ready(self, conn: Connection, mask: int) -> None:
         if mask & selectors.EVENT_READ:
-            self.read(conn)  # flushed by end_turn(), writable or not
-        elif conn in self.connections:  # only writable: ACKs of an earlier turn, journaled then
+            self.read(conn)
+        # A connection read this turn is flushed by end_turn(); else its ACKs are an earlier turn's, journaled then.
+        if mask & selectors.EVENT_WRITE and conn not in self.answered and conn in self.connections:
             self.flush(conn)
 
     def accept(self) -> bool:
