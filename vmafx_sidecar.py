@@ -10,9 +10,10 @@ the training step. The sections follow a sample, after the start-up ones (probe,
 an early exit before numpy and onnx; config; claims, one sidecar per socket and
 directory):
 
-  server      Server.on_connection_ready -> read -> take_lines -> answer
-  protocol    parse_request (and encode_ack, the answer's last step)
-  state       StateStore.record_sample: journaled before its ACK
+  server      Server.on_connection_ready -> read -> take_lines -> answer, then the
+              turn's end_turn: its samples journaled in one write, then its ACKs sent
+  protocol    parse_request (and encode_ack or untrained_ack, the answer's last step)
+  state       StateStore.record_sample, then StateStore.commit: journaled before its ACK
   sample log  SampleLog.append: with VMAFX_SIDECAR_SAMPLE_LOG=1, logged for the fleet
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
