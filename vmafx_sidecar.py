@@ -706,8 +706,7 @@ class Server:
         result = self.trainer.ingest(row, score, held_out, unnamed)
         if result is None:  # most samples: json.dumps' bytes for {"ok": true, "step": ..., "trained": false, ...}
             return untrained_ack(self.trainer.steps, request.job_id)
-        ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": True}
-        ack["loss"] = result.loss
+        ack: dict[str, Any] = {"ok": True, "step": self.trainer.steps, "trained": True, "loss": result.loss}
         if result.checkpoint is not None:
             if result.checkpoint.published:
                 ack["checkpoint"] = str(result.checkpoint.path)
@@ -2902,7 +2901,6 @@ def metrics_text(server: Server) -> str:
     live = t.window.evidence(t.references())
     fleet = fleet_model(Path(s.config.checkpoint_dir).absolute())
     failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"]}
-    samples_log = getattr(s.state, "samples", None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     families = [
         ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
@@ -2960,7 +2958,7 @@ def metrics_text(server: Server) -> str:
          [({}, fleet and fleet["age_s"])]),
         ("vmafx_sidecar_sample_log_dropped_total", "counter", "Samples gone from the sample log before the fleet "
          "trainer read them (its size bound, a long write outage), since the process started",
-         [({}, samples_log and samples_log.samples_dropped)]),
+         [({}, s.state.samples and s.state.samples.samples_dropped)]),
         ("vmafx_sidecar_backend_info", "gauge", "The array backend in use", [({"backend": t.backend.name}, 1)]),
         ("vmafx_sidecar_build_info", "gauge", "The sidecar's version", [({"version": version()}, 1)]),
         ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
