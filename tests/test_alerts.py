@@ -151,33 +151,34 @@ def test_promtool_accepts_every_rule(tmp_path):
     assert f"SUCCESS: {sum(len(g['rules']) for g in groups)} rules found" in result.stdout
 
 
-def test_every_alert_fires_on_its_series_and_stays_silent_on_healthy_ones(tmp_path):
+def promtool_tests(directory: Path, groups: list[dict], cases: list[Case]) -> subprocess.CompletedProcess:
+    """`promtool test rules` on `groups` with `cases`, written into `directory`."""
     promtool = system_program("promtool", "prometheus")
-    rules = alerts(rule_groups())
-    assert {c.alert for c in CASES if c.fires} == {c.alert for c in CASES if not c.fires} == set(rules)
-    write_rules(tmp_path, rule_groups())
+    write_rules(directory, groups)
+    rules = alerts(groups)
     tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
-             "tests": [promtool_test(case, rules[case.alert]) for case in CASES]}
-    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True)
+             "tests": [promtool_test(case, rules[case.alert]) for case in cases]}
+    (directory / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    return subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=directory, capture_output=True, text=True)
+
+
+def test_every_alert_fires_on_its_series_and_stays_silent_on_healthy_ones(tmp_path):
+    groups = rule_groups()
+    assert {c.alert for c in CASES if c.fires} == {c.alert for c in CASES if not c.fires} == set(alerts(groups))
+    result = promtool_tests(tmp_path, groups, CASES)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_broken_alert_is_caught(tmp_path):
     """The cases can fail: a rule that never fires, or one that always does, each fails some of them."""
-    promtool = system_program("promtool", "prometheus")
+    cases = [c for c in CASES if c.alert == "VmafxCheckpointQuarantined"]
     for i, broken in enumerate(("vector(0) > 1", "vector(1)")):
         groups = rule_groups()
         for rule in (r for group in groups for r in group["rules"] if r.get("alert") == "VmafxCheckpointQuarantined"):
             rule["expr"] = broken
-        rules, directory = alerts(groups), tmp_path / str(i)
+        directory = tmp_path / str(i)
         directory.mkdir()
-        write_rules(directory, groups)
-        cases = [promtool_test(c, rules[c.alert]) for c in CASES if c.alert == "VmafxCheckpointQuarantined"]
-        tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": cases}
-        (directory / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
-        result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=directory, capture_output=True)
-        assert result.returncode != 0, broken
+        assert promtool_tests(directory, groups, cases).returncode != 0, broken
 
 
 # ---- the chart ----

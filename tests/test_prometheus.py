@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ import vmafx_feedback
 from conftest import ROOT, sample, system_program
 from test_alerts import JOB, NAMESPACE, POD, rule_groups
 from test_dashboard import dashboard_queries, metric_names
+from test_faults import wait_for
 from test_metrics import free_port
 
 N_FEATURES = 8
@@ -63,14 +63,6 @@ def api(port: int, path: str, **params: str) -> object:
         answer = json.load(response)
     assert answer["status"] == "success", answer
     return answer["data"]
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-    return result
 
 
 def prepare_published_state(sidecar_factory, root: Path) -> None:
@@ -142,7 +134,7 @@ def test_a_real_prometheus_sees_every_metric_the_rules_and_dashboard_use_and_the
     proc, port = start_prometheus(tmp_path, metrics_port, producer.server_address[1])
     try:
         for job in (JOB, "vmafx-node"):
-            wait_for(lambda: scraped(port, job), 60, f"two scrapes of {job}")
+            assert wait_for(lambda: scraped(port, job), 60, interval=0.25), f"no two scrapes of {job}"
         rng = np.random.default_rng(2)
         for i in range(60):
             assert client.send(sample(rng, N_FEATURES)["features"], 50.0 + i % 7, job_id=f"e-{i}")
@@ -153,7 +145,8 @@ def test_a_real_prometheus_sees_every_metric_the_rules_and_dashboard_use_and_the
         assert raw.request({"op": "status"})["gate"]["gate"] == "quarantined"
 
         alert = wait_for(lambda: [a for a in api(port, "alerts")["alerts"]
-                                  if a["labels"]["alertname"] == "VmafxCheckpointQuarantined"], 60, "the alert")
+                                  if a["labels"]["alertname"] == "VmafxCheckpointQuarantined"], 60, interval=0.25)
+        assert alert, "no quarantine alert"
         assert alert[0]["state"] in ("pending", "firing") and alert[0]["labels"]["pod"] == POD, alert
 
         rules = [rule["expr"] for group in rule_groups() for rule in group["rules"]]
@@ -161,7 +154,8 @@ def test_a_real_prometheus_sees_every_metric_the_rules_and_dashboard_use_and_the
         assert "up" in names and "vmafx_training_feedback_dropped_total" in names
         mislabelled = {}
         for name in sorted(names):
-            found = wait_for(lambda: api(port, "series", **{"match[]": name}), 30, f"series of {name}")
+            found = wait_for(lambda: api(port, "series", **{"match[]": name}), 30, interval=0.25)
+            assert found, f"no series of {name}"
             # A namespace-level recording rule has summed the pods away; everything else keeps both.
             expected = {"namespace": NAMESPACE} if name.startswith("namespace:") else TARGET_LABELS
             wrong = [s for s in found if {k: s.get(k) for k in expected} != expected]

@@ -31,6 +31,13 @@ def logged(directory, samples: list[vs.LoggedSample]) -> vs.SampleLog:
     return log
 
 
+def append_each(log: vs.SampleLog, samples: list[vs.LoggedSample], max_bytes: int = 10**9) -> None:
+    """Each sample in a batch of its own, as a server answering one line a turn writes them."""
+    for s in samples:
+        log.append(s)
+        log.commit(max_bytes)
+
+
 def read_all(directory, after: int = 0) -> list[vs.LoggedSample]:
     return list(vs.read_log(directory, N_FEATURES, after))
 
@@ -96,10 +103,7 @@ def test_segments_rotate_by_size_and_each_starts_at_its_first_sequence(tmp_path,
     monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
     rng = np.random.default_rng(4)
     written = [sample(i, rng) for i in range(1, 201)]
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written:
-        log.append(s)
-        log.commit(10**9)
+    append_each(vs.SampleLog(tmp_path, N_FEATURES), written)
     paths = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     assert len(paths) > 5
     for path in paths:
@@ -135,9 +139,7 @@ def test_the_size_bound_deletes_the_oldest_segments_and_counts_their_samples(tmp
     rng = np.random.default_rng(7)
     written = [sample(i, rng) for i in range(1, 301)]
     log = vs.SampleLog(tmp_path, N_FEATURES)
-    for s in written:
-        log.append(s)
-        log.commit(5000)
+    append_each(log, written, 5000)
     kept = read_all(tmp_path)
     sizes = [p.stat().st_size for p in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)]
     assert sum(sizes) <= 5000 + 1000 + 200  # the bound, then at most the segment being filled
@@ -295,20 +297,14 @@ def test_segments_the_fleet_has_read_are_deleted_and_only_unread_losses_counted(
     node = tmp_path / "vmafx-node-0"
     node.mkdir()
     log = vs.SampleLog(node, N_FEATURES)
-    for i in range(1, 101):
-        log.append(sample(i, rng))
-        log.commit(10**9)
+    append_each(log, [sample(i, rng) for i in range(1, 101)])
     assert vs.fleet(tmp_path, fleet_config()) == 0  # reads 1..100
     assert vs.fleet_cursor(node) == 100
-    for i in range(101, 131):
-        log.append(sample(i, rng))
-        log.commit(10**9)  # rotations delete what the fleet has read, and nothing is lost
+    append_each(log, [sample(i, rng) for i in range(101, 131)])  # rotations delete what the fleet has read
     assert log.samples_dropped == 0
     assert vs.read_log(node, N_FEATURES).__next__().sequence > 80
     assert [s.sequence for s in vs.read_log(node, N_FEATURES, after=100)] == list(range(101, 131))
-    for i in range(131, 331):
-        log.append(sample(i, rng))
-        log.commit(3000)  # unread, and over the bound: the oldest unread ones go, counted
+    append_each(log, [sample(i, rng) for i in range(131, 331)], 3000)  # unread, over the bound: the oldest go
     kept = list(vs.read_log(node, N_FEATURES))
     assert log.samples_dropped == kept[0].sequence - 101 > 0
     assert kept[-1].sequence == 330
@@ -322,10 +318,7 @@ def test_fleet_status_shows_each_replicas_lag_and_what_was_deleted_unread(tmp_pa
     monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
     node = tmp_path / "vmafx-node-1"
     node.mkdir()
-    log = vs.SampleLog(node, N_FEATURES)
-    for i in range(1, 301):
-        log.append(sample(i, rng))
-        log.commit(4000)  # never read, and over the bound: the oldest go
+    append_each(vs.SampleLog(node, N_FEATURES), [sample(i, rng) for i in range(1, 301)], 4000)  # the oldest go
     first_kept = next(vs.read_log(node, N_FEATURES)).sequence
     capsys.readouterr()
     assert vs.fleet_status(tmp_path, N_FEATURES) == 0
