@@ -883,9 +883,9 @@ SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since form
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
-# replicas' sample logs. A sidecar reads every older format (migrated() lifts it in memory) and writes this
-# one at its next snapshot.
-SNAPSHOT_FORMAT = 5
+# replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
+# format (migrated() lifts it in memory) and writes this one at its next snapshot.
+SNAPSHOT_FORMAT = 6
 
 
 @dataclass(slots=True)
@@ -1214,6 +1214,10 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
                                                         "y_shift": 0.0, "y_scale": 1.0, "standardized": "none"}}
     if state["format"] == 4:  # nothing read from a sample log yet
         state = {**state, "format": 5, "sources": {}}
+    if state["format"] == 5:  # every sample of the window in its sums
+        n_features = state["fingerprint"]["sizes"][0]
+        state = {**state, "format": 6, "window_unscored": 0, "window_x": np.zeros((0, n_features), np.float32),
+                 "window_y": np.zeros(0, np.float32), "window_candidate": np.zeros(0, np.float32)}
     return state
 
 
@@ -1413,6 +1417,7 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
 # ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----
 
 HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
+WINDOW_BLOCK = 1024  # about this many samples of a window are predicted by the references at a time
 # Bounds of the step-time histogram (seconds).
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -1421,6 +1426,11 @@ STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 class StepResult:
     loss: float
     checkpoint: Checkpoint | None  # written by this step, published or quarantined
+
+
+# The state's arrays that hold only part of their buffer, and the scalar that says how much.
+PARTIAL_ARRAYS = {"pending_x": "n_pending", "pending_y": "n_pending", "window_x": "window_unscored",
+                  "window_y": "window_unscored", "window_candidate": "window_unscored"}
 
 
 class IncompatibleState(ValueError):
@@ -1445,12 +1455,13 @@ class Trainer:
         self.incumbent = model.copy()  # what nodes serve now: the base model until a checkpoint is published
         self.champion = model.copy()  # the best published model, once has_champion
         self.has_champion = False  # whether anything was published: then the references are incumbent and champion
-        self.window = Window(b)  # progressive validation since the last checkpoint
         self.use_coordinates(Coordinates.identity(config.n_features))  # what the model's inputs and outputs mean
         self.kept_raw = False  # statistics refused since the process started (they would overflow)
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
+        # Progressive validation since the last checkpoint, its references' predictions made a block at a time.
+        self.window = Window(b, config.n_features, self.n_new * max(1, WINDOW_BLOCK // self.n_new))
         # Samples gather on the host and go to the device a batch at a time: the new ones of the next step,
         # and held-out ones in stages (written to the evaluation ring before anything reads it).
         self.pending_x = np.zeros((self.n_new, config.n_features), np.float32)
@@ -1462,7 +1473,6 @@ class Trainer:
         # The step's batch: the new samples at the head, replay draws in the tail.
         self.batch_x = b.xp.zeros((config.batch_size, config.n_features), np.float32)
         self.batch_y = b.xp.zeros(config.batch_size, np.float32)
-        self.window_predictions = b.xp.zeros((1 + len(REFERENCES), self.n_new), np.float32)  # candidate first
         self.steps = 0
         self.steps_skipped = 0
         self.samples_accepted = 0  # valid samples taken in, held out or not
@@ -1555,16 +1565,20 @@ class Trainer:
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
-            "window_n": self.window.n, "window_shift": self.window.shift,
+            "window_n": self.window.n, "window_shift": self.window.shift, "window_unscored": self.window.unscored,
             "coordinates": dataclasses.asdict(self.coords),
         }
 
     def state_arrays(self) -> dict[str, Any]:
-        """The state's arrays where they live: on the backend, but for the pending samples on the host."""
+        """The state's arrays where they live: on the backend, but for the pending samples on the host. Those of
+        PARTIAL_ARRAYS are as long as the state says."""
+        w = self.window
         return {"theta": self.model.flat, "ema": self.ema.flat, "momentum": self.momentum,
                 "replay_x": self.replay.x, "replay_y": self.replay.y, "eval_x": self.eval.x, "eval_y": self.eval.y,
                 "pending_x": self.pending_x[:self.n_pending], "pending_y": self.pending_y[:self.n_pending],
-                "champion": self.champion.flat, "window_sums": self.window.sums, "window_truth": self.window.truth}
+                "champion": self.champion.flat, "window_sums": self.window.sums, "window_truth": self.window.truth,
+                "window_x": w.x[:w.unscored], "window_y": w.y[:w.unscored],
+                "window_candidate": w.predictions[0, :w.unscored]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
@@ -1579,11 +1593,14 @@ class Trainer:
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
+        for count, capacity in (("n_pending", len(self.pending_y)), ("window_unscored", len(self.window.y))):
+            if not 0 <= state[count] <= capacity:
+                raise ValueError(f"{count} {state[count]} is not in 0..{capacity}")
         for name, array in arrays.items():
-            shape = (state["n_pending"], *array.shape[1:]) if name.startswith("pending") else array.shape
+            shape = (state[PARTIAL_ARRAYS[name]], *array.shape[1:]) if name in PARTIAL_ARRAYS else array.shape
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
                 raise ValueError(f"array {name} has another shape than {shape}")
-        self.n_pending = state["n_pending"]  # sizes the pending arrays below
+        self.n_pending, self.window.unscored = state["n_pending"], state["window_unscored"]  # size those arrays
         keeps_champion = state["has_champion"] and self.checkpoints.is_published(state["champion_version"])
         for name, target in self.state_arrays().items():
             if name == "champion" and not keeps_champion:
@@ -1650,15 +1667,9 @@ class Trainer:
         return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
 
     def validate(self, x: Any, model_x: Any, y: Any) -> None:
-        """Progressive validation: the candidate (the EMA) and each reference predict the step's new samples
-        (x; model_x in the model's coordinates) before it trains on them, and the window takes their paired
-        errors."""
-        references = list(self.references().values())
-        predictions = self.window_predictions[:1 + len(references)]
-        predictions[0] = self.raw_scores(self.ema.forward(model_x)[:, 0])
-        for row, model in enumerate(references, 1):
-            predictions[row] = model.forward(x)[:, 0]
-        self.window.add(predictions, y)
+        """Progressive validation: the candidate (the EMA) predicts the step's new samples (x; model_x in the
+        model's coordinates) before it trains on them; the window takes them, for the references too."""
+        self.window.take(self.raw_scores(self.ema.forward(model_x)[:, 0]), x, y, self.references())
 
     # -- coordinates
 
@@ -2209,56 +2220,89 @@ class Window:
     since the last checkpoint, each predicted before the step trains on it. Every sample is evidence,
     none is withheld, and memory stays constant: sums in float64 of values shifted by the window's first
     score, so that no variance is lost to cancellation. Row 0 is the candidate's, then the references' in
-    the order Trainer.references() gives them; the rows past those stay zero."""
+    the order Trainer.references() gives them; the rows past those stay zero.
 
-    def __init__(self, backend: Backend):
-        self.to_host = backend.to_host
+    The candidate (the EMA) changes every step, so it predicts a step's samples then (take()). The
+    references are fixed for a window: the samples wait in a block of `capacity` until they predict them all
+    in a few large products (score()), as a step costs its numpy calls far more than its arithmetic."""
+
+    def __init__(self, backend: Backend, n_features: int, capacity: int):
         xp = backend.xp
+        self.xp, self.to_host = xp, backend.to_host
         self.sums = xp.zeros((1 + len(REFERENCES), 4))  # per model: sums of d, d², d·e, (d - e)²
         self.truth = xp.zeros(2)  # sums of e and e²; d = prediction - shift, e = score - shift
-        self.n = 0
+        self.n = 0  # samples in the window
         self.shift = 0.0
+        self.x = xp.zeros((capacity, n_features), np.float32)  # the block: raw features,
+        self.y = xp.zeros(capacity, np.float32)  # scores,
+        self.predictions = xp.zeros((1 + len(REFERENCES), capacity), np.float32)  # row 0 the candidate's
+        self.unscored = 0  # samples in the block, the window's newest: not yet in the sums
 
-    def add(self, predictions: Any, y: Any) -> None:
-        """Take one step's predictions (a row per model, a column per sample) of the scores y."""
+    def take(self, candidate: Any, x: Any, y: Any, references: dict[str, MLP]) -> None:
+        """Take one step's samples (raw features and scores) with the candidate's predictions of them, into the
+        block, which the `references` score first if they do not fit."""
+        if self.unscored + len(y) > len(self.y):
+            self.score(references)
         if not self.n:
             self.shift = float(y[0])
+        start, end = self.unscored, self.unscored + len(y)
+        self.x[start:end], self.y[start:end], self.predictions[0, start:end] = x, y, candidate
+        self.unscored = end
+        self.n += len(y)
+
+    def score(self, references: dict[str, MLP]) -> None:
+        """The block's samples into the sums, predicted by the references."""
+        sums, truth = self.paired_sums(self.predicted(references), self.y[:self.unscored])
+        self.sums[:len(sums)] += sums
+        self.truth += truth
+        self.unscored = 0
+
+    def predicted(self, references: dict[str, MLP]) -> Any:
+        """The block's predictions: the candidate's, then each reference's, made now."""
+        k = self.unscored
+        for row, model in enumerate(references.values(), 1):
+            self.predictions[row, :k] = model.forward(self.x[:k])[:, 0]
+        return self.predictions[:1 + len(references), :k]
+
+    def reset(self) -> None:
+        self.sums[...] = 0
+        self.truth[...] = 0
+        self.n, self.shift, self.unscored = 0, 0.0, 0
+
+    def evidence(self, references: dict[str, MLP]) -> Evidence:
+        """The candidate's and the references' scores on the window so far, the block's samples included
+        without changing the window (`references`: the models, by name, in the order of their rows)."""
+        sums, truth = self.sums, self.truth
+        if self.unscored:
+            block_sums, block_truth = self.paired_sums(self.predicted(references), self.y[:self.unscored])
+            sums, truth = sums.copy(), truth + block_truth
+            sums[:len(block_sums)] += block_sums
+        sums, (sum_e, sum_ee) = self.to_host(sums), self.to_host(truth).tolist()
+        names = ["candidate", *references]
+        return Evidence(self.n, {name: window_scores(self.n, sums[row], sum_e, sum_ee)
+                                 for row, name in enumerate(names)})
+
+    def paired_sums(self, predictions: Any, y: Any) -> tuple[Any, Any]:
+        """Per model (row), the sums of d, d², d·e and (d - e)², and the sums of e and e², where d = prediction
+        - shift and e = score - shift, in float64."""
         d = predictions.astype(np.float64)
         d -= self.shift
         e = y.astype(np.float64)
         e -= self.shift
         r = d - e
-        sums = self.sums[:len(d)]
-        sums[:, 0] += d.sum(axis=1)
-        sums[:, 1] += (d * d).sum(axis=1)
-        sums[:, 2] += d @ e
-        sums[:, 3] += (r * r).sum(axis=1)
-        self.truth[0] += e.sum()
-        self.truth[1] += e @ e
-        self.n += len(y)
+        sums = self.xp.stack([d.sum(axis=1), (d * d).sum(axis=1), d @ e, (r * r).sum(axis=1)], axis=1)
+        return sums, self.xp.stack([e.sum(), e @ e])
 
-    def reset(self) -> None:
-        self.sums[...] = 0
-        self.truth[...] = 0
-        self.n, self.shift = 0, 0.0
 
-    def evidence(self, references: dict[str, Any]) -> Evidence:
-        """The candidate's and the references' scores on the window so far (`references`: their names, in the
-        order their rows were added)."""
-        sums, (sum_e, sum_ee) = self.to_host(self.sums), self.to_host(self.truth).tolist()
-        names = ["candidate", *references]
-        return Evidence(self.n, {name: self.scores(sums[row], sum_e, sum_ee) for row, name in enumerate(names)})
-
-    def scores(self, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scores | None:
-        n = self.n
-        if not n or not (np.isfinite(sums).all() and math.isfinite(sum_ee)):
-            return None
-        sum_d, sum_dd, sum_de, sse = sums.tolist()
-        var_d, var_e = sum_dd - sum_d * sum_d / n, sum_ee - sum_e * sum_e / n  # n times the variances
-        constant_d, constant_e = var_d <= CONSTANT_VARIANCE * sum_dd, var_e <= CONSTANT_VARIANCE * sum_ee
-        plcc = 0.0 if constant_d or constant_e else (sum_de - sum_d * sum_e / n) / math.sqrt(var_d * var_e)
-        r2 = 0.0 if constant_e else 1.0 - sse / var_e
-        return Scores(plcc=min(1.0, max(-1.0, plcc)), srcc=None, rmse=math.sqrt(max(0.0, sse) / n), r2=r2)
+def window_scores(n: int, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scores | None:
+    if not n or not (np.isfinite(sums).all() and math.isfinite(sum_ee)):
+        return None
+    sum_d, sum_dd, sum_de, sse = sums.tolist()
+    var_d, var_e = sum_dd - sum_d * sum_d / n, sum_ee - sum_e * sum_e / n  # n times the variances
+    constant_d, constant_e = var_d <= CONSTANT_VARIANCE * sum_dd, var_e <= CONSTANT_VARIANCE * sum_ee
+    plcc = 0.0 if constant_d or constant_e else (sum_de - sum_d * sum_e / n) / math.sqrt(var_d * var_e)
+    r2 = 0.0 if constant_e else 1.0 - sse / var_e
+    return Scores(plcc=min(1.0, max(-1.0, plcc)), srcc=None, rmse=math.sqrt(max(0.0, sse) / n), r2=r2)
 
 
 def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:

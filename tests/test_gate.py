@@ -256,14 +256,35 @@ def test_measure_matches_an_independent_computation_on_random_models(seed):
 MODELS = ("candidate", *vs.REFERENCES)  # as many models as a window holds rows for: the candidate first
 
 
-def window_of(predictions: np.ndarray, truth: np.ndarray, steps: list[int]) -> vs.Window:
-    """A window that took each model's predictions (rows) of `truth` in steps of these sizes."""
-    window = vs.Window(vs.NUMPY)
+IDENTITY = ob.Activation("leaky_relu", 1.0)
+
+
+def picker(i: int) -> vs.MLP:
+    """A reference that predicts feature i of len(REFERENCES), exactly."""
+    w = np.zeros((len(vs.REFERENCES), 1), np.float32)
+    w[i] = 1
+    return vs.MLP.from_weights(ob.MLPWeights([(w, np.zeros(1, np.float32)), (np.ones((1, 1), np.float32),
+                                                                            np.zeros(1, np.float32))], [IDENTITY]))
+
+
+REFERENCE_MODELS = {name: picker(i) for i, name in enumerate(vs.REFERENCES)}
+
+
+def window_of(predictions: np.ndarray, truth: np.ndarray, steps: list[int], capacity: int | None = None,
+              asked_at: set[int] = frozenset()) -> vs.Window:
+    """A window that took the candidate's predictions (row 0) of `truth` in steps of these sizes, each reference
+    predicting its row from the features; a block of `capacity` (the largest step by default), its evidence
+    asked after the steps `asked_at`."""
+    window = vs.Window(vs.NUMPY, len(vs.REFERENCES), capacity or max(steps))
+    features = predictions[1:].T.copy()
     start = 0
-    for size in steps:
-        window.add(predictions[:, start:start + size], truth[start:start + size])
-        start += size
-    assert start == len(truth)
+    for step, size in enumerate(steps):
+        end = start + size
+        window.take(predictions[0, start:end], features[start:end], truth[start:end], REFERENCE_MODELS)
+        if step in asked_at:
+            window.evidence(REFERENCE_MODELS)
+        start = end
+    assert start == len(truth) and window.n == len(truth)
     return window
 
 
@@ -276,7 +297,7 @@ def direct_scores(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, floa
 
 
 def assert_window_scores_match(window: vs.Window, predictions: np.ndarray, truth: np.ndarray) -> None:
-    found = window.evidence(dict.fromkeys(vs.REFERENCES))
+    found = window.evidence(REFERENCE_MODELS)
     assert found.n == len(truth) and set(found.scores) == set(MODELS)
     for row, name in enumerate(MODELS):
         plcc, r2, rmse = direct_scores(predictions[row], truth)
@@ -305,7 +326,20 @@ def test_window_sums_give_the_scores_of_all_predictions_at_once(seed):
     steps = rng.integers(1, 33, 60).tolist()  # steps of any size, as batches and replay mixes make them
     truth = rng.uniform(20, 100, sum(steps)).astype(np.float32)
     predictions = predictions_of(rng, truth, spread=10.0)
-    assert_window_scores_match(window_of(predictions, truth, steps), predictions, truth)
+    for capacity in (32, 100, 2000):  # blocks scored often, now and then, never
+        assert_window_scores_match(window_of(predictions, truth, steps, capacity), predictions, truth)
+
+
+def test_asking_a_window_for_its_evidence_leaves_it_as_it_was():
+    rng = np.random.default_rng(4)
+    steps = [16] * 40
+    truth = rng.uniform(20, 100, sum(steps)).astype(np.float32)
+    predictions = predictions_of(rng, truth, spread=10.0)
+    quiet = window_of(predictions, truth, steps, capacity=160)
+    asked = window_of(predictions, truth, steps, capacity=160, asked_at={0, 3, 9, 10, 17, 39})
+    assert asked.evidence(REFERENCE_MODELS) == quiet.evidence(REFERENCE_MODELS)  # bit for bit
+    assert (asked.sums.tobytes(), asked.truth.tobytes(), asked.n, asked.unscored) == (
+        quiet.sums.tobytes(), quiet.truth.tobytes(), quiet.n, quiet.unscored)
 
 
 @settings(max_examples=100, deadline=None)
@@ -317,7 +351,7 @@ def test_window_sums_match_a_float64_computation_even_far_from_zero(offset, spre
     rng = np.random.default_rng(seed)
     truth = (offset + spread * rng.normal(size=sum(steps))).astype(np.float32)
     predictions = predictions_of(rng, truth, spread)
-    assert_window_scores_match(window_of(predictions, truth, steps), predictions, truth)
+    assert_window_scores_match(window_of(predictions, truth, steps, capacity=20), predictions, truth)
 
 
 def test_window_of_constant_predictions_or_truth_correlates_zero():
@@ -329,22 +363,22 @@ def test_window_of_constant_predictions_or_truth_correlates_zero():
     constant_truth = np.full(48, 987.25, np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no division by a zero variance
-        found = window_of(predictions, truth, [16, 16, 16]).evidence(dict.fromkeys(vs.REFERENCES))
+        found = window_of(predictions, truth, [16, 16, 16]).evidence(REFERENCE_MODELS)
         assert found.scores["candidate"].plcc == found.scores[vs.REFERENCES[0]].plcc == 0.0
         assert_window_scores_match(window_of(predictions, truth, [16, 16, 16]), predictions, truth)
-        flat = window_of(predictions, constant_truth, [5, 43]).evidence(dict.fromkeys(vs.REFERENCES))
+        flat = window_of(predictions, constant_truth, [5, 43]).evidence(REFERENCE_MODELS)
         assert all((s.plcc, s.r2) == (0.0, 0.0) for s in flat.scores.values())
         assert_window_scores_match(window_of(predictions, constant_truth, [5, 43]), predictions, constant_truth)
 
 
 def test_window_scores_are_none_without_samples_or_with_outputs_that_are_not_finite():
-    empty = vs.Window(vs.NUMPY).evidence({"base": None})
+    empty = vs.Window(vs.NUMPY, len(vs.REFERENCES), 8).evidence({"base": picker(0)})
     assert empty == vs.Evidence(0, {"candidate": None, "base": None})
     truth = np.arange(8, dtype=np.float32)
     predictions = np.tile(truth, (len(MODELS), 1))
     predictions[0, 3] = np.inf  # the candidate's outputs overflowed
     with np.errstate(invalid="ignore", over="ignore"):
-        found = window_of(predictions, truth, [4, 4]).evidence({"base": None})
+        found = window_of(predictions, truth, [4, 4]).evidence({"base": picker(0)})
     assert found.scores["candidate"] is None
     assert found.scores["base"] == vs.Scores(plcc=1.0, srcc=None, rmse=0.0, r2=1.0)
 
@@ -1016,7 +1050,7 @@ def test_progressive_validation_predicts_each_sample_before_the_step_that_trains
 
     def on_these_samples(candidate: vs.MLP) -> vs.Evidence:
         predictions = np.stack([candidate.forward(x)[:, 0], trainer.incumbent.forward(x)[:, 0]])
-        return window_of(predictions, y, [4]).evidence({"base": None})
+        return window_of(predictions, y, [4]).evidence({"base": picker(0)})
 
     live = trainer.window.evidence(trainer.references())
     expected, after = on_these_samples(before).scores, on_these_samples(trainer.ema).scores

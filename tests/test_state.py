@@ -323,6 +323,33 @@ def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_
                                                                   "champion": None}
 
 
+def test_a_window_scored_a_block_at_a_time_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """The references score a window's samples a block at a time: a state saved with a part of a block unscored
+    continues exactly as the trainer that saved it, blocks and checkpoints included."""
+    monkeypatch.setattr(vs, "WINDOW_BLOCK", 12)  # three steps of 4 new samples
+    settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, min_samples_ckpt=40,
+                    ckpt_interval_s=0.0, gate_min_eval=8, eval_capacity=16)
+    rng = np.random.default_rng(2)
+    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    trainer = make_trainer(tmp_path / "a", **settings)
+    for x, y in stream[:100]:
+        trainer.ingest(x, y, False, True)
+    saved = trainer.state_dict()
+    assert 0 < saved["window_unscored"] < trainer.window.n and trainer.checkpoints.version == 2
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the checkpoints the state names
+    again, _ = vs.build_trainer(vs.Config(checkpoint_dir=str(tmp_path / "b"), base_model_path="", **settings))
+    again.load_state_dict(saved)
+    for t in (trainer, again):
+        for x, y in stream[100:]:
+            t.ingest(x, y, False, True)
+    assert trainer.checkpoints.version == again.checkpoints.version > 2
+    assert trainer.last_gate["metrics"] == again.last_gate["metrics"]
+    mine, theirs = trainer.state_dict(), again.state_dict()
+    for key in mine.keys() - {"last_checkpoint_unix", "last_gate"}:
+        as_bytes = (lambda v: v.tobytes()) if isinstance(mine[key], np.ndarray) else (lambda v: v)
+        assert as_bytes(mine[key]) == as_bytes(theirs[key]), key
+
+
 def published_twice(directory) -> vs.Trainer:
     """A trainer that published v1 and v2 (the gate off), with the champion forced to v1 as the gate leaves it
     when v2 was published a little worse."""
