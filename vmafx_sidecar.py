@@ -1443,11 +1443,14 @@ class Trainer:
         self.config = config
         self.fresh = fresh  # a random initialisation, not a base model: see take_statistics()
         self.backend = b = model.backend  # the model, the optimizer state and both rings live there
-        self.model = model  # live weights, theta
-        self.ema = model.copy()
-        self.grad = MLP(model.sizes, model.activations, backend=b)
-        self.momentum = b.xp.zeros_like(model.flat)
-        self.undo = tuple(b.xp.empty_like(model.flat) for _ in range(3))  # a step's starting point, to undo it
+        # The live weights (theta), their EMA, the momentum and the gradient as the rows of one array, so that
+        # a step updates the first three in one matrix product (apply_gradient).
+        self.vectors = b.xp.zeros((4, len(model.flat)), np.float32)
+        self.model, self.ema, self.grad = (MLP(model.sizes, model.activations, backend=b, flat=self.vectors[row])
+                                           for row in (0, 1, 3))
+        self.model.flat[...] = self.ema.flat[...] = model.flat
+        self.momentum = self.vectors[2]
+        self.updated = b.xp.empty((3, len(model.flat)), np.float32)  # a step's new theta, EMA and momentum
         self.checkpoints = checkpoints
         self.rng = rng
         self.replay = Ring(config.replay_capacity, config.n_features, b)
@@ -1783,33 +1786,30 @@ class Trainer:
         return np.concatenate([x, host(replay_x)]), np.concatenate([y, host(replay_y)]), held_out
 
     def apply_gradient(self, loss: float) -> bool:
-        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then EMA.
-        False, with nothing changed, when the loss, the gradient or the new weights are not finite."""
-        c, g, theta, xp = self.config, self.grad.flat, self.model.flat, self.backend.xp
+        """clip_grad_norm_ then torch.optim.SGD (weight decay, momentum) with linear warmup, then the EMA: torch's
+        update, written as one matrix product of theta, EMA, momentum and gradient (a step's cost is its numpy
+        calls, not its arithmetic). False, with nothing changed, when the loss, the gradient or the new
+        weights are not finite."""
+        c, g, xp = self.config, self.grad.flat, self.backend.xp
         norm = float(xp.sqrt(xp.dot(g, g)))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return False
-        for live, saved in zip(self.state_vectors(), self.undo):
-            saved[...] = live
-        clip = c.max_grad_norm / (norm + 1e-6)
-        if clip < 1.0:
-            g *= np.float32(clip)
-        if c.weight_decay:
-            g += np.float32(c.weight_decay) * theta
-        self.momentum *= np.float32(c.momentum)  # starts at zero, so the first step sets it to g as torch does
-        self.momentum += g
-        warmup = min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0
-        theta -= np.float32(c.lr * warmup) * self.momentum
-        self.ema.flat *= np.float32(c.ema_decay)
-        self.ema.flat += np.float32(1.0 - c.ema_decay) * theta
-        if not (xp.isfinite(theta).all() and xp.isfinite(self.ema.flat).all()):  # overflowed: undo the step
-            for live, saved in zip(self.state_vectors(), self.undo):
-                live[...] = saved
+        clip = min(1.0, c.max_grad_norm / (norm + 1e-6))
+        lr = c.lr * (min(1.0, (self.steps + 1) / c.warmup_steps) if c.warmup_steps else 1.0)
+        # momentum' = mu momentum + clip g + decay theta (it starts at zero: the first step sets it as torch does)
+        # theta' - theta = -lr momentum'
+        # ema' - ema = (1 - d) (theta' - ema)
+        # Theta and the EMA as steps from where they are, which keeps their small changes exact.
+        momentum = (c.weight_decay, 0.0, c.momentum, clip)  # the coefficients of theta, EMA, momentum and g
+        theta = tuple(-lr * v for v in momentum)
+        ema = tuple((1 - c.ema_decay) * (v + w) for v, w in zip(theta, (1.0, -1.0, 0.0, 0.0)))
+        update = self.updated
+        xp.matmul(xp.asarray(np.array([theta, ema, momentum], np.float32)), self.vectors, out=update)
+        update[:2] += self.vectors[:2]
+        if not xp.isfinite(update).all():  # overflowed: the step is not taken
             return False
+        self.vectors[:3] = update
         return True
-
-    def state_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.model.flat, self.momentum, self.ema.flat
 
     def checkpoint_due(self) -> bool:
         """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""
@@ -2011,6 +2011,10 @@ def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
     return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
 
 
+def parameter_count(sizes: list[int]) -> int:
+    return sum(i * o + o for i, o in zip(sizes, sizes[1:]))
+
+
 def layer_views(flat: Any, sizes: list[int]) -> list[tuple[Any, Any]]:
     """Each layer's W (in, out) and b as views into a flat parameter vector (or one shaped like it)."""
     layers, offset = [], 0
@@ -2027,12 +2031,13 @@ class MLP:
     into it, so clipping, decay, momentum and EMA are each a single vector operation."""
 
     def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32,
-                 backend: Backend = NUMPY):
+                 backend: Backend = NUMPY, flat: Any = None):
+        """Zero parameters, or those in `flat` (a view: the model then computes with what is written there)."""
         assert len(activations) == len(sizes) - 2, "one activation per hidden layer"
         self.sizes = list(sizes)
         self.activations = list(activations)
         self.backend = backend
-        self.flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
+        self.flat = backend.xp.zeros(parameter_count(sizes), dtype) if flat is None else flat
         self.layers = layer_views(self.flat, sizes)
 
     @classmethod

@@ -65,7 +65,9 @@ def assert_ort_matches_numpy(model: str | Path | onnx.ModelProto, n_features: in
         assert want.dtype == np.float32 and want.shape == (batch, 1)
         assert np.all(np.isfinite(got))
         diff = float(np.max(np.abs(got - want)))
-        assert diff <= 1e-5, f"batch {batch}: onnxruntime and numpy differ by {diff}"
+        # Two float32 engines sum in different orders: a few ulps of the outputs' scale apart (scores are ~100).
+        tolerance = max(1e-5, 8 * float(np.spacing(np.abs(want).max())))
+        assert diff <= tolerance, f"batch {batch}: onnxruntime and numpy differ by {diff} (> {tolerance})"
 
 
 def relu_mlp(layers: list[tuple[np.ndarray, np.ndarray]]) -> vmafx_onnx_builder.MLPWeights:
