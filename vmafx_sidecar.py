@@ -1905,8 +1905,9 @@ class Ring:
 
     def sample_into(self, rng: np.random.Generator, x: Any, y: Any) -> None:
         """Fill x and y with len(y) samples drawn uniformly with replacement, by the host's generator
-        so that every backend draws the same batches."""
-        index = self.xp.asarray(rng.integers(0, self.size, len(y)))
+        so that every backend draws the same batches: floor(u × size) for u uniform in [0, 1), which
+        stays below size (rng.integers spends 4 µs a call checking its arguments, more than the step's take)."""
+        index = self.xp.asarray((rng.random(len(y)) * self.size).astype(np.intp))
         self.x.take(index, axis=0, out=x)
         self.y.take(index, out=y)
 

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import vmafx_sidecar as vs
 from conftest import RELU, make_trainer
@@ -200,6 +201,22 @@ def test_overflowing_batch_is_skipped_and_weights_kept(tmp_path):
 
 # ---- batches: new samples first, then replay draws from the host RNG ----
 
+class LargestDraws:
+    """A generator whose random() always returns the largest value numpy's can: 1 - 2**-53."""
+    def random(self, n: int) -> np.ndarray:
+        return np.full(n, np.nextafter(1.0, 0.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 5000) | st.sampled_from([2**k for k in range(13)]))
+def test_a_replay_draw_never_falls_past_the_ring(size):
+    ring = vs.Ring(size, 1, vs.NUMPY)
+    ring.extend(np.arange(size, dtype=np.float32)[:, None], np.arange(size, dtype=np.float32))
+    x, y = np.zeros((3, 1), np.float32), np.zeros(3, np.float32)
+    ring.sample_into(LargestDraws(), x, y)
+    assert y.tolist() == [size - 1] * 3  # the last slot's sample
+
+
 def test_replay_batches_match_reference(tmp_path):
     sizes = [4, 6, 1]
     trainer = make_trainer(tmp_path, sizes=sizes, seed=5, batch_size=8, replay_mix=0.75, replay_capacity=6,
@@ -221,7 +238,7 @@ def test_replay_batches_match_reference(tmp_path):
         if i % 2 == 0:
             continue
         held = min(i + 1, 6)
-        index = draws.integers(0, held, min(6, held))
+        index = (draws.random(min(6, held)) * held).astype(int)
         batches.append((np.concatenate([x[i - 1:i + 1], ring_x[index]]),
                         np.concatenate([y[i - 1:i + 1], ring_y[index]])))
     expected, _ = reference_run(initial, batches, max_norm=1e6, momentum=SETTINGS["momentum"], lr=SETTINGS["lr"],
