@@ -911,9 +911,11 @@ class Journal:
         self.last_sync = time.monotonic()
 
     def append(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
-        payload = row.tobytes() + score.tobytes()
+        """A record: its header, then the row's and the score's bytes, copied once, into the pending ones."""
         flags = (HELD_OUT if held_out else 0) | (UNNAMED if unnamed else 0)
-        self.pending += JOURNAL_RECORD.pack(len(payload) | flags, zlib.crc32(payload)) + payload
+        self.pending += JOURNAL_RECORD.pack((row.nbytes + 4) | flags, zlib.crc32(score, zlib.crc32(row)))
+        self.pending += row.data  # a buffer, not the array: ndarray's + would take over
+        self.pending += score.data
 
     def append_rejection(self) -> None:
         self.pending += REJECTION
@@ -1894,7 +1896,8 @@ class Ring:
         n, capacity = len(y), len(self.y)
         head = min(n, capacity - self.next)  # what fits before the end; the rest wraps to the start
         self.x[self.next:self.next + head], self.y[self.next:self.next + head] = x[:head], y[:head]
-        self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
+        if head < n:
+            self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
         self.next = (self.next + n) % capacity
         self.size = min(self.size + n, capacity)
 
@@ -2099,7 +2102,7 @@ class MLP:
         for i in range(len(self.layers) - 1, -1, -1):
             w, d_w, d_b = self.layers[i][0], *grad.layers[i]
             xp.matmul(hidden[i].T, d_out, out=d_w)
-            xp.sum(d_out, axis=0, out=d_b)
+            d_out.sum(axis=0, out=d_b)
             if i:
                 # A one-column d_out makes the matmul an outer product, which broadcasting does faster.
                 d_out = d_out * w.T if w.shape[1] == 1 else d_out @ w.T
