@@ -773,6 +773,7 @@ def drain(sock: socket.socket) -> None:
 # ---- protocol: newline-delimited JSON requests, one ACK line each ----
 
 encode_json_string = json.encoder.encode_basestring_ascii  # json.dumps' own, for ensure_ascii=True
+JSON_SCANNER = json.JSONDecoder().scan_once  # json.loads' own: a default decoder's C scanner
 F32_MAX = feedback.F32_MAX  # the largest value the model takes: both ends of the socket check it
 F32_LOWEST = -F32_MAX  # one float, not one negated for each value checked
 JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
@@ -812,7 +813,7 @@ class BadRequest(Exception):
 def parse_request(line: bytes, n_features: int) -> Sample | Control:
     """Decode one request line; raise BadRequest with a specific error for anything malformed."""
     try:
-        message = json.loads(line.decode())  # UTF-8 only: json.loads(bytes) would also guess UTF-16/32
+        message = decoded_json(line.decode())  # UTF-8 only: json.loads(bytes) would also guess UTF-16/32
     except UnicodeDecodeError:
         raise BadRequest("not valid JSON: the line is not UTF-8") from None
     except ValueError as e:
@@ -848,6 +849,17 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
     if not ((type(score) is float or type(score) is int) and F32_LOWEST <= score <= F32_MAX):
         raise BadRequest(f"true_score: {number_problem(score)}", job_id)
     return Sample(features, score, job_id)
+
+
+def decoded_json(text: str) -> Any:
+    """json.loads(text), without its Python wrappers (2 of a line's ~20 µs) when text is one JSON value and
+    nothing else: its own C scanner, with its default settings, so the same value. Anything else (whitespace
+    around the value, a BOM, an error) goes to json.loads itself, for its value or its exact error."""
+    try:
+        value, end = JSON_SCANNER(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 def number_problem(v: Any) -> str | None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
+from typing import Any, Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -102,6 +104,31 @@ lines = st.one_of(
         b'{"features": "x", "features": [1, 2, 3], "true_score": 1, "true_score": "y"}',
         b'{"op": "ping", "op": 3}']),
     st.sampled_from([b"", b"   ", b"\r", b"x" * 200]))
+
+
+def json_outcome(decode: Callable[[str], Any], text: str) -> tuple[str, bytes | str]:
+    """What decode(text) gives: its value (pickled: floats bit for bit, keys in order) or its error."""
+    try:
+        return "value", pickle.dumps(decode(text))
+    except (ValueError, RecursionError) as e:
+        return type(e).__name__, str(e)
+
+
+float32_shortest = st.floats(width=32, allow_nan=False, allow_infinity=False).map(lambda f: repr(float(f)))
+texts = st.one_of(
+    lines.map(lambda b: b.decode("utf-8", "replace")),
+    st.lists(float32_shortest | st.sampled_from(["-0", "-0.0", "1e308", "1E-7", "00", "01", "1.", ".5", "NaN",
+                                                 "-Infinity", "true", "null", '"\\u00e9"']), max_size=8).map(
+        lambda values: '{"features": [' + ", ".join(values) + '], "true_score": 1}'),
+    st.text(max_size=40))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=texts, before=st.sampled_from(["", " ", "\ufeff", "\t\r"]), after=st.sampled_from(["", " ", "\r", "x", "{}"]))
+def test_decoded_json_is_json_loads_value_for_value_and_error_for_error(text, before, after):
+    """The parser's fast path, json.loads' own scanner without its wrappers, against json.loads itself."""
+    text = before + text + after
+    assert json_outcome(vs.decoded_json, text) == json_outcome(json.loads, text)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
