@@ -17,6 +17,8 @@ floats, the parser's worst case.
 
 Standard library and numpy only; the server runs as `python -m vmafx_sidecar serve`
 with PYTHONPATH at the repository root, so nothing needs to be installed.
+`--baseline TREE` adds a third server to every round: the sidecar of another checkout (a worktree of an
+earlier commit), so that a change is measured against what it changed, side by side, with the floor.
 `--profile DIR` runs each server under cProfile, writes DIR/server-<n>c.prof and prints
 the top functions by tottime (the profiler slows the server: its figures are not the
 ones to report).
@@ -136,8 +138,8 @@ def status_kb(pid: int, key: str) -> int | None:
 # ---- the server ----
 
 class Server:
-    def __init__(self, workdir: Path, profile_out: Path | None, floor: Path | None = None):
-        """The sidecar at its default settings, or with `floor` that floor server."""
+    def __init__(self, workdir: Path, profile_out: Path | None, floor: Path | None = None, tree: Path = ROOT):
+        """The sidecar of `tree` (a checkout) at its default settings, or with `floor` that floor server."""
         self.workdir = workdir
         self.sockdir = tempfile.mkdtemp(prefix="vxb")  # AF_UNIX paths are limited to ~107 bytes
         self.socket = os.path.join(self.sockdir, "s.sock")
@@ -145,8 +147,8 @@ class Server:
         self.stderr_path = workdir / "server.log"
         self.profile_out = profile_out
         self.floor = floor
-        self.env = server_env(self.socket, self.checkpoint_dir,
-                              VMAFX_SIDECAR_CKPT_INTERVAL_S=str(DEFAULTS.ckpt_interval_s))
+        self.env = {**server_env(self.socket, self.checkpoint_dir,
+                                 VMAFX_SIDECAR_CKPT_INTERVAL_S=str(DEFAULTS.ckpt_interval_s)), "PYTHONPATH": str(tree)}
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
 
@@ -310,13 +312,14 @@ class Run:
 
 
 def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir: Path | None,
-               floor: Path | None = None) -> Run:
-    """One fresh server (the sidecar, or with `floor` the floor server) and n_clients clients."""
-    kind = "floor" if floor else "sidecar"
+               floor: Path | None = None, tree: Path = ROOT) -> Run:
+    """One fresh server (the sidecar of `tree`, this one's or a baseline's, or with `floor` the floor server)
+    and n_clients clients."""
+    kind = "floor" if floor else "sidecar" if tree == ROOT else "baseline"
     run = Run(kind, n_clients, messages=sum(map(len, lines_per_client)))
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-") as tmp:
         profile_out = profile_dir / f"{kind}-{n_clients}c.prof" if profile_dir else None
-        server = Server(Path(tmp), profile_out, floor)
+        server = Server(Path(tmp), profile_out, floor, tree)
         try:
             server.start()
             run.ready_s = server.ready_s
@@ -546,6 +549,21 @@ def print_rounds(pairs: list[tuple[int, Run, Run]]) -> None:
             f"{statistics.median(cpu_per_1000(s) / cpu_per_1000(f) for f, s in mine):.2f}")
 
 
+def print_baseline(triples: list[tuple[int, Run, Run, Run]], tree: Path) -> None:
+    """Every round's figures of the baseline's sidecar and this one, each against the floor of its round."""
+    print(f"this sidecar against the baseline {tree}, both against the floor of the same round:\n")
+    header = ["round", "conns", "msgs/s baseline", "msgs/s sidecar", "ratio", "CPU s/1000 msgs baseline", "sidecar",
+              "ratio", "throughput / floor: baseline, sidecar", "CPU / floor: baseline, sidecar"]
+    rows = []
+    for round_, floor, base, mine in triples:
+        rows.append([str(round_), str(mine.clients), fmt_int(base.rate), fmt_int(mine.rate),
+                     f"{mine.rate / base.rate:.2f}", f"{cpu_per_1000(base):.3f}", f"{cpu_per_1000(mine):.3f}",
+                     f"{cpu_per_1000(mine) / cpu_per_1000(base):.2f}",
+                     f"{base.rate / floor.rate:.2f}, {mine.rate / floor.rate:.2f}",
+                     f"{cpu_per_1000(base) / cpu_per_1000(floor):.2f}, {cpu_per_1000(mine) / cpu_per_1000(floor):.2f}"])
+    markdown_table(header, rows)
+
+
 def print_sidecar_figures(runs: list[Run], step: tuple[float, float, str]) -> None:
     """What only the sidecar has: its training step, checkpoints, memory and start-up, over every round."""
     by: dict[int, list[Run]] = {}
@@ -585,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float64-features", action="store_true",
                         help="send features as 17-digit floats instead of float32 shortest form (~9 digits)")
     parser.add_argument("--floor", type=Path, default=FLOOR, help=f"the floor server (default {FLOOR})")
+    parser.add_argument("--baseline", metavar="TREE", type=Path,
+                        help="also run the sidecar of this checkout (say, a worktree of an earlier commit) in every "
+                             "round, and compare the two")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="run each server under cProfile, write DIR/<server>-<n>c.prof (the last round's), print "
                              "the top functions")
@@ -603,11 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--messages, --rounds and each --clients count must be >= 1")
     if not args.floor.is_file():
         parser.error(f"no floor server at {args.floor}")
+    if args.baseline and not (args.baseline / "vmafx_sidecar.py").is_file():
+        parser.error(f"no vmafx_sidecar.py in --baseline {args.baseline}")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
 
     print(f"machine: {machine()}")
-    print(f"{args.rounds} rounds of floor ({args.floor}) and sidecar alternated, {args.messages} messages a run, "
+    print(f"{args.rounds} rounds of floor ({args.floor}), sidecar"
+          + (f" and the baseline's sidecar ({args.baseline})" if args.baseline else "")
+          + f" alternated, {args.messages} messages a run, "
           f"clients: {', '.join(map(str, counts))}, features: "
           + ("float64, 17 digits" if args.float64_features else "float32 shortest form")
           + (" (servers under cProfile: figures are slowed by the profiler)" if args.profile else ""))
@@ -617,18 +642,24 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         per = [args.messages // n + (c < args.messages % n) for c in range(n)]
         lines[n] = [make_lines(k, c, 1000 + c, not args.float64_features) for c, k in enumerate(per)]  # before the clock
-    pairs, sidecars = [], []
+    servers = [(args.floor, ROOT), (None, ROOT)] + ([(None, args.baseline.resolve())] if args.baseline else [])
+    pairs, sidecars, triples = [], [], []
     for round_ in range(1, args.rounds + 1):
         for n in counts:
-            order = (args.floor, None) if round_ % 2 else (None, args.floor)  # who goes first alternates
-            runs = {r.server: r for r in (run_config(n, lines[n], args.profile, floor) for floor in order)}
+            order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]  # who goes first rotates
+            runs = {r.server: r for r in (run_config(n, lines[n], args.profile, floor, tree) for floor, tree in order)}
             pairs.append((round_, runs["floor"], runs["sidecar"]))
             sidecars.append(runs["sidecar"])
+            if args.baseline:
+                triples.append((round_, runs["floor"], runs["baseline"], runs["sidecar"]))
     print()
     print_rounds(pairs)
     print()
+    if args.baseline:
+        print_baseline(triples, args.baseline)
+        print()
     print_sidecar_figures(sidecars, step)
-    for r in [run for _, f, s in pairs for run in (f, s)]:
+    for r in [run for _, f, s in pairs for run in (f, s)] + [b for _, _, b, _ in triples]:
         if r.first_error:
             print(f"\n{r.server}, {r.clients} connection(s): first bad ACK: {r.first_error}")
         s = r.server_status
