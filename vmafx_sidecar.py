@@ -1594,7 +1594,7 @@ class Trainer:
         return {"theta": self.model.flat, "ema": self.ema.flat, "momentum": self.momentum,
                 "replay_x": self.replay.x, "replay_y": self.replay.y, "eval_x": self.eval.x, "eval_y": self.eval.y,
                 "pending_x": self.pending_x[:self.n_pending], "pending_y": self.pending_y[:self.n_pending],
-                "champion": self.champion.flat, "window_sums": self.window.sums, "window_truth": self.window.truth,
+                "champion": self.champion.flat, "window_sums": w.sums, "window_truth": w.truth,
                 "window_x": w.x[:w.unscored], "window_y": w.y[:w.unscored],
                 "window_candidate": w.predictions[0, :w.unscored]}
 
@@ -2028,10 +2028,6 @@ def activation_slope(act: Activation, z: Any, h: Any, backend: Backend) -> Any:
     return (cdf + z * xp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).astype(z.dtype)
 
 
-def parameter_count(sizes: list[int]) -> int:
-    return sum(i * o + o for i, o in zip(sizes, sizes[1:]))
-
-
 def layer_views(flat: Any, sizes: list[int]) -> list[tuple[Any, Any]]:
     """Each layer's W (in, out) and b as views into a flat parameter vector (or one shaped like it)."""
     layers, offset = [], 0
@@ -2045,7 +2041,7 @@ def layer_views(flat: Any, sizes: list[int]) -> list[tuple[Any, Any]]:
 
 class MLP:
     """All parameters live in one flat vector and each layer's W (in, out) and b are views
-    into it, so clipping, decay, momentum and EMA are each a single vector operation."""
+    into it, so that an optimizer updates every parameter at once (Trainer.apply_gradient)."""
 
     def __init__(self, sizes: list[int], activations: list[Activation], dtype: type = np.float32,
                  backend: Backend = NUMPY, flat: Any = None):
@@ -2054,7 +2050,9 @@ class MLP:
         self.sizes = list(sizes)
         self.activations = list(activations)
         self.backend = backend
-        self.flat = backend.xp.zeros(parameter_count(sizes), dtype) if flat is None else flat
+        if flat is None:
+            flat = backend.xp.zeros(sum(i * o + o for i, o in zip(sizes, sizes[1:])), dtype)
+        self.flat = flat
         self.layers = layer_views(self.flat, sizes)
 
     @classmethod
