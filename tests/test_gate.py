@@ -259,30 +259,34 @@ MODELS = ("candidate", *vs.REFERENCES)  # as many models as a window holds rows 
 IDENTITY = ob.Activation("leaky_relu", 1.0)
 
 
-def picker(i: int) -> vs.MLP:
-    """A reference that predicts feature i of len(REFERENCES), exactly."""
-    w = np.zeros((len(vs.REFERENCES), 1), np.float32)
-    w[i] = 1
-    return vs.MLP.from_weights(ob.MLPWeights([(w, np.zeros(1, np.float32)), (np.ones((1, 1), np.float32),
-                                                                            np.zeros(1, np.float32))], [IDENTITY]))
+def pickers(names) -> dict[str, vs.MLP]:
+    """References by these names, the i-th predicting feature i of as many, exactly."""
+    models = {}
+    for i, name in enumerate(names):
+        w = np.zeros((len(names), 1), np.float32)
+        w[i] = 1
+        layers = [(w, np.zeros(1, np.float32)), (np.ones((1, 1), np.float32), np.zeros(1, np.float32))]
+        models[name] = vs.MLP.from_weights(ob.MLPWeights(layers, [IDENTITY]))
+    return models
 
 
-REFERENCE_MODELS = {name: picker(i) for i, name in enumerate(vs.REFERENCES)}
+REFERENCE_MODELS = pickers(vs.REFERENCES)
+BASE = pickers(["base"])
 
 
 def window_of(predictions: np.ndarray, truth: np.ndarray, steps: list[int], capacity: int | None = None,
-              asked_at: set[int] = frozenset()) -> vs.Window:
+              asked_at: set[int] = frozenset(), references: dict[str, vs.MLP] = REFERENCE_MODELS) -> vs.Window:
     """A window that took the candidate's predictions (row 0) of `truth` in steps of these sizes, each reference
-    predicting its row from the features; a block of `capacity` (the largest step by default), its evidence
-    asked after the steps `asked_at`."""
-    window = vs.Window(vs.NUMPY, len(vs.REFERENCES), capacity or max(steps))
-    features = predictions[1:].T.copy()
+    predicting its row (1, 2...) from the features; a block of `capacity` (the largest step by default), its
+    evidence asked after the steps `asked_at`."""
+    window = vs.Window(vs.NUMPY, len(references), capacity or max(steps))
+    features = predictions[1:1 + len(references)].T.copy()
     start = 0
     for step, size in enumerate(steps):
         end = start + size
-        window.take(predictions[0, start:end], features[start:end], truth[start:end], REFERENCE_MODELS)
+        window.take(predictions[0, start:end], features[start:end], truth[start:end], references)
         if step in asked_at:
-            window.evidence(REFERENCE_MODELS)
+            window.evidence(references)
         start = end
     assert start == len(truth) and window.n == len(truth)
     return window
@@ -372,13 +376,13 @@ def test_window_of_constant_predictions_or_truth_correlates_zero():
 
 
 def test_window_scores_are_none_without_samples_or_with_outputs_that_are_not_finite():
-    empty = vs.Window(vs.NUMPY, len(vs.REFERENCES), 8).evidence({"base": picker(0)})
+    empty = vs.Window(vs.NUMPY, 1, 8).evidence(BASE)
     assert empty == vs.Evidence(0, {"candidate": None, "base": None})
     truth = np.arange(8, dtype=np.float32)
     predictions = np.tile(truth, (len(MODELS), 1))
     predictions[0, 3] = np.inf  # the candidate's outputs overflowed
     with np.errstate(invalid="ignore", over="ignore"):
-        found = window_of(predictions, truth, [4, 4]).evidence({"base": picker(0)})
+        found = window_of(predictions, truth, [4, 4], references=BASE).evidence(BASE)
     assert found.scores["candidate"] is None
     assert found.scores["base"] == vs.Scores(plcc=1.0, srcc=None, rmse=0.0, r2=1.0)
 
@@ -1050,7 +1054,7 @@ def test_progressive_validation_predicts_each_sample_before_the_step_that_trains
 
     def on_these_samples(candidate: vs.MLP) -> vs.Evidence:
         predictions = np.stack([candidate.forward(x)[:, 0], trainer.incumbent.forward(x)[:, 0]])
-        return window_of(predictions, y, [4]).evidence({"base": picker(0)})
+        return window_of(predictions, y, [4], references=BASE).evidence(BASE)
 
     live = trainer.window.evidence(trainer.references())
     expected, after = on_these_samples(before).scores, on_these_samples(trainer.ema).scores
