@@ -919,7 +919,8 @@ class Journal:
         self.size = os.fstat(self.fd).st_size  # bytes known to be written whole
         self.truncate_first = False  # the file may hold bytes past self.size: a reset, a failed write
         self.failing = False
-        self.failures = 0  # writes the disk refused, since the process started
+        self.failures = 0  # writes and fsyncs the disk refused, since the process started
+        self.sync_failing = False
         self.unsynced = False
         self.last_sync = time.monotonic()
 
@@ -965,10 +966,26 @@ class Journal:
         if not self.unsynced:
             self.last_sync = time.monotonic()
 
-    def sync_if_due(self) -> None:
+    def sync_if_due(self) -> bool:
+        """Retry what the disk refused, and fsync once a second with "everysec"; whether it fsynced now. A refused
+        fsync (EIO) is counted, logged once per outage and retried a second later, the records still in the page
+        cache (a later fsync may miss pages a failed one dropped; the next snapshot holds them all the same)."""
         self.commit()  # retries records a failing disk refused
-        if self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0:
+        if not (self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0):
+            return False
+        try:
             self.sync()
+        except OSError as e:
+            if not self.sync_failing:
+                log.error("journal fsync failed, retrying every second: %s", e)
+            self.sync_failing = True
+            self.failures += 1
+            self.last_sync = time.monotonic()
+            return False
+        if self.sync_failing:
+            log.info("journal fsyncs work again")
+        self.sync_failing = False
+        return True
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -1100,10 +1117,12 @@ class StateStore:
         self.samples_failing = False
 
     def tick(self) -> None:
-        synced = self.journal.last_sync
-        self.journal.sync_if_due()
-        if self.samples is not None and self.journal.last_sync != synced:  # synced as the journal is
-            self.samples.sync()
+        if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
+            try:
+                self.samples.sync()
+            except OSError as e:  # as often as the journal's fsync: once a second
+                self.sample_log_failures += 1
+                log.error("sample log fsync failed: %s", e)
         counters = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         if counters != self.saved_at and time.monotonic() - self.last_save >= self.config.state_interval_s:
             self.save()

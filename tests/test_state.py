@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import selectors
 import shutil
@@ -248,6 +249,36 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 20
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
+
+
+def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    server = in_process_server(tmp_path)  # the journal fsynced every second, the default
+    journal = server.state.journal
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    real_fsync = os.fsync
+
+    def failing_disk(fd):
+        if fd == journal.fd:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    for _ in range(3):
+        journal.last_sync -= 2  # a second has passed
+        server.state.tick()
+    assert journal.unsynced and server.state.write_failures()["journal"] == 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "journal fsync failed, retrying every second: [Errno 5] Input/output error"]
+    server.state.tick()  # within the second: not retried
+    assert server.state.write_failures()["journal"] == 3
+    monkeypatch.undo()
+    journal.last_sync -= 2
+    server.state.tick()
+    assert not journal.unsynced and "journal fsyncs work again" in caplog.text
+    assert in_process_server(tmp_path).trainer.samples_accepted == 10
 
 
 # ---- upgrades: state an older sidecar wrote is read, never reset ----
