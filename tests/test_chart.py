@@ -417,6 +417,13 @@ def test_helm_lint_strict_is_clean(variant, kube_version):
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def assert_schema_refuses(values: dict, dotted: str) -> None:
+    """Rendering `values` fails on the schema, at the value `dotted` names (a.b.c)."""
+    location = "/" + dotted.replace(".", "/")
+    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
+        render(values, "1.33")
+
+
 @pytest.mark.parametrize("dotted, value", [
     ("sidecar.trainer.replayMixRatio", 1), ("sidecar.trainer.replayMixRatio", -0.1),
     ("sidecar.trainer.batchSize", 0), ("sidecar.trainer.batchSize", 2.5), ("sidecar.trainer.batchSize", "32"),
@@ -432,9 +439,7 @@ def test_helm_lint_strict_is_clean(variant, kube_version):
     ("sidecar.trainer.metrics.serviceMonitor.labels.release", 1),
 ])
 def test_schema_rejects_bad_values_naming_them(dotted, value):
-    location = "/" + dotted.replace(".", "/")
-    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
-        render(merged(ISSUE_VALUES, **{dotted: value}), "1.33")
+    assert_schema_refuses(merged(ISSUE_VALUES, **{dotted: value}), dotted)
 
 
 def test_schema_rejects_a_misspelt_trainer_value():
@@ -904,9 +909,7 @@ def test_helm_lint_strict_is_clean_with_the_fleet(kube_version):
     ("fleet.failedJobsHistoryLimit", 1.5), ("fleet.backoffLimit", -1), ("fleet.resources", []),
 ])
 def test_schema_rejects_bad_fleet_values_naming_them(dotted, value):
-    location = "/" + dotted.replace(".", "/")
-    with pytest.raises(helm.HelmValuesError, match=f"at '{location}'"):
-        render(merged(FLEET, **{dotted: value}), "1.33")
+    assert_schema_refuses(merged(FLEET, **{dotted: value}), dotted)
 
 
 def test_schema_rejects_a_misspelt_fleet_value():
