@@ -912,12 +912,16 @@ class JournalRecord:
 class Journal:
     """The samples accepted since the last snapshot, each written before its ACK is sent."""
 
-    def __init__(self, path: Path, fsync: str):
+    def __init__(self, path: Path, fsync: str, intact: int):
+        """Continue the journal at `path` after its first `intact` bytes, the records read() found for this
+        state; whatever follows them (a torn tail, a journal the snapshot already holds) is cut before the
+        next record is written. With none (0), reset() must write the header first."""
         self.fsync = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
-        self.size = os.fstat(self.fd).st_size  # bytes known to be written whole
-        self.truncate_first = False  # the file may hold bytes past self.size: a reset, a failed write
+        self.size = intact  # bytes known to be written whole
+        # The file may hold bytes past self.size: a reset, a failed write, a tail that is no record of this state.
+        self.truncate_first = os.fstat(self.fd).st_size != intact
         self.failing = False
         self.failures = 0  # writes and fsyncs the disk refused, since the process started
         self.sync_failing = False
@@ -1002,18 +1006,17 @@ class Journal:
             self.sync()
 
     @staticmethod
-    def records(path: Path, n_features: int, generation: int) -> list[JournalRecord | None]:
-        """The intact records in order (None for a rejected line). A journal of another generation is
-        one the snapshot already holds (a crash came between the two); a torn or corrupt tail (a crash
+    def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int]:
+        """The intact records in order (None for a rejected line), and the bytes they take with the header: 0
+        when the file holds no journal of this generation (none, or one of another state: the snapshot's
+        predecessor, which it already holds, or a snapshot set aside). A torn or corrupt tail (a crash
         mid-write) ends the list."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return []
+            return [], 0
         if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
-            if data:
-                log.info("journal %s predates the snapshot, which already holds it: not replayed", path)
-            return []
+            return [], 0
         records, offset, size = [], JOURNAL_HEADER.size, 4 * (n_features + 1)
         while offset + JOURNAL_RECORD.size <= len(data):
             length, crc = JOURNAL_RECORD.unpack_from(data, offset)
@@ -1030,7 +1033,7 @@ class Journal:
             offset += JOURNAL_RECORD.size + size
         if offset != len(data):
             log.warning("journal %s: ignored %d bytes of a torn or corrupt tail", path, len(data) - offset)
-        return records
+        return records, offset
 
 
 class StateStore:
@@ -1054,11 +1057,15 @@ class StateStore:
 
     def restore(self) -> bool:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair; whether
-        there was a state to resume."""
+        there was a state to resume. Without a snapshot, the journal of generation 0 is replayed: the samples
+        a first start ACKed while the disk refused its snapshots."""
         loaded = self.load_snapshot()
-        records = Journal.records(self.journal_path, self.config.n_features, self.generation) if loaded else []
-        if not loaded and self.journal_path.exists() and self.journal_path.stat().st_size:
-            self.move_aside(self.journal_path, "without its snapshot")
+        records, intact = Journal.read(self.journal_path, self.config.n_features, self.generation)
+        if not intact and self.journal_path.exists() and self.journal_path.stat().st_size:
+            if loaded:
+                log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
+            else:
+                self.move_aside(self.journal_path, "without its snapshot")
         t = self.trainer
         for record in records:
             if record is None:
@@ -1073,12 +1080,17 @@ class StateStore:
             # log's) is continued from the state's count: the new segment supersedes the old one's tail.
             self.samples.last_sequence = min(self.samples.last_sequence, t.samples_accepted)
             self.commit_samples()
-        if loaded:
+        resumed = loaded or bool(records)
+        if resumed:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
-        self.journal = Journal(self.journal_path, self.config.journal_fsync)
+        # What the journal holds past its intact records is cut before anything is appended: should the
+        # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
+        self.journal = Journal(self.journal_path, self.config.journal_fsync, intact)
+        if not intact:
+            self.journal.reset(self.generation)
         self.save()
-        return loaded
+        return resumed
 
     # The server's calls, per sample and per loop turn; NoState has the same ones.
 

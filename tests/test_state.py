@@ -180,19 +180,23 @@ def in_process_server(directory: Path) -> vs.Server:
     return vs.Server(trainer.config, trainer, state)
 
 
-def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path, monkeypatch):
-    server = in_process_server(tmp_path)
-    for m in messages(100):
-        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
-    assert not json.loads(server.answer(b"[1]"))["ok"]
-    server.state.journal.commit()
-
+def save_killed_before_the_journal_reset(server: vs.Server, monkeypatch) -> None:
+    """A snapshot whose process dies after its rename, before the journal it now holds is emptied."""
     def crash(generation):
         raise KeyboardInterrupt("killed after the snapshot's rename, before the journal was emptied")
 
     monkeypatch.setattr(server.state.journal, "reset", crash)
     with pytest.raises(KeyboardInterrupt):
         server.state.save()
+
+
+def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path, monkeypatch):
+    server = in_process_server(tmp_path)
+    for m in messages(100):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    assert not json.loads(server.answer(b"[1]"))["ok"]
+    server.state.journal.commit()
+    save_killed_before_the_journal_reset(server, monkeypatch)
     monkeypatch.undo()
     assert (tmp_path / ".state" / "journal.bin").stat().st_size > 100 * 24  # the old journal is still there
 
@@ -200,6 +204,39 @@ def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path
     assert (again.trainer.samples_accepted, again.trainer.samples_rejected) == (100, 1)
     assert again.trainer.replay.size == 64 and again.trainer.steps == server.trainer.steps
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
+
+
+def refused(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("left_behind", ["a torn tail", "a journal the snapshot holds", "no snapshot yet"])
+def test_samples_acked_while_a_restart_cannot_snapshot_survive_the_next_restart(tmp_path, monkeypatch, left_behind):
+    """A restart whose snapshot the disk refuses journals what it ACKs right after the records it resumed
+    from: not after a torn tail or a journal its snapshot already holds, which the next start would stop at or
+    ignore; and with no snapshot yet, in a journal the next start replays onto the fresh model."""
+    first, second = messages(60)[:30], messages(60)[30:]
+    if left_behind == "no snapshot yet":
+        monkeypatch.setattr(vs, "write_synced", refused)
+    server = in_process_server(tmp_path)
+    for m in first:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    if left_behind == "a torn tail":
+        with open(tmp_path / ".state" / "journal.bin", "ab") as f:
+            f.write(vs.JOURNAL_RECORD.pack(24, 0) + b"\x01\x02\x03")  # a record cut short by a crash
+    elif left_behind == "a journal the snapshot holds":
+        save_killed_before_the_journal_reset(server, monkeypatch)
+    monkeypatch.setattr(vs, "write_synced", refused)  # the restart's snapshot, and every one after, refused
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == len(first)
+    for m in second:
+        assert json.loads(again.answer(json.dumps(m).encode()))["ok"]
+    again.state.commit()
+    monkeypatch.undo()  # a crash, then a start on a disk that works again
+    resumed = in_process_server(tmp_path)
+    assert resumed.trainer.samples_accepted == len(first) + len(second)
+    np.testing.assert_array_equal(resumed.trainer.model.flat, again.trainer.model.flat)
 
 
 def test_rejections_are_journaled(sidecar_factory):
@@ -458,5 +495,5 @@ def test_a_loop_turn_journals_its_lines_in_one_write_before_any_of_their_acks(tm
     for (_, client_end), m in zip(pairs, messages(3)):
         ack = json.loads(client_end.recv(1000))
         assert ack["ok"] and ack.get("job_id") == m.get("job_id")
-    records = vs.Journal.records(server.state.journal_path, 5, server.state.generation)
+    records, _ = vs.Journal.read(server.state.journal_path, 5, server.state.generation)
     assert [r.features.tolist() for r in records] == [np.float32(m["features"]).tolist() for m in messages(3)]
