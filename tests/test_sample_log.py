@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -270,16 +272,25 @@ def test_fleet_runs_killed_anywhere_ingest_every_sample_exactly_once(tmp_path):
            "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0", "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "400", "VMAFX_SIDECAR_GATE": "off"}
     command = [sys.executable, "-m", "vmafx_sidecar", "fleet", str(tmp_path)]
     kills = 0
-    for delay in rng.uniform(0.2, 1.0, 40):  # kill -9 at random moments until a run gets through
+    # kill -9 at random moments until a run gets through: a random number of checkpoints into each run (0: at
+    # its first log line), a moment in its progress rather than in seconds, so that a fast machine is killed
+    # as often as a slow one; then up to the next checkpoint or two, its save included
+    for checkpoints in rng.integers(0, 30, 60):
         run = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        try:
-            code = run.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
+        lines, published = [], 0
+        for line in run.stderr:
+            lines.append(line)
+            published += " published: " in line
+            if published == checkpoints:
+                time.sleep(rng.uniform(0, 0.02))
+                run.kill()
+                break
+        code = run.wait()
+        run.stderr.close()
+        if code == -signal.SIGKILL:
             kills += 1
             continue
-        assert code in (0, vs.FLEET_NOTHING_NEW), run.stderr.read()
+        assert code in (0, vs.FLEET_NOTHING_NEW), "".join(lines)
         if code == vs.FLEET_NOTHING_NEW:
             break
     assert kills >= 2 and code == vs.FLEET_NOTHING_NEW, (kills, code)
