@@ -1,5 +1,5 @@
 """`vmafx-sidecar send` (backfill from CSV and JSON-lines files) and `vmafx-sidecar status`, run as a user
-runs them: a subprocess against a real sidecar."""
+runs them: a subprocess against a real sidecar (the progress display against a paced stand-in)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,12 +206,33 @@ def test_send_memory_does_not_grow_with_the_input(sidecar_factory, tmp_path):
     assert peaks[50_000] - peaks[5_000] < 1024, peaks
 
 
-def test_send_on_a_terminal_draws_one_progress_line(sidecar_factory, tmp_path):
-    sidecar = sidecar_factory(**SERVER)
+def paced_sidecar(path: str, pause_s: float) -> threading.Thread:
+    """A stand-in for the sidecar on `path` that accepts every sample of one connection, each `pause_s` or more
+    after the last: a send of n lines then takes n × pause_s at least, however fast the machine."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            for line in filter(bytes.strip, lines):
+                time.sleep(pause_s)
+                conn.sendall(b'{"ok": true, "step": 0, "trained": false}\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_send_on_a_terminal_draws_one_progress_line(tmp_path):
+    socket_path = str(tmp_path / "paced.sock")
+    server = paced_sidecar(socket_path, 0.0001)
     path = tmp_path / "many.jsonl"
-    path.write_bytes(VALID * 10_000)  # a quarter of a second or more: a redraw every 0.1 s
+    path.write_bytes(VALID * 10_000)  # a second or more: a redraw every 0.1 s
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", socket_path, str(path)],
                             stdout=subprocess.PIPE, stderr=terminal, env=cli_env(), cwd=ROOT)
     os.close(terminal)
     shown = b""
@@ -233,6 +255,7 @@ def test_send_on_a_terminal_draws_one_progress_line(sidecar_factory, tmp_path):
                     redraws[1]), shown
     assert redraws[-1] == b"\x1b[K"  # cleared before the summary
     assert b"\n" not in shown
+    server.join(10)
 
 
 def test_send_and_status_without_a_sidecar_say_so_in_one_line(tmp_path):
