@@ -368,6 +368,9 @@ def test_connections_over_the_limit_are_counted(sidecar_factory):
     port = free_port()
     s = sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f"127.0.0.1:{port}", VMAFX_SIDECAR_MAX_CONNECTIONS="1",
                         **SETTINGS)
+    deadline = time.monotonic() + 10  # the start's readiness ping may still hold the one connection allowed
+    while value(scrape(port), "vmafx_sidecar_connections") and time.monotonic() < deadline:
+        time.sleep(0.01)
     kept = s.client()
     assert kept.request({"op": "ping"})["ok"]
     for _ in range(2):
