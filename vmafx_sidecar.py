@@ -971,14 +971,18 @@ class Journal:
             self.last_sync = time.monotonic()
 
     def sync_if_due(self) -> bool:
-        """Retry what the disk refused, and fsync once a second with "everysec"; whether it fsynced now. A refused
-        fsync (EIO) is counted, logged once per outage and retried a second later, the records still in the page
-        cache (a later fsync may miss pages a failed one dropped; the next snapshot holds them all the same)."""
+        """Retry what the disk refused, and fsync once a second with "everysec"; whether it fsynced now."""
         self.commit()  # retries records a failing disk refused
         if not (self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0):
             return False
+        return self.synced()
+
+    def synced(self) -> bool:
+        """fsync now; whether it worked. A refused fsync (EIO) is counted, logged once per outage and retried a
+        second later with "everysec", the records still in the page cache (a later fsync may miss pages a
+        failed one dropped; the next snapshot holds them all the same)."""
         try:
-            self.sync()
+            os.fsync(self.fd)
         except OSError as e:
             if not self.sync_failing:
                 log.error("journal fsync failed, retrying every second: %s", e)
@@ -989,12 +993,9 @@ class Journal:
         if self.sync_failing:
             log.info("journal fsyncs work again")
         self.sync_failing = False
-        return True
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
         self.unsynced = False
         self.last_sync = time.monotonic()
+        return True
 
     def reset(self, generation: int) -> None:
         """Start empty after the snapshot `generation`, which now holds everything the journal had.
@@ -1003,7 +1004,7 @@ class Journal:
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.commit()
         if not self.failing:
-            self.sync()
+            self.synced()
 
     @staticmethod
     def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int]:
@@ -1155,16 +1156,29 @@ class StateStore:
         try:
             write_synced(temp, [memoryview(header), *payload], mode=0o600)
             os.replace(temp, self.snapshot_path)
-            self.generation = generation
-            fsync_directory(self.directory)
-            self.journal.reset(generation)
         except OSError as e:  # the journal keeps everything since the last good snapshot
             temp.unlink(missing_ok=True)
             self.snapshot_failures += 1
             log.error("state snapshot failed, will retry: %s", e)
+        else:
+            self.generation = generation
+            self.empty_journal()
         self.last_save = time.monotonic()
         self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
+
+    def empty_journal(self) -> None:
+        """Start the journal of the snapshot just renamed into place, which a restart now reads: after its
+        directory's fsync, so that a power loss cannot keep the emptied journal but not the rename. When the
+        disk refuses that fsync the journal is emptied all the same, the refusal counted (the snapshot may not
+        survive a power loss; the next one is due an interval later): what is journaled next must continue
+        the snapshot a restarted process reads, or it would be ignored with the old journal."""
+        try:
+            fsync_directory(self.directory)
+        except OSError as e:
+            self.snapshot_failures += 1
+            log.error("state snapshot written, but its directory's fsync failed: %s", e)
+        self.journal.reset(self.generation)
 
     def write_failures(self) -> dict[str, int]:
         """Writes the disk refused since the process started, by what was written; NoState has the same."""

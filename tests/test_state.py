@@ -206,8 +206,12 @@ def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
 
 
+def os_error(errno: int, *args):
+    raise OSError(errno, os.strerror(errno))
+
+
 def refused(*args, **kwargs):
-    raise OSError(28, "No space left on device")
+    os_error(28)  # a full disk
 
 
 @pytest.mark.parametrize("left_behind", ["a torn tail", "a journal the snapshot holds", "no snapshot yet"])
@@ -316,6 +320,34 @@ def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch,
     server.state.tick()
     assert not journal.unsynced and "journal fsyncs work again" in caplog.text
     assert in_process_server(tmp_path).trainer.samples_accepted == 10
+
+
+@pytest.mark.parametrize("refused", ["snapshot", "journal"])
+def test_a_snapshot_whose_fsync_is_refused_still_hands_over_to_a_journal_a_restart_reads(tmp_path, monkeypatch,
+                                                                                          refused):
+    """Once the snapshot is renamed into place a restart reads it, so the journal starts anew after it even when
+    the disk refuses the fsync of the snapshot's directory or of the emptied journal: counted as that kind's
+    write failure, and what is ACKed next is still replayed after a crash."""
+    server = in_process_server(tmp_path)
+    first, second = messages(60)[:30], messages(60)[30:]
+    for m in first:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    if refused == "snapshot":
+        monkeypatch.setattr(vs, "fsync_directory", lambda directory: os_error(5))
+    else:
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: os_error(5) if fd == server.state.journal.fd else real_fsync(fd))
+    server.state.save()
+    monkeypatch.undo()
+    assert server.state.write_failures() == {"journal": int(refused == "journal"),
+                                             "snapshot": int(refused == "snapshot"), "sample_log": 0}
+    for m in second:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    resumed = in_process_server(tmp_path)  # as after a kill -9
+    assert resumed.trainer.samples_accepted == len(first) + len(second)
+    np.testing.assert_array_equal(resumed.trainer.model.flat, server.trainer.model.flat)
 
 
 # ---- upgrades: state an older sidecar wrote is read, never reset ----
