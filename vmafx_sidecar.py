@@ -912,13 +912,15 @@ class JournalRecord:
 class Journal:
     """The samples accepted since the last snapshot, each written before its ACK is sent."""
 
-    def __init__(self, path: Path, fsync: str, intact: int):
-        """Continue the journal at `path` after its first `intact` bytes, the records read() found for this
-        state; whatever follows them (a torn tail, a journal the snapshot already holds) is cut before the
-        next record is written. With none (0), reset() must write the header first."""
+    def __init__(self, path: Path, fsync: str, generation: int, intact: int):
+        """Continue the journal of the state `generation` at `path` after its first `intact` bytes, the records
+        read() found; whatever follows them (a torn tail, a journal the snapshot already holds) is cut before
+        the next record is written. With none (0), the state's header goes out with the first records."""
         self.fsync = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
+        if not intact:
+            self.pending += JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.size = intact  # bytes known to be written whole
         # The file may hold bytes past self.size: a reset, a failed write, a tail that is no record of this state.
         self.truncate_first = os.fstat(self.fd).st_size != intact
@@ -1087,9 +1089,7 @@ class StateStore:
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
         # What the journal holds past its intact records is cut before anything is appended: should the
         # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
-        self.journal = Journal(self.journal_path, self.config.journal_fsync, intact)
-        if not intact:
-            self.journal.reset(self.generation)
+        self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact)
         self.save()
         return resumed
 
