@@ -773,6 +773,7 @@ def test_the_fleet_trainer_is_a_cron_job_beside_the_stateful_set(kube_version):
     assert (cron_job["spec"]["successfulJobsHistoryLimit"], cron_job["spec"]["failedJobsHistoryLimit"]) == (3, 1)
     job = cron_job["spec"]["jobTemplate"]["spec"]
     assert job["backoffLimit"] == 2
+    assert job["activeDeadlineSeconds"] == 3600  # a hung run does not hold off the next ones for ever
     # An evicted or preempted run is replaced without counting as a failure.
     assert job["podFailurePolicy"] == {"rules": [{"action": "Ignore", "onPodConditions": [
         {"type": "DisruptionTarget", "status": "True"}]}]}
@@ -844,10 +845,11 @@ def test_the_fleet_gets_the_trainers_settings_but_not_the_per_replica_ones():
 
 def test_fleet_values_configure_the_cron_job():
     fleet = {"enabled": True, "schedule": "@hourly", "resources": {"limits": {"cpu": "4", "memory": "4Gi"}},
-             "successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 5, "backoffLimit": 0}
+             "successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 5, "backoffLimit": 0,
+             "activeDeadlineSeconds": 601}
     spec = render(merged(SCALED, fleet=fleet), "1.33").one("CronJob")["spec"]
     assert (spec["schedule"], spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == ("@hourly", 0, 5)
-    assert spec["jobTemplate"]["spec"]["backoffLimit"] == 0
+    assert (spec["jobTemplate"]["spec"]["backoffLimit"], spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]) == (0, 601)
     assert spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["resources"] == fleet["resources"]
 
 
@@ -890,6 +892,23 @@ def test_the_fleet_on_a_claim_without_read_write_many_is_refused_as_the_replicas
         render(merged(FLEET, **{"persistence.models.accessModes": ["ReadWriteOnce"]}), "1.33")
 
 
+@pytest.mark.parametrize("deadline, interval", [(600, None), (3600, 3600), (3600, 7200.5)],
+                         ids=["the default interval", "equal", "a longer interval"])
+def test_a_fleet_deadline_within_a_checkpoint_interval_is_refused(deadline, interval):
+    values = merged(FLEET, **{"fleet.activeDeadlineSeconds": deadline})
+    if interval is not None:
+        values = merged(values, **{"sidecar.trainer.checkpointIntervalSeconds": interval})
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(values, "1.33")
+    assert (f"fleet.activeDeadlineSeconds ({deadline}) must be more than sidecar.trainer.checkpointIntervalSeconds "
+            f"({600 if interval is None else interval})") in str(refused.value)
+
+
+def test_a_fleet_deadline_past_the_checkpoint_interval_is_taken():
+    values = merged(FLEET, **{"fleet.activeDeadlineSeconds": 2, "sidecar.trainer.checkpointIntervalSeconds": 1.5})
+    assert render(values, "1.33").one("CronJob")["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 2
+
+
 def test_a_cron_job_name_too_long_for_its_jobs_is_refused():
     # Each Job is named "<CronJob name>-<up to 11 characters>", at most 63.
     with pytest.raises(helm.HelmRenderError, match=f"CronJob named {'r' * 36}-vmafx-node-fleet, longer than the 52"):
@@ -907,6 +926,7 @@ def test_helm_lint_strict_is_clean_with_the_fleet(kube_version):
     ("fleet.enabled", "true"), ("fleet.schedule", ""), ("fleet.schedule", 10), ("fleet.sampleLogMaxBytes", 0),
     ("fleet.sampleLogMaxBytes", "1Gi"), ("fleet.successfulJobsHistoryLimit", -1),
     ("fleet.failedJobsHistoryLimit", 1.5), ("fleet.backoffLimit", -1), ("fleet.resources", []),
+    ("fleet.activeDeadlineSeconds", 0), ("fleet.activeDeadlineSeconds", "1h"),
 ])
 def test_schema_rejects_bad_fleet_values_naming_them(dotted, value):
     assert_schema_refuses(merged(FLEET, **{dotted: value}), dotted)

@@ -305,6 +305,14 @@ livenessProbe:
 {{- if gt (len (include "vmafx-node.fleetName" .)) 52 -}}
 {{- fail (printf "fleet.enabled runs a CronJob named %s, longer than the 52 characters a CronJob's name may have: choose a shorter release name" (include "vmafx-node.fleetName" .)) -}}
 {{- end -}}
+{{- /* A run saves what it trained at each checkpoint: one stopped before its first would be redone whole, every time. */}}
+{{- $interval := 600 -}}
+{{- if hasKey .Values.sidecar.trainer "checkpointIntervalSeconds" -}}
+{{- $interval = .Values.sidecar.trainer.checkpointIntervalSeconds -}}
+{{- end -}}
+{{- if le (float64 .Values.fleet.activeDeadlineSeconds) (float64 $interval) -}}
+{{- fail (printf "fleet.activeDeadlineSeconds (%v) must be more than sidecar.trainer.checkpointIntervalSeconds (%v): a run saves its progress at each checkpoint, and one stopped before its first would be redone whole, every time" .Values.fleet.activeDeadlineSeconds $interval) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
