@@ -1602,11 +1602,11 @@ class Trainer:
         return min(self.eval.size + self.n_held, len(self.eval.y))
 
     def layout(self) -> dict[str, Any]:
-        """What the state's shapes depend on: a state saved for another layout cannot be loaded."""
+        """What the state's arrays are shaped by: a state saved for another layout cannot be loaded. The batch
+        settings are not part of it: load_state_dict() takes a state saved with others."""
         c = self.config
         return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations],
-                "replay_capacity": c.replay_capacity, "batch_size": c.batch_size, "replay_mix": c.replay_mix,
-                "eval_capacity": c.eval_capacity}
+                "replay_capacity": c.replay_capacity, "eval_capacity": c.eval_capacity}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a restart needs to continue exactly, arrays on the host: the one list of the trainer's
@@ -1619,7 +1619,10 @@ class Trainer:
         last = self.last_checkpoint_time
         since_checkpoint = None if last is None else time.monotonic() - last
         return {
-            "fingerprint": self.layout(), "steps": self.steps, "steps_skipped": self.steps_skipped,
+            # The batch settings too: versions from before they could change require them to match.
+            "fingerprint": {**self.layout(), "batch_size": self.config.batch_size,
+                            "replay_mix": self.config.replay_mix},
+            "steps": self.steps, "steps_skipped": self.steps_skipped,
             "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
             "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
             "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
@@ -1644,30 +1647,34 @@ class Trainer:
                 "window_candidate": w.predictions[0, :w.unscored]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from what state_dict() returned. Checks everything before it changes anything: KeyError
-        for a missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
+        """Continue from what state_dict() returned, with these batch settings or others (the samples waiting
+        for a step go into the new batches). Checks everything before it changes anything: KeyError for a
+        missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
         arrays = self.state_arrays()  # their shapes, without copying them off the device
         missing = (self.state_scalars().keys() | arrays.keys()) - state.keys()
         if missing:
             raise KeyError(", ".join(sorted(missing)))
-        if state["fingerprint"] != self.layout():
-            raise IncompatibleState(f"saved for {state['fingerprint']}, configured {self.layout()}")
+        layout, saved_for = self.layout(), state["fingerprint"]
+        if type(saved_for) is not dict or {key: saved_for.get(key) for key in layout} != layout:
+            raise IncompatibleState(f"saved for {saved_for}, configured {layout}")
         saved = state["coordinates"]
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
-        for count, capacity in (("n_pending", len(self.pending_y)), ("window_unscored", len(self.window.y))):
-            if not 0 <= state[count] <= capacity:
-                raise ValueError(f"{count} {state[count]} is not in 0..{capacity}")
+        for count in ("n_pending", "window_unscored"):
+            if not (type(state[count]) is int and state[count] >= 0):
+                raise ValueError(f"{count} {state[count]!r} is not a count")
         for name, array in arrays.items():
             shape = (state[PARTIAL_ARRAYS[name]], *array.shape[1:]) if name in PARTIAL_ARRAYS else array.shape
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
                 raise ValueError(f"array {name} has another shape than {shape}")
-        self.n_pending, self.window.unscored = state["n_pending"], state["window_unscored"]  # size those arrays
+        if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
+            self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
+        self.window.unscored = state["window_unscored"]  # sizes its arrays
         keeps_champion = state["has_champion"] and self.checkpoints.is_published(state["champion_version"])
         for name, target in self.state_arrays().items():
-            if name == "champion" and not keeps_champion:
-                continue  # see has_champion below
+            if (name == "champion" and not keeps_champion) or name in ("pending_x", "pending_y"):
+                continue  # see has_champion below; the pending samples are added last
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
         self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
@@ -1696,6 +1703,18 @@ class Trainer:
             if not self.move_to(Coordinates.identity(self.config.n_features)):
                 log.error("VMAFX_SIDECAR_NORMALIZE=off, but the saved weights overflow float32 in raw coordinates: "
                           "training goes on standardized")
+        self.take_pending(state["pending_x"], state["pending_y"], saved_for)
+
+    def take_pending(self, x: np.ndarray, y: np.ndarray, saved_for: dict[str, Any]) -> None:
+        """The samples a saved state's next step was waiting for, added as they arrived: with other batch
+        settings than the state's, as many steps as they now fill run here."""
+        batch = (saved_for.get("batch_size"), saved_for.get("replay_mix"))
+        if batch != (self.config.batch_size, self.config.replay_mix):
+            log.info("the state was saved with batch size %s and replay mix %s: its %d samples waiting for a step go "
+                     "into batches of %d new + %d replay", *batch, len(y), self.n_new, self.n_replay)
+        self.n_pending = 0
+        for row, score in zip(x, y):
+            self.add(row, score)
 
     def step(self) -> StepResult | None:
         started = time.perf_counter()

@@ -450,6 +450,57 @@ def test_a_window_scored_a_block_at_a_time_resumes_bit_for_bit(tmp_path, monkeyp
         assert as_bytes(mine[key]) == as_bytes(theirs[key]), key
 
 
+@pytest.mark.parametrize("batch", [dict(batch_size=16), dict(batch_size=2), dict(replay_mix=0.25)],
+                         ids=["a larger batch", "a smaller batch than the samples waiting", "another replay mix"])
+def test_a_state_continues_under_other_batch_settings(tmp_path, monkeypatch, batch):
+    """Batch settings can change between restarts: the state is not set aside, the weights and the window go on,
+    and the samples waiting for a step go into the new batches, none lost; a window block longer than the new
+    batch's is kept whole."""
+    monkeypatch.setattr(vs, "WINDOW_BLOCK", 12)  # three steps of 4 new samples; one of 8 with the larger batch
+    settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, gate_min_eval=8, eval_capacity=16)
+    rng = np.random.default_rng(3)
+    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    trainer = make_trainer(tmp_path / "a", **settings)
+    taken = 0
+    while not (trainer.window.unscored == 12 and trainer.n_pending == 3):  # a full block, 3 of 4 samples waiting
+        trainer.ingest(*stream[taken], False, True)
+        taken += 1
+    saved = trainer.state_dict()
+    again = make_trainer(tmp_path / "b", **{**settings, **batch})
+    again.load_state_dict(saved)
+    n_new = again.n_new
+    assert again.steps == trainer.steps + 3 // n_new and again.n_pending == 3 % n_new
+    assert again.samples_trained == trainer.samples_trained + 3 // n_new * n_new
+    if 3 < n_new:  # nothing trained on load: the same weights and the same samples waiting
+        np.testing.assert_array_equal(again.vectors[:3], trainer.vectors[:3])  # theta, EMA, momentum
+        np.testing.assert_array_equal(again.pending_x[:3], trainer.pending_x[:3])
+        assert again.window.evidence(again.references()) == trainer.window.evidence(trainer.references())
+    for x, y in stream[taken:]:
+        again.ingest(x, y, False, True)
+    assert again.samples_accepted == len(stream) and again.samples_trained + again.n_pending == len(stream)
+    assert again.window.n == again.samples_trained - trainer.samples_trained + trainer.window.n
+    assert np.isfinite(again.vectors).all()
+
+
+def test_a_restart_with_another_batch_size_resumes_instead_of_starting_over(sidecar_factory, tmp_path):
+    s = sidecar_factory(**SETTINGS)
+    client, sent = s.client(), 0
+    while (before := client.request({"op": "status"}))["pending"] < 2:  # samples waiting for a step of 4 new
+        assert client.request(messages()[sent])["ok"]
+        sent += 1
+    s.stop(signal.SIGKILL)
+    again = sidecar_factory(**{**SETTINGS, "VMAFX_SIDECAR_BATCH_SIZE": "2"})  # a step every sample
+    status = again.client().request({"op": "status"})
+    assert "resumed" in again.stderr() and "incompatible" not in again.stderr()
+    assert status["samples_accepted"] == before["samples_accepted"]
+    assert status["steps"] == before["steps"] + before["pending"] and status["pending"] == 0
+    assert status["samples_trained"] == before["samples_trained"] + before["pending"]
+    assert not list((s.checkpoint_dir / ".state").glob("*.incompatible"))
+    feed(again, messages()[sent:])
+    final = again.client().request({"op": "status"})
+    assert final["samples_trained"] + final["samples_held_out"] == final["samples_accepted"] == TOTAL
+
+
 def published_twice(directory) -> vs.Trainer:
     """A trainer that published v1 and v2 (the gate off), with the champion forced to v1 as the gate leaves it
     when v2 was published a little worse."""
