@@ -19,6 +19,8 @@ Standard library and numpy only; the server runs as `python -m vmafx_sidecar ser
 with PYTHONPATH at the repository root, so nothing needs to be installed.
 `--baseline TREE` adds a third server to every round: the sidecar of another checkout (a worktree of an
 earlier commit), so that a change is measured against what it changed, side by side, with the floor.
+`--setting NAME=VALUE` (repeatable) runs the sidecar under test, not the baseline, with that setting:
+`--baseline . --setting VMAFX_SIDECAR_BATCH_SIZE=128` measures another batch size against the defaults.
 `--profile DIR` runs each server under cProfile, writes DIR/server-<n>c.prof and prints
 the top functions by tottime (the profiler slows the server: its figures are not the
 ones to report).
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +141,10 @@ def status_kb(pid: int, key: str) -> int | None:
 # ---- the server ----
 
 class Server:
-    def __init__(self, workdir: Path, profile_out: Path | None, floor: Path | None = None, tree: Path = ROOT):
-        """The sidecar of `tree` (a checkout) at its default settings, or with `floor` that floor server."""
+    def __init__(self, workdir: Path, profile_out: Path | None, floor: Path | None = None, tree: Path = ROOT,
+                 settings: dict[str, str] | None = None):
+        """The sidecar of `tree` (a checkout) at its default settings but `settings`, or with `floor` that floor
+        server."""
         self.workdir = workdir
         self.sockdir = tempfile.mkdtemp(prefix="vxb")  # AF_UNIX paths are limited to ~107 bytes
         self.socket = os.path.join(self.sockdir, "s.sock")
@@ -148,7 +153,8 @@ class Server:
         self.profile_out = profile_out
         self.floor = floor
         self.env = {**server_env(self.socket, self.checkpoint_dir,
-                                 VMAFX_SIDECAR_CKPT_INTERVAL_S=str(DEFAULTS.ckpt_interval_s)), "PYTHONPATH": str(tree)}
+                                 VMAFX_SIDECAR_CKPT_INTERVAL_S=str(DEFAULTS.ckpt_interval_s), **(settings or {})),
+                    "PYTHONPATH": str(tree)}
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
 
@@ -311,15 +317,23 @@ class Run:
         return float(np.percentile(self.latencies_ns, q)) / 1e3 if len(self.latencies_ns) else float("nan")
 
 
+@dataclass(frozen=True)
+class Contender:
+    """One of a round's servers: the floor, the sidecar under test (with its settings), or the baseline's."""
+    kind: str  # "floor", "sidecar" or "baseline"
+    tree: Path = ROOT
+    floor: Path | None = None
+    settings: tuple[tuple[str, str], ...] = ()
+
+
 def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir: Path | None,
-               floor: Path | None = None, tree: Path = ROOT) -> Run:
-    """One fresh server (the sidecar of `tree`, this one's or a baseline's, or with `floor` the floor server)
-    and n_clients clients."""
-    kind = "floor" if floor else "sidecar" if tree == ROOT else "baseline"
+               contender: Contender) -> Run:
+    """One fresh server and n_clients clients."""
+    kind, floor = contender.kind, contender.floor
     run = Run(kind, n_clients, messages=sum(map(len, lines_per_client)))
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-") as tmp:
         profile_out = profile_dir / f"{kind}-{n_clients}c.prof" if profile_dir else None
-        server = Server(Path(tmp), profile_out, floor, tree)
+        server = Server(Path(tmp), profile_out, floor, contender.tree, dict(contender.settings))
         try:
             server.start()
             run.ready_s = server.ready_s
@@ -470,10 +484,11 @@ def feedback_main(rates: list[int], seconds: float) -> int:
 
 # ---- the training step, measured in-process ----
 
-def measure_train_step(steps: int = 5000, warmup: int = 500) -> tuple[float, float, str]:
+def measure_train_step(steps: int = 5000, warmup: int = 500,
+                       settings: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Median and p99 of Trainer.step() in µs, with the Trainer built the way serve() builds it."""
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-step-") as tmp:
-        config = vs.Config.load({"VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
+        config = vs.Config.load({**(settings or {}), "VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
                                  "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
         trainer, _ = vs.build_trainer(config)
         data = np.random.default_rng(7)
@@ -606,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="TREE", type=Path,
                         help="also run the sidecar of this checkout (say, a worktree of an earlier commit) in every "
                              "round, and compare the two")
+    parser.add_argument("--setting", metavar="NAME=VALUE", action="append", default=[],
+                        help="run the sidecar under test (not the baseline) with this VMAFX_SIDECAR_* setting; "
+                             "repeatable")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="run each server under cProfile, write DIR/<server>-<n>c.prof (the last round's), print "
                              "the top functions")
@@ -626,6 +644,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no floor server at {args.floor}")
     if args.baseline and not (args.baseline / "vmafx_sidecar.py").is_file():
         parser.error(f"no vmafx_sidecar.py in --baseline {args.baseline}")
+    settings, known = {}, {f.metadata["env"] for f in dataclasses.fields(vs.Config)}
+    for setting in args.setting:
+        name, equals, value = setting.partition("=")
+        if not (name in known and equals):
+            parser.error(f"--setting {setting!r}: expected NAME=VALUE, NAME one of the sidecar's settings")
+        settings[name] = value
+    try:
+        vs.Config.load(settings, {})
+    except vs.ConfigError as e:
+        parser.error(f"--setting: {e}")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
 
@@ -635,19 +663,22 @@ def main(argv: list[str] | None = None) -> int:
           + f" alternated, {args.messages} messages a run, "
           f"clients: {', '.join(map(str, counts))}, features: "
           + ("float64, 17 digits" if args.float64_features else "float32 shortest form")
-          + (" (servers under cProfile: figures are slowed by the profiler)" if args.profile else ""))
+          + (" (servers under cProfile: figures are slowed by the profiler)" if args.profile else "")
+          + "".join(f"\nthe sidecar under test runs with {name}={value}" for name, value in settings.items()))
 
-    step = measure_train_step(args.steps)
+    step = measure_train_step(args.steps, settings=settings)
     lines = {}
     for n in counts:
         per = [args.messages // n + (c < args.messages % n) for c in range(n)]
         lines[n] = [make_lines(k, c, 1000 + c, not args.float64_features) for c, k in enumerate(per)]  # before the clock
-    servers = [(args.floor, ROOT), (None, ROOT)] + ([(None, args.baseline.resolve())] if args.baseline else [])
+    servers = [Contender("floor", floor=args.floor), Contender("sidecar", settings=tuple(settings.items()))]
+    if args.baseline:
+        servers.append(Contender("baseline", args.baseline.resolve()))
     pairs, sidecars, triples = [], [], []
     for round_ in range(1, args.rounds + 1):
         for n in counts:
             order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]  # who goes first rotates
-            runs = {r.server: r for r in (run_config(n, lines[n], args.profile, floor, tree) for floor, tree in order)}
+            runs = {r.server: r for r in (run_config(n, lines[n], args.profile, c) for c in order)}
             pairs.append((round_, runs["floor"], runs["sidecar"]))
             sidecars.append(runs["sidecar"])
             if args.baseline:

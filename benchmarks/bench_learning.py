@@ -20,6 +20,9 @@ Printed, with the machine:
    content as samples arrive, and how many samples normalization needs to reach the raw trainer's error
    at the end.
 3. The per-sample cost: in-process ingest time of the same stream on and off, alternated, every round.
+4. Training less often: a fresh model trained with larger batches, the learning rate scaled by the batch and
+   the EMA's decay by the number of steps (the same horizon in samples), five streams and seeds each: what a
+   default that costs fewer steps per sample would do to learning (BENCHMARKS.md, issue 19).
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ from vmaf_teacher import N_FEATURES, VMAF_MODEL, VmafTeacher, live_action, sport
 TEST_SAMPLES = 5000
 DEFAULTS = (vs.Config.lr, vs.Config.ema_decay)
 GRID = [(lr, ema) for lr in (3e-3, 1e-2, 3e-2) for ema in (0.99, 0.999)]
+BATCHES = (32, 64, 128)  # section 4
+SEEDS = 5
 
 
 # ---- the teacher and the content ----
@@ -55,9 +60,11 @@ def content(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
 
 # ---- the trainer, as serve builds it ----
 
-def trainer_for(directory: str, lr: float, ema: float, normalize: str, base: str = "") -> vs.Trainer:
+def trainer_for(directory: str, lr: float, ema: float, normalize: str, base: str = "",
+                batch_size: int = vs.Config.batch_size, seed: int = vs.Config.seed) -> vs.Trainer:
     config = vs.Config(n_features=N_FEATURES, checkpoint_dir=directory, base_model_path=base, lr=lr, ema_decay=ema,
-                       normalize=normalize, holdout_fraction=0.0, min_samples_ckpt=10**12)
+                       normalize=normalize, holdout_fraction=0.0, min_samples_ckpt=10**12, batch_size=batch_size,
+                       seed=seed)
     trainer, _ = vs.build_trainer(config)
     return trainer
 
@@ -219,6 +226,29 @@ def per_sample_cost(teacher: VmafTeacher, rng: np.random.Generator, rounds: int,
               f"{seconds['on'] / seconds['off']:.3f} |", flush=True)
 
 
+def fewer_steps(teacher: VmafTeacher, samples: int) -> None:
+    marks = sorted({m for m in (10_000, 40_000, 100_000) if m <= samples} | {samples})
+    print(f"\n4. Fresh 6-64-1 model, larger batches (half of each replayed), lr x batch / {vs.Config.batch_size} and "
+          f"EMA decay ^ (batch / {vs.Config.batch_size}), normalize on: test RMSE on streams (and model seeds) "
+          f"0..{SEEDS - 1}\n")
+    print("| batch, lr, EMA | " + " | ".join(f"{m // 1000}k" for m in marks) + " |")
+    print("|---|" + "---|" * len(marks))
+    for batch in BATCHES:
+        scale = batch / vs.Config.batch_size
+        lr, ema = vs.Config.lr * scale, vs.Config.ema_decay ** scale
+        curves = []
+        for seed in range(SEEDS):
+            rng = np.random.default_rng(seed)
+            x = content(rng, samples, "live")
+            test_x = content(rng, TEST_SAMPLES, "live")
+            with tempfile.TemporaryDirectory() as directory:
+                trainer = trainer_for(directory, lr, ema, "on", batch_size=batch, seed=seed)
+                curves.append(learning_curve(trainer, x, teacher(x.astype(np.float64)), marks,
+                                             (test_x, teacher(test_x.astype(np.float64)))))
+        label = f"{batch}, {lr:g}, {ema:.6g}{' (defaults)' if batch == vs.Config.batch_size else ''}"
+        print(f"| {label} | " + " | ".join(", ".join(f"{c[m]:.2f}" for c in curves) for m in marks) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=100_000, help="stream length (default 100000)")
@@ -233,6 +263,7 @@ def main() -> None:
     fresh_model(teacher, samples, rng)
     fine_tuned_base(teacher, samples, rng)
     per_sample_cost(teacher, rng, rounds)
+    fewer_steps(teacher, samples)
 
 
 if __name__ == "__main__":
