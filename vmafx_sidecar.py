@@ -1064,11 +1064,16 @@ class StateStore:
         a first start ACKed while the disk refused its snapshots."""
         loaded = self.load_snapshot()
         records, intact = Journal.read(self.journal_path, self.config.n_features, self.generation)
-        if not intact and self.journal_path.exists() and self.journal_path.stat().st_size:
+        size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
+        if size and not intact:
             if loaded:
                 log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
             else:
                 self.move_aside(self.journal_path, "without its snapshot")
+        elif intact < size and not loaded and not any(records):
+            # Not one sample read: a journal of another feature count (or one torn in its first record), kept.
+            self.move_aside(self.journal_path, "unreadable with this configuration")
+            intact = 0
         t = self.trainer
         for record in records:
             if record is None:

@@ -243,6 +243,22 @@ def test_samples_acked_while_a_restart_cannot_snapshot_survive_the_next_restart(
     np.testing.assert_array_equal(resumed.trainer.model.flat, again.trainer.model.flat)
 
 
+def test_a_first_journal_of_another_feature_count_is_set_aside_not_cut(tmp_path, monkeypatch):
+    """Samples a first start ACKed while the disk refused its snapshots cannot be read once the feature count
+    changes: the journal is moved aside whole, as a snapshot of another layout is, not cut after its header."""
+    monkeypatch.setattr(vs, "write_synced", refused)
+    server = in_process_server(tmp_path)  # 5 features
+    for m in messages(30):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    journal = (tmp_path / ".state" / "journal.bin").read_bytes()
+    monkeypatch.undo()
+    trainer = make_trainer(tmp_path, n_features=6, hidden=7, batch_size=8, replay_capacity=64)
+    assert not vs.StateStore(trainer.config, trainer).restore() and trainer.samples_accepted == 0
+    [aside] = (tmp_path / ".state").glob("journal.bin.*.unreadable")
+    assert aside.read_bytes() == journal
+
+
 def test_rejections_are_journaled(sidecar_factory):
     s = sidecar_factory(**SETTINGS)
     client = s.client()
