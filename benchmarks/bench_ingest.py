@@ -48,8 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,13 +316,13 @@ class Run:
         return float(np.percentile(self.latencies_ns, q)) / 1e3 if len(self.latencies_ns) else float("nan")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Contender:
     """One of a round's servers: the floor, the sidecar under test (with its settings), or the baseline's."""
     kind: str  # "floor", "sidecar" or "baseline"
     tree: Path = ROOT
     floor: Path | None = None
-    settings: tuple[tuple[str, str], ...] = ()
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir: Path | None,
@@ -333,7 +332,7 @@ def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir:
     run = Run(kind, n_clients, messages=sum(map(len, lines_per_client)))
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-") as tmp:
         profile_out = profile_dir / f"{kind}-{n_clients}c.prof" if profile_dir else None
-        server = Server(Path(tmp), profile_out, floor, contender.tree, dict(contender.settings))
+        server = Server(Path(tmp), profile_out, floor, contender.tree, contender.settings)
         try:
             server.start()
             run.ready_s = server.ready_s
@@ -622,8 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the sidecar of this checkout (say, a worktree of an earlier commit) in every "
                              "round, and compare the two")
     parser.add_argument("--setting", metavar="NAME=VALUE", action="append", default=[],
-                        help="run the sidecar under test (not the baseline) with this VMAFX_SIDECAR_* setting; "
-                             "repeatable")
+                        help="run the sidecar under test (not the baseline) with this setting, say "
+                             "VMAFX_SIDECAR_BATCH_SIZE=128; repeatable")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="run each server under cProfile, write DIR/<server>-<n>c.prof (the last round's), print "
                              "the top functions")
@@ -644,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no floor server at {args.floor}")
     if args.baseline and not (args.baseline / "vmafx_sidecar.py").is_file():
         parser.error(f"no vmafx_sidecar.py in --baseline {args.baseline}")
-    settings, known = {}, {f.metadata["env"] for f in dataclasses.fields(vs.Config)}
+    settings, known = {}, {f.metadata["env"] for f in fields(vs.Config)}
     for setting in args.setting:
         name, equals, value = setting.partition("=")
         if not (name in known and equals):
@@ -671,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         per = [args.messages // n + (c < args.messages % n) for c in range(n)]
         lines[n] = [make_lines(k, c, 1000 + c, not args.float64_features) for c, k in enumerate(per)]  # before the clock
-    servers = [Contender("floor", floor=args.floor), Contender("sidecar", settings=tuple(settings.items()))]
+    servers = [Contender("floor", floor=args.floor), Contender("sidecar", settings=settings)]
     if args.baseline:
         servers.append(Contender("baseline", args.baseline.resolve()))
     pairs, sidecars, triples = [], [], []
