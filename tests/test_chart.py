@@ -892,8 +892,11 @@ def test_the_fleet_on_a_claim_without_read_write_many_is_refused_as_the_replicas
         render(merged(FLEET, **{"persistence.models.accessModes": ["ReadWriteOnce"]}), "1.33")
 
 
-@pytest.mark.parametrize("deadline, interval", [(600, None), (3600, 3600), (3600, 7200.5)],
-                         ids=["the default interval", "equal", "a longer interval"])
+SIDECAR_CKPT_INTERVAL_S = int(vs.Config.ckpt_interval_s)  # what the chart takes when the value is unset
+
+
+@pytest.mark.parametrize("deadline, interval", [(SIDECAR_CKPT_INTERVAL_S, None), (3600, 3600), (3600, 7200.5)],
+                         ids=["the sidecar's default interval", "equal", "a longer interval"])
 def test_a_fleet_deadline_within_a_checkpoint_interval_is_refused(deadline, interval):
     values = merged(FLEET, **{"fleet.activeDeadlineSeconds": deadline})
     if interval is not None:
@@ -901,7 +904,7 @@ def test_a_fleet_deadline_within_a_checkpoint_interval_is_refused(deadline, inte
     with pytest.raises(helm.HelmRenderError) as refused:
         render(values, "1.33")
     assert (f"fleet.activeDeadlineSeconds ({deadline}) must be more than sidecar.trainer.checkpointIntervalSeconds "
-            f"({600 if interval is None else interval})") in str(refused.value)
+            f"({SIDECAR_CKPT_INTERVAL_S if interval is None else interval})") in str(refused.value)
 
 
 def test_a_fleet_deadline_past_the_checkpoint_interval_is_taken():
