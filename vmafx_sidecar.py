@@ -2497,6 +2497,7 @@ class CheckpointWriter:
         self.quarantine = self.directory / "quarantine"
         self.keep = keep
         self.champion_version: int | None = None  # the trainer's champion, which retention keeps too
+        self.failures = 0  # fsyncs and latest.json updates the disk refused after a checkpoint was in place
         try:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
@@ -2556,10 +2557,17 @@ class CheckpointWriter:
             raise
         self.version = version  # visible now: this version is never written again, whatever follows
         checkpoint = Checkpoint(directory / name, record, verdict)
-        fsync_directory(directory)
-        if verdict.published:
-            self.point_latest(record, staged.data)
-        else:
+        # In place whole, and readers may see it: what the disk refuses from here on is counted, not a failed
+        # checkpoint (latest.json catches up with the next one, or at the next start: recover_latest()).
+        try:
+            fsync_directory(directory)
+            if verdict.published:
+                self.point_latest(record, staged.data)
+        except OSError as e:
+            self.failures += 1
+            log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update: %s",
+                      version, LATEST, e)
+        if not verdict.published:
             log.warning("checkpoint v%06d quarantined: %s", version, verdict.reason)
         self.prune()
         return checkpoint
@@ -3033,7 +3041,7 @@ def metrics_text(server: Server) -> str:
     judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
     live = t.window.evidence(t.references())
     fleet = fleet_model(Path(s.config.checkpoint_dir).absolute())
-    failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"]}
+    failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"] + t.checkpoints.failures}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     families = [
         ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vmafx_onnx_builder
 import vmafx_sidecar
-from conftest import ROOT, UNGATED, Client, Sidecar, sample
+from conftest import ROOT, UNGATED, Client, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 # batch 32 with replay_mix 0.5 (the defaults, spelled out): each step trains 16 new samples,
@@ -529,6 +529,33 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
     if v1.name + ".sha256" in published:
         assert path == directory / "model_v000002.onnx"
     assert_sha256_file_verifies(path)
+
+
+def test_a_checkpoint_in_place_when_its_directory_fsync_is_refused_is_the_incumbent(tmp_path, monkeypatch):
+    """Readers may load a checkpoint as soon as its .sha256 is renamed into place: a refused fsync after that
+    counts as a write failure, and the trainer judges its next candidates against it, not against the model
+    before it; latest.json names it with the next checkpoint."""
+    trainer = make_trainer(tmp_path, n_features=4, hidden=4, batch_size=4, replay_mix=0.0, replay_capacity=16,
+                           gate="off", min_samples_ckpt=8, ckpt_interval_s=0.0)
+    rng = np.random.default_rng(5)
+
+    def until_version(version: int) -> None:
+        while trainer.checkpoints.version < version:
+            trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+
+    def refused(directory):
+        raise OSError(errno.EIO, "Input/output error")
+
+    until_version(1)
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", refused)
+    until_version(2)
+    monkeypatch.undo()
+    assert trainer.checkpoint_results == {"published": 2} and trainer.checkpoints.failures == 1
+    v2 = vmafx_sidecar.MLP.from_weights(vmafx_onnx_builder.read_mlp_model(onnx.load(tmp_path / "model_v000002.onnx")))
+    np.testing.assert_array_equal(trainer.incumbent.flat, v2.flat)
+    assert trainer.checkpoints.latest["version"] == 1  # not pointed at yet
+    until_version(3)
+    assert trainer.checkpoints.latest["version"] == 3 and trainer.checkpoints.failures == 1
 
 
 def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(tmp_path):

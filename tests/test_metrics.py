@@ -327,6 +327,7 @@ def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
     server = vs.Server(trainer.config, trainer, state)
     refused: set[str] = set()  # what the disk refuses now
     real_write_all, real_write_synced, real_publish = vs.write_all, vs.write_synced, vs.publish
+    real_fsync_directory = vs.fsync_directory
 
     def write_all(fd, content):
         if fd in [state.journal.fd] * ("journal" in refused) + [state.samples.fd] * ("sample_log" in refused):
@@ -342,9 +343,15 @@ def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
         if "checkpoint" in refused:
             raise OSError(28, "No space left on device")
         return real_publish(t)
+
+    def fsync_directory(directory):
+        if "checkpoint directory" in refused and directory == trainer.checkpoints.directory:
+            raise OSError(5, "Input/output error")  # after the checkpoint's files are in place
+        real_fsync_directory(directory)
     monkeypatch.setattr(vs, "write_all", write_all)
     monkeypatch.setattr(vs, "write_synced", write_synced)
     monkeypatch.setattr(vs, "publish", publish)
+    monkeypatch.setattr(vs, "fsync_directory", fsync_directory)
     rng = np.random.default_rng(4)
 
     def batches(n: int, *kinds: str) -> None:
@@ -359,10 +366,12 @@ def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
     state.save()
     batches(3, "checkpoint")  # a step every 4 samples: the 8th sample's has a checkpoint due
     batches(1)
+    batches(8, "checkpoint directory")  # the retried checkpoint, published, its directory's fsync refused
+    assert trainer.checkpoint_results == {"failed": 1, "published": 1}
     failures = family(parse_exposition(vs.metrics_text(server)), "vmafx_sidecar_write_failures_total")
     assert failures == {(("kind", "journal"),): 3, (("kind", "snapshot"),): 1, (("kind", "sample_log"),): 2,
-                        (("kind", "checkpoint"),): 1}
-    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 10))  # all retried, in order
+                        (("kind", "checkpoint"),): 2}
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 18))  # all retried, in order
 
 
 def test_connections_over_the_limit_are_counted(sidecar_factory):
