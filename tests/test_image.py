@@ -105,11 +105,12 @@ def cli(bare_python, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=60)
 
 
-def serve(bare_python, tmp_path: Path, *flags: str) -> tuple[Path, list[dict]]:
+def serve(bare_python, tmp_path: Path, *flags: str, ckpt: Path | None = None) -> tuple[Path, list[dict]]:
     """Run `serve` until the chart's startup probe passes, send it 32 random samples (a checkpoint is due every
-    16 trained) and stop it: its checkpoint directory and the ACKs, once it exited 0 and removed its socket."""
+    16 trained) and stop it: its checkpoint directory (`ckpt`, or one in tmp_path) and the ACKs, once it exited 0
+    and removed its socket."""
     sockdir = tempfile.mkdtemp(prefix="vx")  # AF_UNIX paths are short; tmp_path may be too long
-    sock, ckpt, stderr = f"{sockdir}/s.sock", tmp_path / "ckpt", tmp_path / "stderr.log"
+    sock, ckpt, stderr = f"{sockdir}/s.sock", ckpt or tmp_path / "ckpt", tmp_path / "stderr.log"
     assert cli(bare_python, "probe", "--socket", sock).returncode != 0  # nothing listening yet
     args, kwargs = bare_python("-m", "vmafx_sidecar", "serve", "--socket", sock, "--checkpoint-dir", str(ckpt),
                                "--base-model-path", "", "--batch-size", "8", "--ckpt-interval-s", "0",
@@ -164,3 +165,24 @@ def test_runtime_layer_judges_checkpoints_with_the_gate_on(bare_python, tmp_path
     assert listing.returncode == 0 and records[-1]["gate"] in listing.stdout, listing
     verified = cli(bare_python, "verify", str(ckpt))
     assert verified.returncode == 0, verified
+
+
+def test_runtime_layer_runs_the_fleet_cron_jobs_command(bare_python, tmp_path):
+    """The fleet CronJob's container command, exactly as the chart writes it, on the runtime layer: it trains
+    <root>/fleet/ on two replicas' sample logs and publishes, then finds nothing new and still exits 0."""
+    template = (ROOT / "chart/templates/fleet-cronjob.yaml").read_text()
+    [program] = [line.strip().removeprefix("- ") for line in template.splitlines()
+                 if line.strip().startswith("- import sys, vmafx_sidecar")]
+    root = tmp_path / "online"
+    for replica in ("vmafx-node-0", "vmafx-node-1"):
+        serve(bare_python, tmp_path, "--gate", "off", "--sample-log", "1", ckpt=root / replica)
+    command, kwargs = bare_python("-c", program, "fleet", str(root))
+    kwargs["env"] = {**kwargs["env"], "VMAFX_SIDECAR_BATCH_SIZE": "8", "VMAFX_SIDECAR_CKPT_INTERVAL_S": "0",
+                     "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": "16", "VMAFX_SIDECAR_GATE": "off",
+                     "VMAFX_SIDECAR_LOG_LEVEL": "info"}
+    for ingested in (64, 0):  # the second run: nothing new, which the command turns from 3 into 0
+        run = subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and f"fleet run: {ingested} samples ingested" in run.stderr, run.stderr
+    assert json.loads((root / "fleet" / "latest.json").read_text())["gate"] == "off"
+    status = cli(bare_python, "fleet", str(root), "--status")
+    assert status.returncode == 0 and "vmafx-node-1" in status.stdout, status
