@@ -1496,6 +1496,7 @@ class StepResult:
 # The state's arrays that hold only part of their buffer, and the scalar that says how much.
 PARTIAL_ARRAYS = {"pending_x": "n_pending", "pending_y": "n_pending", "window_x": "window_unscored",
                   "window_y": "window_unscored", "window_candidate": "window_unscored"}
+RINGS = ("replay", "eval")  # saved as <ring>_x, <ring>_y, <ring>_size and <ring>_next, at any capacity
 
 
 class IncompatibleState(ValueError):
@@ -1607,11 +1608,9 @@ class Trainer:
         return min(self.eval.size + self.n_held, len(self.eval.y))
 
     def layout(self) -> dict[str, Any]:
-        """What the state's arrays are shaped by: a state saved for another layout cannot be loaded. The batch
-        settings are not part of it: load_state_dict() takes a state saved with others."""
-        c = self.config
-        return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations],
-                "replay_capacity": c.replay_capacity, "eval_capacity": c.eval_capacity}
+        """The model's shape: a state saved for another cannot be loaded. Batch settings and ring capacities are
+        not part of it: load_state_dict() takes a state saved with others."""
+        return {"sizes": self.model.sizes, "activations": [str(a) for a in self.model.activations]}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a restart needs to continue exactly, arrays on the host: the one list of the trainer's
@@ -1621,12 +1620,12 @@ class Trainer:
         return {**self.state_scalars(), **{name: host(array) for name, array in self.state_arrays().items()}}
 
     def state_scalars(self) -> dict[str, Any]:
-        last = self.last_checkpoint_time
+        c, last = self.config, self.last_checkpoint_time
         since_checkpoint = None if last is None else time.monotonic() - last
         return {
-            # The batch settings too: versions from before they could change require them to match.
-            "fingerprint": {**self.layout(), "batch_size": self.config.batch_size,
-                            "replay_mix": self.config.replay_mix},
+            # With the settings that older versions, which could not change them, require to match.
+            "fingerprint": {**self.layout(), "replay_capacity": c.replay_capacity, "batch_size": c.batch_size,
+                            "replay_mix": c.replay_mix, "eval_capacity": c.eval_capacity},
             "steps": self.steps, "steps_skipped": self.steps_skipped,
             "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
             "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
@@ -1669,20 +1668,32 @@ class Trainer:
         for count in ("n_pending", "window_unscored"):
             if not (type(state[count]) is int and state[count] >= 0):
                 raise ValueError(f"{count} {state[count]!r} is not a count")
+        # The arrays whose rows the state says: the partial ones, and the rings' (at the capacity saved).
+        rows = {name: state[count] for name, count in PARTIAL_ARRAYS.items()}
+        rows |= {f"{ring}_{part}": len(state[f"{ring}_y"]) for ring in RINGS for part in "xy"}
         for name, array in arrays.items():
-            shape = (state[PARTIAL_ARRAYS[name]], *array.shape[1:]) if name in PARTIAL_ARRAYS else array.shape
+            shape = (rows[name], *array.shape[1:]) if name in rows else array.shape
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
                 raise ValueError(f"array {name} has another shape than {shape}")
+        for ring in RINGS:
+            size, position, capacity = state[f"{ring}_size"], state[f"{ring}_next"], rows[f"{ring}_y"]
+            if not (type(size) is int and type(position) is int and 0 <= size <= capacity
+                    and 0 <= position < max(1, capacity)):
+                raise ValueError(f"the {ring} ring's size {size!r} and position {position!r} for capacity {capacity}")
         if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
             self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
         self.window.unscored = state["window_unscored"]  # sizes its arrays
         keeps_champion = state["has_champion"] and self.checkpoints.is_published(state["champion_version"])
+        apart = {"pending_x", "pending_y", *(f"{ring}_{part}" for ring in RINGS for part in "xy")}
         for name, target in self.state_arrays().items():
-            if (name == "champion" and not keeps_champion) or name in ("pending_x", "pending_y"):
-                continue  # see has_champion below; the pending samples are added last
+            if (name == "champion" and not keeps_champion) or name in apart:
+                continue  # see has_champion below; the rings are loaded below, the pending samples added last
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
-        self.replay.size, self.replay.next = state["replay_size"], state["replay_next"]
-        self.eval.size, self.eval.next = state["eval_size"], state["eval_next"]
+        for ring in RINGS:
+            if rows[f"{ring}_y"] != len(getattr(self, ring).y):
+                log.info("the %s ring was saved with capacity %d: its newest samples go into one of %d", ring,
+                         rows[f"{ring}_y"], len(getattr(self, ring).y))
+            getattr(self, ring).load(*(state[f"{ring}_{part}"] for part in ("x", "y", "size", "next")))
         self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
         self.samples_accepted, self.samples_rejected = state["samples_accepted"], state["samples_rejected"]
         self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]
@@ -1982,6 +1993,19 @@ class Ring:
             self.x[:n - head], self.y[:n - head] = x[head:], y[head:]
         self.next = (self.next + n) % capacity
         self.size = min(self.size + n, capacity)
+
+    def load(self, x: np.ndarray, y: np.ndarray, size: int, position: int) -> None:
+        """Take a saved ring's samples (host arrays, its size and write position): where they lie, when it had this
+        capacity; else its newest that fit, oldest first."""
+        xp, capacity = self.xp, len(self.y)
+        if len(y) == capacity:
+            self.x[...], self.y[...] = xp.asarray(x), xp.asarray(y)
+            self.size, self.next = size, position
+            return
+        kept = min(size, capacity)
+        index = (position - kept + np.arange(kept)) % len(y)
+        self.x[:kept], self.y[:kept] = xp.asarray(x[index]), xp.asarray(y[index])
+        self.size, self.next = kept, kept % capacity
 
     def older(self, skip: int, count: int) -> tuple[Any, Any]:
         """Copies of the `count` samples stored before the newest `skip` ones (count <= size - skip)."""

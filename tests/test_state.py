@@ -498,14 +498,42 @@ def test_a_state_continues_under_other_batch_settings(tmp_path, monkeypatch, bat
     assert np.isfinite(again.vectors).all()
 
 
-def test_a_restart_with_another_batch_size_resumes_instead_of_starting_over(sidecar_factory, tmp_path):
+@pytest.mark.parametrize("capacities", [dict(replay_capacity=64, eval_capacity=32),
+                                        dict(replay_capacity=20, eval_capacity=5)], ids=["larger", "smaller"])
+def test_a_state_continues_with_other_ring_capacities(tmp_path, capacities):
+    """The replay and evaluation rings may be resized between restarts: each keeps its newest samples that fit,
+    in order, and training goes on from the same weights."""
+    settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, eval_capacity=16, holdout_fraction=0.3)
+    rng = np.random.default_rng(4)
+    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    trainer = make_trainer(tmp_path / "a", **settings)
+    for x, y in stream[:100]:
+        trainer.ingest(x, y, trainer.is_held_out(None), True)
+    saved = trainer.state_dict()
+    assert trainer.replay.size == 32 and trainer.replay.next != 0 and trainer.eval.size == 16  # full, wrapped
+    again = make_trainer(tmp_path / "b", **{**settings, **capacities})
+    again.load_state_dict(saved)
+    np.testing.assert_array_equal(again.vectors[:3], trainer.vectors[:3])
+    for ring in ("replay", "eval"):
+        mine, theirs = getattr(trainer, ring), getattr(again, ring)
+        assert theirs.size == min(mine.size, len(theirs.y))
+        for ours, kept in zip(mine.older(0, theirs.size), theirs.older(0, theirs.size)):  # newest first
+            np.testing.assert_array_equal(ours, kept)
+    for x, y in stream[100:]:
+        again.ingest(x, y, again.is_held_out(None), True)
+    assert again.samples_accepted == len(stream) and np.isfinite(again.vectors).all()
+    assert again.replay_size == len(again.replay.y) and again.eval_size == len(again.eval.y)  # full again
+
+
+def test_a_restart_with_other_batch_and_ring_settings_resumes_instead_of_starting_over(sidecar_factory, tmp_path):
     s = sidecar_factory(**SETTINGS)
     client, sent = s.client(), 0
     while (before := client.request({"op": "status"}))["pending"] < 2:  # samples waiting for a step of 4 new
         assert client.request(messages()[sent])["ok"]
         sent += 1
     s.stop(signal.SIGKILL)
-    again = sidecar_factory(**{**SETTINGS, "VMAFX_SIDECAR_BATCH_SIZE": "2"})  # a step every sample
+    again = sidecar_factory(**{**SETTINGS, "VMAFX_SIDECAR_BATCH_SIZE": "2",  # a step every sample
+                               "VMAFX_SIDECAR_REPLAY_CAPACITY": "40", "VMAFX_SIDECAR_EVAL_CAPACITY": "8"})
     status = again.client().request({"op": "status"})
     assert "resumed" in again.stderr() and "incompatible" not in again.stderr()
     assert status["samples_accepted"] == before["samples_accepted"]
