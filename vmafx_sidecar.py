@@ -1651,35 +1651,14 @@ class Trainer:
                 "window_candidate": w.predictions[0, :w.unscored]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from what state_dict() returned, with these batch settings or others (the samples waiting
-        for a step go into the new batches). Checks everything before it changes anything: KeyError for a
-        missing entry, IncompatibleState for another layout, ValueError for an array of another shape."""
-        arrays = self.state_arrays()  # their shapes, without copying them off the device
-        missing = (self.state_scalars().keys() | arrays.keys()) - state.keys()
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
-        layout, saved_for = self.layout(), state["fingerprint"]
-        if type(saved_for) is not dict or {key: saved_for.get(key) for key in layout} != layout:
-            raise IncompatibleState(f"saved for {saved_for}, configured {layout}")
+        """Continue from what state_dict() returned, saved with these batch settings and ring capacities or with
+        others: the samples waiting for a step go into the new batches, each ring keeps its newest samples that
+        fit. Checks everything before it changes anything (checked_rows())."""
+        rows = self.checked_rows(state)
         saved = state["coordinates"]
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
-        for count in ("n_pending", "window_unscored"):
-            if not (type(state[count]) is int and state[count] >= 0):
-                raise ValueError(f"{count} {state[count]!r} is not a count")
-        # The arrays whose rows the state says: the partial ones, and the rings' (at the capacity saved).
-        rows = {name: state[count] for name, count in PARTIAL_ARRAYS.items()}
-        rows |= {f"{ring}_{part}": len(state[f"{ring}_y"]) for ring in RINGS for part in "xy"}
-        for name, array in arrays.items():
-            shape = (rows[name], *array.shape[1:]) if name in rows else array.shape
-            if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
-                raise ValueError(f"array {name} has another shape than {shape}")
-        for ring in RINGS:
-            size, position, capacity = state[f"{ring}_size"], state[f"{ring}_next"], rows[f"{ring}_y"]
-            if not (type(size) is int and type(position) is int and 0 <= size <= capacity
-                    and 0 <= position < max(1, capacity)):
-                raise ValueError(f"the {ring} ring's size {size!r} and position {position!r} for capacity {capacity}")
         if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
             self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
         self.window.unscored = state["window_unscored"]  # sizes its arrays
@@ -1719,7 +1698,34 @@ class Trainer:
             if not self.move_to(Coordinates.identity(self.config.n_features)):
                 log.error("VMAFX_SIDECAR_NORMALIZE=off, but the saved weights overflow float32 in raw coordinates: "
                           "training goes on standardized")
-        self.take_pending(state["pending_x"], state["pending_y"], saved_for)
+        self.take_pending(state["pending_x"], state["pending_y"], state["fingerprint"])
+
+    def checked_rows(self, state: dict[str, Any]) -> dict[str, int]:
+        """The rows of the saved arrays whose length the state says (the partial ones, and the rings' at the
+        capacity they were saved with), once the state is seen to fit this trainer: KeyError for a missing entry,
+        IncompatibleState for another model, ValueError for an array or a count that does not fit."""
+        arrays = self.state_arrays()  # their shapes, without copying them off the device
+        missing = (self.state_scalars().keys() | arrays.keys()) - state.keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        layout, saved_for = self.layout(), state["fingerprint"]
+        if type(saved_for) is not dict or {key: saved_for.get(key) for key in layout} != layout:
+            raise IncompatibleState(f"saved for {saved_for}, configured {layout}")
+        for count in ("n_pending", "window_unscored"):
+            if not (type(state[count]) is int and state[count] >= 0):
+                raise ValueError(f"{count} {state[count]!r} is not a count")
+        rows = {name: state[count] for name, count in PARTIAL_ARRAYS.items()}
+        rows |= {f"{ring}_{part}": len(state[f"{ring}_y"]) for ring in RINGS for part in "xy"}
+        for name, array in arrays.items():
+            shape = (rows[name], *array.shape[1:]) if name in rows else array.shape
+            if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
+                raise ValueError(f"array {name} has another shape than {shape}")
+        for ring in RINGS:
+            size, position, capacity = state[f"{ring}_size"], state[f"{ring}_next"], rows[f"{ring}_y"]
+            if not (type(size) is int and type(position) is int and 0 <= size <= capacity
+                    and 0 <= position < max(1, capacity)):
+                raise ValueError(f"the {ring} ring's size {size!r} and position {position!r} for capacity {capacity}")
+        return rows
 
     def take_pending(self, x: np.ndarray, y: np.ndarray, saved_for: dict[str, Any]) -> None:
         """The samples a saved state's next step was waiting for, added as they arrived: with other batch
