@@ -1500,7 +1500,7 @@ RINGS = ("replay", "eval")  # saved as <ring>_x, <ring>_y, <ring>_size and <ring
 
 
 class IncompatibleState(ValueError):
-    """A saved state whose layout (layer sizes, ring sizes, batch settings) is not the configured one."""
+    """A saved state of another model (layer sizes, activations) than the configured one."""
 
 
 class Trainer:
@@ -1669,10 +1669,11 @@ class Trainer:
                 continue  # see has_champion below; the rings are loaded below, the pending samples added last
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         for ring in RINGS:
-            if rows[f"{ring}_y"] != len(getattr(self, ring).y):
+            target, saved_capacity = getattr(self, ring), rows[f"{ring}_y"]
+            if saved_capacity != len(target.y):
                 log.info("the %s ring was saved with capacity %d: its newest samples go into one of %d", ring,
-                         rows[f"{ring}_y"], len(getattr(self, ring).y))
-            getattr(self, ring).load(*(state[f"{ring}_{part}"] for part in ("x", "y", "size", "next")))
+                         saved_capacity, len(target.y))
+            target.load(*(state[f"{ring}_{part}"] for part in ("x", "y", "size", "next")))
         self.steps, self.steps_skipped = state["steps"], state["steps_skipped"]
         self.samples_accepted, self.samples_rejected = state["samples_accepted"], state["samples_rejected"]
         self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]

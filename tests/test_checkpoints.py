@@ -499,6 +499,10 @@ def test_failed_write_leaves_no_temp_files_and_no_sha256(tmp_path, monkeypatch, 
     assert temp_files(directory) == []
 
 
+def refused_fsync(directory: Path) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
 def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(tmp_path, monkeypatch):
     # Both files are renamed into place before the directory fsync; if that fsync fails, readers
     # may already have seen (and loaded) the complete pair, so the number must not be reused
@@ -508,11 +512,7 @@ def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(t
     rng = np.random.default_rng(0)
     first, second = random_layers(rng, [N_FEATURES, 8, 1]), random_layers(rng, [N_FEATURES, 8, 1])
     real_fsync_directory = vmafx_sidecar.fsync_directory
-
-    def failing_fsync_directory(d):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", failing_fsync_directory)
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", refused_fsync)
     try:
         vmafx_sidecar.write_checkpoint(writer, relu_mlp(first), 1, 16, UNGATED, PROBE)
     except OSError:
@@ -543,11 +543,8 @@ def test_a_checkpoint_in_place_when_its_directory_fsync_is_refused_is_the_incumb
         while trainer.checkpoints.version < version:
             trainer.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
 
-    def refused(directory):
-        raise OSError(errno.EIO, "Input/output error")
-
     until_version(1)
-    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", refused)
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", refused_fsync)
     until_version(2)
     monkeypatch.undo()
     assert trainer.checkpoint_results == {"published": 2} and trainer.checkpoints.failures == 1
