@@ -912,6 +912,25 @@ def test_a_fleet_deadline_past_the_checkpoint_interval_is_taken():
     assert render(values, "1.33").one("CronJob")["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 2
 
 
+def interval_in_extra_env(seconds: str) -> dict:
+    return {"sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_CKPT_INTERVAL_S", "value": seconds}]}
+
+
+def test_a_checkpoint_interval_set_in_extra_env_is_the_one_the_deadline_is_judged_by():
+    # extraEnv comes after the chart's settings in the container's env: its value is the one the sidecar reads.
+    values = merged(FLEET, **{"fleet.activeDeadlineSeconds": 3600, "sidecar.trainer.checkpointIntervalSeconds": 60},
+                    **interval_in_extra_env("3600"))
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(values, "1.33")
+    assert ("fleet.activeDeadlineSeconds (3600) must be more than VMAFX_SIDECAR_CKPT_INTERVAL_S in "
+            "sidecar.trainer.extraEnv (3600)") in str(refused.value)
+    values = merged(FLEET, **{"fleet.activeDeadlineSeconds": 3600, "sidecar.trainer.checkpointIntervalSeconds": 7200},
+                    **interval_in_extra_env("60"))
+    rendered = render(values, "1.33")
+    assert rendered.one("CronJob")["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 3600
+    assert vs.Config.load(resolved_env(rendered.container("trainer"), f"{FULLNAME}-0"), {}).ckpt_interval_s == 60
+
+
 def test_a_cron_job_name_too_long_for_its_jobs_is_refused():
     # Each Job is named "<CronJob name>-<up to 11 characters>", at most 63.
     with pytest.raises(helm.HelmRenderError, match=f"CronJob named {'r' * 36}-vmafx-node-fleet, longer than the 52"):

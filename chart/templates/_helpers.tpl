@@ -307,11 +307,19 @@ livenessProbe:
 {{- end -}}
 {{- /* A run saves what it trained at each checkpoint: one stopped before its first would be redone whole, every time. */}}
 {{- $interval := 600 -}}
+{{- $source := "sidecar.trainer.checkpointIntervalSeconds" -}}
 {{- if hasKey .Values.sidecar.trainer "checkpointIntervalSeconds" -}}
 {{- $interval = .Values.sidecar.trainer.checkpointIntervalSeconds -}}
 {{- end -}}
+{{- /* extraEnv comes last in the container's env, so its value is the one the sidecar reads. */}}
+{{- range .Values.sidecar.trainer.extraEnv -}}
+{{- if and (eq .name "VMAFX_SIDECAR_CKPT_INTERVAL_S") (hasKey . "value") -}}
+{{- $interval = .value -}}
+{{- $source = "VMAFX_SIDECAR_CKPT_INTERVAL_S in sidecar.trainer.extraEnv" -}}
+{{- end -}}
+{{- end -}}
 {{- if le (float64 .Values.fleet.activeDeadlineSeconds) (float64 $interval) -}}
-{{- fail (printf "fleet.activeDeadlineSeconds (%v) must be more than sidecar.trainer.checkpointIntervalSeconds (%v): a run saves its progress at each checkpoint, and one stopped before its first would be redone whole, every time" .Values.fleet.activeDeadlineSeconds $interval) -}}
+{{- fail (printf "fleet.activeDeadlineSeconds (%v) must be more than %s (%v): a run saves its progress at each checkpoint, and one stopped before its first would be redone whole, every time" .Values.fleet.activeDeadlineSeconds $source $interval) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
