@@ -1146,7 +1146,10 @@ class StateStore:
             self.save()
 
     def save(self) -> None:
-        """Write the snapshot atomically, then empty the journal."""
+        """Write the snapshot atomically, then empty the journal. What the lines answered so far recorded is
+        committed first: a checkpoint's snapshot comes in the middle of a turn, and the samples it empties from
+        the journal must be in the sample log before (else a kill before the turn's end keeps them out of it)."""
+        self.commit()
         started = time.perf_counter()
         generation = self.generation + 1
         state = self.trainer.state_dict()

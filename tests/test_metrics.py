@@ -363,13 +363,13 @@ def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
     batches(3, "journal")  # the sample log waits for the journal: never tried
     batches(2, "sample_log")
     refused.add("snapshot")
-    state.save()
+    state.save()  # which first tries what the turn recorded: the sample log is refused once more
     batches(3, "checkpoint")  # a step every 4 samples: the 8th sample's has a checkpoint due
     batches(1)
     batches(8, "checkpoint directory")  # the retried checkpoint, published, its directory's fsync refused
     assert trainer.checkpoint_results == {"failed": 1, "published": 1}
     failures = family(parse_exposition(vs.metrics_text(server)), "vmafx_sidecar_write_failures_total")
-    assert failures == {(("kind", "journal"),): 3, (("kind", "snapshot"),): 1, (("kind", "sample_log"),): 2,
+    assert failures == {(("kind", "journal"),): 3, (("kind", "snapshot"),): 1, (("kind", "sample_log"),): 3,
                         (("kind", "checkpoint"),): 2}
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 18))  # all retried, in order
 

@@ -214,6 +214,27 @@ def test_samples_journaled_but_not_logged_when_the_process_died_are_logged_at_re
     assert all(x.features.tobytes() == row.tobytes() for x, (row, _) in zip(logged, rows))
 
 
+def test_samples_a_checkpoints_snapshot_took_in_mid_turn_are_logged_before_it(tmp_path):
+    """A checkpoint's snapshot, taken while a turn's lines are answered, holds the turn's earlier samples and
+    empties the journal of them: killed before the turn's end, they must already be in the log."""
+    settings = dict(n_features=N_FEATURES, sample_log="1", batch_size=8, min_samples_ckpt=12, ckpt_interval_s=0.0,
+                    gate="off")
+    rng = np.random.default_rng(11)
+    store = vs.StateStore(vs.Config(checkpoint_dir=str(tmp_path), **settings), make_trainer(tmp_path, **settings))
+    store.restore()
+    checkpoint = None
+    while checkpoint is None:  # one turn, as Server.answer runs it: no commit until the turn's end
+        row, score = rng.uniform(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(20, 100))
+        store.record_sample(row, score, False, None)
+        result = store.trainer.ingest(row, score, False, True)
+        checkpoint = result and result.checkpoint
+    store.save()  # the checkpoint's snapshot; the process dies before the turn's end
+    again = vs.StateStore(store.config, make_trainer(tmp_path, **settings))
+    again.restore()
+    assert again.trainer.samples_accepted == store.trainer.samples_accepted
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, store.trainer.samples_accepted + 1))
+
+
 # ---- the fleet trainer ----
 
 def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
