@@ -40,6 +40,8 @@ SOCKET_ENV = "VMAFX_SIDECAR_SOCKET"
 DEFAULT_SOCKET = "/tmp/vmafx-sidecar.sock"
 PONG = b'{"ok": true, "op": "pong"}\n'
 F32_MAX = 3.4028234663852886e38  # float(numpy.finfo(numpy.float32).max): the largest value the model takes
+JOB_ID_MAX_BYTES = 65535  # a job_id's UTF-8 length, which the sidecar's sample log stores in 16 bits
+JOB_ID_TOO_LONG = f"job_id: longer than {JOB_ID_MAX_BYTES} bytes in UTF-8"  # both ends' words
 
 
 # ---- probe: the pod's health check, one ping, answered without numpy or onnx ----
@@ -319,6 +321,8 @@ def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: in
     would keep a busy producer thread from ever letting the delivery thread run."""
     if job_id is not None and type(job_id) is not str:
         raise InvalidSample(f"job_id: expected a string, got {type(job_id).__name__}")
+    if job_id is not None and job_id_too_long(job_id):
+        raise InvalidSample(JOB_ID_TOO_LONG)
     if isinstance(features, numpy_types("ndarray")):
         features = features.tolist()  # Python numbers; a 2-D array becomes lists, refused below
     if type(features) is not list and type(features) is not tuple:
@@ -330,8 +334,9 @@ def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: in
     if job_id is not None:
         message["job_id"] = job_id
     # A number takes at most 40 characters (a float's repr 24, an int up to 3.4e38 39 and a sign), a
-    # job_id character at most 6 (\uXXXX): only a line that might be too long is encoded here to check.
-    bound = 41 * (len(features) + 1) + 6 * len(job_id or "") + 64
+    # job_id character at most 12 (\uXXXX\uXXXX for one past U+FFFF): only a line that might be too long is
+    # encoded here to check.
+    bound = 41 * (len(features) + 1) + 12 * len(job_id or "") + 64
     if max_line is not None and bound > max_line and len(feedback_line(message)) - 1 > max_line:
         raise InvalidSample(f"line too long (limit {max_line} bytes)")
     return message
@@ -358,6 +363,12 @@ def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | 
     elif not (problem := float32_problem(v)):
         return v
     raise InvalidSample(f"{field_name}[{index}]: {problem}" if index is not None else f"{field_name}: {problem}")
+
+
+def job_id_too_long(job_id: str) -> bool:
+    """Whether a job_id is over JOB_ID_MAX_BYTES in UTF-8 (lone surrogates, which JSON's \\ud800 escapes bring,
+    as 3 bytes each): a character takes at most 4 bytes, so only a long one is encoded to check."""
+    return 4 * len(job_id) > JOB_ID_MAX_BYTES and len(job_id.encode("utf-8", "surrogatepass")) > JOB_ID_MAX_BYTES
 
 
 def float32_problem(v: int | float) -> str | None:

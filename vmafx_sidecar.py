@@ -825,6 +825,8 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
     job_id = message.get("job_id")
     if job_id is not None and type(job_id) is not str:
         raise BadRequest(f"job_id: expected a string, got {JSON_TYPE_NAMES[type(job_id)]}")
+    if job_id is not None and feedback.job_id_too_long(job_id):
+        raise BadRequest(feedback.JOB_ID_TOO_LONG)
     if "op" in message:
         if type(message["op"]) is not str:
             raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)

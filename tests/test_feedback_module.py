@@ -56,6 +56,32 @@ def test_a_bad_number_is_refused_in_the_words_of_the_sidecar(bad):
         assert str(here.value) == there.value.error
 
 
+@pytest.mark.parametrize("job_id, refused", [("x" * 65535, False), ("x" * 65536, True), ("\U0001F600" * 16383, False),
+                                             ("\U0001F600" * 16384, True), ("\ud800" * 21845, False),
+                                             ("\ud800" * 21846, True)],
+                         ids=["ascii, at the bound", "ascii, over", "4-byte, at", "4-byte, over", "lone surrogates, at",
+                              "lone surrogates, over"])
+def test_both_ends_bound_a_job_id_by_its_utf8_bytes_alike(job_id, refused):
+    line = json.dumps({"features": [0.5] * 4, "true_score": 1.0, "job_id": job_id}).encode()
+    if not refused:
+        assert vf.feedback_message([0.5] * 4, 1.0, job_id, 4, None)["job_id"] == job_id
+        assert vs.parse_request(line, 4).job_id == job_id
+        return
+    with pytest.raises(vf.InvalidSample) as here:
+        vf.feedback_message([0.5] * 4, 1.0, job_id, 4, None)
+    with pytest.raises(vs.BadRequest) as there:
+        vs.parse_request(line, 4)
+    assert str(here.value) == there.value.error == "job_id: longer than 65535 bytes in UTF-8"
+
+
+def test_a_line_that_only_a_job_id_past_u_ffff_makes_too_long_is_refused_before_it_is_sent():
+    job_id = "\U0001F600" * 1000  # 6 bytes a character would say 6 000; \ud83d\ude00 makes it 12 000
+    line = json.dumps({"features": [0.5] * 4, "true_score": 1.0, "job_id": job_id}, separators=(",", ":"))
+    assert len(line) > 10000
+    with pytest.raises(vf.InvalidSample, match=r"line too long \(limit 10000 bytes\)"):
+        vf.feedback_message([0.5] * 4, 1.0, job_id, 4, 10000)
+
+
 def test_the_float32_edges_pass_on_both_ends():
     features, score = [vf.F32_MAX, -vf.F32_MAX, 2 ** 127, -2 ** 127], 0
     assert vf.feedback_message(features, score, None, 4, None) == {"features": features, "true_score": score}

@@ -43,6 +43,9 @@ def make_server(tmp_path, **settings_) -> vs.Server:
     (b'{"features": [1, 2, 3], "true_score": NaN}', "true_score: not a finite number"),
     (b'{"features": [1, 2, 3], "true_score": 1e999}', "true_score: not a finite number"),
     (b'{"features": [1, 2, 3], "true_score": 1, "job_id": 7}', "job_id: expected a string, got number"),
+    (b'{"features": [1, 2, 3], "true_score": 1, "job_id": "%s"}' % (b"x" * 65536), "job_id: longer than 65535 bytes"),
+    (b'{"features": [1, 2, 3], "true_score": 1, "job_id": "%s"}' % (b"\\ud800" * 21846),  # 3 bytes each in UTF-8
+     "job_id: longer than 65535 bytes"),
     (b'{"op": 1}', "op: expected a string, got number"),
 ])
 def test_malformed_lines_get_specific_errors(line, error):

@@ -235,6 +235,22 @@ def test_samples_a_checkpoints_snapshot_took_in_mid_turn_are_logged_before_it(tm
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, store.trainer.samples_accepted + 1))
 
 
+def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_path):
+    """The log stores a job_id's length in 16 bits: a longer one is refused as the line is parsed, never
+    left to fail the log's write (which took the whole server down)."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    server = vs.Server(trainer.config, trainer, store)
+    features = [0.5] * N_FEATURES
+    for job_id in ("\U0001F600" * 16383 + "xyz", "x" * 65536):
+        ack = json.loads(server.answer(json.dumps({"features": features, "true_score": 1.0, "job_id": job_id}).encode()))
+        assert ack["ok"] == (len(job_id) < 65536), ack.get("error")
+    store.commit()
+    [logged] = read_all(tmp_path)
+    assert logged.job_id == "\U0001F600" * 16383 + "xyz"
+
+
 # ---- the fleet trainer ----
 
 def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
