@@ -423,6 +423,7 @@ RECV_BYTES = 65536
 # A client that stops reading its ACKs is disconnected once this much is queued for it.
 OUTBUF_LIMIT = 1 << 20
 SHUTDOWN_GRACE_S = 1.5
+ACCEPT_RETRY_S = 1.0  # out of file descriptors, a listener is unwatched this long (or until a connection closes)
 ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -461,7 +462,8 @@ class Server:
         self.listener: socket.socket | None = None
         self.socket_inode: int | None = None
         self.stopping = False
-        self.accepting = True  # False while out of file descriptors
+        self.accepting = True  # False while out of file descriptors: see retry_accepts()
+        self.accepts_paused_at = 0.0
         self.connections_refused = 0  # over max_connections
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
@@ -511,6 +513,7 @@ class Server:
                 self.end_turn()
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
+                self.retry_accepts()
                 self.state.tick()
                 if self.metrics:
                     self.metrics.tick()
@@ -584,9 +587,10 @@ class Server:
         except OSError as e:
             # Out of descriptors (EMFILE): the listener would stay ready and the loop would spin, so
             # stop watching it until a connection closes; the clients wait in the backlog meanwhile.
-            log.error("cannot accept a connection (%s): pausing accepts until one closes", e.strerror or e)
+            log.error("cannot accept a connection (%s): pausing accepts until one closes, or for a second",
+                      e.strerror or e)
             self.selector.unregister(self.listener)
-            self.accepting = False
+            self.accepting, self.accepts_paused_at = False, time.monotonic()
             return False
         if len(self.connections) >= self.config.max_connections:
             sock.close()  # the client reads EOF at once and may retry; the others are unaffected
@@ -682,6 +686,15 @@ class Server:
         self.connections.discard(conn)
         self.selector.unregister(conn.sock)
         conn.sock.close()
+        self.resume_accepts()  # a descriptor is free now
+
+    def retry_accepts(self) -> None:
+        """Accepts paused with no connection open would wait for a close that never comes: after ACCEPT_RETRY_S
+        they are tried again (and paused again, if descriptors are still short)."""
+        if not self.accepting and time.monotonic() - self.accepts_paused_at >= ACCEPT_RETRY_S:
+            self.resume_accepts()
+
+    def resume_accepts(self) -> None:
         if not self.accepting and self.listener is not None:
             self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener_ready)
             self.accepting = True
@@ -2976,7 +2989,7 @@ class MetricsEndpoint:
             raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
         self.listener.setblocking(False)
         self.connections: list[HttpConnection] = []
-        self.paused = False  # out of file descriptors: the listener is unwatched until the next tick
+        self.paused_at: float | None = None  # out of file descriptors: the listener is unwatched for ACCEPT_RETRY_S
         server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
 
     def accept(self, mask: int) -> None:
@@ -2987,7 +3000,7 @@ class MetricsEndpoint:
         except OSError as e:  # EMFILE: stop watching, or the loop would spin on a ready listener
             log.error("cannot accept a metrics connection (%s): pausing for a second", e.strerror or e)
             self.server.selector.unregister(self.listener)
-            self.paused = True
+            self.paused_at = time.monotonic()
             return
         if len(self.connections) >= HTTP_MAX_CONNECTIONS:
             sock.close()
@@ -3025,9 +3038,9 @@ class MetricsEndpoint:
         now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline < now]:
             self.close(conn)
-        if self.paused:
+        if self.paused_at is not None and now - self.paused_at >= ACCEPT_RETRY_S:
             self.server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
-            self.paused = False
+            self.paused_at = None
 
     def close(self, conn: HttpConnection | None = None) -> None:
         """Close one connection, or with none given the endpoint and all of its connections."""
@@ -3036,7 +3049,7 @@ class MetricsEndpoint:
             self.server.selector.unregister(c.sock)
             c.sock.close()
         if conn is None:
-            if not self.paused:
+            if self.paused_at is None:
                 self.server.selector.unregister(self.listener)
             self.listener.close()
 

@@ -1,13 +1,16 @@
 """Resource exhaustion: out of file descriptors, the server neither spins nor drops waiting clients."""
 import json
+import os
 import resource
 import signal
+import socket
 import subprocess
 import time
 
 import numpy as np
 
 from conftest import Client, Sidecar, sample
+from test_metrics import free_port, scrape
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,6 +55,54 @@ def test_out_of_descriptors_pauses_accepts_until_a_connection_closes(tmp_path, m
             assert json.loads(c.sock.recv(4096))["ok"] is True
             c.close()
         assert "pausing accepts" in sidecar.stderr()
+        assert sidecar.stop(signal.SIGTERM) == 0
+    finally:
+        sidecar.cleanup()
+
+
+def test_accepts_paused_with_no_connection_open_resume_once_descriptors_are_back(tmp_path):
+    """No connection is open to close and bring accepts back: they are retried a second later."""
+    sidecar = Sidecar(tmp_path, {})
+    try:
+        sidecar.start()
+        pid = sidecar.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        first = Client(sidecar.socket, timeout=10)  # waits in the backlog: its accept fails with EMFILE
+        first.send_raw(b'{"op": "ping"}\n')
+        deadline = time.monotonic() + 10
+        while "pausing accepts" not in sidecar.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "pausing accepts" in sidecar.stderr()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert first.read_ack() == {"ok": True, "op": "pong"}
+        later = Client(sidecar.socket, timeout=10)
+        assert later.request({"op": "ping"}) == {"ok": True, "op": "pong"}
+        first.close()
+        later.close()
+        assert sidecar.stop(signal.SIGTERM) == 0
+    finally:
+        sidecar.cleanup()
+
+
+def test_the_metrics_endpoint_out_of_descriptors_retries_a_second_later_without_spinning(tmp_path):
+    port = free_port()
+    sidecar = Sidecar(tmp_path, {"VMAFX_SIDECAR_METRICS_ADDR": f"127.0.0.1:{port}"})
+    try:
+        sidecar.start()
+        pid = sidecar.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=10)  # in the backlog: EMFILE
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: sidecar\r\n\r\n")
+        before = cpu_seconds(pid)
+        time.sleep(1.5)
+        assert cpu_seconds(pid) - before < 0.3, "the loop spins while out of descriptors"
+        assert 1 <= sidecar.stderr().count("cannot accept a metrics connection") <= 3  # once a second at most
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert waiting.recv(4096).startswith(b"HTTP/1.1 200")
+        waiting.close()
+        assert scrape(port)
         assert sidecar.stop(signal.SIGTERM) == 0
     finally:
         sidecar.cleanup()
