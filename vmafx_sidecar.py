@@ -1358,9 +1358,32 @@ class SampleLog:
         self.fd: int | None = None
         self.size = 0
         self.samples_dropped = 0  # lost before the fleet read them (size bound, outage), since the start
-        for path in segment_paths(self.directory)[-1:]:  # continue after the newest intact record
-            for sample in read_segment(path, n_features):
+        self.continue_log()
+
+    def continue_log(self) -> None:
+        """Continue after the newest whole record. Segments at the end that hold none (a crash as one began,
+        its header torn or not followed by a record) are removed: each would end the segment before it at its
+        name, hiding what is written there next. A log of another feature count is moved aside whole."""
+        header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features)
+        for path in reversed(segment_paths(self.directory)):
+            with open(path, "rb") as f:
+                start = f.read(len(header))
+            if start != header and start != header[:len(start)]:
+                self.move_aside(f"{path.name} is no segment of {self.n_features} features")
+                return
+            for sample in read_segment(path, self.n_features) if start == header else ():
                 self.last_sequence = sample.sequence
+            if self.last_sequence:
+                return
+            path.unlink()
+            log.info("sample log: removed %s, which holds no whole record (a crash as it began)", path.name)
+
+    def move_aside(self, why: str) -> None:
+        target = self.directory.with_name(f"{SAMPLE_LOG_DIR}.{time.strftime('%Y%m%dT%H%M%S')}.set-aside")
+        os.replace(self.directory, target)
+        self.directory.mkdir(mode=0o700)
+        log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it; a new log starts",
+                    self.directory, why, target.name)
 
     def append(self, sample: LoggedSample) -> None:
         """Take a sample newer than every one logged; older ones (a journal replayed after a crash that

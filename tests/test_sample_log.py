@@ -123,6 +123,49 @@ def test_a_segment_of_another_feature_count_is_refused_by_name(tmp_path):
         list(vs.read_segment(path, 6))
 
 
+@pytest.mark.parametrize("left", [0, 10, vs.SEGMENT_HEADER.size, vs.SEGMENT_HEADER.size + 30],
+                         ids=["nothing", "a torn header", "the header", "a torn first record"])
+def test_a_newest_segment_without_a_whole_record_is_removed_at_the_restart(tmp_path, left):
+    """What a crash leaves as a segment begins: it holds no sample, and left there it would end the segment
+    before it at its name, hiding every sample the restart writes there."""
+    rng = np.random.default_rng(12)
+    written = [sample(i, rng) for i in range(1, 41)]
+    logged(tmp_path, written[:20])
+    logged(tmp_path, written[20:21])  # a second segment, starting at 21, then cut to what the crash left
+    newest = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)[-1]
+    newest.write_bytes(newest.read_bytes()[:left])
+    again = vs.SampleLog(tmp_path, N_FEATURES)  # restarted: did not fail
+    assert again.last_sequence == 20 and not newest.exists()
+    for s in written[20:]:  # the journal's replay, then new samples, in a segment that begins at 21 again
+        again.append(s)
+    again.commit(10**9)
+    assert_same(read_all(tmp_path), written)
+
+
+def test_a_log_of_another_feature_count_is_moved_aside_and_a_new_one_started(tmp_path, caplog):
+    rng = np.random.default_rng(13)
+    logged(tmp_path, [sample(i, rng) for i in range(1, 11)])
+    caplog.set_level(logging.WARNING)
+    again = vs.SampleLog(tmp_path, N_FEATURES + 1)
+    assert again.last_sequence == 0 and not vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    [aside] = tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.*.set-aside")
+    assert [s.sequence for s in vs.read_log(tmp_path, N_FEATURES, 0)] == []
+    assert len(list(vs.read_segment(next(aside.glob("*.seg")), N_FEATURES))) == 10  # kept, not deleted
+    assert f"is no segment of {N_FEATURES + 1} features" in caplog.text and aside.name in caplog.text
+
+
+def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_path):
+    for n_features in (N_FEATURES, N_FEATURES + 1):
+        settings = dict(n_features=n_features, sample_log="1")
+        store = vs.StateStore(vs.Config(checkpoint_dir=str(tmp_path), **settings), make_trainer(tmp_path, **settings))
+        store.restore()
+        row = np.full(n_features, 0.5, np.float32)
+        store.record_sample(row, np.float32(1.0), False, "job")
+        store.trainer.ingest(row, np.float32(1.0), False, False)
+        store.commit()
+    assert [s.features.size for s in vs.read_log(tmp_path, N_FEATURES + 1)] == [N_FEATURES + 1]
+
+
 def test_a_restart_from_fewer_samples_supersedes_the_old_segments_tail(tmp_path):
     rng = np.random.default_rng(6)
     first = [sample(i, rng) for i in range(1, 31)]
