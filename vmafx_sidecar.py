@@ -1024,34 +1024,60 @@ class Journal:
             self.synced()
 
     @staticmethod
-    def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int]:
-        """The intact records in order (None for a rejected line), and the bytes they take with the header: 0
-        when the file holds no journal of this generation (none, or one of another state: the snapshot's
-        predecessor, which it already holds, or a snapshot set aside). A torn or corrupt tail (a crash
-        mid-write) ends the list."""
+    def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int, int]:
+        """The intact records in order (None for a rejected line), the bytes they take with the header (0 when
+        the file holds no journal of this generation: none, or one of another state, the snapshot's predecessor,
+        which it already holds, or a snapshot set aside), and the bytes of corrupt records skipped among them.
+        A record that fails its checks ends the list when no sample record follows it whole (a torn tail: a crash
+        mid-write); when one does, it was corrupted in place, and reading goes on from there: one bad record
+        costs its own samples, not every ACKed one after it."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return [], 0
+            return [], 0, 0
         if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
-            return [], 0
-        records, offset, size = [], JOURNAL_HEADER.size, 4 * (n_features + 1)
+            return [], 0, 0
+        records, offset, size, skipped = [], JOURNAL_HEADER.size, 4 * (n_features + 1), 0
         while offset + JOURNAL_RECORD.size <= len(data):
             length, crc = JOURNAL_RECORD.unpack_from(data, offset)
             if (length, crc) == (0, 0):
                 records.append(None)
                 offset += JOURNAL_RECORD.size
                 continue
-            payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
-            if length & ~(HELD_OUT | UNNAMED) != size or len(payload) != size or zlib.crc32(payload) != crc:
-                break
-            values = np.frombuffer(payload, np.float32)
+            if not is_sample_record(data, offset, size):
+                following = next_sample_record(data, offset + 1, size)
+                if following is None:
+                    break
+                skipped += following - offset
+                offset = following
+                continue
+            values = np.frombuffer(data, np.float32, n_features + 1, offset + JOURNAL_RECORD.size)
             records.append(JournalRecord(values[:-1].copy(), values[-1], bool(length & HELD_OUT),
                                          bool(length & UNNAMED)))
             offset += JOURNAL_RECORD.size + size
         if offset != len(data):
             log.warning("journal %s: ignored %d bytes of a torn or corrupt tail", path, len(data) - offset)
-        return records, offset
+        return records, offset, skipped
+
+
+def is_sample_record(data: bytes, offset: int, size: int) -> bool:
+    """Whether a whole sample record of `size` payload bytes, its checksum right, starts at `offset`."""
+    if offset + JOURNAL_RECORD.size + size > len(data):
+        return False
+    length, crc = JOURNAL_RECORD.unpack_from(data, offset)
+    start = offset + JOURNAL_RECORD.size
+    return length & ~(HELD_OUT | UNNAMED) == size and zlib.crc32(data[start:start + size]) == crc
+
+
+def next_sample_record(data: bytes, start: int, size: int) -> int | None:
+    """The offset of the first whole sample record at or after `start`: found by its length field (with
+    any of its flags), then checked by its checksum."""
+    lengths = [struct.pack("<I", size | flags) for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)]
+    while found := [i for i in (data.find(length, start) for length in lengths) if i >= 0]:
+        if is_sample_record(data, min(found), size):
+            return min(found)
+        start = min(found) + 1
+    return None
 
 
 class StateStore:
@@ -1078,8 +1104,10 @@ class StateStore:
         there was a state to resume. Without a snapshot, the journal of generation 0 is replayed: the samples
         a first start ACKed while the disk refused its snapshots."""
         loaded = self.load_snapshot()
-        records, intact = Journal.read(self.journal_path, self.config.n_features, self.generation)
+        records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
+        if skipped:
+            self.keep_copy(self.journal_path, f"{skipped} bytes of corrupt records among its intact ones, skipped")
         if size and not intact:
             if loaded:
                 log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
@@ -1239,6 +1267,13 @@ class StateStore:
         target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{why.split()[0].strip(':')}")
         os.replace(path, target)
         log.warning("state file %s is %s: moved to %s; starting without it", path, why, target.name)
+
+    def keep_copy(self, path: Path, why: str) -> None:
+        """A copy of a state file that is read all the same (the file itself stays until a snapshot replaces
+        it, in case this start dies before one), for whoever looks into why."""
+        target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.corrupt")
+        target.write_bytes(path.read_bytes())
+        log.warning("state file %s has %s: a copy is kept as %s", path, why, target.name)
 
 
 class NoState:

@@ -111,6 +111,28 @@ def test_torn_journal_tail_is_ignored(sidecar_factory, tmp_path):
     assert again.client().request({"op": "status"})["samples_accepted"] == STOP_AT
 
 
+@pytest.mark.parametrize("where", [0, 5, 20], ids=["length field", "checksum", "payload"])
+def test_a_corrupt_journal_record_costs_its_own_sample_not_those_after_it(tmp_path, where, caplog):
+    server = in_process_server(tmp_path)
+    lines = [json.dumps(m).encode() for m in messages(10)]
+    for line in lines[:6] + [b"[1]"] + lines[6:]:
+        server.answer(line)
+    server.state.journal.commit()  # killed here: the ten samples and the rejection are in the journal only
+    journal = tmp_path / ".state" / "journal.bin"
+    data = bytearray(journal.read_bytes())
+    data[vs.JOURNAL_HEADER.size + 2 * (vs.JOURNAL_RECORD.size + 4 * 6) + where] ^= 0x01  # in the third record
+    journal.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING)
+    again = in_process_server(tmp_path)
+    assert (again.trainer.samples_accepted, again.trainer.samples_rejected) == (9, 1)
+    [copy] = (tmp_path / ".state").glob("journal.bin.*.corrupt")
+    assert copy.read_bytes() == bytes(data) and "32 bytes of corrupt records" in caplog.text
+    rows = np.concatenate([again.trainer.replay.x[:again.trainer.replay.size], again.trainer.eval.x[:again.trainer.eval.size],
+                           again.trainer.held_x[:again.trainer.n_held], again.trainer.pending_x[:again.trainer.n_pending]])
+    expected = [np.float32(m["features"]) for i, m in enumerate(messages(10)) if i != 2]
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))
+
+
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
 def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_factory, tmp_path, damage):
     s = sidecar_factory(**SETTINGS)
@@ -622,5 +644,5 @@ def test_a_loop_turn_journals_its_lines_in_one_write_before_any_of_their_acks(tm
     for (_, client_end), m in zip(pairs, messages(3)):
         ack = json.loads(client_end.recv(1000))
         assert ack["ok"] and ack.get("job_id") == m.get("job_id")
-    records, _ = vs.Journal.read(server.state.journal_path, 5, server.state.generation)
+    records, _, _ = vs.Journal.read(server.state.journal_path, 5, server.state.generation)
     assert [r.features.tolist() for r in records] == [np.float32(m["features"]).tolist() for m in messages(3)]
