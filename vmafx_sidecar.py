@@ -2950,8 +2950,9 @@ def replica_samples(directory: Path, n_features: int,
     try:
         for sample in read_log(directory, n_features, after):
             if sample.sequence > after + 1:
-                log.warning("fleet: %s: samples %d to %d were deleted before this run read them (the replica's "
-                            "VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES)", directory.name, after + 1, sample.sequence - 1)
+                log.warning("fleet: %s: samples %d to %d are not in its log: deleted before this run read them "
+                            "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES), or accepted while its "
+                            "VMAFX_SIDECAR_SAMPLE_LOG was off", directory.name, after + 1, sample.sequence - 1)
             after = sample.sequence
             yield sample.arrival, directory.name, sample.sequence, sample
     except (OSError, ValueError) as e:

@@ -458,10 +458,21 @@ def test_a_replica_that_starts_logging_late_has_lost_nothing(tmp_path, caplog, c
     caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, fleet_config()) == 0
     assert fleet_state(tmp_path)["samples_accepted"] == 40
-    assert not [r for r in caplog.records if "deleted before" in r.getMessage()]
+    assert not [r for r in caplog.records if "not in its log" in r.getMessage()]
     capsys.readouterr()
     vs.fleet_status(tmp_path, N_FEATURES)
     assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["540", "540", "0", "0", "0"]
+
+
+def test_samples_a_replica_accepted_with_its_log_off_are_reported_as_such_not_only_as_deleted(tmp_path, caplog):
+    rng = np.random.default_rng(18)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
+    logged(tmp_path / "vmafx-node-0", [sample(i, rng) for i in range(41, 51)])  # 11 to 40 accepted, log off
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 20
+    [gap] = [r.getMessage() for r in caplog.records if "not in its log" in r.getMessage()]
+    assert "samples 11 to 40" in gap and "VMAFX_SIDECAR_SAMPLE_LOG was off" in gap
 
 
 @pytest.mark.parametrize("damage", ["header cut short", "not a segment"])
