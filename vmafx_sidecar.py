@@ -1126,12 +1126,19 @@ class StateStore:
                 if self.samples is not None:  # journaled, but not logged when the process died: its time is now
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
+        resumed = loaded or bool(records)
         if self.samples is not None:
+            if not resumed and self.samples.last_sequence > t.samples_accepted:
+                # A state begun afresh (none saved, or one set aside) over the log of an earlier one counts on from
+                # that log's last number: numbered from 1 again, its samples would supersede the log's unread
+                # ones, and the fleet trainer, already past those numbers, would skip them.
+                t.samples_accepted = self.samples.last_sequence
+                log.info("a new state over the sample log of an earlier one: samples are counted on from its last, "
+                         "%d", t.samples_accepted)
             # A log that holds more than the state restored (a power loss took the journal's tail but not the
             # log's) is continued from the state's count: the new segment supersedes the old one's tail.
             self.samples.last_sequence = min(self.samples.last_sequence, t.samples_accepted)
             self.commit_samples()
-        resumed = loaded or bool(records)
         if resumed:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)

@@ -294,6 +294,39 @@ def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_p
     assert logged.job_id == "\U0001F600" * 16383 + "xyz"
 
 
+@pytest.mark.parametrize("fleet_read_first", [False, True], ids=["unread", "read by the fleet"])
+def test_a_state_set_aside_counts_on_from_its_sample_log_so_the_fleet_misses_nothing(tmp_path, fleet_read_first):
+    """A replica whose snapshot was set aside (corrupt here) starts a new state; numbered from 1 again, its
+    samples superseded the log's unread ones and fell behind the fleet trainer's position in it."""
+    replica_dir = tmp_path / "vmafx-node-0"
+    replica_dir.mkdir()
+    settings = dict(n_features=N_FEATURES, sample_log="1")
+    rng = np.random.default_rng(19)
+
+    def run(n: int) -> vs.StateStore:
+        store = vs.StateStore(vs.Config(checkpoint_dir=str(replica_dir), **settings),
+                              make_trainer(replica_dir, **settings))
+        store.restore()
+        for _ in range(n):
+            row, score = rng.uniform(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(20, 100))
+            store.record_sample(row, score, False, None)
+            store.trainer.ingest(row, score, False, True)
+            store.commit()
+        store.save()
+        return store
+
+    run(30)
+    if fleet_read_first:
+        assert vs.fleet(tmp_path, fleet_config()) == 0
+    snapshot = replica_dir / ".state" / "snapshot.bin"
+    snapshot.write_bytes(snapshot.read_bytes()[:-1] + b"?")  # set aside at the next start
+    assert run(20).trainer.samples_accepted == 50
+    first_kept = 31 if fleet_read_first else 1  # a replica deletes what the fleet trainer has read
+    assert [x.sequence for x in vs.read_log(replica_dir, N_FEATURES)] == list(range(first_kept, 51))
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 50
+
+
 # ---- the fleet trainer ----
 
 def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
