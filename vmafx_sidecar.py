@@ -586,7 +586,8 @@ class Server:
             return False
         except OSError as e:
             # Out of descriptors (EMFILE): the listener would stay ready and the loop would spin, so
-            # stop watching it until a connection closes; the clients wait in the backlog meanwhile.
+            # stop watching it until a connection closes or a second has passed (retry_accepts()); the
+            # clients wait in the backlog meanwhile.
             log.error("cannot accept a connection (%s): pausing accepts until one closes, or for a second",
                       e.strerror or e)
             self.selector.unregister(self.listener)
@@ -1074,9 +1075,10 @@ def next_sample_record(data: bytes, start: int, size: int) -> int | None:
     any of its flags), then checked by its checksum."""
     lengths = [struct.pack("<I", size | flags) for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)]
     while found := [i for i in (data.find(length, start) for length in lengths) if i >= 0]:
-        if is_sample_record(data, min(found), size):
-            return min(found)
-        start = min(found) + 1
+        offset = min(found)
+        if is_sample_record(data, offset, size):
+            return offset
+        start = offset + 1
     return None
 
 
