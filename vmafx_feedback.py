@@ -366,9 +366,13 @@ def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | 
 
 
 def job_id_too_long(job_id: str) -> bool:
-    """Whether a job_id is over JOB_ID_MAX_BYTES in UTF-8 (lone surrogates, which JSON's \\ud800 escapes bring,
-    as 3 bytes each): a character takes at most 4 bytes, so only a long one is encoded to check."""
-    return 4 * len(job_id) > JOB_ID_MAX_BYTES and len(job_id.encode("utf-8", "surrogatepass")) > JOB_ID_MAX_BYTES
+    """Whether a job_id is over JOB_ID_MAX_BYTES in UTF-8 as the sidecar stores it: JSON makes a surrogate pair one
+    character (4 bytes) and keeps a lone surrogate (3), as here. A character takes at most 4 bytes, so only a
+    long job_id is encoded to check."""
+    if 4 * len(job_id) <= JOB_ID_MAX_BYTES:
+        return False
+    paired = job_id.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return len(paired.encode("utf-8", "surrogatepass")) > JOB_ID_MAX_BYTES
 
 
 def float32_problem(v: int | float) -> str | None:

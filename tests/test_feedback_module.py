@@ -58,14 +58,14 @@ def test_a_bad_number_is_refused_in_the_words_of_the_sidecar(bad):
 
 @pytest.mark.parametrize("job_id, refused", [("x" * 65535, False), ("x" * 65536, True), ("\U0001F600" * 16383, False),
                                              ("\U0001F600" * 16384, True), ("\ud800" * 21845, False),
-                                             ("\ud800" * 21846, True)],
+                                             ("\ud800" * 21846, True), ("\ud83d\ude00" * 16383, False)],
                          ids=["ascii, at the bound", "ascii, over", "4-byte, at", "4-byte, over", "lone surrogates, at",
-                              "lone surrogates, over"])
+                              "lone surrogates, over", "surrogate pairs, which JSON joins, at"])
 def test_both_ends_bound_a_job_id_by_its_utf8_bytes_alike(job_id, refused):
     line = json.dumps({"features": [0.5] * 4, "true_score": 1.0, "job_id": job_id}).encode()
     if not refused:
         assert vf.feedback_message([0.5] * 4, 1.0, job_id, 4, None)["job_id"] == job_id
-        assert vs.parse_request(line, 4).job_id == job_id
+        assert vs.parse_request(line, 4).job_id == json.loads(json.dumps(job_id))  # a pair as one character
         return
     with pytest.raises(vf.InvalidSample) as here:
         vf.feedback_message([0.5] * 4, 1.0, job_id, 4, None)
