@@ -1030,8 +1030,8 @@ class Journal:
         the file holds no journal of this generation: none, or one of another state, the snapshot's predecessor,
         which it already holds, or a snapshot set aside), and the bytes of corrupt records skipped among them.
         A record that fails its checks ends the list when no sample record follows it whole (a torn tail: a crash
-        mid-write); when one does, it was corrupted in place, and reading goes on from there: one bad record
-        costs its own samples, not every ACKed one after it."""
+        mid-write); when one does, it was corrupted in place, and reading goes on from there: a bad record costs
+        what lies between it and the next sample record, not every ACKed sample after it."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -1045,14 +1045,15 @@ class Journal:
                 records.append(None)
                 offset += JOURNAL_RECORD.size
                 continue
-            if not is_sample_record(data, offset, size):
+            payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
+            if length & ~(HELD_OUT | UNNAMED) != size or len(payload) != size or zlib.crc32(payload) != crc:
                 following = next_sample_record(data, offset + 1, size)
                 if following is None:
                     break
                 skipped += following - offset
                 offset = following
                 continue
-            values = np.frombuffer(data, np.float32, n_features + 1, offset + JOURNAL_RECORD.size)
+            values = np.frombuffer(payload, np.float32)
             records.append(JournalRecord(values[:-1].copy(), values[-1], bool(length & HELD_OUT),
                                          bool(length & UNNAMED)))
             offset += JOURNAL_RECORD.size + size
@@ -1061,22 +1062,15 @@ class Journal:
         return records, offset, skipped
 
 
-def is_sample_record(data: bytes, offset: int, size: int) -> bool:
-    """Whether a whole sample record of `size` payload bytes, its checksum right, starts at `offset`."""
-    if offset + JOURNAL_RECORD.size + size > len(data):
-        return False
-    length, crc = JOURNAL_RECORD.unpack_from(data, offset)
-    start = offset + JOURNAL_RECORD.size
-    return length & ~(HELD_OUT | UNNAMED) == size and zlib.crc32(data[start:start + size]) == crc
-
-
 def next_sample_record(data: bytes, start: int, size: int) -> int | None:
-    """The offset of the first whole sample record at or after `start`: found by its length field (with
-    any of its flags), then checked by its checksum."""
-    lengths = [struct.pack("<I", size | flags) for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)]
-    while found := [i for i in (data.find(length, start) for length in lengths) if i >= 0]:
-        offset = min(found)
-        if is_sample_record(data, offset, size):
+    """The offset of the first whole sample record at or after `start`: found by its length field (with any of
+    its flags; one scan for the four, resumed a byte past each candidate), then checked by its checksum."""
+    lengths = re.compile(b"|".join(re.escape(struct.pack("<I", size | flags))
+                                   for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)))
+    while found := lengths.search(data, start):
+        offset, payload = found.start(), found.start() + JOURNAL_RECORD.size
+        if payload + size <= len(data) and zlib.crc32(data[payload:payload + size]) == JOURNAL_RECORD.unpack_from(
+                data, offset)[1]:
             return offset
         start = offset + 1
     return None
@@ -1128,19 +1122,18 @@ class StateStore:
                 if self.samples is not None:  # journaled, but not logged when the process died: its time is now
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
-        resumed = loaded or bool(records)
+        if self.samples is not None and self.samples.last_sequence > t.samples_accepted:
+            # The log's numbers only increase: a state that holds fewer samples than its log counts on from the
+            # log's last (a state begun afresh over an earlier one's log, with the log on or off then; one whose
+            # journal lost records the log kept, to a power loss or a corrupt record). Numbered from its own
+            # count, its samples would take numbers the log, and the fleet trainer's position in it, already
+            # passed: the fleet would skip them.
+            log.info("the sample log holds more than the state restored (%d samples, %d in the state): samples are "
+                     "counted on from its last", self.samples.last_sequence, t.samples_accepted)
+            t.samples_accepted = self.samples.last_sequence
         if self.samples is not None:
-            if not resumed and self.samples.last_sequence > t.samples_accepted:
-                # A state begun afresh (none saved, or one set aside) over the log of an earlier one counts on from
-                # that log's last number: numbered from 1 again, its samples would supersede the log's unread
-                # ones, and the fleet trainer, already past those numbers, would skip them.
-                t.samples_accepted = self.samples.last_sequence
-                log.info("a new state over the sample log of an earlier one: samples are counted on from its last, "
-                         "%d", t.samples_accepted)
-            # A log that holds more than the state restored (a power loss took the journal's tail but not the
-            # log's) is continued from the state's count: the new segment supersedes the old one's tail.
-            self.samples.last_sequence = min(self.samples.last_sequence, t.samples_accepted)
             self.commit_samples()
+        resumed = loaded or bool(records)
         if resumed:
             log.info("resumed: step %d, replay buffer %d/%d, %d journal records replayed, %d samples accepted "
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
@@ -1279,9 +1272,15 @@ class StateStore:
 
     def keep_copy(self, path: Path, why: str) -> None:
         """A copy of a state file that is read all the same (the file itself stays until a snapshot replaces
-        it, in case this start dies before one), for whoever looks into why."""
+        it, in case this start dies before one), for whoever looks into why; a disk too full for it is no
+        reason not to start."""
         target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.corrupt")
-        target.write_bytes(path.read_bytes())
+        try:
+            target.write_bytes(path.read_bytes())
+        except OSError as e:
+            target.unlink(missing_ok=True)
+            log.warning("state file %s has %s; no copy could be kept (%s)", path, why, e)
+            return
         log.warning("state file %s has %s: a copy is kept as %s", path, why, target.name)
 
 
@@ -1405,22 +1404,32 @@ class SampleLog:
         self.continue_log()
 
     def continue_log(self) -> None:
-        """Continue after the newest whole record. Segments at the end that hold none (a crash as one began,
-        its header torn or not followed by a record) are removed: each would end the segment before it at its
-        name, hiding what is written there next. A log of another feature count is moved aside whole."""
+        """Continue after the newest whole record. A segment at the end without one would end the segment before
+        it at its name, hiding what is written next: one that holds no more than a header (a crash as it began)
+        is removed, one whose records cannot be read (a header a power loss zeroed) is set aside as
+        `<name>.unreadable`. A log of another feature count is moved aside whole."""
         header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features)
+        end = None  # the first number of a segment removed after this one: where this one ended
         for path in reversed(segment_paths(self.directory)):
             with open(path, "rb") as f:
-                start = f.read(len(header))
-            if start != header and start != header[:len(start)]:
-                self.move_aside(f"{path.name} is no segment of {self.n_features} features")
+                start = f.read(len(header) + 1)
+            if start.startswith(SEGMENT_MAGIC) and len(start) >= len(header) and not start.startswith(header):
+                self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}")
                 return
-            for sample in read_segment(path, self.n_features) if start == header else ():
+            for sample in read_segment(path, self.n_features) if start.startswith(header) else ():
+                if end is not None and sample.sequence >= end:
+                    break
                 self.last_sequence = sample.sequence
             if self.last_sequence:
                 return
-            path.unlink()
-            log.info("sample log: removed %s, which holds no whole record (a crash as it began)", path.name)
+            if header.startswith(start):
+                path.unlink()
+                log.info("sample log: removed %s, which holds no record (a crash as it began)", path.name)
+            else:
+                os.replace(path, path.with_name(f"{path.name}.unreadable"))
+                log.warning("sample log: %s holds no record that can be read: set aside as %s.unreadable", path.name,
+                            path.name)
+            end = int(path.name[:16])
 
     def move_aside(self, why: str) -> None:
         target = self.directory.with_name(f"{SAMPLE_LOG_DIR}.{time.strftime('%Y%m%dT%H%M%S')}.set-aside")
@@ -1498,9 +1507,6 @@ class SampleLog:
         if not (self.directory / LOG_ORIGIN).exists():  # samples before it were never logged, not lost
             write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{first}\n".encode())], mode=0o600)
         path = self.directory / f"{first:016d}.seg"
-        if path.exists():  # a restart from fewer samples than the log held: that segment is superseded whole
-            path.unlink()
-            log.warning("sample log: %s superseded by the state restored, which holds fewer samples", path.name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             write_all(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features))
@@ -1531,7 +1537,8 @@ def segment_paths(directory: Path) -> list[Path]:
 
 def read_log(directory: Path, n_features: int, after: int = 0) -> Iterator[LoggedSample]:
     """The samples of a sample log with a sequence above `after`, in order. A segment ends where the next
-    one begins: a restart that continued from fewer samples than a segment holds supersedes its tail."""
+    one begins (earlier versions continued a log from the state's count, so a state that held fewer samples
+    than the log superseded its tail)."""
     paths = segment_paths(directory / SAMPLE_LOG_DIR)
     for path, following in itertools.zip_longest(paths, paths[1:]):
         end = int(following.name[:16]) if following else None
@@ -2959,9 +2966,10 @@ def replica_samples(directory: Path, n_features: int,
     try:
         for sample in read_log(directory, n_features, after):
             if sample.sequence > after + 1:
-                log.warning("fleet: %s: samples %d to %d are not in its log: deleted before this run read them "
-                            "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES), or accepted while its "
-                            "VMAFX_SIDECAR_SAMPLE_LOG was off", directory.name, after + 1, sample.sequence - 1)
+                log.warning("fleet: %s: samples %d to %d are not in its log: given up before this run read them "
+                            "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES, or a long outage of its disk; it "
+                            "logged which), or accepted while its VMAFX_SIDECAR_SAMPLE_LOG was off",
+                            directory.name, after + 1, sample.sequence - 1)
             after = sample.sequence
             yield sample.arrival, directory.name, sample.sequence, sample
     except (OSError, ValueError) as e:

@@ -123,23 +123,38 @@ def test_a_segment_of_another_feature_count_is_refused_by_name(tmp_path):
         list(vs.read_segment(path, 6))
 
 
-@pytest.mark.parametrize("left", [0, 10, vs.SEGMENT_HEADER.size, vs.SEGMENT_HEADER.size + 30],
-                         ids=["nothing", "a torn header", "the header", "a torn first record"])
-def test_a_newest_segment_without_a_whole_record_is_removed_at_the_restart(tmp_path, left):
-    """What a crash leaves as a segment begins: it holds no sample, and left there it would end the segment
-    before it at its name, hiding every sample the restart writes there."""
+@pytest.mark.parametrize("damage, kept", [
+    (lambda data: data[:0], False), (lambda data: data[:10], False), (lambda data: data[:vs.SEGMENT_HEADER.size], False),
+    (lambda data: data[:vs.SEGMENT_HEADER.size + 30], True),
+    (lambda data: bytes(vs.SEGMENT_HEADER.size) + data[vs.SEGMENT_HEADER.size:], True)],
+    ids=["nothing", "a torn header", "the header alone", "a torn first record", "a header zeroed by a power loss"])
+def test_a_newest_segment_without_a_record_that_can_be_read_is_put_out_of_the_way(tmp_path, damage, kept):
+    """What a crash leaves as a segment begins, or a power loss makes of one: left there, its name would end the
+    segment before it, hiding every sample the restart writes there. One that holds nothing but a header is
+    removed; one with bytes that might be records is set aside."""
     rng = np.random.default_rng(12)
     written = [sample(i, rng) for i in range(1, 41)]
     logged(tmp_path, written[:20])
-    logged(tmp_path, written[20:21])  # a second segment, starting at 21, then cut to what the crash left
+    logged(tmp_path, written[20:25])  # a second segment, starting at 21, then damaged
     newest = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)[-1]
-    newest.write_bytes(newest.read_bytes()[:left])
+    newest.write_bytes(damage(newest.read_bytes()))
     again = vs.SampleLog(tmp_path, N_FEATURES)  # restarted: did not fail
     assert again.last_sequence == 20 and not newest.exists()
+    assert newest.with_name(newest.name + ".unreadable").exists() == kept
     for s in written[20:]:  # the journal's replay, then new samples, in a segment that begins at 21 again
         again.append(s)
     again.commit(10**9)
     assert_same(read_all(tmp_path), written)
+
+
+def test_a_segment_removed_at_a_restart_still_ends_the_one_before_it_where_it_began(tmp_path):
+    """An earlier version's log: segment 1 superseded from 21 on by a segment that a crash left empty."""
+    rng = np.random.default_rng(14)
+    written = [sample(i, rng) for i in range(1, 31)]
+    logged(tmp_path, written)
+    superseding = tmp_path / vs.SAMPLE_LOG_DIR / f"{21:016d}.seg"
+    superseding.write_bytes(vs.SEGMENT_HEADER.pack(vs.SEGMENT_MAGIC, N_FEATURES))
+    assert vs.SampleLog(tmp_path, N_FEATURES).last_sequence == 20
 
 
 def test_a_log_of_another_feature_count_is_moved_aside_and_a_new_one_started(tmp_path, caplog):
@@ -151,7 +166,7 @@ def test_a_log_of_another_feature_count_is_moved_aside_and_a_new_one_started(tmp
     [aside] = tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.*.set-aside")
     assert [s.sequence for s in vs.read_log(tmp_path, N_FEATURES, 0)] == []
     assert len(list(vs.read_segment(next(aside.glob("*.seg")), N_FEATURES))) == 10  # kept, not deleted
-    assert f"is no segment of {N_FEATURES + 1} features" in caplog.text and aside.name in caplog.text
+    assert f"of another feature count than {N_FEATURES + 1}" in caplog.text and aside.name in caplog.text
 
 
 def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_path):
@@ -166,12 +181,14 @@ def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_
     assert [s.features.size for s in vs.read_log(tmp_path, N_FEATURES + 1)] == [N_FEATURES + 1]
 
 
-def test_a_restart_from_fewer_samples_supersedes_the_old_segments_tail(tmp_path):
+def test_a_segment_ends_where_the_next_one_begins(tmp_path):
+    """As earlier versions wrote a log continued from a state that held fewer samples than it: the new
+    segment superseded the old one's tail."""
     rng = np.random.default_rng(6)
     first = [sample(i, rng) for i in range(1, 31)]
     logged(tmp_path, first)
     again = vs.SampleLog(tmp_path, N_FEATURES)
-    again.last_sequence = 20  # the state restored 20 samples: 21.. were never journaled
+    again.last_sequence = 20  # what such a version set: its state held 20 samples
     second = [sample(i, rng, job_id="again") for i in range(21, 41)]
     for s in second:
         again.append(s)
@@ -294,37 +311,71 @@ def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_p
     assert logged.job_id == "\U0001F600" * 16383 + "xyz"
 
 
-@pytest.mark.parametrize("fleet_read_first", [False, True], ids=["unread", "read by the fleet"])
-def test_a_state_set_aside_counts_on_from_its_sample_log_so_the_fleet_misses_nothing(tmp_path, fleet_read_first):
-    """A replica whose snapshot was set aside (corrupt here) starts a new state; numbered from 1 again, its
-    samples superseded the log's unread ones and fell behind the fleet trainer's position in it."""
+def replica_run(directory, n: int, rng: np.random.Generator, sample_log: str = "1",
+                killed: bool = False) -> vs.StateStore:
+    """A replica's process: a start, `n` samples each answered in a turn of its own, then a snapshot at its
+    stop, or none (`killed`)."""
+    settings = dict(n_features=N_FEATURES, sample_log=sample_log)
+    store = vs.StateStore(vs.Config(checkpoint_dir=str(directory), **settings), make_trainer(directory, **settings))
+    store.restore()
+    for _ in range(n):
+        row, score = rng.uniform(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(20, 100))
+        store.record_sample(row, score, False, None)
+        store.trainer.ingest(row, score, False, True)
+        store.commit()
+    if not killed:
+        store.save()
+    return store
+
+
+def set_aside_at_the_next_start(directory) -> None:
+    snapshot = directory / ".state" / "snapshot.bin"
+    snapshot.write_bytes(snapshot.read_bytes()[:-1] + b"?")  # corrupt
+
+
+@pytest.mark.parametrize("story", ["state set aside", "state set aside, fleet read first", "log off meanwhile",
+                                   "first journal replayed", "corrupt journal record"])
+def test_a_state_holding_fewer_samples_than_its_log_counts_on_so_the_fleet_misses_none(tmp_path, monkeypatch,
+                                                                                      story):
+    """A replica whose state holds fewer samples than its log (begun afresh over it, or short of records the
+    log kept) numbered its samples from its own count: they superseded the log's unread ones, and the fleet
+    trainer, already past those numbers, skipped them."""
     replica_dir = tmp_path / "vmafx-node-0"
     replica_dir.mkdir()
-    settings = dict(n_features=N_FEATURES, sample_log="1")
     rng = np.random.default_rng(19)
+    if story == "corrupt journal record":
+        replica_run(replica_dir, 10, rng, killed=True)
+        journal = replica_dir / ".state" / "journal.bin"
+        data = bytearray(journal.read_bytes())
+        data[vs.JOURNAL_HEADER.size + 2 * (vs.JOURNAL_RECORD.size + 4 * (N_FEATURES + 1)) + 20] ^= 1  # the 3rd
+        journal.write_bytes(bytes(data))
+        logged_before = 10
+    else:
+        replica_run(replica_dir, 30, rng)
+        if story == "state set aside, fleet read first":
+            assert vs.fleet(tmp_path, fleet_config()) == 0
+        set_aside_at_the_next_start(replica_dir)
+        logged_before = 30
+        if story == "log off meanwhile":
+            replica_run(replica_dir, 20, rng, sample_log="0")  # a new state, its samples never logged
+        if story == "first journal replayed":  # a new state, whose snapshots the disk refuses: killed
+            real_write_synced = vs.write_synced
 
-    def run(n: int) -> vs.StateStore:
-        store = vs.StateStore(vs.Config(checkpoint_dir=str(replica_dir), **settings),
-                              make_trainer(replica_dir, **settings))
-        store.restore()
-        for _ in range(n):
-            row, score = rng.uniform(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(20, 100))
-            store.record_sample(row, score, False, None)
-            store.trainer.ingest(row, score, False, True)
-            store.commit()
-        store.save()
-        return store
-
-    run(30)
-    if fleet_read_first:
-        assert vs.fleet(tmp_path, fleet_config()) == 0
-    snapshot = replica_dir / ".state" / "snapshot.bin"
-    snapshot.write_bytes(snapshot.read_bytes()[:-1] + b"?")  # set aside at the next start
-    assert run(20).trainer.samples_accepted == 50
-    first_kept = 31 if fleet_read_first else 1  # a replica deletes what the fleet trainer has read
-    assert [x.sequence for x in vs.read_log(replica_dir, N_FEATURES)] == list(range(first_kept, 51))
+            def write_synced(path, *args, **kwargs):
+                if path.name.startswith(".snapshot"):
+                    raise OSError(28, "No space left on device")
+                real_write_synced(path, *args, **kwargs)
+            monkeypatch.setattr(vs, "write_synced", write_synced)
+            replica_run(replica_dir, 10, rng, killed=True)
+            monkeypatch.undo()
+            logged_before = 40
+    last = replica_run(replica_dir, 5, rng)
+    numbers = [x.sequence for x in vs.read_log(replica_dir, N_FEATURES)]
+    assert numbers == sorted(set(numbers)) and numbers[-5:] == list(range(logged_before + 1, logged_before + 6))
+    assert last.trainer.samples_accepted == logged_before + 5
     assert vs.fleet(tmp_path, fleet_config()) == 0
-    assert fleet_state(tmp_path)["samples_accepted"] == 50
+    fleet_read = fleet_state(tmp_path)["samples_accepted"]
+    assert fleet_read == logged_before + 5
 
 
 # ---- the fleet trainer ----
@@ -556,21 +607,6 @@ def test_a_write_the_disk_cut_short_is_redone_whole(tmp_path, monkeypatch):
         log.append(s)
     log.commit(10**9)  # the pending batch and the new one, after the torn half is cut away
     assert_same(read_all(tmp_path), written)
-
-
-def test_a_restart_that_supersedes_a_whole_segment_replaces_it(tmp_path):
-    rng = np.random.default_rng(22)
-    log = vs.SampleLog(tmp_path, N_FEATURES)
-    for i in range(1, 11):
-        log.append(sample(i, rng))
-    log.commit(10**9)
-    again = vs.SampleLog(tmp_path, N_FEATURES)
-    again.last_sequence = 0  # the state restored holds none of them
-    fresh = [sample(i, rng, job_id="fresh") for i in range(1, 6)]
-    for s in fresh:
-        again.append(s)
-    again.commit(10**9)
-    assert_same(read_all(tmp_path), fresh)
 
 
 def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeypatch, caplog):
