@@ -133,6 +133,30 @@ def test_a_corrupt_journal_record_costs_its_own_sample_not_those_after_it(tmp_pa
     assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))
 
 
+def test_a_disk_too_full_for_the_copy_of_a_corrupt_journal_still_lets_the_sidecar_start(tmp_path, monkeypatch,
+                                                                                        caplog):
+    server = in_process_server(tmp_path)
+    for m in messages(10):
+        server.answer(json.dumps(m).encode())
+    server.state.journal.commit()
+    journal = tmp_path / ".state" / "journal.bin"
+    data = bytearray(journal.read_bytes())
+    data[vs.JOURNAL_HEADER.size + 2 * (vs.JOURNAL_RECORD.size + 4 * 6) + 20] ^= 0x01
+    journal.write_bytes(bytes(data))
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(path, content):
+        if path.name.endswith(".corrupt"):
+            real_write_bytes(path, content[:7])  # what fitted
+            raise OSError(28, "No space left on device")
+        return real_write_bytes(path, content)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    caplog.set_level(logging.WARNING)
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 9
+    assert "no copy could be kept" in caplog.text and not list((tmp_path / ".state").glob("*.corrupt"))
+
+
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
 def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_factory, tmp_path, damage):
     s = sidecar_factory(**SETTINGS)
