@@ -3264,17 +3264,22 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     path = config.base_model_path
     if not path:
         return None
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         log.warning("base model %s does not exist: starting from a fresh model (seed %d)", path, config.seed)
         return None
+    except OSError as e:  # there, maybe, but not to this process: never a fresh model in its place
+        raise StartupError(f"cannot read base model {path}: {e.strerror or e}") from None
     suffix = Path(path).suffix.lower()
     try:
-        if suffix in (".pt", ".pth"):
-            weights = read_state_dict(path, Activation(config.activation))
-        elif suffix == ".npz":
-            weights = read_npz(path, Activation(config.activation))
-        else:
-            weights = onnx_builder.read_mlp_model(onnx.load(path))
+        with np.errstate(over="ignore", invalid="ignore"):  # weights that are not finite in float32 are refused below
+            if suffix in (".pt", ".pth"):
+                weights = read_state_dict(path, Activation(config.activation))
+            elif suffix == ".npz":
+                weights = read_npz(path, Activation(config.activation))
+            else:
+                weights = onnx_builder.read_mlp_model(onnx.load(path))
     except onnx_builder.UnsupportedModelError as e:
         raise StartupError(f"base model {path} is not supported: {e}") from None
     except Exception as e:  # truncated or corrupt files, missing external data, permissions...
@@ -3282,6 +3287,10 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     if weights.sizes()[0] != config.n_features:
         raise StartupError(f"base model {path} takes {weights.sizes()[0]} features but "
                            f"VMAFX_SIDECAR_N_FEATURES is {config.n_features}")
+    for i, (w, b) in enumerate(weights.layers):  # a NaN would make every step overflow: it would never train
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise StartupError(f"base model {path}: layer {i} has weights that are not finite in float32 (NaN, "
+                               f"infinite, or beyond float32's range)")
     return weights
 
 

@@ -195,6 +195,40 @@ def test_npz_refusals_name_the_array(tmp_path, arrays, message):
         vs.read_npz(str(path), vs.Activation("relu"))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39], ids=["NaN", "infinite", "beyond float32"])
+@pytest.mark.parametrize("kind", ["npz", "onnx"])
+def test_a_base_model_with_weights_not_finite_in_float32_is_refused(tmp_path, bad, kind):
+    """Loaded, it would make every step overflow: the sidecar would run and never train."""
+    w0, b0 = np.full((3, 4), 0.5), np.zeros(3)
+    w0[1, 2] = bad
+    path = tmp_path / f"base.{kind}"
+    if kind == "npz":
+        np.savez(path, W0=w0, b0=b0, W1=np.ones((1, 3)), b1=np.zeros(1))
+    else:
+        with np.errstate(over="ignore"):
+            w0 = w0.astype(np.float32)
+        weights = builder.MLPWeights([(w0.T, b0.astype(np.float32)),
+                                      (np.ones((3, 1), np.float32), np.zeros(1, np.float32))], [vs.Activation("relu")])
+        onnx.save(builder.build_mlp_model(weights, {}), path)
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(vs.StartupError, match=f"base model {path}: layer 0 has weights that are not finite"):
+        vs.load_base_model(config)
+
+
+def test_a_base_model_this_process_may_not_read_is_refused_not_replaced_by_a_fresh_one(tmp_path, monkeypatch):
+    path = tmp_path / "locked" / "base.onnx"
+    real_stat = os.stat
+
+    def stat(target, *args, **kwargs):  # as a directory without search permission answers (root is not refused)
+        if str(target) == str(path):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_stat(target, *args, **kwargs)
+    monkeypatch.setattr(vs.os, "stat", stat)
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(vs.StartupError, match=f"cannot read base model {path}: Permission denied"):
+        vs.load_base_model(config)
+
+
 # ---- end to end: a state-dict base fine-tuned through the socket ----
 
 def test_state_dict_base_is_fine_tuned_through_the_socket(sidecar_factory, tmp_path):
