@@ -2716,6 +2716,10 @@ class CheckpointWriter:
         """latest.json, first pointed at the newest published checkpoint if it names another one: a crash
         came between publishing and pointing, or somebody deleted the file it named."""
         latest = read_record(self.directory / LATEST)
+        if latest is None and written_by_newer(self.directory / LATEST):  # an image rolled back, say
+            log.warning("%s was written by a newer sidecar: left as it is, with %s; candidates are compared with the "
+                        "base model until this one publishes", self.directory / LATEST, LATEST_MODEL)
+            return None
         newest = next((record for v in reversed(checkpoint_versions(self.directory))
                        if (record := read_record(self.directory / f"model_v{v:06d}.json"))
                        and (self.directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
@@ -2733,10 +2737,11 @@ class CheckpointWriter:
 
     def sync_latest_model(self) -> None:
         """latest.onnx and its .sha256 as latest.json says: after a crash between their updates, a rollback
-        or a directory an older version wrote; removed when nothing is published."""
+        or a directory an older version wrote; removed when nothing is published (no latest.json)."""
         if self.latest is None:
-            for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
-                (self.directory / name).unlink(missing_ok=True)
+            if not (self.directory / LATEST).exists():
+                for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
+                    (self.directory / name).unlink(missing_ok=True)
             return
         if not latest_model_problems(self.directory, self.latest):
             return
@@ -2807,6 +2812,15 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, TypeError, KeyError) as e:
         log.warning("ignoring %s: %s: %s", path, type(e).__name__, e)
         return None
+
+
+def written_by_newer(path: Path) -> bool:
+    """Whether a checkpoint record is of a format newer than this sidecar reads."""
+    try:
+        version = json.loads(path.read_bytes()).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(version, int) and version > RECORD_FORMAT
 
 
 def read_named_checkpoint(directory: Path, record: dict[str, Any]) -> bytes:

@@ -752,6 +752,22 @@ def test_records_carry_their_format_and_one_from_a_newer_sidecar_is_not_trusted(
     assert "newer than this sidecar reads" in caplog.text
 
 
+def test_pointers_a_newer_sidecar_wrote_are_left_as_they_are(tmp_path, caplog):
+    """After an image rollback: nodes keep the model latest.onnx holds, and latest.json is not moved back to the
+    newest checkpoint this version can read."""
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    record = write(writer, UNGATED, seed=2).record
+    for name in ("latest.json", "model_v000002.json"):
+        (tmp_path / name).write_text(json.dumps({**record, "format": vs.RECORD_FORMAT + 1}))
+    pointers = {name: (tmp_path / name).read_bytes() for name in ("latest.json", "latest.onnx", "latest.onnx.sha256")}
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest is None and again.latest_model() is None  # candidates face the base model
+    assert {name: (tmp_path / name).read_bytes() for name in pointers} == pointers
+    assert "written by a newer sidecar: left as it is" in caplog.text
+    assert write(again, UNGATED, seed=3).record == read_json(tmp_path / "latest.json")  # until it publishes
+
+
 def test_published_write_produces_the_files_and_latest_json(tmp_path):
     x, y, coef = linear_data()
     verdict = vs.judge(config(gate_min_eval=2), NO_EVIDENCE, measured({"candidate": fitted(coef), "base": fitted(coef)},
