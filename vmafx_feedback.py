@@ -420,8 +420,8 @@ def input_file(path: str) -> str:
     """argparse type: - (JSON lines on stdin) or a readable file with a known suffix."""
     if path != "-" and not path.lower().endswith(INPUT_SUFFIXES):
         raise argparse.ArgumentTypeError(f"{path}: unknown file type (expected {', '.join(INPUT_SUFFIXES)} or -)")
-    if path != "-" and not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{path}: no such file, or not readable")
+    if path != "-" and (os.path.isdir(path) or not os.access(path, os.R_OK)):
+        raise argparse.ArgumentTypeError(f"{path}: no such file, or not a readable one")
     return path
 
 
@@ -470,11 +470,19 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
                 continue
             rows = csv_rows(tally.counted(f))
             next(rows)  # the header, checked before anything was sent
-            for row in filter(None, rows):  # [] is a blank line
+            while True:
                 try:
-                    yield name, rows.line_num, csv_request(row, layouts[path]), None
-                except ValueError as e:
-                    yield name, rows.line_num, None, str(e)
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # a stray carriage return, a field past csv's size limit: the next row is read
+                    yield name, rows.line_num, None, f"not a CSV row: {e}"
+                    continue
+                if row:  # [] is a blank line
+                    try:
+                        yield name, rows.line_num, csv_request(row, layouts[path]), None
+                    except ValueError as e:
+                        yield name, rows.line_num, None, str(e)
 
 
 class Tally:
@@ -533,10 +541,19 @@ class Tally:
 def send_lines(sock: socket.socket, reader: io.BufferedReader,
                requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
     """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
-    queued. Lines rejected here wait in the queue too: everything is settled in input order."""
+    queued. Lines rejected here wait in the queue too: everything is settled in input order. An input that
+    cannot be read on (OSError) ends the sending, once what was queued before it is settled."""
     queue: collections.deque[tuple[str, int, str | None]] = collections.deque()
     chunk: list[bytes] = []
-    for name, number, line, error in requests:
+    unreadable = None
+    while True:
+        try:
+            name, number, line, error = next(requests)
+        except StopIteration:
+            break
+        except OSError as e:
+            unreadable = e
+            break
         queue.append((name, number, error))
         if line is not None:
             chunk.append(line)
@@ -547,6 +564,8 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
     transmit(sock, chunk, tally)
     while queue:
         settle_next(reader, queue, tally)
+    if unreadable:
+        raise unreadable
 
 
 def transmit(sock: socket.socket, chunk: list[bytes], tally: Tally) -> None:
@@ -590,13 +609,15 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         except OSError as e:
             print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
             return 1
-        tally = Tally(None if "-" in paths else sum(map(os.path.getsize, paths)), sys.stderr.isatty())
+        tally = Tally(total_bytes(paths), sys.stderr.isatty())
         stopped = None
         try:
             with sock.makefile("rb") as reader:
                 send_lines(sock, reader, read_requests(paths, layouts, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
+        except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
+            stopped = f"cannot read {e.filename or 'the input'} ({e.strerror or e})"
         except KeyboardInterrupt:
             stopped = "interrupted"
     tally.summary()
@@ -605,6 +626,14 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
               f"acknowledged" + (f"; the input was done up to {tally.done_to}" if tally.done_to else ""),
               file=sys.stderr)
     return 1 if stopped or tally.rejected else 0
+
+
+def total_bytes(paths: list[str]) -> int | None:
+    """The inputs' size, for the progress display; None where it cannot be known (stdin, a file gone since)."""
+    try:
+        return None if "-" in paths else sum(map(os.path.getsize, paths))
+    except OSError:
+        return None
 
 
 def show_status(socket_path: str, timeout_s: float, as_json: bool) -> int:

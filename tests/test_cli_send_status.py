@@ -279,6 +279,36 @@ def test_send_refuses_files_of_unknown_type_before_connecting(tmp_path):
     assert "data.txt: unknown file type (expected .csv, .jsonl, .ndjson, .json or -)" in done.stderr.decode()
 
 
+def test_send_refuses_a_directory_before_connecting(tmp_path):
+    (tmp_path / "rows.csv").mkdir()
+    done = cli("send", "--socket", str(tmp_path / "none.sock"), str(tmp_path / "rows.csv"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr.decode()
+    assert "rows.csv: no such file, or not a readable one" in done.stderr.decode()
+
+
+def test_csv_rows_the_csv_module_cannot_read_are_rejected_and_the_rest_sent(sidecar_factory, tmp_path):
+    sidecar = sidecar_factory(**SERVER)
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"f0,f1,f2,f3,true_score\n1,2,3,4,50\n1,2\r3,4,50\n" + b"9" * 200_000
+                     + b",2,3,4,50\n1,2,3,4,60\n")
+    rc, stdout, stderr = send(sidecar, str(path))
+    assert rc == 1 and summary(stdout) == {"sent": "2", "accepted": "2", "rejected": "2 (2 not sent: unreadable rows)"}
+    assert [line.split(": ", 1)[1][:30] for line in rejections(stdout)] == [
+        "not a CSV row: new-line charac", "not a CSV row: field larger th"]
+    assert status(sidecar)["samples_accepted"] == 2
+
+
+def test_an_input_file_gone_midway_stops_send_with_how_far_it_got(sidecar_factory, tmp_path, capsys):
+    sidecar = sidecar_factory(**SERVER)
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(VALID * 3)
+    assert vf.send_files([str(first), str(tmp_path / "gone.jsonl")], sidecar.socket, "true_score", None) == 1
+    out, err = capsys.readouterr()
+    assert summary(out) == {"sent": "3", "accepted": "3", "rejected": "0"}
+    assert f"cannot read {tmp_path / 'gone.jsonl'} (No such file or directory)" in err
+    assert f"the input was done up to {first}:3" in err
+
+
 def test_connection_lost_midway_says_how_far_the_sidecar_acknowledged(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(**SERVER)
     path = tmp_path / "big.jsonl"
