@@ -74,8 +74,19 @@ def probe(path: str, timeout_s: float) -> int:
 def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
                         help=f"socket path (default ${SOCKET_ENV} or %(default)s)")
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait (default 2)")
+    parser.add_argument("--timeout", type=wait_seconds, default=2.0, help="seconds to wait (default 2)")
     return parser
+
+
+def wait_seconds(text: str) -> float:
+    """argparse type: a timeout a socket takes, more than 0 and at most a day."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0 and at most 86400")
+    return seconds
 
 
 def probe_main(argv: list[str]) -> int:

@@ -336,6 +336,14 @@ def test_connection_lost_midway_says_how_far_the_sidecar_acknowledged(sidecar_fa
 
 # ---- status ----
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e20", "soon"])
+@pytest.mark.parametrize("command", ["status", "probe"])
+def test_a_timeout_a_socket_cannot_take_is_refused_in_one_line(tmp_path, command, timeout):
+    done = cli(command, "--socket", str(tmp_path / "none.sock"), "--timeout", timeout)
+    assert done.returncode == 2 and "Traceback" not in done.stderr.decode()
+    assert f"argument --timeout: {timeout!r}: expected seconds, more than 0 and at most 86400" in done.stderr.decode()
+
+
 def test_status_prints_a_table_and_json(sidecar_factory):
     # A checkpoint after the first step, so that the gate record is there to flatten; the gate off, so that
     # it is published (two samples are too little evidence) and checkpoint_version is a number.
