@@ -3576,13 +3576,11 @@ def list_checkpoints(directory: Path) -> int:
     for where in (directory, directory / "quarantine"):
         for version in checkpoint_versions(where):
             record = read_record(where / f"model_v{version:06d}.json") or onnx_metadata(where, version)
-            metrics = (record.get("metrics") or {}).get("candidate") or {}
             state = "published" if where == directory else "quarantined"
             if latest and latest["version"] == version and where == directory:
                 state += ", latest"
-            rows.append([version, record.get("created", "-"), record.get("step", "-"),
-                         *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in ("plcc", "srcc", "rmse", "r2")),
-                         (record.get("metrics") or {}).get("eval_n", "-"), record.get("gate", "-"), state])
+            rows.append([version, record.get("created", "-"), record.get("step", "-"), *listed_scores(record),
+                         record.get("gate", "-"), state])
             if "reason" in record and where != directory:  # why it was refused
                 reasons.append(f"v{version:06d}: {record['reason']}")
     header = ["version", "created", "step", "plcc", "srcc", "rmse", "r2", "eval_n", "gate", "state"]
@@ -3593,6 +3591,15 @@ def list_checkpoints(directory: Path) -> int:
     for line in reasons:
         print(line)
     return 0
+
+
+def listed_scores(record: dict[str, Any]) -> list[Any]:
+    """A record's candidate PLCC, SRCC, RMSE and R² as the table prints them, then its eval_n: "-" for what it
+    lacks or holds in another shape (a record edited by hand, say)."""
+    metrics = record["metrics"] if isinstance(record.get("metrics"), dict) else {}
+    candidate = metrics["candidate"] if isinstance(metrics.get("candidate"), dict) else {}
+    scores = map(candidate.get, ("plcc", "srcc", "rmse", "r2"))
+    return [*(f"{v:.4f}" if type(v) in (int, float) else "-" for v in scores), metrics.get("eval_n", "-")]
 
 
 def onnx_metadata(directory: Path, version: int) -> dict[str, Any]:
@@ -3612,7 +3619,7 @@ def verify_checkpoints(directory: Path) -> int:
         return 1
     results = []
     for where in (directory, directory / "quarantine"):
-        names = os.listdir(where) if where.is_dir() else []
+        names = os.listdir(where) if where == directory or where.exists() else []  # quarantine/: as the sidecar
         for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))}):
             results.append((where / f"model_v{version:06d}.onnx",
                             checkpoint_problems(where, version, published=where == directory)))
@@ -3723,10 +3730,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.dir, args.samples)
     if args.command == "probe":
         return feedback.probe(args.socket, args.timeout)
-    if args.command == "checkpoints":
-        return list_checkpoints(args.dir)
-    if args.command == "verify":
-        return verify_checkpoints(args.dir)
+    if args.command in ("checkpoints", "verify"):
+        try:
+            return (list_checkpoints if args.command == "checkpoints" else verify_checkpoints)(args.dir)
+        except OSError as e:  # a directory this process may not read, a quarantine/ that is a file
+            print(f"vmafx-sidecar {args.command}: {e.filename or args.dir}: {e.strerror or e}", file=sys.stderr)
+            return 1
     if args.command == "send":
         return feedback.send_files(args.files, args.socket, args.score_column, args.feature_columns)
     if args.command == "status":

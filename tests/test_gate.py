@@ -1278,3 +1278,22 @@ def test_checkpoints_lists_every_version(checkpoint_dir):
     reasons = lines[5:]  # why each quarantined one was refused
     assert len(reasons) == 2 and reasons[0].startswith("v000002: history: R² -")
     assert reasons[1] == "v000003: non-finite weights or outputs"
+
+
+def test_checkpoints_shows_a_dash_for_scores_a_record_holds_in_another_shape(copied):
+    for version, metrics in ((1, "not an object"), (4, {"candidate": {"plcc": None, "srcc": "0.9"}, "eval_n": 7})):
+        record = read_json(copied / f"{stem(version)}.json")
+        (copied / f"{stem(version)}.json").write_text(json.dumps({**record, "metrics": metrics}))
+    done = run_cli("checkpoints", str(copied))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    rows = {int(line.split()[0]): line.split() for line in done.stdout.splitlines()[1:5]}
+    assert rows[1][3:8] == ["-", "-", "-", "-", "-"] and rows[4][3:8] == ["-", "-", "-", "-", "7"]
+
+
+@pytest.mark.parametrize("tool", ["checkpoints", "verify"])
+def test_the_tools_say_in_one_line_why_they_cannot_read_a_directory(copied, tool):
+    shutil.rmtree(copied / "quarantine")
+    (copied / "quarantine").write_text("a file where the sidecar keeps its quarantine/")
+    done = run_cli(tool, str(copied))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr == f"vmafx-sidecar {tool}: {copied / 'quarantine'}: Not a directory\n"
