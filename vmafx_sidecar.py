@@ -2580,6 +2580,7 @@ def write_checkpoint(writer: CheckpointWriter, weights: onnx_builder.MLPWeights,
 # ---- checkpoints: versioned ONNX files of the EMA weights, written atomically, a pointer to the newest ----
 
 CHECKPOINT_NAME = re.compile(r"model_v(\d{6,})\.onnx(\.sha256)?")
+CHECKPOINT_FILE = re.compile(r"model_v(\d{6,})\.(?:onnx|json)")  # a model or its record: whole only with its .sha256
 TEMP_SUFFIX = ".tmp"
 LATEST = "latest.json"
 RECORD_FORMAT = 2  # of checkpoint records and latest.json: 1 had no "format" field, 2 the same fields with it
@@ -2634,10 +2635,32 @@ class CheckpointWriter:
                     (d / name).unlink(missing_ok=True)
                     log.warning("removed unfinished checkpoint file %s", d / name)
         try:
+            self.quarantine_unfinished(listings)
             self.latest = self.recover_latest()
             self.sync_latest_model()
         except OSError as e:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
+
+    def quarantine_unfinished(self, listings: dict[Path, list[str]]) -> None:
+        """A checkpoint without its .sha256 (a crash came as it was placed, or as retention deleted it) was never
+        published whole: its files go to quarantine/, where its model gets the .sha256 of what it holds, so that
+        its number stays taken and `checkpoints` and `verify` show it as what it is."""
+        for directory, names in listings.items():
+            for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_FILE.fullmatch(n))}):
+                stem = f"model_v{version:06d}"
+                if f"{stem}.onnx.sha256" in names:
+                    continue
+                for name in (f"{stem}.onnx", f"{stem}.json"):
+                    if name in names and directory != self.quarantine:
+                        os.replace(directory / name, self.quarantine / name)
+                model = self.quarantine / f"{stem}.onnx"
+                if model.exists():
+                    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+                    write_synced(self.quarantine / f"{stem}.onnx.sha256",
+                                 [memoryview(f"{digest}  {stem}.onnx\n".encode())])
+                fsync_directory(self.quarantine)
+                log.warning("checkpoint v%06d was never published whole (a crash came as it was written or deleted): "
+                            "it is in %s", version, self.quarantine)
 
     def stage(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Staged:
         """The next version's model, written and synced to a temp file, where nobody looks for it."""

@@ -564,12 +564,12 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     kept = {
         "model_v000005.onnx": b"five",
         "model_v000005.onnx.sha256": b"not checked here\n",
-        "model_v000007.onnx": b"seven, its .sha256 never written",
         ".keep": b"",
         "notes.txt": b"not a checkpoint",
     }
     for name, content in kept.items():
         (directory / name).write_bytes(content)
+    (directory / "model_v000007.onnx").write_bytes(b"seven, its .sha256 never written")
 
     writer = vmafx_sidecar.CheckpointWriter(str(directory))
     for name in leftovers:
@@ -577,6 +577,11 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     assert writer.version == 7
     for name, content in kept.items():
         assert (directory / name).read_bytes() == content, f"{name} was touched"
+    # never published whole: quarantined, with the .sha256 of what it holds, its number still taken
+    assert not (directory / "model_v000007.onnx").exists()
+    assert (directory / "quarantine" / "model_v000007.onnx").read_bytes() == b"seven, its .sha256 never written"
+    assert_sha256_file_verifies(directory / "quarantine" / "model_v000007.onnx")
+    assert vmafx_sidecar.CheckpointWriter(str(directory)).version == 7
 
     weights = relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1]))
     path = vmafx_sidecar.write_checkpoint(writer, weights, 1, 16, UNGATED, PROBE).path
@@ -584,3 +589,28 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     assert_sha256_file_verifies(path)
     assert metadata(onnx.load(str(path)))["version"] == "8"
     assert temp_files(directory) == [".keep"]
+
+
+@pytest.mark.parametrize("crash", ["placing, after the model", "placing, after the record",
+                                   "retention, after the .sha256", "retention, after the record"])
+def test_a_checkpoint_a_crash_left_without_its_sha256_is_quarantined_at_the_next_start(tmp_path, crash):
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(3)
+    for seed in (1, 2):
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), seed, seed * 10,
+                                       UNGATED, rng.uniform(0, 1, (4, N_FEATURES)).astype(np.float32))
+    left = {"placing, after the model": [".sha256", ".json"], "placing, after the record": [".sha256"],
+            "retention, after the .sha256": [".sha256"], "retention, after the record": [".sha256", ".json"]}[crash]
+    version = 2 if crash.startswith("placing") else 1  # retention deletes the oldest; placing writes the newest
+    if version == 2:
+        (directory / "latest.json").write_bytes((directory / "model_v000001.json").read_bytes())
+    for suffix in left:
+        (directory / f"model_v{version:06d}{'.onnx' if suffix == '.sha256' else ''}{suffix}").unlink()
+    again = vmafx_sidecar.CheckpointWriter(str(directory))
+    assert not list(directory.glob(f"model_v{version:06d}*"))
+    assert_sha256_file_verifies(directory / "quarantine" / f"model_v{version:06d}.onnx")
+    assert again.version == 2 and again.latest["version"] == 3 - version
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "verify", str(directory)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
