@@ -2778,16 +2778,18 @@ class CheckpointWriter:
         log.warning("%s now holds %s, as %s names", self.directory / LATEST_MODEL, self.latest["file"], LATEST)
 
     def latest_model(self) -> MLP | None:
-        """The published model latest.json names, if its file is intact."""
+        """The published model latest.json names, from its file, or from latest.onnx, the copy nodes load, should
+        the file have been damaged since; None when neither holds it intact (the gate then takes the base model)."""
         if self.latest is None:
             return None
-        try:
-            data = read_named_checkpoint(self.directory, self.latest)
-            return MLP.from_weights(onnx_builder.read_mlp_model(onnx.load_from_string(data)))
-        except Exception as e:  # unreadable, altered or not an MLP: the gate falls back to the base model
-            log.error("cannot load %s, the latest published checkpoint: %s: %s", self.directory / self.latest["file"],
-                      type(e).__name__, e)
-            return None
+        for name in (self.latest["file"], LATEST_MODEL):
+            try:
+                data = read_named_checkpoint(self.directory, {**self.latest, "file": name})
+                return MLP.from_weights(onnx_builder.read_mlp_model(onnx.load_from_string(data)))
+            except Exception as e:  # unreadable, altered or not an MLP
+                log.error("cannot load %s, the latest published checkpoint: %s: %s", self.directory / name,
+                          type(e).__name__, e)
+        return None
 
     def is_published(self, version: int | None) -> bool:
         """Whether checkpoint `version` is in the directory, whole: not pruned, not rolled back."""

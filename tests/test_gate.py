@@ -958,16 +958,21 @@ def test_recovery_ignores_a_checkpoint_whose_sha256_was_never_written(tmp_path):
     assert write(again, UNGATED, seed=3).path.name == "model_v000003.onnx"  # v2 is never written over
 
 
-def test_latest_model_refuses_a_file_whose_sha256_differs(tmp_path, caplog):
+def test_latest_model_refuses_a_file_whose_sha256_differs_and_takes_latest_onnx_then(tmp_path, caplog):
     writer = vs.CheckpointWriter(str(tmp_path))
     checkpoint = write(writer, UNGATED, seed=1)
-    assert writer.latest_model() is not None
-    data = bytearray(checkpoint.path.read_bytes())
-    data[-1] ^= 0x01
-    checkpoint.path.write_bytes(bytes(data))
-    with caplog.at_level(logging.ERROR, logger=vs.log.name):
-        assert writer.latest_model() is None
-    assert "model_v000001.onnx" in caplog.text and "sha256" in caplog.text
+    published = writer.latest_model()
+    for path in (checkpoint.path, tmp_path / "latest.onnx"):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger=vs.log.name):
+            model = writer.latest_model()
+        assert f"{path.name} does not have the sha256" in caplog.text
+        if path == checkpoint.path:  # the copy nodes load is intact: the incumbent is still the published model
+            np.testing.assert_array_equal(model.flat, published.flat)
+    assert model is None  # neither holds it: the gate takes the base model
 
 
 # ---- 7. the trainer ----
