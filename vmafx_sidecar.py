@@ -771,7 +771,7 @@ class Server:
             "model": "-".join(map(str, t.model.sizes)),
             "activations": [str(a) for a in t.model.activations],
             "coordinates": t.coords.standardized,
-            "fleet": fleet_model(Path(self.config.checkpoint_dir).absolute()),
+            "fleet": fleet_model(Path(self.config.checkpoint_dir).absolute().parent / FLEET_DIR),
             "config": dataclasses.asdict(self.config),
         }
 
@@ -2946,7 +2946,7 @@ def fleet(root: Path, config: Config) -> int:
         state = StateStore(config, trainer)
         state.restore()
         logs = [replica_samples(path, config.n_features, state.sources.get(path.name, 0))
-                for path in sorted(root.absolute().iterdir()) if path.name != FLEET_DIR and path.is_dir()]
+                for path in replica_directories(root.absolute())]
         ingested = 0
         for _, name, _, sample in heapq.merge(*logs):
             result = trainer.ingest(sample.features, sample.score, sample.held_out, sample.job_id is None)
@@ -2976,10 +2976,32 @@ def save_fleet_state(state: StateStore) -> None:
     os.replace(temp, state.directory.parent / FLEET_CURSORS)
 
 
-def fleet_model(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """The newest fleet model as a replica sees it (its version and age in seconds), or None without one."""
-    latest = read_record(checkpoint_dir.parent / FLEET_DIR / LATEST)
-    if latest is None:
+def replica_directories(root: Path) -> list[Path]:
+    """ROOT's directories but fleet/, by name, each once: an entry that leads to one listed already (a symbolic
+    link, say) is skipped with a log line, as its samples would be read twice, and so is one that cannot be
+    looked at."""
+    replicas, seen = [], set()
+    for path in sorted(root.iterdir()):
+        try:
+            if path.name == FLEET_DIR or not path.is_dir():
+                continue
+            real = path.resolve()
+        except OSError as e:
+            log.warning("fleet: %s skipped: %s", path.name, e.strerror or e)
+            continue
+        if real in seen:
+            log.warning("fleet: %s skipped: it is a directory read under another name", path.name)
+            continue
+        seen.add(real)
+        replicas.append(path)
+    return replicas
+
+
+def fleet_model(directory: Path) -> dict[str, Any] | None:
+    """The newest model of the fleet trainer in `directory` (its version and age in seconds), as the replicas
+    beside it report it; None without one, or with a latest.json that does not say when it was made."""
+    latest = read_record(directory / LATEST)
+    if latest is None or type(latest.get("created_unix")) not in (int, float):
         return None
     return {"version": latest["version"], "age_s": round(time.time() - latest["created_unix"], 3)}
 
@@ -2997,7 +3019,12 @@ def replica_samples(directory: Path, n_features: int,
                     after: int) -> Iterator[tuple[float, str, int, LoggedSample]]:
     """A replica's samples after sequence `after`, keyed for the merge; a directory without a sample log,
     or with one that cannot be read, gives none and one log line saying why."""
-    if not (directory / SAMPLE_LOG_DIR).is_dir():
+    try:
+        has_log = (directory / SAMPLE_LOG_DIR).is_dir()
+    except OSError as e:  # a replica directory this process may not search
+        log.warning("fleet: %s skipped: %s", directory.name, e.strerror or e)
+        return
+    if not has_log:
         log.info("fleet: %s skipped: no %s (not a replica with VMAFX_SIDECAR_SAMPLE_LOG=1)", directory.name,
                  SAMPLE_LOG_DIR)
         return
@@ -3022,9 +3049,11 @@ def fleet_status(root: Path, n_features: int) -> int:
     latest = read_record(directory / LATEST)
     rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "deleted unread"]]
     now = time.time()
-    for path in sorted(p for p in root.absolute().iterdir() if p.name != FLEET_DIR and (p / SAMPLE_LOG_DIR).is_dir()):
+    for path in replica_directories(root.absolute()):
         read, first, newest = max(fleet_cursor(path), log_origin(path) - 1), None, None
         try:
+            if not (path / SAMPLE_LOG_DIR).is_dir():
+                continue
             for sample in read_log(path, n_features, read):
                 first, newest = first or sample, sample
         except (OSError, ValueError) as e:
@@ -3036,8 +3065,9 @@ def fleet_status(root: Path, n_features: int) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    model = fleet_model(directory)
     print(f"fleet model: {'none published' if latest is None else latest['file']}"
-          + (f", {now - latest['created_unix']:.0f} s old" if latest else ""))
+          + (f", {model['age_s']:.0f} s old" if model else ""))
     return 0
 
 
@@ -3204,7 +3234,7 @@ def metrics_text(server: Server) -> str:
     candidate = verdict_metrics.get("candidate") or {}
     judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
     live = t.window.evidence(t.references())
-    fleet = fleet_model(Path(s.config.checkpoint_dir).absolute())
+    fleet = fleet_model(Path(s.config.checkpoint_dir).absolute().parent / FLEET_DIR)
     failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"] + t.checkpoints.failures}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     families = [
@@ -3776,6 +3806,8 @@ def main(argv: list[str] | None = None) -> int:
     warn_unknown_settings(dict(os.environ))
     try:
         if args.command == "fleet":
+            if not args.root.is_dir():  # a mistyped ROOT is no fleet with nothing new
+                raise StartupError(f"fleet: {args.root} is not a directory")
             return fleet_status(args.root, config.n_features) if args.status else fleet(args.root, config)
         return serve(config)
     except StartupError as e:

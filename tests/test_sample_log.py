@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -557,6 +558,59 @@ def test_samples_a_replica_accepted_with_its_log_off_are_reported_as_such_not_on
     assert fleet_state(tmp_path)["samples_accepted"] == 20
     [gap] = [r.getMessage() for r in caplog.records if "not in its log" in r.getMessage()]
     assert "samples 11 to 40" in gap and "VMAFX_SIDECAR_SAMPLE_LOG was off" in gap
+
+
+def test_a_replica_reached_by_two_names_is_read_once(tmp_path, caplog):
+    rng = np.random.default_rng(23)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 21)])
+    (tmp_path / "vmafx-node-1").symlink_to(tmp_path / "vmafx-node-0")
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 20
+    assert "vmafx-node-1 skipped: it is a directory read under another name" in caplog.text
+
+
+def test_a_replica_the_fleet_may_not_search_is_skipped_and_the_others_read(tmp_path, monkeypatch, caplog, capsys):
+    rng = np.random.default_rng(24)
+    for name in ("vmafx-node-0", "vmafx-node-1"):
+        replica(tmp_path, name, [sample(i, rng) for i in range(1, 11)])
+    locked = tmp_path / "vmafx-node-0" / vs.SAMPLE_LOG_DIR
+    real_is_dir = Path.is_dir
+
+    def is_dir(path):  # as a mode-000 directory answers a process without root's override
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_dir(path)
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 10 and "vmafx-node-0 skipped: Permission denied" in caplog.text
+    capsys.readouterr()
+    assert vs.fleet_status(tmp_path, N_FEATURES) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].startswith("vmafx-node-0") and "unreadable: [Errno 13] Permission denied" in rows[1]
+
+
+@pytest.mark.parametrize("status", [False, True], ids=["fleet", "fleet --status"])
+@pytest.mark.parametrize("root", ["missing", "a file"])
+def test_a_fleet_root_that_is_no_directory_fails_in_one_line_and_creates_nothing(tmp_path, root, status):
+    path = tmp_path / "typo"
+    if root == "a file":
+        path.write_text("")
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "fleet", str(path), *(["--status"] if status else [])],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **NUMERIC_ENV}, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"fleet: {path} is not a directory" in done.stderr
+    assert path.exists() == (root == "a file") and not (tmp_path / "typo" / "fleet").exists()
+
+
+def test_a_fleet_model_record_without_its_time_is_no_fleet_model_to_a_replica(tmp_path):
+    (tmp_path / vs.FLEET_DIR).mkdir()
+    record = {"format": vs.RECORD_FORMAT, "version": 3, "file": "model_v000003.onnx", "sha256": "0" * 64}
+    (tmp_path / vs.FLEET_DIR / vs.LATEST).write_text(json.dumps(record))
+    assert vs.fleet_model(tmp_path / vs.FLEET_DIR) is None  # a scrape or a status used to raise KeyError here
+    (tmp_path / vs.FLEET_DIR / vs.LATEST).write_text(json.dumps({**record, "created_unix": time.time() - 60}))
+    assert vs.fleet_model(tmp_path / vs.FLEET_DIR)["version"] == 3
 
 
 @pytest.mark.parametrize("damage", ["header cut short", "not a segment"])
