@@ -128,6 +128,7 @@ def one_of(*choices: str) -> Check:
 
 
 ANY = Check(lambda v: True, "")
+PATH = Check(lambda v: bool(v.strip()), "a path, not empty")
 
 
 def listen_address_ok(text: str) -> bool:
@@ -143,12 +144,12 @@ def setting(default: Any, env: str, check: Check, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", ANY,
+    socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", PATH,
                           "Unix socket the node connects to (created with mode 0600)")
     base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", ANY,
                                    "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "
                                    "missing file: a fresh model")
-    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", ANY,
+    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", PATH,
                                   "where model_vNNNNNN.onnx checkpoints are written")
     adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", ANY,
                              "at start, take over the trainer state in this directory if the checkpoint "
@@ -3508,10 +3509,15 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
     rng = np.random.default_rng(config.seed)
     base = load_base_model(config)
     source = f"base {config.base_model_path}" if base else f"fresh, seed {config.seed}"
-    model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1],
-                                                             Activation(config.activation), rng)
-    trainer = Trainer(config, model.to(backend), CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints),
-                      rng, fresh=base is None)
+    writer = CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
+    try:
+        model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1],
+                                                                 Activation(config.activation), rng)
+        trainer = Trainer(config, model.to(backend), writer, rng, fresh=base is None)
+    except MemoryError as e:  # sizes no machine holds: one line, not numpy's traceback
+        raise StartupError(f"cannot allocate the model and its rings of {config.replay_capacity} + "
+                           f"{config.eval_capacity} samples of {config.n_features} features (VMAFX_SIDECAR_"
+                           f"REPLAY_CAPACITY, _EVAL_CAPACITY, _N_FEATURES, _HIDDEN): {e}") from None
     if config.normalize == "on" and base and base.normalisation:  # its own standardization of the features
         coords = Coordinates.of_normalisation(*base.normalisation)
         if coords is None or not trainer.move_to(coords):

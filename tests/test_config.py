@@ -93,6 +93,8 @@ INVALID = [
     ({"VMAFX_SIDECAR_GATE_MIN_EVAL": "300", "VMAFX_SIDECAR_EVAL_CAPACITY": "299"},
      "VMAFX_SIDECAR_GATE_MIN_EVAL", "300"),
     ({"VMAFX_SIDECAR_KEEP_CHECKPOINTS": "-1"}, "VMAFX_SIDECAR_KEEP_CHECKPOINTS", "-1"),
+    ({"VMAFX_SIDECAR_CHECKPOINT_DIR": ""}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "''"),  # not the working directory
+    ({"VMAFX_SIDECAR_SOCKET": " "}, "VMAFX_SIDECAR_SOCKET", "' '"),
 ]
 
 
@@ -114,6 +116,12 @@ def test_invalid_flag_value_exits_2_naming_variable_and_flag(short_dir, flag, va
     # A valid env value must not hide the flag's invalid one.
     done = run_serve(short_dir, [flag, value], **{env: valid_env_value})
     assert_rejected(done, short_dir, env, flag)
+
+
+def test_rings_no_machine_holds_stop_the_start_in_one_line(short_dir):
+    done = run_serve(short_dir, VMAFX_SIDECAR_REPLAY_CAPACITY=str(10**15))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot allocate the model and its rings of 1000000000000000 + 2000 samples of 80 features" in done.stderr
 
 
 @pytest.mark.parametrize("variables, message", [
