@@ -3546,8 +3546,9 @@ def demo(directory: str, samples: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sock_path = os.path.join(tmp, "demo.sock")
         env = dict(os.environ, VMAFX_SIDECAR_SOCKET=sock_path, VMAFX_SIDECAR_CHECKPOINT_DIR=directory,
-                   VMAFX_BASE_MODEL_PATH="", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
-                   VMAFX_SIDECAR_MIN_SAMPLES_CKPT="2000", VMAFX_SIDECAR_LR="0.03", VMAFX_SIDECAR_EMA_DECAY="0.99")
+                   VMAFX_SIDECAR_N_FEATURES=str(n_features), VMAFX_BASE_MODEL_PATH="",
+                   VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="2000", VMAFX_SIDECAR_LR="0.03",
+                   VMAFX_SIDECAR_EMA_DECAY="0.99")
         try:
             server = start_server(env, timeout_s=10.0)
         except ServerNotReady as e:
@@ -3566,6 +3567,8 @@ def demo(directory: str, samples: int) -> int:
                 line = json.dumps({"job_id": f"demo-{i}", "features": x[i].tolist(), "true_score": y[i]})
                 client.sendall(line.encode() + b"\n")
                 ack = json.loads(reader.readline())
+                if not ack["ok"]:  # a setting from the environment the demo's stream does not fit, say
+                    raise SystemExit(f"the demo server refused a sample: {ack['error']}")
                 if ack.get("checkpoint"):
                     mse = held_out_mse(ack["checkpoint"], held_out_x, held_out_y)
                     print(f"step {ack['step']:5d}  loss {ack['loss']:9.3f}  checkpoint {ack['checkpoint']}  "
@@ -3739,6 +3742,13 @@ def latest_problems(directory: Path) -> list[str]:
 
 # ---- command line ----
 
+def sample_count(text: str) -> int:
+    """argparse type: a number of samples, at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of samples, at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -3753,7 +3763,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="train on a synthetic stream through a real server",
                                       description=demo_help)
     demo_parser.add_argument("--dir", default="vmafx-demo", help="checkpoint directory (default ./vmafx-demo)")
-    demo_parser.add_argument("--samples", type=int, default=20000, help="samples to stream (default 20000)")
+    demo_parser.add_argument("--samples", type=sample_count, default=20000, help="samples to stream (default 20000)")
     default_dir = os.environ.get("VMAFX_SIDECAR_CHECKPOINT_DIR", Config.checkpoint_dir)
     for name, help in (("checkpoints", "list the checkpoints with their held-out metrics and gate verdicts"),
                        ("verify", "check every checkpoint's sha256, record and model; exit 1 on any problem")):

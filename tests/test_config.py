@@ -275,6 +275,30 @@ def test_help_names_every_kind_of_base_model_and_demo_has_a_description(short_di
     assert "printing each checkpoint with its held-out error" in help_of("demo")
 
 
+@pytest.mark.parametrize("samples", ["0", "-1", "-600", "many"])
+def test_demo_refuses_a_sample_count_below_one_in_one_line(short_dir, samples):
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", samples],
+                          env=clean_env(short_dir), cwd=short_dir, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"argument --samples: {samples!r}: expected a whole number of samples, at least 1" in done.stderr
+
+
+def test_demo_streams_its_own_feature_count_whatever_the_environment_says(short_dir):
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", "50"],
+                          env=clean_env(short_dir, VMAFX_SIDECAR_N_FEATURES="10"), cwd=short_dir,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "(50 samples accepted, 0 rejected)" in done.stderr  # its server's last line
+
+
+def test_demo_stops_with_the_error_of_a_sample_its_server_refuses(short_dir):
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", "50"],
+                          env=clean_env(short_dir, VMAFX_SIDECAR_MAX_LINE_BYTES="100"), cwd=short_dir,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the demo server refused a sample: line too long (limit 100 bytes)" in done.stderr
+
+
 def test_demo_run_twice_says_it_resumes_the_first_runs_state(short_dir):
     def demo() -> str:
         done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", "200"],
