@@ -3167,7 +3167,7 @@ class MetricsEndpoint:
             if not data:  # the scraper left before its request was complete
                 return self.close(conn)
             conn.inbuf += data
-            if b"\r\n\r\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
+            if b"\r\n\r\n" in conn.inbuf or b"\n\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
                 conn.outbuf = http_response(bytes(conn.inbuf), self.server)
                 self.server.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self.serve, conn))
         if conn.outbuf:
@@ -3209,7 +3209,9 @@ def http_response(request: bytes, server: Server) -> bytes:
     path = target.split(b"?")[0]
     status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if not complete or len(head) > HTTP_MAX_REQUEST:
+    if not complete and b"\n\n" in request:  # its lines end in a bare LF: answered, not left to time out
+        status, body = 400, b"malformed request: lines end in CRLF\n"
+    elif not complete or len(head) > HTTP_MAX_REQUEST:
         status, body = 431, b"request head too large\n"
     elif len(parts) != 3 or version not in (b"HTTP/1.0", b"HTTP/1.1") or not all(b":" in x for x in lines[1:]):
         status, body = 400, b"malformed request\n"
@@ -3224,7 +3226,7 @@ def http_response(request: bytes, server: Server) -> bytes:
     allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
     response = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n").encode()
-    return response + (b"" if method == b"HEAD" and status == 200 else body)
+    return response + (b"" if method == b"HEAD" else body)  # a response to HEAD has no body, whatever its status
 
 
 def metrics_text(server: Server) -> str:

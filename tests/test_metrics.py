@@ -227,8 +227,9 @@ def assert_gate_families_match_status(metrics: dict, status: dict) -> None:
     (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
     (b"\r\n\r\n", 400),
     (b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\n\n", 400),
 ], ids=["healthz", "query", "root", "other path", "post", "delete", "body", "chunked", "http2", "http0.9",
-        "bad header", "empty", "huge head"])
+        "bad header", "empty", "huge head", "bare LF, answered not left to time out"])
 def test_http_answers_strictly(served, request_bytes, status):
     _, port = served
     got, headers, body = http(port, request_bytes)
@@ -244,6 +245,8 @@ def test_head_gets_the_headers_without_the_body(served):
     _, port = served
     status, headers, body = http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 1000
+    status, headers, body = http(port, b"HEAD /nope HTTP/1.1\r\n\r\n")
+    assert status == 404 and body == b"" and int(headers["content-length"]) > 0  # whatever the status
 
 
 def test_a_stalled_scraper_neither_delays_acks_nor_other_scrapes_and_is_cut_off(served):
