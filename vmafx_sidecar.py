@@ -2738,15 +2738,18 @@ class CheckpointWriter:
 
     def recover_latest(self) -> dict[str, Any] | None:
         """latest.json, first pointed at the newest published checkpoint if it names another one: a crash
-        came between publishing and pointing, or somebody deleted the file it named."""
+        came between publishing and pointing, or somebody deleted the file it named. One of a newer format that
+        names a checkpoint still published, and none newer that this version reads, is left as it is, with
+        latest.onnx (an image rolled back): None then, and candidates face the base model until one publishes."""
         latest = read_record(self.directory / LATEST)
-        if latest is None and written_by_newer(self.directory / LATEST):  # an image rolled back, say
-            log.warning("%s was written by a newer sidecar: left as it is, with %s; candidates are compared with the "
-                        "base model until this one publishes", self.directory / LATEST, LATEST_MODEL)
-            return None
         newest = next((record for v in reversed(checkpoint_versions(self.directory))
                        if (record := read_record(self.directory / f"model_v{v:06d}.json"))
                        and (self.directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
+        named = newer_record_version(self.directory / LATEST) if latest is None else None
+        if named is not None and self.is_published(named) and (newest is None or newest["version"] <= named):
+            log.warning("%s was written by a newer sidecar: left as it is, with %s", self.directory / LATEST,
+                        LATEST_MODEL)
+            return None
         if newest == latest:
             return latest
         if newest is None:
@@ -2761,9 +2764,10 @@ class CheckpointWriter:
 
     def sync_latest_model(self) -> None:
         """latest.onnx and its .sha256 as latest.json says: after a crash between their updates, a rollback
-        or a directory an older version wrote; removed when nothing is published (no latest.json)."""
+        or a directory an older version wrote; removed when nothing is published (but where a newer sidecar's
+        latest.json is left as it is: recover_latest())."""
         if self.latest is None:
-            if not (self.directory / LATEST).exists():
+            if newer_record_version(self.directory / LATEST) is None:
                 for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
                     (self.directory / name).unlink(missing_ok=True)
             return
@@ -2840,13 +2844,15 @@ def read_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def written_by_newer(path: Path) -> bool:
-    """Whether a checkpoint record is of a format newer than this sidecar reads."""
+def newer_record_version(path: Path) -> int | None:
+    """The checkpoint version a record of a newer format than this sidecar reads names; None for any other file
+    (missing, malformed, or of a format it reads)."""
     try:
-        version = json.loads(path.read_bytes()).get("format", 1)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(version, int) and version > RECORD_FORMAT
+        record = json.loads(path.read_bytes())
+        newer = type(record["format"]) is int and record["format"] > RECORD_FORMAT
+        return record["version"] if newer and type(record["version"]) is int else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def read_named_checkpoint(directory: Path, record: dict[str, Any]) -> bytes:

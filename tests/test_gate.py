@@ -768,6 +768,45 @@ def test_pointers_a_newer_sidecar_wrote_are_left_as_they_are(tmp_path, caplog):
     assert write(again, UNGATED, seed=3).record == read_json(tmp_path / "latest.json")  # until it publishes
 
 
+def newer(path: Path) -> None:
+    path.write_text(json.dumps({**read_json(path), "format": vs.RECORD_FORMAT + 1}))
+
+
+def test_a_newer_latest_json_naming_a_rolled_back_checkpoint_is_repaired_still(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    v1 = write(writer, UNGATED, seed=1).record
+    write(writer, UNGATED, seed=2)
+    for name in ("latest.json", "model_v000002.json"):
+        newer(tmp_path / name)
+    for name in files_of(2):  # the README's rollback recipe
+        (tmp_path / name).rename(tmp_path / "quarantine" / name)
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v1 == read_json(tmp_path / "latest.json")
+    assert (tmp_path / "latest.onnx").read_bytes() == (tmp_path / "model_v000001.onnx").read_bytes()
+
+
+def test_a_newer_latest_json_behind_a_checkpoint_this_version_published_is_repaired_still(tmp_path):
+    """A crash after this version replaced latest.onnx, before it replaced a newer sidecar's latest.json."""
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    newer(tmp_path / "latest.json")
+    stale = (tmp_path / "latest.json").read_bytes()
+    v2 = write(writer, UNGATED, seed=2).record
+    (tmp_path / "latest.json").write_bytes(stale)
+    again = vs.CheckpointWriter(str(tmp_path))
+    assert again.latest == v2 == read_json(tmp_path / "latest.json")
+
+
+def test_latest_onnx_goes_when_nothing_is_published_even_beside_a_corrupt_latest_json(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    for name in files_of(1):
+        (tmp_path / name).rename(tmp_path / "quarantine" / name)
+    (tmp_path / "latest.json").write_bytes((tmp_path / "latest.json").read_bytes()[:20])
+    assert vs.CheckpointWriter(str(tmp_path)).latest is None
+    assert not (tmp_path / "latest.onnx").exists() and not (tmp_path / "latest.onnx.sha256").exists()
+
+
 def test_published_write_produces_the_files_and_latest_json(tmp_path):
     x, y, coef = linear_data()
     verdict = vs.judge(config(gate_min_eval=2), NO_EVIDENCE, measured({"candidate": fitted(coef), "base": fitted(coef)},
