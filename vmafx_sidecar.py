@@ -2636,32 +2636,49 @@ class CheckpointWriter:
                     (d / name).unlink(missing_ok=True)
                     log.warning("removed unfinished checkpoint file %s", d / name)
         try:
-            self.quarantine_unfinished(listings)
+            self.finish_unfinished(listings)
             self.latest = self.recover_latest()
             self.sync_latest_model()
         except OSError as e:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
 
-    def quarantine_unfinished(self, listings: dict[Path, list[str]]) -> None:
-        """A checkpoint without its .sha256 (a crash came as it was placed, or as retention deleted it) was never
-        published whole: its files go to quarantine/, where its model gets the .sha256 of what it holds, so that
-        its number stays taken and `checkpoints` and `verify` show it as what it is."""
+    def finish_unfinished(self, listings: dict[Path, list[str]]) -> None:
+        """A checkpoint without its .sha256 is one a crash interrupted. Older than a published one, retention was
+        deleting it (.sha256 first): its other files go too. Else it was being placed, never published whole: it
+        goes to quarantine/, where its model gets the .sha256 of what it holds, so that its number stays taken
+        and `checkpoints` and `verify` show it as what it is. What the disk refuses is tried at the next start."""
+        published = [int(m.group(1)) for n in listings[self.directory] if (m := CHECKPOINT_NAME.fullmatch(n))
+                     and m.group(2)]
         for directory, names in listings.items():
             for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_FILE.fullmatch(n))}):
                 stem = f"model_v{version:06d}"
                 if f"{stem}.onnx.sha256" in names:
                     continue
-                for name in (f"{stem}.onnx", f"{stem}.json"):
-                    if name in names and directory != self.quarantine:
-                        os.replace(directory / name, self.quarantine / name)
-                model = self.quarantine / f"{stem}.onnx"
-                if model.exists():
-                    digest = hashlib.sha256(model.read_bytes()).hexdigest()
-                    write_synced(self.quarantine / f"{stem}.onnx.sha256",
-                                 [memoryview(f"{digest}  {stem}.onnx\n".encode())])
-                fsync_directory(self.quarantine)
-                log.warning("checkpoint v%06d was never published whole (a crash came as it was written or deleted): "
-                            "it is in %s", version, self.quarantine)
+                try:
+                    if directory == self.directory and version < max(published, default=0):
+                        for name in (f"{stem}.json", f"{stem}.onnx"):
+                            (directory / name).unlink(missing_ok=True)
+                        log.warning("deleted checkpoint v%06d, which retention was deleting when the process stopped",
+                                    version)
+                        continue
+                    self.quarantine_unpublished(directory, stem)
+                except OSError as e:
+                    log.error("checkpoint v%06d was left without its .sha256 by a crash, and cannot be tidied now "
+                              "(tried again at the next start): %s", version, e)
+
+    def quarantine_unpublished(self, directory: Path, stem: str) -> None:
+        for name in (f"{stem}.onnx", f"{stem}.json"):
+            if directory != self.quarantine and (directory / name).exists():
+                os.replace(directory / name, self.quarantine / name)
+        model = self.quarantine / f"{stem}.onnx"
+        if model.exists():
+            digest = hashlib.sha256(model.read_bytes()).hexdigest()
+            temp = self.quarantine / f".{stem}.onnx.sha256{TEMP_SUFFIX}"
+            write_synced(temp, [memoryview(f"{digest}  {stem}.onnx\n".encode())])
+            os.replace(temp, self.quarantine / f"{stem}.onnx.sha256")
+        fsync_directory(self.quarantine)
+        log.warning("%s was being written when the process stopped, never published: it is in %s", stem,
+                    self.quarantine)
 
     def stage(self, weights: onnx_builder.MLPWeights, step: int, samples_trained: int) -> Staged:
         """The next version's model, written and synced to a temp file, where nobody looks for it."""

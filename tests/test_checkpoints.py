@@ -591,9 +591,31 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     assert temp_files(directory) == [".keep"]
 
 
+def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it_finishes_one(tmp_path,
+                                                                                              monkeypatch):
+    directory = tmp_path / "ckpt"
+    (directory / "quarantine").mkdir(parents=True)
+    (directory / "model_v000003.onnx").write_bytes(b"three, its .sha256 never written")
+    real_write_synced = vmafx_sidecar.write_synced
+
+    def full(path, *args, **kwargs):
+        if ".sha256" in path.name:
+            path.write_bytes(b"")  # what a full disk leaves of it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_synced(path, *args, **kwargs)
+    monkeypatch.setattr(vmafx_sidecar, "write_synced", full)
+    assert vmafx_sidecar.CheckpointWriter(str(directory)).version == 3
+    assert not (directory / "quarantine" / "model_v000003.onnx.sha256").exists()
+    monkeypatch.undo()
+    assert vmafx_sidecar.CheckpointWriter(str(directory)).version == 3
+    assert_sha256_file_verifies(directory / "quarantine" / "model_v000003.onnx")
+
+
 @pytest.mark.parametrize("crash", ["placing, after the model", "placing, after the record",
                                    "retention, after the .sha256", "retention, after the record"])
-def test_a_checkpoint_a_crash_left_without_its_sha256_is_quarantined_at_the_next_start(tmp_path, crash):
+def test_a_checkpoint_a_crash_left_without_its_sha256_is_finished_at_the_next_start(tmp_path, crash):
+    """Being placed, it was never published: quarantined, with the .sha256 of what it holds. Being deleted by
+    retention (older than a published one), it is deleted."""
     directory = tmp_path / "ckpt"
     writer = vmafx_sidecar.CheckpointWriter(str(directory))
     rng = np.random.default_rng(3)
@@ -609,7 +631,10 @@ def test_a_checkpoint_a_crash_left_without_its_sha256_is_quarantined_at_the_next
         (directory / f"model_v{version:06d}{'.onnx' if suffix == '.sha256' else ''}{suffix}").unlink()
     again = vmafx_sidecar.CheckpointWriter(str(directory))
     assert not list(directory.glob(f"model_v{version:06d}*"))
-    assert_sha256_file_verifies(directory / "quarantine" / f"model_v{version:06d}.onnx")
+    if version == 2:
+        assert_sha256_file_verifies(directory / "quarantine" / f"model_v{version:06d}.onnx")
+    else:
+        assert not list((directory / "quarantine").iterdir())
     assert again.version == 2 and again.latest["version"] == 3 - version
     done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "verify", str(directory)], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
