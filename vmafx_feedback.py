@@ -427,6 +427,10 @@ class CsvLayout:
     job_id: int | None
 
 
+class UnreadableInput(ValueError):
+    """An input that cannot be read on from here; the message says where and why."""
+
+
 def input_file(path: str) -> str:
     """argparse type: - (JSON lines on stdin) or a readable file with a known suffix."""
     if path != "-" and not path.lower().endswith(INPUT_SUFFIXES):
@@ -481,20 +485,15 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
                 continue
             rows = csv_rows(tally.counted(f))
             next(rows)  # the header, checked before anything was sent
-            while True:
-                try:
-                    row = next(rows)
-                except StopIteration:
-                    break
-                except csv.Error as e:  # a stray carriage return, a field past csv's size limit: the next row is read
-                    yield name, rows.line_num, None, f"not a CSV row: {e}"
-                    continue
-                if row:  # [] is a blank line
+            try:
+                for row in filter(None, rows):  # [] is a blank line
                     try:
                         yield name, rows.line_num, csv_request(row, layouts[path]), None
                     except ValueError as e:
                         yield name, rows.line_num, None, str(e)
-
+            except csv.Error as e:  # a stray carriage return, a cell past csv's size limit: where the next row
+                # begins is unknown (inside a quoted cell, a line may be anything), so the file ends here
+                raise UnreadableInput(f"{name}:{rows.line_num}: not a CSV row: {e}") from None
 
 class Tally:
     """Counts, the first rejections and the progress display; its memory does not grow with the input."""
@@ -553,7 +552,7 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
                requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
     """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
     queued. Lines rejected here wait in the queue too: everything is settled in input order. An input that
-    cannot be read on (OSError) ends the sending, once what was queued before it is settled."""
+    cannot be read on (OSError, UnreadableInput) ends the sending, once what was queued before it is settled."""
     queue: collections.deque[tuple[str, int, str | None]] = collections.deque()
     chunk: list[bytes] = []
     unreadable = None
@@ -562,7 +561,7 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
             name, number, line, error = next(requests)
         except StopIteration:
             break
-        except OSError as e:
+        except (OSError, UnreadableInput) as e:
             unreadable = e
             break
         queue.append((name, number, error))
@@ -629,6 +628,8 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
             stopped = f"connection to {socket_path} lost ({e})"
         except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
             stopped = f"cannot read {e.filename or 'the input'} ({e.strerror or e})"
+        except UnreadableInput as e:
+            stopped = f"cannot read on: {e}"
         except KeyboardInterrupt:
             stopped = "interrupted"
     tally.summary()

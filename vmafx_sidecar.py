@@ -3708,7 +3708,7 @@ def verify_checkpoints(directory: Path) -> int:
         return 1
     results = []
     for where in (directory, directory / "quarantine"):
-        names = os.listdir(where) if where == directory or where.exists() else []  # quarantine/: as the sidecar
+        names = os.listdir(where) if where == directory or os.path.lexists(where) else []  # as the sidecar would
         for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))}):
             results.append((where / f"model_v{version:06d}.onnx",
                             checkpoint_problems(where, version, published=where == directory)))

@@ -1334,10 +1334,15 @@ def test_checkpoints_shows_a_dash_for_scores_a_record_holds_in_another_shape(cop
     assert rows[1][3:8] == ["-", "-", "-", "-", "-"] and rows[4][3:8] == ["-", "-", "-", "-", "7"]
 
 
-@pytest.mark.parametrize("tool", ["checkpoints", "verify"])
-def test_the_tools_say_in_one_line_why_they_cannot_read_a_directory(copied, tool):
+@pytest.mark.parametrize("tool, quarantine, why", [
+    ("checkpoints", "a file", "Not a directory"), ("verify", "a file", "Not a directory"),
+    ("verify", "a dangling link", "No such file or directory")])  # a listing shows what there is
+def test_the_tools_say_in_one_line_why_they_cannot_read_a_directory(copied, tool, quarantine, why):
     shutil.rmtree(copied / "quarantine")
-    (copied / "quarantine").write_text("a file where the sidecar keeps its quarantine/")
+    if quarantine == "a file":
+        (copied / "quarantine").write_text("a file where the sidecar keeps its quarantine/")
+    else:
+        (copied / "quarantine").symlink_to(copied / "gone")
     done = run_cli(tool, str(copied))
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr == f"vmafx-sidecar {tool}: {copied / 'quarantine'}: Not a directory\n"
+    assert done.stderr == f"vmafx-sidecar {tool}: {copied / 'quarantine'}: {why}\n"
