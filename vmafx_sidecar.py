@@ -2767,11 +2767,12 @@ class CheckpointWriter:
             log.warning("%s was written by a newer sidecar: left as it is, with %s", self.directory / LATEST,
                         LATEST_MODEL)
             return None
-        if newest == latest:
+        if newest is not None and newest == latest:
             return latest
-        if newest is None:
-            (self.directory / LATEST).unlink()
-            log.warning("removed %s: the checkpoint it named is gone", self.directory / LATEST)
+        if newest is None:  # nothing published: no latest.json, whatever one is there (corrupt, rolled back)
+            if (self.directory / LATEST).exists():
+                (self.directory / LATEST).unlink()
+                log.warning("removed %s: no checkpoint it could name is published", self.directory / LATEST)
             return None
         self.replace(LATEST, json_text(newest).encode())
         fsync_directory(self.directory)
@@ -2781,10 +2782,10 @@ class CheckpointWriter:
 
     def sync_latest_model(self) -> None:
         """latest.onnx and its .sha256 as latest.json says: after a crash between their updates, a rollback
-        or a directory an older version wrote; removed when nothing is published (but where a newer sidecar's
-        latest.json is left as it is: recover_latest())."""
+        or a directory an older version wrote; removed when nothing is published, that is when there is no
+        latest.json (one recover_latest() left is a newer sidecar's that stands)."""
         if self.latest is None:
-            if newer_record_version(self.directory / LATEST) is None:
+            if not (self.directory / LATEST).exists():
                 for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
                     (self.directory / name).unlink(missing_ok=True)
             return

@@ -797,6 +797,17 @@ def test_a_newer_latest_json_behind_a_checkpoint_this_version_published_is_repai
     assert again.latest == v2 == read_json(tmp_path / "latest.json")
 
 
+def test_a_newer_latest_json_naming_the_only_checkpoint_rolled_back_goes_with_latest_onnx(tmp_path):
+    writer = vs.CheckpointWriter(str(tmp_path))
+    write(writer, UNGATED, seed=1)
+    for name in ("latest.json", "model_v000001.json"):
+        newer(tmp_path / name)
+    for name in files_of(1):  # the README's rollback recipe: nothing is published now
+        (tmp_path / name).rename(tmp_path / "quarantine" / name)
+    assert vs.CheckpointWriter(str(tmp_path)).latest is None
+    assert not [n for n in ("latest.json", "latest.onnx", "latest.onnx.sha256") if (tmp_path / n).exists()]
+
+
 def test_latest_onnx_goes_when_nothing_is_published_even_beside_a_corrupt_latest_json(tmp_path):
     writer = vs.CheckpointWriter(str(tmp_path))
     write(writer, UNGATED, seed=1)
@@ -804,7 +815,7 @@ def test_latest_onnx_goes_when_nothing_is_published_even_beside_a_corrupt_latest
         (tmp_path / name).rename(tmp_path / "quarantine" / name)
     (tmp_path / "latest.json").write_bytes((tmp_path / "latest.json").read_bytes()[:20])
     assert vs.CheckpointWriter(str(tmp_path)).latest is None
-    assert not (tmp_path / "latest.onnx").exists() and not (tmp_path / "latest.onnx.sha256").exists()
+    assert not [n for n in ("latest.json", "latest.onnx", "latest.onnx.sha256") if (tmp_path / n).exists()]
 
 
 def test_published_write_produces_the_files_and_latest_json(tmp_path):
