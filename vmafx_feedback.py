@@ -495,6 +495,7 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
                 # begins is unknown (inside a quoted cell, a line may be anything), so the file ends here
                 raise UnreadableInput(f"{name}:{rows.line_num}: not a CSV row: {e}") from None
 
+
 class Tally:
     """Counts, the first rejections and the progress display; its memory does not grow with the input."""
 
@@ -603,8 +604,8 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
 
 
 def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None) -> int:
-    """Stream every line of `paths` to the sidecar; 0 when all were accepted, 1 on any rejection or when
-    the connection is lost."""
+    """Stream every line of `paths` to the sidecar; 0 when all were accepted, 1 on any rejection, when the
+    connection is lost, or when an input cannot be read on."""
     layouts = {}
     for path in (p for p in paths if p.lower().endswith(".csv")):  # every header is checked before sending
         try:

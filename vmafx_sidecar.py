@@ -1408,13 +1408,18 @@ class SampleLog:
         """Continue after the newest whole record. A segment at the end without one would end the segment before
         it at its name, hiding what is written next: one that holds no more than a header (a crash as it began)
         is removed, one whose records cannot be read (a header a power loss zeroed) is set aside as
-        `<name>.unreadable`. A log of another feature count is moved aside whole."""
+        `<name>.unreadable`. A log of another feature count is moved aside whole, and the new one numbers on
+        from its last record: numbers only increase, or what the fleet trainer read before would cover them."""
         header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features)
         end = None  # the first number of a segment removed after this one: where this one ended
         for path in reversed(segment_paths(self.directory)):
             with open(path, "rb") as f:
                 start = f.read(len(header) + 1)
             if start.startswith(SEGMENT_MAGIC) and len(start) >= len(header) and not start.startswith(header):
+                _, n_features = SEGMENT_HEADER.unpack_from(start)
+                self.last_sequence = int(path.name[:16]) - 1
+                for sample in read_segment(path, n_features):
+                    self.last_sequence = sample.sequence
                 self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}")
                 return
             for sample in read_segment(path, self.n_features) if start.startswith(header) else ():
@@ -2643,19 +2648,19 @@ class CheckpointWriter:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
 
     def finish_unfinished(self, listings: dict[Path, list[str]]) -> None:
-        """A checkpoint without its .sha256 is one a crash interrupted. Older than a published one, retention was
-        deleting it (.sha256 first): its other files go too. Else it was being placed, never published whole: it
-        goes to quarantine/, where its model gets the .sha256 of what it holds, so that its number stays taken
-        and `checkpoints` and `verify` show it as what it is. What the disk refuses is tried at the next start."""
-        published = [int(m.group(1)) for n in listings[self.directory] if (m := CHECKPOINT_NAME.fullmatch(n))
-                     and m.group(2)]
+        """A checkpoint without its .sha256 is one a crash interrupted. Older than a whole one in its directory,
+        retention was deleting it (.sha256 first): its other files go too. Else it was being placed, never
+        published whole: it goes to (or stays in) quarantine/, where its model gets the .sha256 of what it holds,
+        so that its number stays taken and `checkpoints` and `verify` show it as what it is. What the disk
+        refuses is tried at the next start."""
         for directory, names in listings.items():
+            whole = [int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and m.group(2)]
             for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_FILE.fullmatch(n))}):
                 stem = f"model_v{version:06d}"
                 if f"{stem}.onnx.sha256" in names:
                     continue
                 try:
-                    if directory == self.directory and version < max(published, default=0):
+                    if version < max(whole, default=0):
                         for name in (f"{stem}.json", f"{stem}.onnx"):
                             (directory / name).unlink(missing_ok=True)
                         log.warning("deleted checkpoint v%06d, which retention was deleting when the process stopped",
@@ -3006,7 +3011,7 @@ def replica_directories(root: Path) -> list[Path]:
     link, say) is skipped with a log line, as its samples would be read twice, and so is one that cannot be
     looked at."""
     replicas, seen = [], set()
-    for path in sorted(root.iterdir()):
+    for path in sorted(root.iterdir(), key=lambda p: (p.is_symlink(), p.name)):  # a directory's own name first
         try:
             if path.name == FLEET_DIR or not path.is_dir():
                 continue
@@ -3019,7 +3024,7 @@ def replica_directories(root: Path) -> list[Path]:
             continue
         seen.add(real)
         replicas.append(path)
-    return replicas
+    return sorted(replicas)
 
 
 def fleet_model(directory: Path) -> dict[str, Any] | None:
@@ -3069,10 +3074,11 @@ def replica_samples(directory: Path, n_features: int,
 
 def fleet_status(root: Path, n_features: int) -> int:
     """Print each replica's lag behind the fleet trainer (samples logged and not read yet, and how long the
-    oldest of them has waited) and the samples deleted unread, without training."""
+    oldest of them has waited) and the samples missing from its log before them (given up unread, or accepted
+    while its log was off), without training."""
     directory = root.absolute() / FLEET_DIR
     latest = read_record(directory / LATEST)
-    rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "deleted unread"]]
+    rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "missing"]]
     now = time.time()
     for path in replica_directories(root.absolute()):
         read, first, newest = max(fleet_cursor(path), log_origin(path) - 1), None, None
@@ -3540,10 +3546,10 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
         model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1],
                                                                  Activation(config.activation), rng)
         trainer = Trainer(config, model.to(backend), writer, rng, fresh=base is None)
-    except MemoryError as e:  # sizes no machine holds: one line, not numpy's traceback
+    except (MemoryError, ValueError) as e:  # sizes no machine holds ("array is too big"): one line, not a traceback
         raise StartupError(f"cannot allocate the model and its rings of {config.replay_capacity} + "
                            f"{config.eval_capacity} samples of {config.n_features} features (VMAFX_SIDECAR_"
-                           f"REPLAY_CAPACITY, _EVAL_CAPACITY, _N_FEATURES, _HIDDEN): {e}") from None
+                           f"REPLAY_CAPACITY, _EVAL_CAPACITY, _N_FEATURES, _HIDDEN): {type(e).__name__}: {e}") from None
     if config.normalize == "on" and base and base.normalisation:  # its own standardization of the features
         coords = Coordinates.of_normalisation(*base.normalisation)
         if coords is None or not trainer.move_to(coords):
@@ -3812,7 +3818,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet_parser = commands.add_parser("fleet", help=fleet_help, description=fleet_help)
     fleet_parser.add_argument("root", type=Path, help="the directory holding the replicas' checkpoint directories")
     fleet_parser.add_argument("--status", action="store_true",
-                              help="print each replica's lag and the samples deleted unread, and train nothing")
+                              help="print each replica's lag and the samples missing from its log, and train nothing")
     status_help = "print the sidecar's status as a table"
     status = feedback.add_probe_arguments(commands.add_parser("status", help=status_help, description=status_help))
     status.add_argument("--json", action="store_true", help="print the answer to {\"op\": \"status\"} as it came")

@@ -591,6 +591,18 @@ def test_writer_removes_leftover_temp_files_and_continues_after_highest_version(
     assert temp_files(directory) == [".keep"]
 
 
+def test_a_quarantined_checkpoint_its_retention_was_deleting_is_deleted_at_the_next_start(tmp_path):
+    directory = tmp_path / "ckpt"
+    quarantine = directory / "quarantine"
+    quarantine.mkdir(parents=True)
+    for version in (2, 5):
+        (quarantine / f"model_v{version:06d}.onnx").write_bytes(b"refused")
+    (quarantine / "model_v000005.onnx.sha256").write_text(f"{sha256_file(quarantine / 'model_v000005.onnx')}  "
+                                                          "model_v000005.onnx\n")
+    assert vmafx_sidecar.CheckpointWriter(str(directory)).version == 5
+    assert sorted(n.name for n in quarantine.iterdir()) == ["model_v000005.onnx", "model_v000005.onnx.sha256"]
+
+
 def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it_finishes_one(tmp_path,
                                                                                               monkeypatch):
     directory = tmp_path / "ckpt"

@@ -118,10 +118,11 @@ def test_invalid_flag_value_exits_2_naming_variable_and_flag(short_dir, flag, va
     assert_rejected(done, short_dir, env, flag)
 
 
-def test_rings_no_machine_holds_stop_the_start_in_one_line(short_dir):
-    done = run_serve(short_dir, VMAFX_SIDECAR_REPLAY_CAPACITY=str(10**15))
+@pytest.mark.parametrize("capacity", [10**15, 10**17], ids=["no memory for it", "past numpy's size limit"])
+def test_rings_no_machine_holds_stop_the_start_in_one_line(short_dir, capacity):
+    done = run_serve(short_dir, VMAFX_SIDECAR_REPLAY_CAPACITY=str(capacity))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "cannot allocate the model and its rings of 1000000000000000 + 2000 samples of 80 features" in done.stderr
+    assert f"cannot allocate the model and its rings of {capacity} + 2000 samples of 80 features" in done.stderr
 
 
 @pytest.mark.parametrize("variables, message", [

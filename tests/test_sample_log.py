@@ -163,7 +163,8 @@ def test_a_log_of_another_feature_count_is_moved_aside_and_a_new_one_started(tmp
     logged(tmp_path, [sample(i, rng) for i in range(1, 11)])
     caplog.set_level(logging.WARNING)
     again = vs.SampleLog(tmp_path, N_FEATURES + 1)
-    assert again.last_sequence == 0 and not vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    assert not vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    assert again.last_sequence == 10  # numbers on: the fleet read the old log's up to 10, and may have
     [aside] = tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.*.set-aside")
     assert [s.sequence for s in vs.read_log(tmp_path, N_FEATURES, 0)] == []
     assert len(list(vs.read_segment(next(aside.glob("*.seg")), N_FEATURES))) == 10  # kept, not deleted
@@ -179,7 +180,7 @@ def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_
         store.record_sample(row, np.float32(1.0), False, "job")
         store.trainer.ingest(row, np.float32(1.0), False, False)
         store.commit()
-    assert [s.features.size for s in vs.read_log(tmp_path, N_FEATURES + 1)] == [N_FEATURES + 1]
+    assert [(s.sequence, s.features.size) for s in vs.read_log(tmp_path, N_FEATURES + 1)] == [(2, N_FEATURES + 1)]
 
 
 def test_a_segment_ends_where_the_next_one_begins(tmp_path):
@@ -562,12 +563,13 @@ def test_samples_a_replica_accepted_with_its_log_off_are_reported_as_such_not_on
 
 def test_a_replica_reached_by_two_names_is_read_once(tmp_path, caplog):
     rng = np.random.default_rng(23)
-    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 21)])
-    (tmp_path / "vmafx-node-1").symlink_to(tmp_path / "vmafx-node-0")
+    replica(tmp_path, "vmafx-node-1", [sample(i, rng) for i in range(1, 21)])
+    (tmp_path / "vmafx-node-0").symlink_to(tmp_path / "vmafx-node-1")  # sorts first, and is not the replica
     caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, fleet_config()) == 0
     assert fleet_state(tmp_path)["samples_accepted"] == 20
-    assert "vmafx-node-1 skipped: it is a directory read under another name" in caplog.text
+    assert "vmafx-node-0 skipped: it is a directory read under another name" in caplog.text
+    assert fleet_state(tmp_path)["sources"] == {"vmafx-node-1": 20}  # the name the replica's retention reads
 
 
 def test_a_replica_the_fleet_may_not_search_is_skipped_and_the_others_read(tmp_path, monkeypatch, caplog, capsys):
