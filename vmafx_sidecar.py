@@ -463,8 +463,7 @@ class Server:
         self.listener: socket.socket | None = None
         self.socket_inode: int | None = None
         self.stopping = False
-        self.accepting = True  # False while out of file descriptors: see retry_accepts()
-        self.accepts_paused_at = 0.0
+        self.accepts_paused_at: float | None = None  # out of file descriptors, since then: see retry_accepts()
         self.connections_refused = 0  # over max_connections
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
@@ -561,9 +560,9 @@ class Server:
                 os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
-        while self.accepting and self.accept():
+        while self.accepts_paused_at is None and self.accept():
             pass
-        if self.accepting:
+        if self.accepts_paused_at is None:
             self.selector.unregister(self.listener)
         self.listener.close()
         self.listener = None
@@ -592,7 +591,7 @@ class Server:
             log.error("cannot accept a connection (%s): pausing accepts until one closes, or for a second",
                       e.strerror or e)
             self.selector.unregister(self.listener)
-            self.accepting, self.accepts_paused_at = False, time.monotonic()
+            self.accepts_paused_at = time.monotonic()
             return False
         if len(self.connections) >= self.config.max_connections:
             sock.close()  # the client reads EOF at once and may retry; the others are unaffected
@@ -693,13 +692,13 @@ class Server:
     def retry_accepts(self) -> None:
         """Accepts paused with no connection open would wait for a close that never comes: after ACCEPT_RETRY_S
         they are tried again (and paused again, if descriptors are still short)."""
-        if not self.accepting and time.monotonic() - self.accepts_paused_at >= ACCEPT_RETRY_S:
+        if self.accepts_paused_at is not None and time.monotonic() - self.accepts_paused_at >= ACCEPT_RETRY_S:
             self.resume_accepts()
 
     def resume_accepts(self) -> None:
-        if not self.accepting and self.listener is not None:
+        if self.accepts_paused_at is not None and self.listener is not None:
             self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener_ready)
-            self.accepting = True
+            self.accepts_paused_at = None
 
     # -- requests
 
@@ -1063,11 +1062,17 @@ class Journal:
         return records, offset, skipped
 
 
+@functools.cache
+def sample_record_lengths(size: int) -> re.Pattern[bytes]:
+    """A sample record's length field, with any of its flags."""
+    return re.compile(b"|".join(re.escape(struct.pack("<I", size | flags))
+                                for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)))
+
+
 def next_sample_record(data: bytes, start: int, size: int) -> int | None:
     """The offset of the first whole sample record at or after `start`: found by its length field (with any of
     its flags; one scan for the four, resumed a byte past each candidate), then checked by its checksum."""
-    lengths = re.compile(b"|".join(re.escape(struct.pack("<I", size | flags))
-                                   for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)))
+    lengths = sample_record_lengths(size)
     while found := lengths.search(data, start):
         offset, payload = found.start(), found.start() + JOURNAL_RECORD.size
         if payload + size <= len(data) and zlib.crc32(data[payload:payload + size]) == JOURNAL_RECORD.unpack_from(

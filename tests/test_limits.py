@@ -60,6 +60,12 @@ def test_out_of_descriptors_pauses_accepts_until_a_connection_closes(tmp_path, m
         sidecar.cleanup()
 
 
+def lowest_free_descriptor(pid: int) -> int:
+    """The soft limit that leaves process `pid` no descriptor to open: the lowest one it has free."""
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(fd for fd in range(len(taken) + 1) if fd not in taken)
+
+
 def test_accepts_paused_with_no_connection_open_resume_once_descriptors_are_back(tmp_path):
     """No connection is open to close and bring accepts back: they are retried a second later."""
     sidecar = Sidecar(tmp_path, {})
@@ -67,7 +73,7 @@ def test_accepts_paused_with_no_connection_open_resume_once_descriptors_are_back
         sidecar.start()
         pid = sidecar.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
         first = Client(sidecar.socket, timeout=10)  # waits in the backlog: its accept fails with EMFILE
         first.send_raw(b'{"op": "ping"}\n')
         deadline = time.monotonic() + 10
@@ -92,7 +98,7 @@ def test_the_metrics_endpoint_out_of_descriptors_retries_a_second_later_without_
         sidecar.start()
         pid = sidecar.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
         waiting = socket.create_connection(("127.0.0.1", port), timeout=10)  # in the backlog: EMFILE
         waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: sidecar\r\n\r\n")
         before = cpu_seconds(pid)
