@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -51,12 +52,20 @@ PROBE_HELP = "exit 0 when the sidecar answers a ping within the timeout, else 1 
 
 
 def ask(path: str, request: bytes, timeout_s: float) -> bytes:
-    """Send one request line to the sidecar at `path` and return its answer line; OSError if none in time."""
+    """Send one request line to the sidecar at `path` and return its answer line (what came before the
+    connection closed, if it closed first); OSError if it has not come whole within `timeout_s` in all."""
+    deadline = time.monotonic() + timeout_s
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout_s)
         client.connect(path)
         client.sendall(request)
-        return client.makefile("rb").readline()
+        answer = bytearray()
+        while not answer.endswith(b"\n"):
+            client.settimeout(seconds_left(deadline))
+            if not (data := client.recv(65536)):
+                break
+            answer += data
+        return bytes(answer)
 
 
 def probe(path: str, timeout_s: float) -> int:
@@ -97,6 +106,8 @@ def probe_main(argv: list[str]) -> int:
 
 
 # ---- client: FeedbackClient, the node's delivery contract for Python producers ----
+
+CLIENTS: weakref.WeakSet[FeedbackClient] = weakref.WeakSet()  # for a fork()ed child, which begins them again
 
 FEEDBACK_RETRY_S = (2.0, 120.0)  # first reconnect delay, doubled after each failure up to the second
 FEEDBACK_ACK_DEADLINE_S = 2.0  # for each answer; past it the connection is dropped and the sample resent
@@ -144,7 +155,10 @@ class FeedbackClient:
         ACK. The sample stays at the front of the queue and is sent again on the next connection; the
         sidecar counts it twice if only the ACK was lost. `resent` counts these, so the sidecar's
         samples_accepted exceeds `delivered` by at most `resent` (plus the one in flight at a close()
-        timeout). A write that failed before any byte left is retried too, but cannot be a duplicate.
+        timeout). A write that failed before any byte left is retried too, but cannot be a duplicate;
+      - the process exits without close(): the queue goes with it, uncounted.
+    In a child fork()ed from its process, a client starts again empty, with counters at zero and a thread of
+    its own: what was queued is the parent's to deliver, and the parent's threads may have held its lock.
     """
 
     def __init__(self, socket_path: str | None = None, capacity: int = 1000) -> None:
@@ -165,8 +179,23 @@ class FeedbackClient:
         self._max_line: int | None = None
         self._reachable = True  # a failure streak is logged once, not per retry
         self._logged: set[str] = set()
+        self._start()
+        CLIENTS.add(self)
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vmafx-feedback", daemon=True)
         self._thread.start()
+
+    def _begin_again_in_child(self) -> None:
+        """The client in a child fork() made: its own lock, queue, counters, connection and thread."""
+        self._cond = threading.Condition()
+        self._queue.clear()
+        self.delivered = self.dropped = self.rejected = self.resent = 0
+        if self._sock is not None:
+            self._sock.close()  # the child's copy of the parent's connection; the parent's stays open
+            self._sock = None
+        if not self._closing:
+            self._start()
 
     def send(self, features: list[float] | tuple[float, ...] | numpy.ndarray, true_score: float,
              job_id: str | None = None) -> bool:
@@ -225,7 +254,13 @@ class FeedbackClient:
         delay = FEEDBACK_RETRY_S[0]
         try:
             while (message := self._next()) is not None:
-                if (self._sock is not None or self._connect()) and self._deliver(feedback_line(message)):
+                try:
+                    delivered = (self._sock is not None or self._connect()) and self._deliver(feedback_line(message))
+                except Exception as e:  # a bug here must cost that sample, not every later one
+                    self._disconnect()
+                    self._drop_head(e)
+                    continue
+                if delivered:
                     delay = FEEDBACK_RETRY_S[0]
                     continue
                 with self._cond:
@@ -233,6 +268,14 @@ class FeedbackClient:
                 delay = min(delay * 2, FEEDBACK_RETRY_S[1])
         finally:
             self._disconnect()
+
+    def _drop_head(self, error: Exception) -> None:
+        with self._cond:
+            if self._queue:
+                self._queue.popleft()
+                self.dropped += 1
+                self._cond.notify_all()
+        self._log_once(type(error).__name__, "feedback: sample dropped on an unexpected error: %r", error)
 
     def _next(self) -> dict[str, Any] | None:
         """The head of the queue, once there is one; None when close() stops the thread."""
@@ -290,7 +333,7 @@ class FeedbackClient:
         try:
             while sent < len(line):
                 sock.settimeout(seconds_left(deadline))
-                sent += sock.send(line[sent:])
+                sent += sock.send(line[sent:], socket.MSG_NOSIGNAL)  # a producer may not ignore SIGPIPE
             while (end := self._inbuf.find(b"\n")) < 0:
                 sock.settimeout(seconds_left(deadline))
                 data = sock.recv(RECV_BYTES)
@@ -299,7 +342,7 @@ class FeedbackClient:
                 self._inbuf += data
             ack = json.loads(self._inbuf[:end])
             del self._inbuf[:end + 1]
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: an answer nested past json's limit
             raise FeedbackConnectionLost(f"{type(e).__name__}: {e}", written=sent > 0) from None
         if type(ack) is not dict or type(ack.get("ok")) is not bool:
             raise FeedbackConnectionLost(f"unexpected answer {ack!r:.200}", written=True)
@@ -323,6 +366,14 @@ class FeedbackClient:
             self._logged.add(kind)
         if first:
             log.warning(message, *args)
+
+
+def begin_clients_again_in_child() -> None:
+    for client in list(CLIENTS):
+        client._begin_again_in_child()
+
+
+os.register_at_fork(after_in_child=begin_clients_again_in_child)
 
 
 def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: int | None,
@@ -367,8 +418,10 @@ def feedback_numbers(values: list | tuple) -> list:
 
 def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | float:
     """`v` as the JSON number the sidecar accepts; InvalidSample otherwise, with the sidecar's reason."""
-    if isinstance(v, numpy_types("integer", "floating")):
-        v = v.item()
+    if isinstance(v, numpy_types("integer")):
+        v = int(v)
+    elif isinstance(v, numpy_types("floating")):
+        v = float(v)  # .item() of a longdouble is a longdouble
     if type(v) is not float and type(v) is not int:  # bool is neither
         problem = f"expected a number, got {type(v).__name__}"
     elif not (problem := float32_problem(v)):

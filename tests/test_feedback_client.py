@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -394,3 +395,77 @@ def test_a_queued_sample_is_a_copy_the_caller_may_reuse_its_list():
     row[0] = 99.0  # a producer refilling its buffer for the next job
     assert message["features"] == [0.5] * N and message["features"] is not row
     assert vf.feedback_line(message) == b'{"features":[' + b",".join([b"0.5"] * N) + b'],"true_score":50.0,"job_id":"j"}\n'
+
+
+# ---- the delivery thread outlives whatever the connection brings
+
+def test_an_answer_nested_past_jsons_limit_costs_one_connection_not_the_thread(clients, short_dir, fast_retry):
+    def on_sample(index: int, line: bytes):
+        return b"[" * 100_000 + b"\n" if index == 0 else OK_ACK  # RecursionError in json.loads
+    fake = FakeSidecar(f"{short_dir}/s.sock", on_sample)
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        rng = np.random.default_rng(5)
+        for _ in range(3):
+            assert client.send(*good(rng))
+        wait_until(lambda: client.delivered == 3)
+        assert (client.dropped, client.rejected, client.resent) == (0, 0, 1)
+    finally:
+        fake.stop()
+
+
+def test_a_write_to_a_connection_the_sidecar_closed_raises_no_sigpipe(clients, short_dir, fast_retry):
+    """A producer that restored SIGPIPE's default action (a C program embedding Python does) would be killed."""
+    class GoneAfterStatus(FakeSidecar):
+        def serve(self, conn: socket.socket, index: int) -> None:
+            if index:
+                return super().serve(conn, index)
+            next(self.lines(conn))  # the status request: answered, then the sidecar is gone
+            status = {"ok": True, "op": "status", "config": {"n_features": N, "max_line_bytes": 1 << 20}}
+            conn.sendall(json.dumps(status).encode() + b"\n")
+            conn.close()
+
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        fake = GoneAfterStatus(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
+        try:
+            client = clients(f"{short_dir}/s.sock")
+            assert client.send(*good(np.random.default_rng(6)))  # its line meets the closed connection
+            wait_until(lambda: client.delivered == 1)
+        finally:
+            fake.stop()
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+
+
+def test_numpy_long_double_values_are_numbers():
+    features = np.full(N, 0.5, np.longdouble)
+    message = vf.feedback_message(features, np.longdouble(70.5), None, N, None)
+    assert message == {"features": [0.5] * N, "true_score": 70.5}
+    assert all(type(v) is float for v in message["features"])
+
+
+def test_a_forked_child_delivers_its_own_samples_with_its_own_counters(clients, short_dir):
+    received: list[bytes] = []
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda index, line: received.append(line) or OK_ACK)
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        rng = np.random.default_rng(7)
+        assert client.send(*good(rng))
+        wait_until(lambda: client.delivered == 1)
+        with client._cond:  # fork while the parent's lock is held, as a sending thread may hold it
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    sent = client.send([0.25] * N, 42.0)
+                    client.close(timeout=5)
+                    os._exit(0 if sent and (client.delivered, client.dropped) == (1, 0) else 3)
+                except BaseException:
+                    os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(received) == 2 and json.loads(received[1])["true_score"] == 42.0
+        assert client.send(*good(rng))  # the parent goes on as it was
+        wait_until(lambda: client.delivered == 2)
+    finally:
+        fake.stop()

@@ -6,8 +6,11 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,3 +89,27 @@ def test_the_float32_edges_pass_on_both_ends():
     features, score = [vf.F32_MAX, -vf.F32_MAX, 2 ** 127, -2 ** 127], 0
     assert vf.feedback_message(features, score, None, 4, None) == {"features": features, "true_score": score}
     assert vs.parse_request(json.dumps({"features": features, "true_score": score}).encode(), 4).features == features
+
+
+def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
+    """A peer that dribbles its answer a byte at a time kept a 1 s probe going for as long as it liked."""
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def dribble():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(100)
+            for byte in vf.PONG:
+                time.sleep(0.1)
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+    threading.Thread(target=dribble, daemon=True).start()
+    started = time.monotonic()
+    assert vf.probe(path, 0.5) == 1
+    assert time.monotonic() - started < 1.5  # the pong would take 2.6 s
+    listener.close()
