@@ -469,3 +469,22 @@ def test_a_forked_child_delivers_its_own_samples_with_its_own_counters(clients, 
         wait_until(lambda: client.delivered == 2)
     finally:
         fake.stop()
+
+
+def test_an_unexpected_error_in_the_thread_costs_that_sample_only(clients, short_dir, monkeypatch, caplog):
+    real_line = vf.feedback_line
+
+    def line(message):
+        if message["true_score"] == 13.0:
+            raise RuntimeError("a bug in encoding")
+        return real_line(message)
+    monkeypatch.setattr(vf, "feedback_line", line)
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        for score in (10.0, 13.0, 20.0):
+            assert client.send([0.5] * N, score)
+        wait_until(lambda: client.delivered == 2)
+        assert client.dropped == 1 and "sample dropped on an unexpected error: RuntimeError" in caplog.text
+    finally:
+        fake.stop()
