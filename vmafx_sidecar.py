@@ -1075,9 +1075,10 @@ def next_sample_record(data: bytes, start: int, size: int) -> int | None:
     lengths = sample_record_lengths(size)
     while found := lengths.search(data, start):
         offset, payload = found.start(), found.start() + JOURNAL_RECORD.size
-        if payload + size <= len(data) and zlib.crc32(data[payload:payload + size]) == JOURNAL_RECORD.unpack_from(
-                data, offset)[1]:
-            return offset
+        if payload + size <= len(data):  # whole: then its checksum, the 4 bytes after the length field matched
+            _, crc = JOURNAL_RECORD.unpack_from(data, offset)
+            if zlib.crc32(data[payload:payload + size]) == crc:
+                return offset
         start = offset + 1
     return None
 
@@ -1128,16 +1129,16 @@ class StateStore:
                 if self.samples is not None:  # journaled, but not logged when the process died: its time is now
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
-        if self.samples is not None and self.samples.last_sequence > t.samples_accepted:
-            # The log's numbers only increase: a state that holds fewer samples than its log counts on from the
-            # log's last (a state begun afresh over an earlier one's log, with the log on or off then; one whose
-            # journal lost records the log kept, to a power loss or a corrupt record). Numbered from its own
-            # count, its samples would take numbers the log, and the fleet trainer's position in it, already
-            # passed: the fleet would skip them.
-            log.info("the sample log holds more than the state restored (%d samples, %d in the state): samples are "
-                     "counted on from its last", self.samples.last_sequence, t.samples_accepted)
-            t.samples_accepted = self.samples.last_sequence
         if self.samples is not None:
+            if self.samples.last_sequence > t.samples_accepted:
+                # The log's numbers only increase: a state that holds fewer samples than its log counts on from
+                # the log's last (a state begun afresh over an earlier one's log, with the log on or off then; one
+                # whose journal lost records the log kept, to a power loss or a corrupt record). Numbered from its
+                # own count, its samples would take numbers the log, and the fleet trainer's position in it,
+                # already passed: the fleet would skip them.
+                log.info("the sample log holds more than the state restored (%d samples, %d in the state): samples "
+                         "are counted on from its last", self.samples.last_sequence, t.samples_accepted)
+                t.samples_accepted = self.samples.last_sequence
             self.commit_samples()
         resumed = loaded or bool(records)
         if resumed:
@@ -2777,13 +2778,13 @@ class CheckpointWriter:
             log.warning("%s was written by a newer sidecar: left as it is, with %s", self.directory / LATEST,
                         LATEST_MODEL)
             return None
-        if newest is not None and newest == latest:
-            return latest
         if newest is None:  # nothing published: no latest.json, whatever one is there (corrupt, rolled back)
             if (self.directory / LATEST).exists():
                 (self.directory / LATEST).unlink()
                 log.warning("removed %s: no checkpoint it could name is published", self.directory / LATEST)
             return None
+        if newest == latest:
+            return latest
         self.replace(LATEST, json_text(newest).encode())
         fsync_directory(self.directory)
         log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
