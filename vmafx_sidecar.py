@@ -1903,7 +1903,7 @@ class Trainer:
         with np.errstate(over="ignore", invalid="ignore"):
             new = Coordinates.of_samples(x, y, "final" if final else "provisional",
                                          self.coords if self.coords.standardized == "features" else None, scores)
-        if not final and np.isfinite(new.x_shift + new.x_scale).all():
+        if starts and np.isfinite(new.x_shift + new.x_scale).all():  # final too, when its first batch fills the ring
             self.use_coordinates(new)
         elif not self.move_to(new):
             self.kept_raw = True
