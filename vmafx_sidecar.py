@@ -2135,7 +2135,7 @@ class Ring:
 # ---- coordinates: raw features and scores, and the standardized ones the model trains on ----
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
-NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size (or of 1) is not divided by
+NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size (or of 1) is too small to divide by
 
 
 @dataclass(frozen=True)
@@ -2175,9 +2175,13 @@ class Coordinates:
 
 
 def spread(values: np.ndarray) -> np.ndarray:
-    """Each column's standard deviation, or 1 where it is too small to divide by (a constant feature)."""
+    """Each column's standard deviation, or its mean's size (at least 1) where the deviation is too small to divide
+    by (a constant feature). Not 1: the raw model folds shift / spread times the first layer into its bias, and
+    for a large constant (a pixel count, 2e6) that bias and the feature's own product cancel in float32, which
+    costs nodes the precision the trainer had; and a feature that varies later stays a few units in size."""
     mean, deviation = values.mean(axis=0), values.std(axis=0)
-    return np.where(deviation > NEAR_CONSTANT * np.maximum(1.0, np.abs(mean)), deviation, 1.0)
+    size = np.maximum(1.0, np.abs(mean))
+    return np.where(deviation > NEAR_CONSTANT * size, deviation, size)
 
 
 def float32_values(values: Any) -> tuple[float, ...]:

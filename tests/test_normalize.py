@@ -98,14 +98,15 @@ def test_a_base_model_keeps_raw_scores_and_its_weights_move_without_changing_wha
     assert not np.allclose(trainer.momentum, momentum)  # moved with the weights
 
 
-def test_a_constant_feature_is_shifted_not_scaled_and_training_stays_finite(tmp_path):
+def test_a_constant_feature_is_shifted_and_divided_by_its_size_and_training_stays_finite(tmp_path):
     trainer = make_trainer(tmp_path, **SMALL)
     x, y = stream(2, 3 * vs.STATISTICS_SAMPLES)
-    x[:vs.STATISTICS_SAMPLES, 3] = 0.25  # constant while the statistics are taken, then it varies
+    x[:vs.STATISTICS_SAMPLES, 3] = 0.25  # constant while the statistics are taken, then they vary
+    x[:vs.STATISTICS_SAMPLES, 4] = -3000.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         feed(trainer, x, y)
-    assert trainer.coords.x_scale[3] == 1.0 and trainer.coords.x_shift[3] == np.float32(0.25)
+    assert trainer.coords.x_shift[3:] == (0.25, -3000.0) and trainer.coords.x_scale[3:] == (1.0, 3000.0)
     assert trainer.steps_skipped == 0 and np.isfinite(trainer.model.flat).all() and np.isfinite(trainer.ema.flat).all()
 
 
@@ -174,9 +175,14 @@ def test_taking_final_statistics_keeps_the_model_and_the_ema_to_float32_rounding
 
 # ---- checkpoints stay raw ----
 
-def test_a_checkpoint_of_a_standardized_model_runs_on_raw_features_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("constant", [None, 1920 * 1080], ids=["varied-features", "a-large-constant-feature"])
+def test_a_checkpoint_of_a_standardized_model_runs_on_raw_features_in_onnxruntime(tmp_path, constant):
+    """Also with a feature constant at 2e6 (a pixel count while all traffic is 1080p): its shift, folded into the
+    first bias, must not cancel its own product in the node's float32 arithmetic."""
     trainer = make_trainer(tmp_path, **SMALL)
     x, y = stream(4, vs.STATISTICS_SAMPLES + 200)
+    if constant:
+        x[:, 3] = constant
     feed(trainer, x, y)
     assert trainer.coords.standardized == "final" and trainer.coords.y_scale > 1
     weights = trainer.raw_weights(trainer.ema)
