@@ -913,7 +913,8 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
-# format (migrated() lifts it in memory) and writes this one at its next snapshot.
+# format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
+# "kept_raw", a field that older sidecars ignore (they try the refused statistics again) rather than refuse.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1351,6 +1352,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         n_features = state["fingerprint"]["sizes"][0]
         state = {**state, "format": 6, "window_unscored": 0, "window_x": np.zeros((0, n_features), np.float32),
                  "window_y": np.zeros(0, np.float32), "window_candidate": np.zeros(0, np.float32)}
+    if "kept_raw" not in state:  # saved before it was: statistics the process refused are tried again
+        state = {**state, "kept_raw": False}
     return state
 
 
@@ -1629,7 +1632,7 @@ class Trainer:
         self.champion = model.copy()  # the best published model, once has_champion
         self.has_champion = False  # whether anything was published: then the references are incumbent and champion
         self.use_coordinates(Coordinates.identity(config.n_features))  # what the model's inputs and outputs mean
-        self.kept_raw = False  # statistics refused since the process started (they would overflow)
+        self.kept_raw = False  # statistics refused (they would overflow): not tried again, restarts included
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
@@ -1740,6 +1743,7 @@ class Trainer:
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
             "window_n": self.window.n, "window_shift": self.window.shift, "window_unscored": self.window.unscored,
+            "kept_raw": self.kept_raw,
             "coordinates": dataclasses.asdict(self.coords),
         }
 
@@ -1786,6 +1790,7 @@ class Trainer:
         if state["last_checkpoint_unix"] is not None:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
         self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
+        self.kept_raw = bool(state["kept_raw"])
         self.rng.bit_generator.state = state["rng"]
         self.window.n, self.window.shift = state["window_n"], state["window_shift"]
         # Without a champion saved, or with one rolled back since (its checkpoint moved to quarantine/), the one

@@ -214,6 +214,30 @@ def test_a_restart_resumes_bit_for_bit_across_the_statistics(tmp_path, cut):
         assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
 
 
+def test_statistics_refused_stay_refused_after_a_restart(tmp_path):
+    """Samples at the float32 limit make the statistics overflow a trained model's weights: it trains on raw, for
+    good. A restart once they have left the replay ring must not standardize where the process would not have."""
+    def trained(name: str) -> vs.Trainer:
+        trainer = make_trainer(tmp_path / name, **{**SMALL, "replay_capacity": 64, "lr": 0.001})
+        trainer.fresh = False
+        for flat in (trainer.model.flat, trainer.ema.flat):
+            flat *= 100  # times a spread of 3e38: beyond float32
+        return trainer
+    rng = np.random.default_rng(8)
+    huge = (3e38 * rng.choice([-1.0, 1.0], (64, N_FEATURES))).astype(np.float32)
+    x = np.concatenate([huge, rng.uniform(0, 1, (400, N_FEATURES)).astype(np.float32)])
+    y = np.concatenate([np.full(64, 50, np.float32), rng.uniform(20, 90, 400).astype(np.float32)])
+    whole, first, resumed = trained("whole"), trained("first"), trained("resumed")
+    feed(whole, x, y)
+    feed(first, x[:200], y[:200])
+    assert first.kept_raw
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, x[200:], y[200:])
+    assert resumed.coords.standardized == whole.coords.standardized == "none"
+    for name in ("theta", "ema", "momentum"):
+        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
+
+
 def test_normalize_off_is_the_raw_arithmetic_and_turning_it_off_moves_back_to_raw(tmp_path):
     x, y = stream(6, vs.STATISTICS_SAMPLES + 100)
     off = make_trainer(tmp_path / "off", **SMALL, normalize="off")
