@@ -157,6 +157,9 @@ class _ChainReader:
         self.shaped = False  # a shape op was seen: only more shape ops may follow
 
     def read(self) -> MLPWeights:
+        custom = [n for n in self.nodes if n.domain not in ("", "ai.onnx")]
+        if custom:  # an operator of its own, whatever its name: not the standard one this reader knows
+            raise UnsupportedModelError(f"unsupported {node_label(custom[0])} of the operator set {custom[0].domain!r}")
         foreign = [n for n in self.nodes if n.op_type not in MLP_OPS and n.op_type not in PLUMBING]
         if foreign:
             raise UnsupportedModelError(f"unsupported {node_label(foreign[0])} ({foreign[0].op_type} is not "
@@ -167,9 +170,12 @@ class _ChainReader:
                 f"expected one input (the feature vector), the graph has {len(inputs)}: {', '.join(inputs)}")
         if len(self.graph.output) != 1:
             raise UnsupportedModelError(f"expected one output, the graph has {len(self.graph.output)}")
-        cursor = inputs[0]
+        cursor, passed = inputs[0], set()
         while self.consumers[cursor]:
+            passed.add(cursor)
             cursor = self.step(cursor)
+            if cursor in passed:  # not a chain: reading on would never end
+                raise UnsupportedModelError(f"the graph has a cycle through {cursor!r}")
         left = [n for n in self.nodes if id(n) not in self.visited]
         if left:
             raise UnsupportedModelError(f"{node_label(left[0])} is not on the chain from the input to the output")
@@ -251,6 +257,9 @@ class _ChainReader:
                     b, out = self.constant(other[0], add), add.output[0]
         if w.ndim != 2:
             raise UnsupportedModelError(f"{node_label(node)}: weight has shape {w.shape}, expected 2-D")
+        if not broadcasts_over_rows(b):
+            raise UnsupportedModelError(f"{node_label(node)}: bias of shape {np.shape(b)} does not add the same "
+                                        "to every sample")
         b = np.broadcast_to(np.asarray(b, np.float64).reshape(-1) if np.ndim(b) else b, (w.shape[1],))
         if self.layers and self.layers[-1][0].shape[1] != w.shape[0]:
             raise UnsupportedModelError(f"{node_label(node)} takes {w.shape[0]} inputs but the layer before "
@@ -335,6 +344,9 @@ class _ChainReader:
             raise UnsupportedModelError(f"unsupported {node_label(node)}: only x - c, x / c, x * c and x + c "
                                         "by constants are supported before the first layer")
         c = self.constant(others[0], node)
+        if not broadcasts_over_rows(c):
+            raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per "
+                                        "feature, the same for every sample")
         if c.size > 1:
             c = c.reshape(-1)
         if node.op_type == "Sub":
@@ -361,6 +373,12 @@ class _ChainReader:
         shift = np.broadcast_to(np.asarray(self.shift, np.float64), (n,))
         layers = [(scale[:, None] * w, shift @ w + b)] + self.layers[1:]
         return [(np.ascontiguousarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers]
+
+
+def broadcasts_over_rows(value: np.ndarray | float) -> bool:
+    """Whether `value` is the same for every row of a (batch, n) operand: a scalar, a vector, or one row; an (n, 1)
+    constant would broadcast along the batch, which only a batch of n can run."""
+    return np.ndim(value) <= 1 or (np.ndim(value) == 2 and np.shape(value)[0] == 1)
 
 
 def constant_tensor(node: onnx.NodeProto) -> TensorProto:

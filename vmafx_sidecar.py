@@ -3396,9 +3396,11 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
             elif suffix == ".npz":
                 weights = read_npz(path, Activation(config.activation))
             else:
-                weights = onnx_builder.read_mlp_model(onnx.load(path))
+                weights = onnx_builder.read_mlp_model(checked_onnx(path))
     except onnx_builder.UnsupportedModelError as e:
         raise StartupError(f"base model {path} is not supported: {e}") from None
+    except onnx.checker.ValidationError as e:  # what onnxruntime on the nodes would refuse too (a cycle, an op unknown at the opset)
+        raise StartupError(f"base model {path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     except Exception as e:  # truncated or corrupt files, missing external data, permissions...
         raise StartupError(f"cannot read base model {path}: {type(e).__name__}: {e}") from None
     if weights.sizes()[0] != config.n_features:
@@ -3409,6 +3411,12 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
             raise StartupError(f"base model {path}: layer {i} has weights that are not finite in float32 (NaN, "
                                f"infinite, or beyond float32's range)")
     return weights
+
+
+def checked_onnx(path: str) -> onnx.ModelProto:
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    return model
 
 
 def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:

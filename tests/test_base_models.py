@@ -113,6 +113,66 @@ def test_refusal_exits_non_zero_without_a_traceback(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
+# ---- graphs the reader must refuse, not misread or loop on ----
+
+def mlp_graph(nodes: list, initializers: dict[str, np.ndarray], opset: int = 17, domains: tuple = ()) -> onnx.ModelProto:
+    """A 4-feature graph from x to y around the 8-unit layer W0, b0 and the output layer W1, b1 (torch's layout)."""
+    rng = np.random.default_rng(0)
+    weights = {"W0": rng.normal(size=(8, 4)), "b0": rng.normal(size=8), "W1": rng.normal(size=(1, 8)),
+               "b1": rng.normal(size=1), **initializers}
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 1])],
+        [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    opsets = [onnx.helper.make_opsetid("", opset), *(onnx.helper.make_opsetid(d, 1) for d in domains)]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def gemm(x: str, w: str, b: str, out: str) -> onnx.NodeProto:
+    return onnx.helper.make_node("Gemm", [x, w, b], [out], transB=1)
+
+
+HIDDEN_TO_OUTPUT = gemm("a", "W1", "b1", "y")
+
+
+@pytest.mark.parametrize("nodes, initializers, message", [
+    ([onnx.helper.make_node("Identity", ["x"], ["a"]), onnx.helper.make_node("Identity", ["a"], ["x"])], {},
+     "cycle"),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["x"]), HIDDEN_TO_OUTPUT], {}, "cycle"),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"], domain="my.ops"), HIDDEN_TO_OUTPUT],
+     {}, "operator set 'my.ops'"),
+    ([gemm("x", "W0", "column", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), HIDDEN_TO_OUTPUT],
+     {"column": np.ones((8, 1))}, r"bias of shape \(8, 1\)"),
+    ([onnx.helper.make_node("MatMul", ["x", "W0t"], ["m"]), onnx.helper.make_node("Add", ["m", "b3"], ["h"]),
+      onnx.helper.make_node("Relu", ["h"], ["a"]), HIDDEN_TO_OUTPUT],
+     {"W0t": np.ones((4, 8)), "b3": np.ones((1, 1, 8))}, r"bias of shape \(1, 1, 8\)"),
+    ([onnx.helper.make_node("Sub", ["x", "c"], ["s"]), gemm("s", "W0", "b0", "h"),
+      onnx.helper.make_node("Relu", ["h"], ["a"]), HIDDEN_TO_OUTPUT],
+     {"c": np.ones((4, 1))}, r"constant of shape \(4, 1\)"),
+], ids=["identity-cycle", "layer-cycle", "custom-domain", "bias-per-row", "bias-3d", "normalisation-per-row"])
+def test_the_reader_refuses_graphs_it_cannot_read_as_onnxruntime_runs_them(nodes, initializers, message):
+    """A cycle used to loop for ever (the layer cycle growing memory); the others would be misread: run on a
+    batch of any size as if they held one value per unit, where onnxruntime refuses them or adds per row."""
+    domains = ("my.ops",) if "my.ops" in message else ()
+    with pytest.raises(builder.UnsupportedModelError, match=message):
+        builder.read_mlp_model(mlp_graph(nodes, initializers, domains=domains))
+
+
+@pytest.mark.parametrize("nodes, opset, message", [
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["x"]), HIDDEN_TO_OUTPUT], 17,
+     "single static assignment"),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Gelu", ["h"], ["a"]), HIDDEN_TO_OUTPUT], 17,
+     "No Op registered for Gelu"),
+], ids=["cycle", "gelu-before-opset-20"])
+def test_a_base_model_onnx_itself_finds_invalid_is_refused_in_one_line(tmp_path, nodes, opset, message):
+    path = tmp_path / "base.onnx"
+    onnx.save(mlp_graph(nodes, {}, opset), path)
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(vs.StartupError, match=f"base model {path} is not a valid ONNX model: .*{message}") as error:
+        vs.load_base_model(config)
+    assert "\n" not in str(error.value)
+
+
 # ---- state-dicts: the unpickler runs nothing it was not built for ----
 
 def torch_like_archive(path: Path, payload: bytes) -> None:
