@@ -3529,6 +3529,9 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if offset < 0 or last >= len(storage):
         raise onnx_builder.UnsupportedModelError("a tensor reaches past the end of its storage")
+    if math.prod(size) > len(storage):  # strides that repeat values: a few bytes of file, any size of copy
+        raise onnx_builder.UnsupportedModelError(f"a tensor of {math.prod(size)} values repeats the "
+                                                 f"{len(storage)} of its storage: not a layer's weights")
     return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
                                            tuple(s * storage.itemsize for s in stride)).copy()
 

@@ -227,6 +227,14 @@ def test_tensor_reaching_past_its_storage_is_refused():
         vs.rebuild_tensor(storage, 0, (2, 3), (-3, 1))
 
 
+def test_a_tensor_repeating_its_storage_is_refused_before_it_is_copied():
+    """Stride 0 makes a few bytes of storage a tensor of any size: 644 bytes of file took 1.7 GB to refuse."""
+    storage = np.ones(1, np.float32)
+    with pytest.raises(builder.UnsupportedModelError, match="144000000 values repeats the 1 of its storage"):
+        vs.rebuild_tensor(storage, 0, (12000, 12000), (0, 0))
+    assert vs.rebuild_tensor(np.arange(8, dtype=np.float32), 2, (2, 3), (3, 1)).tolist() == [[2, 3, 4], [5, 6, 7]]
+
+
 # ---- .npz: W0, b0, ... in torch layout ----
 
 def test_npz_layers_and_activation(tmp_path):
