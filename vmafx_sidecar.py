@@ -3584,7 +3584,8 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
     published = trainer.checkpoints.latest_model()
     if published is not None and published.sizes[0] == config.n_features:
         trainer.incumbent = published.to(backend)
-        if published.sizes == model.sizes:  # the champion until the state names another
+        if (published.sizes, list(map(str, published.activations))) == (model.sizes, list(map(str, model.activations))):
+            # the champion until the state names another; a model of other activations cannot hold its weights
             trainer.champion.flat[...] = trainer.incumbent.flat
             trainer.has_champion, trainer.checkpoints.champion_version = True, trainer.checkpoints.latest["version"]
     elif published is not None:

@@ -1170,6 +1170,25 @@ def test_references_are_the_base_until_a_checkpoint_is_published_then_the_incumb
     np.testing.assert_array_equal(trainer.incumbent.flat, trainer.ema.flat)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_a_published_model_is_the_champion_at_a_start_only_if_the_trainers_model_can_compute_it(tmp_path, activation):
+    """With the activation changed (the state then set aside as incompatible), the published tanh weights in a relu
+    model were a 'champion' that computed what nobody published: the incumbent alone is the reference then."""
+    published = vs.MLP.initial([6, 16, 1], vs.Activation("tanh"), np.random.default_rng(0))
+    gate_off = vs.Verdict("off", vs.Evidence(0, {"candidate": None}), vs.Evidence(0, {"candidate": None}), "gate off")
+    vs.write_checkpoint(vs.CheckpointWriter(str(tmp_path)), published.weights(), 10, 100, gate_off,
+                        np.zeros((0, 6), np.float32))
+    config = vs.Config(checkpoint_dir=str(tmp_path), n_features=6, hidden=16, activation=activation)
+    trainer, _ = vs.build_trainer(config)
+    x = np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32)
+    np.testing.assert_array_equal(trainer.incumbent.forward(x), published.forward(x))
+    if activation == "tanh":
+        assert trainer.references() == {"incumbent": trainer.incumbent, "champion": trainer.champion}
+        np.testing.assert_array_equal(trainer.champion.forward(x), published.forward(x))
+    else:
+        assert trainer.references() == {"base": trainer.incumbent} and not trainer.has_champion
+
+
 def published_as_ema(trainer: vs.Trainer, weights: np.ndarray) -> vs.Checkpoint:
     """A checkpoint of these weights as the EMA, published (the trainer's gate is off)."""
     trainer.ema.flat[...] = weights
