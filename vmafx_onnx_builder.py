@@ -154,6 +154,7 @@ class _ChainReader:
         self.activations: list[Activation] = []
         self.scale: np.ndarray | float = 1.0  # input normalisation x * scale + shift, before layer 0
         self.shift: np.ndarray | float = 0.0
+        self.normalised = False  # whether the graph has one
         self.shaped = False  # a shape op was seen: only more shape ops may follow
 
     def read(self) -> MLPWeights:
@@ -349,6 +350,7 @@ class _ChainReader:
                                         "feature, the same for every sample")
         if c.size > 1:
             c = c.reshape(-1)
+        self.normalised = True
         if node.op_type == "Sub":
             self.shift = self.shift - c
         elif node.op_type == "Add":
@@ -360,7 +362,7 @@ class _ChainReader:
 
     def read_normalisation(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The scale and shift, one per feature, in float64; None without a normalisation."""
-        if isinstance(self.scale, float) and isinstance(self.shift, float):
+        if not self.normalised:
             return None
         n = self.layers[0][0].shape[0]
         return tuple(np.broadcast_to(np.asarray(a, np.float64), (n,)).copy() for a in (self.scale, self.shift))

@@ -277,6 +277,27 @@ def test_a_base_models_input_normalisation_is_the_features_coordinates(tmp_path,
     assert off.coords.standardized == "none"
 
 
+def test_a_normalisation_by_scalar_constants_is_the_features_coordinates_too(tmp_path):
+    """(x - 0.5) / 0.25 by 0-d constants, as torch exports a Python float mean and std: read as no normalisation
+    before (0-d arithmetic gives numpy floats, which passed for the reader's starting values)."""
+    rng = np.random.default_rng(9)
+    h = onnx.helper
+    weights = {"m": np.float32(0.5), "sd": np.float32(0.25), "W0": rng.normal(size=(8, 6)), "b0": rng.normal(size=8),
+               "W1": rng.normal(size=(1, 8)), "b1": rng.normal(size=1)}
+    graph = h.make_graph(
+        [h.make_node("Sub", ["x", "m"], ["s"]), h.make_node("Div", ["s", "sd"], ["z"]),
+         h.make_node("Gemm", ["z", "W0", "b0"], ["h"], transB=1), h.make_node("Relu", ["h"], ["a"]),
+         h.make_node("Gemm", ["a", "W1", "b1"], ["y"], transB=1)], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 6])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 1])],
+        [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    path = tmp_path / "scalar_norm.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    trainer, _ = vs.build_trainer(vs.Config(checkpoint_dir=str(tmp_path), base_model_path=str(path), n_features=6))
+    assert trainer.coords.standardized == "features"
+    assert trainer.coords.x_shift == (0.5,) * 6 and trainer.coords.x_scale == (0.25,) * 6
+
+
 def test_the_window_judges_the_candidate_in_raw_scores(tmp_path):
     trainer = make_trainer(tmp_path, **SMALL)
     x, y = stream(7, vs.STATISTICS_SAMPLES + 40)
