@@ -3441,8 +3441,9 @@ def linear_layers(pairs: list[tuple[str, np.ndarray, np.ndarray | None]], activa
     """MLPWeights from (name, weight (out, in), bias or None) in order, checking that the layers chain."""
     layers = []
     for name, w, b in pairs:
-        if w.dtype.name not in onnx_builder.FLOAT_DTYPES and w.dtype != BFLOAT16:
-            raise onnx_builder.UnsupportedModelError(f"{name} holds {w.dtype} values, not floats")
+        for array, label in ((w, name), (b, f"the bias of {name}")):  # not converted: ints, complex (its real part)
+            if array is not None and array.dtype.name not in onnx_builder.FLOAT_DTYPES and array.dtype != BFLOAT16:
+                raise onnx_builder.UnsupportedModelError(f"{label} holds {array.dtype} values, not floats")
         if w.ndim != 2 or (b is not None and b.shape != (w.shape[0],)):
             raise onnx_builder.UnsupportedModelError(
                 f"{name} has shape {w.shape} (bias {None if b is None else b.shape}): not a linear layer")

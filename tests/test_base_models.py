@@ -253,6 +253,8 @@ def test_npz_layers_and_activation(tmp_path):
     ({"W0": np.ones((1, 4)), "bias": np.ones(1)}, "expected arrays W0, b0"),
     ({"W0": np.ones((3, 4)), "b0": np.ones(3), "W1": np.ones((1, 2)), "b1": np.ones(1)}, "W1 takes 2 inputs"),
     ({"W0": np.ones((2, 4), np.int32)}, "W0 holds int32"),
+    ({"W0": np.ones((1, 4)), "b0": np.ones(1, np.int64)}, "the bias of W0 holds int64"),
+    ({"W0": np.ones((1, 4)), "b0": np.array([1 + 5j])}, "the bias of W0 holds complex128"),
     ({"W0": np.ones((2, 4)), "b0": np.ones(2)}, "2 units, expected 1"),
     ({"W0": np.ones((1, 4)), "activation": np.array("swish")}, "activation 'swish'"),
 ])
