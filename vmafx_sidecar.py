@@ -2540,13 +2540,14 @@ def window_scores(n: int, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scor
 
 def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
     """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
-    not finite."""
+    not finite, or so large that its squared error is not (an RMSE of inf is no JSON a strict reader takes)."""
+    truth = y.astype(np.float64, copy=False)
     with np.errstate(all="ignore"):
         predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64, copy=False))[:, 0]
-    if not len(y) or not np.isfinite(predicted).all():
+        sse = float(np.sum((predicted - truth) ** 2))  # nan or inf when an output is
+    if not len(y) or not math.isfinite(sse):
         return None
-    truth = y.astype(np.float64, copy=False)
-    sse, sst = float(np.sum((predicted - truth) ** 2)), float(np.sum((truth - truth.mean()) ** 2))
+    sst = float(np.sum((truth - truth.mean()) ** 2))
     return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
                   rmse=math.sqrt(sse / len(y)), r2=1.0 - sse / sst if np.ptp(truth) else 0.0)
 

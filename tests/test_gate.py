@@ -162,6 +162,17 @@ def test_linear_and_anti_linear_data_give_plus_and_minus_one():
     assert -1.0 <= m.plcc <= 1.0 and -1.0 <= m.srcc <= 1.0
 
 
+def test_outputs_whose_squared_errors_overflow_float64_are_not_measured():
+    """Four layers of float32-limit weights on float32-limit features give outputs of ~1e191, finite in float64,
+    whose squares are not: an RMSE of inf went into records and status lines, JSON no strict reader takes."""
+    limit = [[3e38]]
+    huge = mlp([(limit, [0.0])] * 4 + [([[1.0]], [0.0])])
+    x = column([1e38, 2e38])
+    with np.errstate(all="raise"):  # measured quietly, as every other overflow is
+        assert vs.measure(huge, x, np.array([1, 2], np.float32)) is None
+    assert vs.measure(passthrough(), x, np.array([1, 2], np.float32)) is not None  # 1e38 squared: still finite
+
+
 def test_srcc_with_ties_uses_average_ranks():
     # predictions [1, 2, 2, 3] rank [1, 2.5, 2.5, 4]; truth [1, 3, 2, 4] ranks [1, 3, 2, 4]; both mean 2.5.
     # centred: [-1.5, 0, 0, 1.5] and [-1.5, 0.5, -0.5, 1.5]
