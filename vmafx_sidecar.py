@@ -966,7 +966,7 @@ class Journal:
         try:
             if self.truncate_first:
                 os.ftruncate(self.fd, self.size)
-            write_all(self.fd, self.pending)
+            append_whole(self.fd, self.size, self.pending)
             if self.fsync == "always":
                 os.fsync(self.fd)
         except OSError as e:
@@ -1218,7 +1218,7 @@ class StateStore:
             write_synced(temp, [memoryview(header), *payload], mode=0o600)
             os.replace(temp, self.snapshot_path)
         except OSError as e:  # the journal keeps everything since the last good snapshot
-            temp.unlink(missing_ok=True)
+            discard(temp)
             self.snapshot_failures += 1
             log.error("state snapshot failed, will retry: %s", e)
         else:
@@ -1286,7 +1286,7 @@ class StateStore:
         try:
             target.write_bytes(path.read_bytes())
         except OSError as e:
-            target.unlink(missing_ok=True)
+            discard(target)
             log.warning("state file %s has %s; no copy could be kept (%s)", path, why, e)
             return
         log.warning("state file %s has %s: a copy is kept as %s", path, why, target.name)
@@ -1474,8 +1474,8 @@ class SampleLog:
         if self.fd is None or self.size >= SEGMENT_BYTES:
             self.open_segment()
             self.prune(max_bytes)
-        os.ftruncate(self.fd, self.size)  # what a failed write left past the last whole batch
-        write_all(self.fd, self.pending)
+        os.ftruncate(self.fd, self.size)  # what a failed write could not cut (see append_whole)
+        append_whole(self.fd, self.size, self.pending)
         self.size += len(self.pending)
         self.pending.clear()
 
@@ -1528,7 +1528,7 @@ class SampleLog:
             fsync_directory(self.directory)
         except OSError:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            discard(path)
             raise
         self.fd, self.size = fd, SEGMENT_HEADER.size
 
@@ -2712,7 +2712,7 @@ class CheckpointWriter:
         try:
             write_synced(staged.temp, [memoryview(staged.data)])
         except OSError:
-            staged.temp.unlink(missing_ok=True)
+            discard(staged.temp)
             raise
         return staged
 
@@ -2738,7 +2738,7 @@ class CheckpointWriter:
                 os.replace(temp, renamed[-1])
         except OSError:  # files of a checkpoint without its .sha256 were never published: remove them
             for leftover in [*temps, *renamed]:
-                leftover.unlink(missing_ok=True)
+                discard(leftover)
             raise
         self.version = version  # visible now: this version is never written again, whatever follows
         checkpoint = Checkpoint(directory / name, record, verdict)
@@ -2959,8 +2959,34 @@ def write_synced(path: Path, chunks: list[memoryview], mode: int = 0o644) -> Non
 
 def write_all(fd: int, content: bytes) -> None:
     view = memoryview(content)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:  # a refused write's traceback, kept by whatever keeps its log record, must not pin a bytearray's size
+        view.release()
+
+
+def append_whole(fd: int, size: int, content: bytes) -> None:
+    """Append `content` to the first `size` bytes of an O_APPEND file, whole or not at all: what a refused write
+    left is cut at once. Left until the next try, a backlog's partial write filled what a full disk had freed,
+    and the snapshot that would have replaced the backlog never fit."""
+    try:
+        write_all(fd, content)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass  # cut before the next write, then
+        raise
+
+
+def discard(path: Path) -> None:
+    """Remove what a refused write left, where the directory allows it: on a read-only one that fails too, and the
+    refused write is the error to handle, not this one."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def fsync_directory(directory: Path) -> None:

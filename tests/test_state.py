@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import errno
 import os
 import re
 import selectors
@@ -155,6 +156,33 @@ def test_a_disk_too_full_for_the_copy_of_a_corrupt_journal_still_lets_the_sideca
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 9
     assert "no copy could be kept" in caplog.text and not list((tmp_path / ".state").glob("*.corrupt"))
+
+
+def test_a_state_directory_turned_read_only_costs_snapshots_not_the_process(tmp_path, monkeypatch, caplog):
+    """A snapshot refused by a read-only directory (a remount, a changed mode) cannot remove its temp file either:
+    that second refusal crashed a serving sidecar, and stopped one from starting over a temp file a kill left."""
+    server = in_process_server(tmp_path)
+    state_dir = tmp_path / ".state"
+    (state_dir / ".snapshot.bin.tmp").write_bytes(b"what a kill mid-snapshot left")
+    read_only = OSError(errno.EROFS, "Read-only file system")
+
+    def refused(*args, **kwargs):
+        raise read_only
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if path.parent == state_dir:
+            raise read_only
+        return real_unlink(path, missing_ok=missing_ok)
+    monkeypatch.setattr(vs, "write_synced", refused)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.save()  # refused, counted, and the server goes on
+    assert server.state.write_failures()["snapshot"] == 1
+    again = in_process_server(tmp_path)  # starts: its first snapshot is refused the same way
+    assert again.trainer.samples_accepted == 10 and again.state.write_failures()["snapshot"] == 1
+    assert caplog.text.count("state snapshot failed, will retry: [Errno 30] Read-only file system") == 2
 
 
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
@@ -352,6 +380,40 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 20
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
+
+
+def test_a_backlog_larger_than_the_space_a_full_disk_frees_does_not_keep_out_the_snapshot_that_replaces_it(
+        tmp_path, monkeypatch):
+    """A disk that fills, then frees less than the journal's backlog but more than a snapshot: the backlog's write
+    is refused part-way, and its partial bytes must not take the space, or every snapshot (which holds the backlog
+    and would empty the journal) is refused too, and nothing ACKed after the recovery survives a kill."""
+    server = in_process_server(tmp_path)
+    state_dir = tmp_path / ".state"
+    used = lambda: sum(p.stat().st_size for p in state_dir.iterdir())  # noqa: E731
+    disk = {"capacity": used()}  # full
+    real_write = os.write
+
+    def small_disk(fd, data):  # writes to the state directory take what is free, then ENOSPC, as a real disk does
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(str(state_dir)):
+            return real_write(fd, data)
+        free = disk["capacity"] - used()
+        if free <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:free]))
+
+    monkeypatch.setattr(os, "write", small_disk)
+    for m in messages(4000):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        server.state.commit()
+    backlog = len(server.state.journal.pending)
+    snapshot = (state_dir / "snapshot.bin").stat().st_size
+    assert server.state.journal.failing and backlog > 2 * snapshot  # the premise: more than the disk frees
+    disk["capacity"] = used() + 2 * snapshot  # room for a snapshot (grown by the window's block), not the backlog
+    generation = server.state.generation
+    server.state.save()
+    assert server.state.generation == generation + 1 and not server.state.journal.pending
+    monkeypatch.undo()
+    assert in_process_server(tmp_path).trainer.samples_accepted == 4000
 
 
 def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog):
