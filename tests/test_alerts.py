@@ -48,7 +48,7 @@ class Case:
     input: dict[str, str]
     eval_time: str
     fires: list[dict[str, str]]
-    value: str = ""  # $value as the description shows it
+    value: str = ""  # $value as the description shows it; "" where it shows none
 
 
 POD_LABELS = {"namespace": NAMESPACE, "pod": POD}
@@ -73,6 +73,13 @@ CASES = [
     Case("VmafxNoCheckpointPublished", "too few samples for a checkpoint to be due",
          {series("vmafx_sidecar_samples_total", result="accepted"): "0+10x150",
           series("vmafx_sidecar_checkpoints_total", result="published"): "0x150"}, "130m", []),
+    # A pod younger than the window: 100 a minute would be 6000 in the hour, but it got 2000 so far.
+    Case("VmafxNoCheckpointPublished", "a new pod, fewer than minSamples so far",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "_x100 0+100x20",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "_x100 0x20"}, "120m", []),
+    Case("VmafxNoCheckpointPublished", "a new pod past minSamples, nothing published",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "_x100 0+100x40",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "_x100 0x40"}, "140m", [POD_LABELS]),
     Case("VmafxCheckpointQuarantined", "one", {series("vmafx_sidecar_checkpoints_total", result="quarantined"):
                                                "0x10 1x20"}, "12m", [POD_LABELS]),
     Case("VmafxCheckpointQuarantined", "none", {series("vmafx_sidecar_checkpoints_total", result="quarantined"):
@@ -110,6 +117,23 @@ CASES = [
     Case("VmafxFleetModelStale", "fresh", {series("vmafx_sidecar_fleet_model_age_seconds"): "600x200",
                                            series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200"},
          "150m", []),
+    # Never published: no age at all. The replicas serve vmafx_sidecar_sample_log_dropped_total while they log
+    # samples for the fleet; maxAge (2h) after they started, with samples arriving, the fleet is overdue.
+    Case("VmafxFleetModelStale", "never published, samples logged for longer than maxAge",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200",
+          series("vmafx_sidecar_samples_total", pod="demo-vmafx-node-1", result="accepted"): "0+50x200",
+          series("vmafx_sidecar_sample_log_dropped_total"): "0x200",
+          series("vmafx_sidecar_sample_log_dropped_total", pod="demo-vmafx-node-1"): "0x200"}, "150m",
+         [{"namespace": NAMESPACE}]),
+    Case("VmafxFleetModelStale", "never published, a fresh install within maxAge",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200",
+          series("vmafx_sidecar_sample_log_dropped_total"): "0x200"}, "110m", []),
+    Case("VmafxFleetModelStale", "never published, the fleet enabled within maxAge on a busy release",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200",
+          series("vmafx_sidecar_sample_log_dropped_total"): "_x60 0x140"}, "150m", []),
+    Case("VmafxFleetModelStale", "never published, no samples",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "5000x200",
+          series("vmafx_sidecar_sample_log_dropped_total"): "0x200"}, "150m", []),
     Case("VmafxFleetSamplesLost", "some", {series("vmafx_sidecar_sample_log_dropped_total"): "0x10 5+5x20"}, "15m",
          [POD_LABELS]),
     Case("VmafxFleetSamplesLost", "none", {series("vmafx_sidecar_sample_log_dropped_total"): "0x30"}, "15m", []),
@@ -117,8 +141,11 @@ CASES = [
 
 
 def expanded(template: str, labels: dict[str, str], value: str) -> str:
-    """An annotation as Prometheus renders it, for the two constructs the rules use."""
-    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+    """An annotation as Prometheus renders it, for the constructs the rules use: $labels, $value as a duration,
+    and `if eq $value 0.0`, whose first branch is taken where the description shows no value."""
+    text = re.sub(r"\{\{ if eq \$value 0\.0 \}\}(.*?)\{\{ else \}\}(.*?)\{\{ end \}\}",
+                  lambda m: m[2] if value else m[1], template)
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], text)
     text = text.replace("{{ $value | humanizeDuration }}", value)
     assert "{{" not in text, text
     return text
@@ -228,8 +255,9 @@ def test_values_reach_every_alert():
             assert 'job="kubernetes-pods"' in rule["expr"] or "namespace_pod:" in rule["expr"], name
     assert (rules["VmafxSidecarDown"]["labels"]["severity"], rules["VmafxSidecarDown"]["for"]) == ("page", "2m")
     assert "[1d2h]" in rules["VmafxNoCheckpointPublished"]["expr"]
-    assert "* 93600 > 500" in rules["VmafxNoCheckpointPublished"]["expr"]  # 1d2h in seconds
-    assert "> 5400" in rules["VmafxFleetModelStale"]["expr"]
+    assert "[1d2h])) > 500" in rules["VmafxNoCheckpointPublished"]["expr"]
+    assert "> 5400" in rules["VmafxFleetModelStale"]["expr"]  # 1h30m in seconds
+    assert "offset 1h30m" in rules["VmafxFleetModelStale"]["expr"]
 
 
 @pytest.mark.parametrize("dotted, value", [
@@ -244,6 +272,31 @@ def test_values_reach_every_alert():
 ])
 def test_schema_rejects_bad_rule_values_naming_them(dotted, value):
     assert_schema_refuses(merged(RULE_VALUES, **{dotted: value}), dotted)
+
+
+WINDOWS = [f"sidecar.trainer.metrics.prometheusRule.alerts.{key}" for key in (
+    "noCheckpointPublished.window", "checkpointsQuarantinedRepeatedly.window", "fleetModelStale.maxAge")]
+
+
+@pytest.mark.parametrize("zero", ["0s", "0h", "0d0s", "00m"])
+@pytest.mark.parametrize("dotted", WINDOWS)
+def test_schema_rejects_a_zero_window_naming_it(dotted, zero):
+    """PromQL refuses a range of 0 ("duration must be greater than 0"): the rules would not load."""
+    assert_schema_refuses(merged(RULE_VALUES, **{dotted: zero}), dotted)
+
+
+def test_promtool_accepts_the_shortest_windows(tmp_path):
+    promtool = system_program("promtool", "prometheus")
+    groups = rule_groups(merged(RULE_VALUES, **{dotted: "0d1s" for dotted in WINDOWS}))
+    result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, groups)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # And a zero window is what promtool refuses.
+    zero = [{**group, "rules": [{**rule, "expr": rule["expr"].replace("[0d1s]", "[0s]")} for rule in group["rules"]]}
+            for group in groups]
+    result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, zero)], capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "duration must be greater than 0" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("dotted, misspelt", [

@@ -396,6 +396,37 @@ def test_node_values_configure_the_vmafx_node_container_and_pod():
     assert render(ISSUE_VALUES, "1.33").container("trainer")["resources"] == ISSUE_VALUES["sidecar"]["trainer"]["resources"]
 
 
+@pytest.mark.parametrize("release", ["demo", "vmafx-sidecar"])
+def test_no_pod_gets_variables_for_the_namespaces_services(release):
+    """Kubernetes would give each container <SERVICE>_HOST and _PORT... variables for every Service of the
+    namespace; those of a Service named vmafx-sidecar-... start VMAFX_SIDECAR_, which the trainer warns of as
+    unknown settings at every start. The chart's own metrics Service is one, with the release vmafx-sidecar."""
+    for values in (ISSUE_VALUES, FLEET):
+        rendered = render(values, "1.33", release=release)
+        pods = [rendered.pod] + ([fleet_pod(rendered)] if "CronJob" in rendered.kinds else [])
+        assert [pod["enableServiceLinks"] for pod in pods] == [False] * len(pods)
+    service = rendered.objects["Service", f"{release}-vmafx-node-metrics"]
+    link = service["metadata"]["name"].upper().replace("-", "_") + "_SERVICE_HOST"
+    known = {f.metadata["env"] for f in dataclasses.fields(vs.Config)}
+    assert link.startswith(vs.ENV_PREFIX) == (release == "vmafx-sidecar") and link not in known
+
+
+@pytest.mark.parametrize("mount_path", ["/m #x", "/m: x", "/mnt/vmafx-models"])
+def test_paths_and_names_are_rendered_as_written(mount_path):
+    """Unquoted, YAML would cut "/m #x" at its comment, refuse "/m: x", and read a class named 123 as a number."""
+    values = merged(FLEET, **{"persistence.models.mountPath": mount_path,
+                              "sidecar.trainer.checkpointDir": f"{mount_path}/online",
+                              "persistence.models.storageClassName": "123"})
+    rendered = render(values, "1.33")
+    [fleet] = fleet_pod(rendered)["containers"]
+    for container in (rendered.container("trainer"), rendered.container("vmafx-node"), fleet):
+        assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["models"] == mount_path, container["name"]
+    assert rendered.one("PersistentVolumeClaim")["spec"]["storageClassName"] == "123"
+    claimed = render(merged(values, **{"persistence.models.existingClaim": "123"}), "1.33")
+    for pod in (claimed.pod, fleet_pod(claimed)):
+        assert {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"] == {"claimName": "123"}
+
+
 def test_one_trainer_at_a_time_owns_a_persistent_checkpoint_dir():
     # A rolling update would start the new pod's trainer beside the old one's, on the same directory.
     assert render(ISSUE_VALUES, "1.33").one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
@@ -407,6 +438,60 @@ def test_one_trainer_at_a_time_owns_a_persistent_checkpoint_dir():
 def test_checkpoint_dir_outside_the_writable_volume_is_refused():
     with pytest.raises(helm.HelmRenderError, match="must be under persistence.models.mountPath"):
         render(merged(ISSUE_VALUES, **{"persistence.models.mountPath": "/data"}), "1.33")
+
+
+def extra_env(**settings: str) -> dict:
+    return {"sidecar.trainer.extraEnv": [{"name": name, "value": value} for name, value in settings.items()]}
+
+
+DEFAULT_REPLAY, DEFAULT_BATCH = vs.Config.replay_capacity, vs.Config.batch_size  # what an unset value leaves
+
+
+@pytest.mark.parametrize("overrides, replay, batch, refusal", [
+    ({"sidecar.trainer.replayBufferSize": 16}, 16, DEFAULT_BATCH,
+     f"sidecar.trainer.replayBufferSize (16) must be at least sidecar.trainer.batchSize ({DEFAULT_BATCH}, "
+     "the sidecar's default)"),
+    ({"sidecar.trainer.replayBufferSize": 63, "sidecar.trainer.batchSize": 64}, 63, 64,
+     "sidecar.trainer.replayBufferSize (63) must be at least sidecar.trainer.batchSize (64)"),
+    ({"sidecar.trainer.batchSize": DEFAULT_REPLAY + 1}, DEFAULT_REPLAY, DEFAULT_REPLAY + 1,
+     f"sidecar.trainer.replayBufferSize ({DEFAULT_REPLAY}, the sidecar's default) must be at least "
+     f"sidecar.trainer.batchSize ({DEFAULT_REPLAY + 1})"),
+    ({"sidecar.trainer.replayBufferSize": 10**12, "sidecar.trainer.batchSize": 2 * 10**12}, 10**12, 2 * 10**12,
+     "sidecar.trainer.replayBufferSize (1000000000000) must be at least sidecar.trainer.batchSize (2000000000000)"),
+    # extraEnv comes last in the env: its value is the one the sidecar reads.
+    ({"sidecar.trainer.replayBufferSize": 100, **extra_env(VMAFX_SIDECAR_BATCH_SIZE="128")}, 100, 128,
+     "sidecar.trainer.replayBufferSize (100) must be at least VMAFX_SIDECAR_BATCH_SIZE in sidecar.trainer.extraEnv "
+     "(128)"),
+    ({"sidecar.trainer.replayBufferSize": 1000, **extra_env(VMAFX_SIDECAR_REPLAY_CAPACITY="10")}, 10, DEFAULT_BATCH,
+     f"VMAFX_SIDECAR_REPLAY_CAPACITY in sidecar.trainer.extraEnv (10) must be at least sidecar.trainer.batchSize "
+     f"({DEFAULT_BATCH}, the sidecar's default)"),
+], ids=["below the default batch", "below the batch", "the default ring below the batch", "large",
+        "below a batch in extraEnv", "a ring in extraEnv below the default batch"])
+def test_a_replay_ring_smaller_than_a_batch_is_refused_naming_both(overrides, replay, batch, refusal):
+    # The sidecar would exit at start-up with these sizes...
+    with pytest.raises(vs.ConfigError, match="VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE"):
+        vs.Config.load({"VMAFX_SIDECAR_REPLAY_CAPACITY": str(replay), "VMAFX_SIDECAR_BATCH_SIZE": str(batch)}, {})
+    # ...so the chart refuses them, the fleet's CronJob included.
+    for values in (ISSUE_VALUES, FLEET):
+        with pytest.raises(helm.HelmRenderError) as refused:
+            render(merged(values, **overrides), "1.33")
+        assert f"{refusal}: the sidecar refuses to start" in str(refused.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"sidecar.trainer.replayBufferSize": DEFAULT_BATCH},
+    {"sidecar.trainer.replayBufferSize": 64, "sidecar.trainer.batchSize": 64},
+    {"sidecar.trainer.replayBufferSize": 16, **extra_env(VMAFX_SIDECAR_REPLAY_CAPACITY="100")},
+    {"sidecar.trainer.replayBufferSize": 16, "sidecar.trainer.batchSize": 64,
+     **extra_env(VMAFX_SIDECAR_BATCH_SIZE="16")},
+    {"sidecar.trainer.replayBufferSize": 16, "sidecar.trainer.enabled": False},
+], ids=["equal to the default batch", "equal", "a larger ring in extraEnv", "a smaller batch in extraEnv",
+        "no trainer"])
+def test_a_replay_ring_at_least_a_batch_is_taken_as_the_sidecar_takes_it(overrides):
+    rendered = render(merged(ISSUE_VALUES, **overrides), "1.33")
+    if overrides.get("sidecar.trainer.enabled", True):
+        config = vs.Config.load(resolved_env(rendered.container("trainer"), f"{FULLNAME}-0"), {})
+        assert config.replay_capacity >= config.batch_size
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
@@ -563,6 +648,34 @@ def test_several_trainers_on_a_claim_without_read_write_many_are_refused(access_
     assert "--set persistence.models.accessModes={ReadWriteMany}" in message and "NFS" in message
 
 
+@pytest.mark.parametrize("access_modes", [None, ["ReadWriteOnce"], ["ReadWriteOncePod"]])
+def test_several_node_only_pods_on_a_claim_without_many_nodes_access_are_refused(access_modes):
+    """Without the trainer the pods stay a Deployment, but all mount the one claim: on a ReadWriteOnce volume
+    those on other nodes than the first never start (Multi-Attach)."""
+    values = merged(VARIANTS["trainer disabled"], **{"node.replicas": 2})
+    if access_modes:  # None: the chart's default, ReadWriteOnce
+        values["persistence"]["models"]["accessModes"] = access_modes
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(values, "1.33")
+    message = str(refused.value)
+    assert ("node.replicas > 1 runs 2 pods, all on PersistentVolumeClaim demo-vmafx-node-models, which then needs "
+            "ReadWriteMany or ReadOnlyMany") in message
+    assert "--set persistence.models.accessModes={ReadWriteMany}" in message
+
+
+@pytest.mark.parametrize("overrides", [
+    {"persistence.models.accessModes": ["ReadWriteMany"]}, {"persistence.models.accessModes": ["ReadOnlyMany"]},
+    {"persistence.models.existingClaim": "vmafx-models"}, {"node.replicas": 1}, {"persistence.models.enabled": False},
+], ids=["ReadWriteMany", "ReadOnlyMany (vmafx-node only reads)", "existingClaim", "one pod", "persistence off"])
+def test_node_only_pods_on_a_claim_they_can_all_mount_are_accepted(overrides):
+    values = merged(VARIANTS["trainer disabled"], **{"node.replicas": 2, **overrides})
+    rendered = render(values, "1.33")
+    assert rendered.one("Deployment")["spec"]["replicas"] == overrides.get("node.replicas", 2)
+    # The chart cannot see an existing claim's access modes: the notes say what it needs.
+    assert ("pods mount this existing claim, whose access modes the chart cannot see: it needs ReadWriteMany or "
+            "ReadOnlyMany" in " ".join(rendered.notes.split())) == ("persistence.models.existingClaim" in overrides)
+
+
 @pytest.mark.parametrize("access_modes", [["ReadWriteMany"], ["ReadWriteOnce", "ReadWriteMany"]])
 def test_several_trainers_on_a_read_write_many_claim_are_accepted(access_modes):
     rendered = render(merged(ISSUE_VALUES, **{"node.replicas": 2, "persistence.models.accessModes": access_modes}),
@@ -601,10 +714,15 @@ def test_one_replica_keeps_the_deployment_which_would_take_over_replica_0s_state
     assert "statefulset" not in rendered.notes
 
 
-@pytest.mark.parametrize("variant", ["replicas 3, persistence off", "trainer disabled"])
-def test_replicas_without_a_trainer_on_the_volume_stay_a_deployment(variant):
-    # Each pod's trainer has its own emptyDir, or there is no trainer: ReadWriteOnce does not matter.
-    rendered = render(merged(VARIANTS[variant], **{"node.replicas": 3}), "1.33")
+@pytest.mark.parametrize("variant, access_modes", [("replicas 3, persistence off", None),
+                                                   ("trainer disabled", ["ReadOnlyMany"])])
+def test_replicas_without_a_trainer_on_the_volume_stay_a_deployment(variant, access_modes):
+    # Each pod's trainer has its own emptyDir, or there is no trainer (vmafx-node only reads the claim, which
+    # every pod still mounts: see test_several_node_only_pods_on_a_claim_without_many_nodes_access_are_refused).
+    values = merged(VARIANTS[variant], **{"node.replicas": 3})
+    if access_modes:
+        values = merged(values, **{"persistence.models.accessModes": access_modes})
+    rendered = render(values, "1.33")
     spec = rendered.one("Deployment")["spec"]
     assert spec["replicas"] == 3 and "strategy" not in spec
     assert "StatefulSet" not in rendered.kinds and rendered.kinds.count("Service") <= 1  # no headless one
@@ -851,6 +969,34 @@ def test_fleet_values_configure_the_cron_job():
     assert (spec["schedule"], spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == ("@hourly", 0, 5)
     assert (spec["jobTemplate"]["spec"]["backoffLimit"], spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]) == (0, 601)
     assert spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["resources"] == fleet["resources"]
+
+
+def fleet_pod(rendered: Rendered) -> dict:
+    return rendered.one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def test_the_fleet_pod_is_scheduled_where_the_replicas_are():
+    """It mounts their claim: on a ReadWriteOnce one it must run on the node they are pinned to, and on a tainted
+    pool it schedules only with their tolerations. Their pod (anti-)affinity is not its own: those terms select
+    vmafx-node pods, which it is not, and an anti-affinity to them would keep it off their node."""
+    node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "vmafx.io/pool", "operator": "In", "values": ["encode"]}]}]}}
+    spread = {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname",
+              "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "vmafx-node"}}}]}
+    values = merged(FLEET, **{"node.nodeSelector": {"kubernetes.io/hostname": "encode-1"},
+                              "node.tolerations": [{"key": "encode", "operator": "Exists", "effect": "NoSchedule"}],
+                              "node.affinity": {"nodeAffinity": node_affinity, "podAntiAffinity": spread}})
+    rendered = render(values, "1.33")
+    pod = fleet_pod(rendered)
+    assert pod["nodeSelector"] == rendered.pod["nodeSelector"] == {"kubernetes.io/hostname": "encode-1"}
+    assert pod["tolerations"] == rendered.pod["tolerations"] == values["node"]["tolerations"]
+    assert rendered.pod["affinity"] == values["node"]["affinity"]
+    assert pod["affinity"] == {"nodeAffinity": node_affinity}
+    # Only pod affinity: nothing for the fleet's pod; nothing set: nothing anywhere.
+    only_pods = render(merged(FLEET, **{"node.affinity": {"podAntiAffinity": spread}}), "1.33")
+    assert "affinity" in only_pods.pod and "affinity" not in fleet_pod(only_pods)
+    plain = render(FLEET, "1.33")
+    assert not {"nodeSelector", "tolerations", "affinity"} & (plain.pod.keys() | fleet_pod(plain).keys())
 
 
 @pytest.mark.parametrize("fleet", [False, True], ids=["fleet off", "fleet on"])

@@ -204,7 +204,7 @@ capabilities:
 - name: tmp
   mountPath: /tmp
 - name: models
-  mountPath: {{ .Values.persistence.models.mountPath }}
+  mountPath: {{ .Values.persistence.models.mountPath | quote }}
 {{- end -}}
 
 {{/* The probe subcommand pings the socket; it answers before numpy and onnx load (~0.05 s of CPU). */}}
@@ -286,6 +286,33 @@ livenessProbe:
 {{- if not (or (eq $dir $mount) (hasPrefix (printf "%s/" $mount) $dir)) -}}
 {{- fail (printf "sidecar.trainer.checkpointDir (%s) must be under persistence.models.mountPath (%s): the root filesystem is read-only" $dir $models.mountPath) -}}
 {{- end -}}
+{{- /* The sidecar refuses to start with a replay ring smaller than a batch. Each size is its value, else the
+       sidecar's default; a value in extraEnv wins (it comes last in the env, so it is the one the sidecar
+       reads), and one that is not a plain integer there is left to the sidecar to judge. */}}
+{{- $sizes := list -}}
+{{- range list (list "replayBufferSize" "VMAFX_SIDECAR_REPLAY_CAPACITY" 10000) (list "batchSize" "VMAFX_SIDECAR_BATCH_SIZE" 32) -}}
+{{- $key := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- /* toJson writes numbers exactly (1000000, not 1e+06). */}}
+{{- $size := dict "digits" (toJson (index . 2)) "source" (printf "sidecar.trainer.%s" $key) "note" ", the sidecar's default" -}}
+{{- if hasKey $.Values.sidecar.trainer $key -}}
+{{- $size = dict "digits" (toJson (index $.Values.sidecar.trainer $key)) "source" (printf "sidecar.trainer.%s" $key) "note" "" -}}
+{{- end -}}
+{{- range $.Values.sidecar.trainer.extraEnv -}}
+{{- if and (eq .name $name) (hasKey . "value") -}}
+{{- $size = dict "digits" (trim (toString .value)) "source" (printf "%s in sidecar.trainer.extraEnv" $name) "note" "" -}}
+{{- end -}}
+{{- end -}}
+{{- $sizes = append $sizes $size -}}
+{{- end -}}
+{{- $replay := index $sizes 0 -}}
+{{- $batch := index $sizes 1 -}}
+{{- /* No leading 0: int64 would read "010" as octal. */}}
+{{- if and (regexMatch "^[1-9][0-9]*$" $replay.digits) (regexMatch "^[1-9][0-9]*$" $batch.digits) -}}
+{{- if lt (int64 $replay.digits) (int64 $batch.digits) -}}
+{{- fail (printf "%s (%s%s) must be at least %s (%s%s): the sidecar refuses to start with VMAFX_SIDECAR_REPLAY_CAPACITY below VMAFX_SIDECAR_BATCH_SIZE" $replay.source $replay.digits $replay.note $batch.source $batch.digits $batch.note) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if include "vmafx-node.statefulSet" . -}}
 {{- /* Each pod's controller-revision-hash label is "<name>-<hash of up to 10 characters>", at most 63. */}}
@@ -295,6 +322,13 @@ livenessProbe:
 {{- /* An existing claim's access modes cannot be seen here; NOTES.txt says so. */}}
 {{- if and (not $models.existingClaim) (not (has "ReadWriteMany" $models.accessModes)) -}}
 {{- fail (printf "node.replicas > 1 runs a trainer in each pod, all on PersistentVolumeClaim %s, which then needs ReadWriteMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
+{{- end -}}
+{{- else if and $models.enabled (not $models.existingClaim) (gt (int .Values.node.replicas) 1) -}}
+{{- /* Without the trainer the replicas stay a Deployment, but still all mount the one claim, from whichever
+       node each runs on: on a ReadWriteOnce volume those on other nodes than the first never start
+       (Multi-Attach). vmafx-node only reads it, so ReadOnlyMany does as well. */}}
+{{- if not (or (has "ReadWriteMany" $models.accessModes) (has "ReadOnlyMany" $models.accessModes)) -}}
+{{- fail (printf "node.replicas > 1 runs %d pods, all on PersistentVolumeClaim %s, which then needs ReadWriteMany or ReadOnlyMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (int .Values.node.replicas) (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
 {{- end -}}
 {{- end -}}
 {{- if include "vmafx-node.fleet" . -}}
@@ -341,6 +375,9 @@ metadata:
     prometheus.io/path: /metrics
   {{- end }}
 spec:
+  {{- /* No <SERVICE>_HOST/_PORT variables for the namespace's Services: a Service named vmafx-sidecar-...
+         would give the trainer VMAFX_SIDECAR_* ones, which it warns of as unknown settings. */}}
+  enableServiceLinks: false
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   {{- if and $trainer.enabled $native }}
@@ -377,7 +414,7 @@ spec:
           mountPath: /tmp
         {{- /* vmafx-node only reads models and checkpoints. */}}
         - name: models
-          mountPath: {{ $models.mountPath }}
+          mountPath: {{ $models.mountPath | quote }}
           readOnly: true
     {{- if and $trainer.enabled (not $native) }}
     - {{ include "vmafx-node.trainer" . | indent 6 | trim }}
@@ -400,7 +437,7 @@ spec:
     - name: models
       {{- if $models.enabled }}
       persistentVolumeClaim:
-        claimName: {{ include "vmafx-node.claimName" . }}
+        claimName: {{ include "vmafx-node.claimName" . | quote }}
       {{- else }}
       emptyDir: {}
       {{- end }}
