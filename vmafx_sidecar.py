@@ -3426,7 +3426,7 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
                 weights = onnx_builder.read_mlp_model(checked_onnx(path))
     except onnx_builder.UnsupportedModelError as e:
         raise StartupError(f"base model {path} is not supported: {e}") from None
-    except onnx.checker.ValidationError as e:  # what onnxruntime on the nodes would refuse too (a cycle, an op unknown at the opset)
+    except onnx.checker.ValidationError as e:  # what onnxruntime would refuse too: a cycle, an op unknown at its opset
         raise StartupError(f"base model {path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     except Exception as e:  # truncated or corrupt files, missing external data, permissions...
         raise StartupError(f"cannot read base model {path}: {type(e).__name__}: {e}") from None

@@ -115,7 +115,8 @@ def test_refusal_exits_non_zero_without_a_traceback(tmp_path):
 
 # ---- graphs the reader must refuse, not misread or loop on ----
 
-def mlp_graph(nodes: list, initializers: dict[str, np.ndarray], opset: int = 17, domains: tuple = ()) -> onnx.ModelProto:
+def mlp_graph(nodes: list, initializers: dict[str, np.ndarray], opset: int = 17,
+              domains: tuple = ()) -> onnx.ModelProto:
     """A 4-feature graph from x to y around the 8-unit layer W0, b0 and the output layer W1, b1 (torch's layout)."""
     rng = np.random.default_rng(0)
     weights = {"W0": rng.normal(size=(8, 4)), "b0": rng.normal(size=8), "W1": rng.normal(size=(1, 8)),

@@ -73,7 +73,8 @@ def test_a_fresh_model_starts_in_its_first_batchs_coordinates_then_takes_final_o
 def test_a_fresh_model_is_declared_in_its_first_batchs_coordinates_even_when_they_are_final(tmp_path, capacity):
     """A ring the first batch fills makes its statistics final at once: the random model is still declared in
     them, predicting near the scores' mean, not moved to them, which would keep it predicting near 0."""
-    trainer = make_trainer(tmp_path, **{**SMALL, "batch_size": 4, "replay_mix": 0.0, "replay_capacity": capacity, "lr": 1e-9})
+    trainer = make_trainer(tmp_path, **{**SMALL, "batch_size": 4, "replay_mix": 0.0, "replay_capacity": capacity,
+                                        "lr": 1e-9})
     x, y = stream(7, 4)
     y += 40  # far from 0, so that a model moved instead of declared predicts ~40 points off
     feed(trainer, x, y)  # the first step: 4 new samples, no replay
