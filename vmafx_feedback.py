@@ -464,9 +464,12 @@ def seconds_left(deadline: float) -> float:
 
 # ---- clients of a running sidecar: `send` backfills from files, `status` asks how it is doing ----
 
-# send streams files to a running sidecar over one connection with SEND_WINDOW lines in flight: the server
-# answers pipelined lines in order, and the ACKs it holds for us stay far below its OUTBUF_LIMIT (1 MiB).
+# send streams files to a running sidecar over one connection with up to SEND_WINDOW lines, of up to
+# SEND_WINDOW_BYTES, in flight: the server answers pipelined lines in order, and the ACKs it holds for us stay far
+# below its OUTBUF_LIMIT (1 MiB), past which it drops a connection. An ACK repeats its line's job_id, escaped to
+# at most 3x its bytes (12 for a 4-byte character), so long job_ids bound the window in bytes, not in lines.
 SEND_WINDOW = 256
+SEND_WINDOW_BYTES = 128 << 10
 FIRST_REJECTIONS = 10
 ERROR_KINDS = 20  # distinct error texts counted apart; the rest share one count, so memory stays bounded
 INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
@@ -595,7 +598,8 @@ class Tally:
             sys.stderr.write("\r\x1b[K")  # the progress line gives way to the summary
         elapsed = time.monotonic() - self.started
         rejected = f"{self.rejected} ({self.local} not sent: unreadable rows)" if self.local else self.rejected
-        print_rows([("sent", self.sent), ("accepted", self.accepted), ("rejected", rejected), ("elapsed",
+        sent = max(self.sent, self.accepted + self.rejected - self.local)  # answered: sent by a sendall() that failed
+        print_rows([("sent", sent), ("accepted", self.accepted), ("rejected", rejected), ("elapsed",
                     f"{elapsed:.1f} s"), ("rate", f"{(self.accepted + self.rejected) / elapsed:.0f} lines/s")])
         if self.first:
             print("first rejections:", *(f"  {line}" for line in self.first), sep="\n")
@@ -607,8 +611,9 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
     """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
     queued. Lines rejected here wait in the queue too: everything is settled in input order. An input that
     cannot be read on (OSError, UnreadableInput) ends the sending, once what was queued before it is settled."""
-    queue: collections.deque[tuple[str, int, str | None]] = collections.deque()
+    queue: collections.deque[tuple[str, int, str | None, int]] = collections.deque()
     chunk: list[bytes] = []
+    in_flight = 0  # bytes of the queued lines
     unreadable = None
     while True:
         try:
@@ -618,13 +623,15 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
         except (OSError, UnreadableInput) as e:
             unreadable = e
             break
-        queue.append((name, number, error))
+        size = len(line) if line is not None else 0
+        queue.append((name, number, error, size))
+        in_flight += size
         if line is not None:
             chunk.append(line)
-        if len(queue) >= SEND_WINDOW:
+        if len(queue) >= SEND_WINDOW or in_flight >= SEND_WINDOW_BYTES:
             transmit(sock, chunk, tally)
-            while len(queue) > SEND_WINDOW // 2:
-                settle_next(reader, queue, tally)
+            while len(queue) > SEND_WINDOW // 2 or in_flight > SEND_WINDOW_BYTES // 2:
+                in_flight -= settle_next(reader, queue, tally)
     transmit(sock, chunk, tally)
     while queue:
         settle_next(reader, queue, tally)
@@ -641,8 +648,9 @@ def transmit(sock: socket.socket, chunk: list[bytes], tally: Tally) -> None:
     chunk.clear()
 
 
-def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tally) -> None:
-    name, number, error = queue.popleft()
+def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tally) -> int:
+    """Settle the oldest queued line; its size."""
+    name, number, error, size = queue.popleft()
     if error is None:
         try:
             ack = json.loads(reader.readline())  # b"" at EOF is a ValueError too
@@ -654,6 +662,7 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
     else:
         tally.local += 1
     tally.settle(name, number, error)
+    return size
 
 
 def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None) -> int:

@@ -155,6 +155,22 @@ def test_send_jsonl_files_and_stdin_skip_blank_lines(sidecar_factory, tmp_path):
     assert status(sidecar)["samples_accepted"] == 9
 
 
+def test_send_keeps_the_acks_it_waits_for_within_what_the_sidecar_holds_for_a_client(sidecar_factory, tmp_path):
+    """Each ACK repeats its job_id: 256 lines in flight with job_ids of 8 000 bytes made 2 MB of ACKs the sidecar
+    held for send, past its 1 MiB limit, and it dropped the connection after 28 lines (the summary said sent 0)."""
+    sidecar = sidecar_factory(**SERVER)
+    path = tmp_path / "long-ids.jsonl"
+    lines = [b'{"job_id": "%s-%d", "features": [0.1, 0.2, 0.3, 0.4], "true_score": 50}\n' % (b"j" * 30_000, i)
+             for i in range(300)]
+    path.write_bytes(b"".join(lines))
+
+    rc, stdout, stderr = send(sidecar, str(path))
+
+    assert rc == 0, stdout + stderr
+    assert summary(stdout) == {"sent": "300", "accepted": "300", "rejected": "0"}
+    assert status(sidecar)["connections_dropped"] == 0
+
+
 def test_control_lines_are_not_counted_as_accepted_samples(sidecar_factory):
     sidecar = sidecar_factory(**SERVER)
     rc, stdout, stderr = send(sidecar, "-", stdin=VALID + b'{"op": "ping"}\n' + VALID + b'{"op": "status"}\n')
@@ -332,7 +348,7 @@ def test_connection_lost_midway_says_how_far_the_sidecar_acknowledged(sidecar_fa
     assert match, stderr
     acknowledged = int(match.group(2))
     assert 2000 <= acknowledged < 200_000 and int(match.group(3)) == acknowledged
-    assert summary(stdout)["accepted"] == str(acknowledged)
+    assert summary(stdout)["accepted"] == str(acknowledged) and int(summary(stdout)["sent"]) >= acknowledged
     # Every acknowledged sample survived the stop: the rest of the file is what is left to send.
     assert status(sidecar_factory(**SERVER))["samples_accepted"] == acknowledged
 
