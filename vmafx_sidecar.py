@@ -743,7 +743,8 @@ class Server:
             return {"ok": True, "op": "pong"}
         if op == "status":
             return {"ok": True, "op": "status", **self.status()}
-        error = f"unknown op {op!r} (known: ping, status)"
+        shown = op if len(op) <= OP_SHOWN else op[:OP_SHOWN] + "..."  # an ACK stays short whatever the line holds
+        error = f"unknown op {shown!r} (known: ping, status)"
         self.reject(error)
         return {"ok": False, "error": error}
 
@@ -811,6 +812,9 @@ class Control:
 REJECTION_REASONS = {"not valid JSON": "invalid_json", "expected a JSON object": "not_an_object",
                      "job_id:": "job_id", "op:": "op", "unknown op": "unknown_op", "features": "features",
                      "true_score:": "true_score", "line too long": "line_too_long"}
+
+
+OP_SHOWN = 64  # characters of an unknown op an error repeats
 
 
 def rejection_reason(error: str) -> str:

@@ -68,6 +68,14 @@ def test_error_echoes_job_id_when_it_is_a_string(tmp_path):
         b'{"ok": false, "error": "unknown op \'nope\' (known: ping, status)", "job_id": "a"}\n')
 
 
+def test_an_unknown_op_is_repeated_only_in_part(tmp_path):
+    """repr() and JSON escaping made an op of 300 000 DEL characters an ACK of 1.5 MB, past what the sidecar holds
+    for a client: it dropped the connection mid-ACK."""
+    server = make_server(tmp_path)
+    ack = json.loads(server.answer(b'{"op": "' + b"\x7f" * 300_000 + b'"}'))
+    assert ack["error"] == f"unknown op {chr(0x7f) * vs.OP_SHOWN + '...'!r} (known: ping, status)"
+
+
 def test_ack_fields_in_go_client_order(tmp_path):
     server = make_server(tmp_path, replay_mix=0.5)  # batch 4: a step every 2 new samples
     line = b'{"job_id": "enc-1", "features": [0.1, 0.2, 0.3], "true_score": 1.5}'
