@@ -878,8 +878,17 @@ def decoded_json(text: str) -> Any:
     try:
         value, end = JSON_SCANNER(text, 0)
     except (StopIteration, ValueError, RecursionError):
-        return json.loads(text)
-    return value if end == len(text) else json.loads(text)
+        return json.loads(text, parse_int=json_int)
+    return value if end == len(text) else json.loads(text, parse_int=json_int)
+
+
+def json_int(digits: str) -> int | float:
+    """int(digits), or for an integer of more digits than Python converts (4 300: a guard against quadratic time) a
+    float as far outside float32's range: valid JSON, so the checks say which value is out of range."""
+    try:
+        return int(digits)
+    except ValueError:
+        return -1e308 if digits.startswith("-") else 1e308
 
 
 def number_problem(v: Any) -> str | None:

@@ -37,6 +37,9 @@ def make_server(tmp_path, **settings_) -> vs.Server:
     (b'{"features": [1e999, 2, 3], "true_score": 1}', "features[0]: not a finite number"),
     (b'{"features": [1, 1e39, 3], "true_score": 1}', "features[1]: outside the float32 range"),
     (b'{"features": [1, 2, 1' + b"0" * 400 + b'], "true_score": 1}', "features[2]: outside the float32 range"),
+    # Past the 4 300 digits Python converts: valid JSON all the same, not "Exceeds the limit ... for integer string".
+    (b'{"features": [1, 2, 1' + b"0" * 4400 + b'], "true_score": 1}', "features[2]: outside the float32 range"),
+    (b'{"features": [1, 2, 3], "true_score": -1' + b"0" * 4400 + b'}', "true_score: outside the float32 range"),
     (b'{"features": [1, 2, 3]}', "true_score: missing"),
     (b'{"features": [1, 2, 3], "true_score": "87"}', "true_score: expected a number, got string"),
     (b'{"features": [1, 2, 3], "true_score": false}', "true_score: expected a number, got boolean"),
@@ -58,6 +61,9 @@ def test_valid_lines():
     sample = vs.parse_request(b'{"job_id": "enc-1", "features": [0, 1.5, -3e38], "true_score": 87}', 3)
     assert sample == vs.Sample([0, 1.5, -3e38], 87, "enc-1")
     assert vs.parse_request(b' {"op": "ping"} \r', 3) == vs.Control("ping", None)
+    huge = b"9" * 5000  # in a field the sidecar ignores
+    assert vs.parse_request(b'{"features": [1, 2, 3], "true_score": 4, "x": %s}' % huge, 3) == vs.Sample([1, 2, 3], 4,
+                                                                                                        None)
 
 
 def test_error_echoes_job_id_when_it_is_a_string(tmp_path):
@@ -137,9 +143,10 @@ texts = st.one_of(
 @settings(max_examples=1000, deadline=None)
 @given(text=texts, before=st.sampled_from(["", " ", "\ufeff", "\t\r"]), after=st.sampled_from(["", " ", "\r", "x", "{}"]))
 def test_decoded_json_is_json_loads_value_for_value_and_error_for_error(text, before, after):
-    """The parser's fast path, json.loads' own scanner without its wrappers, against json.loads itself."""
+    """The parser's fast path, json.loads' own scanner without its wrappers, against json.loads itself, which
+    converts integers as the sidecar does past the 4 300 digits Python converts (see json_int)."""
     text = before + text + after
-    assert json_outcome(vs.decoded_json, text) == json_outcome(json.loads, text)
+    assert json_outcome(vs.decoded_json, text) == json_outcome(lambda t: json.loads(t, parse_int=vs.json_int), text)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
