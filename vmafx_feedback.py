@@ -43,6 +43,9 @@ PONG = b'{"ok": true, "op": "pong"}\n'
 F32_MAX = 3.4028234663852886e38  # float(numpy.finfo(numpy.float32).max): the largest value the model takes
 JOB_ID_MAX_BYTES = 65535  # a job_id's UTF-8 length, which the sidecar's sample log stores in 16 bits
 JOB_ID_TOO_LONG = f"job_id: longer than {JOB_ID_MAX_BYTES} bytes in UTF-8"  # both ends' words
+# What both ends call a value's type in an error: its JSON name (json.dumps sends a tuple as an array).
+JSON_TYPE_NAMES = {dict: "object", list: "array", tuple: "array", str: "string", bool: "boolean",
+                   type(None): "null", int: "number", float: "number"}
 
 
 # ---- probe: the pod's health check, one ping, answered without numpy or onnx ----
@@ -382,13 +385,14 @@ def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: in
     its parse_request). Encoding is left to the delivery thread: json.dumps of 80 floats is ~60 µs, which
     would keep a busy producer thread from ever letting the delivery thread run."""
     if job_id is not None and type(job_id) is not str:
-        raise InvalidSample(f"job_id: expected a string, got {type(job_id).__name__}")
+        raise InvalidSample(f"job_id: expected a string, got {json_type_name(job_id)}")
     if job_id is not None and job_id_too_long(job_id):
         raise InvalidSample(JOB_ID_TOO_LONG)
     if isinstance(features, numpy_types("ndarray")):
         features = features.tolist()  # Python numbers; a 2-D array becomes lists, refused below
     if type(features) is not list and type(features) is not tuple:
-        raise InvalidSample(f"features: expected a list of numbers, got {type(features).__name__}")
+        count = "" if n_features is None else f"{n_features} "
+        raise InvalidSample(f"features: expected a list of {count}numbers, got {json_type_name(features)}")
     if n_features is not None and len(features) != n_features:
         raise InvalidSample(f"features: expected {n_features} numbers, got {len(features)}")
     message: dict[str, Any] = {"features": feedback_numbers(features),
@@ -423,10 +427,15 @@ def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | 
     elif isinstance(v, numpy_types("floating")):
         v = float(v)  # .item() of a longdouble is a longdouble
     if type(v) is not float and type(v) is not int:  # bool is neither
-        problem = f"expected a number, got {type(v).__name__}"
+        problem = f"expected a number, got {json_type_name(v)}"
     elif not (problem := float32_problem(v)):
         return v
     raise InvalidSample(f"{field_name}[{index}]: {problem}" if index is not None else f"{field_name}: {problem}")
+
+
+def json_type_name(value: Any) -> str:
+    """The type of `value` as the sidecar names it once json.dumps has sent it; its Python name if JSON has none."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def job_id_too_long(job_id: str) -> bool:

@@ -791,8 +791,7 @@ encode_json_string = json.encoder.encode_basestring_ascii  # json.dumps' own, fo
 JSON_SCANNER = json.JSONDecoder().scan_once  # json.loads' own: a default decoder's C scanner
 F32_MAX = feedback.F32_MAX  # the largest value the model takes: both ends of the socket check it
 F32_LOWEST = -F32_MAX  # one float, not one negated for each value checked
-JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean",
-                   type(None): "null", int: "number", float: "number"}
+JSON_TYPE_NAMES = feedback.JSON_TYPE_NAMES  # an error names a type as both ends of the socket do
 
 
 @dataclass(slots=True)

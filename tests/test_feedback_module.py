@@ -59,6 +59,22 @@ def test_a_bad_number_is_refused_in_the_words_of_the_sidecar(bad):
         assert str(here.value) == there.value.error
 
 
+@pytest.mark.parametrize("features, score, job_id", [
+    ([0.5, "1", 0.5, 0.5], 50.0, None), ([0.5, True, 0.5, 0.5], 50.0, None), ([0.5, None, 0.5, 0.5], 50.0, None),
+    ([0.5, [1], 0.5, 0.5], 50.0, None), ([0.5] * 4, {"a": 1}, None), ([0.5] * 4, False, None),
+    ({"a": 1}, 50.0, None), ("0.5,0.5,0.5,0.5", 50.0, None), ([0.5] * 4, 50.0, 7), ([0.5] * 4, 50.0, ["j"]),
+], ids=["str", "bool", "None", "list", "dict score", "bool score", "dict features", "str features", "int job_id",
+        "list job_id"])
+def test_a_value_of_another_type_is_refused_in_the_words_of_the_sidecar(features, score, job_id):
+    """The producer named Python types (str, NoneType, dict) where the sidecar names JSON ones."""
+    with pytest.raises(vf.InvalidSample) as here:
+        vf.feedback_message(features, score, job_id, 4, None)
+    request = {"features": features, "true_score": score, **({"job_id": job_id} if job_id is not None else {})}
+    with pytest.raises(vs.BadRequest) as there:
+        vs.parse_request(json.dumps(request).encode(), 4)
+    assert str(here.value) == there.value.error
+
+
 @pytest.mark.parametrize("job_id, refused", [("x" * 65535, False), ("x" * 65536, True), ("\U0001F600" * 16383, False),
                                              ("\U0001F600" * 16384, True), ("\ud800" * 21845, False),
                                              ("\ud800" * 21846, True), ("\ud83d\ude00" * 16383, False)],
