@@ -522,8 +522,17 @@ def csv_request(row: list[str], layout: CsvLayout) -> bytes:
     message: dict[str, Any] = {"features": [csv_number(row[i], name) for i, name in layout.features],
                                "true_score": csv_number(row[layout.score[0]], layout.score[1])}
     if layout.job_id is not None and row[layout.job_id]:  # an empty cell: a sample without a job id
-        message["job_id"] = row[layout.job_id]
+        message["job_id"] = csv_text(row[layout.job_id], "job_id")
     return json.dumps(message).encode() + b"\n"
+
+
+def csv_text(cell: str, column: str) -> str:
+    """The cell, if its bytes were UTF-8, as the sidecar requires of a line; csv_rows() kept those that were not."""
+    try:
+        cell.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{column}: not UTF-8: {cell.encode('utf-8', 'surrogateescape')[:40]!r}") from None
+    return cell
 
 
 def csv_number(text: str, column: str) -> float:
@@ -534,7 +543,11 @@ def csv_number(text: str, column: str) -> float:
 
 
 def csv_rows(lines: Iterator[bytes]) -> Any:
-    return csv.reader(line.decode("utf-8-sig", "replace") for line in lines)  # -sig: spreadsheets write a BOM
+    """Rows of text: a byte-order mark is dropped from the first line only (spreadsheets write one), and bytes that
+    are not UTF-8 are kept (as lone surrogates) for csv_text() to refuse, not replaced: two job ids would become
+    one, and the sidecar would have refused them."""
+    return csv.reader(line.decode("utf-8-sig" if number == 0 else "utf-8", "surrogateescape")
+                      for number, line in enumerate(lines))
 
 
 def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally

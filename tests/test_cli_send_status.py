@@ -96,6 +96,17 @@ def test_csv_rows_that_cannot_be_sent_say_why():
         vf.csv_layout(["f0", "true_score"], "score", ["f9"])
 
 
+def test_csv_text_is_utf8_as_written_a_bom_dropped_from_the_first_line_only():
+    """Bytes that are not UTF-8 were replaced (two job ids became one, where the sidecar refuses such a line), and a
+    BOM was dropped from every line (a job id "\ufeffx" became "x")."""
+    rows = list(vf.csv_rows([b"\xef\xbb\xbfjob_id,f0,true_score\n", b"\xef\xbb\xbfx,1,2\n", b"enc-\xff\xfe1,1,2\n"]))
+    assert rows[:2] == [["job_id", "f0", "true_score"], ["\ufeffx", "1", "2"]]
+    layout = vf.csv_layout(rows[0], "true_score", None)
+    assert json.loads(vf.csv_request(rows[1], layout))["job_id"] == "\ufeffx"
+    with pytest.raises(ValueError, match=re.escape("job_id: not UTF-8: b'enc-\\xff\\xfe1'")):
+        vf.csv_request(rows[2], layout)
+
+
 # ---- send ----
 
 def test_send_csv_backfills_every_row_and_passes_job_ids_through(sidecar_factory, tmp_path):
