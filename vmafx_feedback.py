@@ -41,6 +41,9 @@ SOCKET_ENV = "VMAFX_SIDECAR_SOCKET"
 DEFAULT_SOCKET = "/tmp/vmafx-sidecar.sock"
 PONG = b'{"ok": true, "op": "pong"}\n'
 F32_MAX = 3.4028234663852886e38  # float(numpy.finfo(numpy.float32).max): the largest value the model takes
+# The largest number float32 rounds to a finite value (F32_MAX), which both ends check: past F32_MAX by just under
+# half its ulp, so that F32_MAX's own shortest form, 3.4028235e+38 (as Go writes a float32), is taken.
+F32_BOUND = 3.4028235677973362e38
 JOB_ID_MAX_BYTES = 65535  # a job_id's UTF-8 length, which the sidecar's sample log stores in 16 bits
 JOB_ID_TOO_LONG = f"job_id: longer than {JOB_ID_MAX_BYTES} bytes in UTF-8"  # both ends' words
 # What both ends call a value's type in an error: its JSON name (json.dumps sends a tuple as an array).
@@ -415,7 +418,7 @@ def feedback_line(message: dict[str, Any]) -> bytes:
 def feedback_numbers(values: list | tuple) -> list:
     """The features as JSON numbers: the sidecar's parse_request's fast check, then a per-value pass only to convert
     numpy scalars or name the problem (the fast check alone is ~5x cheaper)."""
-    if all((type(v) is float or type(v) is int) and -F32_MAX <= v <= F32_MAX for v in values):
+    if all((type(v) is float or type(v) is int) and -F32_BOUND <= v <= F32_BOUND for v in values):
         return list(values)  # a copy: the caller may reuse its list before the thread sends this one
     return [feedback_number(v, "features", i) for i, v in enumerate(values)]
 
@@ -452,7 +455,7 @@ def float32_problem(v: int | float) -> str | None:
     """Why a number cannot be a float32 model input, in the words of both ends of the socket; None if it can."""
     if type(v) is float and not math.isfinite(v):
         return "not a finite number (NaN, Infinity or an overflowing literal)"
-    if not -F32_MAX <= v <= F32_MAX:
+    if not -F32_BOUND <= v <= F32_BOUND:  # an int too: it rounds to a float below the bound, then to F32_MAX
         return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
     return None
 

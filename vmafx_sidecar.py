@@ -789,8 +789,9 @@ def drain(sock: socket.socket) -> None:
 
 encode_json_string = json.encoder.encode_basestring_ascii  # json.dumps' own, for ensure_ascii=True
 JSON_SCANNER = json.JSONDecoder().scan_once  # json.loads' own: a default decoder's C scanner
-F32_MAX = feedback.F32_MAX  # the largest value the model takes: both ends of the socket check it
-F32_LOWEST = -F32_MAX  # one float, not one negated for each value checked
+F32_MAX = feedback.F32_MAX  # the largest value the model takes
+F32_BOUND = feedback.F32_BOUND  # the largest number that becomes one: both ends of the socket check it
+F32_LOWEST = -F32_BOUND  # one float, not one negated for each value checked
 JSON_TYPE_NAMES = feedback.JSON_TYPE_NAMES  # an error names a type as both ends of the socket do
 
 
@@ -858,14 +859,14 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
     if len(features) != n_features:
         raise BadRequest(f"features: expected {n_features} numbers, got {len(features)}", job_id)
     for v in features:  # the fast path: every value a float32-representable number
-        if (type(v) is float or type(v) is int) and F32_LOWEST <= v <= F32_MAX:
+        if (type(v) is float or type(v) is int) and F32_LOWEST <= v <= F32_BOUND:
             continue
         i, problem = next((i, p) for i, v in enumerate(features) if (p := number_problem(v)))
         raise BadRequest(f"features[{i}]: {problem}", job_id)
     if "true_score" not in message:
         raise BadRequest("true_score: missing", job_id)
     score = message["true_score"]
-    if not ((type(score) is float or type(score) is int) and F32_LOWEST <= score <= F32_MAX):
+    if not ((type(score) is float or type(score) is int) and F32_LOWEST <= score <= F32_BOUND):
         raise BadRequest(f"true_score: {number_problem(score)}", job_id)
     return Sample(features, score, job_id)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +106,28 @@ def test_the_float32_edges_pass_on_both_ends():
     features, score = [vf.F32_MAX, -vf.F32_MAX, 2 ** 127, -2 ** 127], 0
     assert vf.feedback_message(features, score, None, 4, None) == {"features": features, "true_score": score}
     assert vs.parse_request(json.dumps({"features": features, "true_score": score}).encode(), 4).features == features
+
+
+@pytest.mark.parametrize("value", [3.4028235e38, -3.4028235e38, vf.F32_BOUND, int(vf.F32_BOUND)],
+                         ids=["Go's largest float32", "its negative", "the bound", "the bound as an integer"])
+def test_a_number_float32_rounds_to_its_largest_value_passes_on_both_ends(value):
+    """3.4028235e+38, how Go writes math.MaxFloat32, is above F32_MAX as a float64 and was refused; every number
+    below the midpoint to 2**128 becomes F32_MAX, without an overflow."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array([value], np.float32)[0] == math.copysign(vf.F32_MAX, value)
+    features = [0.5, value, 0.5, 0.5]
+    assert vf.feedback_message(features, value, None, 4, None) == {"features": features, "true_score": value}
+    line = b'{"features": [0.5, %s, 0.5, 0.5], "true_score": %s}' % ((repr(value).encode(),) * 2)
+    assert vs.parse_request(line, 4) == vs.Sample(features, value, None)
+
+
+@pytest.mark.parametrize("value", [2.0 ** 128 - 2.0 ** 103, int(vf.F32_BOUND) + 1], ids=["the midpoint", "past it"])
+def test_a_number_float32_rounds_to_infinity_is_refused_on_both_ends(value):
+    with pytest.raises(vf.InvalidSample, match=r"features\[1\]: outside the float32 range"):
+        vf.feedback_message([0.5, value, 0.5, 0.5], 1.0, None, 4, None)
+    with pytest.raises(vs.BadRequest, match=r"features\[1\]: outside the float32 range"):
+        vs.parse_request(b'{"features": [0.5, %s, 0.5, 0.5], "true_score": 1}' % repr(value).encode(), 4)
 
 
 def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
