@@ -12,6 +12,7 @@ Sections follow the data: shared (what both ends of the socket agree on) -> prob
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import csv
 import datetime
@@ -559,8 +560,10 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
     for path in paths:
         name = "<stdin>" if path == "-" else path
         with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
-            if path not in layouts:  # JSON lines go as they are: the sidecar checks them
+            if path not in layouts:  # JSON lines go as they are (a file's BOM aside): the sidecar checks them
                 for number, line in enumerate(tally.counted(f), 1):
+                    if number == 1 and line.startswith(codecs.BOM_UTF8):  # as some editors begin a UTF-8 file
+                        line = line[len(codecs.BOM_UTF8):]
                     if line.strip():  # the sidecar answers no blank line
                         yield name, number, line if line.endswith(b"\n") else line + b"\n", None
                 continue

@@ -155,7 +155,7 @@ def test_send_csv_feature_and_score_columns(sidecar_factory, tmp_path):
 def test_send_jsonl_files_and_stdin_skip_blank_lines(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(**SERVER)
     first = tmp_path / "a.jsonl"
-    first.write_bytes(VALID + b"\n  \n" + VALID + VALID.rstrip(b"\n"))  # blank lines; no newline at the end
+    first.write_bytes(b"\xef\xbb\xbf" + VALID + b"\n  \n" + VALID + VALID.rstrip(b"\n"))  # a BOM; blank lines; no end
     second = tmp_path / "b.ndjson"
     second.write_bytes(VALID * 2)
 
