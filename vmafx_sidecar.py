@@ -421,8 +421,11 @@ def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
 # ---- server: one selectors loop owns the socket, every connection and the training step ----
 
 RECV_BYTES = 65536
-# A client that stops reading its ACKs is disconnected once this much is queued for it.
-OUTBUF_LIMIT = 1 << 20
+# A connection whose unsent ACKs reach OUTBUF_HIGH is neither read nor answered on until it takes some: a client
+# that pipelines faster than it reads waits, its lines in its socket, and one that takes none of them for STALL_S
+# meanwhile has stopped reading and is disconnected. Its buffers stay within this, one ACK and one recv of lines.
+OUTBUF_HIGH = 1 << 20
+STALL_S = 5.0
 SHUTDOWN_GRACE_S = 1.5
 ACCEPT_RETRY_S = 1.0  # out of file descriptors, a listener is unwatched this long (or until a connection closes)
 ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -434,7 +437,7 @@ class StartupError(RuntimeError):
 
 class Connection:
     """A client's socket and buffers; called by the loop when the socket is ready (its selector key's data)."""
-    __slots__ = ("sock", "on_ready", "inbuf", "outbuf", "discarding", "closing", "events")
+    __slots__ = ("sock", "on_ready", "inbuf", "outbuf", "discarding", "closing", "events", "full_since")
 
     def __init__(self, sock: socket.socket, on_ready: Callable[[Connection, int], None]):
         self.sock = sock
@@ -444,6 +447,7 @@ class Connection:
         self.discarding = False  # inside a too-long line: drop bytes up to the next newline
         self.closing = False  # peer sent EOF: close once the ACKs are out
         self.events = selectors.EVENT_READ  # what the selector watches for
+        self.full_since: float | None = None  # since when OUTBUF_HIGH of ACKs have waited for it
 
     def __call__(self, mask: int) -> None:
         self.on_ready(self, mask)
@@ -460,6 +464,9 @@ class Server:
         # Connections read this loop turn, in order: their ACKs wait in their outbufs until end_turn() has
         # journaled the turn's samples in one write.
         self.answered: dict[Connection, None] = {}
+        # Connections holding whole lines not answered yet, for want of room for their ACKs: answered on in a
+        # later turn, in order, and not read meanwhile (see take_lines()).
+        self.backlog: dict[Connection, None] = {}
         self.listener: socket.socket | None = None
         self.socket_inode: int | None = None
         self.stopping = False
@@ -506,10 +513,12 @@ class Server:
         try:
             while not self.stopping:
                 # A timeout, so the journal's once-a-second fsync and the snapshots also run when idle.
-                ready = self.selector.select(timeout=1.0)
+                ready = self.selector.select(timeout=0 if self.backlog and self.backlog_room() else 1.0)
                 started, acks = time.perf_counter(), self.acks
                 for key, mask in ready:
                     key.data(mask)  # each socket's callback: the listeners, the wake-up pipe, each connection
+                if self.backlog:
+                    self.answer_backlog()
                 self.end_turn()
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
@@ -538,10 +547,14 @@ class Server:
         # One read per connection per pass: a client that keeps sending cannot use up the others' grace.
         reading = list(self.connections)
         while reading and time.monotonic() < deadline:
-            reading = [c for c in reading if c in self.connections and not c.closing and self.read(c)]
+            reading = [c for c in reading if c in self.connections and not (c.closing or c in self.backlog)
+                       and self.read(c)]
             self.end_turn()
-        while any(c.outbuf for c in self.connections) and time.monotonic() < deadline:
-            for key, mask in self.selector.select(timeout=deadline - time.monotonic()):
+        while (self.backlog or any(c.outbuf for c in self.connections)) and time.monotonic() < deadline:
+            self.answer_backlog()
+            self.end_turn()
+            wait = 0 if self.backlog_room() else deadline - time.monotonic()
+            for key, mask in self.selector.select(timeout=max(0.0, wait)):
                 if key.data in self.connections and mask & selectors.EVENT_WRITE:
                     self.flush(key.data)
         for conn in list(self.connections):
@@ -613,13 +626,8 @@ class Server:
         except OSError:
             self.close(conn)
             return False
-        if not data:
-            if conn.inbuf and not conn.discarding:  # a last line without its newline
-                conn.outbuf += self.answer(bytes(conn.inbuf))
-            conn.inbuf.clear()
-            conn.closing = True
-        else:
-            self.take_lines(conn, data)
+        self.take_lines(conn, data or b"\n")  # at EOF, a last line without its newline is one
+        conn.closing = not data
         self.answered[conn] = None
         return bool(data)
 
@@ -647,11 +655,16 @@ class Server:
             conn.inbuf.clear()
         start = 0
         while (newline := data.find(b"\n", start)) >= 0:
+            if len(conn.outbuf) >= OUTBUF_HIGH:  # the rest waits until the client has taken some ACKs
+                conn.inbuf += data[start:]
+                self.backlog[conn] = None
+                return
             if newline - start > limit:
                 conn.outbuf += self.too_long()
             else:
                 conn.outbuf += self.answer(data[start:newline])
             start = newline + 1
+        self.backlog.pop(conn, None)
         if len(data) - start > limit:  # answer now and drop the rest of the line as it arrives
             conn.outbuf += self.too_long()
             conn.discarding = True
@@ -668,23 +681,41 @@ class Server:
                 self.close(conn)
                 return
             del conn.outbuf[:sent]
-        if len(conn.outbuf) > OUTBUF_LIMIT:  # it stopped reading its ACKs: memory stays bounded
-            log.warning("closed a connection that left %d bytes of ACKs unread", len(conn.outbuf))
-            self.connections_dropped += 1
-            self.close(conn)
-            return
-        if conn.closing and not conn.outbuf:
+        if len(conn.outbuf) < OUTBUF_HIGH:
+            conn.full_since = None
+        elif conn.full_since is None:
+            conn.full_since = time.monotonic()
+        if conn.closing and not conn.outbuf and conn not in self.backlog:
             self.close(conn)
             return
         events = selectors.EVENT_WRITE if conn.outbuf else 0
-        if not conn.closing:
+        if not conn.closing and conn not in self.backlog:
             events |= selectors.EVENT_READ
         if events != conn.events:
             conn.events = events
             self.selector.modify(conn.sock, events, conn)
 
+    def backlog_room(self) -> bool:
+        """Whether a connection with lines waiting has room for their ACKs now."""
+        return any(len(conn.outbuf) < OUTBUF_HIGH for conn in self.backlog)
+
+    def answer_backlog(self) -> None:
+        """Answer on the waiting lines of each connection that has taken some ACKs since; disconnect one that has
+        taken none for STALL_S: it has stopped reading, and its lines would wait for ever."""
+        now = time.monotonic()
+        for conn in list(self.backlog):
+            if len(conn.outbuf) < OUTBUF_HIGH:
+                self.take_lines(conn, b"")
+                self.answered[conn] = None
+            elif conn.full_since is not None and now - conn.full_since >= STALL_S:
+                log.warning("closed a connection that took none of its %d bytes of ACKs for %.0f s while it sent "
+                            "more", len(conn.outbuf), STALL_S)
+                self.connections_dropped += 1
+                self.close(conn)
+
     def close(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.backlog.pop(conn, None)
         self.selector.unregister(conn.sock)
         conn.sock.close()
         self.resume_accepts()  # a descriptor is free now

@@ -378,7 +378,7 @@ def test_interleaved_clients_each_get_their_own_acks_in_order(shared_sidecar):
 def start_flood(path: str, n_lines: int, rng: np.random.Generator):
     """A client that writes n_lines sample lines from a thread and reads nothing.
     Long job_ids make the unread ACKs (~0.2 kB each) exceed any kernel socket buffer; 4 000 lines
-    stay under the 1 MiB at which the server drops a client that does not read (test_faults.py)."""
+    stay under the 1 MiB at which the server stops reading a client until it reads."""
     bodies = [json.dumps(sample(rng))[1:] for _ in range(64)]  # '"features": [...], "true_score": x}'
     pad = "x" * 120
     job_ids = [f"flood-{i:05d}-{pad}" for i in range(n_lines)]
@@ -450,6 +450,60 @@ def test_stalled_and_non_reading_clients_do_not_delay_others(sidecar):
         assert_silent(c)
     finally:
         stop_flood(flood, flood_thread)
+
+
+def read_while_sending(client: Client, data: bytes) -> list[bytes]:
+    """Send `data` in one sendall from a thread while this one reads every ACK line until the server closes or
+    stays silent; the lines read, a torn last one included."""
+    client.sock.settimeout(30)
+    sender = threading.Thread(target=client.sock.sendall, args=(data,), daemon=True)
+    sender.start()
+    lines, expected = [], data.count(b"\n")
+    try:
+        while line := client.reader.readline():
+            lines.append(line)
+            if len(lines) == expected:
+                break
+    except TimeoutError:
+        pass
+    sender.join(10)
+    return lines
+
+
+@pytest.mark.parametrize("line, count", [(b"x\n", 40_000), (b'{"op": "status"}\n', 4_000),
+                                         (b'{"op": "' + b"\x7f" * 100 + b'"}\n', 40_000)],
+                         ids=["invalid lines", "status requests", "unknown ops"])
+def test_a_client_that_pipelines_more_acks_than_the_sidecar_holds_gets_them_all_while_it_reads(sidecar, line, count):
+    """One recv of small lines can make megabytes of ACKs: the client that sent them, though it read all along,
+    was disconnected mid-ACK once 1 MiB of them waited. Its lines now wait for room, and it gets every ACK."""
+    client = sidecar.client()
+    lines = read_while_sending(client, line * count)
+    assert len(lines) == count  # a torn last line would be one too many, or fail below
+    assert all(ack.endswith(b"\n") and json.loads(ack)["ok"] == (b"status" in line) for ack in lines)
+    assert client.request({"op": "ping"}) == {"ok": True, "op": "pong"}
+    assert status(client)["connections_dropped"] == 0
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the server closed the connection: what the test waits for
+        pass
+
+
+def test_a_client_that_sends_on_but_stops_reading_is_disconnected_once_its_acks_wait_for_stall_s(sidecar):
+    client = sidecar.client()
+    client.sock.settimeout(60)
+    sender = threading.Thread(target=send_quietly, args=(client.sock, b"x\n" * 2_000_000), daemon=True)
+    started = time.monotonic()
+    sender.start()
+    watcher = sidecar.client()
+    while status(watcher)["connections_dropped"] == 0:
+        assert time.monotonic() - started < 30, "the client that never reads was not disconnected"
+        time.sleep(0.2)
+    assert time.monotonic() - started >= 5.0  # STALL_S: a client that merely reads late is not dropped at once
+    sender.join(10)
+    assert not sender.is_alive() and status(watcher)["connections"] == 1
 
 
 # ---- line length ----
