@@ -1175,15 +1175,17 @@ class StateStore:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
         if self.samples is not None:
-            if self.samples.last_sequence > t.samples_accepted:
+            floor = max(self.samples.last_sequence, fleet_cursor(self.directory.parent))
+            if floor > t.samples_accepted:
                 # The log's numbers only increase: a state that holds fewer samples than its log counts on from
                 # the log's last (a state begun afresh over an earlier one's log, with the log on or off then; one
-                # whose journal lost records the log kept, to a power loss or a corrupt record). Numbered from its
+                # whose journal lost records the log kept, to a power loss or a corrupt record), or than the fleet
+                # trainer read under this replica's name (a directory begun afresh under it). Numbered from its
                 # own count, its samples would take numbers the log, and the fleet trainer's position in it,
-                # already passed: the fleet would skip them.
-                log.info("the sample log holds more than the state restored (%d samples, %d in the state): samples "
-                         "are counted on from its last", self.samples.last_sequence, t.samples_accepted)
-                t.samples_accepted = self.samples.last_sequence
+                # already passed: the fleet would skip them, and retention delete them as read.
+                log.info("the sample log, or the fleet trainer's position in it, is past the state restored (%d "
+                         "samples, %d in the state): samples are counted on from there", floor, t.samples_accepted)
+                t.samples_accepted = floor
             self.commit_samples()
         resumed = loaded or bool(records)
         if resumed:
@@ -1318,7 +1320,7 @@ class StateStore:
     def move_aside(self, path: Path, why: str) -> None:
         if not path.exists():
             return
-        target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{why.split()[0].strip(':')}")
+        target = aside_path(path, why.split()[0].strip(":"))
         os.replace(path, target)
         log.warning("state file %s is %s: moved to %s; starting without it", path, why, target.name)
 
@@ -1326,7 +1328,7 @@ class StateStore:
         """A copy of a state file that is read all the same (the file itself stays until a snapshot replaces
         it, in case this start dies before one), for whoever looks into why; a disk too full for it is no
         reason not to start."""
-        target = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.corrupt")
+        target = aside_path(path, "corrupt")
         try:
             target.write_bytes(path.read_bytes())
         except OSError as e:
@@ -1491,11 +1493,17 @@ class SampleLog:
             end = int(path.name[:16])
 
     def move_aside(self, why: str) -> None:
-        target = self.directory.with_name(f"{SAMPLE_LOG_DIR}.{time.strftime('%Y%m%dT%H%M%S')}.set-aside")
+        """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
+        trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
+        origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
+        target = aside_path(self.directory, "set-aside")
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
-        log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it; a new log starts",
-                    self.directory, why, target.name)
+        write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{origin}\n".encode())], mode=0o600)
+        unread = max(0, self.last_sequence - max(read, origin - 1))
+        self.samples_dropped += unread
+        log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
+                    "read); a new log starts", self.directory, why, target.name, unread)
 
     def append(self, sample: LoggedSample) -> None:
         """Take a sample newer than every one logged; older ones (a journal replayed after a crash that
@@ -1575,6 +1583,17 @@ class SampleLog:
             discard(path)
             raise
         self.fd, self.size = fd, SEGMENT_HEADER.size
+
+
+def aside_path(path: Path, tag: str) -> Path:
+    """Where to set `path` aside: its name, the time and `tag`, counted on when that is taken (a restart loop sets
+    aside within a second): a directory would not be replaced, a file would be lost."""
+    stem, n = f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}", 1
+    target = path.with_name(f"{stem}.{tag}")
+    while os.path.lexists(target):
+        n += 1
+        target = path.with_name(f"{stem}.{n}.{tag}")
+    return target
 
 
 def log_origin(directory: Path) -> int:
@@ -3167,18 +3186,19 @@ def fleet_status(root: Path, n_features: int) -> int:
     rows = [["replica", "logged", "read", "lag (samples)", "lag (s)", "missing"]]
     now = time.time()
     for path in replica_directories(root.absolute()):
-        read, first, newest = max(fleet_cursor(path), log_origin(path) - 1), None, None
+        read = max(fleet_cursor(path), log_origin(path) - 1)
+        first, logged, unread, missing = None, read, 0, 0  # missing: the gaps before and between the unread
         try:
             if not (path / SAMPLE_LOG_DIR).is_dir():
                 continue
             for sample in read_log(path, n_features, read):
-                first, newest = first or sample, sample
+                first, missing = first or sample, missing + sample.sequence - logged - 1
+                logged, unread = sample.sequence, unread + 1
         except (OSError, ValueError) as e:
             rows.append([path.name, "-", str(read), "-", "-", f"unreadable: {e}"])
             continue
-        logged = newest.sequence if newest else read
-        rows.append([path.name, str(logged), str(read), str(logged - read),
-                     f"{now - first.arrival:.0f}" if first else "0", str(first.sequence - read - 1 if first else 0)])
+        rows.append([path.name, str(logged), str(read), str(unread), f"{now - first.arrival:.0f}" if first else "0",
+                     str(missing)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

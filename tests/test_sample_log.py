@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -501,7 +502,8 @@ def test_fleet_status_shows_each_replicas_lag_and_what_was_deleted_unread(tmp_pa
     assert vs.fleet_status(tmp_path, N_FEATURES) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert rows["vmafx-node-0"][1:4] == ["70", "50", "20"] and rows["vmafx-node-0"][5] == "0"
-    assert rows["vmafx-node-1"][1:4] == ["300", "0", "300"] and rows["vmafx-node-1"][5] == str(first_kept - 1)
+    assert rows["vmafx-node-1"][1:4] == ["300", "0", str(301 - first_kept)]  # logged, read, lag: those kept
+    assert rows["vmafx-node-1"][5] == str(first_kept - 1)  # missing: those deleted
     assert "fleet model: none published" in rows["fleet"][0] + " " + " ".join(rows["fleet"][1:])
 
 
@@ -561,6 +563,72 @@ def test_samples_a_replica_accepted_with_its_log_off_are_reported_as_such_not_on
     assert "samples 11 to 40" in gap and "VMAFX_SIDECAR_SAMPLE_LOG was off" in gap
 
 
+def test_a_replica_directory_begun_afresh_under_a_name_the_fleet_has_read_counts_on_from_there(tmp_path):
+    """Its directory deleted, a replica starts afresh under the same name: its log numbered from 1 again, below
+    the fleet trainer's position for that name, which skipped all of it, and retention deleted it as read."""
+    rng = np.random.default_rng(29)
+    node = tmp_path / "vmafx-node-1"
+    node.mkdir()
+    replica_run(node, 30, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    shutil.rmtree(node)
+    node.mkdir()
+    assert replica_run(node, 20, rng).trainer.samples_accepted == 50
+    assert [x.sequence for x in vs.read_log(node, N_FEATURES)] == list(range(31, 51))
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 50
+
+
+def test_a_log_set_aside_with_samples_the_fleet_had_not_read_is_a_gap_both_report(tmp_path, caplog, capsys):
+    """A log moved aside (VMAFX_SIDECAR_N_FEATURES changed by mistake, then back) took 15 samples the fleet had not
+    read: the new log began with its own origin, which hid them from the fleet's gap report and its status."""
+    rng = np.random.default_rng(31)
+    node = tmp_path / "vmafx-node-0"
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(11, 26)])
+    assert vs.SampleLog(node, N_FEATURES + 1).samples_dropped == 15  # set aside, 15 of its samples unread
+    logged(node, [sample(i, rng) for i in range(26, 31)])  # back to N_FEATURES: the log numbers on
+    capsys.readouterr()
+    vs.fleet_status(tmp_path, N_FEATURES)
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[1:4] == ["30", "10", "5"] and row[5] == "15"  # logged, read, lag, missing
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 15
+    [gap] = [r.getMessage() for r in caplog.records if "not in its log" in r.getMessage()]
+    assert "samples 11 to 25" in gap
+
+
+def test_fleet_status_counts_a_gap_within_the_unread_samples_as_missing_not_as_lag(tmp_path, capsys):
+    rng = np.random.default_rng(37)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 101)])
+    logged(tmp_path / "vmafx-node-0", [sample(i, rng) for i in range(201, 301)])  # 101 to 200 with the log off
+    vs.fleet_status(tmp_path, N_FEATURES)
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[1:4] == ["300", "0", "200"] and row[5] == "100"  # logged, read, lag, missing
+
+
+@pytest.mark.parametrize("kind", ["sample log", "snapshot"])
+def test_what_is_set_aside_twice_within_a_second_is_kept_twice(tmp_path, monkeypatch, kind):
+    """The name of what is set aside has the time to the second: a second one (a restart loop) crashed the start
+    on the sample log's directory, and would have replaced a snapshot set aside before."""
+    monkeypatch.setattr(vs.time, "strftime", lambda *args: "20261201T000000")
+    if kind == "sample log":
+        for n_features in (N_FEATURES, N_FEATURES + 1, N_FEATURES):
+            log = vs.SampleLog(tmp_path, n_features)
+            log.append(vs.LoggedSample(log.last_sequence + 1, 1.0, False, None, np.zeros(n_features, np.float32),
+                                       np.float32(1)))
+            log.commit(10**9)
+        assert len(list(tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.20261201T000000*.set-aside"))) == 2
+    else:
+        store = vs.StateStore(vs.Config(checkpoint_dir=str(tmp_path), n_features=N_FEATURES),
+                              make_trainer(tmp_path, n_features=N_FEATURES))
+        for content in (b"first", b"second"):
+            store.snapshot_path.write_bytes(content)
+            store.move_aside(store.snapshot_path, "corrupt (test)")
+        assert sorted(p.read_bytes() for p in store.directory.glob("snapshot.bin.20261201T000000*")) == [
+            b"first", b"second"]
 def test_a_replica_reached_by_two_names_is_read_once(tmp_path, caplog):
     rng = np.random.default_rng(23)
     replica(tmp_path, "vmafx-node-1", [sample(i, rng) for i in range(1, 21)])
