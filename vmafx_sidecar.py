@@ -1496,11 +1496,12 @@ class SampleLog:
         """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
         trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
+        first = int(segment_paths(self.directory)[0].name[:16])  # of this log: one set aside before held those below
         target = aside_path(self.directory, "set-aside")
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
         write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{origin}\n".encode())], mode=0o600)
-        unread = max(0, self.last_sequence - max(read, origin - 1))
+        unread = max(0, self.last_sequence - max(read, first - 1))
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
                     "read); a new log starts", self.directory, why, target.name, unread)

@@ -621,6 +621,7 @@ def test_what_is_set_aside_twice_within_a_second_is_kept_twice(tmp_path, monkeyp
                                        np.float32(1)))
             log.commit(10**9)
         assert len(list(tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.20261201T000000*.set-aside"))) == 2
+        assert log.samples_dropped == 1  # the second log's one sample, not the first's again
     else:
         store = vs.StateStore(vs.Config(checkpoint_dir=str(tmp_path), n_features=N_FEATURES),
                               make_trainer(tmp_path, n_features=N_FEATURES))
