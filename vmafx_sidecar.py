@@ -422,8 +422,9 @@ def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
 
 RECV_BYTES = 65536
 # A connection whose unsent ACKs reach OUTBUF_HIGH is neither read nor answered on until it takes some: a client
-# that pipelines faster than it reads waits, its lines in its socket, and one that takes none of them for STALL_S
-# meanwhile has stopped reading and is disconnected. Its buffers stay within this, one ACK and one recv of lines.
+# that pipelines faster than it reads waits, its lines in its socket, and one whose lines have waited STALL_S
+# without it taking an ACK has stopped reading and is disconnected. Its buffers stay within this and one ACK,
+# and a recv of input with a line in progress (up to VMAFX_SIDECAR_MAX_LINE_BYTES).
 OUTBUF_HIGH = 1 << 20
 STALL_S = 5.0
 SHUTDOWN_GRACE_S = 1.5
@@ -437,7 +438,7 @@ class StartupError(RuntimeError):
 
 class Connection:
     """A client's socket and buffers; called by the loop when the socket is ready (its selector key's data)."""
-    __slots__ = ("sock", "on_ready", "inbuf", "outbuf", "discarding", "closing", "events", "full_since")
+    __slots__ = ("sock", "on_ready", "inbuf", "outbuf", "discarding", "closing", "events", "waiting_since")
 
     def __init__(self, sock: socket.socket, on_ready: Callable[[Connection, int], None]):
         self.sock = sock
@@ -447,7 +448,7 @@ class Connection:
         self.discarding = False  # inside a too-long line: drop bytes up to the next newline
         self.closing = False  # peer sent EOF: close once the ACKs are out
         self.events = selectors.EVENT_READ  # what the selector watches for
-        self.full_since: float | None = None  # since when OUTBUF_HIGH of ACKs have waited for it
+        self.waiting_since = 0.0  # in the backlog: when its lines began to wait, or it last took an ACK
 
     def __call__(self, mask: int) -> None:
         self.on_ready(self, mask)
@@ -544,19 +545,22 @@ class Server:
         if self.metrics:
             self.metrics.close()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        # One read per connection per pass: a client that keeps sending cannot use up the others' grace.
-        reading = list(self.connections)
-        while reading and time.monotonic() < deadline:
-            reading = [c for c in reading if c in self.connections and not (c.closing or c in self.backlog)
-                       and self.read(c)]
-            self.end_turn()
-        while (self.backlog or any(c.outbuf for c in self.connections)) and time.monotonic() < deadline:
+        # Each pass reads each connection once, until it would block (a client that keeps sending cannot use up
+        # the others' grace; one whose lines wait for room is read on once they are answered); then it is closing:
+        # answered, its ACKs sent, and closed.
+        while self.connections and time.monotonic() < deadline:
+            for conn in [c for c in self.connections if not (c.closing or c in self.backlog)]:
+                if not self.read(conn):
+                    conn.closing = True
+                    self.answered[conn] = None  # flushed, or closed, by end_turn()
             self.answer_backlog()
             self.end_turn()
-            wait = 0 if self.backlog_room() else deadline - time.monotonic()
-            for key, mask in self.selector.select(timeout=max(0.0, wait)):
-                if key.data in self.connections and mask & selectors.EVENT_WRITE:
-                    self.flush(key.data)
+            if all(c.closing or c in self.backlog for c in self.connections) and not self.backlog_room():
+                for key, mask in self.selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    if key.data not in self.connections:
+                        key.data(mask)  # the wake-up pipe: a second signal
+                    elif mask & selectors.EVENT_WRITE:
+                        self.flush(key.data)
         for conn in list(self.connections):
             self.close(conn)
         self.state.save()
@@ -657,7 +661,9 @@ class Server:
         while (newline := data.find(b"\n", start)) >= 0:
             if len(conn.outbuf) >= OUTBUF_HIGH:  # the rest waits until the client has taken some ACKs
                 conn.inbuf += data[start:]
-                self.backlog[conn] = None
+                if conn not in self.backlog:
+                    conn.waiting_since = time.monotonic()
+                    self.backlog[conn] = None
                 return
             if newline - start > limit:
                 conn.outbuf += self.too_long()
@@ -681,10 +687,8 @@ class Server:
                 self.close(conn)
                 return
             del conn.outbuf[:sent]
-        if len(conn.outbuf) < OUTBUF_HIGH:
-            conn.full_since = None
-        elif conn.full_since is None:
-            conn.full_since = time.monotonic()
+            if sent and conn in self.backlog:  # it reads: its lines wait for room, not for ever
+                conn.waiting_since = time.monotonic()
         if conn.closing and not conn.outbuf and conn not in self.backlog:
             self.close(conn)
             return
@@ -700,14 +704,14 @@ class Server:
         return any(len(conn.outbuf) < OUTBUF_HIGH for conn in self.backlog)
 
     def answer_backlog(self) -> None:
-        """Answer on the waiting lines of each connection that has taken some ACKs since; disconnect one that has
-        taken none for STALL_S: it has stopped reading, and its lines would wait for ever."""
+        """Answer on the waiting lines of each connection that has taken some ACKs since; disconnect one whose lines
+        have waited STALL_S without it taking one: it has stopped reading, and they would wait for ever."""
         now = time.monotonic()
         for conn in list(self.backlog):
             if len(conn.outbuf) < OUTBUF_HIGH:
                 self.take_lines(conn, b"")
                 self.answered[conn] = None
-            elif conn.full_since is not None and now - conn.full_since >= STALL_S:
+            elif now - conn.waiting_since >= STALL_S:
                 log.warning("closed a connection that took none of its %d bytes of ACKs for %.0f s while it sent "
                             "more", len(conn.outbuf), STALL_S)
                 self.connections_dropped += 1
@@ -820,7 +824,6 @@ def drain(sock: socket.socket) -> None:
 
 encode_json_string = json.encoder.encode_basestring_ascii  # json.dumps' own, for ensure_ascii=True
 JSON_SCANNER = json.JSONDecoder().scan_once  # json.loads' own: a default decoder's C scanner
-F32_MAX = feedback.F32_MAX  # the largest value the model takes
 F32_BOUND = feedback.F32_BOUND  # the largest number that becomes one: both ends of the socket check it
 F32_LOWEST = -F32_BOUND  # one float, not one negated for each value checked
 JSON_TYPE_NAMES = feedback.JSON_TYPE_NAMES  # an error names a type as both ends of the socket do
