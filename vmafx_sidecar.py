@@ -3073,9 +3073,9 @@ FLEET_NOTHING_NEW = 3  # the exit status of a run that found no new sample; 0: t
 
 def fleet(root: Path, config: Config) -> int:
     """Train ROOT/fleet/ on the samples every replica (a directory of ROOT with a sample log) logged since
-    the last run, merged by arrival time, publishing when due; then save the state together with how far
-    each log was read, so that a run killed anywhere is redone from the last save: each sample is ingested
-    once."""
+    the last run, merged by arrival time, and publish at the end (and in a run longer than the checkpoint
+    interval, every interval); then save the state together with how far each log was read, so that a run
+    killed anywhere is redone from the last save: each sample is ingested once."""
     directory = root.absolute() / FLEET_DIR
     config = dataclasses.replace(config, checkpoint_dir=str(directory), sample_log="0")
     claim = claim_directory(directory, f"pid {os.getpid()} on {socket.gethostname()}, fleet run, since "
@@ -3084,6 +3084,10 @@ def fleet(root: Path, config: Config) -> int:
         trainer, _ = build_trainer(config)
         state = StateStore(config, trainer)
         state.restore()
+        # The schedule that runs it is the fleet's interval: a checkpoint is due mid-run only after an interval of
+        # this run's own. Counted from the last run's checkpoint, a run that started a little earlier after its
+        # schedule's tick than that one had published nothing, and one that did published at its first step.
+        trainer.last_checkpoint_time = time.monotonic()
         logs = [replica_samples(path, config.n_features, state.sources.get(path.name, 0))
                 for path in replica_directories(root.absolute())]
         ingested = 0
@@ -3093,6 +3097,8 @@ def fleet(root: Path, config: Config) -> int:
             ingested += 1
             if result is not None and result.checkpoint is not None:
                 save_fleet_state(state)  # the state a checkpoint came from, with the logs' positions then
+        if trainer.samples_since_checkpoint >= config.min_samples_ckpt:  # everything the run trained on
+            trainer.take_checkpoint()
         save_fleet_state(state)
     finally:
         os.close(claim)  # the kernel would release it at exit; a run in a test's process goes on

@@ -389,7 +389,8 @@ def replica(root, name: str, samples: list[vs.LoggedSample]) -> None:
 
 
 def fleet_config(**settings) -> vs.Config:
-    return vs.Config(n_features=N_FEATURES, hidden=8, base_model_path="", min_samples_ckpt=10**9, **settings)
+    return vs.Config(**{"n_features": N_FEATURES, "hidden": 8, "base_model_path": "", "min_samples_ckpt": 10**9,
+                        **settings})
 
 
 def fleet_state(root) -> dict:
@@ -412,6 +413,25 @@ def test_a_fleet_run_ingests_every_replicas_new_samples_once(tmp_path):
     assert meta["samples_accepted"] == 70 and meta["sources"] == {"vmafx-node-0": 40, "vmafx-node-1": 30}
     held_out = sum(s.held_out for i in range(1, 41) for s in [sample(i, np.random.default_rng(0))])
     assert meta["samples_held_out"] >= held_out  # the flags as logged, never decided again
+
+
+def test_each_fleet_run_publishes_once_at_its_end_with_what_it_read(tmp_path):
+    """With the checkpoint interval its schedule's (600 s), a run counted the interval from the last run's
+    checkpoint: one that started sooner after its tick published nothing (a third of them, with real start-up
+    delays), one that started later published at its first step, and no run's model held what it had read."""
+    rng = np.random.default_rng(41)
+    config = fleet_config(min_samples_ckpt=1000, ckpt_interval_s=600, gate="off")
+    versions = []
+    for first, count in ((1, 3000), (3001, 2000), (5001, 500)):  # the last: too few new samples to publish
+        replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(first, first + count)])
+        assert vs.fleet(tmp_path, config) == 0
+        record = json.loads((tmp_path / vs.FLEET_DIR / "latest.json").read_text())
+        meta = fleet_state(tmp_path)
+        versions.append(record["version"])
+        if count >= 1000:  # one checkpoint, of everything trained, all but the samples waiting for a step
+            trainable = meta["samples_accepted"] - meta["samples_held_out"]
+            assert record["samples_trained"] == meta["samples_trained"] > trainable - 16
+    assert versions == [1, 2, 2]
 
 
 def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, caplog):
