@@ -480,7 +480,7 @@ def seconds_left(deadline: float) -> float:
 # send streams files to a running sidecar over one connection with up to SEND_WINDOW lines, of up to
 # SEND_WINDOW_BYTES, in flight: the server answers pipelined lines in order, and the ACKs it holds for us stay far
 # below its OUTBUF_HIGH (1 MiB), past which it stops reading a connection. An ACK repeats its line's job_id, escaped to
-# at most 3x its bytes (12 for a 4-byte character), so long job_ids bound the window in bytes, not in lines.
+# at most 6x its bytes (\u007f for a DEL), so long job_ids bound the window in bytes, not in lines.
 SEND_WINDOW = 256
 SEND_WINDOW_BYTES = 128 << 10
 FIRST_REJECTIONS = 10

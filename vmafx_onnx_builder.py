@@ -348,7 +348,7 @@ class _ChainReader:
         if not broadcasts_over_rows(c):
             raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per "
                                         "feature, the same for every sample")
-        if c.size > 1:
+        if c.ndim > 1:  # one row: one value per feature, or one for all of them
             c = c.reshape(-1)
         self.normalised = True
         if node.op_type == "Sub":

@@ -278,12 +278,15 @@ def test_a_base_models_input_normalisation_is_the_features_coordinates(tmp_path,
     assert off.coords.standardized == "none"
 
 
-def test_a_normalisation_by_scalar_constants_is_the_features_coordinates_too(tmp_path):
+@pytest.mark.parametrize("shape", [(), (1, 1)], ids=["0-d", "one row of one"])
+def test_a_normalisation_by_scalar_constants_is_the_features_coordinates_too(tmp_path, shape):
     """(x - 0.5) / 0.25 by 0-d constants, as torch exports a Python float mean and std: read as no normalisation
-    before (0-d arithmetic gives numpy floats, which passed for the reader's starting values)."""
+    before (0-d arithmetic gives numpy floats, which passed for the reader's starting values); by (1, 1) ones, a
+    numpy error."""
     rng = np.random.default_rng(9)
     h = onnx.helper
-    weights = {"m": np.float32(0.5), "sd": np.float32(0.25), "W0": rng.normal(size=(8, 6)), "b0": rng.normal(size=8),
+    weights = {"m": np.full(shape, 0.5), "sd": np.full(shape, 0.25), "W0": rng.normal(size=(8, 6)),
+               "b0": rng.normal(size=8),
                "W1": rng.normal(size=(1, 8)), "b1": rng.normal(size=1)}
     graph = h.make_graph(
         [h.make_node("Sub", ["x", "m"], ["s"]), h.make_node("Div", ["s", "sd"], ["z"]),
