@@ -1466,7 +1466,7 @@ class SampleLog:
         """Continue after the newest whole record. A segment at the end without one would end the segment before
         it at its name, hiding what is written next: one that holds no more than a header (a crash as it began)
         is removed, one whose records cannot be read (a header a power loss zeroed) is set aside as
-        `<name>.unreadable`. A log of another feature count is moved aside whole, and the new one numbers on
+        `<name>.<time>.unreadable`. A log of another feature count is moved aside whole, and the new one numbers on
         from its last record: numbers only increase, or what the fleet trainer read before would cover them."""
         header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features)
         end = None  # the first number of a segment removed after this one: where this one ended
@@ -1490,9 +1490,9 @@ class SampleLog:
                 path.unlink()
                 log.info("sample log: removed %s, which holds no record (a crash as it began)", path.name)
             else:
-                os.replace(path, path.with_name(f"{path.name}.unreadable"))
-                log.warning("sample log: %s holds no record that can be read: set aside as %s.unreadable", path.name,
-                            path.name)
+                target = aside_path(path, "unreadable")
+                os.replace(path, target)
+                log.warning("sample log: %s holds no record that can be read: set aside as %s", path.name, target.name)
             end = int(path.name[:16])
 
     def move_aside(self, why: str) -> None:

@@ -142,7 +142,7 @@ def test_a_newest_segment_without_a_record_that_can_be_read_is_put_out_of_the_wa
     newest.write_bytes(damage(newest.read_bytes()))
     again = vs.SampleLog(tmp_path, N_FEATURES)  # restarted: did not fail
     assert again.last_sequence == 20 and not newest.exists()
-    assert newest.with_name(newest.name + ".unreadable").exists() == kept
+    assert bool(list(newest.parent.glob(newest.name + ".*.unreadable"))) == kept
     for s in written[20:]:  # the journal's replay, then new samples, in a segment that begins at 21 again
         again.append(s)
     again.commit(10**9)
