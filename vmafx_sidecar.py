@@ -426,7 +426,7 @@ RECV_BYTES = 65536
 # without it taking an ACK has stopped reading and is disconnected. Its buffers stay within this and one ACK,
 # and a recv of input with a line in progress (up to VMAFX_SIDECAR_MAX_LINE_BYTES).
 OUTBUF_HIGH = 1 << 20
-STALL_S = 5.0
+STALL_S = 10.0  # a reader frees its socket's buffer a chunk (~100 KB) at a time: one of 10 KB/s shows in it
 SHUTDOWN_GRACE_S = 1.5
 ACCEPT_RETRY_S = 1.0  # out of file descriptors, a listener is unwatched this long (or until a connection closes)
 ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -711,11 +711,15 @@ class Server:
             if len(conn.outbuf) < OUTBUF_HIGH:
                 self.take_lines(conn, b"")
                 self.answered[conn] = None
-            elif now - conn.waiting_since >= STALL_S:
-                log.warning("closed a connection that took none of its %d bytes of ACKs for %.0f s while it sent "
-                            "more", len(conn.outbuf), STALL_S)
-                self.connections_dropped += 1
-                self.close(conn)
+            elif now - conn.waiting_since >= STALL_S and conn not in self.answered:
+                # A socket becomes writable only once its reader has taken a quarter of its buffer: a slow reader
+                # shows itself to a send, which restarts the clock if it takes anything.
+                self.flush(conn)
+                if conn in self.connections and conn.waiting_since <= now:
+                    log.warning("closed a connection that took none of its %d bytes of ACKs for %.0f s while it "
+                                "sent more", len(conn.outbuf), STALL_S)
+                    self.connections_dropped += 1
+                    self.close(conn)
 
     def close(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -3097,7 +3101,7 @@ def fleet(root: Path, config: Config) -> int:
             ingested += 1
             if result is not None and result.checkpoint is not None:
                 save_fleet_state(state)  # the state a checkpoint came from, with the logs' positions then
-        if trainer.samples_since_checkpoint >= config.min_samples_ckpt:  # everything the run trained on
+        if trainer.samples_since_checkpoint >= max(1, config.min_samples_ckpt):  # everything the run trained on
             trainer.take_checkpoint()
         save_fleet_state(state)
     finally:

@@ -432,6 +432,10 @@ def test_each_fleet_run_publishes_once_at_its_end_with_what_it_read(tmp_path):
             trainable = meta["samples_accepted"] - meta["samples_held_out"]
             assert record["samples_trained"] == meta["samples_trained"] > trainable - 16
     assert versions == [1, 2, 2]
+    zero = fleet_config(min_samples_ckpt=0, ckpt_interval_s=600, gate="off")  # allowed: a model of every run
+    for _ in range(2):  # the first publishes the last run's 500, unpublished; the second has trained nothing since
+        assert vs.fleet(tmp_path, zero) == vs.FLEET_NOTHING_NEW
+        assert json.loads((tmp_path / vs.FLEET_DIR / "latest.json").read_text())["version"] == 3
 
 
 def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, caplog):

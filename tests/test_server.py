@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 
+import vmafx_sidecar as vs
 from conftest import ROOT, Client, Sidecar, sample
 
 N_FEATURES = 80
@@ -484,6 +485,26 @@ def test_a_client_that_pipelines_more_acks_than_the_sidecar_holds_gets_them_all_
     assert status(client)["connections_dropped"] == 0
 
 
+def test_a_client_that_reads_its_acks_slowly_is_not_taken_for_one_that_stopped(sidecar):
+    """Its socket turns writable only once it has read a quarter of the buffer: at ~25 KB/s that is longer than
+    the stall limit, and a reader of 40 KB/s was dropped. Its lines wait for room; it is never dropped."""
+    client = sidecar.client()
+    client.sock.settimeout(30)
+    count = 3000
+    sender = threading.Thread(target=send_quietly, args=(client.sock, b'{"op": "status"}\n' * count), daemon=True)
+    sender.start()
+    time.sleep(1.0)  # a full buffer of ACKs, and lines waiting
+    started, received = time.monotonic(), b""
+    while time.monotonic() - started < vs.STALL_S + 2:  # ~25 KB/s
+        received += client.sock.recv(1250)
+        time.sleep(0.05)
+    while received.count(b"\n") < count and (chunk := client.sock.recv(1 << 20)):
+        received += chunk
+    assert received.count(b"\n") == count and received.endswith(b"\n")
+    sender.join(10)
+    assert status(sidecar.client())["connections_dropped"] == 0
+
+
 def send_quietly(sock: socket.socket, data: bytes) -> None:
     try:
         sock.sendall(data)
@@ -501,7 +522,7 @@ def test_a_client_that_sends_on_but_stops_reading_is_disconnected_once_its_acks_
     while status(watcher)["connections_dropped"] == 0:
         assert time.monotonic() - started < 30, "the client that never reads was not disconnected"
         time.sleep(0.2)
-    assert time.monotonic() - started >= 5.0  # STALL_S: a client that merely reads late is not dropped at once
+    assert time.monotonic() - started >= vs.STALL_S  # a client that merely reads late is not dropped at once
     sender.join(10)
     assert not sender.is_alive() and status(watcher)["connections"] == 1
 
