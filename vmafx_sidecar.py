@@ -828,7 +828,7 @@ def drain(sock: socket.socket) -> None:
 
 encode_json_string = json.encoder.encode_basestring_ascii  # json.dumps' own, for ensure_ascii=True
 JSON_SCANNER = json.JSONDecoder().scan_once  # json.loads' own: a default decoder's C scanner
-F32_BOUND = feedback.F32_BOUND  # the largest number that becomes one: both ends of the socket check it
+F32_BOUND = feedback.F32_BOUND  # the largest number float32 rounds to a finite value: both ends check it
 F32_LOWEST = -F32_BOUND  # one float, not one negated for each value checked
 JSON_TYPE_NAMES = feedback.JSON_TYPE_NAMES  # an error names a type as both ends of the socket do
 
@@ -912,7 +912,8 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
 def decoded_json(text: str) -> Any:
     """json.loads(text), without its Python wrappers (2 of a line's ~20 µs) when text is one JSON value and
     nothing else: its own C scanner, with its default settings, so the same value. Anything else (whitespace
-    around the value, a BOM, an error) goes to json.loads itself, for its value or its exact error."""
+    around the value, a BOM, an error) goes to json.loads itself, for its value or its exact error; an integer
+    past the digits Python converts is valid JSON all the same (json_int)."""
     try:
         value, end = JSON_SCANNER(text, 0)
     except (StopIteration, ValueError, RecursionError):
