@@ -278,6 +278,24 @@ livenessProbe:
 {{- end -}}
 
 {{/* Values the schema cannot judge alone. */}}
+{{/* What the trainer reads for one of its settings, as JSON {"text", "source", "note"}: a `value` in extraEnv
+     (the container's env ends with it, so it is the one the sidecar reads), else the trainer value .key, else the
+     sidecar's default .default (noted as such). Numbers as toJson writes them: exactly (1000000, not 1e+06).
+     .ctx: the root context; .env: the setting's variable. */}}
+{{- define "vmafx-node.settingRead" -}}
+{{- $trainer := .ctx.Values.sidecar.trainer -}}
+{{- $setting := dict "text" (toJson .default) "source" (printf "sidecar.trainer.%s" .key) "note" ", the sidecar's default" -}}
+{{- if hasKey $trainer .key -}}
+{{- $setting = dict "text" (toJson (index $trainer .key)) "source" (printf "sidecar.trainer.%s" .key) "note" "" -}}
+{{- end -}}
+{{- range $trainer.extraEnv -}}
+{{- if and (eq .name $.env) (hasKey . "value") -}}
+{{- $setting = dict "text" (trim (toString .value)) "source" (printf "%s in sidecar.trainer.extraEnv" $.env) "note" "" -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $setting -}}
+{{- end -}}
+
 {{- define "vmafx-node.checks" -}}
 {{- $models := .Values.persistence.models -}}
 {{- if .Values.sidecar.trainer.enabled -}}
@@ -286,31 +304,13 @@ livenessProbe:
 {{- if not (or (eq $dir $mount) (hasPrefix (printf "%s/" $mount) $dir)) -}}
 {{- fail (printf "sidecar.trainer.checkpointDir (%s) must be under persistence.models.mountPath (%s): the root filesystem is read-only" $dir $models.mountPath) -}}
 {{- end -}}
-{{- /* The sidecar refuses to start with a replay ring smaller than a batch. Each size is its value, else the
-       sidecar's default; a value in extraEnv wins (it comes last in the env, so it is the one the sidecar
-       reads), and one that is not a plain integer there is left to the sidecar to judge. */}}
-{{- $sizes := list -}}
-{{- range list (list "replayBufferSize" "VMAFX_SIDECAR_REPLAY_CAPACITY" 10000) (list "batchSize" "VMAFX_SIDECAR_BATCH_SIZE" 32) -}}
-{{- $key := index . 0 -}}
-{{- $name := index . 1 -}}
-{{- /* toJson writes numbers exactly (1000000, not 1e+06). */}}
-{{- $size := dict "digits" (toJson (index . 2)) "source" (printf "sidecar.trainer.%s" $key) "note" ", the sidecar's default" -}}
-{{- if hasKey $.Values.sidecar.trainer $key -}}
-{{- $size = dict "digits" (toJson (index $.Values.sidecar.trainer $key)) "source" (printf "sidecar.trainer.%s" $key) "note" "" -}}
-{{- end -}}
-{{- range $.Values.sidecar.trainer.extraEnv -}}
-{{- if and (eq .name $name) (hasKey . "value") -}}
-{{- $size = dict "digits" (trim (toString .value)) "source" (printf "%s in sidecar.trainer.extraEnv" $name) "note" "" -}}
-{{- end -}}
-{{- end -}}
-{{- $sizes = append $sizes $size -}}
-{{- end -}}
-{{- $replay := index $sizes 0 -}}
-{{- $batch := index $sizes 1 -}}
-{{- /* No leading 0: int64 would read "010" as octal. */}}
-{{- if and (regexMatch "^[1-9][0-9]*$" $replay.digits) (regexMatch "^[1-9][0-9]*$" $batch.digits) -}}
-{{- if lt (int64 $replay.digits) (int64 $batch.digits) -}}
-{{- fail (printf "%s (%s%s) must be at least %s (%s%s): the sidecar refuses to start with VMAFX_SIDECAR_REPLAY_CAPACITY below VMAFX_SIDECAR_BATCH_SIZE" $replay.source $replay.digits $replay.note $batch.source $batch.digits $batch.note) -}}
+{{- /* The sidecar refuses to start with a replay ring smaller than a batch; a size in extraEnv that is not a
+       plain integer is left to it to judge (no leading 0 either: int64 would read "010" as octal). */}}
+{{- $replay := include "vmafx-node.settingRead" (dict "ctx" . "key" "replayBufferSize" "env" "VMAFX_SIDECAR_REPLAY_CAPACITY" "default" 10000) | fromJson -}}
+{{- $batch := include "vmafx-node.settingRead" (dict "ctx" . "key" "batchSize" "env" "VMAFX_SIDECAR_BATCH_SIZE" "default" 32) | fromJson -}}
+{{- if and (regexMatch "^[1-9][0-9]*$" $replay.text) (regexMatch "^[1-9][0-9]*$" $batch.text) -}}
+{{- if lt (int64 $replay.text) (int64 $batch.text) -}}
+{{- fail (printf "%s (%s%s) must be at least %s (%s%s): the sidecar refuses to start with VMAFX_SIDECAR_REPLAY_CAPACITY below VMAFX_SIDECAR_BATCH_SIZE" $replay.source $replay.text $replay.note $batch.source $batch.text $batch.note) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -340,20 +340,9 @@ livenessProbe:
 {{- fail (printf "fleet.enabled runs a CronJob named %s, longer than the 52 characters a CronJob's name may have: choose a shorter release name" (include "vmafx-node.fleetName" .)) -}}
 {{- end -}}
 {{- /* A run saves what it trained at each checkpoint: one stopped before its first would be redone whole, every time. */}}
-{{- $interval := 600 -}}
-{{- $source := "sidecar.trainer.checkpointIntervalSeconds" -}}
-{{- if hasKey .Values.sidecar.trainer "checkpointIntervalSeconds" -}}
-{{- $interval = .Values.sidecar.trainer.checkpointIntervalSeconds -}}
-{{- end -}}
-{{- /* extraEnv comes last in the container's env, so its value is the one the sidecar reads. */}}
-{{- range .Values.sidecar.trainer.extraEnv -}}
-{{- if and (eq .name "VMAFX_SIDECAR_CKPT_INTERVAL_S") (hasKey . "value") -}}
-{{- $interval = .value -}}
-{{- $source = "VMAFX_SIDECAR_CKPT_INTERVAL_S in sidecar.trainer.extraEnv" -}}
-{{- end -}}
-{{- end -}}
-{{- if le (float64 .Values.fleet.activeDeadlineSeconds) (float64 $interval) -}}
-{{- fail (printf "fleet.activeDeadlineSeconds (%v) must be more than %s (%v): a run saves its progress at each checkpoint, and one stopped before its first would be redone whole, every time" .Values.fleet.activeDeadlineSeconds $source $interval) -}}
+{{- $interval := include "vmafx-node.settingRead" (dict "ctx" . "key" "checkpointIntervalSeconds" "env" "VMAFX_SIDECAR_CKPT_INTERVAL_S" "default" 600) | fromJson -}}
+{{- if le (float64 .Values.fleet.activeDeadlineSeconds) (float64 $interval.text) -}}
+{{- fail (printf "fleet.activeDeadlineSeconds (%v) must be more than %s (%s): a run saves its progress at each checkpoint, and one stopped before its first would be redone whole, every time" .Values.fleet.activeDeadlineSeconds $interval.source $interval.text) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
