@@ -966,7 +966,8 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
-# "kept_raw", a field that older sidecars ignore (they try the refused statistics again) rather than refuse.
+# "kept_raw" and "loss_smoothed", fields that older sidecars ignore (they try the refused statistics again, and
+# start the loss's average again) rather than refuse.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1408,6 +1409,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
                  "window_y": np.zeros(0, np.float32), "window_candidate": np.zeros(0, np.float32)}
     if "kept_raw" not in state:  # saved before it was: statistics the process refused are tried again
         state = {**state, "kept_raw": False}
+    if "loss_smoothed" not in state:  # saved before it was: the average starts again from the next batch
+        state = {**state, "loss_smoothed": None}
     return state
 
 
@@ -1810,7 +1813,8 @@ class Trainer:
             "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
             "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
             "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
-            "last_loss": self.last_loss, "last_gate": self.last_gate, "rng": self.rng.bit_generator.state,
+            "last_loss": self.last_loss, "loss_smoothed": self.loss_smoothed, "last_gate": self.last_gate,
+            "rng": self.rng.bit_generator.state,
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
@@ -1861,7 +1865,8 @@ class Trainer:
         self.samples_since_checkpoint = state["samples_since_checkpoint"]
         if state["last_checkpoint_unix"] is not None:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
-        self.last_loss, self.last_gate = state["last_loss"], state["last_gate"]
+        self.last_loss, self.loss_smoothed = state["last_loss"], state["loss_smoothed"]
+        self.last_gate = state["last_gate"]
         self.kept_raw = bool(state["kept_raw"])
         self.rng.bit_generator.state = state["rng"]
         self.window.n, self.window.shift = state["window_n"], state["window_shift"]

@@ -254,6 +254,25 @@ def in_process_server(directory: Path) -> vs.Server:
     return vs.Server(trainer.config, trainer, state)
 
 
+def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
+    """vmafx_sidecar_train_loss_smoothed averages ~100 steps: a restart neither drops it nor restarts it from one
+    batch; a snapshot saved before the field existed starts it again from the next batch."""
+    server = in_process_server(tmp_path)
+    for m in messages(100):
+        server.answer(json.dumps(m).encode())
+    smoothed = server.trainer.loss_smoothed
+    assert smoothed is not None and smoothed != server.trainer.last_loss
+    server.state.save()
+    assert in_process_server(tmp_path).trainer.loss_smoothed == smoothed
+    path = tmp_path / ".state" / "snapshot.bin"
+    meta, arrays = vs.read_snapshot(path.read_bytes())
+    del meta["loss_smoothed"]
+    payload = b"".join(vs.pack_arrays(meta, arrays))
+    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    again = in_process_server(tmp_path)
+    assert again.trainer.loss_smoothed is None and again.trainer.last_loss == server.trainer.last_loss
+
+
 def save_killed_before_the_journal_reset(server: vs.Server, monkeypatch) -> None:
     """A snapshot whose process dies after its rename, before the journal it now holds is emptied."""
     def crash(generation):
