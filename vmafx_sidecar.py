@@ -2947,7 +2947,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
     malformed or of a newer format."""
     try:
         record = json.loads(path.read_bytes())
-        if record["file"] != f"model_v{record['version']:06d}.onnx" or not isinstance(record["sha256"], str):
+        if type(record["version"]) is not int or record["file"] != f"model_v{record['version']:06d}.onnx" \
+                or not isinstance(record["sha256"], str):
             raise ValueError("its file and version do not match")
         version = record.get("format", 1)
         if not isinstance(version, int) or version > RECORD_FORMAT:
@@ -2955,7 +2956,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
         return {"format": RECORD_FORMAT, **record}  # format 1: the same fields
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:  # RecursionError: nested too deeply
         log.warning("ignoring %s: %s: %s", path, type(e).__name__, e)
         return None
 
@@ -2967,7 +2968,7 @@ def newer_record_version(path: Path) -> int | None:
         record = json.loads(path.read_bytes())
         newer = type(record["format"]) is int and record["format"] > RECORD_FORMAT
         return record["version"] if newer and type(record["version"]) is int else None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return None
 
 
@@ -3156,9 +3157,10 @@ def fleet_model(directory: Path) -> dict[str, Any] | None:
     """The newest model of the fleet trainer in `directory` (its version and age in seconds), as the replicas
     beside it report it; None without one, or with a latest.json that does not say when it was made."""
     latest = read_record(directory / LATEST)
-    if latest is None or type(latest.get("created_unix")) not in (int, float):
+    created = latest.get("created_unix") if latest else None
+    if type(created) not in (int, float) or not abs(created) < 1e15:  # a time, not NaN, inf or a huge integer
         return None
-    return {"version": latest["version"], "age_s": round(time.time() - latest["created_unix"], 3)}
+    return {"version": latest["version"], "age_s": round(time.time() - created, 3)}
 
 
 def fleet_cursor(checkpoint_dir: Path) -> int:
@@ -3166,7 +3168,7 @@ def fleet_cursor(checkpoint_dir: Path) -> int:
     try:
         cursors = json.loads((checkpoint_dir.parent / FLEET_DIR / FLEET_CURSORS).read_bytes())
         return int(cursors["sources"].get(checkpoint_dir.name, 0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return 0
 
 

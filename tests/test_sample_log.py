@@ -708,6 +708,23 @@ def test_a_fleet_model_record_without_its_time_is_no_fleet_model_to_a_replica(tm
     assert vs.fleet_model(tmp_path / vs.FLEET_DIR)["version"] == 3
 
 
+@pytest.mark.parametrize("latest", [
+    "[" * 100_000,  # nested past the parser's recursion limit: a scrape or a status op stopped the sidecar
+    '{"format": 2, "version": 3, "file": "model_v000003.onnx", "sha256": "0", "created_unix": 1' + "0" * 400 + "}",
+    '{"format": 2, "version": 3, "file": "model_v000003.onnx", "sha256": "0", "created_unix": Infinity}',
+    '{"format": 2, "version": true, "file": "model_v000001.onnx", "sha256": "0", "created_unix": 1.0}',
+], ids=["nested", "huge time", "infinite time", "version true"])
+def test_a_damaged_fleet_record_or_cursor_file_is_no_fleet_model_and_no_position(tmp_path, latest):
+    """What a replica reads of the fleet's files, for its metrics, its status op and its log's retention: a
+    hand-edited or damaged file is none, never an exception in the serving loop or a value JSON cannot carry."""
+    (tmp_path / vs.FLEET_DIR).mkdir()
+    (tmp_path / vs.FLEET_DIR / vs.LATEST).write_text(latest)
+    (tmp_path / vs.FLEET_DIR / vs.FLEET_CURSORS).write_text(
+        latest.replace('"version"', '"sources": {"node": Infinity}, "v"') if latest[0] == "{" else latest)
+    assert vs.fleet_model(tmp_path / vs.FLEET_DIR) is None
+    assert vs.fleet_cursor(tmp_path / "node") == 0
+
+
 @pytest.mark.parametrize("damage", ["header cut short", "not a segment"])
 def test_a_replica_with_a_half_written_or_foreign_segment_is_skipped_with_one_line(tmp_path, caplog, damage):
     replica(tmp_path, "good", [sample(i, np.random.default_rng(18)) for i in range(1, 11)])
