@@ -3848,6 +3848,9 @@ def onnx_metadata(directory: Path, version: int) -> dict[str, Any]:
     return {p.key: p.value for p in props if p.key in ("created", "step")}
 
 
+LATEST_RECHECK_S = 0.2  # a publish's fsyncs between its latest.onnx and its latest.json take milliseconds
+
+
 def verify_checkpoints(directory: Path) -> int:
     """Check every checkpoint's .sha256, record and model (onnx checker, then a run), latest.json and
     latest.onnx; 1 if anything is wrong."""
@@ -3858,12 +3861,12 @@ def verify_checkpoints(directory: Path) -> int:
     for where in (directory, directory / "quarantine"):
         names = os.listdir(where) if where == directory or os.path.lexists(where) else []  # as the sidecar would
         for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))}):
-            results.append((where / f"model_v{version:06d}.onnx",
-                            checkpoint_problems(where, version, published=where == directory)))
-    if (directory / LATEST).exists():
-        results.append((directory / LATEST, latest_problems(directory)))
-    if latest := read_record(directory / LATEST):
-        results.append((directory / LATEST_MODEL, latest_model_problems(directory, latest)))
+            model = where / f"model_v{version:06d}.onnx"
+            problems = checkpoint_problems(where, version, published=where == directory)
+            if problems and not (model.exists() or Path(f"{model}.sha256").exists()):
+                continue  # gone whole since the listing: retention of a sidecar at work beside this command
+            results.append((model, problems))
+    results += latest_results(directory)
     for path, problems in results:
         print(f"{'FAILED' if problems else 'ok':6}  {path}" + "".join(f"\n        {p}" for p in problems))
     failed = sum(bool(problems) for _, problems in results)
@@ -3886,6 +3889,9 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
     record = read_record(directory / f"model_v{version:06d}.json")
     if record and (record["sha256"], record["file"]) != (digest, name):
         problems.append(f"model_v{version:06d}.json names another file or sha256")
+    elif record is None and published:  # recover_latest() counts no checkpoint without one as published
+        problems.append(f"model_v{version:06d}.json {record_problem(directory / f'model_v{version:06d}.json')}: "
+                        f"the sidecar does not count this checkpoint as published")
     try:
         model = onnx.load_from_string(data)
         onnx.checker.check_model(model, full_check=True)
@@ -3900,10 +3906,41 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
     return problems
 
 
-def latest_problems(directory: Path) -> list[str]:
-    latest = read_record(directory / LATEST)
+def latest_results(directory: Path) -> list[tuple[Path, list[str]]]:
+    """latest.json, which a directory with a published checkpoint needs, and latest.onnx, the model nodes load, as
+    it names. A sidecar publishing meanwhile replaces latest.onnx, then latest.json: a pair that does not match is
+    read again a moment later, twice, before it counts as a problem."""
+    for attempt in range(3):
+        time.sleep(LATEST_RECHECK_S if attempt else 0)
+        latest = read_record(directory / LATEST)
+        if latest is None and not (os.path.lexists(directory / LATEST) or published_versions(directory)):
+            return []
+        results = [(directory / LATEST, latest_problems(directory, latest))]
+        if latest is not None:
+            results.append((directory / LATEST_MODEL, latest_model_problems(directory, latest)))
+        if not any(problems for _, problems in results):
+            break
+    return results
+
+
+def published_versions(directory: Path) -> list[int]:
+    return [v for v in checkpoint_versions(directory) if (directory / f"model_v{v:06d}.onnx.sha256").exists()]
+
+
+def record_problem(path: Path) -> str:
+    """Why read_record(path) gave None, in a few words."""
+    if not os.path.lexists(path):
+        return "is missing"
+    if newer_record_version(path) is not None:
+        return "is of a newer format than this version reads"
+    return "is not a valid checkpoint record"
+
+
+def latest_problems(directory: Path, latest: dict[str, Any] | None) -> list[str]:
+    """Why latest.json (read as `latest`) does not name a published model whole; [] if it does."""
     if latest is None:
-        return ["not a valid checkpoint record"]
+        return [f"{record_problem(directory / LATEST)}, with checkpoints published" if published_versions(directory)
+                else record_problem(directory / LATEST)]
     try:
         read_named_checkpoint(directory, latest)
     except OSError as e:

@@ -1341,6 +1341,70 @@ def test_verify_fails_on_latest_json_naming_a_missing_file(copied):
     assert failed_paths(done.stdout) == {str(copied / "latest.json")}
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing", "newer format"])
+def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_read(copied, damage):
+    """The sidecar counts a checkpoint without a record it reads as unpublished: its next start points latest.json
+    back at an older one. verify says so."""
+    record = copied / f"{stem(4)}.json"
+    if damage == "truncated":
+        record.write_bytes(record.read_bytes()[:40])
+    elif damage == "missing":
+        record.unlink()
+    else:
+        record.write_text(json.dumps({**read_json(record), "format": vs.RECORD_FORMAT + 1}))
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / f"{stem(4)}.onnx")}
+    said = {"truncated": "is not a valid checkpoint record", "missing": "is missing",
+            "newer format": "is of a newer format than this version reads"}[damage]
+    assert f"{stem(4)}.json {said}: the sidecar does not count this checkpoint as published" in done.stdout
+    assert vs.CheckpointWriter(str(copied)).latest["version"] == 1  # what the sidecar would do
+
+
+@pytest.mark.parametrize("latest", ["missing", "a dangling link"])
+def test_verify_fails_without_latest_json_once_a_checkpoint_is_published(copied, latest):
+    (copied / "latest.json").unlink()
+    if latest == "a dangling link":
+        (copied / "latest.json").symlink_to(copied / "gone.json")
+    (copied / "latest.onnx").write_bytes(b"not a model")  # unchecked without the record naming it: not the point
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+    assert "with checkpoints published" in done.stdout
+
+
+def test_verify_beside_a_sidecar_passes_what_its_retention_deletes_and_what_it_publishes_meanwhile(
+        copied, monkeypatch, capsys):
+    """verify lists the directory once and reads latest.json and latest.onnx one after the other: a checkpoint
+    deleted whole since the listing is no failure, and latest.json and latest.onnx are checked as a pair."""
+    check, pair = vs.checkpoint_problems, vs.latest_model_problems
+
+    def pruned_first(directory: Path, version: int, published: bool) -> list[str]:
+        if version == 1 and directory == copied:  # in retention's order
+            for suffix in (".onnx.sha256", ".json", ".onnx"):
+                (copied / f"{stem(1)}{suffix}").unlink()
+        return check(directory, version, published)
+
+    def published_first(directory: Path, record: dict) -> list[str]:
+        if record["version"] == 4:  # v5 (a copy of v4's model) is published between the two reads
+            for suffix in (".onnx", ".onnx.sha256"):
+                shutil.copy(copied / f"{stem(4)}{suffix}", copied / f"{stem(5)}{suffix}")
+            newer = {**record, "version": 5, "file": f"{stem(5)}.onnx"}
+            (copied / f"{stem(5)}.json").write_text(json.dumps(newer))
+            (copied / "latest.onnx.sha256").write_text(f"{newer['sha256']}  latest.onnx\n")
+            (copied / "latest.json").write_text(json.dumps(newer))
+            (copied / "latest.onnx").write_bytes(b"not yet the model")  # caught mid-way: v4's test fails
+        elif record["version"] == 5:
+            shutil.copy(copied / f"{stem(5)}.onnx", copied / "latest.onnx")
+        return pair(directory, record)
+
+    monkeypatch.setattr(vs, "checkpoint_problems", pruned_first)
+    monkeypatch.setattr(vs, "latest_model_problems", published_first)
+    assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
+    checked = capsys.readouterr().out
+    assert str(copied / f"{stem(1)}.onnx") not in checked and "FAILED" not in checked
+
+
 def test_checkpoints_lists_every_version(checkpoint_dir):
     done = run_cli("checkpoints", str(checkpoint_dir))
     assert done.returncode == 0, done.stdout + done.stderr
