@@ -748,7 +748,12 @@ def show_status(socket_path: str, timeout_s: float, as_json: bool) -> int:
     except OSError as e:
         print(f"vmafx-sidecar status: {socket_path}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except ValueError:
+    except (ValueError, RecursionError):
+        status = None
+    if type(status) is dict and status.get("ok") is False and type(status.get("error")) is str:
+        print(f"vmafx-sidecar status: {socket_path}: refused: {status['error']}", file=sys.stderr)
+        return 1
+    if type(status) is not dict or status.get("ok") is not True or status.get("op") != "status":
         print(f"vmafx-sidecar status: {socket_path}: unexpected answer {answer[:200]!r}", file=sys.stderr)
         return 1
     if as_json:
@@ -770,6 +775,6 @@ def status_rows(status: dict[str, Any], prefix: str = "") -> list[tuple[str, str
 
 
 def print_rows(rows: list[tuple[str, Any]]) -> None:
-    width = max(len(key) for key, _ in rows)
+    width = max((len(key) for key, _ in rows), default=0)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")

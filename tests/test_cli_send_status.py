@@ -405,3 +405,36 @@ def test_status_prints_a_table_and_json(sidecar_factory):
     assert list(answer) == list(direct) and answer["ok"] is True and answer["op"] == "status"
     assert {k: v for k, v in answer.items() if k not in ("uptime_s", "connections")} == \
            {k: v for k, v in direct.items() if k not in ("uptime_s", "connections")}
+
+
+def answering_once(path: str, answer: bytes) -> threading.Thread:
+    """A stand-in sidecar that reads one request and answers it with `answer`."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("answer, said", [
+    (b'{"ok": false, "error": "line too long (limit 8 bytes)"}\n', "refused: line too long (limit 8 bytes)"),
+    (b'{"ok": false, "error": "unknown op \'status\' (known: ping)"}\n', "refused: unknown op 'status'"),
+    (b'[1]\n', "unexpected answer b'[1]\\n'"), (b"null\n", "unexpected answer b'null\\n'"),
+    (b"{}\n", "unexpected answer b'{}\\n'"), (b'{"ok": true, "op": "pong"}\n', "unexpected answer"),
+    (b"[" * 100_000 + b"\n", "unexpected answer b'[[["),
+], ids=["refused", "an older sidecar", "a list", "null", "empty", "another op", "nested too deeply"])
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_status_fails_in_one_line_on_an_answer_that_is_not_a_status(tmp_path, answer, said, as_json):
+    path = str(tmp_path / "s.sock")
+    server = answering_once(path, answer)
+    done = cli("status", "--socket", path, *(["--json"] if as_json else []))
+    server.join(10)
+    assert done.returncode == 1 and done.stdout == b"", done
+    assert done.stderr.decode().startswith(f"vmafx-sidecar status: {path}: {said}") and done.stderr.count(b"\n") == 1
