@@ -150,7 +150,7 @@ class FeedbackClient:
                  gave up.
     One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
     After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
-    back to the first after an ACK. Each connection starts with {"op": "status"}, from which the client
+    back to the first after an ACK; close() ends a pause at once and retries every FEEDBACK_RETRY_S[0] seconds. Each connection starts with {"op": "status"}, from which the client
     learns n_features and the line limit. The thread needs the GIL to encode and around each write and
     read: a producer that keeps the interpreter busy delays each by up to sys.getswitchinterval().
 
@@ -234,6 +234,7 @@ class FeedbackClient:
         Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect that blocks)."""
         with self._cond:
             self._closing = True
+            self._cond.notify_all()  # ends a backoff pause: the sidecar may be back
             self._cond.wait_for(lambda: not self._queue or self._stopping, timeout)
             self._stopping = True
             self._cond.notify_all()  # ends a backoff pause
@@ -270,9 +271,10 @@ class FeedbackClient:
                 if delivered:
                     delay = FEEDBACK_RETRY_S[0]
                     continue
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stopping, delay)
-                delay = min(delay * 2, FEEDBACK_RETRY_S[1])
+                with self._cond:  # a pause close() did not see begin ends with it: its timeout is for delivering
+                    closing = self._closing
+                    self._cond.wait_for(lambda: self._stopping or self._closing != closing, delay)
+                delay = FEEDBACK_RETRY_S[0] if self._closing else min(delay * 2, FEEDBACK_RETRY_S[1])
         finally:
             self._disconnect()
 

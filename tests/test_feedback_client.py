@@ -329,6 +329,24 @@ def test_close_with_the_server_down_counts_the_queue_as_dropped_in_time(clients,
     assert client.dropped == 11
 
 
+def test_close_in_a_long_backoff_pause_delivers_to_a_sidecar_back_since(clients, short_dir, monkeypatch):
+    """A sidecar that starts after its producers, or restarts, leaves the thread in a pause of up to two minutes:
+    close() ends it, so its timeout is spent delivering, not waiting for the next try."""
+    monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (30.0, 120.0))
+    client = clients(f"{short_dir}/s.sock")
+    rng = np.random.default_rng(8)
+    assert all(client.send(*good(rng), job_id=f"j{i}") for i in range(10))
+    wait_until(lambda: not client._reachable)  # its first connect was refused: now in a 30 s pause
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda conn, line: OK_ACK)
+    try:
+        started = time.monotonic()
+        client.close(timeout=10)
+        assert time.monotonic() - started < 10
+        assert (client.delivered, client.dropped) == (10, 0) and len(fake.samples) == 10
+    finally:
+        fake.stop()
+
+
 @pytest.mark.parametrize("failure", ["hang up", "no ACK before the deadline"])
 def test_unknown_delivery_is_resent_on_a_new_connection(clients, short_dir, monkeypatch, fast_retry, failure):
     monkeypatch.setattr(vf, "FEEDBACK_ACK_DEADLINE_S", 1.0)
