@@ -390,13 +390,15 @@ def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: in
     """The request of one sample, its features copied; InvalidSample for what the sidecar would reject (see
     its parse_request). Encoding is left to the delivery thread: json.dumps of 80 floats is ~60 µs, which
     would keep a busy producer thread from ever letting the delivery thread run."""
-    if job_id is not None and type(job_id) is not str:
+    if isinstance(job_id, str):
+        job_id = str.__str__(job_id)  # a subclass (numpy.str_) as the string json.dumps sends, whatever its __str__
+    elif job_id is not None:
         raise InvalidSample(f"job_id: expected a string, got {json_type_name(job_id)}")
     if job_id is not None and job_id_too_long(job_id):
         raise InvalidSample(JOB_ID_TOO_LONG)
     if isinstance(features, numpy_types("ndarray")):
         features = features.tolist()  # Python numbers; a 2-D array becomes lists, refused below
-    if type(features) is not list and type(features) is not tuple:
+    if not isinstance(features, (list, tuple)):  # subclasses too (a namedtuple): json.dumps sends an array
         count = "" if n_features is None else f"{n_features} "
         raise InvalidSample(f"features: expected a list of {count}numbers, got {json_type_name(features)}")
     if n_features is not None and len(features) != n_features:
@@ -432,6 +434,10 @@ def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | 
         v = int(v)
     elif isinstance(v, numpy_types("floating")):
         v = float(v)  # .item() of a longdouble is a longdouble
+    elif isinstance(v, float):  # a subclass, as the number json.dumps sends, whatever its methods say
+        v = float.__float__(v)
+    elif isinstance(v, int) and not isinstance(v, bool):  # an IntEnum, say; json.dumps sends a bool as true/false
+        v = int.__int__(v)
     if type(v) is not float and type(v) is not int:  # bool is neither
         problem = f"expected a number, got {json_type_name(v)}"
     elif not (problem := float32_problem(v)):

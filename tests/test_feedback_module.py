@@ -2,7 +2,9 @@
 the sidecar at the other end of the socket."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -74,6 +76,39 @@ def test_a_value_of_another_type_is_refused_in_the_words_of_the_sidecar(features
     with pytest.raises(vs.BadRequest) as there:
         vs.parse_request(json.dumps(request).encode(), 4)
     assert str(here.value) == there.value.error
+
+
+class Score(float):
+    def __float__(self) -> float:  # what json.dumps sends is the value, not what this says
+        return 0.0
+
+
+class Kind(enum.IntEnum):
+    FULL_HD = 1080
+
+
+class JobId(str):
+    def __str__(self) -> str:
+        return "another"
+
+
+Features = collections.namedtuple("Features", "a b c d")
+
+
+@pytest.mark.parametrize("features, score, job_id", [
+    ([0.5] * 4, 50.0, np.str_("enc-1")), ([0.5] * 4, 50.0, JobId("enc-1")), ([0.5] * 4, Score(50.5), None),
+    ([0.5, Kind.FULL_HD, 0.5, 0.5], Kind.FULL_HD, None), (Features(0.5, 0.25, 0.5, 0.5), 50.0, None),
+], ids=["numpy.str_ job_id", "str subclass job_id", "float subclass", "IntEnum", "namedtuple"])
+def test_subclasses_of_str_float_int_list_and_tuple_pass_as_what_json_sends(features, score, job_id):
+    """What json.dumps sends for them is a JSON string, number or array, which the sidecar accepts: so does the
+    producer, queueing the plain values it sends."""
+    message = vf.feedback_message(features, score, job_id, 4, None)
+    sent = json.loads(vf.feedback_line(message))
+    assert sent == json.loads(json.dumps({"features": list(features), "true_score": score,
+                                          **({"job_id": job_id} if job_id is not None else {})}))
+    assert type(vs.parse_request(vf.feedback_line(message).rstrip(), 4)) is vs.Sample
+    assert {type(v) for v in [*message["features"], message["true_score"], message.get("job_id", "")]} <= {
+        float, int, str}
 
 
 @pytest.mark.parametrize("job_id, refused", [("x" * 65535, False), ("x" * 65536, True), ("\U0001F600" * 16383, False),
