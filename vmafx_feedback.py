@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ F32_MAX = 3.4028234663852886e38  # float(numpy.finfo(numpy.float32).max): the la
 F32_BOUND = 3.4028235677973362e38
 JOB_ID_MAX_BYTES = 65535  # a job_id's UTF-8 length, which the sidecar's sample log stores in 16 bits
 JOB_ID_TOO_LONG = f"job_id: longer than {JOB_ID_MAX_BYTES} bytes in UTF-8"  # both ends' words
+LINE_TOO_LONG = "line too long (limit {} bytes)"  # both ends' words, with VMAFX_SIDECAR_MAX_LINE_BYTES
 # What both ends call a value's type in an error: its JSON name (json.dumps sends a tuple as an array).
 JSON_TYPE_NAMES = {dict: "object", list: "array", tuple: "array", str: "string", bool: "boolean",
                    type(None): "null", int: "number", float: "number"}
@@ -412,7 +414,7 @@ def feedback_message(features: Any, true_score: Any, job_id: Any, n_features: in
     # encoded here to check.
     bound = 41 * (len(features) + 1) + 12 * len(job_id or "") + 64
     if max_line is not None and bound > max_line and len(feedback_line(message)) - 1 > max_line:
-        raise InvalidSample(f"line too long (limit {max_line} bytes)")
+        raise InvalidSample(LINE_TOO_LONG.format(max_line))
     return message
 
 
@@ -510,10 +512,17 @@ class UnreadableInput(ValueError):
 
 def input_file(path: str) -> str:
     """argparse type: - (JSON lines on stdin) or a readable file with a known suffix."""
-    if path != "-" and not path.lower().endswith(INPUT_SUFFIXES):
+    if path == "-":
+        if sys.stdin is None:  # fd 0 closed: its number may be a socket's by now
+            raise argparse.ArgumentTypeError("-: standard input is closed")
+        return path
+    if not path.lower().endswith(INPUT_SUFFIXES):
         raise argparse.ArgumentTypeError(f"{path}: unknown file type (expected {', '.join(INPUT_SUFFIXES)} or -)")
-    if path != "-" and (os.path.isdir(path) or not os.access(path, os.R_OK)):
+    if os.path.isdir(path) or not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f"{path}: no such file, or not a readable one")
+    if path.lower().endswith(".csv") and not stat.S_ISREG(os.stat(path).st_mode):
+        raise argparse.ArgumentTypeError(f"{path}: not a regular file: a CSV is read twice, its header before "
+                                         f"anything is sent (a pipe would lose rows); save it, or send JSON lines")
     return path
 
 
@@ -562,14 +571,17 @@ def csv_rows(lines: Iterator[bytes]) -> Any:
                       for number, line in enumerate(lines))
 
 
-def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
+def read_requests(paths: list[str], layouts: dict[str, CsvLayout], max_line: int, tally: Tally
                   ) -> Iterator[tuple[str, int, bytes | None, str | None]]:
     """(file, line number, request line or None, why it is not sent or None) for each non-blank line."""
     for path in paths:
         name = "<stdin>" if path == "-" else path
         with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
             if path not in layouts:  # JSON lines go as they are (a file's BOM aside): the sidecar checks them
-                for number, line in enumerate(tally.counted(f), 1):
+                for number, line in enumerate(bounded_lines(f, max_line, tally), 1):
+                    if line is None:
+                        yield name, number, None, LINE_TOO_LONG.format(max_line)
+                        continue
                     if number == 1 and line.startswith(codecs.BOM_UTF8):  # as some editors begin a UTF-8 file
                         line = line[len(codecs.BOM_UTF8):]
                     if line.strip():  # the sidecar answers no blank line
@@ -586,6 +598,20 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], tally: Tally
             except csv.Error as e:  # a stray carriage return, a cell past csv's size limit: where the next row
                 # begins is unknown (inside a quoted cell, a line may be anything), so the file ends here
                 raise UnreadableInput(f"{name}:{rows.line_num}: not a CSV row: {e}") from None
+
+
+def bounded_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes | None]:
+    """f's lines; None for one of more than `limit` bytes before its newline, which the sidecar would refuse: it is
+    read on in pieces, never held whole (a JSON array on one line, say)."""
+    while line := f.readline(limit + 1):
+        tally.bytes_read += len(line)
+        if line.endswith(b"\n") or len(line) <= limit:
+            yield line
+            continue
+        while (piece := f.readline(RECV_BYTES)) and not piece.endswith(b"\n"):
+            tally.bytes_read += len(piece)
+        tally.bytes_read += len(piece)
+        yield None
 
 
 class Tally:
@@ -623,8 +649,8 @@ class Tally:
     def progress(self, elapsed: float) -> str:
         done = self.accepted + self.rejected
         parts = [f"{done} lines", f"{done / elapsed:.0f} lines/s"]
-        if self.total_bytes and self.bytes_read:
-            eta = (self.total_bytes - self.bytes_read) * elapsed / self.bytes_read
+        if self.total_bytes and self.bytes_read < self.total_bytes:  # not past a size measured at the start
+            eta = (self.total_bytes - self.bytes_read) * elapsed / max(1, self.bytes_read)
             parts += [f"{self.bytes_read / self.total_bytes:.0%} of {self.total_bytes / 1e6:.1f} MB",
                       f"ETA {datetime.timedelta(seconds=round(eta))}"]
         return "  ".join([*parts, f"accepted {self.accepted}", f"rejected {self.rejected}"])
@@ -633,7 +659,7 @@ class Tally:
         if self.tty and self.shown > self.started:
             sys.stderr.write("\r\x1b[K")  # the progress line gives way to the summary
         elapsed = time.monotonic() - self.started
-        rejected = f"{self.rejected} ({self.local} not sent: unreadable rows)" if self.local else self.rejected
+        rejected = f"{self.rejected} ({self.local} refused before sending)" if self.local else self.rejected
         sent = max(self.sent, self.accepted + self.rejected - self.local)  # answered: sent by a sendall() that failed
         print_rows([("sent", sent), ("accepted", self.accepted), ("rejected", rejected), ("elapsed",
                     f"{elapsed:.1f} s"), ("rate", f"{(self.accepted + self.rejected) / elapsed:.0f} lines/s")])
@@ -722,7 +748,8 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         stopped = None
         try:
             with sock.makefile("rb") as reader:
-                send_lines(sock, reader, read_requests(paths, layouts, tally), tally)
+                max_line = line_limit(sock, reader)
+                send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
         except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
@@ -737,6 +764,17 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
               f"acknowledged" + (f"; the input was done up to {tally.done_to}" if tally.done_to else ""),
               file=sys.stderr)
     return 1 if stopped or tally.rejected else 0
+
+
+def line_limit(sock: socket.socket, reader: io.BufferedReader) -> int:
+    """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status: a longer line is refused without being read whole."""
+    try:
+        sock.sendall(FEEDBACK_STATUS_REQUEST)
+        return int(json.loads(reader.readline())["config"]["max_line_bytes"])
+    except OSError as e:
+        raise ConnectionError(e.strerror or e) from None
+    except (ValueError, RecursionError, KeyError, TypeError):  # b"" at EOF is a ValueError too
+        raise ConnectionError("its answer to a status request was not a status") from None
 
 
 def total_bytes(paths: list[str]) -> int | None:

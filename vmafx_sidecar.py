@@ -772,7 +772,7 @@ class Server:
         self.state.record_rejection()
 
     def too_long(self) -> bytes:
-        error = f"line too long (limit {self.config.max_line_bytes} bytes)"
+        error = feedback.LINE_TOO_LONG.format(self.config.max_line_bytes)
         self.acks += 1
         self.reject(error)
         return encode_ack({"ok": False, "error": error}, None)

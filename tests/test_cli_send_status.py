@@ -3,6 +3,7 @@ runs them: a subprocess against a real sidecar (the progress display against a p
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pty
@@ -201,7 +202,7 @@ def test_rejected_lines_are_listed_with_file_and_line_and_exit_1(sidecar_factory
     rc, stdout, _ = send(sidecar, str(jsonl), str(table))
 
     assert rc == 1
-    assert summary(stdout) == {"sent": "6", "accepted": "4", "rejected": "3 (1 not sent: unreadable rows)"}
+    assert summary(stdout) == {"sent": "6", "accepted": "4", "rejected": "3 (1 refused before sending)"}
     assert rejections(stdout) == [
         f"{jsonl}:3: features[0]: not a finite number (NaN, Infinity or an overflowing literal)",
         f"{jsonl}:5: features: expected 4 numbers, got 3",
@@ -234,8 +235,9 @@ def test_send_memory_does_not_grow_with_the_input(sidecar_factory, tmp_path):
 
 
 def paced_sidecar(path: str, pause_s: float) -> threading.Thread:
-    """A stand-in for the sidecar on `path` that accepts every sample of one connection, each `pause_s` or more
-    after the last: a send of n lines then takes n × pause_s at least, however fast the machine."""
+    """A stand-in for the sidecar on `path` that answers send's status request, then accepts every sample of one
+    connection, each `pause_s` or more after the last: a send of n lines then takes n × pause_s at least, however
+    fast the machine."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
@@ -244,6 +246,8 @@ def paced_sidecar(path: str, pause_s: float) -> threading.Thread:
         with listener:
             conn, _ = listener.accept()
         with conn, conn.makefile("rb") as lines:
+            assert json.loads(next(lines)) == {"op": "status"}
+            conn.sendall(b'{"ok": true, "op": "status", "config": {"max_line_bytes": 1048576}}\n')
             for line in filter(bytes.strip, lines):
                 time.sleep(pause_s)
                 conn.sendall(b'{"ok": true, "step": 0, "trained": false}\n')
@@ -297,6 +301,63 @@ def test_send_and_status_without_a_sidecar_say_so_in_one_line(tmp_path):
         done = cli(command, "--socket", path, *([str(data)] if command == "send" else []))
         assert done.returncode == 1 and done.stdout == b""
         assert done.stderr.decode() == f"vmafx-sidecar {command}: {path}: {why}\n"
+
+
+def test_a_line_over_the_sidecars_limit_is_refused_without_being_held_or_sent(sidecar_factory, tmp_path):
+    """A JSON array saved on one line, say: send learns the sidecar's line limit from its status and reads such a
+    line on in pieces, so its memory does not grow with it, and the sidecar never sees it."""
+    sidecar = sidecar_factory(**SERVER, VMAFX_SIDECAR_MAX_LINE_BYTES="4096")
+    measured = ("import re, sys, vmafx_sidecar\nrc = vmafx_sidecar.main(sys.argv[1:])\n"
+                "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr)\n"
+                "sys.exit(rc)")
+    peaks = {}
+    for size in (0, 40 << 20):
+        path = tmp_path / f"{size}.jsonl"
+        path.write_bytes(VALID + b"[" + b"0.5," * (size // 4) + b"0.5]\n" + VALID if size else VALID * 2)
+        done = subprocess.run([sys.executable, "-c", measured, "send", "--socket", sidecar.socket, str(path)],
+                              capture_output=True, env=cli_env(), cwd=ROOT, timeout=120)
+        peaks[size] = int(done.stderr.splitlines()[-1])  # kB
+        stdout = done.stdout.decode()
+        if size:
+            assert done.returncode == 1, done.stderr
+            assert summary(stdout) == {"sent": "2", "accepted": "2", "rejected": "1 (1 refused before sending)"}
+            assert rejections(stdout) == [f"{path}:2: line too long (limit 4096 bytes)"]
+    assert status(sidecar)["samples_rejected"] == 0  # the sidecar would have answered the same, had it been sent
+    assert peaks[40 << 20] - peaks[0] < 8 * 1024, peaks  # held whole, the line alone would be 40 MB
+
+
+@pytest.mark.parametrize("line", [b"x" * 10, b"x" * 11, b"x" * 9 + b"\r", b"x" * 10 + b"\r", b"x" * 12, b"x" * 100_000])
+@pytest.mark.parametrize("last", [False, True], ids=["a line", "the last, without its newline"])
+def test_send_takes_a_line_as_too_long_exactly_where_the_sidecar_does(line, last):
+    """Over the limit: more bytes than it before the newline, a carriage return included."""
+    data = line + (b"" if last else b"\nnext\n")
+    too_long = len(line) > 10
+    lines = list(vf.bounded_lines(io.BufferedReader(io.BytesIO(data), 64), 10, vf.Tally(None, False)))
+    assert lines == [None if too_long else line + (b"" if last else b"\n"), *([] if last else [b"next\n"])]
+
+
+def test_send_from_a_closed_stdin_is_refused_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", str(tmp_path / "none.sock"), "-"],
+                          stdin=subprocess.DEVNULL, capture_output=True, env=cli_env(), cwd=ROOT, timeout=60,
+                          preexec_fn=lambda: os.close(0))
+    assert done.returncode == 2 and "Traceback" not in done.stderr.decode()
+    assert "-: standard input is closed" in done.stderr.decode()
+
+
+def test_send_refuses_a_csv_that_is_a_pipe_before_connecting(tmp_path):
+    """A CSV is read twice (every header is checked before anything is sent): from a pipe, that lost rows or hung."""
+    os.mkfifo(tmp_path / "rows.csv")
+    done = cli("send", "--socket", str(tmp_path / "none.sock"), str(tmp_path / "rows.csv"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr.decode()
+    assert "rows.csv: not a regular file: a CSV is read twice" in done.stderr.decode()
+
+
+def test_the_progress_of_a_file_that_grew_stops_at_its_size_at_the_start():
+    tally = vf.Tally(1000, False)
+    tally.bytes_read, tally.accepted = 1500, 10
+    assert tally.progress(3.0) == "10 lines  3 lines/s  accepted 10  rejected 0"
+    tally.bytes_read = 500
+    assert tally.progress(3.0) == "10 lines  3 lines/s  50% of 0.0 MB  ETA 0:00:03  accepted 10  rejected 0"
 
 
 def test_send_refuses_files_of_unknown_type_before_connecting(tmp_path):
