@@ -660,22 +660,30 @@ class Server:
         start = 0
         while (newline := data.find(b"\n", start)) >= 0:
             if len(conn.outbuf) >= OUTBUF_HIGH:  # the rest waits until the client has taken some ACKs
-                conn.inbuf += data[start:]
-                if conn not in self.backlog:
-                    conn.waiting_since = time.monotonic()
-                    self.backlog[conn] = None
+                self.hold(conn, data[start:])
                 return
             if newline - start > limit:
                 conn.outbuf += self.too_long()
             else:
                 conn.outbuf += self.answer(data[start:newline])
             start = newline + 1
-        self.backlog.pop(conn, None)
         if len(data) - start > limit:  # answer now and drop the rest of the line as it arrives
+            if len(conn.outbuf) >= OUTBUF_HIGH:  # or once there is room: enough of it waits to be too long
+                self.hold(conn, data[start:start + limit + 1])
+                return
             conn.outbuf += self.too_long()
             conn.discarding = True
         else:
             conn.inbuf += data[start:]
+        self.backlog.pop(conn, None)
+
+    def hold(self, conn: Connection, rest: bytes) -> None:
+        """Keep what is left of conn's input for a later turn, with no more of it read meanwhile: its unsent ACKs
+        are at OUTBUF_HIGH."""
+        conn.inbuf += rest
+        if conn not in self.backlog:
+            conn.waiting_since = time.monotonic()
+            self.backlog[conn] = None
 
     def flush(self, conn: Connection) -> None:
         if conn.outbuf:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import ROOT, Client, Sidecar, sample
+from conftest import ROOT, Client, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 SILENCE_S = 0.5  # how long "nothing more arrives" is watched for; a correct server passes regardless
@@ -527,6 +527,32 @@ def test_a_client_that_sends_on_but_stops_reading_is_disconnected_once_its_acks_
     assert not sender.is_alive() and status(watcher)["connections"] == 1
 
 
+@pytest.mark.parametrize("newline", ["in the next read", "at the end of the read"])
+def test_too_long_lines_from_a_client_that_never_reads_wait_for_room_like_any_other(tmp_path, newline):
+    """A too-long line whose newline comes in a later read was answered with no look at the ACKs waiting, and the
+    connection was never held back: a client that sent nothing else and never read grew them without bound."""
+    trainer = make_trainer(tmp_path, n_features=4, max_line_bytes=16)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    ours, theirs = socket.socketpair()
+    conn = vs.Connection(ours, server.on_connection_ready)
+    read = b"\n" + b"x" * 40 if newline == "in the next read" else b"x" * 40 + b"\n"  # each read ends or begins one
+    ack = b'{"ok": false, "error": "line too long (limit 16 bytes)"}\n'
+    try:
+        for _ in range(2 * vs.OUTBUF_HIGH // len(ack)):  # as the loop reads it: until it is held back
+            server.take_lines(conn, read)
+            if conn in server.backlog:
+                break
+        assert vs.OUTBUF_HIGH <= len(conn.outbuf) < vs.OUTBUF_HIGH + len(ack) and conn in server.backlog
+        assert conn.outbuf == ack * (len(conn.outbuf) // len(ack))
+        del conn.outbuf[:]  # the client read them all: the line that waited is answered, then it is read again
+        server.take_lines(conn, b"")
+        assert conn.outbuf == ack and conn not in server.backlog
+    finally:
+        ours.close()
+        theirs.close()
+
+
+# ---- line length ----
 # ---- line length ----
 
 def padded_sample_line(rng: np.random.Generator, length: int, job_prefix: str) -> bytes:
