@@ -655,6 +655,9 @@ class Server:
             data = data[newline + 1:]
             conn.discarding = False
         if conn.inbuf:  # usually empty: a client sends whole lines, so data is sliced without copies
+            if data and b"\n" not in data and len(conn.inbuf) + len(data) <= limit:
+                conn.inbuf += data  # a line arriving in pieces is joined once, when it ends: linear, not quadratic
+                return
             data = bytes(conn.inbuf + data)
             conn.inbuf.clear()
         start = 0

@@ -168,7 +168,7 @@ def test_any_line_gets_one_strict_json_ack(tmp_path, line):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stream=st.lists(lines, max_size=12), cuts=st.lists(st.integers(0, 2000), max_size=8))
+@given(stream=st.lists(lines, max_size=12), cuts=st.lists(st.integers(0, 2000), max_size=40))
 def test_acks_do_not_depend_on_how_bytes_are_split(tmp_path, stream, cuts):
     data = b"".join(line + b"\n" for line in stream)
     whole, pieces = make_server(tmp_path, max_line_bytes=100), make_server(tmp_path, max_line_bytes=100)
