@@ -611,7 +611,7 @@ class Server:
             self.accepts_paused_at = time.monotonic()
             return False
         if len(self.connections) >= self.config.max_connections:
-            sock.close()  # the client reads EOF at once and may retry; the others are unaffected
+            sock.close()  # the client reads EOF at once (a reset, had it sent already) and may retry; others go on
             self.connections_refused += 1
             return True
         sock.setblocking(False)
