@@ -48,6 +48,7 @@ import hashlib
 import heapq
 import importlib.metadata
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -3268,14 +3269,20 @@ class Histogram:
                 ("_sum", {}, self.sum), ("_count", {}, sum(self.counts))]
 
 
+HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"  # its labels
+
+
 def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
-    """`:9464` (every IPv4 interface), `127.0.0.1:9464` or `[::1]:9464`."""
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})", text)
+    """`:9464` (every IPv4 interface), `127.0.0.1:9464`, `localhost:9464` or `[::1]:9464`; ValueError for what no
+    socket could bind: an address no IP literal is, a host name no name is, a port past 65535."""
+    match = re.fullmatch(rf"(\[[0-9A-Fa-f:.]+\]|{HOST_NAME}|):([0-9]{{1,5}})", text)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
     host = match.group(1)
     if host.startswith("["):
-        return socket.AF_INET6, host[1:-1], int(match.group(2))
+        return socket.AF_INET6, str(ipaddress.IPv6Address(host[1:-1])), int(match.group(2))
+    if re.fullmatch(r"[0-9.]+", host):  # all digits: an IPv4 address, or nothing
+        ipaddress.IPv4Address(host)
     return socket.AF_INET, host or "0.0.0.0", int(match.group(2))
 
 
