@@ -3931,12 +3931,14 @@ def latest_results(directory: Path) -> list[tuple[Path, list[str]]]:
     for attempt in range(3):
         time.sleep(LATEST_RECHECK_S if attempt else 0)
         latest = read_record(directory / LATEST)
-        if latest is None and not (os.path.lexists(directory / LATEST) or published_versions(directory)):
-            return []
-        results = [(directory / LATEST, latest_problems(directory, latest))]
-        if latest is not None:
-            results.append((directory / LATEST_MODEL, latest_model_problems(directory, latest)))
-        if not any(problems for _, problems in results):
+        if latest is None:  # needed once a checkpoint is published; else a stray file, or none
+            problem = record_problem(directory / LATEST)
+            if published_versions(directory):
+                return [(directory / LATEST, [f"{problem}, with checkpoints published"])]
+            return [(directory / LATEST, [problem])] if os.path.lexists(directory / LATEST) else []
+        results = [(directory / LATEST, latest_problems(directory, latest)),
+                   (directory / LATEST_MODEL, latest_model_problems(directory, latest))]
+        if not results[1][1]:
             break
     return results
 
@@ -3954,11 +3956,8 @@ def record_problem(path: Path) -> str:
     return "is not a valid checkpoint record"
 
 
-def latest_problems(directory: Path, latest: dict[str, Any] | None) -> list[str]:
+def latest_problems(directory: Path, latest: dict[str, Any]) -> list[str]:
     """Why latest.json (read as `latest`) does not name a published model whole; [] if it does."""
-    if latest is None:
-        return [f"{record_problem(directory / LATEST)}, with checkpoints published" if published_versions(directory)
-                else record_problem(directory / LATEST)]
     try:
         read_named_checkpoint(directory, latest)
     except OSError as e:
