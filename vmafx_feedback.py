@@ -152,8 +152,8 @@ class FeedbackClient:
                  gave up.
     One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
     After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
-    back to the first after an ACK; close() ends a pause at once and retries every FEEDBACK_RETRY_S[0] seconds. Each connection starts with {"op": "status"}, from which the client
-    learns n_features and the line limit. The thread needs the GIL to encode and around each write and
+    back to the first after an ACK; close() ends a pause at once and retries every FEEDBACK_RETRY_S[0] seconds.
+    Each connection starts with {"op": "status"}, from which the client learns n_features and the line limit. The thread needs the GIL to encode and around each write and
     read: a producer that keeps the interpreter busy delays each by up to sys.getswitchinterval().
 
     Delivery is at least once; a sample send() accepted is lost or duplicated only in these cases:
