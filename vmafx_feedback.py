@@ -153,8 +153,9 @@ class FeedbackClient:
     One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
     After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
     back to the first after an ACK; close() ends a pause at once and retries every FEEDBACK_RETRY_S[0] seconds.
-    Each connection starts with {"op": "status"}, from which the client learns n_features and the line limit. The thread needs the GIL to encode and around each write and
-    read: a producer that keeps the interpreter busy delays each by up to sys.getswitchinterval().
+    Each connection starts with {"op": "status"}, from which the client learns n_features and the line limit.
+    The thread needs the GIL to encode and around each write and read: a producer that keeps the interpreter
+    busy delays each by up to sys.getswitchinterval().
 
     Delivery is at least once; a sample send() accepted is lost or duplicated only in these cases:
       - queue full: send() returns False and counts it as dropped (`capacity` includes the one in flight);
@@ -767,7 +768,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
 
 
 def line_limit(sock: socket.socket, reader: io.BufferedReader) -> int:
-    """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status: a longer line is refused without being read whole."""
+    """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status: a longer line is refused unread and unsent."""
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
         return int(json.loads(reader.readline())["config"]["max_line_bytes"])

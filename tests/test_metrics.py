@@ -288,7 +288,8 @@ def test_metrics_are_off_by_default(sidecar_factory):
 
 
 @pytest.mark.parametrize("address", ["9464", "localhost", ":0", ":70000", "1.2.3.4:", "[::1]9464", "a b:1",
-                                     "[1.2.3.4]:9464", "999.1.1.1:9464", "-:9464", "[:::]:9464", ":\u0669\u0664\u0666\u0664"])
+                                     "[1.2.3.4]:9464", "999.1.1.1:9464", "-:9464", "[:::]:9464",
+                                     ":\u0669\u0664\u0666\u0664"])
 def test_invalid_metrics_address_exits_2_naming_it(tmp_path, address):
     result = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "serve"], cwd=ROOT, capture_output=True,
                             text=True, timeout=30, env={"VMAFX_SIDECAR_METRICS_ADDR": address, "PATH": ""})
