@@ -978,8 +978,9 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
-# "kept_raw" and "loss_smoothed", fields that older sidecars ignore (they try the refused statistics again, and
-# start the loss's average again) rather than refuse.
+# "kept_raw", "loss_smoothed" and "samples_since_publish", fields that older sidecars ignore (they try the refused
+# statistics again, start the loss's average again, and top the gate's history up from the window back) rather
+# than refuse.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1423,6 +1424,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         state = {**state, "kept_raw": False}
     if "loss_smoothed" not in state:  # saved before it was: the average starts again from the next batch
         state = {**state, "loss_smoothed": None}
+    if "samples_since_publish" not in state:  # saved before it was: the history skips the window alone, as then
+        state = {**state, "samples_since_publish": 0}
     return state
 
 
@@ -1744,6 +1747,7 @@ class Trainer:
         self.samples_held_out = 0
         self.unnamed_samples = 0  # samples without a job_id: their count picks which are held out
         self.samples_since_checkpoint = 0
+        self.samples_since_publish = 0  # in the replay ring since the last checkpoint published: see history()
         self.last_checkpoint_time: float | None = None
         self.last_loss: float | None = None
         self.loss_smoothed: float | None = None
@@ -1824,6 +1828,7 @@ class Trainer:
             "samples_accepted": self.samples_accepted, "samples_rejected": self.samples_rejected,
             "samples_trained": self.samples_trained, "samples_held_out": self.samples_held_out,
             "unnamed_samples": self.unnamed_samples, "samples_since_checkpoint": self.samples_since_checkpoint,
+            "samples_since_publish": self.samples_since_publish,
             "last_checkpoint_unix": None if since_checkpoint is None else time.time() - since_checkpoint,
             "last_loss": self.last_loss, "loss_smoothed": self.loss_smoothed, "last_gate": self.last_gate,
             "rng": self.rng.bit_generator.state,
@@ -1875,6 +1880,7 @@ class Trainer:
         self.samples_trained, self.samples_held_out = state["samples_trained"], state["samples_held_out"]
         self.unnamed_samples = state["unnamed_samples"]
         self.samples_since_checkpoint = state["samples_since_checkpoint"]
+        self.samples_since_publish = state["samples_since_publish"]
         if state["last_checkpoint_unix"] is not None:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
         self.last_loss, self.loss_smoothed = state["last_loss"], state["loss_smoothed"]
@@ -1942,6 +1948,7 @@ class Trainer:
         xp = self.backend.xp
         new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
         self.replay.extend(new_x, new_y)
+        self.samples_since_publish += self.n_new
         n = self.n_new + min(self.n_replay, self.replay.size)
         x, y = self.batch_x[:n], self.batch_y[:n]
         x[:self.n_new], y[:self.n_new] = new_x, new_y
@@ -2074,15 +2081,18 @@ class Trainer:
     def history(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The gate's long memory, on the host, and how much of it is held out: the evaluation ring, topped up
         while it holds fewer than GATE_MIN_EVAL samples with the newest replay samples older than the window
-        (up to EVAL_CAPACITY in all)."""
+        (up to EVAL_CAPACITY in all); once a checkpoint is published, older than it too: the incumbent trained on
+        them as the candidate did, where those of windows quarantined since would favour a candidate that
+        learned a burst."""
         self.flush_held_out()
         host = self.backend.to_host
         x, y = host(self.eval.x[:self.eval.size]), host(self.eval.y[:self.eval.size])
         held_out, c = len(y), self.config
         if held_out >= c.gate_min_eval:
             return x, y, held_out
-        older = min(max(0, self.replay.size - self.window.n), c.eval_capacity - held_out)
-        replay_x, replay_y = self.replay.older(self.window.n, older)
+        skip = max(self.window.n, self.samples_since_publish) if self.has_champion else self.window.n
+        older = min(max(0, self.replay.size - skip), c.eval_capacity - held_out)
+        replay_x, replay_y = self.replay.older(skip, older)
         return np.concatenate([x, host(replay_x)]), np.concatenate([y, host(replay_y)]), held_out
 
     def apply_gradient(self, loss: float) -> bool:
@@ -2134,6 +2144,7 @@ class Trainer:
         self.window.reset()
         self.last_gate = checkpoint.record
         if checkpoint.published:
+            self.samples_since_publish = 0
             self.incumbent = MLP.from_weights(self.raw_weights(self.ema), backend=self.backend)
             if not self.has_champion or checkpoint.verdict.displaces_champion():
                 self.champion.flat[...] = self.incumbent.flat

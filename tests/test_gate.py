@@ -560,6 +560,24 @@ def test_history_tops_a_small_held_out_ring_up_with_replay_older_than_the_window
     assert_history(trainer, list(range(1000, 1006)), 6)  # GATE_MIN_EVAL held out: those alone
 
 
+def test_history_once_published_tops_up_only_with_what_the_incumbent_trained_on(tmp_path, monkeypatch):
+    """Samples of windows quarantined since the last publish trained the candidate, never the incumbent: topped up
+    with them, the history favoured a candidate that had learned a burst, and after a few quarantined windows of
+    inverted scores one was published."""
+    verdicts = [UNGATED, REFUSED, REFUSED]  # published, then two windows quarantined
+    monkeypatch.setattr(vs, "judge", lambda config, window, history, finite_weights=True: verdicts.pop(0))
+    trainer = make_trainer(tmp_path, **{**HISTORY, "replay_capacity": 64}, eval_capacity=16)
+    add_numbered(trainer, [1000, 1001, 1002], held_out=True)
+    add_numbered(trainer, range(20))  # published after sample 19: the incumbent trained on 0..19
+    assert trainer.checkpoints.latest["version"] == 1 and trainer.has_champion
+    add_numbered(trainer, range(20, 44))  # quarantined after 39; 40..43 in the window
+    assert trainer.checkpoints.version == 2 and trainer.checkpoints.latest["version"] == 1
+    assert_history(trainer, [1000, 1001, 1002, *range(19, 6, -1)], 3)  # not 20..39, the quarantined window
+    add_numbered(trainer, range(44, 64))  # quarantined after 59
+    assert_history(trainer, [1000, 1001, 1002, *range(19, 6, -1)], 3)
+    assert trainer.state_dict()["samples_since_publish"] == 44
+
+
 # ---- 3. the gate's verdicts ----
 
 def scores(plcc: float, r2: float = 0.5) -> vs.Scores:

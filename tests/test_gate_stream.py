@@ -298,21 +298,24 @@ def measured(model: sidecar_module.MLP, x: np.ndarray, y: np.ndarray) -> dict:
     return dataclasses.asdict(sidecar_module.measure(model, x, y))
 
 
-def evidence_samples(stream: Stream, w: Written, trained_before: int) -> tuple[Samples, Samples]:
+def evidence_samples(stream: Stream, w: Written, trained_before: int,
+                     published_at: int | None) -> tuple[Samples, Samples]:
     """The samples of the record's window (every one trained since the previous checkpoint) and of its
     history (every held-out one, topped up while there are fewer than MIN_EVAL with the newest trained ones
-    older than the window, up to EVAL_CAPACITY), rebuilt from what was sent; the record's sizes must match."""
+    older than the window and, once one was published, than the last published checkpoint, trained on
+    `published_at` samples; up to EVAL_CAPACITY), rebuilt from what was sent; the record's sizes must match."""
     record = w.record
     window, history = record["metrics"]["window"], record["metrics"]["history"]
     trained = stream.samples(w.n_sent, held=False)
     held = stream.samples(w.n_sent, held=True)
     assert len(trained) == record["samples_trained"] and window["n"] == len(trained) - trained_before, record
     assert history["held_out"] == len(held), (record, len(held))
-    older = min(len(trained), stream.burst.replay_capacity) - window["n"]  # replayed samples older than the window
+    skipped = window["n"] if published_at is None else max(window["n"], len(trained) - published_at)
+    older = min(len(trained), stream.burst.replay_capacity) - skipped  # replayed samples older than those
     replayed = 0 if len(held) >= MIN_EVAL else min(max(0, older), EVAL_CAPACITY - len(held))
     assert history["n"] == len(held) + replayed, record
-    start = len(trained) - window["n"]
-    return as_arrays(trained[start:]), as_arrays(held + trained[start - replayed:start])
+    start, end = len(trained) - window["n"], len(trained) - skipped
+    return as_arrays(trained[start:]), as_arrays(held + trained[end - replayed:end])
 
 
 def assert_scores(record: dict, evidence: str, expected: dict[str, dict], **tolerance: float) -> None:
@@ -358,14 +361,15 @@ def assert_records_recompute(stream: Stream, ckpt: Path) -> None:
     until a checkpoint is published, then the incumbent and the champion), on the samples the rule names,
     and its verdict follows from them."""
     references = {"base": base_model()}
-    trained_before = 0
+    trained_before, published_at = 0, None
     for w in stream.written:
-        window_set, history_set = evidence_samples(stream, w, trained_before)
+        window_set, history_set = evidence_samples(stream, w, trained_before, published_at)
         candidate = model_of(w.model)
         assert_record_scores(w, candidate, references, window_set, history_set)
         assert_verdict_follows_the_rule(w.record)
         references = references_after(w, candidate, references)
         trained_before = w.record["samples_trained"]
+        published_at = trained_before if w.published else published_at
 
 
 def clean_plcc(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
