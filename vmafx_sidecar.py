@@ -978,9 +978,9 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
-# "kept_raw", "loss_smoothed" and "samples_since_publish", fields that older sidecars ignore (they try the refused
-# statistics again, start the loss's average again, and top the gate's history up from the window back) rather
-# than refuse.
+# "kept_raw", "loss_smoothed", "samples_since_publish" and "window_incumbent", fields that older sidecars ignore
+# (they try the refused statistics again, start the loss's average again, top the gate's history up from the
+# window back, and keep a window scored against another incumbent) rather than refuse.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1426,6 +1426,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         state = {**state, "loss_smoothed": None}
     if "samples_since_publish" not in state:  # saved before it was: the history skips the window alone, as then
         state = {**state, "samples_since_publish": 0}
+    if "window_incumbent" not in state:  # saved before it was: a window begun as nothing was published stands
+        state = {**state, "window_incumbent": None}
     return state
 
 
@@ -1835,6 +1837,7 @@ class Trainer:
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.next,
             "eval_size": self.eval.size, "eval_next": self.eval.next, "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
+            "window_incumbent": self.checkpoints.latest and self.checkpoints.latest["version"],
             "window_n": self.window.n, "window_shift": self.window.shift, "window_unscored": self.window.unscored,
             "kept_raw": self.kept_raw,
             "coordinates": dataclasses.asdict(self.coords),
@@ -1896,7 +1899,12 @@ class Trainer:
         elif state["has_champion"]:
             log.warning("the champion, v%06d, is no longer published: the incumbent takes its place",
                         state["champion_version"])
+        latest = self.checkpoints.latest and self.checkpoints.latest["version"]
         if not keeps_champion and (self.has_champion or state["has_champion"]):  # it scored another champion
+            self.window.reset()
+        elif state["window_incumbent"] != latest:  # rolled back, or published after this state was saved
+            log.info("the window was scored against checkpoint %s, latest.json names %s: a new window starts",
+                     state["window_incumbent"], latest)
             self.window.reset()
         self.use_coordinates(coords)  # those the loaded weights are in
         if self.config.normalize == "off" and coords.standardized != "none":  # back to the reference's arithmetic

@@ -578,6 +578,31 @@ def test_history_once_published_tops_up_only_with_what_the_incumbent_trained_on(
     assert trainer.state_dict()["samples_since_publish"] == 44
 
 
+@pytest.mark.parametrize("since", ["rolled back", "unchanged"])
+def test_a_window_scored_against_an_incumbent_rolled_back_since_starts_again(tmp_path, monkeypatch, since):
+    """The README's rollback (stop, move the latest checkpoint into quarantine/, start) changes the incumbent; its
+    row of the restored window held the rolled-back model's errors, and the next record blended the two."""
+    worse = vs.Scores(0.5, None, 1.0, 0.1)  # the second candidate does not displace the first, the champion
+    keeps = vs.Verdict("passed", NO_EVIDENCE, vs.Evidence(300, {"candidate": worse, "champion": dataclasses.replace(
+        worse, plcc=0.9)}), "passed by the test")
+    verdicts = [UNGATED, keeps]
+    monkeypatch.setattr(vs, "judge", lambda config, window, history, finite_weights=True: verdicts.pop(0))
+    config = vs.Config(checkpoint_dir=str(tmp_path), base_model_path="", **HISTORY, eval_capacity=16)
+    trainer, _ = vs.build_trainer(config)
+    add_numbered(trainer, range(48))  # v1 published after 19, the champion; v2 after 39, the incumbent
+    assert (trainer.checkpoints.latest["version"], trainer.checkpoints.champion_version) == (2, 1)
+    assert trainer.window.n == 8
+    state = {name: value.copy() if isinstance(value, np.ndarray) else value
+             for name, value in trainer.state_dict().items()}
+    if since == "rolled back":
+        for suffix in (".onnx.sha256", ".json", ".onnx"):
+            shutil.move(tmp_path / f"model_v000002{suffix}", tmp_path / "quarantine" / f"model_v000002{suffix}")
+    again, _ = vs.build_trainer(config)
+    again.load_state_dict(state)
+    assert again.checkpoints.latest["version"] == (1 if since == "rolled back" else 2)
+    assert (again.window.n, again.window.unscored) == ((0, 0) if since == "rolled back" else (8, 8))
+
+
 # ---- 3. the gate's verdicts ----
 
 def scores(plcc: float, r2: float = 0.5) -> vs.Scores:
