@@ -2519,10 +2519,13 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
         return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
         return dataclasses.replace(verdict, gate="off", reason="published unjudged: VMAFX_SIDECAR_GATE=off")
-    judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.n >= config.gate_min_eval]
+    least = max(config.gate_min_eval, R2_MIN_SAMPLES)
+    judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.n >= least]
     if not judged:
+        needed = (f"VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval})" if least == config.gate_min_eval
+                  else f"{R2_MIN_SAMPLES} (on fewer, no R² clears its floor)")
         return verdict.refused(f"too little evidence: {window.n} window and {history.n} history samples, fewer "
-                               f"than VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval}) in each")
+                               f"than {needed} in each")
     passes = []
     for name, evidence in judged:
         ours, best = evidence.scores["candidate"], evidence.best_reference()
@@ -2536,6 +2539,9 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
         against = f", {best[0]} {best[1].plcc:.6f}" if best else ""
         passes.append(f"{name}: R² {ours.r2:.4f}, PLCC {ours.plcc:.6f}{against} on {evidence.n} samples")
     return dataclasses.replace(verdict, reason="; ".join(passes))
+
+
+R2_MIN_SAMPLES = 5  # on fewer, r2_floor() is 1 or more, which no R² exceeds: such a set is not judged
 
 
 def r2_floor(n: int) -> float:

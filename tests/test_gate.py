@@ -655,6 +655,19 @@ def test_judge_quarantines_non_finite_candidates_even_with_the_gate_off():
         assert vs.judge(config(gate="off"), NO_EVIDENCE, history).gate == "quarantined"
 
 
+@pytest.mark.parametrize("gate_min_eval", [2, 4, 5])
+def test_a_set_too_small_for_any_r2_to_clear_its_floor_is_not_judged(gate_min_eval):
+    """R² never exceeds 1, and 2/√n is 1 or more up to n = 4: with VMAFX_SIDECAR_GATE_MIN_EVAL below 5, a window of
+    4 samples refused every candidate, a perfect one too, whatever the history said."""
+    perfect = evidence(4, scores(1.0, r2=1.0), base=scores(0.1, r2=0.01))
+    verdict = vs.judge(config(gate_min_eval=gate_min_eval), perfect, dataclasses.replace(perfect, n=ENOUGH))
+    assert verdict.gate == "passed" and verdict.reason.startswith(f"history: R² 1.0000, PLCC 1.000000"), verdict
+    alone = vs.judge(config(gate_min_eval=gate_min_eval), perfect, NO_EVIDENCE)
+    assert alone.gate == "quarantined" and alone.reason.startswith("too little evidence: 4 window and 0 history")
+    assert alone.reason.endswith("fewer than 5 (on fewer, no R² clears its floor) in each" if gate_min_eval < 5
+                                 else "fewer than VMAFX_SIDECAR_GATE_MIN_EVAL (5) in each")
+
+
 def test_judge_publishes_nothing_on_too_little_evidence():
     cfg = config(gate_min_eval=ENOUGH)
     short = evidence(ENOUGH - 1, scores(0.99, r2=0.98), base=scores(0.1, r2=0.01))  # a far better candidate
