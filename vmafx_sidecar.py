@@ -284,6 +284,7 @@ def warn_unknown_settings(environ: dict[str, str]) -> None:
 
 DIRECTORY_LOCK = ".trainer.lock"
 ADOPTING = ".adopting"  # in a directory taking over another's trainer state: the source, until all is moved
+ADOPTED_BY = ".adopted-by"  # in that source meanwhile: the directory taking it, so that neither passes for whole
 ADOPT_WAIT_S = 60.0  # for the trainer in a directory to adopt to stop, e.g. the pod a rollout replaces
 # What makes up a trainer's state in its directory; the lock file and other directories are not part of it.
 TRAINER_STATE = re.compile(r"\.state|quarantine|latest\.(json|onnx|onnx\.sha256)"
@@ -299,8 +300,7 @@ def take_claims(config: Config) -> None:
     claim_socket_path(config.socket)
     directory = Path(config.checkpoint_dir).absolute()
     claim_directory(directory, holder)
-    if config.adopt_dir:
-        adopt_trainer_state(directory, Path(config.adopt_dir).absolute(), holder)
+    adopt_trainer_state(directory, Path(config.adopt_dir).absolute() if config.adopt_dir else None, holder)
 
 
 def open_lock(path: Path) -> int:
@@ -383,16 +383,21 @@ def trainer_state_in(directory: Path) -> list[Path]:
         return [directory / name for name in sorted(os.listdir(directory)) if TRAINER_STATE.fullmatch(name)]
     except FileNotFoundError:
         return []
+    except OSError as e:  # a file, or a directory this process may not read
+        raise StartupError(f"cannot read {directory}: {e.strerror or e}") from None
 
 
-def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
-    """Move the trainer state in `source` into `directory` when `directory` holds none (replicas scaled up
-    or down), under both claims: training resumes where it stopped and numbering continues. A marker names
-    the source until every entry has moved, so a crash midway resumes the move rather than start afresh."""
-    marker = directory / ADOPTING
-    if marker.exists():
-        source = Path(marker.read_text().strip())
-    elif trainer_state_in(directory) or not trainer_state_in(source):
+def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> None:
+    """Move the trainer state in `source` (VMAFX_SIDECAR_ADOPT_DIR) into `directory` when `directory` holds none
+    (replicas scaled up or down), under both claims: training resumes where it stopped and numbering continues.
+    While entries move, each directory names the other (ADOPTING here, ADOPTED_BY there), so that a crash
+    midway leaves neither taken for a whole state: the next start here resumes the move, whatever the setting
+    says now, and one in the source, should this directory's sidecar not come back, moves them back."""
+    unfinished = marked_directory(directory / ADOPTING)
+    if unfinished is None and (taker := marked_directory(directory / ADOPTED_BY)) is not None:
+        take_back(directory, taker, holder)
+    source = unfinished or source
+    if source is None or (unfinished is None and (trainer_state_in(directory) or not trainer_state_in(source))):
         return
     try:
         source_claim = claim_directory(source, holder, ADOPT_WAIT_S)
@@ -400,23 +405,85 @@ def adopt_trainer_state(directory: Path, source: Path, holder: str) -> None:
         raise StartupError(f"cannot adopt the trainer state in {source} yet: {e}") from None
     try:
         entries = trainer_state_in(source)  # again, under its claim: another replica may have taken it
-        if not marker.exists():
-            if not entries:
+        if unfinished is None:
+            taker = marked_directory(source / ADOPTED_BY)
+            if not entries or taker not in (None, directory) and marked_directory(taker / ADOPTING) == source:
+                if entries:  # its sidecar resumes that move, or the source's moves the entries back
+                    log.warning("not adopting the trainer state in %s: a move of it to %s is unfinished", source,
+                                taker)
                 return
-            write_synced(marker, [memoryview(f"{source}\n".encode())])
-        for entry in entries:
-            if (directory / entry.name).exists():
-                raise StartupError(f"cannot adopt {entry}: {directory / entry.name} exists too; move one aside")
-            os.rename(entry, directory / entry.name)
+            write_marker(source / ADOPTED_BY, directory)
+            write_marker(directory / ADOPTING, source)
+        move_entries(entries, directory)
         fsync_directory(source)
-        marker.unlink()
-        fsync_directory(directory)
+        end_move(directory, source)
     except OSError as e:
         raise StartupError(f"cannot adopt the trainer state in {source}: {e.strerror or e}") from None
     finally:
         os.close(source_claim)
     log.warning("adopted the trainer state in %s (%s): training resumes from it here",
                 source, ", ".join(entry.name for entry in entries) or "the rest of it")
+
+
+def take_back(directory: Path, taker: Path, holder: str) -> None:
+    """Undo a move of this directory's trainer state into `taker` that a crash interrupted, unless a sidecar there
+    is starting, which resumes it: taker held no state of its own, so all it holds came from here."""
+    if marked_directory(taker / ADOPTING) != directory:  # the move ended: nothing of it is left to undo
+        try:
+            (directory / ADOPTED_BY).unlink(missing_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot remove {directory / ADOPTED_BY}: {e.strerror or e}") from None
+        return
+    try:
+        taker_claim = claim_directory(taker, holder)
+    except StartupError as e:
+        raise StartupError(f"the trainer state in {directory} is half moved to {taker}, whose sidecar is starting "
+                           f"and finishes the move: start this one again once it has ({e})") from None
+    try:
+        move_entries(trainer_state_in(taker), directory)
+        fsync_directory(taker)
+        end_move(taker, directory)
+    except OSError as e:
+        raise StartupError(f"cannot take back the trainer state moved to {taker}: {e.strerror or e}") from None
+    finally:
+        os.close(taker_claim)
+    log.warning("took back the trainer state a crash left half moved to %s: training resumes from it here", taker)
+
+
+def move_entries(entries: list[Path], directory: Path) -> None:
+    for entry in entries:
+        if (directory / entry.name).exists():
+            raise StartupError(f"cannot move {entry}: {directory / entry.name} exists too; move one aside")
+        os.rename(entry, directory / entry.name)
+
+
+def end_move(taker: Path, source: Path) -> None:
+    """The markers of a move from `source` to `taker`, ended one way or the other: taker's first, as source's
+    alone is known stale (its taker names no move from it)."""
+    (taker / ADOPTING).unlink(missing_ok=True)
+    fsync_directory(taker)
+    (source / ADOPTED_BY).unlink(missing_ok=True)
+    fsync_directory(source)
+
+
+def marked_directory(marker: Path) -> Path | None:
+    """The directory a move's marker names; None without one. A marker is written whole (write_marker())."""
+    try:
+        named = Path(marker.read_text().strip())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StartupError(f"cannot read {marker}: {getattr(e, 'strerror', None) or e}") from None
+    if not named.is_absolute():
+        raise StartupError(f"{marker} names no directory ({str(named)!r}): it is not one this sidecar wrote")
+    return named
+
+
+def write_marker(marker: Path, named: Path) -> None:
+    temp = marker.with_name(marker.name + TEMP_SUFFIX)
+    write_synced(temp, [memoryview(f"{named}\n".encode())])
+    os.replace(temp, marker)
+    fsync_directory(marker.parent)
 
 
 # ---- server: one selectors loop owns the socket, every connection and the training step ----

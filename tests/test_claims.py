@@ -4,6 +4,7 @@ scaled up and down hand their trainer state over (adoption); latest.onnx always 
 names, after start-up repair too."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -159,6 +160,107 @@ def test_kill_9_releases_both_claims_and_the_next_sidecar_loses_nothing(tmp_path
     resumed = status(second)
     assert resumed["samples_accepted"] == 37 and resumed["steps"] == acks[-1]["step"]
     assert (directory / ".trainer.lock").read_text().startswith(f"pid {second.proc.pid} ")
+
+
+def half_moved(parent: Path, replica: Path, moved: tuple[str, ...]) -> dict[str, bytes]:
+    """What a kill -9 leaves after `moved` entries of an adoption of parent's state by replica: both markers, those
+    entries there, the rest still here. The directory's files before the move, for comparing."""
+    everything = {n: c for n, c in contents(parent).items() if n != ".trainer.lock"}
+    replica.mkdir()
+    (parent / ".adopted-by").write_text(f"{replica}\n")
+    (replica / ".adopting").write_text(f"{parent}\n")
+    for name in moved:
+        (parent / name).rename(replica / name)
+    return everything
+
+
+def test_a_trainer_whose_state_a_crash_left_half_moved_takes_it_back_and_can_hand_it_over_again(tmp_path, start):
+    """1 -> N, pod 0 killed mid-move, then back to 1 replica: the single trainer started with the half of its state
+    left (the checkpoints, no .state: none of its 40 samples), and pod 0 could never start again."""
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent, adopt=replica)  # the chart's Deployment
+    feed(single, 40, seed=41)
+    single.stop()
+    everything = half_moved(parent, replica, (".state", "model_v000001.onnx"))
+    single = start(parent, adopt=replica)
+    assert (status(single)["samples_accepted"], status(single)["checkpoint_version"]) == (40, 2)
+    assert "took back the trainer state a crash left half moved to" in single.stderr()
+    assert trainer_files(replica) == set() and not (replica / ".adopting").exists()
+    assert not (parent / ".adopted-by").exists()
+    single.stop()
+    assert {n: c for n, c in contents(parent).items() if n != ".trainer.lock" and not n.startswith(("node-0/",
+            ".state/"))} == {n: c for n, c in everything.items() if not n.startswith(".state/")}
+    pod = start(replica, adopt=parent)  # 1 -> N again
+    assert (status(pod)["samples_accepted"], status(pod)["checkpoint_version"]) == (40, 2)
+
+
+@pytest.mark.parametrize("adopt", [True, False], ids=["as configured", "its setting gone since"])
+def test_a_replica_a_crash_stopped_mid_move_finishes_it_whatever_its_setting(tmp_path, start, adopt):
+    """Restarted without VMAFX_SIDECAR_ADOPT_DIR, it took its half for a state, pointed latest.json back at v1
+    and published a second v2; later, with the setting back, it could not start."""
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent)
+    feed(single, 40, seed=42)
+    single.stop()
+    half_moved(parent, replica, (".state", "latest.json", "model_v000001.onnx"))
+    pod = start(replica, adopt=parent if adopt else None)
+    assert (status(pod)["samples_accepted"], status(pod)["checkpoint_version"]) == (40, 2)
+    assert trainer_files(parent) == set() and not (parent / ".adopted-by").exists()
+
+
+def test_a_second_replica_leaves_a_state_half_moved_to_the_first_alone(tmp_path, start):
+    """Two replicas adopting one directory (a Parallel StatefulSet), the first killed mid-move: the second took the
+    rest, and the state ended split, two sidecars publishing the same versions."""
+    parent, replicas = tmp_path / "online", [tmp_path / "online" / f"node-{i}" for i in (0, 1)]
+    single = start(parent)
+    feed(single, 40, seed=43)
+    single.stop()
+    half_moved(parent, replicas[0], (".state",))
+    second = start(replicas[1], adopt=parent)
+    assert status(second)["samples_accepted"] == 0 and trainer_files(replicas[1]) == {".state", "quarantine"}
+    assert "not adopting the trainer state in" in second.stderr()
+    first = start(replicas[0], adopt=parent)
+    assert (status(first)["samples_accepted"], status(first)["checkpoint_version"]) == (40, 2)
+
+
+def test_a_marker_write_the_disk_refused_leaves_a_move_that_the_next_start_makes_whole(tmp_path, monkeypatch):
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    (parent / ".state").mkdir(parents=True)
+    (parent / "model_v000001.onnx").write_bytes(b"model")
+    replica.mkdir()
+    real = vs.write_synced
+
+    def full(path: Path, chunks: list) -> None:
+        if path.name == ".adopting.tmp":
+            path.write_bytes(b"")  # created, then refused: as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, chunks)
+
+    monkeypatch.setattr(vs, "write_synced", full)
+    with pytest.raises(vs.StartupError, match="No space left on device"):
+        vs.adopt_trainer_state(replica, parent, "test")
+    monkeypatch.undo()
+    assert not (replica / ".adopting").exists() and trainer_files(parent) == {".state", "model_v000001.onnx"}
+    vs.adopt_trainer_state(replica, parent, "test")  # room again
+    assert trainer_files(replica) == {".state", "model_v000001.onnx"} and trainer_files(parent) == set()
+    assert not {".adopting", ".adopted-by"} & {p.name for p in (*parent.iterdir(), *replica.iterdir())}
+
+
+@pytest.mark.parametrize("marker", ["", "relative/path", "\udcff"], ids=["empty", "relative", "not UTF-8"])
+def test_a_move_marker_that_names_no_directory_stops_the_start_in_one_line(tmp_path, marker):
+    """An empty marker was read as the working directory, taken for the source."""
+    replica = tmp_path / "node-0"
+    replica.mkdir()
+    (replica / ".adopting").write_bytes(marker.encode("utf-8", "surrogateescape"))
+    with pytest.raises(vs.StartupError, match=r"\.adopting"):
+        vs.adopt_trainer_state(replica, None, "test")
+
+
+def test_an_adopt_dir_that_is_a_file_stops_the_start_in_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done = run_serve(str(tmp_path / "s.sock"), tmp_path / "models", VMAFX_SIDECAR_ADOPT_DIR=str(tmp_path / "a-file"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"cannot read {tmp_path / 'a-file'}: Not a directory" in done.stderr
 
 
 def test_adopt_dir_must_differ_from_the_checkpoint_directory(tmp_path):
