@@ -57,6 +57,7 @@ import os
 import pickle
 import re
 import resource
+import secrets
 import selectors
 import signal
 import socket
@@ -1526,6 +1527,8 @@ SEGMENT_HEADER = struct.Struct("<16sI")  # magic, feature count
 SAMPLE_RECORD = struct.Struct("<IIQdB")  # payload length, crc32 of the rest, sequence, arrival (Unix), held out
 SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much; the next starts at the next sequence
 LOG_ORIGIN = "origin"  # in .samples/: the first sequence ever logged (a replica may start logging late)
+LOG_ID = "id"  # in .samples/: a random name the log keeps wherever its directory goes; the fleet's position is kept
+# under it, so a replica directory renamed, or reached by a symlink, is not read again from its start
 
 
 @dataclass(frozen=True)
@@ -1546,6 +1549,8 @@ class SampleLog:
     def __init__(self, directory: Path, n_features: int):
         self.directory = directory / SAMPLE_LOG_DIR
         self.directory.mkdir(mode=0o700, exist_ok=True)
+        if log_id(directory) is None:
+            write_synced(self.directory / LOG_ID, [memoryview(f"{secrets.token_hex(8)}\n".encode())], mode=0o600)
         self.n_features = n_features
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
@@ -1591,11 +1596,13 @@ class SampleLog:
         """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
         trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
+        name = log_id(self.directory.parent)  # numbers go on, and so does the fleet's position, under it
         first = int(segment_paths(self.directory)[0].name[:16])  # of this log: one set aside before held those below
         target = aside_path(self.directory, "set-aside")
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
-        write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{origin}\n".encode())], mode=0o600)
+        for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
+            write_synced(self.directory / file, [memoryview(f"{content}\n".encode())], mode=0o600)
         unread = max(0, self.last_sequence - max(read, first - 1))
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
@@ -1690,6 +1697,14 @@ def aside_path(path: Path, tag: str) -> Path:
         n += 1
         target = path.with_name(f"{stem}.{n}.{tag}")
     return target
+
+
+def log_id(directory: Path) -> str | None:
+    """The name of the sample log in a replica's `directory` (LOG_ID); None for one without (an older version's)."""
+    try:
+        return (directory / SAMPLE_LOG_DIR / LOG_ID).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def log_origin(directory: Path) -> int:
@@ -3203,15 +3218,19 @@ def fleet(root: Path, config: Config) -> int:
         # this run's own. Counted from the last run's checkpoint, a run that started a little earlier after its
         # schedule's tick than that one had published nothing, and one that did published at its first step.
         trainer.last_checkpoint_time = time.monotonic()
-        logs = [replica_samples(path, config.n_features, state.sources.get(path.name, 0))
-                for path in replica_directories(root.absolute())]
+        replicas = replica_logs(root.absolute())
+        logs = [replica_samples(path, key, config.n_features, state.sources.get(key, state.sources.get(path.name, 0)))
+                for path, key in replicas]
         ingested = 0
-        for _, name, _, sample in heapq.merge(*logs):
+        for _, key, _, sample in heapq.merge(*logs):
             result = trainer.ingest(sample.features, sample.score, sample.held_out, sample.job_id is None)
-            state.sources[name] = sample.sequence
+            state.sources[key] = sample.sequence
             ingested += 1
             if result is not None and result.checkpoint is not None:
                 save_fleet_state(state)  # the state a checkpoint came from, with the logs' positions then
+        for path, key in replicas:  # a position kept under a directory's name, as before logs had names, moved
+            if key in state.sources and key != path.name:
+                state.sources.pop(path.name, None)
         if trainer.samples_since_checkpoint >= max(1, config.min_samples_ckpt):  # everything the run trained on
             trainer.take_checkpoint()
         save_fleet_state(state)
@@ -3234,6 +3253,21 @@ def save_fleet_state(state: StateStore) -> None:
     temp = state.directory.parent / f".{FLEET_CURSORS}{TEMP_SUFFIX}"
     write_synced(temp, [memoryview(cursors)])
     os.replace(temp, state.directory.parent / FLEET_CURSORS)
+
+
+def replica_logs(root: Path) -> list[tuple[Path, str]]:
+    """Each replica directory with the name its log's position is kept under: the log's own (LOG_ID), or an older
+    version's directory name. A directory with a log of a name read already (a copy of a replica's) is skipped:
+    the position of one would cut the other's samples short, or read them twice."""
+    logs: dict[str, Path] = {}
+    for path in replica_directories(root):
+        key = log_id(path) or path.name
+        if key in logs:
+            log.warning("fleet: %s skipped: its sample log is named %s, as %s's is (a copy?); remove its %s/%s to "
+                        "give it a name of its own", path.name, key, logs[key].name, SAMPLE_LOG_DIR, LOG_ID)
+            continue
+        logs[key] = path
+    return [(path, key) for key, path in logs.items()]
 
 
 def replica_directories(root: Path) -> list[Path]:
@@ -3271,15 +3305,16 @@ def fleet_cursor(checkpoint_dir: Path) -> int:
     """How far the fleet trainer has read this replica's log (0: not at all, or no fleet)."""
     try:
         cursors = json.loads((checkpoint_dir.parent / FLEET_DIR / FLEET_CURSORS).read_bytes())
-        return int(cursors["sources"].get(checkpoint_dir.name, 0))
+        by_name = cursors["sources"].get(checkpoint_dir.name, 0)  # as an older version, or this one before a run
+        return int(cursors["sources"].get(log_id(checkpoint_dir) or checkpoint_dir.name, by_name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return 0
 
 
-def replica_samples(directory: Path, n_features: int,
+def replica_samples(directory: Path, key: str, n_features: int,
                     after: int) -> Iterator[tuple[float, str, int, LoggedSample]]:
-    """A replica's samples after sequence `after`, keyed for the merge; a directory without a sample log,
-    or with one that cannot be read, gives none and one log line saying why."""
+    """A replica's samples after sequence `after`, keyed for the merge (by the name its position is kept under);
+    a directory without a sample log, or with one that cannot be read, gives none and one log line saying why."""
     try:
         has_log = (directory / SAMPLE_LOG_DIR).is_dir()
     except OSError as e:  # a replica directory this process may not search
@@ -3298,7 +3333,7 @@ def replica_samples(directory: Path, n_features: int,
                             "logged which), or accepted while its VMAFX_SIDECAR_SAMPLE_LOG was off",
                             directory.name, after + 1, sample.sequence - 1)
             after = sample.sequence
-            yield sample.arrival, directory.name, sample.sequence, sample
+            yield sample.arrival, key, sample.sequence, sample
     except (OSError, ValueError) as e:
         log.warning("fleet: %s skipped from here: %s", directory.name, e)
 

@@ -398,6 +398,12 @@ def fleet_state(root) -> dict:
     return meta
 
 
+def positions(root) -> dict[str, int]:
+    """The fleet's position in each replica's log, by the replica's directory name (it keeps them by log name)."""
+    names = {vs.log_id(path): path.name for path in root.iterdir() if path.is_dir() and not path.is_symlink()}
+    return {names.get(key, key): n for key, n in fleet_state(root)["sources"].items()}
+
+
 def test_a_fleet_run_ingests_every_replicas_new_samples_once(tmp_path):
     rng = np.random.default_rng(11)
     for name, count in (("vmafx-node-0", 40), ("vmafx-node-1", 25)):
@@ -405,12 +411,12 @@ def test_a_fleet_run_ingests_every_replicas_new_samples_once(tmp_path):
     (tmp_path / "not-a-replica").mkdir()
     assert vs.fleet(tmp_path, fleet_config()) == 0
     meta = fleet_state(tmp_path)
-    assert meta["samples_accepted"] == 65 and meta["sources"] == {"vmafx-node-0": 40, "vmafx-node-1": 25}
+    assert meta["samples_accepted"] == 65 and positions(tmp_path) == {"vmafx-node-0": 40, "vmafx-node-1": 25}
     assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW
     replica(tmp_path, "vmafx-node-1", [sample(i, rng) for i in range(26, 31)])
     assert vs.fleet(tmp_path, fleet_config()) == 0
     meta = fleet_state(tmp_path)
-    assert meta["samples_accepted"] == 70 and meta["sources"] == {"vmafx-node-0": 40, "vmafx-node-1": 30}
+    assert meta["samples_accepted"] == 70 and positions(tmp_path) == {"vmafx-node-0": 40, "vmafx-node-1": 30}
     held_out = sum(s.held_out for i in range(1, 41) for s in [sample(i, np.random.default_rng(0))])
     assert meta["samples_held_out"] >= held_out  # the flags as logged, never decided again
 
@@ -446,7 +452,7 @@ def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, c
     other.commit(10**9)
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, fleet_config()) == 0
-    assert fleet_state(tmp_path)["sources"] == {"good": 10}
+    assert positions(tmp_path) == {"good": 10}
     lines = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]
     assert len(lines) == 1 and "not a sample log segment of 5 features" in lines[0], lines
 
@@ -487,7 +493,7 @@ def test_fleet_runs_killed_anywhere_ingest_every_sample_exactly_once(tmp_path):
     assert kills >= 2 and code == vs.FLEET_NOTHING_NEW, (kills, code)
     meta = fleet_state(tmp_path)
     assert meta["samples_accepted"] == total  # never twice, never skipped
-    assert meta["sources"] == {f"vmafx-node-{r}": 15000 + 2000 * r for r in range(3)}
+    assert positions(tmp_path) == {f"vmafx-node-{r}": 15000 + 2000 * r for r in range(3)}
     verify = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "verify", str(tmp_path / vs.FLEET_DIR)],
                             env=env, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -551,7 +557,7 @@ def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path)
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
     meta = fleet_state(root)
-    assert meta["sources"] == {d.name: len(m) for d, m in sent.items()} and meta["samples_accepted"] == 750
+    assert positions(root) == {d.name: len(m) for d, m in sent.items()} and meta["samples_accepted"] == 750
     assert (root / vs.FLEET_DIR / "latest.onnx").is_file()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == vs.FLEET_NOTHING_NEW, again.stderr
@@ -587,9 +593,10 @@ def test_samples_a_replica_accepted_with_its_log_off_are_reported_as_such_not_on
     assert "samples 11 to 40" in gap and "VMAFX_SIDECAR_SAMPLE_LOG was off" in gap
 
 
-def test_a_replica_directory_begun_afresh_under_a_name_the_fleet_has_read_counts_on_from_there(tmp_path):
+def test_a_replica_directory_begun_afresh_under_a_name_the_fleet_has_read_is_read_from_its_start(tmp_path):
     """Its directory deleted, a replica starts afresh under the same name: its log numbered from 1 again, below
-    the fleet trainer's position for that name, which skipped all of it, and retention deleted it as read."""
+    the fleet trainer's position for that name, which skipped all of it, and retention deleted it as read. A new
+    log has a name of its own, read from its start."""
     rng = np.random.default_rng(29)
     node = tmp_path / "vmafx-node-1"
     node.mkdir()
@@ -597,10 +604,60 @@ def test_a_replica_directory_begun_afresh_under_a_name_the_fleet_has_read_counts
     assert vs.fleet(tmp_path, fleet_config()) == 0
     shutil.rmtree(node)
     node.mkdir()
-    assert replica_run(node, 20, rng).trainer.samples_accepted == 50
-    assert [x.sequence for x in vs.read_log(node, N_FEATURES)] == list(range(31, 51))
+    assert replica_run(node, 20, rng).trainer.samples_accepted == 20
+    assert [x.sequence for x in vs.read_log(node, N_FEATURES)] == list(range(1, 21))
+    assert vs.fleet_cursor(node) == 0  # its retention keeps all of it for the fleet
     assert vs.fleet(tmp_path, fleet_config()) == 0
-    assert fleet_state(tmp_path)["samples_accepted"] == 50
+    assert fleet_state(tmp_path)["samples_accepted"] == 50 and positions(tmp_path)["vmafx-node-1"] == 20
+
+
+@pytest.mark.parametrize("moved", ["renamed", "reached by a symlink"])
+def test_a_replica_directory_renamed_keeps_the_fleets_position_in_its_log(tmp_path, moved):
+    """Positions were kept by directory name: renamed (a replica's state moved to a new release's pod name), or
+    reached by a symlink once its first name went, a replica's log was read again from its start."""
+    rng = np.random.default_rng(30)
+    old, new = tmp_path / "vmafx-a-node-1", tmp_path / "vmafx-b-node-1"
+    old.mkdir()
+    replica_run(old, 30, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    if moved == "renamed":
+        old.rename(new)
+    else:
+        elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+        old.rename(elsewhere)
+        new.symlink_to(elsewhere)
+    assert vs.fleet_cursor(new) == 30  # its retention and its numbers know what the fleet read
+    replica_run(new, 10, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 40 and list(fleet_state(tmp_path)["sources"].values()) == [40]
+
+
+def test_a_copy_of_a_replica_directory_is_skipped_with_one_line(tmp_path, caplog):
+    rng = np.random.default_rng(32)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
+    shutil.copytree(tmp_path / "vmafx-node-0", tmp_path / "vmafx-node-9")
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 10
+    assert fleet_state(tmp_path)["sources"] == {vs.log_id(tmp_path / "vmafx-node-0"): 10}
+    assert "fleet: vmafx-node-9 skipped: its sample log is named" in caplog.text
+
+
+def test_a_position_kept_under_a_directory_name_by_an_older_version_moves_to_the_logs_name(tmp_path):
+    rng = np.random.default_rng(33)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    name = vs.log_id(tmp_path / "vmafx-node-0")
+    state = vs.StateStore(fleet_config(checkpoint_dir=str(tmp_path / vs.FLEET_DIR)),
+                          make_trainer(tmp_path / vs.FLEET_DIR, n_features=N_FEATURES, hidden=8))
+    state.restore()
+    state.sources = {"vmafx-node-0": state.sources.pop(name)}  # as an older version kept it
+    vs.save_fleet_state(state)
+    assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 10  # read by name until the fleet runs
+    assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW  # nothing read again
+    logged(tmp_path / "vmafx-node-0", [sample(i, rng) for i in range(11, 16)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 15 and fleet_state(tmp_path)["sources"] == {name: 15}
 
 
 def test_a_log_set_aside_with_samples_the_fleet_had_not_read_is_a_gap_both_report(tmp_path, caplog, capsys):
@@ -662,7 +719,7 @@ def test_a_replica_reached_by_two_names_is_read_once(tmp_path, caplog):
     assert vs.fleet(tmp_path, fleet_config()) == 0
     assert fleet_state(tmp_path)["samples_accepted"] == 20
     assert "vmafx-node-0 skipped: it is a directory read under another name" in caplog.text
-    assert fleet_state(tmp_path)["sources"] == {"vmafx-node-1": 20}  # the name the replica's retention reads
+    assert positions(tmp_path) == {"vmafx-node-1": 20}
 
 
 def test_a_replica_the_fleet_may_not_search_is_skipped_and_the_others_read(tmp_path, monkeypatch, caplog, capsys):
@@ -733,7 +790,7 @@ def test_a_replica_with_a_half_written_or_foreign_segment_is_skipped_with_one_li
     (bad / f"{1:016d}.seg").write_bytes(vs.SEGMENT_MAGIC[:7] if damage == "header cut short" else b"x" * 64)
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, fleet_config()) == 0
-    assert fleet_state(tmp_path)["sources"] == {"good": 10}
+    assert positions(tmp_path) == {"good": 10}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fleet: bad")]
     assert len(lines) == 1 and "not a sample log segment" in lines[0], lines
 
