@@ -415,8 +415,7 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
                 return
             write_marker(source / ADOPTED_BY, directory)
             write_marker(directory / ADOPTING, source)
-        move_entries(entries, directory)
-        fsync_directory(source)
+        move_entries(entries, source, directory)
         end_move(directory, source)
     except OSError as e:
         raise StartupError(f"cannot adopt the trainer state in {source}: {e.strerror or e}") from None
@@ -441,8 +440,7 @@ def take_back(directory: Path, taker: Path, holder: str) -> None:
         raise StartupError(f"the trainer state in {directory} is half moved to {taker}, whose sidecar is starting "
                            f"and finishes the move: start this one again once it has ({e})") from None
     try:
-        move_entries(trainer_state_in(taker), directory)
-        fsync_directory(taker)
+        move_entries(trainer_state_in(taker), taker, directory)
         end_move(taker, directory)
     except OSError as e:
         raise StartupError(f"cannot take back the trainer state moved to {taker}: {e.strerror or e}") from None
@@ -451,11 +449,13 @@ def take_back(directory: Path, taker: Path, holder: str) -> None:
     log.warning("took back the trainer state a crash left half moved to %s: training resumes from it here", taker)
 
 
-def move_entries(entries: list[Path], directory: Path) -> None:
+def move_entries(entries: list[Path], emptied: Path, directory: Path) -> None:
+    """Rename each of emptied's `entries` into `directory`; then sync emptied, before any marker goes."""
     for entry in entries:
         if (directory / entry.name).exists():
             raise StartupError(f"cannot move {entry}: {directory / entry.name} exists too; move one aside")
         os.rename(entry, directory / entry.name)
+    fsync_directory(emptied)
 
 
 def end_move(taker: Path, source: Path) -> None:
