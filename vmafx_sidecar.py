@@ -2236,7 +2236,7 @@ class Trainer:
         if checkpoint.published:
             self.samples_since_publish = 0
             self.incumbent = MLP.from_weights(self.raw_weights(self.ema), backend=self.backend)
-            if not self.has_champion or checkpoint.verdict.displaces_champion():
+            if not self.has_champion or checkpoint.verdict.displaces_champion(judged_size(self.config)):
                 self.champion.flat[...] = self.incumbent.flat
                 self.has_champion = True
                 self.checkpoints.champion_version = checkpoint.record["version"]
@@ -2573,11 +2573,12 @@ class Verdict:
     def refused(self, reason: str) -> Verdict:
         return dataclasses.replace(self, gate="quarantined", reason=reason)
 
-    def displaces_champion(self) -> bool:
-        """Whether this candidate's history PLCC (the window's, with no history) is at least the champion's."""
+    def displaces_champion(self, least: int) -> bool:
+        """Whether this candidate's history PLCC (the window's, without a history of `least` samples: a PLCC on
+        fewer says nothing, and the gate judged on none) is at least the champion's."""
         for evidence in (self.history, self.window):
             ours, theirs = evidence.scores.get("candidate"), evidence.scores.get("champion")
-            if ours is not None and theirs is not None:
+            if evidence.n >= least and ours is not None and theirs is not None:
                 return ours.plcc >= theirs.plcc
         return True
 
@@ -2601,7 +2602,7 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
         return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
         return dataclasses.replace(verdict, gate="off", reason="published unjudged: VMAFX_SIDECAR_GATE=off")
-    least = max(config.gate_min_eval, R2_MIN_SAMPLES)
+    least = judged_size(config)
     judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.n >= least]
     if not judged:
         needed = (f"VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval})" if least == config.gate_min_eval
@@ -2624,6 +2625,11 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
 
 
 R2_MIN_SAMPLES = 5  # on fewer, r2_floor() is 1 or more, which no R² exceeds: such a set is not judged
+
+
+def judged_size(config: Config) -> int:
+    """The samples a set needs to be judged on."""
+    return max(config.gate_min_eval, R2_MIN_SAMPLES)
 
 
 def r2_floor(n: int) -> float:

@@ -793,7 +793,7 @@ def test_record_keeps_the_history_under_the_keys_records_had_before_the_window()
 
 def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_is_at_least_the_champions():
     def displaces(window: vs.Evidence, history: vs.Evidence) -> bool:
-        return vs.Verdict("passed", window, history, "").displaces_champion()
+        return vs.Verdict("passed", window, history, "").displaces_champion(ENOUGH)
 
     champion = {"incumbent": scores(0.5), "champion": scores(0.8)}
     assert displaces(GOOD, evidence(ENOUGH, scores(0.8), **champion))  # a tie: the newer one
@@ -802,6 +802,8 @@ def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_is_a
     assert not displaces(evidence(ENOUGH, scores(0.7), **champion), NO_EVIDENCE)
     assert displaces(evidence(ENOUGH, scores(0.9), **champion), NO_EVIDENCE)
     assert displaces(NO_EVIDENCE, NO_EVIDENCE)
+    # a history too small to judge on, the window judged: a PLCC on three samples displaced the champion
+    assert not displaces(evidence(ENOUGH, scores(0.7), **champion), evidence(3, scores(0.99), **champion))
 
 
 # ---- 4. the writer ----

@@ -713,7 +713,7 @@ def test_a_rolled_back_champion_gives_way_to_the_incumbent(tmp_path, caplog):
 
 def test_retention_keeps_the_champion(tmp_path, monkeypatch):
     trainer = published_twice(tmp_path)
-    monkeypatch.setattr(vs.Verdict, "displaces_champion", lambda self: False)  # v1 stays the champion
+    monkeypatch.setattr(vs.Verdict, "displaces_champion", lambda self, least: False)  # v1 stays the champion
     trainer.checkpoints.keep = 1
     rng = np.random.default_rng(2)
     while trainer.checkpoints.version < 4:
