@@ -276,6 +276,7 @@ class FeedbackClient:
                     continue
                 with self._cond:  # a pause close() did not see begin ends with it: its timeout is for delivering
                     closing = self._closing
+                    delay = FEEDBACK_RETRY_S[0] if closing else delay
                     self._cond.wait_for(lambda: self._stopping or self._closing != closing, delay)
                 delay = FEEDBACK_RETRY_S[0] if self._closing else min(delay * 2, FEEDBACK_RETRY_S[1])
         finally:

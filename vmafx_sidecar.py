@@ -407,11 +407,10 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
     try:
         entries = trainer_state_in(source)  # again, under its claim: another replica may have taken it
         if unfinished is None:
-            taker = marked_directory(source / ADOPTED_BY)
-            if not entries or taker not in (None, directory) and marked_directory(taker / ADOPTING) == source:
-                if entries:  # its sidecar resumes that move, or the source's moves the entries back
-                    log.warning("not adopting the trainer state in %s: a move of it to %s is unfinished", source,
-                                taker)
+            busy = unfinished_move(source, directory)
+            if not entries or busy:
+                if entries:  # the sidecars of the two directories finish that move, or undo it
+                    log.warning("not adopting the trainer state in %s: %s is unfinished", source, busy)
                 return
             write_marker(source / ADOPTED_BY, directory)
             write_marker(directory / ADOPTING, source)
@@ -423,6 +422,16 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
         os.close(source_claim)
     log.warning("adopted the trainer state in %s (%s): training resumes from it here",
                 source, ", ".join(entry.name for entry in entries) or "the rest of it")
+
+
+def unfinished_move(source: Path, directory: Path) -> str | None:
+    """A move a crash left unfinished that `source` is part of, other than one from it to `directory`: its state is
+    not whole, and is not to be adopted."""
+    taker = marked_directory(source / ADOPTED_BY)
+    if taker not in (None, directory) and marked_directory(taker / ADOPTING) == source:
+        return f"a move of it to {taker}"
+    giver = marked_directory(source / ADOPTING)
+    return f"a move into it from {giver}" if giver is not None else None
 
 
 def take_back(directory: Path, taker: Path, holder: str) -> None:
@@ -1048,7 +1057,8 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
 # "kept_raw", "loss_smoothed", "samples_since_publish" and "window_incumbent", fields that older sidecars ignore
 # (they try the refused statistics again, start the loss's average again, top the gate's history up from the
-# window back, and keep a window scored against another incumbent) rather than refuse.
+# window back, and keep a window scored against another incumbent) rather than refuse; a snapshot without
+# "window_incumbent" that has an incumbent starts its window again, once.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1494,7 +1504,7 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         state = {**state, "loss_smoothed": None}
     if "samples_since_publish" not in state:  # saved before it was: the history skips the window alone, as then
         state = {**state, "samples_since_publish": 0}
-    if "window_incumbent" not in state:  # saved before it was: a window begun as nothing was published stands
+    if "window_incumbent" not in state:  # saved before it was: unknown, so a window against an incumbent starts again
         state = {**state, "window_incumbent": None}
     return state
 
@@ -3999,7 +4009,7 @@ def onnx_metadata(directory: Path, version: int) -> dict[str, Any]:
     return {p.key: p.value for p in props if p.key in ("created", "step")}
 
 
-LATEST_RECHECK_S = 0.2  # a publish's fsyncs between its latest.onnx and its latest.json take milliseconds
+LATEST_RECHECK_S = 0.2  # a publish's fsyncs between two of its renames take milliseconds
 
 
 def verify_checkpoints(directory: Path) -> int:
@@ -4014,8 +4024,11 @@ def verify_checkpoints(directory: Path) -> int:
         for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n))}):
             model = where / f"model_v{version:06d}.onnx"
             problems = checkpoint_problems(where, version, published=where == directory)
+            if problems:  # a sidecar at work beside this command may have been placing it (.sha256 last)
+                time.sleep(LATEST_RECHECK_S)
+                problems = checkpoint_problems(where, version, published=where == directory)
             if problems and not (model.exists() or Path(f"{model}.sha256").exists()):
-                continue  # gone whole since the listing: retention of a sidecar at work beside this command
+                continue  # gone whole since the listing: its retention deleted it
             results.append((model, problems))
     results += latest_results(directory)
     for path, problems in results:
@@ -4059,16 +4072,21 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
 
 def latest_results(directory: Path) -> list[tuple[Path, list[str]]]:
     """latest.json, which a directory with a published checkpoint needs, and latest.onnx, the model nodes load, as
-    it names. A sidecar publishing meanwhile replaces latest.onnx, then latest.json: a pair that does not match is
-    read again a moment later, twice, before it counts as a problem."""
+    it names. A sidecar publishing meanwhile replaces latest.onnx, then latest.json (its first publish writes
+    latest.json after its checkpoint): a pair that does not match, or no latest.json beside a published
+    checkpoint, is read again a moment later, twice, before it counts as a problem."""
     for attempt in range(3):
-        time.sleep(LATEST_RECHECK_S if attempt else 0)
+        if attempt:
+            time.sleep(LATEST_RECHECK_S)
         latest = read_record(directory / LATEST)
         if latest is None:  # needed once a checkpoint is published; else a stray file, or none
-            problem = record_problem(directory / LATEST)
-            if published_versions(directory):
-                return [(directory / LATEST, [f"{problem}, with checkpoints published"])]
-            return [(directory / LATEST, [problem])] if os.path.lexists(directory / LATEST) else []
+            problem, there = record_problem(directory / LATEST), os.path.lexists(directory / LATEST)
+            if not published_versions(directory):
+                return [(directory / LATEST, [problem])] if there else []
+            results = [(directory / LATEST, [f"{problem}, with checkpoints published"])]
+            if there:  # not a state a publish passes through
+                break
+            continue
         results = [(directory / LATEST, latest_problems(directory, latest)),
                    (directory / LATEST_MODEL, latest_model_problems(directory, latest))]
         if not results[1][1]:

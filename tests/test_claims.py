@@ -223,6 +223,26 @@ def test_a_second_replica_leaves_a_state_half_moved_to_the_first_alone(tmp_path,
     assert (status(first)["samples_accepted"], status(first)["checkpoint_version"]) == (40, 2)
 
 
+def test_a_replica_leaves_alone_a_directory_a_crash_left_half_way_through_adopting(tmp_path):
+    """N -> 1, the single trainer killed while it took replica 0's state, then replica 1 (ADOPT_DIR the single
+    trainer's directory) started first: it took the half that had moved, and the state ended split."""
+    parent, replicas = tmp_path / "online", [tmp_path / "online" / f"node-{i}" for i in (0, 1)]
+    replicas[0].mkdir(parents=True)
+    replicas[1].mkdir()
+    for name in ("latest.json", "model_v000001.onnx", "model_v000001.json"):
+        (replicas[0] / name).write_text(name)
+    (replicas[0] / ".state").mkdir()
+    (replicas[0] / ".adopted-by").write_text(f"{parent}\n")
+    (parent / ".adopting").write_text(f"{replicas[0]}\n")
+    for name in (".state", "latest.json"):
+        (replicas[0] / name).rename(parent / name)
+    vs.adopt_trainer_state(replicas[1], parent, "replica 1")
+    assert trainer_files(replicas[1]) == set() and trainer_files(parent) == {".state", "latest.json"}
+    vs.adopt_trainer_state(replicas[0], parent, "replica 0")  # takes back what had moved
+    assert trainer_files(replicas[0]) == {".state", "latest.json", "model_v000001.onnx", "model_v000001.json"}
+    assert not {".adopting", ".adopted-by"} & {p.name for p in (*parent.iterdir(), *replicas[0].iterdir())}
+
+
 def test_a_marker_write_the_disk_refused_leaves_a_move_that_the_next_start_makes_whole(tmp_path, monkeypatch):
     parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
     (parent / ".state").mkdir(parents=True)

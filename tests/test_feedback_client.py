@@ -347,6 +347,39 @@ def test_close_in_a_long_backoff_pause_delivers_to_a_sidecar_back_since(clients,
         fake.stop()
 
 
+def test_close_during_a_connection_attempt_retries_soon_after_it_fails(clients, short_dir, monkeypatch):
+    """close() called while a connection attempt waits (a sidecar still starting): the pause after that attempt
+    failed was the grown one, not FEEDBACK_RETRY_S[0], and the queue was dropped though the sidecar was back."""
+    monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (30.0, 120.0))  # the pause the thread would take after a failure
+    monkeypatch.setattr(vf, "FEEDBACK_ACK_DEADLINE_S", 0.5)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{short_dir}/s.sock")
+    listener.listen(4)
+    held: list[socket.socket] = []
+
+    def serve() -> None:  # the first connection is never answered; the next ones are
+        held.append(listener.accept()[0])
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                answer = {"ok": True, "op": "status", "config": {"n_features": N, "max_line_bytes": 1 << 20}}
+                conn.sendall(json.dumps(answer if b'"op"' in line else {"ok": True}).encode() + b"\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        assert client.send([0.5] * N, 50.0, job_id="once")
+        wait_until(lambda: held)  # the thread now waits for its status answer
+        monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (0.05, 120.0))
+        started = time.monotonic()
+        client.close(timeout=10)
+        assert time.monotonic() - started < 10 and (client.delivered, client.dropped) == (1, 0)
+    finally:
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
 @pytest.mark.parametrize("failure", ["hang up", "no ACK before the deadline"])
 def test_unknown_delivery_is_resent_on_a_new_connection(clients, short_dir, monkeypatch, fast_retry, failure):
     monkeypatch.setattr(vf, "FEEDBACK_ACK_DEADLINE_S", 1.0)

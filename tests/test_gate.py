@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import subprocess
 import sys
 import warnings
@@ -1440,7 +1441,7 @@ def test_verify_beside_a_sidecar_passes_what_its_retention_deletes_and_what_it_p
     def pruned_first(directory: Path, version: int, published: bool) -> list[str]:
         if version == 1 and directory == copied:  # in retention's order
             for suffix in (".onnx.sha256", ".json", ".onnx"):
-                (copied / f"{stem(1)}{suffix}").unlink()
+                (copied / f"{stem(1)}{suffix}").unlink(missing_ok=True)
         return check(directory, version, published)
 
     def published_first(directory: Path, record: dict) -> list[str]:
@@ -1461,6 +1462,25 @@ def test_verify_beside_a_sidecar_passes_what_its_retention_deletes_and_what_it_p
     assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
     checked = capsys.readouterr().out
     assert str(copied / f"{stem(1)}.onnx") not in checked and "FAILED" not in checked
+
+
+@pytest.mark.parametrize("caught", ["a checkpoint before its .sha256", "the first before latest.json"])
+def test_verify_beside_a_sidecar_passes_a_checkpoint_it_was_placing(copied, monkeypatch, capsys, caught):
+    """place() renames the model, its record, then its .sha256; the first publish writes latest.json after them: a
+    listing in between saw a checkpoint without its .sha256, or published ones without latest.json."""
+    gone = copied / (f"{stem(4)}.onnx.sha256" if caught.startswith("a checkpoint") else "latest.json")
+    held = gone.read_bytes()
+    gone.unlink()
+    sleep = time.sleep
+
+    def placed_meanwhile(seconds: float) -> None:
+        assert seconds > 0
+        gone.write_bytes(held)
+        sleep(seconds)
+
+    monkeypatch.setattr(vs.time, "sleep", placed_meanwhile)
+    assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
+    assert "FAILED" not in capsys.readouterr().out
 
 
 def test_checkpoints_lists_every_version(checkpoint_dir):
