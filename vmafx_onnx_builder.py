@@ -373,7 +373,8 @@ class _ChainReader:
         n = w.shape[0]
         scale = np.broadcast_to(np.asarray(self.scale, np.float64), (n,))
         shift = np.broadcast_to(np.asarray(self.shift, np.float64), (n,))
-        layers = [(scale[:, None] * w, shift @ w + b)] + self.layers[1:]
+        with np.errstate(over="ignore", invalid="ignore"):  # weights not finite stay so: the reader's caller judges
+            layers = [(scale[:, None] * w, shift @ w + b)] + self.layers[1:]
         return [(np.ascontiguousarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers]
 
 
