@@ -580,13 +580,10 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], max_line: int
         name = "<stdin>" if path == "-" else path
         with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
             if path not in layouts:  # JSON lines go as they are (a file's BOM aside): the sidecar checks them
-                for number, line in enumerate(bounded_lines(f, max_line, tally), 1):
+                for number, line in enumerate(json_lines(f, max_line, tally), 1):
                     if line is None:
                         yield name, number, None, LINE_TOO_LONG.format(max_line)
-                        continue
-                    if number == 1 and line.startswith(codecs.BOM_UTF8):  # as some editors begin a UTF-8 file
-                        line = line[len(codecs.BOM_UTF8):]
-                    if line.strip():  # the sidecar answers no blank line
+                    elif line.strip():  # the sidecar answers no blank line
                         yield name, number, line if line.endswith(b"\n") else line + b"\n", None
                 continue
             rows = csv_rows(tally.counted(f))
@@ -602,18 +599,23 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], max_line: int
                 raise UnreadableInput(f"{name}:{rows.line_num}: not a CSV row: {e}") from None
 
 
-def bounded_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes | None]:
-    """f's lines; None for one of more than `limit` bytes before its newline, which the sidecar would refuse: it is
-    read on in pieces, never held whole (a JSON array on one line, say)."""
-    while line := f.readline(limit + 1):
+def json_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes | None]:
+    """f's lines, a byte-order mark that begins it dropped (as some editors begin a UTF-8 file); None for one of more
+    than `limit` bytes before its newline, which the sidecar would refuse, and which is read on in pieces, never held
+    whole (a JSON array on one line, say); a blank one, however long, as a blank line."""
+    bom = len(codecs.BOM_UTF8)
+    while line := f.readline(limit + 1 + bom):
         tally.bytes_read += len(line)
-        if line.endswith(b"\n") or len(line) <= limit:
+        if bom:
+            line, bom = line.removeprefix(codecs.BOM_UTF8), 0
+        if len(line) - line.endswith(b"\n") <= limit:
             yield line
             continue
-        while (piece := f.readline(RECV_BYTES)) and not piece.endswith(b"\n"):
+        blank, piece = not line.strip(), line
+        while not piece.endswith(b"\n") and (piece := f.readline(RECV_BYTES)):
             tally.bytes_read += len(piece)
-        tally.bytes_read += len(piece)
-        yield None
+            blank = blank and not piece.strip()
+        yield b"\n" if blank else None
 
 
 class Tally:
@@ -770,13 +772,17 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
 
 def line_limit(sock: socket.socket, reader: io.BufferedReader) -> int:
     """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status: a longer line is refused unread and unsent."""
+    status = None
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
-        return int(json.loads(reader.readline())["config"]["max_line_bytes"])
+        status = json.loads(reader.readline())
+        return int(status["config"]["max_line_bytes"])
     except OSError as e:
         raise ConnectionError(e.strerror or e) from None
     except (ValueError, RecursionError, KeyError, TypeError):  # b"" at EOF is a ValueError too
-        raise ConnectionError("its answer to a status request was not a status") from None
+        refusal = status.get("error") if type(status) is dict and status.get("ok") is False else None
+        raise ConnectionError(f"the sidecar refused a status request: {refusal}" if refusal
+                              else "its answer to a status request was not a status") from None
 
 
 def total_bytes(paths: list[str]) -> int | None:

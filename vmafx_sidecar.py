@@ -2180,15 +2180,15 @@ class Trainer:
 
     def history(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The gate's long memory, on the host, and how much of it is held out: the evaluation ring, topped up
-        while it holds fewer than GATE_MIN_EVAL samples with the newest replay samples older than the window
-        (up to EVAL_CAPACITY in all); once a checkpoint is published, older than it too: the incumbent trained on
-        them as the candidate did, where those of windows quarantined since would favour a candidate that
-        learned a burst."""
+        while it holds fewer samples than the gate judges on (GATE_MIN_EVAL, 5 at least) with the newest replay
+        samples older than the window (up to EVAL_CAPACITY in all); once a checkpoint is published, older than it
+        too: the incumbent trained on them as the candidate did, where those of windows quarantined since would
+        favour a candidate that learned a burst."""
         self.flush_held_out()
         host = self.backend.to_host
         x, y = host(self.eval.x[:self.eval.size]), host(self.eval.y[:self.eval.size])
         held_out, c = len(y), self.config
-        if held_out >= c.gate_min_eval:
+        if held_out >= judged_size(c):
             return x, y, held_out
         skip = max(self.window.n, self.samples_since_publish) if self.has_champion else self.window.n
         older = min(max(0, self.replay.size - skip), c.eval_capacity - held_out)

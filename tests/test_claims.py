@@ -267,8 +267,9 @@ def test_a_marker_write_the_disk_refused_leaves_a_move_that_the_next_start_makes
 
 
 @pytest.mark.parametrize("marker", ["", "relative/path", "\udcff"], ids=["empty", "relative", "not UTF-8"])
-def test_a_move_marker_that_names_no_directory_stops_the_start_in_one_line(tmp_path, marker):
+def test_a_move_marker_that_names_no_directory_stops_the_start_in_one_line(tmp_path, monkeypatch, marker):
     """An empty marker was read as the working directory, taken for the source."""
+    monkeypatch.chdir(tmp_path)  # what a regression would claim and write into
     replica = tmp_path / "node-0"
     replica.mkdir()
     (replica / ".adopting").write_bytes(marker.encode("utf-8", "surrogateescape"))

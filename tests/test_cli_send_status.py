@@ -2,6 +2,7 @@
 runs them: a subprocess against a real sidecar (the progress display against a paced stand-in)."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import vmafx_feedback as vf
-from conftest import ROOT, Client
+import vmafx_sidecar as vs
+from conftest import ROOT, Client, make_trainer
 
 N = 4  # features: small, so that large files stay cheap
 SERVER = {"VMAFX_SIDECAR_N_FEATURES": str(N), "VMAFX_SIDECAR_JOURNAL_FSYNC": "no"}
@@ -328,12 +330,24 @@ def test_a_line_over_the_sidecars_limit_is_refused_without_being_held_or_sent(si
 
 @pytest.mark.parametrize("line", [b"x" * 10, b"x" * 11, b"x" * 9 + b"\r", b"x" * 10 + b"\r", b"x" * 12, b"x" * 100_000])
 @pytest.mark.parametrize("last", [False, True], ids=["a line", "the last, without its newline"])
-def test_send_takes_a_line_as_too_long_exactly_where_the_sidecar_does(line, last):
-    """Over the limit: more bytes than it before the newline, a carriage return included."""
-    data = line + (b"" if last else b"\nnext\n")
-    too_long = len(line) > 10
-    lines = list(vf.bounded_lines(io.BufferedReader(io.BytesIO(data), 64), 10, vf.Tally(None, False)))
-    assert lines == [None if too_long else line + (b"" if last else b"\n"), *([] if last else [b"next\n"])]
+@pytest.mark.parametrize("bom", [False, True], ids=["", "after a BOM"])
+def test_send_refuses_a_line_as_too_long_exactly_where_the_sidecar_would(tmp_path, line, last, bom):
+    """Over the limit: more bytes than it before the newline, a carriage return included, a first line's BOM not
+    (send drops it)."""
+    data = (codecs.BOM_UTF8 if bom else b"") + line + (b"" if last else b"\nnext\n")
+    lines = list(vf.json_lines(io.BufferedReader(io.BytesIO(data), 64), 10, vf.Tally(None, False)))
+    trainer = make_trainer(tmp_path, n_features=4, max_line_bytes=10)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    conn = vs.Connection(None, server.on_connection_ready)
+    server.take_lines(conn, line + b"\n")  # as send would have sent it
+    refused = conn.outbuf == b'{"ok": false, "error": "line too long (limit 10 bytes)"}\n'
+    assert lines == [None if refused else line + (b"" if last else b"\n"), *([] if last else [b"next\n"])]
+
+
+def test_a_blank_line_however_long_is_skipped_by_send_as_any_blank_line():
+    data = b"\n" + b" \t" * 100 + b"\r\n" + b"x" * 11 + b" " * 100 + b"\n"
+    lines = list(vf.json_lines(io.BufferedReader(io.BytesIO(data), 64), 10, vf.Tally(None, False)))
+    assert lines == [b"\n", b"\n", None]
 
 
 def test_send_from_a_closed_stdin_is_refused_in_one_line(tmp_path):
