@@ -1241,6 +1241,8 @@ class StateStore:
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
+        self.log_name = log_id(self.directory.parent) if self.samples else None  # the log this journal's samples go to
+        self.journaled_to = self.log_name  # that of the snapshot restored: its journal's samples are logged there
         self.samples_failing = False
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
@@ -1271,7 +1273,9 @@ class StateStore:
                 t.count_rejected()
             else:
                 t.ingest(record.features, record.score, record.held_out, record.unnamed)
-                if self.samples is not None:  # journaled, but not logged when the process died: its time is now
+                # Journaled, but not logged when the process died: its time is now. A state another directory's
+                # sidecar journaled (adopted) went to that one's log, or to none: the fleet reads it there, once.
+                if self.samples is not None and self.journaled_to == self.log_name:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
         if self.samples is not None:
@@ -1353,7 +1357,7 @@ class StateStore:
         generation = self.generation + 1
         state = self.trainer.state_dict()
         meta = {"format": SNAPSHOT_FORMAT, "generation": generation, "sources": self.sources,
-                **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
+                "sample_log": self.log_name, **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
         payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
         for chunk in payload:
@@ -1415,6 +1419,7 @@ class StateStore:
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
         self.generation, self.sources = generation, dict(state["sources"])
+        self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
         return True
 
     def move_aside(self, path: Path, why: str) -> None:

@@ -632,6 +632,23 @@ def test_a_replica_directory_renamed_keeps_the_fleets_position_in_its_log(tmp_pa
     assert fleet_state(tmp_path)["samples_accepted"] == 40 and list(fleet_state(tmp_path)["sources"].values()) == [40]
 
 
+@pytest.mark.parametrize("stop", ["killed", "stopped"])
+def test_a_state_adopted_from_a_directory_that_logged_its_samples_is_not_logged_again(tmp_path, stop):
+    """A replica killed with samples in its journal (logged, not yet in a snapshot), its state then adopted by
+    another whose log is on too: the adopter replayed the journal into its own log, and the fleet trained on
+    those samples twice."""
+    rng = np.random.default_rng(34)
+    nodes = [tmp_path / f"vmafx-node-{i}" for i in (0, 1)]
+    nodes[0].mkdir()
+    replica_run(nodes[0], 20, rng, killed=stop == "killed")
+    nodes[1].mkdir()
+    vs.adopt_trainer_state(nodes[1], nodes[0], "test")
+    assert replica_run(nodes[1], 10, rng).trainer.samples_accepted == 30
+    assert [x.sequence for x in vs.read_log(nodes[1], N_FEATURES)] == list(range(21, 31))
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 30
+
+
 def test_a_copy_of_a_replica_directory_is_skipped_with_one_line(tmp_path, caplog):
     rng = np.random.default_rng(32)
     replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
