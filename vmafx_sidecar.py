@@ -412,8 +412,8 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
                 if entries:  # the sidecars of the two directories finish that move, or undo it
                     log.warning("not adopting the trainer state in %s: %s is unfinished", source, busy)
                 return
-            write_marker(source / ADOPTED_BY, directory)
-            write_marker(directory / ADOPTING, source)
+            write_whole(source / ADOPTED_BY, f"{directory}\n")
+            write_whole(directory / ADOPTING, f"{source}\n")
         move_entries(entries, source, directory)
         end_move(directory, source)
     except OSError as e:
@@ -477,7 +477,7 @@ def end_move(taker: Path, source: Path) -> None:
 
 
 def marked_directory(marker: Path) -> Path | None:
-    """The directory a move's marker names; None without one. A marker is written whole (write_marker())."""
+    """The directory a move's marker names; None without one. A marker is written whole (write_whole())."""
     try:
         named = Path(marker.read_text().strip())
     except FileNotFoundError:
@@ -489,11 +489,12 @@ def marked_directory(marker: Path) -> Path | None:
     return named
 
 
-def write_marker(marker: Path, named: Path) -> None:
-    temp = marker.with_name(marker.name + TEMP_SUFFIX)
-    write_synced(temp, [memoryview(f"{named}\n".encode())])
-    os.replace(temp, marker)
-    fsync_directory(marker.parent)
+def write_whole(path: Path, text: str) -> None:
+    """A small file that a crash leaves as it was or whole, never empty: a temp file, synced, renamed into place."""
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    write_synced(temp, [memoryview(text.encode())], mode=0o600)
+    os.replace(temp, path)
+    fsync_directory(path.parent)
 
 
 # ---- server: one selectors loop owns the socket, every connection and the training step ----
@@ -1564,8 +1565,8 @@ class SampleLog:
     def __init__(self, directory: Path, n_features: int):
         self.directory = directory / SAMPLE_LOG_DIR
         self.directory.mkdir(mode=0o700, exist_ok=True)
-        if log_id(directory) is None:
-            write_synced(self.directory / LOG_ID, [memoryview(f"{secrets.token_hex(8)}\n".encode())], mode=0o600)
+        if not os.path.lexists(self.directory / LOG_ID):  # one it cannot read now is still its name: kept
+            write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n")
         self.n_features = n_features
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
@@ -1611,13 +1612,13 @@ class SampleLog:
         """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
         trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
-        name = log_id(self.directory.parent)  # numbers go on, and so does the fleet's position, under it
+        name = log_id(self.directory.parent) or secrets.token_hex(8)  # numbers go on, and the fleet's position
         first = int(segment_paths(self.directory)[0].name[:16])  # of this log: one set aside before held those below
         target = aside_path(self.directory, "set-aside")
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
         for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
-            write_synced(self.directory / file, [memoryview(f"{content}\n".encode())], mode=0o600)
+            write_whole(self.directory / file, f"{content}\n")
         unread = max(0, self.last_sequence - max(read, first - 1))
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "

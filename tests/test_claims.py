@@ -250,11 +250,11 @@ def test_a_marker_write_the_disk_refused_leaves_a_move_that_the_next_start_makes
     replica.mkdir()
     real = vs.write_synced
 
-    def full(path: Path, chunks: list) -> None:
+    def full(path: Path, chunks: list, mode: int = 0o644) -> None:
         if path.name == ".adopting.tmp":
             path.write_bytes(b"")  # created, then refused: as a full disk leaves it
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, chunks)
+        real(path, chunks, mode)
 
     monkeypatch.setattr(vs, "write_synced", full)
     with pytest.raises(vs.StartupError, match="No space left on device"):

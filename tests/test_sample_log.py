@@ -649,6 +649,19 @@ def test_a_state_adopted_from_a_directory_that_logged_its_samples_is_not_logged_
     assert fleet_state(tmp_path)["samples_accepted"] == 30
 
 
+def test_a_log_keeps_its_name_written_whole_and_never_replaces_one_it_cannot_read(tmp_path):
+    """A name it could not read now (an I/O error, a damaged file) was replaced by a new one, and the fleet read the
+    whole log again under it."""
+    logged(tmp_path, [sample(1, np.random.default_rng(35))])
+    name = vs.log_id(tmp_path)
+    assert name and len(name) == 16 and (tmp_path / vs.SAMPLE_LOG_DIR / "id").stat().st_mode & 0o777 == 0o600
+    logged(tmp_path, [sample(2, np.random.default_rng(35))])
+    assert vs.log_id(tmp_path) == name  # a restart keeps it
+    (tmp_path / vs.SAMPLE_LOG_DIR / "id").write_bytes(b"\xff\n")
+    logged(tmp_path, [sample(3, np.random.default_rng(35))])
+    assert (tmp_path / vs.SAMPLE_LOG_DIR / "id").read_bytes() == b"\xff\n" and vs.log_id(tmp_path) is None
+
+
 def test_a_copy_of_a_replica_directory_is_skipped_with_one_line(tmp_path, caplog):
     rng = np.random.default_rng(32)
     replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
