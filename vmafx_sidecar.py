@@ -1242,8 +1242,9 @@ class StateStore:
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
-        self.log_name = log_id(self.directory.parent) if self.samples else None  # the log this journal's samples go to
-        self.journaled_to = self.log_name  # that of the snapshot restored: its journal's samples are logged there
+        # The log the journal's samples go to, and the one those of the snapshot restored went to: its journal's.
+        self.log_name = log_id(self.directory.parent) if self.samples is not None else None
+        self.journaled_to = self.log_name
         self.samples_failing = False
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
