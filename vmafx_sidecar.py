@@ -412,8 +412,9 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
                 if entries:  # the sidecars of the two directories finish that move, or undo it
                     log.warning("not adopting the trainer state in %s: %s is unfinished", source, busy)
                 return
-            write_whole(source / ADOPTED_BY, f"{directory}\n")
-            write_whole(directory / ADOPTING, f"{source}\n")
+            for marker, named in ((source / ADOPTED_BY, directory), (directory / ADOPTING, source)):
+                write_whole(marker, f"{named}\n".encode(), mode=0o600)
+                fsync_directory(marker.parent)
         move_entries(entries, source, directory)
         end_move(directory, source)
     except OSError as e:
@@ -487,14 +488,6 @@ def marked_directory(marker: Path) -> Path | None:
     if not named.is_absolute():
         raise StartupError(f"{marker} names no directory ({str(named)!r}): it is not one this sidecar wrote")
     return named
-
-
-def write_whole(path: Path, text: str) -> None:
-    """A small file that a crash leaves as it was or whole, never empty: a temp file, synced, renamed into place."""
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    write_synced(temp, [memoryview(text.encode())], mode=0o600)
-    os.replace(temp, path)
-    fsync_directory(path.parent)
 
 
 # ---- server: one selectors loop owns the socket, every connection and the training step ----
@@ -1567,7 +1560,8 @@ class SampleLog:
         self.directory = directory / SAMPLE_LOG_DIR
         self.directory.mkdir(mode=0o700, exist_ok=True)
         if not os.path.lexists(self.directory / LOG_ID):  # one it cannot read now is still its name: kept
-            write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n")
+            write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
+            fsync_directory(self.directory)
         self.n_features = n_features
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
@@ -1619,7 +1613,8 @@ class SampleLog:
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
         for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
-            write_whole(self.directory / file, f"{content}\n")
+            write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
+        fsync_directory(self.directory)
         unread = max(0, self.last_sequence - max(read, first - 1))
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
@@ -2913,9 +2908,7 @@ class CheckpointWriter:
         model = self.quarantine / f"{stem}.onnx"
         if model.exists():
             digest = hashlib.sha256(model.read_bytes()).hexdigest()
-            temp = self.quarantine / f".{stem}.onnx.sha256{TEMP_SUFFIX}"
-            write_synced(temp, [memoryview(f"{digest}  {stem}.onnx\n".encode())])
-            os.replace(temp, self.quarantine / f"{stem}.onnx.sha256")
+            write_whole(self.quarantine / f"{stem}.onnx.sha256", f"{digest}  {stem}.onnx\n".encode())
         fsync_directory(self.quarantine)
         log.warning("%s was being written when the process stopped, never published: it is in %s", stem,
                     self.quarantine)
@@ -2980,18 +2973,13 @@ class CheckpointWriter:
         """latest.onnx (`data`, the model `record` names), latest.onnx.sha256, then latest.json, each replaced
         whole, in that order: latest.json never names a model before latest.onnx holds it."""
         self.replace_latest_model(record, data)
-        self.replace(LATEST, json_text(record).encode())
+        write_whole(self.directory / LATEST, json_text(record).encode())
         fsync_directory(self.directory)
         self.latest = record
 
     def replace_latest_model(self, record: dict[str, Any], data: bytes) -> None:
-        self.replace(LATEST_MODEL, data)
-        self.replace(f"{LATEST_MODEL}.sha256", f"{record['sha256']}  {LATEST_MODEL}\n".encode())
-
-    def replace(self, name: str, content: bytes) -> None:
-        temp = self.directory / f".{name}{TEMP_SUFFIX}"
-        write_synced(temp, [memoryview(content)])
-        os.replace(temp, self.directory / name)
+        write_whole(self.directory / LATEST_MODEL, data)
+        write_whole(self.directory / f"{LATEST_MODEL}.sha256", f"{record['sha256']}  {LATEST_MODEL}\n".encode())
 
     def recover_latest(self) -> dict[str, Any] | None:
         """latest.json, first pointed at the newest published checkpoint if it names another one: a crash
@@ -3014,7 +3002,7 @@ class CheckpointWriter:
             return None
         if newest == latest:
             return latest
-        self.replace(LATEST, json_text(newest).encode())
+        write_whole(self.directory / LATEST, json_text(newest).encode())
         fsync_directory(self.directory)
         log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
                     newest["file"], latest and latest["file"])
@@ -3177,6 +3165,15 @@ def write_synced(path: Path, chunks: list[memoryview], mode: int = 0o644) -> Non
         os.close(fd)
 
 
+def write_whole(path: Path, content: bytes, mode: int = 0o644) -> None:
+    """Replace `path` so that a crash leaves it as it was or whole, never part-written: a temp file beside it (hidden:
+    the checkpoint writer's start takes such debris), synced, renamed into place. Syncing the directory, so that
+    the rename lasts, is the caller's."""
+    temp = path.with_name(f".{path.name.lstrip('.')}{TEMP_SUFFIX}")
+    write_synced(temp, [memoryview(content)], mode)
+    os.replace(temp, path)
+
+
 def write_all(fd: int, content: bytes) -> None:
     view = memoryview(content)
     try:
@@ -3273,9 +3270,7 @@ def save_fleet_state(state: StateStore) -> None:
     if state.generation == generation:
         raise StartupError(f"cannot save the fleet trainer's state in {state.directory}")
     cursors = json.dumps({"sources": state.sources, "saved_unix": round(time.time(), 3)}).encode()
-    temp = state.directory.parent / f".{FLEET_CURSORS}{TEMP_SUFFIX}"
-    write_synced(temp, [memoryview(cursors)])
-    os.replace(temp, state.directory.parent / FLEET_CURSORS)
+    write_whole(state.directory.parent / FLEET_CURSORS, cursors)
 
 
 def replica_logs(root: Path) -> list[tuple[Path, str]]:
