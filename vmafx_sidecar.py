@@ -197,7 +197,7 @@ class Config:
                                 "steps of linear learning-rate warmup")
     seed: int = setting(0, "VMAFX_SIDECAR_SEED", at_least(0), "seed of initial weights and replay draws")
     max_connections: int = setting(128, "VMAFX_SIDECAR_MAX_CONNECTIONS", at_least(1),
-                                   "connections served at once; more are accepted and closed")
+                                   "connections served at once; over it, only a probe's ping or status is answered")
     socket_mode: str = setting("0600", "VMAFX_SIDECAR_SOCKET_MODE", Check(
         lambda v: re.fullmatch(r"0?[67][0-7]0", v) is not None, "an octal mode with owner read-write and no "
         "access for others, such as 0600 or 0660"), "permissions of the socket file")
@@ -501,6 +501,10 @@ OUTBUF_HIGH = 1 << 20
 STALL_S = 10.0  # a reader frees its socket's buffer a chunk (~100 KB) at a time: one of 10 KB/s shows in it
 SHUTDOWN_GRACE_S = 1.5
 ACCEPT_RETRY_S = 1.0  # out of file descriptors, a listener is unwatched this long (or until a connection closes)
+# Over VMAFX_SIDECAR_MAX_CONNECTIONS, this many more connections may each ask one ping or status, within
+# RESERVED_WAIT_S: the pod's probes, so that a sidecar busy at its limit is not restarted or taken out of service.
+RESERVED_CONNECTIONS = 4
+RESERVED_WAIT_S = 1.0
 ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -544,7 +548,8 @@ class Server:
         self.socket_inode: int | None = None
         self.stopping = False
         self.accepts_paused_at: float | None = None  # out of file descriptors, since then: see retry_accepts()
-        self.connections_refused = 0  # over max_connections
+        self.reserved: dict[Connection, float] = {}  # over max_connections, each for one ping or status: since
+        self.connections_refused = 0  # over max_connections, closed unanswered
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
         self.acks = 0  # ACK lines made, since the start
@@ -596,6 +601,8 @@ class Server:
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
                 self.retry_accepts()
+                if self.reserved:
+                    self.expire_reserved()
                 self.state.tick()
                 if self.metrics:
                     self.metrics.tick()
@@ -633,7 +640,7 @@ class Server:
                         key.data(mask)  # the wake-up pipe: a second signal
                     elif mask & selectors.EVENT_WRITE:
                         self.flush(key.data)
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.reserved]:
             self.close(conn)
         self.state.save()
         log.info("stopped after %d steps (%d samples accepted, %d rejected)",
@@ -682,15 +689,58 @@ class Server:
             self.selector.unregister(self.listener)
             self.accepts_paused_at = time.monotonic()
             return False
-        if len(self.connections) >= self.config.max_connections:
+        full = len(self.connections) >= self.config.max_connections
+        if full and len(self.reserved) >= RESERVED_CONNECTIONS:
             sock.close()  # the client reads EOF at once (a reset, had it sent already) and may retry; others go on
             self.connections_refused += 1
             return True
         sock.setblocking(False)
-        conn = Connection(sock, self.on_connection_ready)
-        self.connections.add(conn)
+        if full:
+            conn = Connection(sock, self.on_reserved_ready)
+            self.reserved[conn] = time.monotonic()
+        else:
+            conn = Connection(sock, self.on_connection_ready)
+            self.connections.add(conn)
         self.selector.register(sock, selectors.EVENT_READ, conn)
         return True
+
+    def on_reserved_ready(self, conn: Connection, mask: int) -> None:
+        """A connection over the limit: its first line answered if it asks a ping or the status, and the connection
+        closed once the answer is out; anything else closes it unanswered, as if refused at once."""
+        if mask & selectors.EVENT_WRITE:
+            self.flush(conn)
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.inbuf += data
+        newline = conn.inbuf.find(b"\n")
+        if newline < 0 and data and len(conn.inbuf) <= self.config.max_line_bytes:
+            return  # the line goes on
+        line = bytes(conn.inbuf[:newline]) if 0 <= newline <= self.config.max_line_bytes else b""
+        del self.reserved[conn]
+        if not asks_ping_or_status(line, self.config.n_features):
+            self.refuse(conn)
+            return
+        conn.outbuf += self.answer(line)
+        conn.closing = True
+        self.flush(conn)
+
+    def refuse(self, conn: Connection) -> None:
+        self.connections_refused += 1
+        self.close(conn)
+
+    def expire_reserved(self) -> None:
+        """Close, unanswered, the connections over the limit that have not asked their question in time."""
+        now = time.monotonic()
+        for conn, accepted in list(self.reserved.items()):
+            if now - accepted >= RESERVED_WAIT_S:
+                del self.reserved[conn]
+                self.refuse(conn)
 
     def read(self, conn: Connection) -> bool:
         """Read and answer what is available, the ACKs left for end_turn(); False when nothing was (would block,
@@ -990,6 +1040,14 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
     if not ((type(score) is float or type(score) is int) and F32_LOWEST <= score <= F32_BOUND):
         raise BadRequest(f"true_score: {number_problem(score)}", job_id)
     return Sample(features, score, job_id)
+
+
+def asks_ping_or_status(line: bytes, n_features: int) -> bool:
+    try:
+        request = parse_request(line, n_features)
+    except BadRequest:
+        return False
+    return type(request) is Control and request.op in ("ping", "status")
 
 
 def decoded_json(text: str) -> Any:
@@ -3584,7 +3642,7 @@ def metrics_text(server: Server) -> str:
         ("vmafx_sidecar_eval_buffer_capacity", "gauge", "Held-out samples kept at most",
          [({}, s.config.eval_capacity)]),
         ("vmafx_sidecar_connections", "gauge", "Open client connections", [({}, len(s.connections))]),
-        ("vmafx_sidecar_connections_refused_total", "counter", "Connections closed at once, over "
+        ("vmafx_sidecar_connections_refused_total", "counter", "Connections closed unanswered, over "
          "VMAFX_SIDECAR_MAX_CONNECTIONS, since the process started", [({}, s.connections_refused)]),
         ("vmafx_sidecar_connections_dropped_total", "counter", "Connections closed because they stopped reading "
          "their ACKs, since the process started", [({}, s.connections_dropped)]),

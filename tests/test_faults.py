@@ -765,36 +765,47 @@ def test_memory_stays_bounded_with_idle_oversized_and_non_reading_clients(sideca
 
 # ---- 5. more connections than VMAFX_SIDECAR_MAX_CONNECTIONS ----
 
-def test_connections_beyond_the_limit_are_closed_at_once_and_counted(sidecar_factory):
-    s = sidecar_factory(**SMALL_MODEL, VMAFX_SIDECAR_MAX_CONNECTIONS="8")
-    rng = np.random.default_rng(10)
+def full_sidecar(sidecar_factory, limit: int) -> tuple[Sidecar, list[Client]]:
+    """A sidecar serving `limit` clients, its limit."""
+    s = sidecar_factory(**SMALL_MODEL, VMAFX_SIDECAR_MAX_CONNECTIONS=str(limit))
     first = s.client()
     # start()'s ping connection is gone before the others come
     assert wait_for(lambda: status(first)["connections"] == 1, 10)
     clients = [first]
-    for _ in range(7):
+    for _ in range(limit - 1):
         c = s.client()
         assert c.request({"op": "ping"}) == {"ok": True, "op": "pong"}
         clients.append(c)
-    assert status(first)["connections"] == 8
+    assert status(first)["connections"] == limit
+    return s, clients
 
-    def refused() -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+def over_the_limit(s: Sidecar, line: bytes | None, within_s: float) -> None:
+    """A connection over the limit that sends `line` (or nothing) is closed unanswered within `within_s`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
+        sock.connect(s.socket)
+        started = time.monotonic()
+        if line is not None:
+            sock.sendall(line)
         try:
-            sock.connect(s.socket)
-            try:
-                data = sock.recv(4096)
-            except TimeoutError:
-                pytest.fail("a connection over the limit was kept open (no EOF within 5 s)")
-            assert data == b"", f"a connection over the limit got {data!r} instead of EOF"
-        finally:
-            sock.close()
+            data = sock.recv(4096)
+        except TimeoutError:
+            pytest.fail("a connection over the limit was kept open (no EOF within 5 s)")
+        assert data == b"", f"a connection over the limit got {data!r} instead of EOF"
+        assert time.monotonic() - started < within_s
 
-    for _ in range(3):
-        refused()
+
+def test_connections_beyond_the_limit_are_closed_unanswered_and_counted(sidecar_factory):
+    s, clients = full_sidecar(sidecar_factory, 8)
+    first, rng = clients[0], np.random.default_rng(10)
+    accepted = status(first)["samples_accepted"]
+    for k in range(3):  # a node's sample on a ninth connection: EOF, no ACK, so it sends it again later
+        over_the_limit(s, encode(sample(rng, N_FEATURES, job_id=f"over-{k}")), within_s=1.0)
+    over_the_limit(s, None, within_s=vs.RESERVED_WAIT_S + 2.5)  # one that asks nothing waits its second at most
     st = status(first)
-    assert st["connections"] == 8 and st["connections_refused"] == 3, st
+    assert st["connections"] == 8 and st["connections_refused"] == 4, st
+    assert st["samples_accepted"] == accepted and st["samples_rejected"] == 0, st
     for k, c in enumerate(clients):  # the 8 keep working
         ack = c.request(sample(rng, N_FEATURES, job_id=f"kept-{k}"))
         assert ack["ok"] is True and ack["job_id"] == f"kept-{k}", ack
@@ -806,9 +817,47 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_counted(sidecar_fac
     assert newcomer.request({"op": "ping"}) == {"ok": True, "op": "pong"}
     ack = newcomer.request(sample(rng, N_FEATURES, job_id="newcomer"))
     assert ack["ok"] is True and ack["job_id"] == "newcomer", ack
-    refused()  # full again
+    over_the_limit(s, b'{"op": "nope"}\n', within_s=1.0)  # full again; an unknown op is no probe either
     st = status(first)
-    assert st["connections"] == 8 and st["connections_refused"] == 4, st
+    assert st["connections"] == 8 and st["connections_refused"] == 5, st
+
+
+def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_factory):
+    # The chart's startup, readiness and liveness probes ping the socket: at the limit, a refusal would take a
+    # busy sidecar out of service and then restart it.
+    s, clients = full_sidecar(sidecar_factory, 2)
+    for _ in range(3):
+        assert vs.feedback.probe(str(s.socket), 5.0) == 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(s.socket)
+        sock.sendall(b'{"op": "status", "job_id": "asked"}\n')
+        answer = b""
+        while not answer.endswith(b"\n"):
+            answer += sock.recv(65536)
+        assert sock.recv(1) == b""  # one question, then closed
+    st = json.loads(answer)
+    assert st["ok"] is True and st["job_id"] == "asked" and st["connections"] == 2, st
+    assert st["connections_refused"] == 0, st
+    assert all(c.request({"op": "ping"}) == {"ok": True, "op": "pong"} for c in clients)
+
+
+def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
+    s, clients = full_sidecar(sidecar_factory, 1)
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(vs.RESERVED_CONNECTIONS)]
+    try:
+        for sock in idle:  # the reserve, filled by connections that ask nothing
+            sock.connect(s.socket)
+        assert clients[0].request({"op": "ping"}) == {"ok": True, "op": "pong"}  # they are accepted and wait
+        over_the_limit(s, None, within_s=vs.RESERVED_WAIT_S / 2)  # one more is closed at once
+        for sock in idle:  # and theirs ends
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert vs.feedback.probe(str(s.socket), 5.0) == 0  # the reserve is free again
+    assert status(clients[0])["connections_refused"] == 1 + vs.RESERVED_CONNECTIONS
 
 
 def test_samples_at_the_float32_limit_skip_steps_quietly_and_boundedly(tmp_path, caplog):

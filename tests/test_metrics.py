@@ -391,7 +391,8 @@ def test_connections_over_the_limit_are_counted(sidecar_factory):
         with socket.socket(socket.AF_UNIX) as refused:
             refused.connect(str(s.socket))
             refused.settimeout(10)
-            assert refused.recv(1) == b""  # closed at once
+            refused.sendall(b'{"features": [], "true_score": 1}\n')  # no ping: closed unanswered
+            assert refused.recv(1) == b""
     metrics = scrape(port)
     assert value(metrics, "vmafx_sidecar_connections_refused_total") == 2
     assert value(metrics, "vmafx_sidecar_connections_dropped_total") == 0
