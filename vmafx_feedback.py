@@ -495,6 +495,7 @@ def seconds_left(deadline: float) -> float:
 # at most 6x its bytes (\u007f for a DEL), so long job_ids bound the window in bytes, not in lines.
 SEND_WINDOW = 256
 SEND_WINDOW_BYTES = 128 << 10
+SEND_TIMEOUT_S = 60.0  # for each answer, by default: a sidecar pauses for milliseconds (a checkpoint, a snapshot)
 FIRST_REJECTIONS = 10
 ERROR_KINDS = 20  # distinct error texts counted apart; the rest share one count, so memory stays bounded
 INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
@@ -720,6 +721,8 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
     if error is None:
         try:
             ack = json.loads(reader.readline())  # b"" at EOF is a ValueError too
+        except TimeoutError:
+            raise
         except (OSError, ValueError) as e:
             raise ConnectionError(getattr(e, "strerror", None) or "the sidecar closed the connection") from None
         error = None if ack.get("ok") else ack.get("error", "rejected")
@@ -731,9 +734,10 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
     return size
 
 
-def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None) -> int:
+def send_files(paths: list[str], socket_path: str, score_column: str, feature_columns: list[str] | None,
+               timeout_s: float = SEND_TIMEOUT_S) -> int:
     """Stream every line of `paths` to the sidecar; 0 when all were accepted, 1 on any rejection, when the
-    connection is lost, or when an input cannot be read on."""
+    connection is lost or an answer has not come within `timeout_s`, or when an input cannot be read on."""
     layouts = {}
     for path in (p for p in paths if p.lower().endswith(".csv")):  # every header is checked before sending
         try:
@@ -743,6 +747,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
             print(f"vmafx-sidecar send: {path}: {e}", file=sys.stderr)
             return 1
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)  # a stopped or stalled sidecar ends the command, as a lost connection does
         try:
             sock.connect(socket_path)
         except OSError as e:
@@ -756,6 +761,8 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
                 send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
+        except TimeoutError:
+            stopped = f"no answer from {socket_path} within {timeout_s:g} s"
         except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
             stopped = f"cannot read {e.filename or 'the input'} ({e.strerror or e})"
         except UnreadableInput as e:
@@ -777,6 +784,8 @@ def line_limit(sock: socket.socket, reader: io.BufferedReader) -> int:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
         status = json.loads(reader.readline())
         return int(status["config"]["max_line_bytes"])
+    except TimeoutError:
+        raise
     except OSError as e:
         raise ConnectionError(e.strerror or e) from None
     except (ValueError, RecursionError, KeyError, TypeError):  # b"" at EOF is a ValueError too

@@ -4219,6 +4219,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CSV feature columns in request order (default: every column but the score and job_id)")
     send.add_argument("--socket", default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET),
                       help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
+    send.add_argument("--timeout", type=feedback.wait_seconds, default=feedback.SEND_TIMEOUT_S,
+                      help="seconds to wait for each answer, then stop as on a lost connection (default %(default)g)")
     fleet_help = ("train ROOT/fleet/ once on the samples every replica in ROOT logged since the last run (exit 0: "
                   f"trained, {FLEET_NOTHING_NEW}: nothing new, 1: failed)")
     fleet_parser = commands.add_parser("fleet", help=fleet_help, description=fleet_help)
@@ -4246,7 +4248,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vmafx-sidecar {args.command}: {e.filename or args.dir}: {e.strerror or e}", file=sys.stderr)
             return 1
     if args.command == "send":
-        return feedback.send_files(args.files, args.socket, args.score_column, args.feature_columns)
+        return feedback.send_files(args.files, args.socket, args.score_column, args.feature_columns, args.timeout)
     if args.command == "status":
         return feedback.show_status(args.socket, args.timeout, args.json)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)

@@ -513,3 +513,49 @@ def test_status_fails_in_one_line_on_an_answer_that_is_not_a_status(tmp_path, an
     server.join(10)
     assert done.returncode == 1 and done.stdout == b"", done
     assert done.stderr.decode().startswith(f"vmafx-sidecar status: {path}: {said}") and done.stderr.count(b"\n") == 1
+
+
+def stalling_sidecar(path: str, answered: int) -> tuple[threading.Thread, threading.Event]:
+    """A stand-in for the sidecar on `path` that answers send's status request (if `answered` >= 0) and then
+    `answered` samples, and after that answers nothing, its connection open, until the event is set."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    done = threading.Event()
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            if answered >= 0:
+                next(lines)
+                conn.sendall(b'{"ok": true, "op": "status", "config": {"max_line_bytes": 1048576}}\n')
+                for _ in range(answered):
+                    next(lines)
+                    conn.sendall(b'{"ok": true, "step": 0, "trained": false}\n')
+            done.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, done
+
+
+@pytest.mark.parametrize("answered", [-1, 0, 3], ids=["not even the status", "the status only", "three samples"])
+def test_send_gives_up_on_a_sidecar_that_stops_answering_and_says_how_far_it_got(tmp_path, answered):
+    path, data = str(tmp_path / "stalled.sock"), tmp_path / "a.jsonl"
+    data.write_bytes(VALID * 10)
+    server, done = stalling_sidecar(path, answered)
+    started = time.monotonic()
+    try:
+        result = cli("send", "--socket", path, "--timeout", "0.5", str(data))
+    finally:
+        done.set()
+        server.join(10)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert time.monotonic() - started < 20
+    acknowledged = max(answered, 0)
+    assert stderr.endswith(f"vmafx-sidecar send: no answer from {path} within 0.5 s after {acknowledged} lines were "
+                           f"acknowledged" + (f"; the input was done up to {data}:{acknowledged}\n" if acknowledged
+                                               else "\n")), stderr
+    assert summary(result.stdout.decode())["accepted"] == str(acknowledged)
