@@ -239,6 +239,10 @@ class Config:
         if config.replay_capacity < config.batch_size:
             raise ConfigError(f"VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE "
                               f"({config.batch_size}), got {config.replay_capacity}")
+        shortest_sample = len('{"features":[],"true_score":0}') + 2 * config.n_features - 1  # every value a "0"
+        if config.max_line_bytes < shortest_sample:  # every sample refused, and the probes' pings with them
+            raise ConfigError(f"VMAFX_SIDECAR_MAX_LINE_BYTES: must be >= {shortest_sample}, the shortest sample line "
+                              f"of VMAFX_SIDECAR_N_FEATURES ({config.n_features}) features, got {config.max_line_bytes}")
         if config.adopt_dir and os.path.abspath(config.adopt_dir) == os.path.abspath(config.checkpoint_dir):
             raise ConfigError("VMAFX_SIDECAR_ADOPT_DIR: must be another directory than "
                               f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {config.adopt_dir!r}")

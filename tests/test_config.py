@@ -205,6 +205,21 @@ def test_replay_capacity_below_batch_size_is_rejected(environ, overrides):
         vmafx_sidecar.Config.load(environ, overrides)
 
 
+@pytest.mark.parametrize("n_features, limit, ok", [(80, 188, False), (80, 189, True), (1, 30, False), (1, 31, True),
+                                                    (4, 16, False)])
+def test_a_line_limit_below_the_shortest_sample_line_is_rejected(n_features, limit, ok):
+    """A limit no sample fits in refuses every sample, and the probes' pings below ~15 bytes: a pod never ready."""
+    shortest = b'{"features":[' + b",".join([b"0"] * n_features) + b'],"true_score":0}'
+    environ = {"VMAFX_SIDECAR_N_FEATURES": str(n_features), "VMAFX_SIDECAR_MAX_LINE_BYTES": str(limit)}
+    if ok:
+        assert vmafx_sidecar.Config.load(environ, {}).max_line_bytes == limit == len(shortest)
+        assert type(vmafx_sidecar.parse_request(shortest, n_features)) is vmafx_sidecar.Sample
+    else:
+        with pytest.raises(vmafx_sidecar.ConfigError, match=rf"MAX_LINE_BYTES: must be >= {len(shortest)}, the "
+                                                            rf"shortest sample line .* got {limit}$"):
+            vmafx_sidecar.Config.load(environ, {})
+
+
 def test_gate_min_eval_above_eval_capacity_is_accepted_with_the_gate_off():
     config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_GATE": "off", "VMAFX_SIDECAR_EVAL_CAPACITY": "10"}, {})
     assert config.gate_min_eval > config.eval_capacity
@@ -294,10 +309,10 @@ def test_demo_streams_its_own_feature_count_whatever_the_environment_says(short_
 
 def test_demo_stops_with_the_error_of_a_sample_its_server_refuses(short_dir):
     done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", "50"],
-                          env=clean_env(short_dir, VMAFX_SIDECAR_MAX_LINE_BYTES="100"), cwd=short_dir,
+                          env=clean_env(short_dir, VMAFX_SIDECAR_MAX_LINE_BYTES="300"), cwd=short_dir,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "the demo server refused a sample: line too long (limit 100 bytes)" in done.stderr
+    assert "the demo server refused a sample: line too long (limit 300 bytes)" in done.stderr
 
 
 def test_demo_run_twice_says_it_resumes_the_first_runs_state(short_dir):
