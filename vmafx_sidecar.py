@@ -722,12 +722,12 @@ class Server:
         except OSError:
             data = b""
         conn.inbuf += data
-        newline = conn.inbuf.find(b"\n")
-        if newline < 0 and data and len(conn.inbuf) <= self.config.max_line_bytes:
+        newline, limit = conn.inbuf.find(b"\n"), self.config.max_line_bytes
+        if newline < 0 and data and len(conn.inbuf) <= limit:
             return  # the line goes on
-        line = bytes(conn.inbuf[:newline]) if 0 <= newline <= self.config.max_line_bytes else b""
+        line = bytes(conn.inbuf if newline < 0 else conn.inbuf[:newline])  # at EOF, the line without its newline
         del self.reserved[conn]
-        if not asks_ping_or_status(line, self.config.n_features):
+        if len(line) > limit or not asks_ping_or_status(line, self.config.n_features):
             self.refuse(conn)
             return
         conn.outbuf += self.answer(line)

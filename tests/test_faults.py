@@ -828,6 +828,12 @@ def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_facto
     s, clients = full_sidecar(sidecar_factory, 2)
     for _ in range(3):
         assert vs.feedback.probe(str(s.socket), 5.0) == 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # a last line without its newline is one
+        sock.settimeout(5)
+        sock.connect(s.socket)
+        sock.sendall(b'{"op": "ping"}')
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b'{"ok": true, "op": "pong"}\n' and sock.recv(1) == b""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
         sock.connect(s.socket)
