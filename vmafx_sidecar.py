@@ -3480,8 +3480,9 @@ HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z
 
 
 def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
-    """`:9464` (every IPv4 interface), `127.0.0.1:9464`, `localhost:9464` or `[::1]:9464`; ValueError for what no
-    socket could bind: an address no IP literal is, a host name no name is, a port past 65535."""
+    """`:9464` (every interface: the host "", see listen_on), `127.0.0.1:9464`, `localhost:9464` or `[::1]:9464`;
+    ValueError for what no socket could bind: an address no IP literal is, a host name no name is, a port past
+    65535."""
     match = re.fullmatch(rf"(\[[0-9A-Fa-f:.]+\]|{HOST_NAME}|):([0-9]{{1,5}})", text)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
@@ -3490,7 +3491,32 @@ def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
         return socket.AF_INET6, str(ipaddress.IPv6Address(host[1:-1])), int(match.group(2))
     if re.fullmatch(r"[0-9.]+", host):  # all digits: an IPv4 address, or nothing
         ipaddress.IPv4Address(host)
-    return socket.AF_INET, host or "0.0.0.0", int(match.group(2))
+    return socket.AF_INET, host, int(match.group(2))
+
+
+def listen_on(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    """A listening socket; with no host, on every interface: IPv6 and IPv4 (a pod's address may be either, as
+    Go's net.Listen takes ":port"), or IPv4 alone where the pod has no IPv6."""
+    if host:
+        return bound(family, host, port)
+    try:
+        return bound(socket.AF_INET6, "::", port)
+    except OSError:
+        return bound(socket.AF_INET, "0.0.0.0", port)
+
+
+def bound(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if host == "::":  # and IPv4's every address, whatever the node's default (net.ipv6.bindv6only)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(HTTP_MAX_CONNECTIONS)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass(slots=True)
@@ -3506,15 +3532,10 @@ class MetricsEndpoint:
     connection has a deadline, so a slow or stuck scraper never holds up the trainer or the node."""
 
     def __init__(self, server: Server, address: str):
-        family, host, port = parse_listen_address(address)
         self.server, self.address = server, address
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.listener.bind((host, port))
-            self.listener.listen(HTTP_MAX_CONNECTIONS)
+            self.listener = listen_on(*parse_listen_address(address))
         except OSError as e:
-            self.listener.close()
             raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
         self.listener.setblocking(False)
         self.connections: list[HttpConnection] = []

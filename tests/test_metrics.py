@@ -2,8 +2,10 @@
 the traffic, a strict little HTTP/1.1 server, and scrapers that cannot stall the trainer."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -314,6 +316,44 @@ def test_ipv6_loopback_address(sidecar_factory):
     with socket.create_connection(("::1", port), timeout=10) as c:
         c.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
         assert c.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_every_interface_means_ipv6_and_ipv4(sidecar_factory):
+    """`:port`, the chart's address: a pod's IP may be IPv6 (an IPv6 or dual-stack cluster) or IPv4."""
+    port = free_port()
+    s = sidecar_factory(VMAFX_SIDECAR_METRICS_ADDR=f":{port}", **SETTINGS)
+    hosts = ["127.0.0.1", *(["::1"] if ipv6_loopback() else [])]
+    if os.environ.get("CI") == "true":
+        assert "::1" in hosts, "CI=true: this machine has no IPv6 loopback to check the IPv6 half with"
+    for host in hosts:
+        with socket.create_connection((host, port), timeout=10) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 200 OK"), host
+    assert s.proc.poll() is None
+
+
+def test_every_interface_is_ipv4_alone_where_the_pod_has_no_ipv6(monkeypatch):
+    real, port = vs.bound, free_port()
+
+    def without_ipv6(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, host, port)
+
+    monkeypatch.setattr(vs, "bound", without_ipv6)
+    with vs.listen_on(*vs.parse_listen_address(f":{port}")) as sock:
+        assert sock.family == socket.AF_INET and sock.getsockname() == ("0.0.0.0", port)
+    with pytest.raises(OSError):  # a host named is that host's or nothing
+        vs.listen_on(*vs.parse_listen_address(f"[::1]:{port}"))
 
 
 def test_exposition_values_are_plain_numbers(served):
