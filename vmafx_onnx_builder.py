@@ -221,15 +221,17 @@ class _ChainReader:
     def skip_shape_arithmetic(self, users: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """Drop the Shape -> Slice/Concat/... nodes that only feed a Reshape its target shape."""
         frontier = [n for n in users if n.op_type == "Shape"]
-        plumbing = []
+        plumbing = {}  # by id: a node that two paths reach is walked once (else the walk grows with their number)
         while frontier:
             node = frontier.pop()
+            if id(node) in plumbing:
+                continue
             if node.op_type not in SHAPE_ARITHMETIC:
                 return users
-            plumbing.append(node)
+            plumbing[id(node)] = node
             for out in node.output:
                 frontier += [n for n in self.consumers[out] if not (n.op_type == "Reshape" and n.input[1] == out)]
-        self.visited.update(id(n) for n in plumbing)
+        self.visited.update(plumbing)
         return [n for n in users if n.op_type != "Shape"]
 
     # -- dense layers

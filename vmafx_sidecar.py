@@ -241,8 +241,9 @@ class Config:
                               f"({config.batch_size}), got {config.replay_capacity}")
         shortest_sample = len('{"features":[],"true_score":0}') + 2 * config.n_features - 1  # every value a "0"
         if config.max_line_bytes < shortest_sample:  # every sample refused, and the probes' pings with them
-            raise ConfigError(f"VMAFX_SIDECAR_MAX_LINE_BYTES: must be >= {shortest_sample}, the shortest sample line "
-                              f"of VMAFX_SIDECAR_N_FEATURES ({config.n_features}) features, got {config.max_line_bytes}")
+            raise ConfigError(f"VMAFX_SIDECAR_MAX_LINE_BYTES: must be >= {shortest_sample}, the shortest sample "
+                              f"line of VMAFX_SIDECAR_N_FEATURES ({config.n_features}) features, got "
+                              f"{config.max_line_bytes}")
         if config.adopt_dir and os.path.abspath(config.adopt_dir) == os.path.abspath(config.checkpoint_dir):
             raise ConfigError("VMAFX_SIDECAR_ADOPT_DIR: must be another directory than "
                               f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {config.adopt_dir!r}")
@@ -3735,6 +3736,16 @@ def resident_bytes() -> int | None:
 
 # ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----
 
+# A base model is a small MLP: past this many values in all (32 MB as float32) a file is refused before it is read
+# on, whatever it claims: a few kilobytes of zip inflate to any size, and numpy allocates what a header says.
+MAX_BASE_MODEL_VALUES = 1 << 23
+MAX_PICKLE_BYTES = 1 << 24  # a state-dict's data.pkl: a few kilobytes of names and tensor layouts
+
+
+def too_many_values() -> str:
+    return f"it holds more than {MAX_BASE_MODEL_VALUES} values: not the weights of a small MLP"
+
+
 def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     """The model to fine-tune, or None when none is configured or the file is absent."""
     path = config.base_model_path
@@ -3787,12 +3798,27 @@ def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
         if not count or names - expected or {f"W{i}" for i in range(count)} - names:
             raise onnx_builder.UnsupportedModelError(
                 f"expected arrays W0, b0, W1, b1, ... (and optionally activation), got {', '.join(sorted(names))}")
+        values_left = MAX_BASE_MODEL_VALUES
+        for name in sorted(names):  # each array's size from its header, before numpy allocates it
+            values_left -= npz_values(arrays, name)
+            if values_left < 0:
+                raise onnx_builder.UnsupportedModelError(too_many_values())
         pairs = [(f"W{i}", arrays[f"W{i}"], arrays[f"b{i}"] if f"b{i}" in names else None) for i in range(count)]
         kind = str(arrays["activation"]) if "activation" in names else default.kind
     if kind not in onnx_builder.ACTIVATION_KINDS:
         raise onnx_builder.UnsupportedModelError(f"activation {kind!r} is not one of "
                                                  f"{', '.join(onnx_builder.ACTIVATION_KINDS)}")
     return linear_layers(pairs, Activation(kind) if kind != default.kind else default)
+
+
+def npz_values(arrays: Any, name: str) -> int:
+    """How many values an .npz's array holds, by its .npy header: np.load allocates that many before it reads."""
+    member = name + ".npy" if name + ".npy" in arrays.zip.namelist() else name
+    with arrays.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+    return math.prod(shape)
 
 
 def linear_layers(pairs: list[tuple[str, np.ndarray, np.ndarray | None]], activation: Activation
@@ -3856,38 +3882,81 @@ def read_state_dict(path: str, activation: Activation) -> onnx_builder.MLPWeight
 
 class StateDictUnpickler(pickle.Unpickler):
     """Rebuilds only what a tensor state-dict holds; any other global is refused before it is loaded,
-    so a malicious pickle cannot run code."""
+    so a malicious pickle cannot run code. The globals it allows are fresh objects the pickle cannot change
+    (Inert), so that no BUILD can alter what the next storage is read with; and what it reads is bounded."""
 
     def __init__(self, archive: zipfile.ZipFile, root: str):
+        if archive.getinfo(root + "data.pkl").file_size > MAX_PICKLE_BYTES:
+            raise onnx_builder.UnsupportedModelError(f"its data.pkl is over {MAX_PICKLE_BYTES} bytes: not a state-dict")
         super().__init__(io.BytesIO(archive.read(root + "data.pkl")))
         self.archive, self.root = archive, root
+        self.values_left = MAX_BASE_MODEL_VALUES  # read from storages and copied into tensors, in all
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
-            return rebuild_tensor
+            return TensorRebuild(self)
         if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
+            return StorageType(STORAGE_DTYPES[name])
         raise onnx_builder.UnsupportedModelError(
             f"the pickle refers to {module}.{name}, which a tensor state-dict never does; refused without running it")
 
     def persistent_load(self, pid: Any) -> np.ndarray:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], np.dtype)):
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is StorageType
+                and type(pid[4]) is int and pid[4] >= 0):
             raise onnx_builder.UnsupportedModelError(f"unexpected persistent id {pid!r:.80}")
-        _, dtype, key, _, numel = pid
-        data = self.archive.read(f"{self.root}data/{key}")
-        if len(data) < numel * dtype.itemsize:
+        _, storage, key, _, numel = pid
+        self.take(numel)
+        name, size = f"{self.root}data/{key}", numel * storage.dtype.itemsize
+        if self.archive.getinfo(name).file_size < size:
             raise onnx_builder.UnsupportedModelError(f"storage {key} is truncated")
-        return np.frombuffer(data, dtype, count=numel)
+        with self.archive.open(name) as f:  # what the tensors use, not the whole of what the member inflates to
+            return np.frombuffer(f.read(size), storage.dtype, count=numel)
+
+    def take(self, values: int) -> None:
+        self.values_left -= values
+        if self.values_left < 0:
+            raise onnx_builder.UnsupportedModelError(too_many_values())
+
+
+class Inert:
+    """A global as StateDictUnpickler hands it to the pickle: the BUILD opcode (__setstate__) cannot change it."""
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise onnx_builder.UnsupportedModelError("the pickle sets the state of a storage type or of the tensor "
+                                                 "rebuilder, which a state-dict never does")
+
+
+class StorageType(Inert):
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+
+
+class TensorRebuild(Inert):
+    __slots__ = ("unpickler",)
+
+    def __init__(self, unpickler: StateDictUnpickler):
+        self.unpickler = unpickler
+
+    def __call__(self, storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
+        """torch._utils._rebuild_tensor_v2: its copy counted, as tensors may share one storage."""
+        tensor = rebuild_tensor(storage, offset, size, stride)
+        self.unpickler.take(tensor.size)
+        return tensor
 
 
 def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
     """torch._utils._rebuild_tensor_v2, for numpy: a view into the storage, bounds-checked first."""
-    if not isinstance(storage, np.ndarray) or len(size) != len(stride) or min(stride, default=0) < 0:
+    if (type(storage) is not np.ndarray or storage.dtype not in STORAGE_DTYPES.values() or type(size) is not tuple
+            or type(stride) is not tuple or len(size) != len(stride)
+            or not all(type(n) is int and n >= 0 for n in (offset, *size, *stride))):
         raise onnx_builder.UnsupportedModelError("malformed tensor in the state-dict")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if offset < 0 or last >= len(storage):
+    if last >= len(storage):
         raise onnx_builder.UnsupportedModelError("a tensor reaches past the end of its storage")
     if math.prod(size) > len(storage):  # strides that repeat values: a few bytes of file, any size of copy
         raise onnx_builder.UnsupportedModelError(f"a tensor of {math.prod(size)} values repeats the "

@@ -5,13 +5,16 @@ docstring); torch is not needed to run these tests.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -159,6 +162,33 @@ def test_the_reader_refuses_graphs_it_cannot_read_as_onnxruntime_runs_them(nodes
         builder.read_mlp_model(mlp_graph(nodes, initializers, domains=domains))
 
 
+def test_the_shape_arithmetic_before_an_output_reshape_is_read_once_however_many_paths_reach_it(tmp_path):
+    """Shape -> (Concat(s, s) -> Slice) x 40 -> Reshape: a 3 KB graph onnxruntime runs at once, where the reader
+    walked each of the 2**40 paths (4 s at 20 levels, its memory growing)."""
+    node, levels = onnx.helper.make_node, 40
+    nodes = [gemm("x", "W0", "b0", "h"), node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
+             node("Shape", ["z"], ["s0"])]
+    for k in range(levels):
+        nodes += [node("Concat", [f"s{k}", f"s{k}"], [f"c{k}"], axis=0),
+                  node("Slice", [f"c{k}", "start", "end"], [f"s{k + 1}"])]
+    nodes.append(node("Reshape", ["z", f"s{levels}"], ["y"]))
+    model = mlp_graph(nodes, {})
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.array([v], np.int64), name)
+                                    for name, v in (("start", 0), ("end", 2))])
+    onnx.checker.check_model(model)
+    path = tmp_path / "diamond.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    read = subprocess.run([sys.executable, "-c", "import sys, numpy as np, onnx, vmafx_sidecar as vs; "
+                           "w = vs.onnx_builder.read_mlp_model(onnx.load(sys.argv[1])); "
+                           "np.save(sys.argv[2], vs.MLP.from_weights(w).forward(np.load(sys.argv[3])))",
+                           str(path), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr
+    assert_close(np.load(tmp_path / "y.npy").ravel(), ort_scores(path, x))
+
+
 @pytest.mark.parametrize("nodes, opset, message", [
     ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["x"]), HIDDEN_TO_OUTPUT], 17,
      "single static assignment"),
@@ -234,6 +264,137 @@ def test_a_tensor_repeating_its_storage_is_refused_before_it_is_copied():
     with pytest.raises(builder.UnsupportedModelError, match="144000000 values repeats the 1 of its storage"):
         vs.rebuild_tensor(storage, 0, (12000, 12000), (0, 0))
     assert vs.rebuild_tensor(np.arange(8, dtype=np.float32), 2, (2, 3), (3, 1)).tolist() == [[2, 3, 4], [5, 6, 7]]
+
+
+def build_on_a_storage_type_pickle() -> bytes:
+    """A state-dict pickle of only the globals the unpickler allows, which also applies BUILD (__setstate__) to the
+    object torch.BFloat16Storage gave it, after reading a 4-value storage with it: when that was the module's own
+    dtype, its item size became 2**30 bytes, and the tensor's copy read far past its 8-byte buffer (SIGSEGV)."""
+    def text(value: str) -> bytes:
+        return pickle.BINUNICODE + len(value).to_bytes(4, "little") + value.encode()
+    ops = b"\x80\x02}" + text("0.weight")  # PROTO 2, the state-dict, its key
+    ops += b"(" + text("storage") + b"ctorch\nBFloat16Storage\nq\x01" + text("0") + text("cpu")
+    ops += b"K\x04tQq\x020"  # numel 4, TUPLE, BINPERSID, BINPUT 2, POP
+    # BUILD on memo 1, the storage type: numpy's dtype state (3, '|', None, names, fields, elsize, 1, 0)
+    ops += b"h\x01(K\x03" + text("|") + b"N" + text("bfloat16") + b"\x85}" + text("bfloat16")
+    ops += b"ctorch\nHalfStorage\nK\x00\x86sJ" + (1 << 30).to_bytes(4, "little") + b"K\x01K\x00tb0"
+    # _rebuild_tensor_v2(storage, 0, (1, 4), (4, 1), False, OrderedDict())
+    ops += b"ctorch._utils\n_rebuild_tensor_v2\n(h\x02K\x00K\x01K\x04\x86K\x04K\x01\x86\x89"
+    return ops + b"ccollections\nOrderedDict\n)RtRs."
+
+
+def test_a_pickle_that_changes_a_global_it_was_given_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch_like_archive(path, build_on_a_storage_type_pickle())
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/data/0", b"\x80\x3f" * 4)  # four bfloat16 1.0
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    done = subprocess.run([sys.executable, "-c", "import sys, vmafx_sidecar as vs; vs.load_base_model(vs.Config("
+                           f"base_model_path={str(path)!r}, n_features=4, checkpoint_dir={config.checkpoint_dir!r}))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # a crash must not take pytest down
+    assert done.returncode == 1, (done.returncode, done.stderr)  # not -11, SIGSEGV
+    assert "sets the state of a storage type" in done.stderr.splitlines()[-1]
+    assert vs.STORAGE_DTYPES["BFloat16Storage"].itemsize == 2
+
+
+def inflated(path: Path, source: Path, member_suffix: str, extra_zeros: int) -> None:
+    """`source`'s archive, with `extra_zeros` zero bytes after the member ending in member_suffix: a few hundred
+    kilobytes of file, as deflate takes them."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if not info.filename.endswith(member_suffix):
+                out.writestr(info.filename, data)
+                continue
+            padded = zipfile.ZipInfo(info.filename)
+            padded.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(padded, "w", force_zip64=True) as member:
+                member.write(data)
+                for _ in range(extra_zeros >> 20):
+                    member.write(bytes(1 << 20))
+
+
+def peak_bytes(read: Callable[[], Any]) -> tuple[Any, int]:
+    """read()'s result, and the most memory Python and numpy held at once meanwhile."""
+    tracemalloc.start()
+    try:
+        return read(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_storage_member_inflating_past_its_tensors_is_read_only_as_far_as_they_need(tmp_path):
+    """A 1 MB .pt whose first storage inflated to 1 GiB took 2.1 GB of memory to load."""
+    source, path = FIXTURES / "sd_seq_relu_f32.pt", tmp_path / "padded.pt"
+    inflated(path, source, "/data/0", 128 << 20)
+    assert path.stat().st_size < 1 << 20
+    weights, peak = peak_bytes(lambda: vs.read_state_dict(str(path), vs.Activation("relu")))
+    assert peak < 16 << 20, peak  # what it holds is kilobytes; the member's 128 MiB never is
+    for (w, b), (w0, b0) in zip(weights.layers, vs.read_state_dict(str(source), vs.Activation("relu")).layers):
+        np.testing.assert_array_equal(w, w0)
+        np.testing.assert_array_equal(b, b0)
+
+
+def views_of_one_storage(path: Path, storage: np.ndarray, views: list[tuple[int, tuple, tuple]],
+                         numel: int | None = None) -> None:
+    """A torch.save archive of the state-dict {"0.weight": view 0, "1.weight": view 1, ...}, each view (offset,
+    size, stride) of the one float32 storage (which claims `numel` values), its pickle written by hand."""
+    def text(value: str) -> bytes:
+        return pickle.BINUNICODE + len(value).to_bytes(4, "little") + value.encode()
+
+    def ints(values: tuple) -> bytes:
+        return b"(" + b"".join(b"J" + v.to_bytes(4, "little", signed=True) for v in values) + b"t"
+
+    numel = len(storage) if numel is None else numel
+    ops = b"\x80\x02}("
+    for i, (offset, size, stride) in enumerate(views):
+        ops += text(f"{i}.weight") + b"ctorch._utils\n_rebuild_tensor_v2\n("
+        ops += (b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + ints((numel,))[1:-1]
+                + b"tQq\x01") if i == 0 else b"h\x01"  # the storage, then its memo entry
+        ops += ints((offset,))[1:-1] + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)RtR"
+    torch_like_archive(path, ops + b"u.")
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/data/0", storage.tobytes())
+
+
+def test_tensors_past_the_values_a_small_mlp_holds_are_refused_as_they_are_read(tmp_path, monkeypatch):
+    """Tensors may share a storage, so each copy counts: 4 MB of file, 100 views of one 1M-value storage, took
+    825 MB."""
+    storage = np.random.default_rng(0).normal(size=400).astype(np.float32)
+    path = tmp_path / "one.pt"
+    views_of_one_storage(path, storage, [(0, (1, 400), (400, 1))])  # a 400-feature linear model
+    weights = vs.read_state_dict(str(path), vs.Activation("relu"))
+    np.testing.assert_array_equal(weights.layers[0][0].ravel(), storage)
+
+    monkeypatch.setattr(vs, "MAX_BASE_MODEL_VALUES", 3000)
+    views_of_one_storage(path, storage, [(0, (1, 400), (400, 1))] * 10)  # 400 values read, 4 000 copied
+    with pytest.raises(builder.UnsupportedModelError, match="more than 3000 values: not the weights of a small MLP"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+
+
+def test_a_storage_claiming_more_values_than_a_small_mlp_holds_is_refused_unread(tmp_path):
+    path = tmp_path / "claims.pt"
+    views_of_one_storage(path, np.ones(4, np.float32), [(0, (1, 4), (4, 1))], numel=vs.MAX_BASE_MODEL_VALUES + 1)
+    with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_VALUES} values"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+
+
+def test_an_npz_array_whose_header_claims_more_values_than_a_small_mlp_holds_is_refused_unallocated(tmp_path):
+    """An .npz of 1 MB whose W0.npy header says (16384, 16384) took 3.1 GB before its refusal."""
+    path = tmp_path / "claims.npz"
+    np.savez(path, W0=np.ones((1, 4), np.float32))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (16384, 16384)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("W0.npy", header.getvalue() + bytes(1 << 20))  # a megabyte of the gigabyte claimed
+    tracemalloc.start()
+    try:
+        with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_VALUES} values"):
+            vs.read_npz(str(path), vs.Activation("relu"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
 
 
 # ---- .npz: W0, b0, ... in torch layout ----
