@@ -216,6 +216,9 @@ class _ChainReader:
         if op in ("Sub", "Add", "Mul", "Div") and not self.layers:
             self.normalisation(node, cursor)
             return node.output[0]
+        if op in ("Sub", "Add", "Mul", "Div") and len(self.activations) == len(self.layers) - 1:
+            self.fold_into_layer(node, cursor)
+            return node.output[0]
         raise UnsupportedModelError(f"unsupported {node_label(node)} ({op} is not part of an MLP this sidecar trains)")
 
     def skip_shape_arithmetic(self, users: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
@@ -283,6 +286,29 @@ class _ChainReader:
         if value.dtype.name not in FLOAT_DTYPES:
             raise UnsupportedModelError(f"{node_label(node)}: {name!r} holds {value.dtype} values, not floats")
         return value.astype(np.float64)
+
+    def fold_into_layer(self, node: onnx.NodeProto, cursor: str) -> None:
+        """A dense layer's outputs times, over, plus or minus constants, one per unit or one for all (a regressor's
+        de-standardisation, net(x) * y_std + y_mean): folded into that layer, in float64."""
+        w, b = self.layers[-1]
+        others = [n for n in node.input if n != cursor]
+        if len(others) != 1 or others[0] not in self.constants or (
+                node.op_type in ("Sub", "Div") and node.input[0] != cursor):
+            raise UnsupportedModelError(f"unsupported {node_label(node)}: after a dense layer, only h - c, h / c, "
+                                        "h * c and h + c by constants are supported")
+        c = self.constant(others[0], node)
+        if not broadcasts_over_rows(c) or c.size not in (1, w.shape[1]):
+            raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per unit "
+                                        "of the layer before, the same for every sample")
+        c = np.broadcast_to(c.reshape(-1), (w.shape[1],))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the reader's caller judges the weights
+            if node.op_type == "Mul":
+                w, b = w * c, b * c
+            elif node.op_type == "Div":
+                w, b = w / c, b / c
+            else:
+                b = b + c if node.op_type == "Add" else b - c
+        self.layers[-1] = (w, b)
 
     # -- activations
 

@@ -162,6 +162,39 @@ def test_the_reader_refuses_graphs_it_cannot_read_as_onnxruntime_runs_them(nodes
         builder.read_mlp_model(mlp_graph(nodes, initializers, domains=domains))
 
 
+@pytest.mark.parametrize("nodes, initializers", [
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
+      onnx.helper.make_node("Mul", ["z", "y_std"], ["m"]), onnx.helper.make_node("Add", ["y_mean", "m"], ["y"])],
+     {"y_std": np.array(18.0), "y_mean": np.array([62.5])}),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Div", ["h", "per_unit"], ["d"]),
+      onnx.helper.make_node("Sub", ["d", "one"], ["s"]), onnx.helper.make_node("Relu", ["s"], ["a"]),
+      gemm("a", "W1", "b1", "y")], {"per_unit": np.arange(1, 9).reshape(1, 8), "one": np.array(1.0)}),
+], ids=["output-destandardised", "hidden-scaled-per-unit"])
+def test_constants_applied_to_a_dense_layers_outputs_are_folded_into_it(tmp_path, nodes, initializers):
+    """net(x) * y_std + y_mean, as both of torch's exporters write a regressor trained on standardized scores."""
+    path = tmp_path / "folded.onnx"
+    onnx.save(mlp_graph(nodes, initializers), path)
+    weights = builder.read_mlp_model(onnx.load(path))
+    assert weights.sizes() == [4, 8, 1]
+    x = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
+    assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
+
+
+@pytest.mark.parametrize("nodes, initializers, message", [
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
+      onnx.helper.make_node("Sub", ["c", "z"], ["y"])], {"c": np.array(1.0)}, "only h - c, h / c"),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Mul", ["h", "three"], ["m"]),
+      onnx.helper.make_node("Relu", ["m"], ["a"]), gemm("a", "W1", "b1", "y")], {"three": np.ones(3)},
+     r"constant of shape \(3,\) is not one value per unit"),
+    ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]),
+      onnx.helper.make_node("Mul", ["a", "two"], ["m"]), gemm("m", "W1", "b1", "y")], {"two": np.array(2.0)},
+     "Mul is not part of an MLP"),
+], ids=["constant-minus-output", "wrong-size", "after-an-activation"])
+def test_what_is_applied_to_a_dense_layers_outputs_and_cannot_be_folded_is_refused(nodes, initializers, message):
+    with pytest.raises(builder.UnsupportedModelError, match=message):
+        builder.read_mlp_model(mlp_graph(nodes, initializers))
+
+
 def test_the_shape_arithmetic_before_an_output_reshape_is_read_once_however_many_paths_reach_it(tmp_path):
     """Shape -> (Concat(s, s) -> Slice) x 40 -> Reshape: a 3 KB graph onnxruntime runs at once, where the reader
     walked each of the 2**40 paths (4 s at 20 levels, its memory growing)."""
