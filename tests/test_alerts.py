@@ -12,6 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+import vmafx_sidecar as vs
 from conftest import ROOT, system_program
 from test_chart import KUBE_VERSIONS, PROMETHEUS_RULE_API, VARIANTS, assert_schema_refuses, merged, render
 
@@ -22,8 +23,9 @@ NAMESPACE, JOB, POD = "vmafx", "demo-vmafx-node-metrics", "demo-vmafx-node-0"
 TRAINER = {"namespace": NAMESPACE, "job": JOB, "pod": POD, "instance": "10.0.0.1:9464"}
 
 
-def rule_groups(values: dict = RULE_VALUES) -> list[dict]:
-    return render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,)).one("PrometheusRule")["spec"]["groups"]
+def rule_groups(values: dict = RULE_VALUES, release: str = "demo") -> list[dict]:
+    return render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,), release=release).one(
+        "PrometheusRule")["spec"]["groups"]
 
 
 def alerts(groups: list[dict]) -> dict[str, dict]:
@@ -52,12 +54,23 @@ class Case:
 
 
 POD_LABELS = {"namespace": NAMESPACE, "pod": POD}
+DEPLOYMENT_POD = "demo-vmafx-node-5d8f9c7b4-x2k9p"  # <fullname>-<ReplicaSet hash>-<5 characters>
+RELEASE_LABELS = {"namespace": NAMESPACE, "job": JOB}  # the fleet's alert: one per release
 CASES = [
     Case("VmafxFeedbackDropped", "rising", {node("vmafx_training_feedback_dropped_total"): "0x10 1+1x20"}, "20m",
          [POD_LABELS]),
     Case("VmafxFeedbackDropped", "flat, another release's rising",
          {node("vmafx_training_feedback_dropped_total"): "0x30",
           node("vmafx_training_feedback_dropped_total", pod="other-vmafx-node-0"): "0+1x30"}, "20m", []),
+    # Release demo-vmafx-node-canary's pods begin with this release's fullname, demo-vmafx-node.
+    Case("VmafxFeedbackDropped", "flat, release demo-vmafx-node-canary's rising",
+         {node("vmafx_training_feedback_dropped_total"): "0x30",
+          node("vmafx_training_feedback_dropped_total", pod="demo-vmafx-node-canary-0"): "0+1x30",
+          node("vmafx_training_feedback_dropped_total", pod="demo-vmafx-node-canary-5d8f9c7b4-x2k9p"): "0+1x30"},
+         "20m", []),
+    Case("VmafxFeedbackDropped", "rising in the Deployment's pod", {node(
+        "vmafx_training_feedback_dropped_total", pod=DEPLOYMENT_POD): "0x10 1+1x20"}, "20m",
+         [{**POD_LABELS, "pod": DEPLOYMENT_POD}]),
     Case("VmafxSidecarDown", "down 10 minutes", {series("up"): "1x10 0x20"}, "20m", [TRAINER]),
     Case("VmafxSidecarDown", "up", {series("up"): "1x30"}, "20m", []),
     Case("VmafxSidecarNotScraped", "only another job", {series("up", job="other"): "1x30"}, "20m",
@@ -110,7 +123,7 @@ CASES = [
          {series("vmafx_sidecar_fleet_model_age_seconds"): "0+60x200",
           series("vmafx_sidecar_fleet_model_age_seconds", pod="demo-vmafx-node-1"): "0+60x200",
           series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200"}, "150m",
-         [{"namespace": NAMESPACE}], value="2h 30m 0s"),
+         [RELEASE_LABELS], value="2h 30m 0s"),
     Case("VmafxFleetModelStale", "old, but no samples",
          {series("vmafx_sidecar_fleet_model_age_seconds"): "0+60x200",
           series("vmafx_sidecar_samples_total", result="accepted"): "5000x200"}, "150m", []),
@@ -124,7 +137,7 @@ CASES = [
           series("vmafx_sidecar_samples_total", pod="demo-vmafx-node-1", result="accepted"): "0+50x200",
           series("vmafx_sidecar_sample_log_dropped_total"): "0x200",
           series("vmafx_sidecar_sample_log_dropped_total", pod="demo-vmafx-node-1"): "0x200"}, "150m",
-         [{"namespace": NAMESPACE}]),
+         [RELEASE_LABELS]),
     Case("VmafxFleetModelStale", "never published, a fresh install within maxAge",
          {series("vmafx_sidecar_samples_total", result="accepted"): "0+50x200",
           series("vmafx_sidecar_sample_log_dropped_total"): "0x200"}, "110m", []),
@@ -208,6 +221,84 @@ def test_a_broken_alert_is_caught(tmp_path):
         assert promtool_tests(directory, groups, cases).returncode != 0, broken
 
 
+# Release busy in the same namespace: its own trainers, scraped by its own job.
+BUSY_JOB = "busy-vmafx-node-metrics"
+BUSY = {**TRAINER, "job": BUSY_JOB, "pod": "busy-vmafx-node-0"}
+
+
+def test_two_releases_in_one_namespace_each_judge_their_own_fleet(tmp_path):
+    """Release demo takes no samples and has an old fleet model; release busy, in the same namespace, takes
+    samples. demo's VmafxFleetModelStale stays silent whatever busy's traffic; busy's fires for busy's model
+    alone. Both rule files load together: their recordings differ by job, where recordings per namespace
+    would be the same series from both (promtool fails on the duplicate samples)."""
+    promtool = system_program("promtool", "prometheus")
+    releases = {"demo": rule_groups(), "busy": rule_groups(release="busy")}
+    for release, groups in releases.items():
+        (tmp_path / f"rules-{release}.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    old = "10800+60x240"  # 3 hours old, and older
+    idle = {series("vmafx_sidecar_samples_total", result="accepted"): "0x240",
+            series("vmafx_sidecar_sample_log_dropped_total"): "0x240",
+            series("vmafx_sidecar_fleet_model_age_seconds"): old}
+    busy = {series("vmafx_sidecar_samples_total", BUSY, result="accepted"): "0+600x240",
+            series("vmafx_sidecar_sample_log_dropped_total", BUSY): "0x240"}
+    cases = [
+        Case("VmafxFleetModelStale", "demo idle, busy busy with a fresh model",
+             {**idle, **busy, series("vmafx_sidecar_fleet_model_age_seconds", BUSY): "600x240"}, "200m", []),
+        Case("VmafxFleetModelStale", "demo idle, busy busy with as old a model",
+             {**idle, **busy, series("vmafx_sidecar_fleet_model_age_seconds", BUSY): old}, "200m",
+             [{"namespace": NAMESPACE, "job": BUSY_JOB}], value="6h 20m 0s"),
+    ]
+    tests = [promtool_test(case, alerts(releases["busy"])[case.alert]) for case in cases]
+    recorded = "namespace_job:vmafx_sidecar_samples_valid:rate5m"
+    tests[0]["promql_expr_test"] = [{"expr": recorded, "eval_time": "200m", "exp_samples": [
+        {"labels": f'{recorded}{{job="{job}",namespace="{NAMESPACE}"}}', "value": rate}
+        for job, rate in ((JOB, 0), (BUSY_JOB, 10))]}]  # 600 a minute
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["rules-demo.yaml", "rules-busy.yaml"], "evaluation_interval": "1m", "tests": tests},
+        sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "busy-vmafx-node-fleet" in alerts(releases["busy"])["VmafxFleetModelStale"]["annotations"]["description"]
+
+
+def deployment_pods(fullname: str) -> list[str]:
+    """Names a Deployment <fullname>'s pods get: its ReplicaSet is <fullname>-<hash of 1 to 10 characters>,
+    and a pod's name that plus "-", cut at 58 characters, plus 5 characters (names.SimpleNameGenerator); both
+    of the alphabet bcdfghjklmnpqrstvwxz2456789 (k8s.io/apimachinery/pkg/util/rand)."""
+    hashes = ["5d8f9c7b4x"[:n] for n in range(1, 11)] + ["7", "bcdfghjklm"]
+    return [f"{fullname}-{h}-"[:58] + suffix for h in hashes for suffix in ("x2k9p", "22222")]
+
+
+def feedback_pods_regex(values: dict, release: str, directory: Path) -> re.Pattern:
+    """The alert's pod regex, which promtool takes (RE2's syntax), for Python's re (the same, for this one)."""
+    groups = rule_groups(values, release)
+    promtool = system_program("promtool", "prometheus")
+    result = subprocess.run([promtool, "check", "rules", write_rules(directory, groups)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expr = alerts(groups)["VmafxFeedbackDropped"]["expr"]
+    [pattern] = re.findall(r'pod=~"([^"\\]*)"', expr)  # no escapes: a release's name is letters, digits and "-"
+    return re.compile(f"(?:{pattern})")  # PromQL anchors it: fullmatch
+
+
+@pytest.mark.parametrize("length", [4, 35, 36, 39, 44, 45, 46, 47, 52])  # fullnames of 15 to 63 characters
+def test_feedback_dropped_takes_this_releases_pods_and_no_other_releases(length, tmp_path):
+    """Its pods, of either kind, whatever the length of their names, and not those of <release>-canary. A
+    fullname of 58 characters or more is cut to 58 in a Deployment's pods' names: only those 58 tell releases
+    apart."""
+    release, other = "r" * length, "r" * length + "-canary"
+    values = merged(VARIANTS["issue values"], **{"sidecar.trainer.metrics.prometheusRule.enabled": True})
+    fullname = f"{release}-vmafx-node"
+    pods = feedback_pods_regex(values, release, tmp_path)
+    own = deployment_pods(fullname) + ([f"{fullname}-{i}" for i in (0, 2, 10)] if len(fullname) <= 52 else [])
+    assert [pod for pod in own if not pods.fullmatch(pod)] == []
+    assert all(len(pod) <= 63 for pod in own)
+    if length + 7 <= 53:  # a release name has at most 53 characters
+        theirs = deployment_pods(f"{other}-vmafx-node") + [f"{other}-vmafx-node-{i}" for i in (0, 2, 10)]
+        assert [pod for pod in theirs if pods.fullmatch(pod)] == []
+    assert not pods.fullmatch(f"{fullname}-fleet-29040000-x2k9p")  # the fleet CronJob's pods
+
+
 # ---- the chart ----
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
@@ -242,6 +333,7 @@ def test_values_reach_every_alert():
         "sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown": {"severity": "page", "for": "2m"},
         "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished":
             {"severity": "warning", "for": "0m", "window": "1d2h", "minSamples": 500},
+        "sidecar.trainer.minSamplesPerCheckpoint": 500,  # at most minSamples: see test_no_checkpoint_alert_*
         "sidecar.trainer.metrics.prometheusRule.alerts.fleetModelStale":
             {"severity": "warning", "for": "15m", "maxAge": "1h30m"},
     })
@@ -252,7 +344,7 @@ def test_values_reach_every_alert():
         assert rule["labels"]["team"] == "video" and rule["labels"]["severity"] != "ignored", name
         assert rule["annotations"]["runbook_url"] == f"https://git.example/vmafx/chart/README.md#{name.lower()}"
         if "vmafx_sidecar" in rule["expr"] or "up{" in rule["expr"]:
-            assert 'job="kubernetes-pods"' in rule["expr"] or "namespace_pod:" in rule["expr"], name
+            assert 'job="kubernetes-pods"' in rule["expr"], name
     assert (rules["VmafxSidecarDown"]["labels"]["severity"], rules["VmafxSidecarDown"]["for"]) == ("page", "2m")
     assert "[1d2h]" in rules["VmafxNoCheckpointPublished"]["expr"]
     assert "[1d2h])) > 500" in rules["VmafxNoCheckpointPublished"]["expr"]
@@ -287,7 +379,9 @@ def test_schema_rejects_a_zero_window_naming_it(dotted, zero):
 
 def test_promtool_accepts_the_shortest_windows(tmp_path):
     promtool = system_program("promtool", "prometheus")
-    groups = rule_groups(merged(RULE_VALUES, **{dotted: "0d1s" for dotted in WINDOWS}))
+    # A window of 1 s is more than a checkpoint interval of 0 (see test_no_checkpoint_alert_*).
+    groups = rule_groups(merged(RULE_VALUES, **{dotted: "0d1s" for dotted in WINDOWS},
+                                **{"sidecar.trainer.checkpointIntervalSeconds": 0}))
     result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, groups)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -297,6 +391,89 @@ def test_promtool_accepts_the_shortest_windows(tmp_path):
     result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, zero)], capture_output=True,
                             text=True)
     assert result.returncode != 0 and "duration must be greater than 0" in result.stdout + result.stderr
+
+
+NO_CHECKPOINT = "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished"
+SIDECAR_MIN_SAMPLES, SIDECAR_INTERVAL = vs.Config.min_samples_ckpt, int(vs.Config.ckpt_interval_s)  # unset values
+
+
+def with_no_checkpoint_alert(window: str = "1h", min_samples: int = 3000, **overrides: object) -> dict:
+    return merged(RULE_VALUES, **{NO_CHECKPOINT: {"severity": "warning", "for": "0m", "window": window,
+                                                  "minSamples": min_samples}}, **overrides)
+
+
+@pytest.mark.parametrize("values, refusal", [
+    (with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 5000}),
+     f"{NO_CHECKPOINT}.minSamples (3000) must be at least sidecar.trainer.minSamplesPerCheckpoint (5000)"),
+    (with_no_checkpoint_alert(min_samples=SIDECAR_MIN_SAMPLES - 1),
+     f"{NO_CHECKPOINT}.minSamples ({SIDECAR_MIN_SAMPLES - 1}) must be at least "
+     f"sidecar.trainer.minSamplesPerCheckpoint ({SIDECAR_MIN_SAMPLES}, the sidecar's default)"),
+    (with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 100,
+                                 "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT",
+                                                               "value": "3001"}]}),
+     f"{NO_CHECKPOINT}.minSamples (3000) must be at least VMAFX_SIDECAR_MIN_SAMPLES_CKPT in "
+     "sidecar.trainer.extraEnv (3001)"),
+    (with_no_checkpoint_alert(window="10m"),
+     f"{NO_CHECKPOINT}.window (10m, 600 s) must be more than sidecar.trainer.checkpointIntervalSeconds "
+     f"({SIDECAR_INTERVAL}, the sidecar's default)"),
+    (with_no_checkpoint_alert(**{"sidecar.trainer.checkpointIntervalSeconds": 3600.5,
+                                 "fleet.activeDeadlineSeconds": 7200}),
+     f"{NO_CHECKPOINT}.window (1h, 3600 s) must be more than sidecar.trainer.checkpointIntervalSeconds (3600.5)"),
+    (with_no_checkpoint_alert(window="1d", **{"sidecar.trainer.checkpointIntervalSeconds": 60,
+                                              "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_CKPT_INTERVAL_S",
+                                                                            "value": "86400"}],
+                                              "fleet.activeDeadlineSeconds": 86401}),
+     f"{NO_CHECKPOINT}.window (1d, 86400 s) must be more than VMAFX_SIDECAR_CKPT_INTERVAL_S in "
+     "sidecar.trainer.extraEnv (86400)"),
+], ids=["minSamples below the trainer's", "minSamples below the sidecar's default", "minSamples below extraEnv's",
+        "window of the sidecar's default interval", "window within the trainer's interval",
+        "window within extraEnv's interval"])
+def test_no_checkpoint_alert_a_healthy_trainer_would_fire_is_refused(values, refusal):
+    """A checkpoint is due once the trainer's MIN_SAMPLES_CKPT samples and CKPT_INTERVAL_S seconds have both
+    passed since the last: with fewer minSamples, or a window no longer than the interval, the alert would fire
+    between two checkpoints of a healthy trainer (test_the_refused_thresholds_fire_on_a_healthy_trainer)."""
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,))
+    assert f"{refusal}: a checkpoint is due only" in str(refused.value)
+    assert "VmafxNoCheckpointPublished would fire on a healthy trainer" in str(refused.value)
+    # Without the PrometheusRule API there is no alert to be wrong.
+    assert "PrometheusRule" not in render(values, "1.33").kinds
+
+
+@pytest.mark.parametrize("values", [
+    RULE_VALUES,
+    with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 3000,
+                                "sidecar.trainer.checkpointIntervalSeconds": 3599.5}),
+    with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
+                                "sidecar.trainer.checkpointIntervalSeconds": 7200,
+                                "sidecar.trainer.extraEnv": [
+                                    {"name": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", "value": "3000"},
+                                    {"name": "VMAFX_SIDECAR_CKPT_INTERVAL_S", "value": "600"}]}),
+    with_no_checkpoint_alert(window="2h", min_samples=5000, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
+                                                              "sidecar.trainer.checkpointIntervalSeconds": 5400,
+                                                              "fleet.activeDeadlineSeconds": 7200}),
+], ids=["defaults", "at the bounds", "lower settings in extraEnv", "thresholds raised with the trainer's"])
+def test_no_checkpoint_alert_at_or_past_the_trainers_thresholds_is_taken(values):
+    rule = alerts(rule_groups(values))["VmafxNoCheckpointPublished"]
+    threshold = values["sidecar"]["trainer"]["metrics"]["prometheusRule"].get("alerts", {}).get(
+        "noCheckpointPublished", {"window": "1h", "minSamples": 3000})  # values.yaml's
+    assert f"[{threshold['window']}])) > {threshold['minSamples']}" in rule["expr"]
+
+
+def test_the_refused_thresholds_fire_on_a_healthy_trainer(tmp_path):
+    """What the refusal prevents: minSamplesPerCheckpoint 5000 and the alert's default thresholds (more than 3000
+    samples in 1h). A trainer getting 67 samples a minute publishes every 75 minutes, as it is told to; the
+    alert would fire between two checkpoints."""
+    values = merged(RULE_VALUES, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000})
+    with pytest.raises(helm.HelmRenderError):
+        rule_groups(values)
+    healthy = Case("VmafxNoCheckpointPublished", "a checkpoint every 75 minutes",
+                   {series("vmafx_sidecar_samples_total", result="accepted"): "0+67x200",
+                    series("vmafx_sidecar_checkpoints_total", result="published"): "0x74 1x74 2x50"}, "145m", [])
+    assert promtool_tests(tmp_path, rule_groups(), [healthy]).returncode != 0  # the default thresholds fire
+    raised = with_no_checkpoint_alert(min_samples=5000, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000})
+    result = promtool_tests(tmp_path, rule_groups(raised), [healthy])  # minSamples as the trainer's: silent
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("dotted, misspelt", [

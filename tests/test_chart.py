@@ -494,6 +494,52 @@ def test_a_replay_ring_at_least_a_batch_is_taken_as_the_sidecar_takes_it(overrid
         assert config.replay_capacity >= config.batch_size
 
 
+# The trainer's variables the chart derives from other values, and the value that sets each instead.
+CHART_ENV = {
+    "VMAFX_SIDECAR_SOCKET": "remove it: vmafx-node and the probes use the chart's socket, /tmp/vmafx-sidecar.sock",
+    "VMAFX_SIDECAR_METRICS_ADDR": "set sidecar.trainer.metrics.port (or metrics.enabled) instead",
+    "VMAFX_SIDECAR_CHECKPOINT_DIR": "set sidecar.trainer.checkpointDir instead",
+    "VMAFX_SIDECAR_ADOPT_DIR": "it follows sidecar.trainer.checkpointDir and node.replicas: set those instead",
+    "VMAFX_SIDECAR_SAMPLE_LOG": "set fleet.enabled instead",
+    "VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES": "set fleet.sampleLogMaxBytes instead",
+}
+
+
+def test_the_chart_derives_exactly_those_variables():
+    """Every variable the chart sets on the trainer, but the trainer values' own, which are only passed on
+    (extraEnv may set them: the checks read them there), and POD_NAME, which the sidecar does not read (the
+    chart's $(POD_NAME) is expanded with the chart's entry, before any in extraEnv). checkpointDir's variable
+    is derived: each replica's directory, the one it takes over, the fleet's root."""
+    values = merged(VARIANTS["replicas 3, fleet"], **{"fleet.sampleLogMaxBytes": 10**9})
+    chart_set = set(env_of(render(values, "1.33").container("trainer")))
+    assert chart_set - set(TRAINER_ENV.values()) - {"POD_NAME"} | {"VMAFX_SIDECAR_CHECKPOINT_DIR"} == set(CHART_ENV)
+
+
+@pytest.mark.parametrize("name", CHART_ENV)
+@pytest.mark.parametrize("variant", ["chart defaults", "issue values", "replicas 3, fleet"])
+def test_extra_env_setting_a_variable_the_chart_derives_is_refused_naming_the_value_instead(variant, name):
+    """Last in the env, it would win in the trainer alone: the probes and vmafx-node would keep the chart's socket,
+    the Service and scrape its metrics port; every replica would have the same directory, its adoption directory
+    too (the sidecar exits 2), or one on the read-only root filesystem."""
+    for entry in ({"name": name, "value": "/mnt/vmafx-models/online"},
+                  {"name": name, "valueFrom": {"configMapKeyRef": {"name": "vmafx", "key": "dir"}}}):
+        with pytest.raises(helm.HelmRenderError) as refused:
+            render(merged(VARIANTS[variant], **{"sidecar.trainer.extraEnv": [entry]}), "1.33")
+        assert f"sidecar.trainer.extraEnv sets {name}, which the chart sets itself; {CHART_ENV[name]}" in str(
+            refused.value)
+
+
+def test_extra_env_setting_other_variables_is_taken():
+    extra = [{"name": "VMAFX_SIDECAR_LOG_LEVEL", "value": "debug"}, {"name": "VMAFX_SIDECAR_LR", "value": "0.001"},
+             {"name": "VMAFX_SIDECAR_KEEP_CHECKPOINTS", "value": "200"}]
+    for variant in ("chart defaults", "issue values", "replicas 3, fleet"):
+        trainer = render(merged(VARIANTS[variant], **{"sidecar.trainer.extraEnv": extra}), "1.33").container("trainer")
+        assert trainer["env"][-len(extra):] == extra
+    # Without the trainer extraEnv is nobody's.
+    assert render(merged(VARIANTS["trainer disabled"], **{"sidecar.trainer.extraEnv": [
+        {"name": "VMAFX_SIDECAR_SOCKET", "value": "/tmp/x.sock"}]}), "1.33").workload
+
+
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("variant", ["chart defaults", "issue values", "metrics off", "serviceMonitor", "replicas 3"])
 def test_helm_lint_strict_is_clean(variant, kube_version):
@@ -540,6 +586,24 @@ def test_schema_rejects_a_misspelt_metrics_value():
                        match="at '/sidecar/trainer/metrics/serviceMonitor': additional properties 'label'"):
         render(merged(ISSUE_VALUES, **{"sidecar.trainer.metrics.serviceMonitor.label": {}}), "1.33")
 
+
+
+def test_the_runbooks_commands_run_in_the_trainer_container_with_the_images_interpreter():
+    """The image is distroless with pip's console scripts removed: no shell and no vmafx-sidecar script. A
+    command on-call runs in a pod is `kubectl exec <pod> -c <container> -- <command>`, into a container the pod
+    has, with the interpreter the probes run, and one the sidecar's parser takes."""
+    readme = (CHART / "README.md").read_text()
+    rendered = render(VARIANTS["replicas 3, fleet"], "1.33")
+    containers = [c["name"] for c in rendered.pod["containers"] + rendered.pod.get("initContainers", [])]
+    commands = re.findall(r"`kubectl exec <pod> -c (\S+) -- ([^`]+)`", " ".join(readme.split()))
+    assert {command.split()[3] for _, command in commands} >= {"checkpoints", "verify", "fleet"}, commands
+    for container, command in commands:
+        words = command.split()
+        assert container in containers and words[:3] == PROBE[:3], command
+        args = [re.sub(r"^<\w+>$", vs.Config.checkpoint_dir, word) for word in words[3:]]
+        assert vs.build_parser().parse_args(args).command == args[0], command
+    # No command of the image's lacking: `vmafx-sidecar ...` as a command.
+    assert re.findall(r"`vmafx-sidecar [a-z]", readme) == []
 
 
 # ---- several trainers, each in its own directory (issue #13) ----

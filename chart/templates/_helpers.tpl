@@ -46,6 +46,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if include "vmafx-node.statefulSet" . }}statefulset{{ else }}deployment{{ end }}/{{ include "vmafx-node.fullname" . -}}
 {{- end -}}
 
+{{/* A regex (RE2, anchored as PromQL's =~ is) of the names of this release's vmafx-node pods, whichever kind
+     runs them, and of no other release's: "<fullname>-.*" would match release <name>-canary's too. A
+     StatefulSet's pods are <fullname>-<ordinal>; a Deployment's are <fullname>-<ReplicaSet hash>-<5
+     characters>, the hash being 1 to 10 and the suffix 5 characters of Kubernetes' alphabet without vowels
+     (k8s.io/apimachinery util/rand). Kubernetes cuts "<ReplicaSet name>-" at 58 characters before adding
+     the suffix, so a fullname longer than 46 loses some or all of the hash (from 58 characters on, only the
+     first 58 of the fullname are left to tell releases apart). */}}
+{{- define "vmafx-node.podNames" -}}
+{{- $name := include "vmafx-node.fullname" . -}}
+{{- $c := "[bcdfghjklmnpqrstvwxz2456789]" -}}
+{{- $room := sub 56 (len $name) -}}  {{- /* the longest hash a pod's name keeps whole */}}
+{{- $deployment := "" -}}
+{{- if ge $room 10 -}}
+{{- $deployment = printf "%s-%s{1,10}-%s{5}" (regexQuoteMeta $name) $c $c -}}
+{{- else if ge $room 1 -}}
+{{- $deployment = printf "%s-(%s{1,%d}-|%s{%d})%s{5}" (regexQuoteMeta $name) $c $room $c (add1 $room) $c -}}
+{{- else if eq $room 0 -}}
+{{- $deployment = printf "%s-%s%s{5}" (regexQuoteMeta $name) $c $c -}}
+{{- else if eq $room -1 -}}
+{{- $deployment = printf "%s-%s{5}" (regexQuoteMeta $name) $c -}}
+{{- else -}}
+{{- $deployment = printf "%s%s{5}" (regexQuoteMeta (trunc 58 $name)) $c -}}
+{{- end -}}
+{{- printf "%s-[0-9]+|%s" (regexQuoteMeta $name) $deployment -}}
+{{- end -}}
+
 {{/* The StatefulSet's governing Service (serviceName). */}}
 {{- define "vmafx-node.headlessName" -}}
 {{- printf "%s-headless" (include "vmafx-node.fullname" .) -}}
@@ -296,9 +322,29 @@ livenessProbe:
 {{- toJson $setting -}}
 {{- end -}}
 
+{{/* The trainer's variables that the chart derives from other values, or fixes, and what to set instead. In
+     extraEnv, which comes last, one would win in the trainer alone: the probes and vmafx-node keep the chart's
+     socket, the Service and scrape its metrics port, every replica would share one checkpoint directory, or
+     one on the read-only root filesystem. The trainer values' other variables (trainerSettings) are only
+     passed on, and extraEnv may set them (settingRead reads them there). */}}
+{{- define "vmafx-node.chartEnv" -}}
+VMAFX_SIDECAR_SOCKET: "remove it: vmafx-node and the probes use the chart's socket, {{ include "vmafx-node.socket" . }}, whatever the trainer's is"
+VMAFX_SIDECAR_METRICS_ADDR: "set sidecar.trainer.metrics.port (or metrics.enabled) instead: the container port, the Service and the scrape follow it"
+VMAFX_SIDECAR_CHECKPOINT_DIR: "set sidecar.trainer.checkpointDir instead: each replica's directory, the one it takes over and the fleet's root follow it"
+VMAFX_SIDECAR_ADOPT_DIR: "it follows sidecar.trainer.checkpointDir and node.replicas: set those instead"
+VMAFX_SIDECAR_SAMPLE_LOG: "set fleet.enabled instead: the fleet CronJob reads the logs"
+VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES: "set fleet.sampleLogMaxBytes instead"
+{{- end -}}
+
 {{- define "vmafx-node.checks" -}}
 {{- $models := .Values.persistence.models -}}
 {{- if .Values.sidecar.trainer.enabled -}}
+{{- $chartEnv := include "vmafx-node.chartEnv" . | fromYaml -}}
+{{- range .Values.sidecar.trainer.extraEnv -}}
+{{- if hasKey $chartEnv .name -}}
+{{- fail (printf "sidecar.trainer.extraEnv sets %s, which the chart sets itself; %s" .name (index $chartEnv .name)) -}}
+{{- end -}}
+{{- end -}}
 {{- $dir := include "vmafx-node.checkpointDir" . -}}
 {{- $mount := trimSuffix "/" $models.mountPath -}}
 {{- if not (or (eq $dir $mount) (hasPrefix (printf "%s/" $mount) $dir)) -}}
@@ -311,6 +357,24 @@ livenessProbe:
 {{- if and (regexMatch "^[1-9][0-9]*$" $replay.text) (regexMatch "^[1-9][0-9]*$" $batch.text) -}}
 {{- if lt (int64 $replay.text) (int64 $batch.text) -}}
 {{- fail (printf "%s (%s%s) must be at least %s (%s%s): the sidecar refuses to start with VMAFX_SIDECAR_REPLAY_CAPACITY below VMAFX_SIDECAR_BATCH_SIZE" $replay.source $replay.text $replay.note $batch.source $batch.text $batch.note) -}}
+{{- end -}}
+{{- end -}}
+{{- /* VmafxNoCheckpointPublished takes more than minSamples samples in its window for a checkpoint due in it.
+       One is due once VMAFX_SIDECAR_MIN_SAMPLES_CKPT samples and VMAFX_SIDECAR_CKPT_INTERVAL_S seconds have
+       both passed since the last attempt: with fewer samples or a window no longer than the interval, a
+       healthy trainer would fire it between two checkpoints. */}}
+{{- if include "vmafx-node.prometheusRule" . -}}
+{{- with .Values.sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished -}}
+{{- $alert := "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished" -}}
+{{- $min := include "vmafx-node.settingRead" (dict "ctx" $ "key" "minSamplesPerCheckpoint" "env" "VMAFX_SIDECAR_MIN_SAMPLES_CKPT" "default" 1000) | fromJson -}}
+{{- if and (regexMatch "^(0|[1-9][0-9]*)$" $min.text) (lt (int64 .minSamples) (int64 $min.text)) -}}
+{{- fail (printf "%s.minSamples (%v) must be at least %s (%s%s): a checkpoint is due only after that many samples, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert (int64 .minSamples) $min.source $min.text $min.note) -}}
+{{- end -}}
+{{- $interval := include "vmafx-node.settingRead" (dict "ctx" $ "key" "checkpointIntervalSeconds" "env" "VMAFX_SIDECAR_CKPT_INTERVAL_S" "default" 600) | fromJson -}}
+{{- $window := include "vmafx-node.seconds" .window -}}
+{{- if le (float64 $window) (float64 $interval.text) -}}
+{{- fail (printf "%s.window (%s, %s s) must be more than %s (%s%s): a checkpoint is due only that many seconds after the last one, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert .window $window $interval.source $interval.text $interval.note) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
