@@ -309,7 +309,8 @@ def test_every_trainer_value_becomes_its_setting_exactly(settings):
     env = env_of(trainer)
     assert [e["name"] for e in trainer["env"]][:2] == ["VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR"]
     assert set(env) == {"VMAFX_SIDECAR_SOCKET", "VMAFX_SIDECAR_METRICS_ADDR", *TRAINER_ENV.values(),
-                        "VMAFX_SIDECAR_ADOPT_DIR"}  # set by the chart (issue #13)
+                        "VMAFX_SIDECAR_ADOPT_DIR",  # set by the chart (issue #13)
+                        *(["CUPY_CACHE_DIR"] if str(settings["cuda"]) != "0" else [])}
     assert all("e+" not in text for text in env.values()), env  # quote's 1e+06 would not parse as an integer
     # What the sidecar itself reads from that environment is exactly what was set.
     config = vs.Config.load(env, {})
@@ -317,6 +318,26 @@ def test_every_trainer_value_becomes_its_setting_exactly(settings):
     for key, value in settings.items():
         assert getattr(config, by_env[TRAINER_ENV[key]]) == (str(value) if key == "cuda" else value), key
     assert config.adopt_dir == f"{settings['checkpointDir']}/demo-vmafx-node-0"
+
+
+@pytest.mark.parametrize("cuda", [{"sidecar.trainer.cuda": 1}, {"sidecar.trainer.cuda": "require"},
+                                  {"sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_CUDA", "value": "1"}]},
+                                  {"sidecar.trainer.cuda": "0"}, {}],
+                         ids=["cuda 1", "cuda require", "in extraEnv", "cuda 0", "unset"])
+def test_with_cuda_on_cupy_compiles_its_kernels_on_the_writable_tmp(cuda):
+    """CuPy's default, $HOME/.cupy/kernel_cache, is on the read-only root filesystem: the first kernel it
+    compiles, in the first step, would fail there."""
+    rendered = render(merged(VARIANTS["replicas 3, fleet"], **cuda), "1.33")
+    fleet = rendered.one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    on = cuda.get("sidecar.trainer.cuda", "1" if cuda else "0") != "0"
+    for container in (rendered.container("trainer"), fleet["containers"][0]):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        cache = env_of(container).get("CUPY_CACHE_DIR")
+        assert cache == ("/tmp/cupy-kernel-cache" if on else None), container["name"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/tmp"] == "tmp"
+    assert {v["name"]: v for v in fleet["volumes"]}["tmp"]["emptyDir"] == {}
+    assert {v["name"]: v for v in rendered.pod["volumes"]}["tmp"]["emptyDir"] == {}
 
 
 @pytest.mark.parametrize("metrics", [True, False], ids=["metrics on", "metrics off"])

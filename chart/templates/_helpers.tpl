@@ -89,6 +89,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* With CUDA on (the trainer value, or VMAFX_SIDECAR_CUDA in extraEnv), CuPy compiles its kernels into
+     $HOME/.cupy/kernel_cache, where the read-only root filesystem refuses them and the first step fails: the
+     /tmp emptyDir holds them instead. */}}
+{{- define "vmafx-node.cupyCacheEnv" -}}
+{{- $cuda := include "vmafx-node.settingRead" (dict "ctx" . "key" "cuda" "env" "VMAFX_SIDECAR_CUDA" "default" "0") | fromJson -}}
+{{- if ne (trimAll "\"" $cuda.text) "0" -}}
+- name: CUPY_CACHE_DIR
+  value: /tmp/cupy-kernel-cache
+{{- end -}}
+{{- end -}}
+
 {{/* The pod's name, for $(POD_NAME) in the variables listed after it. */}}
 {{- define "vmafx-node.podNameEnv" -}}
 - name: POD_NAME
@@ -269,6 +280,9 @@ env:
   {{- end }}
   {{- if include "vmafx-node.fleet" . }}
   {{- include "vmafx-node.sampleLogEnv" . | nindent 2 }}
+  {{- end }}
+  {{- with include "vmafx-node.cupyCacheEnv" . }}
+  {{- . | nindent 2 }}
   {{- end }}
   {{- with $trainer.extraEnv }}
   {{- toYaml . | nindent 2 }}
