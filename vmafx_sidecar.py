@@ -2113,6 +2113,8 @@ class Trainer:
         xp = self.backend.xp
         new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
         self.replay.extend(new_x, new_y)
+        if self.coords.standardized == "final" and (xp.abs(new_x - self.maps[0]) > self.outgrown).any():
+            self.retake_statistics(new_x)
         self.samples_since_publish += self.n_new
         n = self.n_new + min(self.n_replay, self.replay.size)
         x, y = self.batch_x[:n], self.batch_y[:n]
@@ -2180,6 +2182,31 @@ class Trainer:
                  "models of raw ones", "features and scores" if scores else "features", len(y),
                  "" if final else ", for now", new.y_shift, new.y_scale)
 
+    def retake_statistics(self, new_x: Any) -> None:
+        """Statistics taken while a feature was constant (a field a node began to fill in later) make its values
+        huge once it varies, and training does not recover. A feature that at least half of a step's new
+        samples put OUTGROWN_SPREADS or more from its mean has changed its regime (one far sample is an outlier,
+        not a new regime): it takes their statistics, declared (see remap: its weights weigh its new
+        standardized values as they weighed the old ones, which a move would scale by the ratio of the
+        spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now). Where that would overflow float32, the feature
+        keeps its statistics and is not checked again until a restart."""
+        far = self.backend.xp.abs(new_x - self.maps[0]) > self.outgrown
+        outgrown = self.backend.to_host(2 * far.sum(axis=0) >= len(far))
+        if not outgrown.any():
+            return
+        x = self.backend.to_host(new_x[:, outgrown]).astype(np.float64)
+        shift, scale = np.array(self.coords.x_shift), np.array(self.coords.x_scale)
+        shift[outgrown], scale[outgrown] = x.mean(axis=0), spread(x)
+        new = dataclasses.replace(self.coords, x_shift=float32_values(shift), x_scale=float32_values(scale))
+        features = ", ".join(map(str, np.flatnonzero(outgrown)))
+        if self.move_to(new, declared=outgrown):
+            log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the %d "
+                     "new samples of this step", features, len(x))
+        else:
+            self.outgrown[self.backend.xp.asarray(outgrown)] = np.inf
+            log.warning("feature(s) %s moved far past the statistics taken for them, but new ones would overflow "
+                        "float32 in the weights: they keep theirs", features)
+
     def standardize(self, x: Any, y: Any) -> None:
         """Move a batch of raw samples (the step's own buffers) to the model's coordinates, in place."""
         if self.coords.standardized == "none":
@@ -2199,10 +2226,11 @@ class Trainer:
         scores += y_shift
         return scores
 
-    def move_to(self, new: Coordinates) -> bool:
+    def move_to(self, new: Coordinates, declared: np.ndarray | None = None) -> bool:
         """Re-parameterize the live weights, the EMA and the momentum for `new` coordinates, exactly: every
-        function they compute, and every step the momentum stands for, stays what it was. False, with
-        nothing changed, if a parameter would overflow float32 (samples near its limits)."""
+        function they compute, and every step the momentum stands for, stays what it was (but for the
+        `declared` features: see remap). False, with nothing changed, if a parameter would overflow float32
+        (samples near its limits)."""
         xp, host = self.backend.xp, self.backend.to_host
         vectors = (self.model.flat, self.ema.flat, self.momentum)
         moved = []
@@ -2211,7 +2239,7 @@ class Trainer:
                 layers = [(host(w).astype(np.float64), host(b).astype(np.float64))
                           for w, b in layer_views(flat, self.model.sizes)]
                 moved.append([(w.astype(np.float32), b.astype(np.float32))
-                              for w, b in remap(layers, self.coords, new, offsets)])
+                              for w, b in remap(layers, self.coords, new, offsets, declared)])
         if not all(np.isfinite(a).all() for layers in moved for layer in layers for a in layer):
             return False
         for flat, layers in zip(vectors, moved):
@@ -2226,6 +2254,7 @@ class Trainer:
         self.coords = coords
         self.maps = (xp.asarray(np.array(coords.x_shift, np.float32)), xp.asarray(np.array(coords.x_scale, np.float32)),
                      np.float32(coords.y_shift), np.float32(coords.y_scale))  # as the step applies them
+        self.outgrown = self.maps[1] * np.float32(OUTGROWN_SPREADS)  # how far from its shift a feature outgrows it
 
     def raw_weights(self, model: MLP) -> onnx_builder.MLPWeights:
         """What `model` computes in the trainer's coordinates, as a model of raw features and scores."""
@@ -2405,7 +2434,9 @@ class Ring:
 # ---- coordinates: raw features and scores, and the standardized ones the model trains on ----
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
-NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size (or of 1) is too small to divide by
+NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size is too small to divide by
+OUTGROWN_SPREADS = 100  # half a step's new samples this many spreads from a feature's mean: it takes theirs
+SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 
 
 @dataclass(frozen=True)
@@ -2446,12 +2477,14 @@ class Coordinates:
 
 def spread(values: np.ndarray) -> np.ndarray:
     """Each column's standard deviation, or its mean's size (at least 1) where the deviation is too small to divide
-    by (a constant feature). Not 1: the raw model folds shift / spread times the first layer into its bias, and
-    for a large constant (a pixel count, 2e6) that bias and the feature's own product cancel in float32, which
-    costs nodes the precision the trainer had; and a feature that varies later stays a few units in size."""
+    by (a constant feature): below NEAR_CONSTANT of the mean's size, whatever the feature's unit (a feature of
+    1e-5 +- 1e-5 varies), or below SMALLEST_SPREAD. Not 1: the raw model folds shift / spread times the first
+    layer into its bias, and for a large constant (a pixel count, 2e6) that bias and the feature's own product
+    cancel in float32, which costs nodes the precision the trainer had; and a feature that varies later stays a
+    few units in size, or gets statistics of its own then (Trainer.retake_statistics)."""
     mean, deviation = values.mean(axis=0), values.std(axis=0)
-    size = np.maximum(1.0, np.abs(mean))
-    return np.where(deviation > NEAR_CONSTANT * size, deviation, size)
+    varies = (deviation > NEAR_CONSTANT * np.abs(mean)) & (deviation > SMALLEST_SPREAD)
+    return np.where(varies, deviation, np.maximum(1.0, np.abs(mean)))
 
 
 def float32_values(values: Any) -> tuple[float, ...]:
@@ -2459,15 +2492,20 @@ def float32_values(values: Any) -> tuple[float, ...]:
 
 
 def remap(layers: list[tuple[np.ndarray, np.ndarray]], old: Coordinates, new: Coordinates,
-          offsets: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+          offsets: bool = True, declared: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The layers (float64) that compute in `new` coordinates what `layers` compute in `old` ones. The map is
     affine; without offsets it is its linear part, for a difference of parameters (a step, the momentum).
     Features: ((x - a1) / s1) @ W' + b' == ((x - a0) / s0) @ W + b for W' = (s1 / s0) W, b' = b + ((a1 - a0) / s0) @ W.
-    Scores: s1 (h @ W' + b') + a1 == s0 (h @ W + b) + a0 for W' = (s0 / s1) W, b' = (s0 b + a0 - a1) / s1."""
+    Scores: s1 (h @ W' + b') + a1 == s0 (h @ W + b) + a0 for W' = (s0 / s1) W, b' = (s0 b + a0 - a1) / s1.
+    The `declared` features (a mask) keep their rows of W, which then weigh their new standardized values as
+    they weighed the old ones, and only their old mean (x = a0) computes what it did: b' = b + ((a1 - a0) / s1) @ W."""
     old_shift, new_shift = (np.asarray(c.x_shift) for c in (old, new))
     old_scale, new_scale = (np.asarray(c.x_scale) for c in (old, new))
+    ratio, moved_by = new_scale / old_scale, old_scale
+    if declared is not None:
+        ratio, moved_by = np.where(declared, 1.0, ratio), np.where(declared, new_scale, old_scale)
     (w, b), *rest = layers
-    layers = [(w * (new_scale / old_scale)[:, None], b + ((new_shift - old_shift) / old_scale) @ w), *rest]
+    layers = [(w * ratio[:, None], b + ((new_shift - old_shift) / moved_by) @ w), *rest]
     (w, b), gain = layers[-1], old.y_scale / new.y_scale
     layers[-1] = (w * gain, b * gain + ((old.y_shift - new.y_shift) / new.y_scale if offsets else 0.0))
     return layers

@@ -111,6 +111,87 @@ def test_a_constant_feature_is_shifted_and_divided_by_its_size_and_training_stay
     assert trainer.steps_skipped == 0 and np.isfinite(trainer.model.flat).all() and np.isfinite(trainer.ema.flat).all()
 
 
+def test_a_spread_is_the_deviation_in_any_unit_and_a_constant_is_divided_by_its_size():
+    rng = np.random.default_rng(0)
+    varying = rng.uniform(0, 1, (1000, 3)) * [1.0, 1e-4, 1e-12]  # one feature in three units
+    np.testing.assert_allclose(vs.spread(varying), varying.std(axis=0), rtol=1e-12)
+    constant = np.ones((1000, 4)) * [0.0, 0.25, -3000.0, 1e-5]
+    constant[:, 3] += rng.normal(0, 1e-10, 1000)  # a deviation of 1e-5 of its mean: rounding, not a signal
+    assert vs.spread(constant).tolist() == [1.0, 1.0, 3000.0, 1.0]
+    assert vs.spread(np.array([[0.0], [1e-25]])).tolist() == [1.0]  # below SMALLEST_SPREAD in any unit
+
+
+def test_features_in_small_units_are_standardized_and_learned_as_in_large_ones(tmp_path):
+    """A spread below 1e-4 was taken as a constant's whatever the mean: features in small units were divided by 1,
+    and the model could not learn from them (every checkpoint quarantined)."""
+    x, y = stream(7, 3 * vs.STATISTICS_SAMPLES)
+    losses = []
+    for unit in (1.0, 1e-4):
+        trainer = make_trainer(tmp_path / str(unit), **SMALL)
+        feed(trainer, x * np.float32(unit), y)
+        np.testing.assert_allclose(trainer.coords.x_scale[0], x[:vs.STATISTICS_SAMPLES, 0].std() * unit, rtol=0.02)
+        losses.append(trainer.loss_smoothed)
+    assert losses[1] < 2 * losses[0] + 1, losses
+
+
+def regime_change(seed: int, n: int, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """stream(), its feature 3 (which the scores do not depend on) 0 until a node begins to fill it in after
+    STATISTICS_SAMPLES + 100 samples, then uniform in [0, high]."""
+    x, y = stream(seed, n)
+    start = vs.STATISTICS_SAMPLES + 100
+    x[:start, 3] = 0.0
+    x[start:, 3] = np.random.default_rng(seed + 1).uniform(0, high, n - start)
+    return x, y
+
+
+@pytest.mark.parametrize("high", [5e4, 2e7])
+def test_a_feature_constant_while_statistics_are_taken_gets_its_own_when_it_begins_to_vary(tmp_path, high, caplog):
+    """It kept the scale 1 of a constant: values of 1e4 to 1e7 after standardizing, a loss of 1e6 to 1e12 for
+    good, every checkpoint quarantined."""
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    x, y = regime_change(3, 4 * vs.STATISTICS_SAMPLES, high)
+    trainer = make_trainer(tmp_path / "changed", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feed(trainer, x, y)
+    twin = make_trainer(tmp_path / "varied", **SMALL)  # the feature varying so from the start
+    x_varied = x.copy()
+    x_varied[:vs.STATISTICS_SAMPLES + 100, 3] = np.random.default_rng(9).uniform(0, high, vs.STATISTICS_SAMPLES + 100)
+    feed(twin, x_varied, y)
+    assert high / 10 < trainer.coords.x_scale[3] < high, trainer.coords.x_scale  # its new regime's spread
+    assert trainer.steps_skipped == 0 and trainer.loss_smoothed < 3 * twin.loss_smoothed + 1, (
+        trainer.loss_smoothed, twin.loss_smoothed)
+    assert sum("feature(s) 3 moved far past the statistics" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_one_far_sample_is_an_outlier_and_keeps_the_statistics(tmp_path):
+    x, y = stream(4, 2 * vs.STATISTICS_SAMPLES)
+    x[vs.STATISTICS_SAMPLES + 101, 1] = 1e9  # one corrupt value among a step's new samples
+    trainer = make_trainer(tmp_path, **SMALL)
+    feed(trainer, x[:vs.STATISTICS_SAMPLES + 40], y[:vs.STATISTICS_SAMPLES + 40])
+    taken = trainer.coords
+    feed(trainer, x[vs.STATISTICS_SAMPLES + 40:], y[vs.STATISTICS_SAMPLES + 40:])
+    assert trainer.coords == taken
+
+
+def test_a_feature_declared_in_new_statistics_keeps_what_the_model_computes_at_its_old_mean(tmp_path):
+    trainer = make_trainer(tmp_path, **SMALL)
+    x, y = stream(5, vs.STATISTICS_SAMPLES + 8)
+    feed(trainer, x, y)
+    old = trainer.coords
+    new_x = x[-4:].copy()
+    new_x[:, 2] = 1e6 + np.arange(4) * 1e5  # its old regime: 1000 +- 5
+    probe = x[:50].copy()
+    probe[:, 2] = old.x_shift[2]
+    before = [raw_outputs(trainer, m, probe) for m in (trainer.model, trainer.ema)]
+    rows_before = trainer.model.layers[0][0][2].copy()
+    trainer.retake_statistics(new_x)
+    assert trainer.coords.x_scale[2] == np.float32(new_x[:, 2].std()) and trainer.coords.x_shift[:2] == old.x_shift[:2]
+    np.testing.assert_array_equal(trainer.model.layers[0][0][2], rows_before)  # it weighs the new values as the old
+    for model, outputs in zip((trainer.model, trainer.ema), before):
+        assert_same_function(outputs, raw_outputs(trainer, model, probe))
+
+
 def test_statistics_that_would_overflow_the_weights_are_refused_once(tmp_path, caplog):
     trainer = make_trainer(tmp_path, **SMALL, normalize="off")  # no statistics until the switch below
     trainer.fresh = False  # a trained model: its weights must move, and cannot
