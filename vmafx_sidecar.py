@@ -250,6 +250,10 @@ class Config:
         if config.gate == "on" and config.gate_min_eval > config.eval_capacity:
             raise ConfigError(f"VMAFX_SIDECAR_GATE_MIN_EVAL: must be <= VMAFX_SIDECAR_EVAL_CAPACITY "
                               f"({config.eval_capacity}) or the history is never judged, got {config.gate_min_eval}")
+        if config.gate == "on" and config.eval_capacity < R2_MIN_SAMPLES:
+            raise ConfigError(f"VMAFX_SIDECAR_EVAL_CAPACITY: must be >= {R2_MIN_SAMPLES} with the gate on or the "
+                              f"history is never judged (on fewer samples no R² clears its floor), got "
+                              f"{config.eval_capacity}")
         return config
 
 

@@ -220,6 +220,18 @@ def test_a_line_limit_below_the_shortest_sample_line_is_rejected(n_features, lim
             vmafx_sidecar.Config.load(environ, {})
 
 
+@pytest.mark.parametrize("capacity, ok", [(4, False), (5, True)])
+def test_an_eval_capacity_below_the_samples_a_set_is_judged_on_is_rejected_with_the_gate_on(capacity, ok):
+    environ = {"VMAFX_SIDECAR_EVAL_CAPACITY": str(capacity), "VMAFX_SIDECAR_GATE_MIN_EVAL": "2"}
+    if ok:
+        config = vmafx_sidecar.Config.load(environ, {})
+        assert vmafx_sidecar.judged_size(config) <= config.eval_capacity
+    else:
+        with pytest.raises(vmafx_sidecar.ConfigError, match=f"EVAL_CAPACITY: must be >= 5 .* got {capacity}$"):
+            vmafx_sidecar.Config.load(environ, {})
+    assert vmafx_sidecar.Config.load({**environ, "VMAFX_SIDECAR_GATE": "off"}, {}).eval_capacity == capacity
+
+
 def test_gate_min_eval_above_eval_capacity_is_accepted_with_the_gate_off():
     config = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_GATE": "off", "VMAFX_SIDECAR_EVAL_CAPACITY": "10"}, {})
     assert config.gate_min_eval > config.eval_capacity
