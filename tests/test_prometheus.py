@@ -156,8 +156,8 @@ def test_a_real_prometheus_sees_every_metric_the_rules_and_dashboard_use_and_the
         for name in sorted(names):
             found = wait_for(lambda: api(port, "series", **{"match[]": name}), 30, interval=0.25)
             assert found, f"no series of {name}"
-            # A namespace-level recording rule has summed the pods away; everything else keeps both.
-            expected = {"namespace": NAMESPACE} if name.startswith("namespace:") else TARGET_LABELS
+            # A release-level recording rule has summed the pods away, keeping the job; everything else keeps the pod.
+            expected = {"namespace": NAMESPACE, "job": JOB} if name.startswith("namespace_job:") else TARGET_LABELS
             wrong = [s for s in found if {k: s.get(k) for k in expected} != expected]
             if wrong:
                 mislabelled[name] = wrong
