@@ -1889,6 +1889,8 @@ class Trainer:
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
+        # The square a step's standardized new samples hold at least when a feature has outgrown its statistics.
+        self.outgrown_energy = np.float32(self.n_new / 2 * OUTGROWN_SPREADS ** 2)
         # Progressive validation since the last checkpoint, its references' predictions made a block at a time.
         self.window = Window(b, config.n_features, self.n_new * max(1, WINDOW_BLOCK // self.n_new))
         # Samples gather on the host and go to the device a batch at a time: the new ones of the next step,
@@ -2117,8 +2119,6 @@ class Trainer:
         xp = self.backend.xp
         new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
         self.replay.extend(new_x, new_y)
-        if self.coords.standardized == "final" and (xp.abs(new_x - self.maps[0]) > self.outgrown).any():
-            self.retake_statistics(new_x)
         self.samples_since_publish += self.n_new
         n = self.n_new + min(self.n_replay, self.replay.size)
         x, y = self.batch_x[:n], self.batch_y[:n]
@@ -2128,6 +2128,9 @@ class Trainer:
         if self.statistics_due():
             self.take_statistics()
         self.standardize(x, y)
+        new = x[:self.n_new]
+        if self.coords.standardized == "final" and xp.vdot(new, new) >= self.outgrown_energy:  # one call a step
+            self.retake_statistics(new_x, x)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
             self.validate(new_x, x[:self.n_new], new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
@@ -2186,30 +2189,35 @@ class Trainer:
                  "models of raw ones", "features and scores" if scores else "features", len(y),
                  "" if final else ", for now", new.y_shift, new.y_scale)
 
-    def retake_statistics(self, new_x: Any) -> None:
+    def retake_statistics(self, new_x: Any, batch: Any) -> None:
         """Statistics taken while a feature was constant (a field a node began to fill in later) make its values
         huge once it varies, and training does not recover. A feature that at least half of a step's new
-        samples put OUTGROWN_SPREADS or more from its mean has changed its regime (one far sample is an outlier,
-        not a new regime): it takes their statistics, declared (see remap: its weights weigh its new
-        standardized values as they weighed the old ones, which a move would scale by the ratio of the
-        spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now). Where that would overflow float32, the feature
-        keeps its statistics and is not checked again until a restart."""
-        far = self.backend.xp.abs(new_x - self.maps[0]) > self.outgrown
-        outgrown = self.backend.to_host(2 * far.sum(axis=0) >= len(far))
+        samples (`new_x`, raw) put OUTGROWN_SPREADS or more from its mean has changed its regime (one far sample
+        is an outlier, not a new regime): it takes their statistics, declared (see remap: its weights weigh its
+        new standardized values as they weighed the old ones, which a move would scale by the ratio of the
+        spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now), and the step's `batch` is standardized
+        anew. Where that would overflow float32, the feature keeps its statistics and is not taken again
+        until a restart."""
+        xp, host = self.backend.xp, self.backend.to_host
+        far = xp.abs(new_x - self.maps[0]) > self.outgrown
+        outgrown = host(2 * far.sum(axis=0) >= len(far))
         if not outgrown.any():
             return
-        x = self.backend.to_host(new_x[:, outgrown]).astype(np.float64)
+        x = host(new_x[:, outgrown]).astype(np.float64)
         shift, scale = np.array(self.coords.x_shift), np.array(self.coords.x_scale)
         shift[outgrown], scale[outgrown] = x.mean(axis=0), spread(x)
         new = dataclasses.replace(self.coords, x_shift=float32_values(shift), x_scale=float32_values(scale))
-        features = ", ".join(map(str, np.flatnonzero(outgrown)))
-        if self.move_to(new, declared=outgrown):
-            log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the %d "
-                     "new samples of this step", features, len(x))
-        else:
-            self.outgrown[self.backend.xp.asarray(outgrown)] = np.inf
+        features, columns, (old_shift, old_scale) = ", ".join(map(str, np.flatnonzero(outgrown))), \
+            xp.asarray(outgrown), self.maps[:2]
+        if not self.move_to(new, declared=outgrown):
+            self.outgrown[columns] = np.inf
             log.warning("feature(s) %s moved far past the statistics taken for them, but new ones would overflow "
                         "float32 in the weights: they keep theirs", features)
+            return
+        batch[:, columns] = (batch[:, columns] * old_scale[columns] + (old_shift - self.maps[0])[columns]) \
+            / self.maps[1][columns]
+        log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the %d new "
+                 "samples of a step", features, len(x))
 
     def standardize(self, x: Any, y: Any) -> None:
         """Move a batch of raw samples (the step's own buffers) to the model's coordinates, in place."""

@@ -185,8 +185,13 @@ def test_a_feature_declared_in_new_statistics_keeps_what_the_model_computes_at_i
     probe[:, 2] = old.x_shift[2]
     before = [raw_outputs(trainer, m, probe) for m in (trainer.model, trainer.ema)]
     rows_before = trainer.model.layers[0][0][2].copy()
-    trainer.retake_statistics(new_x)
-    assert trainer.coords.x_scale[2] == np.float32(new_x[:, 2].std()) and trainer.coords.x_shift[:2] == old.x_shift[:2]
+    batch = (new_x - np.float32(old.x_shift)) / np.float32(old.x_scale)  # the step's, standardized as they were
+    trainer.retake_statistics(new_x, batch)
+    new = trainer.coords
+    assert new.x_scale[2] == np.float32(new_x[:, 2].std()) and (new.x_shift[:2], new.x_scale[3:]) == (
+        old.x_shift[:2], old.x_scale[3:])
+    np.testing.assert_allclose(batch, (new_x - np.float32(new.x_shift)) / np.float32(new.x_scale), rtol=1e-5,
+                               atol=1e-5)  # and standardized anew
     np.testing.assert_array_equal(trainer.model.layers[0][0][2], rows_before)  # it weighs the new values as the old
     for model, outputs in zip((trainer.model, trainer.ema), before):
         assert_same_function(outputs, raw_outputs(trainer, model, probe))
