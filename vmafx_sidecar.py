@@ -1116,10 +1116,10 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
-# "kept_raw", "loss_smoothed", "samples_since_publish" and "window_incumbent", fields that older sidecars ignore
-# (they try the refused statistics again, start the loss's average again, top the gate's history up from the
-# window back, and keep a window scored against another incumbent) rather than refuse; a snapshot without
-# "window_incumbent" that has an incumbent starts its window again, once.
+# "kept_raw", "kept_features", "loss_smoothed", "samples_since_publish" and "window_incumbent", fields that older
+# sidecars ignore (they try the refused statistics again, start the loss's average again, top the gate's history
+# up from the window back, and keep a window scored against another incumbent) rather than refuse; a snapshot
+# without "window_incumbent" that has an incumbent starts its window again, once.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1567,6 +1567,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
                  "window_y": np.zeros(0, np.float32), "window_candidate": np.zeros(0, np.float32)}
     if "kept_raw" not in state:  # saved before it was: statistics the process refused are tried again
         state = {**state, "kept_raw": False}
+    if "kept_features" not in state:  # the same, for a feature's regime change
+        state = {**state, "kept_features": []}
     if "loss_smoothed" not in state:  # saved before it was: the average starts again from the next batch
         state = {**state, "loss_smoothed": None}
     if "samples_since_publish" not in state:  # saved before it was: the history skips the window alone, as then
@@ -1886,6 +1888,7 @@ class Trainer:
         self.has_champion = False  # whether anything was published: then the references are incumbent and champion
         self.use_coordinates(Coordinates.identity(config.n_features))  # what the model's inputs and outputs mean
         self.kept_raw = False  # statistics refused (they would overflow): not tried again, restarts included
+        self.kept_features: list[int] = []  # the same for features that changed their regime (retake_statistics)
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
         self.n_replay = math.floor(config.batch_size * config.replay_mix)
         self.n_new = config.batch_size - self.n_replay
@@ -2002,7 +2005,7 @@ class Trainer:
             "champion_version": self.checkpoints.champion_version,
             "window_incumbent": self.checkpoints.latest and self.checkpoints.latest["version"],
             "window_n": self.window.n, "window_shift": self.window.shift, "window_unscored": self.window.unscored,
-            "kept_raw": self.kept_raw,
+            "kept_raw": self.kept_raw, "kept_features": self.kept_features,
             "coordinates": dataclasses.asdict(self.coords),
         }
 
@@ -2051,7 +2054,7 @@ class Trainer:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
         self.last_loss, self.loss_smoothed = state["last_loss"], state["loss_smoothed"]
         self.last_gate = state["last_gate"]
-        self.kept_raw = bool(state["kept_raw"])
+        self.kept_raw, self.kept_features = bool(state["kept_raw"]), [int(i) for i in state["kept_features"]]
         self.rng.bit_generator.state = state["rng"]
         self.window.n, self.window.shift = state["window_n"], state["window_shift"]
         # Without a champion saved, or with one rolled back since (its checkpoint moved to quarantine/), the one
@@ -2130,7 +2133,7 @@ class Trainer:
         self.standardize(x, y)
         new = x[:self.n_new]
         if self.coords.standardized == "final" and xp.vdot(new, new) >= self.outgrown_energy:  # one call a step
-            self.retake_statistics(new_x, x)
+            self.retake_statistics(x)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
             self.validate(new_x, x[:self.n_new], new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
@@ -2189,35 +2192,39 @@ class Trainer:
                  "models of raw ones", "features and scores" if scores else "features", len(y),
                  "" if final else ", for now", new.y_shift, new.y_scale)
 
-    def retake_statistics(self, new_x: Any, batch: Any) -> None:
+    def retake_statistics(self, batch: Any) -> None:
         """Statistics taken while a feature was constant (a field a node began to fill in later) make its values
         huge once it varies, and training does not recover. A feature that at least half of a step's new
-        samples (`new_x`, raw) put OUTGROWN_SPREADS or more from its mean has changed its regime (one far sample
-        is an outlier, not a new regime): it takes their statistics, declared (see remap: its weights weigh its
-        new standardized values as they weighed the old ones, which a move would scale by the ratio of the
-        spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now), and the step's `batch` is standardized
-        anew. Where that would overflow float32, the feature keeps its statistics and is not taken again
-        until a restart."""
+        samples, and OUTGROWN_LEAST of the newest OUTGROWN_SAMPLES, put OUTGROWN_SPREADS or more from its mean
+        has changed its regime (one far sample is an outlier, however few new samples a step has): it takes the
+        newest samples' statistics, declared
+        (see remap: its weights weigh its new standardized values as they weighed the old ones, which a move
+        would scale by the ratio of the spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now), and the step's
+        `batch` is standardized anew. Where that would overflow float32, the feature keeps its statistics for
+        good (kept_features)."""
         xp, host = self.backend.xp, self.backend.to_host
-        far = xp.abs(new_x - self.maps[0]) > self.outgrown
-        outgrown = host(2 * far.sum(axis=0) >= len(far))
+        recent = self.replay.older(0, min(OUTGROWN_SAMPLES, self.replay.size))[0]  # newest first: this step's
+        far = xp.abs(recent - self.maps[0]) > self.outgrown
+        new = min(self.n_new, len(far))
+        outgrown = host((2 * far[:new].sum(axis=0) >= new) & (far.sum(axis=0) >= min(OUTGROWN_LEAST, len(far))))
+        outgrown[self.kept_features] = False
         if not outgrown.any():
             return
-        x = host(new_x[:, outgrown]).astype(np.float64)
+        x = host(recent[:, outgrown]).astype(np.float64)
         shift, scale = np.array(self.coords.x_shift), np.array(self.coords.x_scale)
         shift[outgrown], scale[outgrown] = x.mean(axis=0), spread(x)
         new = dataclasses.replace(self.coords, x_shift=float32_values(shift), x_scale=float32_values(scale))
-        features, columns, (old_shift, old_scale) = ", ".join(map(str, np.flatnonzero(outgrown))), \
-            xp.asarray(outgrown), self.maps[:2]
+        features, (old_shift, old_scale) = ", ".join(map(str, np.flatnonzero(outgrown))), self.maps[:2]
         if not self.move_to(new, declared=outgrown):
-            self.outgrown[columns] = np.inf
+            self.kept_features = sorted({*self.kept_features, *np.flatnonzero(outgrown).tolist()})
             log.warning("feature(s) %s moved far past the statistics taken for them, but new ones would overflow "
                         "float32 in the weights: they keep theirs", features)
             return
+        columns = xp.asarray(outgrown)
         batch[:, columns] = (batch[:, columns] * old_scale[columns] + (old_shift - self.maps[0])[columns]) \
             / self.maps[1][columns]
-        log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the %d new "
-                 "samples of a step", features, len(x))
+        log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the newest %d "
+                 "samples", features, len(x))
 
     def standardize(self, x: Any, y: Any) -> None:
         """Move a batch of raw samples (the step's own buffers) to the model's coordinates, in place."""
@@ -2447,7 +2454,8 @@ class Ring:
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
 NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size is too small to divide by
-OUTGROWN_SPREADS = 100  # half a step's new samples this many spreads from a feature's mean: it takes theirs
+OUTGROWN_SPREADS = 100  # new samples this many spreads from a feature's mean: see Trainer.retake_statistics
+OUTGROWN_SAMPLES, OUTGROWN_LEAST = 16, 4
 SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 
 

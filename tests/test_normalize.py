@@ -164,10 +164,12 @@ def test_a_feature_constant_while_statistics_are_taken_gets_its_own_when_it_begi
     assert sum("feature(s) 3 moved far past the statistics" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_one_far_sample_is_an_outlier_and_keeps_the_statistics(tmp_path):
+@pytest.mark.parametrize("batch", [2, 4, 8])
+def test_one_far_sample_is_an_outlier_and_keeps_the_statistics(tmp_path, batch):
+    """However few new samples a step has: with one or two, one far sample had been half of them."""
     x, y = stream(4, 2 * vs.STATISTICS_SAMPLES)
-    x[vs.STATISTICS_SAMPLES + 101, 1] = 1e9  # one corrupt value among a step's new samples
-    trainer = make_trainer(tmp_path, **SMALL)
+    x[vs.STATISTICS_SAMPLES + 101, 1] = 1e9  # one corrupt value
+    trainer = make_trainer(tmp_path, **{**SMALL, "batch_size": batch})
     feed(trainer, x[:vs.STATISTICS_SAMPLES + 40], y[:vs.STATISTICS_SAMPLES + 40])
     taken = trainer.coords
     feed(trainer, x[vs.STATISTICS_SAMPLES + 40:], y[vs.STATISTICS_SAMPLES + 40:])
@@ -179,14 +181,15 @@ def test_a_feature_declared_in_new_statistics_keeps_what_the_model_computes_at_i
     x, y = stream(5, vs.STATISTICS_SAMPLES + 8)
     feed(trainer, x, y)
     old = trainer.coords
-    new_x = x[-4:].copy()
-    new_x[:, 2] = 1e6 + np.arange(4) * 1e5  # its old regime: 1000 +- 5
+    new_x = x[-vs.OUTGROWN_SAMPLES:].copy()
+    new_x[:, 2] = 1e6 + np.arange(len(new_x)) * 1e5  # its old regime: 1000 +- 5
     probe = x[:50].copy()
     probe[:, 2] = old.x_shift[2]
     before = [raw_outputs(trainer, m, probe) for m in (trainer.model, trainer.ema)]
     rows_before = trainer.model.layers[0][0][2].copy()
     batch = (new_x - np.float32(old.x_shift)) / np.float32(old.x_scale)  # the step's, standardized as they were
-    trainer.retake_statistics(new_x, batch)
+    trainer.replay.extend(new_x, np.full(len(new_x), 50, np.float32))  # the step's new samples, the newest in the ring
+    trainer.retake_statistics(batch)
     new = trainer.coords
     assert new.x_scale[2] == np.float32(new_x[:, 2].std()) and (new.x_shift[:2], new.x_scale[3:]) == (
         old.x_shift[:2], old.x_scale[3:])
@@ -195,6 +198,25 @@ def test_a_feature_declared_in_new_statistics_keeps_what_the_model_computes_at_i
     np.testing.assert_array_equal(trainer.model.layers[0][0][2], rows_before)  # it weighs the new values as the old
     for model, outputs in zip((trainer.model, trainer.ema), before):
         assert_same_function(outputs, raw_outputs(trainer, model, probe))
+
+
+def test_a_regime_change_whose_statistics_would_overflow_is_refused_for_good_restarts_included(tmp_path):
+    trainer = make_trainer(tmp_path / "first", **SMALL)
+    x, y = stream(6, vs.STATISTICS_SAMPLES + 8)
+    feed(trainer, x, y)
+    taken = trainer.coords
+    new_x = x[-vs.OUTGROWN_SAMPLES:].copy()
+    new_x[:, 2] = 1e6 + np.arange(len(new_x)) * 1e5
+    trainer.replay.extend(new_x, np.full(len(new_x), 50, np.float32))
+    batch = np.zeros((8, N_FEATURES), np.float32)
+    trainer.move_to = lambda new, declared=None: False  # as with weights that new statistics would overflow
+    trainer.retake_statistics(batch)
+    assert trainer.coords == taken and trainer.kept_features == [2]
+    resumed = make_trainer(tmp_path / "resumed", **SMALL)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.kept_features == [2]
+    resumed.retake_statistics(batch)  # its own move_to would succeed: the feature is not tried again
+    assert resumed.coords == taken and not batch.any()
 
 
 def test_statistics_that_would_overflow_the_weights_are_refused_once(tmp_path, caplog):
