@@ -3794,14 +3794,14 @@ def resident_bytes() -> int | None:
 
 # ---- base models: ONNX graphs, PyTorch state-dicts (read without torch) and .npz arrays ----
 
-# A base model is a small MLP: past this many values in all (32 MB as float32) a file is refused before it is read
-# on, whatever it claims: a few kilobytes of zip inflate to any size, and numpy allocates what a header says.
-MAX_BASE_MODEL_VALUES = 1 << 23
+# A base model is a small MLP: past this many bytes of arrays in all a file is refused before it is read on,
+# whatever it claims: a few kilobytes of zip inflate to any size, and numpy allocates what a header says.
+MAX_BASE_MODEL_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 1 << 24  # a state-dict's data.pkl: a few kilobytes of names and tensor layouts
 
 
-def too_many_values() -> str:
-    return f"it holds more than {MAX_BASE_MODEL_VALUES} values: not the weights of a small MLP"
+def too_large() -> str:
+    return f"its arrays hold more than {MAX_BASE_MODEL_BYTES} bytes: not the weights of a small MLP"
 
 
 def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
@@ -3856,11 +3856,11 @@ def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
         if not count or names - expected or {f"W{i}" for i in range(count)} - names:
             raise onnx_builder.UnsupportedModelError(
                 f"expected arrays W0, b0, W1, b1, ... (and optionally activation), got {', '.join(sorted(names))}")
-        values_left = MAX_BASE_MODEL_VALUES
+        bytes_left = MAX_BASE_MODEL_BYTES
         for name in sorted(names):  # each array's size from its header, before numpy allocates it
-            values_left -= npz_values(arrays, name)
-            if values_left < 0:
-                raise onnx_builder.UnsupportedModelError(too_many_values())
+            bytes_left -= npz_bytes(arrays, name)
+            if bytes_left < 0:
+                raise onnx_builder.UnsupportedModelError(too_large())
         pairs = [(f"W{i}", arrays[f"W{i}"], arrays[f"b{i}"] if f"b{i}" in names else None) for i in range(count)]
         kind = str(arrays["activation"]) if "activation" in names else default.kind
     if kind not in onnx_builder.ACTIVATION_KINDS:
@@ -3869,14 +3869,18 @@ def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
     return linear_layers(pairs, Activation(kind) if kind != default.kind else default)
 
 
-def npz_values(arrays: Any, name: str) -> int:
-    """How many values an .npz's array holds, by its .npy header: np.load allocates that many before it reads."""
-    member = name + ".npy" if name + ".npy" in arrays.zip.namelist() else name
-    with arrays.zip.open(member) as f:
+def npz_bytes(arrays: Any, name: str) -> int:
+    """The bytes an .npz's array holds, by its .npy header: np.load allocates that many before it reads."""
+    members = {name, name + ".npy"} & set(arrays.zip.namelist())
+    if len(members) != 1:  # which of the two numpy loads depends on its version
+        raise onnx_builder.UnsupportedModelError(f"it holds both {name} and {name}.npy")
+    with arrays.zip.open(members.pop()) as f:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(f)
-    return math.prod(shape)
+        shape, _, dtype = read_header(f)
+    if not all(type(n) is int and n >= 0 for n in shape):
+        raise onnx_builder.UnsupportedModelError(f"{name} has the shape {shape}")
+    return math.prod(shape) * dtype.itemsize
 
 
 def linear_layers(pairs: list[tuple[str, np.ndarray, np.ndarray | None]], activation: Activation
@@ -3920,8 +3924,10 @@ def read_state_dict(path: str, activation: Activation) -> onnx_builder.MLPWeight
         if len(pickles) != 1:
             raise onnx_builder.UnsupportedModelError("not a torch.save archive (no single */data.pkl)")
         root = pickles[0][:-len("data.pkl")]
-        if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
-            raise onnx_builder.UnsupportedModelError("big-endian archives are not supported")
+        if root + "byteorder" in archive.namelist() and (archive.getinfo(root + "byteorder").file_size > 16
+                                                         or archive.read(root + "byteorder") != b"little"):
+            raise onnx_builder.UnsupportedModelError("its byteorder is not 'little': big-endian archives are not "
+                                                     "supported")
         state = StateDictUnpickler(archive, root).load()
     if not isinstance(state, dict):
         raise onnx_builder.UnsupportedModelError(f"the archive holds a {type(state).__name__}, not a state-dict")
@@ -3948,7 +3954,7 @@ class StateDictUnpickler(pickle.Unpickler):
             raise onnx_builder.UnsupportedModelError(f"its data.pkl is over {MAX_PICKLE_BYTES} bytes: not a state-dict")
         super().__init__(io.BytesIO(archive.read(root + "data.pkl")))
         self.archive, self.root = archive, root
-        self.values_left = MAX_BASE_MODEL_VALUES  # read from storages and copied into tensors, in all
+        self.bytes_left = MAX_BASE_MODEL_BYTES  # read from storages and copied into tensors, in all
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
@@ -3965,17 +3971,17 @@ class StateDictUnpickler(pickle.Unpickler):
                 and type(pid[4]) is int and pid[4] >= 0):
             raise onnx_builder.UnsupportedModelError(f"unexpected persistent id {pid!r:.80}")
         _, storage, key, _, numel = pid
-        self.take(numel)
         name, size = f"{self.root}data/{key}", numel * storage.dtype.itemsize
+        self.take(size)
         if self.archive.getinfo(name).file_size < size:
             raise onnx_builder.UnsupportedModelError(f"storage {key} is truncated")
         with self.archive.open(name) as f:  # what the tensors use, not the whole of what the member inflates to
             return np.frombuffer(f.read(size), storage.dtype, count=numel)
 
-    def take(self, values: int) -> None:
-        self.values_left -= values
-        if self.values_left < 0:
-            raise onnx_builder.UnsupportedModelError(too_many_values())
+    def take(self, size: int) -> None:
+        self.bytes_left -= size
+        if self.bytes_left < 0:
+            raise onnx_builder.UnsupportedModelError(too_large())
 
 
 class Inert:
@@ -4003,7 +4009,7 @@ class TensorRebuild(Inert):
     def __call__(self, storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
         """torch._utils._rebuild_tensor_v2: its copy counted, as tensors may share one storage."""
         tensor = rebuild_tensor(storage, offset, size, stride)
-        self.unpickler.take(tensor.size)
+        self.unpickler.take(tensor.nbytes)
         return tensor
 
 

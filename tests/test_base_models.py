@@ -390,7 +390,7 @@ def views_of_one_storage(path: Path, storage: np.ndarray, views: list[tuple[int,
         archive.writestr("model/data/0", storage.tobytes())
 
 
-def test_tensors_past_the_values_a_small_mlp_holds_are_refused_as_they_are_read(tmp_path, monkeypatch):
+def test_tensors_past_the_bytes_a_small_mlp_holds_are_refused_as_they_are_read(tmp_path, monkeypatch):
     """Tensors may share a storage, so each copy counts: 4 MB of file, 100 views of one 1M-value storage, took
     825 MB."""
     storage = np.random.default_rng(0).normal(size=400).astype(np.float32)
@@ -399,20 +399,66 @@ def test_tensors_past_the_values_a_small_mlp_holds_are_refused_as_they_are_read(
     weights = vs.read_state_dict(str(path), vs.Activation("relu"))
     np.testing.assert_array_equal(weights.layers[0][0].ravel(), storage)
 
-    monkeypatch.setattr(vs, "MAX_BASE_MODEL_VALUES", 3000)
-    views_of_one_storage(path, storage, [(0, (1, 400), (400, 1))] * 10)  # 400 values read, 4 000 copied
-    with pytest.raises(builder.UnsupportedModelError, match="more than 3000 values: not the weights of a small MLP"):
+    monkeypatch.setattr(vs, "MAX_BASE_MODEL_BYTES", 12_000)
+    views_of_one_storage(path, storage, [(0, (1, 400), (400, 1))] * 10)  # 1 600 bytes read, 16 000 copied
+    with pytest.raises(builder.UnsupportedModelError, match="more than 12000 bytes: not the weights of a small MLP"):
         vs.read_state_dict(str(path), vs.Activation("relu"))
 
 
-def test_a_storage_claiming_more_values_than_a_small_mlp_holds_is_refused_unread(tmp_path):
+def test_a_storage_claiming_more_bytes_than_a_small_mlp_holds_is_refused_unread(tmp_path):
     path = tmp_path / "claims.pt"
-    views_of_one_storage(path, np.ones(4, np.float32), [(0, (1, 4), (4, 1))], numel=vs.MAX_BASE_MODEL_VALUES + 1)
-    with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_VALUES} values"):
+    views_of_one_storage(path, np.ones(4, np.float32), [(0, (1, 4), (4, 1))], numel=vs.MAX_BASE_MODEL_BYTES // 4 + 1)
+    with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_BYTES} bytes"):
         vs.read_state_dict(str(path), vs.Activation("relu"))
 
 
-def test_an_npz_array_whose_header_claims_more_values_than_a_small_mlp_holds_is_refused_unallocated(tmp_path):
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("members, message", [
+    ({"W0.npy": np.ones((1, 4), np.float32), "W0": np.zeros((4096, 4096), np.float32)},
+     "it holds both W0 and W0.npy"),  # numpy 2.4 loads W0, whose size no header of W0.npy tells
+    ({"W0.npy": np.ones((1, 4), np.float32), "activation.npy": np.array(["relu" * 65536] * 64)},
+     "more than 67108864 bytes"),  # 64 strings of a megabyte: few values, many bytes
+], ids=["two-members-one-name", "wide-strings"])
+def test_an_npz_whose_arrays_numpy_would_allocate_past_the_bound_is_refused_first(tmp_path, members, message):
+    path = tmp_path / "crafted.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in members.items():
+            archive.writestr(name, npy(array))
+    with pytest.raises(builder.UnsupportedModelError, match=message):
+        vs.read_npz(str(path), vs.Activation("relu"))
+
+
+def test_an_npz_header_with_a_negative_dimension_is_refused(tmp_path):
+    """math.prod of (-2**26,) had credited the bound with 2**26 values, and a 16M-value b0 was allocated."""
+    path = tmp_path / "negative.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (-(1 << 26),)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("W0.npy", npy(np.ones((1, 4), np.float32)))
+        archive.writestr("b0.npy", header.getvalue())
+    with pytest.raises(builder.UnsupportedModelError, match=r"b0 has the shape \(-67108864,\)"):
+        vs.read_npz(str(path), vs.Activation("relu"))
+
+
+def test_a_byteorder_member_that_inflates_is_refused_unread(tmp_path):
+    path = tmp_path / "byteorder.pt"
+    inflated(path, FIXTURES / "sd_seq_relu_f32.pt", "/byteorder", 64 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(builder.UnsupportedModelError, match="byteorder is not 'little'"):
+            vs.read_state_dict(str(path), vs.Activation("relu"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # 64 MiB of zeros after "little" had been read whole
+
+
+def test_an_npz_array_whose_header_claims_more_bytes_than_a_small_mlp_holds_is_refused_unallocated(tmp_path):
     """An .npz of 1 MB whose W0.npy header says (16384, 16384) took 3.1 GB before its refusal."""
     path = tmp_path / "claims.npz"
     np.savez(path, W0=np.ones((1, 4), np.float32))
@@ -422,7 +468,7 @@ def test_an_npz_array_whose_header_claims_more_values_than_a_small_mlp_holds_is_
         archive.writestr("W0.npy", header.getvalue() + bytes(1 << 20))  # a megabyte of the gigabyte claimed
     tracemalloc.start()
     try:
-        with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_VALUES} values"):
+        with pytest.raises(builder.UnsupportedModelError, match=f"more than {vs.MAX_BASE_MODEL_BYTES} bytes"):
             vs.read_npz(str(path), vs.Activation("relu"))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
