@@ -744,12 +744,15 @@ class Server:
         self.close(conn)
 
     def expire_reserved(self) -> None:
-        """Close, unanswered, the connections over the limit that have not asked their question in time."""
+        """Close, unanswered, the connections over the limit that have not asked their question in time: read
+        once more first, as a slow turn (a checkpoint, a long step) may have kept a waiting one from being read."""
         now = time.monotonic()
         for conn, accepted in list(self.reserved.items()):
             if now - accepted >= RESERVED_WAIT_S:
-                del self.reserved[conn]
-                self.refuse(conn)
+                self.on_reserved_ready(conn, selectors.EVENT_READ)
+                if conn in self.reserved:
+                    del self.reserved[conn]
+                    self.refuse(conn)
 
     def read(self, conn: Connection) -> bool:
         """Read and answer what is available, the ACKs left for end_turn(); False when nothing was (would block,

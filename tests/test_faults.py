@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import selectors
 import socket
 import subprocess
 import sys
@@ -846,6 +847,33 @@ def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_facto
     assert st["ok"] is True and st["job_id"] == "asked" and st["connections"] == 2, st
     assert st["connections_refused"] == 0, st
     assert all(c.request({"op": "ping"}) == {"ok": True, "op": "pong"} for c in clients)
+
+
+def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
+    """A turn that ran a long step (a checkpoint, a slow disk) after accepting a probe over the limit had closed it
+    at the turn's end as silent, its ping unread in the socket."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        conn = vs.Connection(ours, server.on_reserved_ready)
+        server.selector.register(ours, selectors.EVENT_READ, conn)
+        server.reserved[conn] = time.monotonic() - 2 * vs.RESERVED_WAIT_S  # accepted before the slow turn
+        theirs.sendall(b'{"op": "ping"}\n')  # asked at once, never read
+        server.expire_reserved()
+        theirs.settimeout(5)
+        assert theirs.recv(100) == b'{"ok": true, "op": "pong"}\n' and server.connections_refused == 0
+        quiet, quiet_peer = socket.socketpair()  # the peer stays open, and sends nothing
+        silent = vs.Connection(quiet, server.on_reserved_ready)
+        silent.sock.setblocking(False)
+        server.selector.register(silent.sock, selectors.EVENT_READ, silent)
+        server.reserved[silent] = time.monotonic() - 2 * vs.RESERVED_WAIT_S
+        server.expire_reserved()  # one that asked nothing is still refused
+        assert server.connections_refused == 1 and not server.reserved
+        quiet_peer.close()
+    finally:
+        theirs.close()
 
 
 def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
