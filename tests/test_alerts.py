@@ -3,6 +3,7 @@ promtool (Debian package prometheus): they load, and every alert fires on the se
 stays silent on healthy ones; each has a runbook; their values reach them."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import subprocess
@@ -85,6 +86,11 @@ CASES = [
           series("vmafx_sidecar_checkpoints_total", result="published"): "0+0.1x150"}, "130m", []),
     Case("VmafxNoCheckpointPublished", "too few samples for a checkpoint to be due",
          {series("vmafx_sidecar_samples_total", result="accepted"): "0+10x150",
+          series("vmafx_sidecar_checkpoints_total", result="published"): "0x150"}, "130m", []),
+    # 2400 accepted in the hour, 3600 with the held-out ones, which are never trained on: they do not count.
+    Case("VmafxNoCheckpointPublished", "fewer than minSamples accepted, more with the held-out ones",
+         {series("vmafx_sidecar_samples_total", result="accepted"): "0+40x150",
+          series("vmafx_sidecar_samples_total", result="held_out"): "0+20x150",
           series("vmafx_sidecar_checkpoints_total", result="published"): "0x150"}, "130m", []),
     # A pod younger than the window: 100 a minute would be 6000 in the hour, but it got 2000 so far.
     Case("VmafxNoCheckpointPublished", "a new pod, fewer than minSamples so far",
@@ -333,7 +339,8 @@ def test_values_reach_every_alert():
         "sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown": {"severity": "page", "for": "2m"},
         "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished":
             {"severity": "warning", "for": "0m", "window": "1d2h", "minSamples": 500},
-        "sidecar.trainer.minSamplesPerCheckpoint": 500,  # at most minSamples: see test_no_checkpoint_alert_*
+        # At most minSamples less the batch size: see test_no_checkpoint_alert_*.
+        "sidecar.trainer.minSamplesPerCheckpoint": 500 - SIDECAR_BATCH,
         "sidecar.trainer.metrics.prometheusRule.alerts.fleetModelStale":
             {"severity": "warning", "for": "15m", "maxAge": "1h30m"},
     })
@@ -395,6 +402,7 @@ def test_promtool_accepts_the_shortest_windows(tmp_path):
 
 NO_CHECKPOINT = "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished"
 SIDECAR_MIN_SAMPLES, SIDECAR_INTERVAL = vs.Config.min_samples_ckpt, int(vs.Config.ckpt_interval_s)  # unset values
+SIDECAR_BATCH = vs.Config.batch_size
 
 
 def with_no_checkpoint_alert(window: str = "1h", min_samples: int = 3000, **overrides: object) -> dict:
@@ -404,15 +412,29 @@ def with_no_checkpoint_alert(window: str = "1h", min_samples: int = 3000, **over
 
 @pytest.mark.parametrize("values, refusal", [
     (with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 5000}),
-     f"{NO_CHECKPOINT}.minSamples (3000) must be at least sidecar.trainer.minSamplesPerCheckpoint (5000)"),
-    (with_no_checkpoint_alert(min_samples=SIDECAR_MIN_SAMPLES - 1),
-     f"{NO_CHECKPOINT}.minSamples ({SIDECAR_MIN_SAMPLES - 1}) must be at least "
-     f"sidecar.trainer.minSamplesPerCheckpoint ({SIDECAR_MIN_SAMPLES}, the sidecar's default)"),
+     f"{NO_CHECKPOINT}.minSamples (3000) must be at least sidecar.trainer.minSamplesPerCheckpoint (5000) plus "
+     f"sidecar.trainer.batchSize ({SIDECAR_BATCH}, the sidecar's default), {5000 + SIDECAR_BATCH}"),
+    (with_no_checkpoint_alert(min_samples=SIDECAR_MIN_SAMPLES + SIDECAR_BATCH - 1),
+     f"{NO_CHECKPOINT}.minSamples ({SIDECAR_MIN_SAMPLES + SIDECAR_BATCH - 1}) must be at least "
+     f"sidecar.trainer.minSamplesPerCheckpoint ({SIDECAR_MIN_SAMPLES}, the sidecar's default) plus "
+     f"sidecar.trainer.batchSize ({SIDECAR_BATCH}, the sidecar's default), {SIDECAR_MIN_SAMPLES + SIDECAR_BATCH}"),
+    # One short of the bound: the checkpoint's samples, and a batch more.
+    (with_no_checkpoint_alert(min_samples=5000 + 64 - 1, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
+                                                          "sidecar.trainer.batchSize": 64}),
+     f"{NO_CHECKPOINT}.minSamples (5063) must be at least sidecar.trainer.minSamplesPerCheckpoint (5000) plus "
+     "sidecar.trainer.batchSize (64), 5064"),
     (with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 100,
                                  "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT",
                                                                "value": "3001"}]}),
      f"{NO_CHECKPOINT}.minSamples (3000) must be at least VMAFX_SIDECAR_MIN_SAMPLES_CKPT in "
-     "sidecar.trainer.extraEnv (3001)"),
+     f"sidecar.trainer.extraEnv (3001) plus sidecar.trainer.batchSize ({SIDECAR_BATCH}, the sidecar's default), "
+     f"{3001 + SIDECAR_BATCH}"),
+    # The batch size the trainer reads: extraEnv's, over the value.
+    (with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 2000, "sidecar.trainer.batchSize": 16,
+                                 "sidecar.trainer.replayBufferSize": 2000,
+                                 "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_BATCH_SIZE", "value": "1001"}]}),
+     f"{NO_CHECKPOINT}.minSamples (3000) must be at least sidecar.trainer.minSamplesPerCheckpoint (2000) plus "
+     "VMAFX_SIDECAR_BATCH_SIZE in sidecar.trainer.extraEnv (1001), 3001"),
     (with_no_checkpoint_alert(window="10m"),
      f"{NO_CHECKPOINT}.window (10m, 600 s) must be more than sidecar.trainer.checkpointIntervalSeconds "
      f"({SIDECAR_INTERVAL}, the sidecar's default)"),
@@ -425,39 +447,52 @@ def with_no_checkpoint_alert(window: str = "1h", min_samples: int = 3000, **over
                                               "fleet.activeDeadlineSeconds": 86401}),
      f"{NO_CHECKPOINT}.window (1d, 86400 s) must be more than VMAFX_SIDECAR_CKPT_INTERVAL_S in "
      "sidecar.trainer.extraEnv (86400)"),
-], ids=["minSamples below the trainer's", "minSamples below the sidecar's default", "minSamples below extraEnv's",
+], ids=["minSamples below the trainer's", "minSamples a batch short of the sidecar's default",
+        "minSamples one short of the trainer's plus its batch", "minSamples below extraEnv's",
+        "minSamples below the trainer's plus extraEnv's batch",
         "window of the sidecar's default interval", "window within the trainer's interval",
         "window within extraEnv's interval"])
 def test_no_checkpoint_alert_a_healthy_trainer_would_fire_is_refused(values, refusal):
-    """A checkpoint is due once the trainer's MIN_SAMPLES_CKPT samples and CKPT_INTERVAL_S seconds have both
-    passed since the last: with fewer minSamples, or a window no longer than the interval, the alert would fire
-    between two checkpoints of a healthy trainer (test_the_refused_thresholds_fire_on_a_healthy_trainer)."""
+    """A checkpoint is due once the trainer trained on MIN_SAMPLES_CKPT samples and CKPT_INTERVAL_S seconds have
+    passed since the last. It trains on accepted samples only (held-out ones never count), and only once a
+    step's new samples are pending, fewer than BATCH_SIZE: with minSamples below MIN_SAMPLES_CKPT + BATCH_SIZE,
+    or a window no longer than the interval, the alert would fire between two checkpoints of a healthy trainer
+    (test_the_refused_thresholds_fire_on_a_healthy_trainer, test_a_healthy_trainer_at_the_bound_is_silent)."""
     with pytest.raises(helm.HelmRenderError) as refused:
         render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,))
     assert f"{refusal}: a checkpoint is due only" in str(refused.value)
     assert "VmafxNoCheckpointPublished would fire on a healthy trainer" in str(refused.value)
+    if ".minSamples" in refusal:
+        assert ("held-out samples never count toward it, and a step's new samples wait for a full batch"
+                in str(refused.value))
     # Without the PrometheusRule API there is no alert to be wrong.
     assert "PrometheusRule" not in render(values, "1.33").kinds
 
 
 @pytest.mark.parametrize("values", [
     RULE_VALUES,
-    with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 3000,
+    with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 3000 - SIDECAR_BATCH,
                                 "sidecar.trainer.checkpointIntervalSeconds": 3599.5}),
+    with_no_checkpoint_alert(min_samples=5000 + 64, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
+                                                      "sidecar.trainer.batchSize": 64}),
     with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
                                 "sidecar.trainer.checkpointIntervalSeconds": 7200,
                                 "sidecar.trainer.extraEnv": [
-                                    {"name": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", "value": "3000"},
+                                    {"name": "VMAFX_SIDECAR_MIN_SAMPLES_CKPT", "value": str(3000 - SIDECAR_BATCH)},
                                     {"name": "VMAFX_SIDECAR_CKPT_INTERVAL_S", "value": "600"}]}),
-    with_no_checkpoint_alert(window="2h", min_samples=5000, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
-                                                              "sidecar.trainer.checkpointIntervalSeconds": 5400,
-                                                              "fleet.activeDeadlineSeconds": 7200}),
-], ids=["defaults", "at the bounds", "lower settings in extraEnv", "thresholds raised with the trainer's"])
+    # The value's batch alone would refuse it (2000 + 1024 > 3000); the trainer reads extraEnv's.
+    with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 2000, "sidecar.trainer.batchSize": 1024,
+                                "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_BATCH_SIZE", "value": "1000"}]}),
+    with_no_checkpoint_alert(window="2h", min_samples=5000 + SIDECAR_BATCH, **{
+        "sidecar.trainer.minSamplesPerCheckpoint": 5000, "sidecar.trainer.checkpointIntervalSeconds": 5400,
+        "fleet.activeDeadlineSeconds": 7200}),
+], ids=["defaults", "at the bounds", "at the trainer's plus its batch", "lower settings in extraEnv",
+        "a lower batch in extraEnv", "thresholds raised with the trainer's"])
 def test_no_checkpoint_alert_at_or_past_the_trainers_thresholds_is_taken(values):
     rule = alerts(rule_groups(values))["VmafxNoCheckpointPublished"]
     threshold = values["sidecar"]["trainer"]["metrics"]["prometheusRule"].get("alerts", {}).get(
         "noCheckpointPublished", {"window": "1h", "minSamples": 3000})  # values.yaml's
-    assert f"[{threshold['window']}])) > {threshold['minSamples']}" in rule["expr"]
+    assert f'result="accepted"}}[{threshold["window"]}])) > {threshold["minSamples"]}' in rule["expr"]
 
 
 def test_the_refused_thresholds_fire_on_a_healthy_trainer(tmp_path):
@@ -471,8 +506,40 @@ def test_the_refused_thresholds_fire_on_a_healthy_trainer(tmp_path):
                    {series("vmafx_sidecar_samples_total", result="accepted"): "0+67x200",
                     series("vmafx_sidecar_checkpoints_total", result="published"): "0x74 1x74 2x50"}, "145m", [])
     assert promtool_tests(tmp_path, rule_groups(), [healthy]).returncode != 0  # the default thresholds fire
-    raised = with_no_checkpoint_alert(min_samples=5000, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000})
+    raised = with_no_checkpoint_alert(min_samples=5000 + SIDECAR_BATCH,
+                                      **{"sidecar.trainer.minSamplesPerCheckpoint": 5000})
     result = promtool_tests(tmp_path, rule_groups(raised), [healthy])  # minSamples as the trainer's: silent
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_healthy_trainer_at_the_bound_is_silent(tmp_path):
+    """minSamples at the bound, minSamplesPerCheckpoint (5000) plus the batch size, in a 2h window. A healthy
+    trainer accepts 40 samples a minute and holds 3 more out; it publishes each time its accepted count reaches
+    5000, every 125 minutes. No 2h window holds more than 4800 accepted samples, but one between two checkpoints
+    holds 5160 valid ones: the alert counting the held-out samples too, which are never trained on and bring no
+    checkpoint nearer, would fire. The same trainer stuck, accepting 45 a minute, fires it."""
+    values = with_no_checkpoint_alert(window="2h", min_samples=5000 + SIDECAR_BATCH,
+                                      **{"sidecar.trainer.minSamplesPerCheckpoint": 5000})
+    groups = rule_groups(values)
+    samples = {series("vmafx_sidecar_samples_total", result="accepted"): "0+40x300",
+               series("vmafx_sidecar_samples_total", result="held_out"): "0+3x300"}
+    healthy = Case("VmafxNoCheckpointPublished", "at the bound, a checkpoint every 5000 accepted samples",
+                   {**samples, series("vmafx_sidecar_checkpoints_total", result="published"): "0x124 1x124 2x50"},
+                   "247m", [])  # its window, from 127m, holds no checkpoint
+    result = promtool_tests(tmp_path, groups, [healthy])
+    assert result.returncode == 0, result.stdout + result.stderr
+    old = copy.deepcopy(groups)  # what the alert counted before: held-out samples too
+    for rule in (r for group in old for r in group["rules"] if r.get("alert") == "VmafxNoCheckpointPublished"):
+        assert 'result="accepted"}' in rule["expr"] and "held_out" not in rule["expr"]
+        rule["expr"] = rule["expr"].replace('result="accepted"}', 'result=~"accepted|held_out"}')
+    (tmp_path / "old").mkdir()
+    assert promtool_tests(tmp_path / "old", old, [healthy]).returncode != 0
+    stuck = Case("VmafxNoCheckpointPublished", "at the bound, 45 accepted a minute, none published since 125m",
+                 {series("vmafx_sidecar_samples_total", result="accepted"): "0+45x300",
+                  series("vmafx_sidecar_samples_total", result="held_out"): "0+3x300",
+                  series("vmafx_sidecar_checkpoints_total", result="published"): "0x124 1x175"}, "260m", [POD_LABELS])
+    (tmp_path / "stuck").mkdir()
+    result = promtool_tests(tmp_path / "stuck", groups, [stuck])
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -373,16 +373,23 @@ VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES: "set fleet.sampleLogMaxBytes instead"
 {{- fail (printf "%s (%s%s) must be at least %s (%s%s): the sidecar refuses to start with VMAFX_SIDECAR_REPLAY_CAPACITY below VMAFX_SIDECAR_BATCH_SIZE" $replay.source $replay.text $replay.note $batch.source $batch.text $batch.note) -}}
 {{- end -}}
 {{- end -}}
-{{- /* VmafxNoCheckpointPublished takes more than minSamples samples in its window for a checkpoint due in it.
-       One is due once VMAFX_SIDECAR_MIN_SAMPLES_CKPT samples and VMAFX_SIDECAR_CKPT_INTERVAL_S seconds have
-       both passed since the last attempt: with fewer samples or a window no longer than the interval, a
-       healthy trainer would fire it between two checkpoints. */}}
+{{- /* VmafxNoCheckpointPublished takes more than minSamples accepted samples in its window for a checkpoint
+       due in it. One is due once VMAFX_SIDECAR_MIN_SAMPLES_CKPT samples were trained on and
+       VMAFX_SIDECAR_CKPT_INTERVAL_S seconds have both passed since the last attempt. Only accepted samples
+       are trained on (held-out ones go to the evaluation ring and never count), and only once a step takes
+       them: up to a step's new samples less one, fewer than VMAFX_SIDECAR_BATCH_SIZE, wait for the next. With
+       minSamples below VMAFX_SIDECAR_MIN_SAMPLES_CKPT + VMAFX_SIDECAR_BATCH_SIZE, or a window no longer than
+       the interval, a healthy trainer would fire it between two checkpoints. Settings in extraEnv that are
+       not plain integers are left to the sidecar to judge. */}}
 {{- if include "vmafx-node.prometheusRule" . -}}
 {{- with .Values.sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished -}}
 {{- $alert := "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished" -}}
 {{- $min := include "vmafx-node.settingRead" (dict "ctx" $ "key" "minSamplesPerCheckpoint" "env" "VMAFX_SIDECAR_MIN_SAMPLES_CKPT" "default" 1000) | fromJson -}}
-{{- if and (regexMatch "^(0|[1-9][0-9]*)$" $min.text) (lt (int64 .minSamples) (int64 $min.text)) -}}
-{{- fail (printf "%s.minSamples (%v) must be at least %s (%s%s): a checkpoint is due only after that many samples, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert (int64 .minSamples) $min.source $min.text $min.note) -}}
+{{- if and (regexMatch "^(0|[1-9][0-9]*)$" $min.text) (regexMatch "^[1-9][0-9]*$" $batch.text) -}}
+{{- $bound := add (int64 $min.text) (int64 $batch.text) -}}
+{{- if lt (int64 .minSamples) $bound -}}
+{{- fail (printf "%s.minSamples (%v) must be at least %s (%s%s) plus %s (%s%s), %v: a checkpoint is due only once %s samples were trained on since the last, held-out samples never count toward it, and a step's new samples wait for a full batch, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert (int64 .minSamples) $min.source $min.text $min.note $batch.source $batch.text $batch.note $bound $min.text) -}}
+{{- end -}}
 {{- end -}}
 {{- $interval := include "vmafx-node.settingRead" (dict "ctx" $ "key" "checkpointIntervalSeconds" "env" "VMAFX_SIDECAR_CKPT_INTERVAL_S" "default" 600) | fromJson -}}
 {{- $window := include "vmafx-node.seconds" .window -}}
