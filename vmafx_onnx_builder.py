@@ -291,15 +291,10 @@ class _ChainReader:
         """A dense layer's outputs times, over, plus or minus constants, one per unit or one for all (a regressor's
         de-standardisation, net(x) * y_std + y_mean): folded into that layer, in float64."""
         w, b = self.layers[-1]
-        others = [n for n in node.input if n != cursor]
-        if len(others) != 1 or others[0] not in self.constants or (
-                node.op_type in ("Sub", "Div") and node.input[0] != cursor):
-            raise UnsupportedModelError(f"unsupported {node_label(node)}: after a dense layer, only h - c, h / c, "
-                                        "h * c and h + c by constants are supported")
-        c = self.constant(others[0], node)
-        if not broadcasts_over_rows(c) or c.size not in (1, w.shape[1]):
+        c = self.applied_constant(node, cursor, "h", "after a dense layer", "unit of the layer before")
+        if c.size not in (1, w.shape[1]):
             raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per unit "
-                                        "of the layer before, the same for every sample")
+                                        "of the layer before")
         c = np.broadcast_to(c.reshape(-1), (w.shape[1],))
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the reader's caller judges the weights
             if node.op_type == "Mul":
@@ -367,15 +362,7 @@ class _ChainReader:
     # -- input normalisation, folded into the first layer
 
     def normalisation(self, node: onnx.NodeProto, cursor: str) -> None:
-        others = [n for n in node.input if n != cursor]
-        if len(others) != 1 or others[0] not in self.constants or (
-                node.op_type in ("Sub", "Div") and node.input[0] != cursor):
-            raise UnsupportedModelError(f"unsupported {node_label(node)}: only x - c, x / c, x * c and x + c "
-                                        "by constants are supported before the first layer")
-        c = self.constant(others[0], node)
-        if not broadcasts_over_rows(c):
-            raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per "
-                                        "feature, the same for every sample")
+        c = self.applied_constant(node, cursor, "x", "before the first layer", "feature")
         if c.ndim > 1:  # one row: one value per feature, or one for all of them
             c = c.reshape(-1)
         self.normalised = True
@@ -387,6 +374,20 @@ class _ChainReader:
             self.scale, self.shift = self.scale * c, self.shift * c
         else:
             self.scale, self.shift = self.scale / c, self.shift / c
+
+    def applied_constant(self, node: onnx.NodeProto, cursor: str, value: str, where: str, per: str) -> np.ndarray:
+        """The constant c of `node`, a Sub, Div, Mul or Add of the chain's value (`cursor`, named `value` in errors)
+        by it, the same for every sample (one value per `per`, or one for all)."""
+        others = [n for n in node.input if n != cursor]
+        if len(others) != 1 or others[0] not in self.constants or (
+                node.op_type in ("Sub", "Div") and node.input[0] != cursor):
+            raise UnsupportedModelError(f"unsupported {node_label(node)}: {where}, only {value} - c, {value} / c, "
+                                        f"{value} * c and {value} + c by constants are supported")
+        c = self.constant(others[0], node)
+        if not broadcasts_over_rows(c):
+            raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per "
+                                        f"{per}, the same for every sample")
+        return c
 
     def read_normalisation(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The scale and shift, one per feature, in float64; None without a normalisation."""

@@ -718,14 +718,8 @@ class Server:
         closed once the answer is out; anything else closes it unanswered, as if refused at once."""
         if mask & selectors.EVENT_WRITE:
             self.flush(conn)
-        if not mask & selectors.EVENT_READ:
+        if not mask & selectors.EVENT_READ or (data := received(conn.sock, RECV_BYTES)) is None:
             return
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
         conn.inbuf += data
         newline, limit = conn.inbuf.find(b"\n"), self.config.max_line_bytes
         if newline < 0 and data and len(conn.inbuf) <= limit:
@@ -959,6 +953,16 @@ class Server:
             "fleet": fleet_model(Path(self.config.checkpoint_dir).absolute().parent / FLEET_DIR),
             "config": dataclasses.asdict(self.config),
         }
+
+
+def received(sock: socket.socket, size: int) -> bytes | None:
+    """Up to `size` bytes from a non-blocking socket: None when none are there yet, b"" at its end or on an error."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def drain(sock: socket.socket) -> None:
@@ -3624,12 +3628,8 @@ class MetricsEndpoint:
 
     def serve(self, conn: HttpConnection, mask: int) -> None:
         if mask & selectors.EVENT_READ:
-            try:
-                data = conn.sock.recv(HTTP_MAX_REQUEST)
-            except (BlockingIOError, InterruptedError):
+            if (data := received(conn.sock, HTTP_MAX_REQUEST)) is None:
                 return
-            except OSError:
-                data = b""
             if not data:  # the scraper left before its request was complete
                 return self.close(conn)
             conn.inbuf += data
