@@ -19,7 +19,8 @@ directory):
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
     coordinates Trainer.take_statistics (once), Trainer.standardize: the batch in
-                the model's standardized coordinates
+                the model's standardized coordinates (Trainer.retake_statistics for a
+                feature that changes its regime)
     model       MLP.forward for Trainer.validate (into the gate's Window), then
                 MLP.loss_and_grad: forward pass and backprop
               then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint
@@ -2138,11 +2139,11 @@ class Trainer:
         if self.statistics_due():
             self.take_statistics()
         self.standardize(x, y)
-        new = x[:self.n_new]
-        if self.coords.standardized == "final" and xp.vdot(new, new) >= self.outgrown_energy:  # one call a step
+        fresh = x[:self.n_new]  # the new samples, standardized
+        if self.coords.standardized == "final" and xp.vdot(fresh, fresh) >= self.outgrown_energy:  # one call a step
             self.retake_statistics(x)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
-            self.validate(new_x, x[:self.n_new], new_y)
+            self.validate(new_x, fresh, new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
             applied = self.apply_gradient(loss)
         if not applied:
@@ -2204,16 +2205,15 @@ class Trainer:
         huge once it varies, and training does not recover. A feature that at least half of a step's new
         samples, and OUTGROWN_LEAST of the newest OUTGROWN_SAMPLES, put OUTGROWN_SPREADS or more from its mean
         has changed its regime (one far sample is an outlier, however few new samples a step has): it takes the
-        newest samples' statistics, declared
-        (see remap: its weights weigh its new standardized values as they weighed the old ones, which a move
-        would scale by the ratio of the spreads, 1e4 for a feature 0 before and 1e4 +- 1e4 now), and the step's
-        `batch` is standardized anew. Where that would overflow float32, the feature keeps its statistics for
-        good (kept_features)."""
+        newest samples' statistics, declared (see remap: its weights weigh its new standardized values as they
+        weighed the old ones, which a move would scale by the ratio of the spreads, 1e4 for a feature 0 before
+        and 1e4 +- 1e4 now), and the step's `batch` is standardized anew. Where that would overflow float32, the
+        feature keeps its statistics for good (kept_features)."""
         xp, host = self.backend.xp, self.backend.to_host
         recent = self.replay.older(0, min(OUTGROWN_SAMPLES, self.replay.size))[0]  # newest first: this step's
         far = xp.abs(recent - self.maps[0]) > self.outgrown
-        new = min(self.n_new, len(far))
-        outgrown = host((2 * far[:new].sum(axis=0) >= new) & (far.sum(axis=0) >= min(OUTGROWN_LEAST, len(far))))
+        stepped = min(self.n_new, len(far))  # this step's new samples, the first rows
+        outgrown = host((2 * far[:stepped].sum(axis=0) >= stepped) & (far.sum(axis=0) >= min(OUTGROWN_LEAST, len(far))))
         outgrown[self.kept_features] = False
         if not outgrown.any():
             return
@@ -2461,9 +2461,9 @@ class Ring:
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
 NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size is too small to divide by
+SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 OUTGROWN_SPREADS = 100  # new samples this many spreads from a feature's mean: see Trainer.retake_statistics
 OUTGROWN_SAMPLES, OUTGROWN_LEAST = 16, 4
-SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 
 
 @dataclass(frozen=True)
