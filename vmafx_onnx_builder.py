@@ -201,6 +201,8 @@ class _ChainReader:
         if op in PASS_THROUGH:
             return node.output[0]
         if op in SHAPE_NOOPS:
+            if not self.layers and self.flattens_the_input(node):  # nn.Flatten() first: (batch, n) stays as it is
+                return node.output[0]
             if not self.layers:
                 raise UnsupportedModelError(f"{node_label(node)}: shape operations are only supported at the output")
             self.shaped = True
@@ -220,6 +222,12 @@ class _ChainReader:
             self.fold_into_layer(node, cursor)
             return node.output[0]
         raise UnsupportedModelError(f"unsupported {node_label(node)} ({op} is not part of an MLP this sidecar trains)")
+
+    def flattens_the_input(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` is a Flatten from axis 1 of the graph's input, declared of rank 2: a no-op."""
+        source = next((i.type.tensor_type for i in self.graph.input if i.name == node.input[0]), None)
+        return (node.op_type == "Flatten" and attributes(node).get("axis", 1) == 1 and source is not None
+                and source.HasField("shape") and len(source.shape.dim) == 2)
 
     def skip_shape_arithmetic(self, users: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """Drop the Shape -> Slice/Concat/... nodes that only feed a Reshape its target shape."""

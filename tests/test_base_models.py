@@ -180,6 +180,20 @@ def test_constants_applied_to_a_dense_layers_outputs_are_folded_into_it(tmp_path
     assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
 
 
+def test_a_flatten_of_the_input_first_is_read_as_the_no_op_it_is(tmp_path):
+    """nn.Sequential(nn.Flatten(), nn.Linear(...), ...), as torch's TorchScript exporter writes it: refused as a
+    shape operation before the first layer."""
+    path = tmp_path / "flatten_first.onnx"
+    nodes = [onnx.helper.make_node("Flatten", ["x"], ["f"]), gemm("f", "W0", "b0", "h"),
+             onnx.helper.make_node("Relu", ["h"], ["a"]), HIDDEN_TO_OUTPUT]
+    onnx.save(mlp_graph(nodes, {}), path)
+    x = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    assert_close(vs.MLP.from_weights(builder.read_mlp_model(onnx.load(path))).forward(x).ravel(), ort_scores(path, x))
+    with pytest.raises(builder.UnsupportedModelError, match="shape operations are only supported at the output"):
+        nodes[0] = onnx.helper.make_node("Flatten", ["x"], ["f"], axis=0)  # all of a batch in one row
+        builder.read_mlp_model(mlp_graph(nodes, {}))
+
+
 @pytest.mark.parametrize("nodes, initializers, message", [
     ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
       onnx.helper.make_node("Sub", ["c", "z"], ["y"])], {"c": np.array(1.0)}, "only h - c, h / c"),

@@ -164,6 +164,23 @@ def test_a_feature_constant_while_statistics_are_taken_gets_its_own_when_it_begi
     assert sum("feature(s) 3 moved far past the statistics" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("cut", [vs.STATISTICS_SAMPLES + 90, vs.STATISTICS_SAMPLES + 103, vs.STATISTICS_SAMPLES + 150],
+                         ids=["before", "at", "after"])
+def test_a_restart_resumes_bit_for_bit_across_a_regime_change(tmp_path, cut):
+    x, y = regime_change(3, vs.STATISTICS_SAMPLES + 400, 5e4)
+    whole = make_trainer(tmp_path / "whole", **SMALL)
+    feed(whole, x, y)
+    first = make_trainer(tmp_path / "first", **SMALL)
+    feed(first, x[:cut], y[:cut])
+    resumed = make_trainer(tmp_path / "resumed", **SMALL)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, x[cut:], y[cut:])
+    assert whole.coords.x_scale[3] > 1000  # it happened
+    assert resumed.coords == whole.coords
+    for name in ("theta", "ema", "momentum"):
+        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
+
+
 @pytest.mark.parametrize("batch", [2, 4, 8])
 def test_one_far_sample_is_an_outlier_and_keeps_the_statistics(tmp_path, batch):
     """However few new samples a step has: with one or two, one far sample had been half of them."""
