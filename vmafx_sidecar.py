@@ -2062,6 +2062,8 @@ class Trainer:
             self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - state["last_checkpoint_unix"])
         self.last_loss, self.loss_smoothed = state["last_loss"], state["loss_smoothed"]
         self.last_gate = state["last_gate"]
+        if self.last_gate and type(self.last_gate.get("version")) is int:  # its files deleted by hand since: the
+            self.checkpoints.version = max(self.checkpoints.version, self.last_gate["version"])  # number stays used
         self.kept_raw, self.kept_features = bool(state["kept_raw"]), [int(i) for i in state["kept_features"]]
         self.rng.bit_generator.state = state["rng"]
         self.window.n, self.window.shift = state["window_n"], state["window_shift"]

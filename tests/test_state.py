@@ -711,6 +711,24 @@ def test_a_rolled_back_champion_gives_way_to_the_incumbent(tmp_path, caplog):
     np.testing.assert_array_equal(kept.champion.flat, saved["champion"])
 
 
+def test_a_checkpoint_deleted_by_hand_does_not_give_its_version_to_another(tmp_path):
+    """Not the README's rollback (a move into quarantine/), but an operator's rm: the next checkpoint was written
+    as a different model under the deleted one's version, which a node that had loaded it would not reload."""
+    trainer = published_twice(tmp_path)
+    saved = trainer.state_dict()
+    for path in [*tmp_path.glob("model_v000002.*"), *tmp_path.glob("latest.*")]:
+        path.unlink()
+    config = dataclasses.replace(trainer.config, base_model_path="")
+    again, _ = vs.build_trainer(config)
+    assert again.checkpoints.version == 1  # what the directory alone says
+    again.load_state_dict(saved)
+    assert again.checkpoints.version == 2
+    rng = np.random.default_rng(3)
+    while again.checkpoints.version < 3:
+        again.ingest(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90)), False, True)
+    assert not (tmp_path / "model_v000002.onnx").exists() and (tmp_path / "model_v000003.onnx").exists()
+
+
 def test_retention_keeps_the_champion(tmp_path, monkeypatch):
     trainer = published_twice(tmp_path)
     monkeypatch.setattr(vs.Verdict, "displaces_champion", lambda self, least: False)  # v1 stays the champion
