@@ -38,6 +38,22 @@ def feed(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray) -> None:
         trainer.ingest(row, score, False, True)
 
 
+def assert_a_restart_continues_bit_for_bit(tmp_path: Path, x: np.ndarray, y: np.ndarray, cut: int) -> vs.Trainer:
+    """A trainer fed x, y whole, against one stopped at `cut` and resumed from its state_dict: the same coordinates
+    and every parameter the same bit for bit. The uninterrupted trainer."""
+    whole = make_trainer(tmp_path / "whole", **SMALL)
+    feed(whole, x, y)
+    first = make_trainer(tmp_path / "first", **SMALL)
+    feed(first, x[:cut], y[:cut])
+    resumed = make_trainer(tmp_path / "resumed", **SMALL)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, x[cut:], y[cut:])
+    assert resumed.coords == whole.coords
+    for name in ("theta", "ema", "momentum"):
+        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
+    return whole
+
+
 def raw_outputs(trainer: vs.Trainer, model: vs.MLP, x: np.ndarray) -> np.ndarray:
     return vs.MLP.from_weights(trainer.raw_weights(model), np.float64).forward(x.astype(np.float64))[:, 0]
 
@@ -167,18 +183,8 @@ def test_a_feature_constant_while_statistics_are_taken_gets_its_own_when_it_begi
 @pytest.mark.parametrize("cut", [vs.STATISTICS_SAMPLES + 90, vs.STATISTICS_SAMPLES + 103, vs.STATISTICS_SAMPLES + 150],
                          ids=["before", "at", "after"])
 def test_a_restart_resumes_bit_for_bit_across_a_regime_change(tmp_path, cut):
-    x, y = regime_change(3, vs.STATISTICS_SAMPLES + 400, 5e4)
-    whole = make_trainer(tmp_path / "whole", **SMALL)
-    feed(whole, x, y)
-    first = make_trainer(tmp_path / "first", **SMALL)
-    feed(first, x[:cut], y[:cut])
-    resumed = make_trainer(tmp_path / "resumed", **SMALL)
-    resumed.load_state_dict(first.state_dict())
-    feed(resumed, x[cut:], y[cut:])
+    whole = assert_a_restart_continues_bit_for_bit(tmp_path, *regime_change(3, vs.STATISTICS_SAMPLES + 400, 5e4), cut)
     assert whole.coords.x_scale[3] > 1000  # it happened
-    assert resumed.coords == whole.coords
-    for name in ("theta", "ema", "momentum"):
-        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
 
 
 @pytest.mark.parametrize("batch", [2, 4, 8])
@@ -327,17 +333,7 @@ def test_a_checkpoint_of_a_standardized_model_runs_on_raw_features_in_onnxruntim
 
 @pytest.mark.parametrize("cut", [2, 600, vs.STATISTICS_SAMPLES + 40], ids=["before-any", "provisional", "final"])
 def test_a_restart_resumes_bit_for_bit_across_the_statistics(tmp_path, cut):
-    x, y = stream(5, vs.STATISTICS_SAMPLES + 200)
-    whole = make_trainer(tmp_path / "whole", **SMALL)
-    feed(whole, x, y)
-    first = make_trainer(tmp_path / "first", **SMALL)
-    feed(first, x[:cut], y[:cut])
-    resumed = make_trainer(tmp_path / "resumed", **SMALL)
-    resumed.load_state_dict(first.state_dict())
-    feed(resumed, x[cut:], y[cut:])
-    assert resumed.coords == whole.coords
-    for name in ("theta", "ema", "momentum"):
-        assert resumed.state_dict()[name].tobytes() == whole.state_dict()[name].tobytes(), name
+    assert_a_restart_continues_bit_for_bit(tmp_path, *stream(5, vs.STATISTICS_SAMPLES + 200), cut)
 
 
 def test_statistics_refused_stay_refused_after_a_restart(tmp_path):
