@@ -12,6 +12,7 @@ directory):
 
   server      Server.on_connection_ready -> read -> take_lines -> answer, then the
               turn's end_turn: its samples journaled in one write, then its ACKs sent
+              (and publish_waiting: a checkpoint that fell due after traffic stopped)
   protocol    parse_request (and encode_ack or untrained_ack, the answer's last step)
   state       StateStore.record_sample, then StateStore.commit: journaled before its ACK
   sample log  SampleLog.append: with VMAFX_SIDECAR_SAMPLE_LOG=1, logged for the fleet
@@ -608,6 +609,8 @@ class Server:
                 if self.backlog:
                     self.answer_backlog()
                 self.end_turn()
+                if self.trainer.checkpoint_waiting(started):
+                    self.publish_waiting()
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
                 self.retry_accepts()
@@ -622,6 +625,12 @@ class Server:
             self.selector.unregister(wake_r)
             wake_r.close()
             wake_w.close()
+
+    def publish_waiting(self) -> None:
+        """Take the checkpoint no step took (Trainer.checkpoint_waiting): a burst's samples are published at the
+        interval, not once traffic resumes. No ACK names it: none asked for it."""
+        if self.trainer.take_checkpoint() is not None:
+            self.state.save()
 
     def request_stop(self, signum: int, frame: Any) -> None:
         if not self.stopping:
@@ -1853,6 +1862,8 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
 
 HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
 WINDOW_BLOCK = 1024  # about this many samples of a window are predicted by the references at a time
+# A checkpoint that falls due this long after the last step is taken by the server's loop, not by the next step.
+IDLE_CHECKPOINT_S = 1.0
 # Bounds of the step-time histogram (seconds).
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -1925,6 +1936,7 @@ class Trainer:
         self.samples_since_checkpoint = 0
         self.samples_since_publish = 0  # in the replay ring since the last checkpoint published: see history()
         self.last_checkpoint_time: float | None = None
+        self.step_started = time.perf_counter()  # when the last step began (or the trainer was made)
         self.last_loss: float | None = None
         self.loss_smoothed: float | None = None
         self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
@@ -2128,7 +2140,7 @@ class Trainer:
             self.add(row, score)
 
     def step(self) -> StepResult | None:
-        started = time.perf_counter()
+        self.step_started = started = time.perf_counter()
         xp = self.backend.xp
         new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
         self.replay.extend(new_x, new_y)
@@ -2342,6 +2354,12 @@ class Trainer:
             return False
         self.vectors[:3] = update
         return True
+
+    def checkpoint_waiting(self, now: float) -> bool:
+        """Whether a checkpoint is due that no step has come to take for IDLE_CHECKPOINT_S (`now` from perf_counter):
+        samples were trained since the last one, and traffic stopped before its interval had passed."""
+        return (self.samples_since_checkpoint > 0 and now - self.step_started >= IDLE_CHECKPOINT_S
+                and self.checkpoint_due())
 
     def checkpoint_due(self) -> bool:
         """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""

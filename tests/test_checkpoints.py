@@ -8,8 +8,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +204,41 @@ def test_first_checkpoint_is_written_with_the_ack_of_the_64th_sample(sidecar_fac
     # A minute of slack for clock adjustments; a local time mislabelled as UTC is off by far more.
     slack = datetime.timedelta(seconds=60)
     assert before - slack <= created <= after + slack, (before, meta["created"], after)
+
+
+def test_a_checkpoint_that_falls_due_after_the_last_step_is_taken_while_idle(sidecar_factory):
+    """A burst trains MIN_SAMPLES_CKPT more samples within the interval after a checkpoint, then traffic stops: the
+    next checkpoint falls due with no step to take it. The idle loop takes it at the interval, not once samples
+    come again (until then, nodes would serve a model that had not seen the burst)."""
+    interval = 5.0
+    s = sidecar_factory(**{**CKPT_ENV, "VMAFX_SIDECAR_CKPT_INTERVAL_S": str(interval)})
+    client = s.client()
+    acks = feed(client, np.random.default_rng(0), 64)
+    assert acks[-1]["checkpoint"].endswith("model_v000001.onnx")  # the first is due at once
+    first = time.monotonic()
+    acks = feed(client, np.random.default_rng(1), 64)
+    assert time.monotonic() - first < interval and all("checkpoint" not in a for a in acks)
+    deadline = first + interval + 10
+    while (status := client.request({"op": "status"}))["checkpoint_version"] == 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status["checkpoint_version"] == 2 and status["samples_accepted"] == 128, status
+    assert time.monotonic() - first >= interval
+    assert metadata(onnx.load(str(s.checkpoint_dir / "model_v000002.onnx")))["samples_trained"] == "128"
+    s.stop(signal.SIGKILL)  # the state was saved with the checkpoint: a restart replays nothing to write another
+    restarted = sidecar_factory(workdir=s.workdir, **{**CKPT_ENV, "VMAFX_SIDECAR_CKPT_INTERVAL_S": str(interval)})
+    status = restarted.client().request({"op": "status"})
+    assert status["checkpoint_version"] == 2 and status["samples_accepted"] == 128, status
+    assert not (s.checkpoint_dir / "model_v000003.onnx").exists()
+
+
+def test_no_checkpoint_waits_while_nothing_was_trained_since_the_last(tmp_path):
+    """MIN_SAMPLES_CKPT 0 makes a checkpoint due with nothing new: the idle loop must not write the same weights
+    again every interval (the first checkpoint comes with the first step, as before)."""
+    trainer = make_trainer(tmp_path, min_samples_ckpt=0, ckpt_interval_s=0)
+    later = time.perf_counter() + 60
+    assert trainer.checkpoint_due() and not trainer.checkpoint_waiting(later)
+    trainer.samples_since_checkpoint = 16
+    assert trainer.checkpoint_waiting(later) and not trainer.checkpoint_waiting(trainer.step_started)
 
 
 def test_checkpoint_path_in_ack_is_absolute_for_a_relative_checkpoint_dir(sidecar_factory, tmp_path):
