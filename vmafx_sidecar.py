@@ -179,6 +179,9 @@ class Config:
     gate_max_plcc_drop: float = setting(0.005, "VMAFX_SIDECAR_GATE_MAX_PLCC_DROP", at_least(0),
                                         "a candidate whose PLCC falls further below the best reference's, on the "
                                         "window or the history, is quarantined")
+    gate_max_r2_drop: float = setting(0.01, "VMAFX_SIDECAR_GATE_MAX_R2_DROP", at_least(0),
+                                      "a candidate whose R² falls further below the best reference's, on the "
+                                      "window or the history, is quarantined (PLCC misses a shift of the scale)")
     gate_min_eval: int = setting(200, "VMAFX_SIDECAR_GATE_MIN_EVAL", at_least(2),
                                  "samples a set (window, history) needs to be judged on; with neither, a "
                                  "candidate is not published")
@@ -2709,9 +2712,10 @@ class Evidence:
     scores: dict[str, Scores | None]  # "candidate", then the references by name
     held_out: int | None = None  # of the history: how many of its samples are held out, the rest replayed
 
-    def best_reference(self) -> tuple[str, Scores] | None:
+    def best_reference(self, metric: str) -> tuple[str, Scores] | None:
+        """The reference with the highest `metric` ("plcc", "r2") on this set, with its scores."""
         measured = [(name, s) for name, s in self.scores.items() if name != "candidate" and s is not None]
-        return max(measured, key=lambda item: item[1].plcc, default=None)
+        return max(measured, key=lambda item: getattr(item[1], metric), default=None)
 
     def record(self) -> dict[str, Any]:
         held_out = {} if self.held_out is None else {"held_out": self.held_out}
@@ -2734,12 +2738,13 @@ class Verdict:
         return dataclasses.replace(self, gate="quarantined", reason=reason)
 
     def displaces_champion(self, least: int) -> bool:
-        """Whether this candidate's history PLCC (the window's, without a history of `least` samples: a PLCC on
-        fewer says nothing, and the gate judged on none) is at least the champion's."""
+        """Whether this candidate's history PLCC and R² (the window's, without a history of `least` samples: a
+        score on fewer says nothing, and the gate judged on none) are both at least the champion's: a champion
+        replaced on PLCC alone would let each publish take R² down by GATE_MAX_R2_DROP."""
         for evidence in (self.history, self.window):
             ours, theirs = evidence.scores.get("candidate"), evidence.scores.get("champion")
             if evidence.n >= least and ours is not None and theirs is not None:
-                return ours.plcc >= theirs.plcc
+                return ours.plcc >= theirs.plcc and ours.r2 >= theirs.r2
         return True
 
     def record(self) -> dict[str, Any]:
@@ -2755,8 +2760,9 @@ class Verdict:
 
 def judge(config: Config, window: Evidence, history: Evidence, finite_weights: bool = True) -> Verdict:
     """The rule: on every set with at least GATE_MIN_EVAL samples, the candidate must clearly beat a constant
-    prediction (R² above r2_floor) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC. With
-    no such set, nothing shows it is good, and it is not published."""
+    prediction (R² above r2_floor) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC and within
+    GATE_MAX_R2_DROP of the best reference's R². With no such set, nothing shows it is good, and it is not
+    published."""
     verdict = Verdict("passed", window, history, "")
     if not finite_weights or any(e.n and e.scores["candidate"] is None for e in (window, history)):
         return verdict.refused("non-finite weights or outputs")
@@ -2771,7 +2777,8 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
                                f"than {needed} in each")
     passes = []
     for name, evidence in judged:
-        ours, best = evidence.scores["candidate"], evidence.best_reference()
+        ours = evidence.scores["candidate"]
+        best, best_r2 = evidence.best_reference("plcc"), evidence.best_reference("r2")
         if ours.r2 <= r2_floor(evidence.n):
             return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples: not clearly better than "
                                    f"predicting their mean (needs more than 2/√n = {r2_floor(evidence.n):.4f})")
@@ -2779,6 +2786,10 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
             return verdict.refused(f"{name}: PLCC {ours.plcc:.6f} on {evidence.n} samples, below the {best[0]}'s "
                                    f"{best[1].plcc:.6f} by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP "
                                    f"({config.gate_max_plcc_drop})")
+        if best_r2 is not None and ours.r2 < best_r2[1].r2 - config.gate_max_r2_drop:
+            return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples, below the {best_r2[0]}'s "
+                                   f"{best_r2[1].r2:.4f} by more than VMAFX_SIDECAR_GATE_MAX_R2_DROP "
+                                   f"({config.gate_max_r2_drop})")
         against = f", {best[0]} {best[1].plcc:.6f}" if best else ""
         passes.append(f"{name}: R² {ours.r2:.4f}, PLCC {ours.plcc:.6f}{against} on {evidence.n} samples")
     return dataclasses.replace(verdict, reason="; ".join(passes))

@@ -54,7 +54,8 @@ FAST = dict(n_features=N_FEATURES, hidden=16, batch_size=16, lr=0.05, warmup_ste
             ckpt_interval_s=0.0, min_samples_ckpt=400, holdout_fraction=0.2, gate_min_eval=100, keep_checkpoints=0)
 DEFAULTS = dict(n_features=N_FEATURES, hidden=16, ckpt_interval_s=0.0, keep_checkpoints=0)
 BURST = dict(n_features=N_FEATURES, hidden=16, batch_size=16, lr=0.2, warmup_steps=10, ema_decay=0.5,
-             ckpt_interval_s=0.0, min_samples_ckpt=320, gate_min_eval=100, gate_max_plcc_drop=0.1, keep_checkpoints=0)
+             ckpt_interval_s=0.0, min_samples_ckpt=320, gate_min_eval=100, gate_max_plcc_drop=0.1, gate_max_r2_drop=0.2,
+             keep_checkpoints=0)
 
 
 # ---- teachers ----

@@ -684,12 +684,13 @@ def test_judge_publishes_nothing_on_too_little_evidence():
 @pytest.mark.parametrize("r2", [2 / math.sqrt(ENOUGH), 0.05, 0.0, -0.5, -1e6])
 def test_judge_refuses_an_r2_within_its_noise_of_zero_on_either_set(name, r2):
     floor = 2 / math.sqrt(ENOUGH)  # 0.1155 on 300 samples
-    poor = evidence(ENOUGH, scores(0.95, r2=r2), incumbent=scores(0.9))  # a PLCC that passes: R² alone refuses
+    # a PLCC that passes, against an incumbent no better than the mean: R² alone refuses
+    poor = evidence(ENOUGH, scores(0.95, r2=r2), incumbent=scores(0.9, r2=0.0))
     verdict = verdict_on(name, poor)
     assert verdict.gate == "quarantined"
     assert verdict.reason == (f"{name}: R² {r2:.4f} on {ENOUGH} samples: not clearly better than predicting their "
                               f"mean (needs more than 2/√n = {floor:.4f})")
-    barely = evidence(ENOUGH, scores(0.95, r2=math.nextafter(floor, 1.0)), incumbent=scores(0.9))
+    barely = evidence(ENOUGH, scores(0.95, r2=math.nextafter(floor, 1.0)), incumbent=scores(0.9, r2=0.0))
     assert verdict_on(name, barely).gate == "passed"
 
 
@@ -712,6 +713,38 @@ def test_judge_plcc_boundary_exactly_the_allowed_drop_passes_and_just_below_fail
     assert verdict.gate == "quarantined"
     assert verdict.reason == (f"{name}: PLCC {math.nextafter(at_boundary, -1.0):.6f} on {ENOUGH} samples, below the "
                               f"incumbent's {theirs:.6f} by more than VMAFX_SIDECAR_GATE_MAX_PLCC_DROP ({drop})")
+
+
+@pytest.mark.parametrize("name", ["window", "history"])
+@pytest.mark.parametrize("drop", [0.0, 0.01, 0.2])
+def test_judge_r2_boundary_exactly_the_allowed_drop_passes_and_just_below_fails(name, drop):
+    theirs = 0.8765432101
+    at_boundary = theirs - drop  # the float the rule compares with
+    # The champion has the better PLCC, the incumbent the better R²: each rule compares with its own best.
+    references = {"incumbent": scores(0.9, r2=theirs), "champion": scores(0.95, r2=theirs - 0.1)}
+    verdict = verdict_on(name, evidence(ENOUGH, scores(0.95, r2=at_boundary), **references), gate_max_r2_drop=drop)
+    assert verdict.gate == "passed", verdict.reason
+    below = math.nextafter(at_boundary, -1.0)
+    verdict = verdict_on(name, evidence(ENOUGH, scores(0.95, r2=below), **references), gate_max_r2_drop=drop)
+    assert verdict.gate == "quarantined"
+    assert verdict.reason == (f"{name}: R² {below:.4f} on {ENOUGH} samples, below the incumbent's {theirs:.4f} by "
+                              f"more than VMAFX_SIDECAR_GATE_MAX_R2_DROP ({drop})")
+
+
+def test_judge_refuses_a_candidate_on_another_scale_though_its_plcc_is_the_incumbents():
+    """A model whose predictions are the incumbent's plus a constant has the incumbent's PLCC to the last digit,
+    and predicts every score worse: R² sees it (SSE grows by n × shift²), PLCC cannot."""
+    x, y, coef = linear_data()
+    for shift, published in ((0.5, False), (0.05, True)):  # half a point: 0.44 of the scores' spread
+        shifted = fitted(coef)
+        shifted.layers[-1][1][...] += shift
+        history = measured({"candidate": shifted, "incumbent": fitted(coef)}, x, y)
+        ours, theirs = history.scores["candidate"], history.scores["incumbent"]
+        assert ours.plcc == pytest.approx(theirs.plcc, abs=1e-12) and ours.r2 < theirs.r2
+        verdict = vs.judge(config(gate_min_eval=ENOUGH), GOOD, history)
+        assert verdict.published is published, verdict.reason
+        if not published:
+            assert verdict.reason.startswith("history: R²") and "VMAFX_SIDECAR_GATE_MAX_R2_DROP" in verdict.reason
 
 
 @pytest.mark.parametrize("best", ["incumbent", "champion"])
@@ -792,13 +825,16 @@ def test_record_keeps_the_history_under_the_keys_records_had_before_the_window()
     assert (empty["candidate"], empty["incumbent"], empty["eval_n"]) == (None, None, 0)
 
 
-def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_is_at_least_the_champions():
+def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_and_r2_are_at_least_the_champions():
     def displaces(window: vs.Evidence, history: vs.Evidence) -> bool:
         return vs.Verdict("passed", window, history, "").displaces_champion(ENOUGH)
 
     champion = {"incumbent": scores(0.5), "champion": scores(0.8)}
     assert displaces(GOOD, evidence(ENOUGH, scores(0.8), **champion))  # a tie: the newer one
     assert not displaces(GOOD, evidence(ENOUGH, scores(math.nextafter(0.8, 0.0)), **champion))
+    # a better PLCC and a worse R²: replaced on PLCC alone, each champion could be GATE_MAX_R2_DROP worse
+    assert not displaces(GOOD, evidence(ENOUGH, scores(0.9, r2=math.nextafter(0.5, 0.0)), **champion))
+    assert displaces(GOOD, evidence(ENOUGH, scores(0.9, r2=0.5), **champion))
     # with no history measured, the window decides; with neither, the first published one is the champion
     assert not displaces(evidence(ENOUGH, scores(0.7), **champion), NO_EVIDENCE)
     assert displaces(evidence(ENOUGH, scores(0.9), **champion), NO_EVIDENCE)

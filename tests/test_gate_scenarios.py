@@ -11,7 +11,9 @@ stream of a smooth teacher's scores:
 4. a genuine shift: a new kind of content with correct scores is learned and published within a few
    checkpoints, and the published models keep the old kind;
 5. a low rate: with the default checkpoint settings the first checkpoint is judged on a window of every
-   sample trained since the start.
+   sample trained since the start;
+6. a burst on another scale: scores shifted by a constant (a node on another VMAF model) keep every PLCC, and
+   their candidates are quarantined for their R².
 
 Training is chaotic: on another CPU or numpy version float sums round differently and the same stream
 trains different weights. So these tests assert properties that hold for any correct gate on any such run,
@@ -29,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+import vmafx_sidecar as vs
 from conftest import ROOT, Client, Sidecar
 
 N_FEATURES = 8
-SEEDS = dict(teacher=1, server=0, ratchet=11, fresh=12, shift=14, low_rate=15, test_sets=20)  # every random stream
+SEEDS = dict(teacher=1, server=0, ratchet=11, fresh=12, shift=14, low_rate=15, calibration=16,
+             test_sets=20)  # every random stream
 WEIGHTS = np.random.default_rng(SEEDS["teacher"]).normal(0, 1, N_FEATURES)
 CHUNK = 200  # lines sent before their ACKs are read: fewer than a checkpoint interval, so at most one per chunk
 TEST_SET = 2000  # samples of each test set
@@ -125,10 +129,11 @@ class Feed:
         assert status["ok"] is True, status
         return status
 
-    def send(self, phase: str, n: int, kind: str = "old") -> list[Written]:
-        """Send n samples of a kind of content; the checkpoints they made."""
+    def send(self, phase: str, n: int, kind: str = "old", offset: float = 0.0) -> list[Written]:
+        """Send n samples of a kind of content, their scores `offset` from the teacher's; the checkpoints they
+        made."""
         x = content(self.rng, n, kind)
-        y = teacher(x)
+        y = teacher(x) + offset
         written = []
         for start in range(0, n, CHUNK):
             lines = [json.dumps({"job_id": f"{phase}-{self.n_sent + i}", "features": x[i].tolist(),
@@ -169,8 +174,8 @@ class Feed:
 
 def assert_champion_is_the_best_published(feed: Feed) -> None:
     """From the records alone: after each publication the champion is the incumbent (the same scores on both
-    sets) exactly when the published candidate's history PLCC was at least the champion's, or nothing was
-    published before; otherwise the champion stays the model it was, across a restart too."""
+    sets) exactly when the published candidate's history PLCC and R² were both at least the champion's, or
+    nothing was published before; otherwise the champion stays the model it was, across a restart too."""
     champion_is_incumbent = None  # unknown until something is published
     for w in feed.written:
         metrics = w.record["metrics"]
@@ -179,8 +184,8 @@ def assert_champion_is_the_best_published(feed: Feed) -> None:
             assert same == champion_is_incumbent, f"v{w.version}\n{feed.summary()}"
         if w.published:
             history = metrics["history"]
-            champion_is_incumbent = (champion_is_incumbent is None
-                                     or history["candidate"]["plcc"] >= history["champion"]["plcc"])
+            champion_is_incumbent = champion_is_incumbent is None or all(
+                history["candidate"][metric] >= history["champion"][metric] for metric in ("plcc", "r2"))
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,36 @@ def test_low_rate_first_checkpoint_is_judged_on_a_full_window(sidecar_factory):
     assert record["reason"].startswith("window: "), feed.summary()  # judged, on the window alone
     live = feed.status()
     assert live["window"]["n"] == live["samples_trained"] - record["samples_trained"], (live, feed.summary())
+
+
+# ---- 6. a burst on another scale ----
+
+# A node scoring with another model of the same family: the same ranking, 4 points higher (a quarter of the
+# scores' spread). A candidate that has followed part of it is 5× worse than the converged model on the test
+# set in the runs tried, with every PLCC within the tolerance: only its R² shows it.
+CALIBRATION_OFFSET = 4.0
+CALIBRATION_BURST = 2000  # five checkpoint intervals: its held-out samples stay a minority of the history
+
+
+def test_a_burst_on_another_scale_is_quarantined_though_its_ranking_holds(sidecar_factory):
+    sidecar = sidecar_factory(**FAST)
+    feed = Feed(sidecar, SEEDS["calibration"])
+    converged = [w for w in feed.send("converge", 6000) if w.published]
+    assert converged and converged[-1].record["metrics"]["history"]["candidate"]["plcc"] > 0.99, feed.summary()
+    burst = feed.send("burst", CALIBRATION_BURST, offset=CALIBRATION_OFFSET)
+    x, y = unseen()
+    good = scored(converged[-1].model, x, y)
+    on_test = {w.version: scored(w.model, x, y) for w in burst}
+    report = f"converged v{converged[-1].version}: {good}; burst: {on_test}\n{feed.summary()}"
+    assert all(on_test[w.version].rmse <= 2 * good.rmse for w in burst if w.published), report
+    # What the R² rule caught: candidates far worse on our test set, whose PLCC passed on every set.
+    caught = [w for w in burst if "VMAFX_SIDECAR_GATE_MAX_R2_DROP" in w.record["reason"]]
+    assert caught, report
+    for w in caught:
+        for evidence in w.judged(FAST_MIN_EVAL).values():
+            best = max(evidence[name]["plcc"] for name in REFERENCES if evidence.get(name))
+            assert evidence["candidate"]["plcc"] >= best - vs.Config.gate_max_plcc_drop, report
+        assert on_test[w.version].rmse > 2 * good.rmse, report
 
 
 # ---- the same scenarios in-process ----

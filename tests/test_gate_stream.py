@@ -45,6 +45,9 @@ SEEDS = dict(weights=1, stream=2, test_set=3, server=0)  # every random stream o
 # candidate's window PLCC (taken step by step, at this learning rate) fell up to 0.1 below the best
 # reference's, and a candidate trained on one interval of inverted scores fell by 0.9 or more.
 MAX_PLCC_DROP = 0.3
+# The same for R², which falls about twice as far as PLCC near 1 (R² ≈ PLCC² for a calibrated model): a clean
+# candidate's window R² fell up to 0.2 below the best reference's, an inverted one's below 0.
+MAX_R2_DROP = 0.6
 SETTINGS = dict(
     VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES),
     VMAFX_SIDECAR_HIDDEN=str(HIDDEN),
@@ -60,6 +63,7 @@ SETTINGS = dict(
     VMAFX_SIDECAR_GATE="on",
     VMAFX_SIDECAR_GATE_MIN_EVAL=str(MIN_EVAL),
     VMAFX_SIDECAR_GATE_MAX_PLCC_DROP=str(MAX_PLCC_DROP),
+    VMAFX_SIDECAR_GATE_MAX_R2_DROP=str(MAX_R2_DROP),
     VMAFX_SIDECAR_KEEP_CHECKPOINTS="0",  # keep every published checkpoint, to check them all at the end
 )
 
@@ -234,12 +238,14 @@ def judged(record: dict) -> list[str]:
 
 def failures(record: dict, evidence: str) -> list[str]:
     """Which parts of the rule the candidate fails on one set, by the record's own numbers: "R²" (not clearly
-    better than predicting the set's mean: 2/√n), "PLCC" (below the best reference's by more than MAX_PLCC_DROP)."""
+    better than predicting the set's mean: 2/√n, or below the best reference's by more than MAX_R2_DROP), "PLCC"
+    (below the best reference's by more than MAX_PLCC_DROP)."""
     scores = record["metrics"][evidence]
     ours = scores["candidate"]
-    best = max(scores[name]["plcc"] for name in REFERENCES if scores.get(name))
+    best = {metric: max(scores[name][metric] for name in REFERENCES if scores.get(name)) for metric in ("plcc", "r2")}
     return [rule for rule, fails in (("R²", ours["r2"] <= 2 / math.sqrt(scores["n"])),
-                                     ("PLCC", ours["plcc"] < best - MAX_PLCC_DROP)) if fails]
+                                     ("PLCC", ours["plcc"] < best["plcc"] - MAX_PLCC_DROP),
+                                     ("R²", ours["r2"] < best["r2"] - MAX_R2_DROP)) if fails]
 
 
 def assert_verdict_follows_the_rule(record: dict) -> None:
@@ -348,11 +354,13 @@ def assert_record_scores(w: Written, candidate: sidecar_module.MLP, references: 
 def references_after(w: Written, candidate: sidecar_module.MLP,
                      references: dict[str, sidecar_module.MLP]) -> dict[str, sidecar_module.MLP]:
     """The references the next candidate meets: after a publication the published model is the incumbent,
-    and the champion too if nothing was published before or its history PLCC was at least the champion's."""
+    and the champion too if nothing was published before or its history PLCC and R² were both at least the
+    champion's."""
     if not w.published:
         return references
     history = w.record["metrics"]["history"]
-    displaces = "champion" not in references or history["candidate"]["plcc"] >= history["champion"]["plcc"]
+    displaces = "champion" not in references or all(
+        history["candidate"][metric] >= history["champion"][metric] for metric in ("plcc", "r2"))
     return {"incumbent": candidate, "champion": candidate if displaces else references["champion"]}
 
 
