@@ -1335,6 +1335,11 @@ class StateStore:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair; whether
         there was a state to resume. Without a snapshot, the journal of generation 0 is replayed: the samples
         a first start ACKed while the disk refused its snapshots."""
+        t = self.trainer
+        # The steps replayed were taken before, and so was any checkpoint they took, which is on disk: retaken, it
+        # would be published again under a new version (a journal outlives a checkpoint when its snapshot was
+        # refused). One that falls due takes its turn once the server runs.
+        t.replaying = True
         loaded = self.load_snapshot()
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
@@ -1349,7 +1354,6 @@ class StateStore:
             # Not one sample read: a journal of another feature count (or one torn in its first record), kept.
             self.move_aside(self.journal_path, "unreadable with this configuration")
             intact = 0
-        t = self.trainer
         for record in records:
             if record is None:
                 t.count_rejected()
@@ -1360,6 +1364,7 @@ class StateStore:
                 if self.samples is not None and self.journaled_to == self.log_name:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
+        t.replaying = False
         if self.samples is not None:
             floor = max(self.samples.last_sequence, fleet_cursor(self.directory.parent))
             if floor > t.samples_accepted:
@@ -1940,6 +1945,7 @@ class Trainer:
         self.samples_since_publish = 0  # in the replay ring since the last checkpoint published: see history()
         self.last_checkpoint_time: float | None = None
         self.step_started = time.perf_counter()  # when the last step began (or the trainer was made)
+        self.replaying = False  # steps taken before, from a journal: they take no checkpoint
         self.last_loss: float | None = None
         self.loss_smoothed: float | None = None
         self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
@@ -2176,7 +2182,7 @@ class Trainer:
         self.last_loss = loss
         self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
         self.step_seconds.observe(time.perf_counter() - started)
-        return StepResult(loss, self.take_checkpoint() if self.checkpoint_due() else None)
+        return StepResult(loss, self.take_checkpoint() if not self.replaying and self.checkpoint_due() else None)
 
     def validate(self, x: Any, model_x: Any, y: Any) -> None:
         """Progressive validation: the candidate (the EMA) predicts the step's new samples (x; model_x in the

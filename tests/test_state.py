@@ -336,6 +336,37 @@ def test_samples_acked_while_a_restart_cannot_snapshot_survive_the_next_restart(
     np.testing.assert_array_equal(resumed.trainer.model.flat, again.trainer.model.flat)
 
 
+def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_again(tmp_path):
+    """A snapshot after each checkpoint ends the journal, unless the disk refuses it (one of 4 MB, where a
+    checkpoint of 22 KB still fits): the journal then spans checkpoints, and its replay took each again, published
+    under a new version with the weights of one already published, latest.json walking back through them."""
+    def server() -> vs.Server:
+        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
+                               min_samples_ckpt=8, ckpt_interval_s=0.0, gate="off")
+        state = vs.StateStore(trainer.config, trainer)
+        state.restore()
+        return vs.Server(trainer.config, trainer, state)
+
+    first = server()
+    (tmp_path / ".state" / ".snapshot.bin.tmp").mkdir()  # every snapshot refused from now on, checkpoints not
+    acks = [json.loads(first.answer(json.dumps(m).encode())) for m in messages(60)]
+    first.state.commit()
+    published = sorted(tmp_path.glob("model_v*.onnx"))
+    assert len(published) == sum("checkpoint" in a for a in acks) >= 5, acks
+    latest = (tmp_path / "latest.json").read_bytes()
+    again = server()  # after a kill
+    assert sorted(tmp_path.glob("model_v*.onnx")) == published and not list(tmp_path.glob("quarantine/model_v*"))
+    assert (tmp_path / "latest.json").read_bytes() == latest
+    assert (again.trainer.samples_accepted, again.trainer.steps) == (60, first.trainer.steps)
+    np.testing.assert_array_equal(again.trainer.ema.flat, first.trainer.ema.flat)
+    # The next checkpoint due is taken once the server runs, as the next one, judged as any other.
+    assert again.trainer.checkpoint_due() and not again.trainer.replaying
+    for m in messages(80)[60:]:
+        if "checkpoint" in (ack := json.loads(again.answer(json.dumps(m).encode()))):
+            break
+    assert ack["checkpoint"].endswith(f"model_v{len(published) + 1:06d}.onnx"), ack
+
+
 def test_a_first_journal_of_another_feature_count_is_set_aside_not_cut(tmp_path, monkeypatch):
     """Samples a first start ACKed while the disk refused its snapshots cannot be read once the feature count
     changes: the journal is moved aside whole, as a snapshot of another layout is, not cut after its header."""
