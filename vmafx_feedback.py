@@ -535,6 +535,9 @@ def csv_layout(header: list[str], score_column: str, feature_columns: list[str] 
     names = feature_columns or [n for n in header if n not in (score_column, "job_id")]
     if missing := [n for n in (score_column, *names) if n not in header]:
         raise ValueError(f"no column {', '.join(map(repr, missing))} in the header {header}")
+    if repeated := sorted({n for n in (score_column, *names, "job_id") if header.count(n) > 1}):
+        raise ValueError(f"column {', '.join(map(repr, repeated))} named more than once in the header {header}: "
+                         f"which one holds the values is unknown")
     return CsvLayout(len(header), [(header.index(n), n) for n in names], (header.index(score_column), score_column),
                      header.index("job_id") if "job_id" in header else None)
 
@@ -590,14 +593,27 @@ def read_requests(paths: list[str], layouts: dict[str, CsvLayout], max_line: int
             rows = csv_rows(tally.counted(f))
             next(rows)  # the header, checked before anything was sent
             try:
-                for row in filter(None, rows):  # [] is a blank line
-                    try:
-                        yield name, rows.line_num, csv_request(row, layouts[path]), None
-                    except ValueError as e:
-                        yield name, rows.line_num, None, str(e)
+                first = rows.line_num + 1  # of the next row: a quoted cell may take it over several lines
+                for row in rows:
+                    if row:  # [] is a blank line
+                        yield name, rows.line_num, *csv_outcome(row, layouts[path], name, first, rows.line_num)
+                    first = rows.line_num + 1
             except csv.Error as e:  # a stray carriage return, a cell past csv's size limit: where the next row
                 # begins is unknown (inside a quoted cell, a line may be anything), so the file ends here
                 raise UnreadableInput(f"{name}:{rows.line_num}: not a CSV row: {e}") from None
+
+
+def csv_outcome(row: list[str], layout: CsvLayout, name: str, first: int, last: int) -> tuple[bytes | None, str | None]:
+    """The row's request line, or why it is not sent. A row that took several lines (a quoted cell with newlines)
+    and does not read is most likely a stray quote that took the rows after it: UnreadableInput, for the file
+    ends there, not a rejection, which would say one row was refused where every row it took was not sent."""
+    try:
+        return csv_request(row, layout), None
+    except ValueError as e:
+        if first == last:
+            return None, str(e)
+        raise UnreadableInput(f"{name}:{first}: a quoted cell runs on to line {last}, and the row does not read "
+                              f"({e}): a stray double quote?") from None
 
 
 def json_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes | None]:
@@ -720,12 +736,20 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
     name, number, error, size = queue.popleft()
     if error is None:
         try:
-            ack = json.loads(reader.readline())  # b"" at EOF is a ValueError too
+            answer = reader.readline()
         except TimeoutError:
             raise
-        except (OSError, ValueError) as e:
-            raise ConnectionError(getattr(e, "strerror", None) or "the sidecar closed the connection") from None
-        error = None if ack.get("ok") else ack.get("error", "rejected")
+        except OSError as e:
+            raise ConnectionError(e.strerror or str(e)) from None
+        if not answer.endswith(b"\n"):
+            raise ConnectionError("the sidecar closed the connection")
+        try:
+            ack = json.loads(answer)
+        except (ValueError, RecursionError):
+            ack = None
+        if type(ack) is not dict or type(ack.get("ok")) is not bool:  # not the sidecar's: no line is settled by it
+            raise ConnectionError(f"unexpected answer {answer[:200]!r}")
+        error = None if ack["ok"] else ack.get("error", "rejected")
         if error is None and "op" in ack:  # answered, but the line was a control message, not a sample
             error = f"not a sample: a control message, answered with op {ack['op']!r}"
     else:

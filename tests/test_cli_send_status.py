@@ -99,6 +99,18 @@ def test_csv_rows_that_cannot_be_sent_say_why():
         vf.csv_layout(["f0", "true_score"], "score", ["f9"])
 
 
+@pytest.mark.parametrize("header, features", [(["f0", "f1", "f0", "true_score"], None),
+                                              (["f0", "true_score", "true_score"], None),
+                                              (["job_id", "f0", "job_id", "true_score"], None),
+                                              (["f0", "f1", "f1", "true_score"], ["f1"])])
+def test_a_column_named_twice_is_refused_before_anything_is_sent(header, features):
+    """Which of the two holds the values is unknown: the first one's had been sent for both, and trained on."""
+    repeated = next(n for n in header if header.count(n) > 1)
+    with pytest.raises(ValueError, match=f"column '{repeated}' named more than once in the header"):
+        vf.csv_layout(header, "true_score", features)
+    vf.csv_layout(["f0", "note", "note", "true_score"], "true_score", ["f0"])  # a column not read may repeat
+
+
 def test_csv_text_is_utf8_as_written_a_bom_dropped_from_the_first_line_only():
     """Bytes that are not UTF-8 were replaced (two job ids became one, where the sidecar refuses such a line), and a
     BOM was dropped from every line (a job id "\ufeffx" became "x")."""
@@ -403,6 +415,21 @@ def test_a_row_the_csv_reader_cannot_read_stops_send_there_with_where_to_resume(
     assert status(sidecar)["samples_accepted"] == 1
 
 
+def test_a_stray_quote_that_takes_the_rows_after_it_stops_send_at_its_line(sidecar_factory, tmp_path):
+    """A quote that opens a cell takes every line up to the next quote into it: the row it makes has the wrong
+    width, and the rows it took were never sent. Refused as one row (at its last line), it had hidden them; it
+    stops send at its first line, with where to resume. A quoted cell over two lines that reads is a row."""
+    sidecar = sidecar_factory(**SERVER)
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'job_id,f0,f1,f2,f3,true_score\n"enc\n7",1,2,3,4,50\nenc-8,1,"2,3,4,50\n'
+                     + b"".join(b"enc-%d,1,2,3,4,60\n" % i for i in range(9, 40)))
+    rc, stdout, stderr = send(sidecar, str(path))
+    assert rc == 1 and summary(stdout) == {"sent": "1", "accepted": "1", "rejected": "0"}, stdout + stderr
+    assert f"cannot read on: {path}:4: a quoted cell runs on to line 35, and the row does not read" in stderr
+    assert f"the input was done up to {path}:3" in stderr
+    assert status(sidecar)["samples_accepted"] == 1
+
+
 def test_an_input_file_gone_midway_stops_send_with_how_far_it_got(sidecar_factory, tmp_path, capsys):
     sidecar = sidecar_factory(**SERVER)
     first = tmp_path / "first.jsonl"
@@ -515,9 +542,11 @@ def test_status_fails_in_one_line_on_an_answer_that_is_not_a_status(tmp_path, an
     assert done.stderr.decode().startswith(f"vmafx-sidecar status: {path}: {said}") and done.stderr.count(b"\n") == 1
 
 
-def stalling_sidecar(path: str, answered: int) -> tuple[threading.Thread, threading.Event]:
+def stalling_sidecar(path: str, answered: int, answer: bytes = b'{"ok": true, "step": 0, "trained": false}\n'
+                     ) -> tuple[threading.Thread, threading.Event]:
     """A stand-in for the sidecar on `path` that answers send's status request (if `answered` >= 0) and then
-    `answered` samples, and after that answers nothing, its connection open, until the event is set."""
+    `answered` samples with `answer`, and after that answers nothing, its connection open, until the event is
+    set."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
@@ -532,7 +561,7 @@ def stalling_sidecar(path: str, answered: int) -> tuple[threading.Thread, thread
                 conn.sendall(b'{"ok": true, "op": "status", "config": {"max_line_bytes": 1048576}}\n')
                 for _ in range(answered):
                     next(lines)
-                    conn.sendall(b'{"ok": true, "step": 0, "trained": false}\n')
+                    conn.sendall(answer)
             done.wait(30)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -559,3 +588,21 @@ def test_send_gives_up_on_a_sidecar_that_stops_answering_and_says_how_far_it_got
                            f"acknowledged" + (f"; the input was done up to {data}:{acknowledged}\n" if acknowledged
                                                else "\n")), stderr
     assert summary(result.stdout.decode())["accepted"] == str(acknowledged)
+
+
+@pytest.mark.parametrize("answer", [b'["ok"]\n', b'{"ok": 1}\n', b"[" * 100_000 + b"\n", b"not json\n"],
+                         ids=["a list", "ok not a boolean", "nested too deeply", "not JSON"])
+def test_send_stops_in_one_line_on_an_answer_that_is_not_an_ack(tmp_path, answer):
+    """Not the sidecar's: the line it answers is not settled by it, and send stops as on a lost connection."""
+    path, data = str(tmp_path / "odd.sock"), tmp_path / "a.jsonl"
+    data.write_bytes(VALID * 3)
+    server, done = stalling_sidecar(path, 1, answer)
+    try:
+        result = cli("send", "--socket", path, "--timeout", "5", str(data))
+    finally:
+        done.set()
+        server.join(10)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert stderr == (f"vmafx-sidecar send: connection to {path} lost (unexpected answer {answer[:200]!r}) after 0 "
+                      f"lines were acknowledged\n"), stderr
