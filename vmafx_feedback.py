@@ -238,7 +238,9 @@ class FeedbackClient:
         with self._cond:
             self._closing = True
             self._cond.notify_all()  # ends a backoff pause: the sidecar may be back
-            self._cond.wait_for(lambda: not self._queue or self._stopping, timeout)
+            # Past TIMEOUT_MAX (math.inf, say) the wait is unbounded: the lock's own wait would overflow.
+            self._cond.wait_for(lambda: not self._queue or self._stopping,
+                                None if timeout >= threading.TIMEOUT_MAX else timeout)
             self._stopping = True
             self._cond.notify_all()  # ends a backoff pause
             if self._sock is not None:
@@ -250,6 +252,12 @@ class FeedbackClient:
         with self._cond:
             self.dropped += len(self._queue)
             self._queue.clear()
+
+    def __enter__(self) -> FeedbackClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def metrics_text(self) -> str:
         """The counters in the Prometheus text format, under the names vmafx-node uses."""

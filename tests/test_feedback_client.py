@@ -539,3 +539,28 @@ def test_an_unexpected_error_in_the_thread_costs_that_sample_only(clients, short
         assert client.dropped == 1 and "sample dropped on an unexpected error: RuntimeError" in caplog.text
     finally:
         fake.stop()
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e10, threading.TIMEOUT_MAX])
+def test_close_with_a_timeout_past_what_a_lock_can_wait_waits_for_delivery(sidecar_later, fast_retry, timeout):
+    """close(math.inf), "deliver everything, however long": the lock's own wait had raised OverflowError, with
+    send() already refused and the thread left retrying. It delivers once the sidecar is back, then returns."""
+    client = vf.FeedbackClient(sidecar_later.socket)
+    rng = np.random.default_rng(0)
+    assert all(client.send(*good(rng)) for _ in range(5))
+    starter = threading.Timer(0.3, sidecar_later.start)
+    starter.start()
+    try:
+        client.close(timeout=timeout)
+    finally:
+        starter.join()
+    assert (client.delivered, client.dropped) == (5, 0) and not client._thread.is_alive()
+    assert server_status(sidecar_later)["samples_accepted"] == 5
+
+
+def test_a_client_used_as_a_context_manager_is_closed_on_leaving_it(sidecar_factory):
+    """Its thread holds the client, so one dropped without close() is never collected: `with` closes it."""
+    sidecar = sidecar_factory(**ENV)
+    with vf.FeedbackClient(sidecar.socket) as client:
+        assert client.send(*good(np.random.default_rng(1)))
+    assert client.delivered == 1 and not client._thread.is_alive() and not client.send(*good(np.random.default_rng(2)))
