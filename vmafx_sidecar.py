@@ -387,8 +387,11 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
         os.close(fd)
         raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
                            "trainer needs a directory of its own")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{holder}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
+    except OSError as e:  # a full disk: the lock holds all the same, and only a refused sidecar reads the name
+        log.warning("cannot write this sidecar's name into %s: %s", directory / DIRECTORY_LOCK, e.strerror or e)
     return fd
 
 
@@ -1316,12 +1319,16 @@ class StateStore:
     def __init__(self, config: Config, trainer: Trainer):
         self.config, self.trainer = config, trainer
         self.directory = Path(config.checkpoint_dir).absolute() / ".state"
-        self.directory.mkdir(mode=0o700, exist_ok=True)
         self.snapshot_path = self.directory / "snapshot.bin"
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
-        self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
+        try:  # what a journal and a log need before the first sample: a new directory on a full disk has not
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
+        except OSError as e:
+            raise StartupError(f"cannot set up the trainer's state under {self.directory.parent}: "
+                               f"{e.strerror or e}") from None
         # The log the journal's samples go to, and the one those of the snapshot restored went to: its journal's.
         self.log_name = log_id(self.directory.parent) if self.samples is not None else None
         self.journaled_to = self.log_name
@@ -3038,9 +3045,9 @@ class CheckpointWriter:
         try:
             self.finish_unfinished(listings)
             self.latest = self.recover_latest()
-            self.sync_latest_model()
         except OSError as e:
             raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
+        self.sync_latest_model()
 
     def finish_unfinished(self, listings: dict[Path, list[str]]) -> None:
         """A checkpoint without its .sha256 is one a crash interrupted. Older than a whole one in its directory,
@@ -3167,8 +3174,14 @@ class CheckpointWriter:
             return None
         if newest == latest:
             return latest
-        write_whole(self.directory / LATEST, json_text(newest).encode())
-        fsync_directory(self.directory)
+        try:
+            write_whole(self.directory / LATEST, json_text(newest).encode())
+            fsync_directory(self.directory)
+        except OSError as e:  # a full disk must not keep the sidecar from answering: it catches up at the next publish
+            self.failures += 1
+            log.error("cannot point %s at %s, the newest published checkpoint, until the next publish: %s",
+                      self.directory / LATEST, newest["file"], e.strerror or e)
+            return newest
         log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
                     newest["file"], latest and latest["file"])
         return newest
@@ -3189,8 +3202,14 @@ class CheckpointWriter:
         except ValueError as e:  # nothing trustworthy to copy; latest_model() reports it too
             log.error("cannot update %s: %s", self.directory / LATEST_MODEL, e)
             return
-        self.replace_latest_model(self.latest, data)
-        fsync_directory(self.directory)
+        try:
+            self.replace_latest_model(self.latest, data)
+            fsync_directory(self.directory)
+        except OSError as e:  # as in recover_latest()
+            self.failures += 1
+            log.error("cannot update %s to %s until the next publish: %s", self.directory / LATEST_MODEL,
+                      self.latest["file"], e.strerror or e)
+            return
         log.warning("%s now holds %s, as %s names", self.directory / LATEST_MODEL, self.latest["file"], LATEST)
 
     def latest_model(self) -> MLP | None:

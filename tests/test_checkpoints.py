@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -540,6 +541,10 @@ def refused_fsync(directory: Path) -> None:
     raise OSError(errno.EIO, "Input/output error")
 
 
+def refused_write():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(tmp_path, monkeypatch):
     # Both files are renamed into place before the directory fsync; if that fsync fails, readers
     # may already have seen (and loaded) the complete pair, so the number must not be reused
@@ -658,6 +663,32 @@ def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it
     monkeypatch.undo()
     assert vmafx_sidecar.CheckpointWriter(str(directory)).version == 3
     assert_sha256_file_verifies(directory / "quarantine" / "model_v000003.onnx")
+
+
+def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_later(tmp_path, monkeypatch):
+    """latest.json a checkpoint behind (a kill between placing one and pointing at it, or a publish whose
+    pointer update the disk refused) on a disk that is still full: the start had failed, in a loop, until space
+    was freed. It starts with the newest published checkpoint as its incumbent, counts the refused writes, and
+    points latest.json and latest.onnx at it once the disk takes them."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    for version in (1, 2):
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), version, 16,
+                                       UNGATED, PROBE)
+    for name in ("model_v000001.json", "model_v000001.onnx"):  # the pointers as v1's publish left them
+        shutil.copyfile(directory / name, directory / name.replace("model_v000001", "latest"))
+    (directory / "latest.onnx.sha256").write_text(f"{sha256_file(directory / 'latest.onnx')}  latest.onnx\n")
+    behind = {name: (directory / name).read_bytes() for name in ("latest.json", "latest.onnx", "latest.onnx.sha256")}
+    monkeypatch.setattr(vmafx_sidecar, "write_synced", lambda *args, **kwargs: refused_write())
+    started = vmafx_sidecar.CheckpointWriter(str(directory))
+    assert started.latest["version"] == 2 and started.failures == 2  # latest.json, then latest.onnx
+    assert {name: (directory / name).read_bytes() for name in behind} == behind
+    assert temp_files(directory) == []
+    monkeypatch.undo()
+    vmafx_sidecar.CheckpointWriter(str(directory))  # a start once there is room
+    assert json.loads((directory / "latest.json").read_text())["version"] == 2
+    assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("crash", ["placing, after the model", "placing, after the record",

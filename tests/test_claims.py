@@ -448,3 +448,19 @@ def test_adoption_interrupted_midway_resumes_on_the_next_start(tmp_path, start):
     assert {n: c for n, c in moved.items() if n != ".trainer.lock" and not n.startswith(".state/")} == \
         {n: c for n, c in everything.items() if n != ".trainer.lock" and not n.startswith(".state/")}
     assert (status(s)["samples_accepted"], status(s)["checkpoint_version"]) == (40, 2)
+
+
+def test_a_full_disk_costs_the_holders_name_not_the_claim(tmp_path, monkeypatch):
+    """The holder's name is written into the lock file after the lock is taken: on a full disk that write had
+    stopped the start with a traceback. The claim holds; a second sidecar is refused without the name."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    fd = vs.claim_directory(tmp_path / "ckpt", "pid 1 on a full disk")
+    monkeypatch.undo()
+    try:
+        with pytest.raises(vs.StartupError, match=r"claimed by another sidecar \(it has not written its name yet\)"):
+            vs.claim_directory(tmp_path / "ckpt", "pid 2")
+    finally:
+        os.close(fd)

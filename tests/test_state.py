@@ -367,6 +367,15 @@ def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_agai
     assert ack["checkpoint"].endswith(f"model_v{len(published) + 1:06d}.onnx"), ack
 
 
+def test_a_state_that_cannot_be_set_up_on_a_full_disk_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    """A new replica's directory, or the sample log switched on, on a full disk: a StartupError that says where
+    and why, not a traceback."""
+    trainer = make_trainer(tmp_path, n_features=5, hidden=7, sample_log="1")
+    monkeypatch.setattr(vs, "write_whole", refused)
+    with pytest.raises(vs.StartupError, match=f"cannot set up the trainer's state under {tmp_path}: No space left"):
+        vs.StateStore(trainer.config, trainer)
+
+
 def test_a_first_journal_of_another_feature_count_is_set_aside_not_cut(tmp_path, monkeypatch):
     """Samples a first start ACKed while the disk refused its snapshots cannot be read once the feature count
     changes: the journal is moved aside whole, as a snapshot of another layout is, not cut after its header."""
