@@ -694,6 +694,27 @@ def test_judge_refuses_an_r2_within_its_noise_of_zero_on_either_set(name, r2):
     assert verdict_on(name, barely).gate == "passed"
 
 
+def test_a_set_the_champion_no_longer_clears_the_floor_on_holds_the_candidate_to_the_references_alone():
+    """One held-out score of 1e4 among the history's takes every model's R² to about 0, the champion's too, for as
+    long as it stays in the ring: publishing had stopped (41 000 samples, in the hunt's run). Such a set tells no
+    model from the mean; the candidate is held to the references there, and to the floor on the window."""
+    x, y, coef = linear_data()
+    y = y.copy()
+    y[7] = 1e4
+    models = {"candidate": fitted(coef), "incumbent": fitted(coef), "champion": fitted(coef)}
+    history = measured(models, x, y)
+    assert all(s.r2 <= vs.r2_floor(ENOUGH) for s in history.scores.values())
+    cfg = config(gate_min_eval=ENOUGH)
+    verdict = vs.judge(cfg, GOOD, history)
+    assert verdict.published and "history: R² " in verdict.reason, verdict.reason
+    no_better = evidence(ENOUGH, scores(0.95, r2=0.05), incumbent=scores(0.9, r2=0.5), champion=scores(0.9, r2=0.5))
+    assert vs.judge(cfg, no_better, history).reason.startswith("window: R² 0.0500 on 300 samples: not clearly better")
+    # Before anything is published there is no champion: the floor holds on every set.
+    first = measured({"candidate": fitted(coef), "base": fitted(coef)}, x, y)
+    assert vs.judge(cfg, GOOD, first).reason.startswith("history: R² ")
+    assert not vs.judge(cfg, GOOD, first).published
+
+
 def test_the_r2_floor_shrinks_with_the_evidence():
     assert [round(vs.r2_floor(n), 4) for n in (100, 400, 2000)] == [0.2, 0.1, 0.0447]
 
