@@ -909,7 +909,7 @@ class Server:
         if type(request) is Control:
             return encode_ack(self.control(request.op), request.job_id)
         row, score = np.array(request.features, np.float32), np.float32(request.score)
-        held_out, unnamed = self.trainer.is_held_out(request.job_id), request.job_id is None
+        held_out, unnamed = self.trainer.is_held_out(request.job_id), not request.job_id
         self.state.record_sample(row, score, held_out, request.job_id)  # journaled first, then trained on
         result = self.trainer.ingest(row, score, held_out, unnamed)
         if result is None:  # most samples: json.dumps' bytes for {"ok": true, "step": ..., "trained": false, ...}
@@ -1398,7 +1398,7 @@ class StateStore:
     # The server's calls, per sample and per loop turn; NoState has the same ones.
 
     def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
-        self.journal.append(row, score, held_out, job_id is None)
+        self.journal.append(row, score, held_out, not job_id)
         if self.samples is not None:  # the sample's number: the trainer counts it next
             self.samples.append(LoggedSample(self.trainer.samples_accepted + 1, time.time(), held_out, job_id, row,
                                              score))
@@ -1961,9 +1961,10 @@ class Trainer:
     def is_held_out(self, job_id: str | None) -> bool:
         """Whether the next sample is to be kept for evaluation instead of training: decided by a hash of its
         job_id, so that every sample of a job lands on the same side, or else by the count of samples
-        without one, which ingest() advances."""
+        without one, which ingest() advances. An empty job_id is none (Go writes "" for a string field never set):
+        hashed as one job, every such sample went to one side (at 5 %, none was held out)."""
         fraction = self.config.holdout_fraction
-        if job_id is not None:
+        if job_id:
             digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
             return int.from_bytes(digest, "big") < fraction * 2**64
         n = self.unnamed_samples + 1

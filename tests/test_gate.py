@@ -465,6 +465,21 @@ def test_holdout_without_job_ids_holds_out_floor_of_n_times_fraction(tmp_path, m
         assert held == math.floor(n * meant), (n, held)
 
 
+@pytest.mark.parametrize("job_id", [None, ""], ids=["no job_id", "an empty one"])
+def test_a_sample_without_a_job_id_or_with_an_empty_one_is_held_out_by_the_count(tmp_path, job_id):
+    """Go writes "" for a string field never set: hashed as one job, every such sample had gone to one side (at
+    5 %, none was held out, and the history was never held-out samples). The journal replays the same count."""
+    trainer = make_trainer(tmp_path, **COUNTING, holdout_fraction=0.05)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        message = {"features": rng.uniform(0, 1, trainer.config.n_features).tolist(), "true_score": 50.0}
+        ack = json.loads(server.answer(json.dumps({**message, **({} if job_id is None else {"job_id": job_id})})
+                                       .encode()))
+        assert ack["ok"] and ack.get("job_id") == job_id, ack
+    assert (trainer.samples_held_out, trainer.unnamed_samples) == (5, 100)
+
+
 def test_holdout_fraction_zero_never_holds_out_and_one_always_does(tmp_path):
     never = make_trainer(tmp_path / "a", **COUNTING, holdout_fraction=0.0)
     assert not any(never.is_held_out(f"job-{i}") for i in range(2000))
