@@ -623,6 +623,8 @@ class Server:
                 if self.reserved:
                     self.expire_reserved()
                 self.state.tick()
+                if self.trainer.checkpoints.unpointed is not None:
+                    self.trainer.checkpoints.point_latest_again()
                 if self.metrics:
                     self.metrics.tick()
             self.shutdown()
@@ -3039,6 +3041,10 @@ class CheckpointWriter:
         self.keep = keep
         self.champion_version: int | None = None  # the trainer's champion, which retention keeps too
         self.failures = 0  # fsyncs and latest.json updates the disk refused after a checkpoint was in place
+        # The published checkpoint latest.json and latest.onnx are to name once the disk takes their update (a
+        # refused one can leave latest.onnx and its .sha256 a publish apart), and when it was last tried.
+        self.unpointed: dict[str, Any] | None = None
+        self.pointing_tried = 0.0
         try:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
@@ -3143,8 +3149,10 @@ class CheckpointWriter:
                 self.point_latest(record, staged.data)
         except OSError as e:
             self.failures += 1
-            log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update: %s",
-                      version, LATEST, e)
+            self.unpointed = record if verdict.published else self.unpointed
+            self.pointing_tried = time.monotonic()
+            log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update "
+                      "(retried every second): %s", version, LATEST, e)
         if not verdict.published:
             log.warning("checkpoint v%06d quarantined: %s", version, verdict.reason)
         self.prune()
@@ -3156,7 +3164,24 @@ class CheckpointWriter:
         self.replace_latest_model(record, data)
         write_whole(self.directory / LATEST, json_text(record).encode())
         fsync_directory(self.directory)
-        self.latest = record
+        self.latest, self.unpointed = record, None
+
+    def point_latest_again(self) -> None:
+        """Retry, once a second, the update of latest.onnx, its .sha256 and latest.json that the disk refused."""
+        if time.monotonic() - self.pointing_tried < 1.0:
+            return
+        self.pointing_tried = time.monotonic()
+        try:
+            self.point_latest(self.unpointed, read_named_checkpoint(self.directory, self.unpointed))
+        except OSError as e:
+            self.failures += 1
+            log.debug("%s still not updated: %s", LATEST, e)
+            return
+        except ValueError as e:  # its file changed since: the next publish or start points anew
+            log.error("cannot point %s at %s: %s", LATEST, self.unpointed["file"], e)
+            self.unpointed = None
+            return
+        log.info("%s and %s now name %s", LATEST, LATEST_MODEL, self.latest["file"])
 
     def replace_latest_model(self, record: dict[str, Any], data: bytes) -> None:
         write_whole(self.directory / LATEST_MODEL, data)
@@ -3186,10 +3211,11 @@ class CheckpointWriter:
         try:
             write_whole(self.directory / LATEST, json_text(newest).encode())
             fsync_directory(self.directory)
-        except OSError as e:  # a full disk must not keep the sidecar from answering: it catches up at the next publish
+        except OSError as e:  # a full disk must not keep the sidecar from answering: retried every second
             self.failures += 1
-            log.error("cannot point %s at %s, the newest published checkpoint, until the next publish: %s",
-                      self.directory / LATEST, newest["file"], e.strerror or e)
+            self.unpointed, self.pointing_tried = newest, time.monotonic()
+            log.error("cannot point %s at %s, the newest published checkpoint, yet: %s", self.directory / LATEST,
+                      newest["file"], e.strerror or e)
             return newest
         log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
                     newest["file"], latest and latest["file"])
@@ -3216,8 +3242,9 @@ class CheckpointWriter:
             fsync_directory(self.directory)
         except OSError as e:  # as in recover_latest()
             self.failures += 1
-            log.error("cannot update %s to %s until the next publish: %s", self.directory / LATEST_MODEL,
-                      self.latest["file"], e.strerror or e)
+            self.unpointed, self.pointing_tried = self.latest, time.monotonic()
+            log.error("cannot update %s to %s yet: %s", self.directory / LATEST_MODEL, self.latest["file"],
+                      e.strerror or e)
             return
         log.warning("%s now holds %s, as %s names", self.directory / LATEST_MODEL, self.latest["file"], LATEST)
 

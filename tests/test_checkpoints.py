@@ -691,6 +691,37 @@ def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_la
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
 
 
+def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path, monkeypatch):
+    """A refusal between latest.onnx and its .sha256 left the two a publish apart until the next publish (hours,
+    with the gate refusing candidates): a node that checks the .sha256 refused latest.onnx all that time."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 1, 16, UNGATED, PROBE)
+    real_write_whole = vmafx_sidecar.write_whole
+
+    def no_room_for_the_sha256(path, content, mode=0o644):
+        if path.name == "latest.onnx.sha256":
+            refused_write()
+        real_write_whole(path, content, mode)
+    monkeypatch.setattr(vmafx_sidecar, "write_whole", no_room_for_the_sha256)
+    second = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 2, 32,
+                                            UNGATED, PROBE)
+    assert (directory / "latest.onnx").read_bytes() == second.path.read_bytes()
+    assert sha256_file(directory / "latest.onnx") not in (directory / "latest.onnx.sha256").read_text()
+    assert writer.unpointed == second.record and writer.failures == 1
+    writer.point_latest_again()  # within the second: not tried
+    writer.pointing_tried = 0.0
+    writer.point_latest_again()  # still refused
+    assert writer.unpointed == second.record and writer.failures == 2
+    monkeypatch.undo()
+    writer.pointing_tried = 0.0
+    writer.point_latest_again()
+    assert writer.unpointed is None and writer.latest == second.record
+    assert json.loads((directory / "latest.json").read_text()) == second.record
+    assert (directory / "latest.onnx.sha256").read_text() == f"{sha256_file(second.path)}  latest.onnx\n"
+
+
 @pytest.mark.parametrize("crash", ["placing, after the model", "placing, after the record",
                                    "retention, after the .sha256", "retention, after the record"])
 def test_a_checkpoint_a_crash_left_without_its_sha256_is_finished_at_the_next_start(tmp_path, crash):
