@@ -2776,9 +2776,9 @@ class Verdict:
 
 def judge(config: Config, window: Evidence, history: Evidence, finite_weights: bool = True) -> Verdict:
     """The rule: on every set with at least GATE_MIN_EVAL samples, the candidate must clearly beat a constant
-    prediction (R² above r2_floor: unless the champion no longer does there) and come within GATE_MAX_PLCC_DROP
-    of the best reference's PLCC and within GATE_MAX_R2_DROP of the best reference's R². With no such set,
-    nothing shows it is good, and it is not published."""
+    prediction (R² above r2_floor) and come within GATE_MAX_PLCC_DROP of the best reference's PLCC and within
+    GATE_MAX_R2_DROP of the best reference's R². With no such set, nothing shows it is good, and it is not
+    published."""
     verdict = Verdict("passed", window, history, "")
     if not finite_weights or any(e.n and e.scores["candidate"] is None for e in (window, history)):
         return verdict.refused("non-finite weights or outputs")
@@ -2795,7 +2795,7 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
     for name, evidence in judged:
         ours = evidence.scores["candidate"]
         best, best_r2 = evidence.best_reference("plcc"), evidence.best_reference("r2")
-        if floored(evidence) and ours.r2 <= r2_floor(evidence.n):
+        if ours.r2 <= r2_floor(evidence.n):
             return verdict.refused(f"{name}: R² {ours.r2:.4f} on {evidence.n} samples: not clearly better than "
                                    f"predicting their mean (needs more than 2/√n = {r2_floor(evidence.n):.4f})")
         if best is not None and ours.plcc < best[1].plcc - config.gate_max_plcc_drop:
@@ -2812,6 +2812,7 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
 
 
 R2_MIN_SAMPLES = 5  # on fewer, r2_floor() is 1 or more, which no R² exceeds: such a set is not judged
+WILD_SPAN = 10  # a history score this many spans of the middle 98 % from the median is left out: plausible_scores()
 
 
 def judged_size(config: Config) -> int:
@@ -2819,12 +2820,16 @@ def judged_size(config: Config) -> int:
     return max(config.gate_min_eval, R2_MIN_SAMPLES)
 
 
-def floored(evidence: Evidence) -> bool:
-    """Whether the R² floor applies on a set: not where the champion, which cleared it to be published, no longer
-    does. There the set tells no model from the mean (one held-out score of 1e4 among 2 000 takes every R² to
-    about 0, for as long as it stays in the ring), and the candidate is held to the references alone."""
-    champion = evidence.scores.get("champion")
-    return champion is None or champion.r2 > r2_floor(evidence.n)
+def plausible_scores(y: np.ndarray) -> np.ndarray:
+    """Which of the history's scores the gate measures models on: not one farther from their median than WILD_SPAN
+    times the span of their middle 98 % (all of them when that span is 0). Such a score is a corrupt label, and
+    one is enough to decide every model's PLCC and R² there: one of 1e4 among 2 000 VMAF scores held every
+    candidate below the R² floor, the champion too, for as long as it stayed in the held-out ring (41 000 samples
+    at the defaults)."""
+    low, median, high = np.quantile(y.astype(np.float64), (0.01, 0.5, 0.99)) if len(y) else (0.0, 0.0, 0.0)
+    if high == low:
+        return np.ones(len(y), bool)
+    return np.abs(y.astype(np.float64) - median) <= WILD_SPAN * (high - low)
 
 
 def r2_floor(n: int) -> float:
@@ -2839,6 +2844,8 @@ def gather_evidence(trainer: Trainer, candidate: MLP) -> tuple[Evidence, Evidenc
     """The window's scores, and the history's of `candidate` (the EMA as a raw model) and the references,
     with the history's inputs (what the written file is run on)."""
     x, y, held_out = trainer.history()
+    plausible = plausible_scores(y)
+    x, y, held_out = x[plausible], y[plausible], int(plausible[:held_out].sum())
     models = {"candidate": candidate, **trainer.references()}
     x64, y64 = x.astype(np.float64), y.astype(np.float64)  # once for all the models
     history = Evidence(len(y), {name: measure(model, x64, y64) for name, model in models.items()}, held_out)

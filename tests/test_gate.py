@@ -709,25 +709,35 @@ def test_judge_refuses_an_r2_within_its_noise_of_zero_on_either_set(name, r2):
     assert verdict_on(name, barely).gate == "passed"
 
 
-def test_a_set_the_champion_no_longer_clears_the_floor_on_holds_the_candidate_to_the_references_alone():
-    """One held-out score of 1e4 among the history's takes every model's R² to about 0, the champion's too, for as
-    long as it stays in the ring: publishing had stopped (41 000 samples, in the hunt's run). Such a set tells no
-    model from the mean; the candidate is held to the references there, and to the floor on the window."""
+def test_a_wild_held_out_score_is_left_out_of_the_history_for_every_model(tmp_path):
+    """One score of 1e4 among the held-out ones decided every model's PLCC and R² on the history: no candidate
+    cleared the floor there, the champion's equal neither, for as long as it stayed in the ring (41 000 samples at
+    the defaults). Left out for every model alike, it costs nothing, and the history still tells models apart."""
     x, y, coef = linear_data()
     y = y.copy()
     y[7] = 1e4
-    models = {"candidate": fitted(coef), "incumbent": fitted(coef), "champion": fitted(coef)}
-    history = measured(models, x, y)
-    assert all(s.r2 <= vs.r2_floor(ENOUGH) for s in history.scores.values())
-    cfg = config(gate_min_eval=ENOUGH)
-    verdict = vs.judge(cfg, GOOD, history)
-    assert verdict.published and "history: R² " in verdict.reason, verdict.reason
-    no_better = evidence(ENOUGH, scores(0.95, r2=0.05), incumbent=scores(0.9, r2=0.5), champion=scores(0.9, r2=0.5))
-    assert vs.judge(cfg, no_better, history).reason.startswith("window: R² 0.0500 on 300 samples: not clearly better")
-    # Before anything is published there is no champion: the floor holds on every set.
-    first = measured({"candidate": fitted(coef), "base": fitted(coef)}, x, y)
-    assert vs.judge(cfg, GOOD, first).reason.startswith("history: R² ")
-    assert not vs.judge(cfg, GOOD, first).published
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
+    for row, score in zip(x, y):
+        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
+    trainer.incumbent = fitted(coef)
+    cfg = config(gate_min_eval=200)
+    _, history, _ = vs.gather_evidence(trainer, fitted(coef))
+    assert (history.n, history.held_out) == (len(y) - 1, len(y) - 1)
+    assert vs.judge(cfg, NO_EVIDENCE, history).published
+    shifted = fitted(coef)
+    shifted.layers[-1][1][...] += 0.5  # a third of the scores' spread high
+    verdict = vs.judge(cfg, NO_EVIDENCE, vs.gather_evidence(trainer, shifted)[1])
+    assert not verdict.published and "VMAFX_SIDECAR_GATE_MAX_R2_DROP" in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("scores, kept", [
+    ([50.0] * 150 + [1e4] + [60.0] * 149, [True] * 150 + [False] + [True] * 149),
+    ([100.0] * 295 + [0.0] * 5, [True] * 300),  # a middle 98 % of one value: no span to measure by, all kept
+    (list(np.linspace(90, 100, 294)) + [3.0] * 6, [True] * 300),  # a real low tail, in the middle 98 %
+    (list(np.linspace(40, 60, 298)) + [-500.0, 200.0], [True] * 298 + [False, True]),  # 10 spans: about 200
+], ids=["one of 1e4", "mostly one score", "a low tail", "within ten spans and beyond"])
+def test_plausible_scores_leave_out_only_scores_far_outside_the_middle_98_percent(scores, kept):
+    assert vs.plausible_scores(np.array(scores, np.float32)).tolist() == kept
 
 
 def test_the_r2_floor_shrinks_with_the_evidence():
