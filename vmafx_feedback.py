@@ -232,15 +232,15 @@ class FeedbackClient:
         self._log_once(why, "feedback: sample dropped: %s; later ones are only counted", why)
         return False
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what is queued for up to `timeout` seconds, then stop; what is left counts as dropped.
         Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect that blocks)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()  # ends a backoff pause: the sidecar may be back
-            # Past TIMEOUT_MAX (math.inf, say) the wait is unbounded: the lock's own wait would overflow.
-            self._cond.wait_for(lambda: not self._queue or self._stopping,
-                                None if timeout >= threading.TIMEOUT_MAX else timeout)
+            # None, or past TIMEOUT_MAX (math.inf, say), is no bound: the lock's own wait would overflow.
+            unbounded = timeout is None or timeout >= threading.TIMEOUT_MAX
+            self._cond.wait_for(lambda: not self._queue or self._stopping, None if unbounded else timeout)
             self._stopping = True
             self._cond.notify_all()  # ends a backoff pause
             if self._sock is not None:
@@ -539,13 +539,17 @@ def input_file(path: str) -> str:
 
 def csv_layout(header: list[str], score_column: str, feature_columns: list[str] | None) -> CsvLayout:
     """Where a row holds the features (default: every column but the score and job_id), the score and the
-    job id; ValueError naming a column the header lacks."""
+    job id; ValueError naming a column the header lacks or names twice, or one the features would read twice or
+    that holds the score or job id."""
     names = feature_columns or [n for n in header if n not in (score_column, "job_id")]
     if missing := [n for n in (score_column, *names) if n not in header]:
         raise ValueError(f"no column {', '.join(map(repr, missing))} in the header {header}")
     if repeated := sorted({n for n in (score_column, *names, "job_id") if header.count(n) > 1}):
         raise ValueError(f"column {', '.join(map(repr, repeated))} named more than once in the header {header}: "
                          f"which one holds the values is unknown")
+    if misread := sorted({n for n in names if names.count(n) > 1 or n in (score_column, "job_id")}):
+        raise ValueError(f"feature column {', '.join(map(repr, misread))} named twice, or as the score or job_id: "
+                         f"a feature would repeat another, or be the label itself")
     return CsvLayout(len(header), [(header.index(n), n) for n in names], (header.index(score_column), score_column),
                      header.index("job_id") if "job_id" in header else None)
 

@@ -111,6 +111,14 @@ def test_a_column_named_twice_is_refused_before_anything_is_sent(header, feature
     vf.csv_layout(["f0", "note", "note", "true_score"], "true_score", ["f0"])  # a column not read may repeat
 
 
+@pytest.mark.parametrize("features", [["f0", "f0"], ["f0", "true_score"], ["job_id", "f0"]],
+                         ids=["a feature twice", "the score", "the job id"])
+def test_feature_columns_that_repeat_or_hold_the_label_are_refused_before_anything_is_sent(features):
+    """--feature-columns f0,f0 filled two inputs with one value; f0,true_score trained on the label itself."""
+    with pytest.raises(ValueError, match="named twice, or as the score or job_id"):
+        vf.csv_layout(["job_id", "f0", "f1", "true_score"], "true_score", features)
+
+
 def test_csv_text_is_utf8_as_written_a_bom_dropped_from_the_first_line_only():
     """Bytes that are not UTF-8 were replaced (two job ids became one, where the sidecar refuses such a line), and a
     BOM was dropped from every line (a job id "\ufeffx" became "x")."""

@@ -541,10 +541,11 @@ def test_an_unexpected_error_in_the_thread_costs_that_sample_only(clients, short
         fake.stop()
 
 
-@pytest.mark.parametrize("timeout", [math.inf, 1e10, threading.TIMEOUT_MAX])
+@pytest.mark.parametrize("timeout", [None, math.inf, 1e10, threading.TIMEOUT_MAX])
 def test_close_with_a_timeout_past_what_a_lock_can_wait_waits_for_delivery(sidecar_later, fast_retry, timeout):
     """close(math.inf), "deliver everything, however long": the lock's own wait had raised OverflowError, with
-    send() already refused and the thread left retrying. It delivers once the sidecar is back, then returns."""
+    send() already refused and the thread left retrying. It delivers once the sidecar is back, then returns; so does
+    close(None), threading's spelling of no bound."""
     client = vf.FeedbackClient(sidecar_later.socket)
     rng = np.random.default_rng(0)
     assert all(client.send(*good(rng)) for _ in range(5))
