@@ -12,7 +12,7 @@ directory):
 
   server      Server.on_connection_ready -> read -> take_lines -> answer, then the
               turn's end_turn: its samples journaled in one write, then its ACKs sent
-              (and publish_waiting: a checkpoint that fell due after traffic stopped)
+              (and publish_when_idle: a checkpoint that fell due after traffic stopped)
   protocol    parse_request (and encode_ack or untrained_ack, the answer's last step)
   state       StateStore.record_sample, then StateStore.commit: journaled before its ACK
   sample log  SampleLog.append: with VMAFX_SIDECAR_SAMPLE_LOG=1, logged for the fleet
@@ -573,6 +573,9 @@ class Server:
         # From the moment a loop turn's requests were ready to their ACKs handed to the socket: observed once
         # per turn, for every ACK of the turn, so that measuring costs a message nothing but `acks += 1`.
         self.ack_seconds = Histogram(ACK_SECONDS_BUCKETS)
+        # The trainer's samples_accepted at the last turn that changed it, and when (perf_counter): the loop takes
+        # a checkpoint due once no sample has come for IDLE_CHECKPOINT_S (publish_when_idle()).
+        self.accepted_seen, self.accepted_at = trainer.samples_accepted, time.perf_counter()
         self.metrics: MetricsEndpoint | None = None  # set by serve() when VMAFX_SIDECAR_METRICS_ADDR is set
 
     # -- lifecycle
@@ -615,10 +618,9 @@ class Server:
                 if self.backlog:
                     self.answer_backlog()
                 self.end_turn()
-                if self.trainer.checkpoint_waiting(started):
-                    self.publish_waiting()
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
+                self.publish_when_idle(started)
                 self.retry_accepts()
                 if self.reserved:
                     self.expire_reserved()
@@ -634,11 +636,16 @@ class Server:
             wake_r.close()
             wake_w.close()
 
-    def publish_waiting(self) -> None:
-        """Take the checkpoint no step took (Trainer.checkpoint_waiting): a burst's samples are published at the
-        interval, not once traffic resumes. No ACK names it: none asked for it."""
-        if self.trainer.take_checkpoint() is not None:
-            self.state.save()
+    def publish_when_idle(self, now: float) -> None:
+        """Take a checkpoint that fell due after the last step once no sample has come for IDLE_CHECKPOINT_S (`now`
+        from perf_counter): a burst's samples are published at the interval, not once traffic resumes. No ACK names
+        it; while samples come, the next step takes it, and its ACK does."""
+        accepted = self.trainer.samples_accepted
+        if accepted != self.accepted_seen:
+            self.accepted_seen, self.accepted_at = accepted, now
+        elif now - self.accepted_at >= IDLE_CHECKPOINT_S and self.trainer.checkpoint_waiting():
+            if self.trainer.take_checkpoint() is not None:
+                self.state.save()
 
     def request_stop(self, signum: int, frame: Any) -> None:
         if not self.stopping:
@@ -1879,7 +1886,7 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
 
 HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to the evaluation ring
 WINDOW_BLOCK = 1024  # about this many samples of a window are predicted by the references at a time
-# A checkpoint that falls due this long after the last step is taken by the server's loop, not by the next step.
+# A checkpoint due while no sample has come for this long is taken by the server's loop, not by the next step.
 IDLE_CHECKPOINT_S = 1.0
 # Bounds of the step-time histogram (seconds).
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -1953,7 +1960,6 @@ class Trainer:
         self.samples_since_checkpoint = 0
         self.samples_since_publish = 0  # in the replay ring since the last checkpoint published: see history()
         self.last_checkpoint_time: float | None = None
-        self.step_started = time.perf_counter()  # when the last step began (or the trainer was made)
         self.replaying = False  # steps taken before, from a journal: they take no checkpoint
         self.last_loss: float | None = None
         self.loss_smoothed: float | None = None
@@ -2159,7 +2165,7 @@ class Trainer:
             self.add(row, score)
 
     def step(self) -> StepResult | None:
-        self.step_started = started = time.perf_counter()
+        started = time.perf_counter()
         xp = self.backend.xp
         new_x, new_y = xp.asarray(self.pending_x), xp.asarray(self.pending_y)  # the step's one transfer in
         self.replay.extend(new_x, new_y)
@@ -2374,11 +2380,10 @@ class Trainer:
         self.vectors[:3] = update
         return True
 
-    def checkpoint_waiting(self, now: float) -> bool:
-        """Whether a checkpoint is due that no step has come to take for IDLE_CHECKPOINT_S (`now` from perf_counter):
-        samples were trained since the last one, and traffic stopped before its interval had passed."""
-        return (self.samples_since_checkpoint > 0 and now - self.step_started >= IDLE_CHECKPOINT_S
-                and self.checkpoint_due())
+    def checkpoint_waiting(self) -> bool:
+        """Whether a checkpoint is due with samples trained since the last one: with none (MIN_SAMPLES_CKPT 0), one
+        taken between steps would write the same weights again every interval."""
+        return self.samples_since_checkpoint > 0 and self.checkpoint_due()
 
     def checkpoint_due(self) -> bool:
         """Whether enough samples and time have passed since the last checkpoint, or attempt, for one now."""

@@ -236,10 +236,33 @@ def test_no_checkpoint_waits_while_nothing_was_trained_since_the_last(tmp_path):
     """MIN_SAMPLES_CKPT 0 makes a checkpoint due with nothing new: the idle loop must not write the same weights
     again every interval (the first checkpoint comes with the first step, as before)."""
     trainer = make_trainer(tmp_path, min_samples_ckpt=0, ckpt_interval_s=0)
-    later = time.perf_counter() + 60
-    assert trainer.checkpoint_due() and not trainer.checkpoint_waiting(later)
+    assert trainer.checkpoint_due() and not trainer.checkpoint_waiting()
     trainer.samples_since_checkpoint = 16
-    assert trainer.checkpoint_waiting(later) and not trainer.checkpoint_waiting(trainer.step_started)
+    assert trainer.checkpoint_waiting()
+
+
+def test_the_loop_takes_a_due_checkpoint_only_once_no_sample_has_come_for_a_second(tmp_path):
+    """While samples come, the next step takes a due checkpoint, and its ACK names it. Had the loop taken every one
+    due a second after a step, at 2 samples a second (a step every 8 s) 7 checkpoints in 8 would go unnamed."""
+    trainer = make_trainer(tmp_path, n_features=4, hidden=4, batch_size=8, min_samples_ckpt=4,
+                           ckpt_interval_s=3600, gate="off")
+    server = vmafx_sidecar.Server(trainer.config, trainer, vmafx_sidecar.NoState())
+    rng = np.random.default_rng(0)
+    for _ in range(4):  # a step: the first checkpoint, in its ACK
+        ack = json.loads(server.answer(json.dumps(sample(rng, 4)).encode()))
+    assert ack["checkpoint"].endswith("model_v000001.onnx")
+    for _ in range(4):  # a step, with no checkpoint due: the interval has not passed
+        trainer.ingest(np.zeros(4, np.float32), np.float32(50), held_out=False, unnamed=True)
+    trainer.last_checkpoint_time -= 3600  # now it has: due, with a step's samples trained since
+    start = time.perf_counter()
+    for now in (start, start + 0.9):
+        server.publish_when_idle(now)
+    trainer.ingest(np.zeros(4, np.float32), np.float32(50), held_out=False, unnamed=True)  # a sample came
+    for now in (start + 1.5, start + 2.4):
+        server.publish_when_idle(now)
+    assert trainer.checkpoint_results["published"] == 1  # a second had not passed since that sample
+    server.publish_when_idle(start + 2.6)
+    assert trainer.checkpoint_results["published"] == 2 and trainer.samples_since_checkpoint == 0
 
 
 def test_checkpoint_path_in_ack_is_absolute_for_a_relative_checkpoint_dir(sidecar_factory, tmp_path):
