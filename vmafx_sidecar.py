@@ -3179,19 +3179,21 @@ class CheckpointWriter:
         self.latest, self.unpointed = record, None
 
     def point_latest_again(self) -> None:
-        """Retry, once a second, the update of latest.onnx, its .sha256 and latest.json that the disk refused."""
+        """Retry, once a second, the update of latest.onnx, its .sha256 and latest.json that the disk refused (counted
+        once, when it was refused)."""
         if time.monotonic() - self.pointing_tried < 1.0:
             return
         self.pointing_tried = time.monotonic()
         try:
-            self.point_latest(self.unpointed, read_named_checkpoint(self.directory, self.unpointed))
-        except OSError as e:
-            self.failures += 1
-            log.debug("%s still not updated: %s", LATEST, e)
-            return
-        except ValueError as e:  # its file changed since: the next publish or start points anew
+            data = read_named_checkpoint(self.directory, self.unpointed)
+        except (OSError, ValueError) as e:  # moved or changed since (a rollback by hand): the next start points anew
             log.error("cannot point %s at %s: %s", LATEST, self.unpointed["file"], e)
             self.unpointed = None
+            return
+        try:
+            self.point_latest(self.unpointed, data)
+        except OSError as e:
+            log.debug("%s still not updated: %s", LATEST, e)
             return
         log.info("%s and %s now name %s", LATEST, LATEST_MODEL, self.latest["file"])
 
