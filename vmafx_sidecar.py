@@ -1381,6 +1381,8 @@ class StateStore:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
         t.replaying = False
+        if records:
+            t.end_window_at_newest_checkpoint()
         if self.samples is not None:
             floor = max(self.samples.last_sequence, fleet_cursor(self.directory.parent))
             if floor > t.samples_accepted:
@@ -2379,6 +2381,21 @@ class Trainer:
             return False
         self.vectors[:3] = update
         return True
+
+    def end_window_at_newest_checkpoint(self) -> None:
+        """After a journal's replay, which takes no checkpoint: one written in the span it replayed (its snapshot
+        refused) had ended the window there, and replayed, the window would hold samples its incumbent trained on,
+        which flatter it against the candidate's predictions made before training. The window starts again here
+        (the few samples trained after that checkpoint are left out of it)."""
+        newest, known = self.checkpoints.version, (self.last_gate or {}).get("version")
+        if newest == 0 or (type(known) is int and newest <= known):
+            return
+        self.window.reset()
+        self.samples_since_checkpoint = 0
+        self.last_checkpoint_time = time.monotonic()
+        name = f"model_v{newest:06d}.json"
+        self.last_gate = read_record(self.checkpoints.directory / name) or read_record(
+            self.checkpoints.quarantine / name) or self.last_gate
 
     def checkpoint_waiting(self) -> bool:
         """Whether a checkpoint is due with samples trained since the last one: with none (MIN_SAMPLES_CKPT 0), one

@@ -359,8 +359,10 @@ def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_agai
     assert (tmp_path / "latest.json").read_bytes() == latest
     assert (again.trainer.samples_accepted, again.trainer.steps) == (60, first.trainer.steps)
     np.testing.assert_array_equal(again.trainer.ema.flat, first.trainer.ema.flat)
-    # The next checkpoint due is taken once the server runs, as the next one, judged as any other.
-    assert again.trainer.checkpoint_due() and not again.trainer.replaying
+    # The window starts again at the newest checkpoint: replayed, it held samples the incumbent trained on.
+    assert again.trainer.last_gate == first.trainer.last_gate and not again.trainer.replaying
+    assert again.trainer.window.n == again.trainer.samples_since_checkpoint == 0
+    # The next checkpoint is the next version, judged as any other.
     for m in messages(80)[60:]:
         if "checkpoint" in (ack := json.loads(again.answer(json.dumps(m).encode()))):
             break
