@@ -1798,8 +1798,10 @@ class SampleLog:
             os.close(self.fd)
             self.fd = None
         (first,) = struct.unpack_from("<Q", self.pending, 8)
-        if not (self.directory / LOG_ORIGIN).exists():  # samples before it were never logged, not lost
-            write_synced(self.directory / LOG_ORIGIN, [memoryview(f"{first}\n".encode())], mode=0o600)
+        if written_origin(self.directory) is None:  # samples before it were never logged, not lost
+            segments = segment_paths(self.directory)  # one that a full disk left empty is written again
+            write_whole(self.directory / LOG_ORIGIN, f"{int(segments[0].name[:16]) if segments else first}\n".encode(),
+                        mode=0o600)
         path = self.directory / f"{first:016d}.seg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
@@ -1833,10 +1835,15 @@ def log_id(directory: Path) -> str | None:
 
 def log_origin(directory: Path) -> int:
     """The first sequence a replica's log ever held (1 if it cannot tell)."""
+    return written_origin(directory / SAMPLE_LOG_DIR) or 1
+
+
+def written_origin(log_directory: Path) -> int | None:
+    """LOG_ORIGIN's number; None where it is missing or unreadable."""
     try:
-        return int((directory / SAMPLE_LOG_DIR / LOG_ORIGIN).read_text())
+        return int((log_directory / LOG_ORIGIN).read_text())
     except (OSError, ValueError):
-        return 1
+        return None
 
 
 def segment_paths(directory: Path) -> list[Path]:

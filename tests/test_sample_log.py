@@ -911,3 +911,27 @@ def test_samples_given_up_in_a_long_outage_are_counted_as_dropped(tmp_path, monk
     logged = [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)]
     assert 0 < len(logged) < 40 and logged == sorted(logged)
     assert store.samples.samples_dropped == 40 - len(logged)
+
+
+@pytest.mark.parametrize("left", ["refused", "empty"], ids=["its write refused", "left empty by a crash"])
+def test_a_log_origin_the_disk_refused_is_written_when_it_takes_it(tmp_path, monkeypatch, left):
+    """A replica that starts logging late writes where its log begins: written in place, a refused write (or a kill
+    after the open) had left it empty for good, read as 1, and the fleet reported every earlier sample missing."""
+    rng = np.random.default_rng(19)
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    log.append(sample(5001, rng))
+    real_write_whole = vs.write_whole
+
+    def full(path, content, mode=0o644):
+        if path.name == vs.LOG_ORIGIN:
+            raise OSError(28, "No space left on device")
+        real_write_whole(path, content, mode)
+    if left == "refused":
+        monkeypatch.setattr(vs, "write_whole", full)
+        with pytest.raises(OSError):
+            log.commit(10**9)
+        monkeypatch.undo()
+    else:
+        (tmp_path / vs.SAMPLE_LOG_DIR / vs.LOG_ORIGIN).write_bytes(b"")
+    log.commit(10**9)  # retried with the next batch, as any refused write
+    assert vs.log_origin(tmp_path) == 5001 and [s.sequence for s in read_all(tmp_path)] == [5001]
