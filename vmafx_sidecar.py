@@ -1647,7 +1647,9 @@ SAMPLE_LOG_DIR = ".samples"
 SEGMENT_MAGIC = b"VMAFX-SAMPLES-1\n"
 SEGMENT_HEADER = struct.Struct("<16sI")  # magic, feature count
 SAMPLE_RECORD = struct.Struct("<IIQdB")  # payload length, crc32 of the rest, sequence, arrival (Unix), held out
-SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much; the next starts at the next sequence
+SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much (see segment_bytes()); the next starts at
+# the next sequence
+SMALLEST_SEGMENT_BYTES = 4096  # a dozen samples of 80 features: under a tiny bound, a segment is not a record
 LOG_ORIGIN = "origin"  # in .samples/: the first sequence ever logged (a replica may start logging late)
 LOG_ID = "id"  # in .samples/: a random name the log keeps wherever its directory goes; the fleet's position is kept
 # under it, so a replica directory renamed, or reached by a symlink, is not read again from its start
@@ -1750,7 +1752,7 @@ class SampleLog:
         `max_bytes` then. OSError if the disk refuses them; they stay pending."""
         if not self.pending:
             return
-        if self.fd is None or self.size >= SEGMENT_BYTES:
+        if self.fd is None or self.size >= segment_bytes(max_bytes):
             self.open_segment()
             self.prune(max_bytes)
         os.ftruncate(self.fd, self.size)  # what a failed write could not cut (see append_whole)
@@ -1812,6 +1814,13 @@ class SampleLog:
             discard(path)
             raise
         self.fd, self.size = fd, SEGMENT_HEADER.size
+
+
+def segment_bytes(max_bytes: int) -> int:
+    """How much a segment holds before the next begins: a quarter of the log's bound, at most SEGMENT_BYTES. The log
+    is kept within its bound as a segment begins, so it holds at most that and the segment being written: with
+    16 MiB segments, a bound of 4 MiB had been kept at 16.9 MB, then every unread sample dropped at once."""
+    return min(SEGMENT_BYTES, max(SMALLEST_SEGMENT_BYTES, max_bytes // 4))
 
 
 def aside_path(path: Path, tag: str) -> Path:

@@ -935,3 +935,19 @@ def test_a_log_origin_the_disk_refused_is_written_when_it_takes_it(tmp_path, mon
         (tmp_path / vs.SAMPLE_LOG_DIR / vs.LOG_ORIGIN).write_bytes(b"")
     log.commit(10**9)  # retried with the next batch, as any refused write
     assert vs.log_origin(tmp_path) == 5001 and [s.sequence for s in read_all(tmp_path)] == [5001]
+
+
+def test_a_log_under_a_bound_smaller_than_a_segment_stays_within_it_and_a_quarter(tmp_path):
+    """Segments of 16 MiB under a bound of 4 MiB had let the log reach 16.9 MB, then drop every unread sample of
+    the segment at once as it closed: a segment is now a quarter of the bound."""
+    rng = np.random.default_rng(20)
+    bound = 40_000
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    peak = 0
+    for start in range(1, 2001, 50):
+        append_each(log, [sample(i, rng) for i in range(start, start + 50)], bound)
+        peak = max(peak, sum(p.stat().st_size for p in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)))
+    assert vs.segment_bytes(bound) == bound // 4 and peak <= bound * 5 // 4 + 200  # and one record
+    kept = read_all(tmp_path)
+    assert kept[-1].sequence == 2000 and log.samples_dropped == kept[0].sequence - 1
+    assert kept[0].sequence > 1 and 2000 - kept[0].sequence > 0.6 * bound / 75  # most of the bound's worth is kept
