@@ -3218,14 +3218,12 @@ class CheckpointWriter:
             return
         self.pointing_tried = time.monotonic()
         try:
-            data = read_named_checkpoint(self.directory, self.unpointed)
-        except (OSError, ValueError) as e:  # moved or changed since (a rollback by hand): the next start points anew
-            log.error("cannot point %s at %s: %s", LATEST, self.unpointed["file"], e)
+            self.point_latest(self.unpointed, read_named_checkpoint(self.directory, self.unpointed))
+        except (FileNotFoundError, ValueError) as e:  # moved or changed since (a rollback by hand): the next start
+            log.error("cannot point %s at %s: %s", LATEST, self.unpointed["file"], e)  # points anew
             self.unpointed = None
             return
-        try:
-            self.point_latest(self.unpointed, data)
-        except OSError as e:
+        except OSError as e:  # a full disk, out of descriptors: tried again
             log.debug("%s still not updated: %s", LATEST, e)
             return
         log.info("%s and %s now name %s", LATEST, LATEST_MODEL, self.latest["file"])

@@ -564,6 +564,10 @@ def refused_fsync(directory: Path) -> None:
     raise OSError(errno.EIO, "Input/output error")
 
 
+def os_error(number: int):
+    raise OSError(number, os.strerror(number))
+
+
 def refused_write():
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -743,6 +747,12 @@ def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path,
     assert writer.unpointed is None and writer.latest == second.record
     assert json.loads((directory / "latest.json").read_text()) == second.record
     assert (directory / "latest.onnx.sha256").read_text() == f"{sha256_file(second.path)}  latest.onnx\n"
+    # Out of descriptors for a moment: tried again, not given up.
+    writer.unpointed, writer.pointing_tried = second.record, 0.0
+    monkeypatch.setattr(vmafx_sidecar, "read_named_checkpoint", lambda *args: os_error(errno.EMFILE))
+    writer.point_latest_again()
+    assert writer.unpointed == second.record
+    monkeypatch.undo()
     # One moved into quarantine/ by hand before the disk took the update is not pointed at: no retry for ever.
     writer.unpointed, writer.pointing_tried = dict(second.record, file="model_v000009.onnx"), 0.0
     writer.point_latest_again()

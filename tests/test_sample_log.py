@@ -935,6 +935,13 @@ def test_a_log_origin_the_disk_refused_is_written_when_it_takes_it(tmp_path, mon
         (tmp_path / vs.SAMPLE_LOG_DIR / vs.LOG_ORIGIN).write_bytes(b"")
     log.commit(10**9)  # retried with the next batch, as any refused write
     assert vs.log_origin(tmp_path) == 5001 and [s.sequence for s in read_all(tmp_path)] == [5001]
+    # One lost once segments exist (an older version's log, say) is the first segment's, not the next one's.
+    (tmp_path / vs.SAMPLE_LOG_DIR / vs.LOG_ORIGIN).write_bytes(b"")
+    os.close(log.fd)
+    log.fd, log.size = None, 0  # the next batch opens a segment
+    log.append(sample(5002, rng))
+    log.commit(10**9)
+    assert vs.log_origin(tmp_path) == 5001 and [s.sequence for s in read_all(tmp_path)] == [5001, 5002]
 
 
 def test_a_log_under_a_bound_smaller_than_a_segment_stays_within_it_and_a_quarter(tmp_path):
