@@ -1357,6 +1357,7 @@ class StateStore:
         # refused). One that falls due takes its turn once the server runs.
         t.replaying = True
         loaded = self.load_snapshot()
+        saved_unix = self.snapshot_path.stat().st_mtime if loaded else None  # when the snapshot was written
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         if skipped:
@@ -1381,8 +1382,8 @@ class StateStore:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
         t.replaying = False
-        if records:
-            t.end_window_at_newest_checkpoint()
+        if records and saved_unix is not None:
+            t.end_window_at_newest_checkpoint(saved_unix)
         if self.samples is not None:
             floor = max(self.samples.last_sequence, fleet_cursor(self.directory.parent))
             if floor > t.samples_accepted:
@@ -2398,20 +2399,21 @@ class Trainer:
         self.vectors[:3] = update
         return True
 
-    def end_window_at_newest_checkpoint(self) -> None:
-        """After a journal's replay, which takes no checkpoint: one written in the span it replayed (its snapshot
-        refused) had ended the window there, and replayed, the window would hold samples its incumbent trained on,
-        which flatter it against the candidate's predictions made before training. The window starts again here
-        (the few samples trained after that checkpoint are left out of it)."""
-        newest, known = self.checkpoints.version, (self.last_gate or {}).get("version")
-        if newest == 0 or (type(known) is int and newest <= known):
+    def end_window_at_newest_checkpoint(self, saved_unix: float) -> None:
+        """After a journal's replay, which takes no checkpoint: the newest one, if it was written after the snapshot
+        (at `saved_unix`), is in the span replayed (the snapshot after it refused). It had ended the window there,
+        and replayed, the window would hold samples its incumbent trained on, which flatter it against the
+        candidate's predictions made before training. The window starts again here (the few samples trained
+        after that checkpoint are left out of it)."""
+        name = f"model_v{self.checkpoints.version:06d}.json"
+        record = read_record(self.checkpoints.directory / name) or read_record(self.checkpoints.quarantine / name)
+        created = (record or {}).get("created_unix")
+        if type(created) not in (int, float) or created <= saved_unix:
             return
         self.window.reset()
         self.samples_since_checkpoint = 0
-        self.last_checkpoint_time = time.monotonic()
-        name = f"model_v{newest:06d}.json"
-        self.last_gate = read_record(self.checkpoints.directory / name) or read_record(
-            self.checkpoints.quarantine / name) or self.last_gate
+        self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - created)
+        self.last_gate = record
 
     def checkpoint_waiting(self) -> bool:
         """Whether a checkpoint is due with samples trained since the last one: with none (MIN_SAMPLES_CKPT 0), one

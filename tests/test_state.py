@@ -369,6 +369,32 @@ def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_agai
     assert ack["checkpoint"].endswith(f"model_v{len(published) + 1:06d}.onnx"), ack
 
 
+def test_a_fresh_state_over_older_checkpoints_keeps_its_window_across_a_kill(tmp_path):
+    """The window starts again after a replay only at a checkpoint written after the snapshot: a state begun afresh
+    (its .state/ moved out to train from a restored checkpoint, say) over older checkpoints had lost its window and
+    its count towards the next checkpoint at every kill, and reported a gate record it never wrote."""
+    def server(**settings) -> vs.Server:
+        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
+                               ckpt_interval_s=0.0, gate="off", **settings)
+        state = vs.StateStore(trainer.config, trainer)
+        state.restore()
+        return vs.Server(trainer.config, trainer, state)
+
+    older = server(min_samples_ckpt=8)
+    for m in messages(40):
+        older.answer(json.dumps(m).encode())
+    assert older.trainer.checkpoints.version >= 3
+    older.state.save()
+    shutil.move(tmp_path / ".state", tmp_path / "older-state")
+    fresh = server()  # MIN_SAMPLES_CKPT at make_trainer's 10**9: no checkpoint of its own
+    for m in messages(100)[40:]:
+        fresh.answer(json.dumps(m).encode())
+    fresh.state.commit()
+    again = server()  # after a kill: the journal replayed onto its first snapshot
+    assert again.trainer.window.n == fresh.trainer.window.n > 0 and again.trainer.last_gate is None
+    assert again.trainer.samples_since_checkpoint == fresh.trainer.samples_since_checkpoint > 0
+
+
 def test_a_state_that_cannot_be_set_up_on_a_full_disk_stops_the_start_in_one_line(tmp_path, monkeypatch):
     """A new replica's directory, or the sample log switched on, on a full disk: a StartupError that says where
     and why, not a traceback."""
