@@ -2860,16 +2860,21 @@ def judged_size(config: Config) -> int:
     return max(config.gate_min_eval, R2_MIN_SAMPLES)
 
 
-def plausible_scores(y: np.ndarray) -> np.ndarray:
-    """Which of the history's scores the gate measures models on: not one farther from their median than WILD_SPAN
-    times the span of their middle 98 % (all of them when that span is 0). Such a score is a corrupt label, and
-    one is enough to decide every model's PLCC and R² there: one of 1e4 among 2 000 VMAF scores held every
-    candidate below the R² floor, the champion too, for as long as it stayed in the held-out ring (41 000 samples
-    at the defaults)."""
-    low, median, high = np.quantile(y.astype(np.float64), (0.01, 0.5, 0.99)) if len(y) else (0.0, 0.0, 0.0)
-    if high == low:
+def plausible_scores(y: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
+    """Which of the history's scores (float64) the gate measures models on: not one farther than WILD_SPAN times
+    the span of their middle 98 % both from their median and from every reference's prediction of it (`references`).
+    Such a score is a corrupt label, and one is enough to decide every model's PLCC and R² there: one of 1e4 among
+    2 000 VMAF scores held every candidate below the R² floor, the champion too, for as long as it stayed in the
+    held-out ring (41 000 samples at the defaults). A rare real score a reference predicts is kept (failed encodes
+    at 40 among scores of 93 ± 1), and so is every one when the rest would be one value."""
+    low, median, high = np.quantile(y, (0.01, 0.5, 0.99)) if len(y) else (0.0, 0.0, 0.0)
+    bound = WILD_SPAN * (high - low)
+    wild = np.abs(y - median) > bound
+    for predicted in references:
+        wild &= np.abs(y - predicted) > bound
+    if not wild.any() or np.ptp(y[~wild]) == 0:
         return np.ones(len(y), bool)
-    return np.abs(y.astype(np.float64) - median) <= WILD_SPAN * (high - low)
+    return ~wild
 
 
 def r2_floor(n: int) -> float:
@@ -2884,12 +2889,13 @@ def gather_evidence(trainer: Trainer, candidate: MLP) -> tuple[Evidence, Evidenc
     """The window's scores, and the history's of `candidate` (the EMA as a raw model) and the references,
     with the history's inputs (what the written file is run on)."""
     x, y, held_out = trainer.history()
-    plausible = plausible_scores(y)
-    x, y, held_out = x[plausible], y[plausible], int(plausible[:held_out].sum())
     models = {"candidate": candidate, **trainer.references()}
     x64, y64 = x.astype(np.float64), y.astype(np.float64)  # once for all the models
-    history = Evidence(len(y), {name: measure(model, x64, y64) for name, model in models.items()}, held_out)
-    return trainer.window.evidence(trainer.references()), history, x
+    predicted = {name: predictions(model, x64) for name, model in models.items()}
+    plausible = plausible_scores(y64, [p for name, p in predicted.items() if name != "candidate"])
+    history = Evidence(int(plausible.sum()), {name: scored(p[plausible], y64[plausible])
+                                              for name, p in predicted.items()}, int(plausible[:held_out].sum()))
+    return trainer.window.evidence(trainer.references()), history, x[plausible]
 
 
 class Window:
@@ -2985,15 +2991,24 @@ def window_scores(n: int, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scor
 def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
     """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
     not finite, or so large that its squared error is not (an RMSE of inf is no JSON a strict reader takes)."""
-    truth = y.astype(np.float64, copy=False)
+    return scored(predictions(model, x.astype(np.float64, copy=False)), y.astype(np.float64, copy=False))
+
+
+def predictions(model: MLP, x: np.ndarray) -> np.ndarray:
+    """`model`'s outputs for float64 inputs, in float64 on the host (inf or nan where they overflow)."""
     with np.errstate(all="ignore"):
-        predicted = MLP.from_weights(model.weights(), np.float64).forward(x.astype(np.float64, copy=False))[:, 0]
+        return MLP.from_weights(model.weights(), np.float64).forward(x)[:, 0]
+
+
+def scored(predicted: np.ndarray, truth: np.ndarray) -> Scores | None:
+    """measure()'s scores of float64 predictions of float64 scores."""
+    with np.errstate(all="ignore"):
         sse = float(np.sum((predicted - truth) ** 2))  # nan or inf when an output is
-    if not len(y) or not math.isfinite(sse):
+    if not len(truth) or not math.isfinite(sse):
         return None
     sst = float(np.sum((truth - truth.mean()) ** 2))
     return Scores(plcc=pearson(predicted, truth), srcc=pearson(average_ranks(predicted), average_ranks(truth)),
-                  rmse=math.sqrt(sse / len(y)), r2=1.0 - sse / sst if np.ptp(truth) else 0.0)
+                  rmse=math.sqrt(sse / len(truth)), r2=1.0 - sse / sst if np.ptp(truth) else 0.0)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

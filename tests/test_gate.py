@@ -735,9 +735,23 @@ def test_a_wild_held_out_score_is_left_out_of_the_history_for_every_model(tmp_pa
     ([100.0] * 295 + [0.0] * 5, [True] * 300),  # a middle 98 % of one value: no span to measure by, all kept
     (list(np.linspace(90, 100, 294)) + [3.0] * 6, [True] * 300),  # a real low tail, in the middle 98 %
     (list(np.linspace(40, 60, 298)) + [-500.0, 200.0], [True] * 298 + [False, True]),  # 10 spans: about 200
-], ids=["one of 1e4", "mostly one score", "a low tail", "within ten spans and beyond"])
+    ([100.0] * 1980 + list(np.linspace(60, 80, 20)), [True] * 2000),  # else only one value would be left
+], ids=["one of 1e4", "mostly one score", "a low tail", "within ten spans and beyond", "one value left"])
 def test_plausible_scores_leave_out_only_scores_far_outside_the_middle_98_percent(scores, kept):
-    assert vs.plausible_scores(np.array(scores, np.float32)).tolist() == kept
+    y = np.array(scores, np.float64)
+    assert vs.plausible_scores(y, []).tolist() == kept
+    assert vs.plausible_scores(y, [np.full(len(y), np.median(y))]).tolist() == kept  # references near the median
+
+
+def test_a_rare_real_score_a_reference_predicts_is_kept():
+    """Target-quality encodes at 93 ± 0.7 and a few failed ones at 40: ten spans of the middle 98 % is under
+    their distance from the median. A reference that predicts them shows they are real, and they stay, or a
+    candidate that forgot them would be judged as if they had never happened."""
+    rng = np.random.default_rng(0)
+    y = np.r_[rng.normal(93, 0.7, 1984), rng.normal(40, 2, 16)]
+    assert not vs.plausible_scores(y, [np.full(len(y), 93.0)])[-16:].any()  # no reference sees them: left out
+    knows = np.r_[np.full(1984, 93.0), y[-16:] + 1.0]
+    assert vs.plausible_scores(y, [np.full(len(y), 93.0), knows]).all()  # one reference predicts them: kept
 
 
 def test_the_r2_floor_shrinks_with_the_evidence():
