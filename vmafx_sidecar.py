@@ -1148,10 +1148,11 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # champion and window added; 4: the coordinates the weights are in; 5: a fleet trainer's positions in the
 # replicas' sample logs; 6: the window's samples not yet scored by the references. A sidecar reads every older
 # format (migrated() lifts it in memory) and writes this one at its next snapshot. Format 6 later gained
-# "kept_raw", "kept_features", "loss_smoothed", "samples_since_publish" and "window_incumbent", fields that older
-# sidecars ignore (they try the refused statistics again, start the loss's average again, top the gate's history
-# up from the window back, and keep a window scored against another incumbent) rather than refuse; a snapshot
-# without "window_incumbent" that has an incumbent starts its window again, once.
+# "kept_raw", "kept_features", "loss_smoothed", "samples_since_publish", "window_incumbent" and "newest_checkpoint",
+# fields that older sidecars ignore (they try the refused statistics again, start the loss's average again, top the
+# gate's history up from the window back, keep a window scored against another incumbent, and keep a replayed
+# window across checkpoints) rather than refuse; a snapshot without "window_incumbent" that has an incumbent starts
+# its window again, once, and one without "newest_checkpoint" takes its last gate record's version for it.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1344,6 +1345,7 @@ class StateStore:
         self.samples_failing = False
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
+        self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
         self.last_save = time.monotonic()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
 
@@ -1357,7 +1359,6 @@ class StateStore:
         # refused). One that falls due takes its turn once the server runs.
         t.replaying = True
         loaded = self.load_snapshot()
-        saved_unix = self.snapshot_path.stat().st_mtime if loaded else None  # when the snapshot was written
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         if skipped:
@@ -1382,8 +1383,8 @@ class StateStore:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
         t.replaying = False
-        if records and saved_unix is not None:
-            t.end_window_at_newest_checkpoint(saved_unix)
+        if records and loaded and self.newest_checkpoint_saved is not None:
+            t.end_window_at_newest_checkpoint(self.newest_checkpoint_saved)
         if self.samples is not None:
             floor = max(self.samples.last_sequence, fleet_cursor(self.directory.parent))
             if floor > t.samples_accepted:
@@ -1463,7 +1464,8 @@ class StateStore:
         generation = self.generation + 1
         state = self.trainer.state_dict()
         meta = {"format": SNAPSHOT_FORMAT, "generation": generation, "sources": self.sources,
-                "sample_log": self.log_name, **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
+                "sample_log": self.log_name, "newest_checkpoint": self.trainer.checkpoints.version,
+                **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
         payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
         for chunk in payload:
@@ -1525,6 +1527,9 @@ class StateStore:
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
         self.generation, self.sources = generation, dict(state["sources"])
+        # The newest checkpoint version in the directory as the snapshot was taken (saved before it was: its own)
+        newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
+        self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
         return True
 
@@ -2399,20 +2404,21 @@ class Trainer:
         self.vectors[:3] = update
         return True
 
-    def end_window_at_newest_checkpoint(self, saved_unix: float) -> None:
-        """After a journal's replay, which takes no checkpoint: the newest one, if it was written after the snapshot
-        (at `saved_unix`), is in the span replayed (the snapshot after it refused). It had ended the window there,
+    def end_window_at_newest_checkpoint(self, saved_newest: int) -> None:
+        """After a journal's replay, which takes no checkpoint: one newer than the newest as the snapshot was taken
+        (`saved_newest`) is in the span replayed (the snapshot after it refused). It had ended the window there,
         and replayed, the window would hold samples its incumbent trained on, which flatter it against the
         candidate's predictions made before training. The window starts again here (the few samples trained
         after that checkpoint are left out of it)."""
         name = f"model_v{self.checkpoints.version:06d}.json"
         record = read_record(self.checkpoints.directory / name) or read_record(self.checkpoints.quarantine / name)
-        created = (record or {}).get("created_unix")
-        if type(created) not in (int, float) or created <= saved_unix:
+        if self.checkpoints.version <= saved_newest or record is None:
             return
         self.window.reset()
         self.samples_since_checkpoint = 0
-        self.last_checkpoint_time = time.monotonic() - max(0.0, time.time() - created)
+        created = record.get("created_unix")
+        ago = max(0.0, time.time() - created) if type(created) in (int, float) else 0.0
+        self.last_checkpoint_time = time.monotonic() - ago
         self.last_gate = record
 
     def checkpoint_waiting(self) -> bool:

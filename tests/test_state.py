@@ -585,7 +585,7 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     assert "format" not in old_meta and meta["format"] == vs.SNAPSHOT_FORMAT
     incumbent = vs.MLP.from_weights(vs.onnx_builder.read_mlp_model(vs.onnx.load(FIXTURE / "killed" / "latest.onnx")))
     expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion_version": 1,
-                "champion": incumbent.flat, "window_incumbent": 1, "sample_log": None}
+                "champion": incumbent.flat, "window_incumbent": 1, "sample_log": None, "newest_checkpoint": 1}
     assert {**meta, **arrays}.keys() == expected.keys()
     for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
         assert meta[key] == expected[key], key
