@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -577,19 +578,27 @@ def stalling_sidecar(path: str, answered: int, answer: bytes = b'{"ok": true, "s
     return thread, done
 
 
-@pytest.mark.parametrize("answered", [-1, 0, 3], ids=["not even the status", "the status only", "three samples"])
-def test_send_gives_up_on_a_sidecar_that_stops_answering_and_says_how_far_it_got(tmp_path, answered):
-    path, data = str(tmp_path / "stalled.sock"), tmp_path / "a.jsonl"
-    data.write_bytes(VALID * 10)
-    server, done = stalling_sidecar(path, answered)
-    started = time.monotonic()
+def send_to_a_stand_in(tmp_path: Path, lines: int, timeout: str, *served: Any
+                       ) -> tuple[str, Path, subprocess.CompletedProcess]:
+    """send's run with `lines` valid lines against stalling_sidecar(path, *served), which fails it: the socket's
+    path, the input and the result."""
+    path, data = str(tmp_path / "stand-in.sock"), tmp_path / "a.jsonl"
+    data.write_bytes(VALID * lines)
+    server, done = stalling_sidecar(path, *served)
     try:
-        result = cli("send", "--socket", path, "--timeout", "0.5", str(data))
+        result = cli("send", "--socket", path, "--timeout", timeout, str(data))
     finally:
         done.set()
         server.join(10)
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+    return path, data, result
+
+
+@pytest.mark.parametrize("answered", [-1, 0, 3], ids=["not even the status", "the status only", "three samples"])
+def test_send_gives_up_on_a_sidecar_that_stops_answering_and_says_how_far_it_got(tmp_path, answered):
+    started = time.monotonic()
+    path, data, result = send_to_a_stand_in(tmp_path, 10, "0.5", answered)
     stderr = result.stderr.decode()
-    assert result.returncode == 1 and "Traceback" not in stderr, stderr
     assert time.monotonic() - started < 20
     acknowledged = max(answered, 0)
     assert stderr.endswith(f"vmafx-sidecar send: no answer from {path} within 0.5 s after {acknowledged} lines were "
@@ -602,15 +611,7 @@ def test_send_gives_up_on_a_sidecar_that_stops_answering_and_says_how_far_it_got
                          ids=["a list", "ok not a boolean", "nested too deeply", "not JSON"])
 def test_send_stops_in_one_line_on_an_answer_that_is_not_an_ack(tmp_path, answer):
     """Not the sidecar's: the line it answers is not settled by it, and send stops as on a lost connection."""
-    path, data = str(tmp_path / "odd.sock"), tmp_path / "a.jsonl"
-    data.write_bytes(VALID * 3)
-    server, done = stalling_sidecar(path, 1, answer)
-    try:
-        result = cli("send", "--socket", path, "--timeout", "5", str(data))
-    finally:
-        done.set()
-        server.join(10)
+    path, _, result = send_to_a_stand_in(tmp_path, 3, "5", 1, answer)
     stderr = result.stderr.decode()
-    assert result.returncode == 1 and "Traceback" not in stderr, stderr
     assert stderr == (f"vmafx-sidecar send: connection to {path} lost (unexpected answer {answer[:200]!r}) after 0 "
                       f"lines were acknowledged\n"), stderr
