@@ -25,7 +25,8 @@ directory):
     model       MLP.forward for Trainer.validate (into the gate's Window), then
                 MLP.loss_and_grad: forward pass and backprop
               then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint
-  gate        gather_evidence (Window.evidence, measure on Trainer.history) -> judge: a Verdict
+  gate        gather_evidence (Window.evidence; Trainer.history less the wild scores
+              plausible_scores finds, predictions then scored) -> judge: a Verdict
   publish     publish -> write_checkpoint
   checkpoints CheckpointWriter.stage -> readback_problem -> place -> point_latest
 
@@ -1653,8 +1654,7 @@ SAMPLE_LOG_DIR = ".samples"
 SEGMENT_MAGIC = b"VMAFX-SAMPLES-1\n"
 SEGMENT_HEADER = struct.Struct("<16sI")  # magic, feature count
 SAMPLE_RECORD = struct.Struct("<IIQdB")  # payload length, crc32 of the rest, sequence, arrival (Unix), held out
-SEGMENT_BYTES = 16 << 20  # a segment is closed once it holds this much (see segment_bytes()); the next starts at
-# the next sequence
+SEGMENT_BYTES = 16 << 20  # the most a segment holds (segment_bytes()); the next starts at the next sequence
 SMALLEST_SEGMENT_BYTES = 4096  # a dozen samples of 80 features: under a tiny bound, a segment is not a record
 LOG_ORIGIN = "origin"  # in .samples/: the first sequence ever logged (a replica may start logging late)
 LOG_ID = "id"  # in .samples/: a random name the log keeps wherever its directory goes; the fleet's position is kept
@@ -2858,7 +2858,7 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
 
 
 R2_MIN_SAMPLES = 5  # on fewer, r2_floor() is 1 or more, which no R² exceeds: such a set is not judged
-WILD_SPAN = 10  # a history score this many spans of the middle 98 % from the median is left out: plausible_scores()
+WILD_SPAN = 10  # how many spans of the history's middle 98 % make a score wild: plausible_scores()
 
 
 def judged_size(config: Config) -> int:
