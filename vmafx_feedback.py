@@ -233,8 +233,9 @@ class FeedbackClient:
         return False
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Deliver what is queued for up to `timeout` seconds, then stop; what is left counts as dropped.
-        Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect that blocks)."""
+        """Deliver what is queued for up to `timeout` seconds (None or math.inf: however long), then stop; what is
+        left counts as dropped. Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect
+        that blocks)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()  # ends a backoff pause: the sidecar may be back
