@@ -2410,15 +2410,22 @@ class Trainer:
         and replayed, the window would hold samples its incumbent trained on, which flatter it against the
         candidate's predictions made before training. The window starts again here (the few samples trained
         after that checkpoint are left out of it)."""
+        if self.checkpoints.version <= saved_newest:
+            return
         name = f"model_v{self.checkpoints.version:06d}.json"
         record = read_record(self.checkpoints.directory / name) or read_record(self.checkpoints.quarantine / name)
-        if self.checkpoints.version <= saved_newest or record is None:
+        if record is None:
             return
-        self.window.reset()
-        self.samples_since_checkpoint = 0
+        self.start_window(record)
         created = record.get("created_unix")
         ago = max(0.0, time.time() - created) if type(created) in (int, float) else 0.0
         self.last_checkpoint_time = time.monotonic() - ago
+
+    def start_window(self, record: dict[str, Any]) -> None:
+        """A checkpoint, written with `record`, ends the window: the next one starts empty, and so does the count
+        towards the next checkpoint."""
+        self.window.reset()
+        self.samples_since_checkpoint = 0
         self.last_gate = record
 
     def checkpoint_waiting(self) -> bool:
@@ -2445,9 +2452,7 @@ class Trainer:
             self.checkpoint_results["failed"] += 1
             return None
         self.checkpoint_results["published" if checkpoint.published else "quarantined"] += 1
-        self.samples_since_checkpoint = 0
-        self.window.reset()
-        self.last_gate = checkpoint.record
+        self.start_window(checkpoint.record)
         if checkpoint.published:
             self.samples_since_publish = 0
             self.incumbent = MLP.from_weights(self.raw_weights(self.ema), backend=self.backend)
@@ -3210,15 +3215,13 @@ class CheckpointWriter:
         self.version = version  # visible now: this version is never written again, whatever follows
         checkpoint = Checkpoint(directory / name, record, verdict)
         # In place whole, and readers may see it: what the disk refuses from here on is counted, not a failed
-        # checkpoint (latest.json catches up with the next one, or at the next start: recover_latest()).
+        # checkpoint (latest.* are updated when the disk takes it: point_latest_again()).
         try:
             fsync_directory(directory)
             if verdict.published:
                 self.point_latest(record, staged.data)
         except OSError as e:
-            self.failures += 1
-            self.unpointed = record if verdict.published else self.unpointed
-            self.pointing_tried = time.monotonic()
+            self.point_later(record if verdict.published else None)
             log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update "
                       "(retried every second): %s", version, LATEST, e)
         if not verdict.published:
@@ -3233,6 +3236,13 @@ class CheckpointWriter:
         write_whole(self.directory / LATEST, json_text(record).encode())
         fsync_directory(self.directory)
         self.latest, self.unpointed = record, None
+
+    def point_later(self, record: dict[str, Any] | None) -> None:
+        """Count an update of latest.* the disk refused, and have point_latest_again() name `record` (a published
+        checkpoint's; None: the one it was to name already) once the disk takes it."""
+        self.failures += 1
+        if record is not None:
+            self.unpointed, self.pointing_tried = record, time.monotonic()
 
     def point_latest_again(self) -> None:
         """Retry, once a second, the update of latest.onnx, its .sha256 and latest.json that the disk refused (counted
@@ -3280,8 +3290,7 @@ class CheckpointWriter:
             write_whole(self.directory / LATEST, json_text(newest).encode())
             fsync_directory(self.directory)
         except OSError as e:  # a full disk must not keep the sidecar from answering: retried every second
-            self.failures += 1
-            self.unpointed, self.pointing_tried = newest, time.monotonic()
+            self.point_later(newest)
             log.error("cannot point %s at %s, the newest published checkpoint, yet: %s", self.directory / LATEST,
                       newest["file"], e.strerror or e)
             return newest
@@ -3309,8 +3318,7 @@ class CheckpointWriter:
             self.replace_latest_model(self.latest, data)
             fsync_directory(self.directory)
         except OSError as e:  # as in recover_latest()
-            self.failures += 1
-            self.unpointed, self.pointing_tried = self.latest, time.monotonic()
+            self.point_later(self.latest)
             log.error("cannot update %s to %s yet: %s", self.directory / LATEST_MODEL, self.latest["file"],
                       e.strerror or e)
             return
