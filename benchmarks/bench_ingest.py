@@ -490,9 +490,9 @@ def measure_train_step(steps: int = 5000, warmup: int = 500,
         config = vs.Config.load({**(settings or {}), "VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
                                  "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
         trainer, _ = vs.build_trainer(config)
-        data = np.random.default_rng(7)
-        x = data.uniform(0, 1, (4096, config.n_features)).astype(np.float32)
-        y = data.uniform(20, 100, 4096).astype(np.float32)
+        data, rows = np.random.default_rng(7), max(4096, 2 * trainer.n_new)  # room for a step's new samples
+        x = data.uniform(0, 1, (rows, config.n_features)).astype(np.float32)
+        y = data.uniform(20, 100, rows).astype(np.float32)
         for i in range(0, config.replay_capacity, len(x)):  # a full replay buffer, as in steady state
             n = min(len(x), config.replay_capacity - i)
             trainer.replay.extend(x[:n], y[:n])
