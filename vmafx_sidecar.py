@@ -2999,12 +2999,6 @@ def window_scores(n: int, sums: np.ndarray, sum_e: float, sum_ee: float) -> Scor
     return Scores(plcc=min(1.0, max(-1.0, plcc)), srcc=None, rmse=math.sqrt(max(0.0, sse) / n), r2=r2)
 
 
-def measure(model: MLP, x: np.ndarray, y: np.ndarray) -> Scores | None:
-    """Scores of `model` on (x, y) in float64; None when there is nothing to measure or an output is
-    not finite, or so large that its squared error is not (an RMSE of inf is no JSON a strict reader takes)."""
-    return scored(predictions(model, x.astype(np.float64, copy=False)), y.astype(np.float64, copy=False))
-
-
 def predictions(model: MLP, x: np.ndarray) -> np.ndarray:
     """`model`'s outputs for float64 inputs, in float64 on the host (inf or nan where they overflow)."""
     with np.errstate(all="ignore"):
@@ -3012,7 +3006,8 @@ def predictions(model: MLP, x: np.ndarray) -> np.ndarray:
 
 
 def scored(predicted: np.ndarray, truth: np.ndarray) -> Scores | None:
-    """measure()'s scores of float64 predictions of float64 scores."""
+    """Scores of float64 predictions of float64 scores; None when there is nothing to measure or a prediction is not
+    finite, or so large that its squared error is not (an RMSE of inf is no JSON a strict reader takes)."""
     with np.errstate(all="ignore"):
         sse = float(np.sum((predicted - truth) ** 2))  # nan or inf when an output is
     if not len(truth) or not math.isfinite(sse):

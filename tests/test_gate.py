@@ -49,6 +49,11 @@ def passthrough(bias: float = 0.0) -> vs.MLP:
     return mlp([([[1.0]], [100.0]), ([[1.0]], [bias - 100.0])])
 
 
+def measure(model: vs.MLP, x: np.ndarray, y: np.ndarray) -> vs.Scores | None:
+    """`model`'s scores on (x, y), as gather_evidence() takes them: predictions, then scored, in float64."""
+    return vs.scored(vs.predictions(model, x.astype(np.float64)), y.astype(np.float64))
+
+
 def column(values) -> np.ndarray:
     return np.asarray(values, np.float32)[:, None]
 
@@ -139,14 +144,14 @@ def test_metrics_of_a_small_case_computed_by_hand():
     # PLCC = (1 + 0 + 0) / sqrt(2 * 2) = 1/2; the ranks are the values themselves, so SRCC = 1/2 too;
     # errors 0, -1, 1 give RMSE = sqrt(2/3); their squares sum to 2, as the truth's squared deviations from
     # its mean 2 do: R² = 1 - 2/2 = 0.
-    m = vs.measure(passthrough(), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
+    m = measure(passthrough(), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
     assert m.plcc == pytest.approx(0.5, abs=1e-12)
     assert m.srcc == pytest.approx(0.5, abs=1e-12)
     assert m.rmse == pytest.approx(math.sqrt(2 / 3), abs=1e-12)
     assert m.r2 == pytest.approx(0.0, abs=1e-12)
     # with a bias of 2: predictions [3, 4, 5], errors 2, 1, 3: RMSE = sqrt(14/3), R² = 1 - 14/2;
     # correlations unchanged
-    m = vs.measure(passthrough(2.0), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
+    m = measure(passthrough(2.0), column([1, 2, 3]), np.array([1, 3, 2], np.float32))
     assert (m.plcc, m.srcc) == (pytest.approx(0.5, abs=1e-12), pytest.approx(0.5, abs=1e-12))
     assert m.rmse == pytest.approx(math.sqrt(14 / 3), abs=1e-12)
     assert m.r2 == pytest.approx(-6.0, abs=1e-12)
@@ -154,11 +159,11 @@ def test_metrics_of_a_small_case_computed_by_hand():
 
 def test_linear_and_anti_linear_data_give_plus_and_minus_one():
     x = column([1, 2, 3, 4])
-    m = vs.measure(passthrough(), x, np.array([10, 13, 16, 19], np.float32))  # 3p + 7
+    m = measure(passthrough(), x, np.array([10, 13, 16, 19], np.float32))  # 3p + 7
     assert m.plcc == pytest.approx(1.0, abs=1e-12) and m.srcc == pytest.approx(1.0, abs=1e-12)
     # errors 9, 11, 13, 15: mean square (81 + 121 + 169 + 225) / 4 = 149
     assert m.rmse == pytest.approx(math.sqrt(149), abs=1e-12)
-    m = vs.measure(passthrough(), x, np.array([8, 6, 4, 2], np.float32))  # -2p + 10
+    m = measure(passthrough(), x, np.array([8, 6, 4, 2], np.float32))  # -2p + 10
     assert m.plcc == pytest.approx(-1.0, abs=1e-12) and m.srcc == pytest.approx(-1.0, abs=1e-12)
     assert -1.0 <= m.plcc <= 1.0 and -1.0 <= m.srcc <= 1.0
 
@@ -170,8 +175,8 @@ def test_outputs_whose_squared_errors_overflow_float64_are_not_measured():
     huge = mlp([(limit, [0.0])] * 4 + [([[1.0]], [0.0])])
     x = column([1e38, 2e38])
     with np.errstate(all="raise"):  # measured quietly, as every other overflow is
-        assert vs.measure(huge, x, np.array([1, 2], np.float32)) is None
-    assert vs.measure(passthrough(), x, np.array([1, 2], np.float32)) is not None  # 1e38 squared: still finite
+        assert measure(huge, x, np.array([1, 2], np.float32)) is None
+    assert measure(passthrough(), x, np.array([1, 2], np.float32)) is not None  # 1e38 squared: still finite
 
 
 def test_srcc_with_ties_uses_average_ranks():
@@ -179,7 +184,7 @@ def test_srcc_with_ties_uses_average_ranks():
     # centred: [-1.5, 0, 0, 1.5] and [-1.5, 0.5, -0.5, 1.5]
     # sum of products 2.25 + 2.25 = 4.5; squares 4.5 and 2.25 + 0.25 + 0.25 + 2.25 = 5
     # SRCC = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
-    m = vs.measure(passthrough(), column([1, 2, 2, 3]), np.array([1, 3, 2, 4], np.float32))
+    m = measure(passthrough(), column([1, 2, 2, 3]), np.array([1, 3, 2, 4], np.float32))
     assert m.srcc == pytest.approx(math.sqrt(0.9), abs=1e-12)
     # PLCC of the raw values is the same here: they equal their ranks up to the shift by the tie
     # predictions centred [-1, 0, 0, 1]: products 1.5 + 1.5 = 3, squares 2 and 5: 3 / sqrt(10)
@@ -199,13 +204,13 @@ def test_constant_predictions_or_truth_give_zero_correlation_without_warnings():
     x, y = column([1, 2, 3, 4]), np.array([40, 41, 43, 44], np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m = vs.measure(flat, x, y)
+        m = measure(flat, x, y)
         assert (m.plcc, m.srcc) == (0.0, 0.0)
         assert m.rmse == pytest.approx(math.sqrt((4 + 1 + 1 + 4) / 4), abs=1e-12)
-        m = vs.measure(passthrough(), x, np.full(4, 7, np.float32))  # every true score equal
+        m = measure(passthrough(), x, np.full(4, 7, np.float32))  # every true score equal
         assert (m.plcc, m.srcc, m.r2) == (0.0, 0.0, 0.0)
         assert m.rmse == pytest.approx(math.sqrt((36 + 25 + 16 + 9) / 4), abs=1e-12)
-        m = vs.measure(passthrough(), column([5]), np.array([5], np.float32))  # a single sample
+        m = measure(passthrough(), column([5]), np.array([5], np.float32))  # a single sample
         assert (m.plcc, m.srcc, m.rmse, m.r2) == (0.0, 0.0, 0.0, 0.0)
         assert vs.pearson(np.array([3.0, 3.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 0.0
         assert vs.pearson(np.array([1.0, 2.0, 3.0]), np.array([-2.0, -2.0, -2.0])) == 0.0
@@ -221,17 +226,17 @@ def test_pearson_of_huge_or_tiny_values_neither_overflows_nor_underflows():
 
 def test_measure_is_none_for_no_samples_or_non_finite_predictions():
     x, y = column([1, 2, 3]), np.array([1, 2, 3], np.float32)
-    assert vs.measure(passthrough(), x[:0], y[:0]) is None
-    assert vs.measure(mlp([([[1.0]], [0.0]), ([[1.0]], [np.inf])]), x, y) is None
-    assert vs.measure(mlp([([[1.0]], [0.0]), ([[np.nan]], [0.0])]), x, y) is None
+    assert measure(passthrough(), x[:0], y[:0]) is None
+    assert measure(mlp([([[1.0]], [0.0]), ([[1.0]], [np.inf])]), x, y) is None
+    assert measure(mlp([([[1.0]], [0.0]), ([[np.nan]], [0.0])]), x, y) is None
     # float32 weights whose float64 product is still finite are measured
-    assert vs.measure(mlp([([[3e38]], [0.0]), ([[3e38]], [0.0])]), x, y) is not None
+    assert measure(mlp([([[3e38]], [0.0]), ([[3e38]], [0.0])]), x, y) is not None
 
 
 def test_measure_runs_in_float64():
     # predictions 1e8 + [0, 1, 2, 3] would all be 1e8 in float32 (its spacing there is 8)
     shifted = mlp([([[1.0]], [0.0]), ([[1.0]], [1e8])])  # x + 1e8 for x >= 0; 1e8 is exact in float32
-    m = vs.measure(shifted, column([0, 1, 2, 3]), np.array([0, 1, 2, 3], np.float32))
+    m = measure(shifted, column([0, 1, 2, 3]), np.array([0, 1, 2, 3], np.float32))
     assert m.plcc == pytest.approx(1.0, abs=1e-12) and m.srcc == pytest.approx(1.0, abs=1e-12)
     assert m.rmse == 1e8
 
@@ -256,7 +261,7 @@ def test_measure_matches_an_independent_computation_on_random_models(seed):
     x[100:] = x[:100]  # repeated inputs: tied predictions
     y = rng.integers(20, 30, 200).astype(np.float32)  # few distinct scores: tied truth
     predicted = float64_predictions(model, x)
-    m = vs.measure(model, x, y)
+    m = measure(model, x, y)
     assert m.plcc == pytest.approx(plain_pearson(predicted, y), abs=1e-9)
     srcc = plain_pearson([float(r) for r in brute_ranks(predicted)], [float(r) for r in brute_ranks(y)])
     assert m.srcc == pytest.approx(srcc, abs=1e-9)
@@ -632,7 +637,7 @@ def evidence(n: int, candidate: vs.Scores | None, **references: vs.Scores | None
 
 def measured(models: dict[str, vs.MLP], x: np.ndarray, y: np.ndarray) -> vs.Evidence:
     """Each model's scores on (x, y), all of them held out: a history as gather_evidence measures one."""
-    return vs.Evidence(len(y), {name: vs.measure(model, x, y) for name, model in models.items()}, len(y))
+    return vs.Evidence(len(y), {name: measure(model, x, y) for name, model in models.items()}, len(y))
 
 
 ENOUGH = 300  # samples in a set: the GATE_MIN_EVAL the tests below judge with
@@ -1265,7 +1270,7 @@ def test_trainer_keeps_the_last_published_incumbent_when_a_later_checkpoint_is_q
         result = trainer.add(row, score)
     assert not result.checkpoint.published and result.checkpoint.record["version"] == 2
     assert trainer.last_gate["metrics"]["incumbent"] == dataclasses.asdict(
-        vs.measure(trainer.incumbent, trainer.eval.x[:40], trainer.eval.y[:40]))
+        measure(trainer.incumbent, trainer.eval.x[:40], trainer.eval.y[:40]))
     np.testing.assert_array_equal(trainer.incumbent.flat, published)
     np.testing.assert_array_equal(trainer.checkpoints.latest_model().flat, published)
     assert (tmp_path / "latest.json").read_bytes() == latest
@@ -1370,7 +1375,7 @@ def candidates(trainer: vs.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     noise = np.random.default_rng(6).normal(0, 1, exact.shape).astype(np.float32)
     near, far = exact + np.float32(0.05) * noise, exact + np.float32(0.5) * noise
     x, y, _ = trainer.history()
-    plcc = [vs.measure(vs.MLP.from_weights(weights_like(trainer.model, w)), x, y).plcc for w in (exact, near, far)]
+    plcc = [measure(vs.MLP.from_weights(weights_like(trainer.model, w)), x, y).plcc for w in (exact, near, far)]
     assert plcc[0] > plcc[1] > plcc[2], plcc  # the tests' premise
     return exact, near, far
 

@@ -301,7 +301,8 @@ def base_model() -> sidecar_module.MLP:
 
 def measured(model: sidecar_module.MLP, x: np.ndarray, y: np.ndarray) -> dict:
     """The gate's scores of a model on (x, y), computed here from its weights."""
-    return dataclasses.asdict(sidecar_module.measure(model, x, y))
+    predicted = sidecar_module.predictions(model, x.astype(np.float64))
+    return dataclasses.asdict(sidecar_module.scored(predicted, y.astype(np.float64)))
 
 
 def evidence_samples(stream: Stream, w: Written, trained_before: int,
