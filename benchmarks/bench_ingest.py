@@ -483,32 +483,45 @@ def feedback_main(rates: list[int], seconds: float) -> int:
 
 # ---- the training step, measured in-process ----
 
+def steady_trainer(checkpoint_dir: str, settings: dict[str, str] | None = None) -> tuple[vs.Trainer, np.ndarray,
+                                                                                       np.ndarray]:
+    """A Trainer built the way serve() builds it, its replay buffer full as in steady state (no checkpoint falls
+    due), and samples to feed it: more rows than a step takes."""
+    config = vs.Config.load({**(settings or {}), "VMAFX_SIDECAR_CHECKPOINT_DIR": checkpoint_dir,
+                             "VMAFX_BASE_MODEL_PATH": "", "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
+    trainer, _ = vs.build_trainer(config)
+    data, rows = np.random.default_rng(7), max(4096, 2 * trainer.n_new)
+    x = data.uniform(0, 1, (rows, config.n_features)).astype(np.float32)
+    y = data.uniform(20, 100, rows).astype(np.float32)
+    for i in range(0, config.replay_capacity, len(x)):
+        n = min(len(x), config.replay_capacity - i)
+        trainer.replay.extend(x[:n], y[:n])
+    return trainer, x, y
+
+
+def pend_step(trainer: vs.Trainer, x: np.ndarray, y: np.ndarray, i: int) -> None:
+    """Leave the i-th step's new samples pending, as add() does before it runs the step."""
+    n_new = trainer.n_new
+    j = (i * n_new) % (len(x) - n_new)
+    trainer.pending_x[:] = x[j:j + n_new]
+    trainer.pending_y[:] = y[j:j + n_new]
+
+
 def measure_train_step(steps: int = 5000, warmup: int = 500,
                        settings: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Median and p99 of Trainer.step() in µs, with the Trainer built the way serve() builds it."""
+    """Median and p99 of Trainer.step() in µs, in a tight loop."""
     with tempfile.TemporaryDirectory(prefix="vmafx-bench-step-") as tmp:
-        config = vs.Config.load({**(settings or {}), "VMAFX_SIDECAR_CHECKPOINT_DIR": tmp, "VMAFX_BASE_MODEL_PATH": "",
-                                 "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**15)}, {})
-        trainer, _ = vs.build_trainer(config)
-        data, rows = np.random.default_rng(7), max(4096, 2 * trainer.n_new)  # room for a step's new samples
-        x = data.uniform(0, 1, (rows, config.n_features)).astype(np.float32)
-        y = data.uniform(20, 100, rows).astype(np.float32)
-        for i in range(0, config.replay_capacity, len(x)):  # a full replay buffer, as in steady state
-            n = min(len(x), config.replay_capacity - i)
-            trainer.replay.extend(x[:n], y[:n])
-        n_new = trainer.n_new
+        trainer, x, y = steady_trainer(tmp, settings)
         times = np.zeros(steps, np.int64)
         clock = time.perf_counter_ns
         for i in range(warmup + steps):
-            j = (i * n_new) % (len(x) - n_new)
-            trainer.pending_x[:] = x[j:j + n_new]  # what add() leaves pending for the step
-            trainer.pending_y[:] = y[j:j + n_new]
+            pend_step(trainer, x, y, i)
             t0 = clock()
             trainer.step()
             t1 = clock()
             if i >= warmup:
                 times[i - warmup] = t1 - t0
-        shape = (f"batch {config.batch_size} ({n_new} new + {trainer.n_replay} replay), "
+        shape = (f"batch {trainer.config.batch_size} ({trainer.n_new} new + {trainer.n_replay} replay), "
                  f"{'-'.join(map(str, trainer.model.sizes))}")
         return float(np.median(times)) / 1e3, float(np.percentile(times, 99)) / 1e3, shape
 
