@@ -483,8 +483,8 @@ def feedback_main(rates: list[int], seconds: float) -> int:
 
 # ---- the training step, measured in-process ----
 
-def steady_trainer(checkpoint_dir: str, settings: dict[str, str] | None = None) -> tuple[vs.Trainer, np.ndarray,
-                                                                                       np.ndarray]:
+def steady_trainer(checkpoint_dir: str,
+                   settings: dict[str, str] | None = None) -> tuple[vs.Trainer, np.ndarray, np.ndarray]:
     """A Trainer built the way serve() builds it, its replay buffer full as in steady state (no checkpoint falls
     due), and samples to feed it: more rows than a step takes."""
     config = vs.Config.load({**(settings or {}), "VMAFX_SIDECAR_CHECKPOINT_DIR": checkpoint_dir,
