@@ -1421,14 +1421,19 @@ class StateStore:
         self.journal.append_rejection()
 
     def commit(self) -> None:
-        """The journal's batch, then the sample log's: a logged sample is always a journaled one."""
+        """The journal's batch, then the sample log's: a logged sample is always a journaled one. While the
+        journal's writes fail, the log's samples wait for it, within the same memory bound."""
         self.journal.commit()
-        if self.samples is not None and not self.journal.failing:
+        if self.samples is None:
+            return
+        if self.journal.failing:
+            self.bound_pending_samples()
+        else:
             self.commit_samples()
 
     def commit_samples(self) -> None:
         """As the journal's commit: what the disk refuses stays pending, and is written with the next batch;
-        logged once per outage, and memory stays bounded in a long one (the fleet then reports the gap)."""
+        logged once per outage, and memory stays bounded in a long one (bound_pending_samples)."""
         try:
             self.samples.commit(self.config.sample_log_max_bytes)
             if self.config.journal_fsync == "always":
@@ -1438,12 +1443,17 @@ class StateStore:
                 log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
             self.samples_failing = True
             self.sample_log_failures += 1
-            if len(self.samples.pending) > JOURNAL_MEMORY_LIMIT:
-                log.error("sample log still failing: %d samples dropped from it", self.samples.drop_pending())
+            self.bound_pending_samples()
             return
         if self.samples_failing:
             log.info("sample log writes work again")
         self.samples_failing = False
+
+    def bound_pending_samples(self) -> None:
+        """Give up the log's waiting samples past JOURNAL_MEMORY_LIMIT, counted: the fleet then reports the gap."""
+        if len(self.samples.pending) > JOURNAL_MEMORY_LIMIT:
+            log.error("sample log writes (or the journal's) still failing: %d samples dropped from the log",
+                      self.samples.drop_pending())
 
     def tick(self) -> None:
         if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
