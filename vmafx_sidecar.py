@@ -1851,10 +1851,19 @@ def aside_path(path: Path, tag: str) -> Path:
 
 
 def log_id(directory: Path) -> str | None:
-    """The name of the sample log in a replica's `directory` (LOG_ID); None for one without (an older version's)."""
+    """The name of the sample log in a replica's `directory` (LOG_ID); None for one without (an older version's),
+    or with one that cannot be read."""
+    try:
+        return readable_log_id(directory)
+    except OSError:
+        return None
+
+
+def readable_log_id(directory: Path) -> str | None:
+    """log_id, but OSError where the name cannot be read now (an I/O error), which is not a log without one."""
     try:
         return (directory / SAMPLE_LOG_DIR / LOG_ID).read_text().strip() or None
-    except (OSError, UnicodeDecodeError):
+    except (FileNotFoundError, UnicodeDecodeError):
         return None
 
 
@@ -3580,7 +3589,12 @@ def replica_logs(root: Path) -> list[tuple[Path, str]]:
     the position of one would cut the other's samples short, or read them twice."""
     logs: dict[str, Path] = {}
     for path in replica_directories(root):
-        key = log_id(path) or path.name
+        try:
+            key = readable_log_id(path) or path.name
+        except OSError as e:  # keyed by its directory's name, its log would be read again from its start
+            log.warning("fleet: %s skipped this run: the name of its sample log cannot be read: %s", path.name,
+                        e.strerror or e)
+            continue
         if key in logs:
             log.warning("fleet: %s skipped: its sample log is named %s, as %s's is (a copy?); remove its %s/%s to "
                         "give it a name of its own", path.name, key, logs[key].name, SAMPLE_LOG_DIR, LOG_ID)

@@ -673,6 +673,31 @@ def test_a_copy_of_a_replica_directory_is_skipped_with_one_line(tmp_path, caplog
     assert "fleet: vmafx-node-9 skipped: its sample log is named" in caplog.text
 
 
+def test_a_log_whose_name_cannot_be_read_now_waits_for_the_next_run(tmp_path, monkeypatch, caplog):
+    """Keyed by its directory's name while an I/O error kept its name from being read, a log was read again from its
+    start, and the run after read again what came after the position kept under its name."""
+    rng = np.random.default_rng(36)
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    replica_run(node, 100, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    replica_run(node, 20, rng)
+    read_text = Path.read_text
+
+    def failing(path, *args, **kwargs):
+        if path.name == vs.LOG_ID:
+            raise OSError(5, "Input/output error")
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", failing)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW
+    assert "vmafx-node-0 skipped this run: the name of its sample log cannot be read" in caplog.text
+    monkeypatch.undo()
+    replica_run(node, 10, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 130 and positions(tmp_path) == {"vmafx-node-0": 130}
+
+
 def test_a_position_kept_under_a_directory_name_by_an_older_version_moves_to_the_logs_name(tmp_path):
     rng = np.random.default_rng(33)
     replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
