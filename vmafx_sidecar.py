@@ -3585,9 +3585,10 @@ def save_fleet_state(state: StateStore) -> None:
 
 def replica_logs(root: Path) -> list[tuple[Path, str]]:
     """Each replica directory with the name its log's position is kept under: the log's own (LOG_ID), or an older
-    version's directory name. A directory with a log of a name read already (a copy of a replica's) is skipped:
-    the position of one would cut the other's samples short, or read them twice."""
-    logs: dict[str, Path] = {}
+    version's directory name. Of directories whose logs have one name (a replica's and a copy of it), the one whose
+    log reaches furthest is read, the others skipped: the position of one would cut the other's samples short, or
+    read them twice, and a copy's log stops where the copy was made."""
+    logs: dict[str, list[Path]] = {}
     for path in replica_directories(root):
         try:
             key = readable_log_id(path) or path.name
@@ -3595,12 +3596,25 @@ def replica_logs(root: Path) -> list[tuple[Path, str]]:
             log.warning("fleet: %s skipped this run: the name of its sample log cannot be read: %s", path.name,
                         e.strerror or e)
             continue
-        if key in logs:
-            log.warning("fleet: %s skipped: its sample log is named %s, as %s's is (a copy?); remove its %s/%s to "
-                        "give it a name of its own", path.name, key, logs[key].name, SAMPLE_LOG_DIR, LOG_ID)
-            continue
-        logs[key] = path
-    return [(path, key) for key, path in logs.items()]
+        logs.setdefault(key, []).append(path)
+    replicas = []
+    for key, paths in logs.items():
+        furthest = max(paths, key=log_reach)  # the first in name order of those that reach as far
+        for path in paths:
+            if path != furthest:
+                log.warning("fleet: %s skipped: its sample log is named %s, as %s's is, which reaches further or as "
+                            "far (a copy of it?): move a copy out of %s", path.name, key, furthest.name, root)
+        replicas.append((furthest, key))
+    return replicas
+
+
+def log_reach(directory: Path) -> tuple[int, int]:
+    """How far a replica's log reaches, as its newest segment's first number and size tell without reading it."""
+    try:
+        newest = segment_paths(directory / SAMPLE_LOG_DIR)[-1]
+        return int(newest.name[:16]), newest.stat().st_size
+    except (OSError, IndexError):
+        return 0, 0
 
 
 def replica_directories(root: Path) -> list[Path]:

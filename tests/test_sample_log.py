@@ -698,6 +698,24 @@ def test_a_log_whose_name_cannot_be_read_now_waits_for_the_next_run(tmp_path, mo
     assert fleet_state(tmp_path)["samples_accepted"] == 130 and positions(tmp_path) == {"vmafx-node-0": 130}
 
 
+@pytest.mark.parametrize("copy", ["backup-vmafx-node-0", "vmafx-node-9"], ids=["sorted first", "sorted last"])
+def test_a_copy_of_a_replica_directory_is_skipped_wherever_its_name_sorts(tmp_path, caplog, copy):
+    """A copy whose name sorted before the replica's was read instead of it: the replica's new samples were never
+    trained on, and its retention, reading the position kept under the name the two share, dropped them."""
+    rng = np.random.default_rng(37)
+    live = tmp_path / "vmafx-node-0"
+    live.mkdir()
+    log = vs.SampleLog(live, N_FEATURES)
+    append_each(log, [sample(i, rng) for i in range(1, 101)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    shutil.copytree(live, tmp_path / copy)
+    append_each(log, [sample(i, rng) for i in range(101, 201)])
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 200 and vs.fleet_cursor(live) == 200
+    assert f"fleet: {copy} skipped: its sample log is named" in caplog.text
+
+
 def test_a_position_kept_under_a_directory_name_by_an_older_version_moves_to_the_logs_name(tmp_path):
     rng = np.random.default_rng(33)
     replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
