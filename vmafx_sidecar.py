@@ -4042,6 +4042,11 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise StartupError(f"base model {path}: layer {i} has weights that are not finite in float32 (NaN, "
                                f"infinite, or beyond float32's range)")
+    for act in weights.activations:  # as a NaN weight would, a NaN slope makes every step overflow
+        if act.kind == "leaky_relu" and not np.isfinite(np.float32(act.alpha)):
+            raise StartupError(f"base model {path}: its activation {act} has a slope that is not finite in float32")
+    if 0 in weights.sizes():  # its output a constant: it could never learn, and no checkpoint would pass the gate
+        raise StartupError(f"base model {path}: a layer of no units ({'-'.join(map(str, weights.sizes()))})")
     return weights
 
 

@@ -540,6 +540,28 @@ def test_a_base_model_with_weights_not_finite_in_float32_is_refused(tmp_path, ba
         vs.load_base_model(config)
 
 
+@pytest.mark.parametrize("alpha", [np.nan, np.inf, 1e39], ids=["NaN", "infinite", "beyond float32"])
+def test_a_base_model_whose_activation_slope_is_not_finite_in_float32_is_refused(tmp_path, alpha):
+    """onnx's checker takes a LeakyRelu of any alpha: loaded, it made every step overflow, as a NaN weight does."""
+    weights = builder.MLPWeights([(np.full((4, 3), 0.5, np.float32), np.zeros(3, np.float32)),
+                                  (np.ones((3, 1), np.float32), np.zeros(1, np.float32))],
+                                 [vs.Activation("leaky_relu", alpha)])
+    path = tmp_path / "base.onnx"
+    onnx.save(builder.build_mlp_model(weights, {}), path)
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(vs.StartupError, match=r"its activation leaky_relu\(\S+\) has a slope that is not finite"):
+        vs.load_base_model(config)
+
+
+def test_a_base_model_with_a_layer_of_no_units_is_refused(tmp_path):
+    """Its output a constant, it could never learn, and the gate refused every checkpoint of it for ever."""
+    path = tmp_path / "base.npz"
+    np.savez(path, W0=np.zeros((0, 4)), b0=np.zeros(0), W1=np.zeros((1, 0)), b1=np.array([50.0]))
+    config = vs.Config(base_model_path=str(path), n_features=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(vs.StartupError, match=r"a layer of no units \(4-0-1\)"):
+        vs.load_base_model(config)
+
+
 def test_a_base_model_this_process_may_not_read_is_refused_not_replaced_by_a_fresh_one(tmp_path, monkeypatch):
     path = tmp_path / "locked" / "base.onnx"
     real_stat = os.stat
