@@ -563,7 +563,7 @@ def csv_request(row: list[str], layout: CsvLayout) -> bytes:
                                "true_score": csv_number(row[layout.score[0]], layout.score[1])}
     if layout.job_id is not None and row[layout.job_id]:  # an empty cell: a sample without a job id
         message["job_id"] = csv_text(row[layout.job_id], "job_id")
-    return json.dumps(message).encode() + b"\n"
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"  # no longer than it must be: the line limit
 
 
 def csv_text(cell: str, column: str) -> str:
@@ -634,6 +634,7 @@ def json_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes
     than `limit` bytes before its newline, which the sidecar would refuse, and which is read on in pieces, never held
     whole (a JSON array on one line, say); a blank one, however long, as a blank line."""
     bom = len(codecs.BOM_UTF8)
+    limit = min(limit, sys.maxsize - 1 - bom)  # one past what a read can ask for (an operator's "no limit"): none
     while line := f.readline(limit + 1 + bom):
         tally.bytes_read += len(line)
         if bom:

@@ -83,6 +83,14 @@ def test_csv_layout_defaults_to_every_column_but_score_and_job_id_in_header_orde
     assert message == {"features": [1.0, 2.0, 3.0], "true_score": 80.5, "job_id": "enc-7"}
 
 
+def test_a_csv_rows_request_line_is_compact_json():
+    """With json.dumps' spaced separators a row's line was longer than the same sample written by hand: a row within
+    VMAFX_SIDECAR_MAX_LINE_BYTES as JSON was refused as too long."""
+    layout = vf.csv_layout(["a", "b", "true_score", "job_id"], "true_score", None)
+    line = b'{"features":[1.0,2.5],"true_score":80.0,"job_id":"enc-7"}\n'
+    assert vf.csv_request(["1", "2.5", "80", "enc-7"], layout) == line
+
+
 def test_csv_layout_takes_the_named_feature_columns_in_the_order_given():
     layout = vf.csv_layout(["a", "b", "c", "note", "vmaf"], "vmaf", ["c", "a"])
     message = json.loads(vf.csv_request(["1", "2", "3", "not a number", "90"], layout))
@@ -363,6 +371,14 @@ def test_send_refuses_a_line_as_too_long_exactly_where_the_sidecar_would(tmp_pat
     server.take_lines(conn, line + b"\n")  # as send would have sent it
     refused = conn.outbuf == b'{"ok": false, "error": "line too long (limit 10 bytes)"}\n'
     assert lines == [None if refused else line + (b"" if last else b"\n"), *([] if last else [b"next\n"])]
+
+
+def test_a_line_limit_past_what_a_read_can_ask_for_is_no_limit():
+    """A sidecar runs with VMAFX_SIDECAR_MAX_LINE_BYTES 2**63 (an operator's "no limit"): send died reading its
+    first line, OverflowError: cannot fit 'int' into an index-sized integer."""
+    data = codecs.BOM_UTF8 + VALID + b"x" * 100_000 + b"\n"
+    lines = list(vf.json_lines(io.BufferedReader(io.BytesIO(data), 64), 2**63, vf.Tally(None, False)))
+    assert lines == [VALID, b"x" * 100_000 + b"\n"]
 
 
 def test_a_blank_line_however_long_is_skipped_by_send_as_any_blank_line():
