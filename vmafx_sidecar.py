@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import re
 import resource
 import secrets
@@ -4002,6 +4003,8 @@ def resident_bytes() -> int | None:
 # whatever it claims: a few kilobytes of zip inflate to any size, and numpy allocates what a header says.
 MAX_BASE_MODEL_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 1 << 24  # a state-dict's data.pkl: a few kilobytes of names and tensor layouts
+MAX_PICKLE_OPS = 1 << 20  # in it: some tens of opcodes a tensor
+MAX_TUPLE_NODES = 1 << 12  # a tuple built by it, counted whole: a tensor's layout is a few numbers
 
 
 def too_large() -> str:
@@ -4161,7 +4164,9 @@ class StateDictUnpickler(pickle.Unpickler):
     def __init__(self, archive: zipfile.ZipFile, root: str):
         if archive.getinfo(root + "data.pkl").file_size > MAX_PICKLE_BYTES:
             raise onnx_builder.UnsupportedModelError(f"its data.pkl is over {MAX_PICKLE_BYTES} bytes: not a state-dict")
-        super().__init__(io.BytesIO(archive.read(root + "data.pkl")))
+        data = archive.read(root + "data.pkl")
+        check_pickle_work(data)
+        super().__init__(io.BytesIO(data))
         self.archive, self.root = archive, root
         self.bytes_left = MAX_BASE_MODEL_BYTES  # read from storages and copied into tensors, in all
 
@@ -4177,8 +4182,8 @@ class StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is StorageType
-                and type(pid[4]) is int and pid[4] >= 0):
-            raise onnx_builder.UnsupportedModelError(f"unexpected persistent id {pid!r:.80}")
+                and type(pid[2]) is str and type(pid[4]) is int and pid[4] >= 0):  # by its type: a repr can be huge
+            raise onnx_builder.UnsupportedModelError(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage, key, _, numel = pid
         name, size = f"{self.root}data/{key}", numel * storage.dtype.itemsize
         self.take(size)
@@ -4191,6 +4196,44 @@ class StateDictUnpickler(pickle.Unpickler):
         self.bytes_left -= size
         if self.bytes_left < 0:
             raise onnx_builder.UnsupportedModelError(too_large())
+
+
+def check_pickle_work(data: bytes) -> None:
+    """Refuse a pickle whose unpickling would take work out of all proportion to its size, before it runs: one of
+    over MAX_PICKLE_OPS opcodes, or one that builds a tuple of over MAX_TUPLE_NODES nodes counted whole, a shared
+    one as often as it is reached (the unpickler hashes a dict key in time exponential in such sharing). Its stack
+    is followed as pickletools describes each opcode's, each item's node count in place of the item."""
+    stack: list[int | None] = []  # None for a mark
+    memo: dict[int, int | None] = {}
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if count == MAX_PICKLE_OPS:
+                raise onnx_builder.UnsupportedModelError(f"its data.pkl runs over {MAX_PICKLE_OPS} opcodes: not a "
+                                                         "state-dict")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if arg is None else arg] = stack[-1]
+                continue
+            if op.name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+                stack.append(stack[-1] if arg is None else memo[arg])
+                continue
+            before = op.stack_before
+            if pickletools.markobject in before:
+                mark = len(stack) - 1 - stack[::-1].index(None)
+                taken, first = stack[mark + 1:], mark - before.index(pickletools.markobject)
+            else:
+                taken, first = stack[len(stack) - len(before):], len(stack) - len(before)
+            if first < 0:
+                raise IndexError("stack underflow")
+            del stack[first:]
+            nodes = 1 + sum(taken) if op.name.startswith("TUPLE") else 1  # a TypeError for a mark among them
+            if nodes > MAX_TUPLE_NODES:
+                raise onnx_builder.UnsupportedModelError(f"its data.pkl builds a tuple of over {MAX_TUPLE_NODES} "
+                                                         "items, nested ones counted: not a state-dict")
+            stack += [None if item is pickletools.markobject else nodes for item in op.stack_after]
+    except onnx_builder.UnsupportedModelError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError) as e:  # what the unpickler would misread or refuse too
+        raise onnx_builder.UnsupportedModelError(f"its data.pkl is not a pickle it can follow: {e}") from None
 
 
 class Inert:
@@ -4226,8 +4269,8 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple,
     """torch._utils._rebuild_tensor_v2, for numpy: a view into the storage, bounds-checked first."""
     if (type(storage) is not np.ndarray or storage.dtype not in STORAGE_DTYPES.values() or type(size) is not tuple
             or type(stride) is not tuple or len(size) != len(stride)
-            or not all(type(n) is int and n >= 0 for n in (offset, *size, *stride))):
-        raise onnx_builder.UnsupportedModelError("malformed tensor in the state-dict")
+            or not all(type(n) is int and 0 <= n < 2**63 for n in (offset, *size, *stride))):  # torch's int64:
+        raise onnx_builder.UnsupportedModelError("malformed tensor in the state-dict")  # the sums below stay cheap
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= len(storage):
         raise onnx_builder.UnsupportedModelError("a tensor reaches past the end of its storage")

@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -311,6 +312,41 @@ def test_a_tensor_repeating_its_storage_is_refused_before_it_is_copied():
     with pytest.raises(builder.UnsupportedModelError, match="144000000 values repeats the 1 of its storage"):
         vs.rebuild_tensor(storage, 0, (12000, 12000), (0, 0))
     assert vs.rebuild_tensor(np.arange(8, dtype=np.float32), 2, (2, 3), (3, 1)).tolist() == [[2, 3, 4], [5, 6, 7]]
+
+
+def shared_nesting_pickle(depth: int, builds: bytes, then: bytes) -> bytes:
+    """PROTO 2, an empty dict, then x_0 = an empty container (`builds`: b")" a tuple, b"]" a list) and x_i = (x_{i-1},
+    x_{i-1}) up to `depth`, each in the memo, as a few bytes each: x_depth reaches 2**depth items. Then `then`."""
+    def memo(op: bytes, i: int) -> bytes:
+        return op + i.to_bytes(4, "little")
+    ops = b"\x80\x02}" + builds + memo(b"r", 0) + b"0"  # LONG_BINPUT, POP
+    for i in range(1, depth + 1):
+        pair = memo(b"j", i - 1) * 2  # LONG_BINGET twice
+        ops += (pair + b"\x86" if builds == b")" else b"](" + pair + b"e") + memo(b"r", i) + b"0"  # TUPLE2 or APPENDS
+    return ops + memo(b"j", depth) + then
+
+
+@pytest.mark.parametrize("payload", [
+    shared_nesting_pickle(60, b")", b"K\x01s."),  # SETITEM of x_60 as a key: hashed in 2**60 steps
+    shared_nesting_pickle(60, b")", b"Q."),  # BINPERSID of x_60: an error message repeating it
+    shared_nesting_pickle(40, b"]", b"Q."),  # the same of a list, which no tuple bound covers
+    b"\x80\x02" + b"N0" * vs.MAX_PICKLE_OPS + b"}.",  # a bounded amount of work, but an unbounded one per byte
+], ids=["a tuple key", "a tuple persistent id", "a list persistent id", "opcodes past the bound"])
+def test_a_small_pickle_that_would_take_unbounded_work_to_read_is_refused_at_once(tmp_path, payload):
+    """A few kilobytes of file hung the sidecar at start for ever, before any check of what the pickle built ran."""
+    path = tmp_path / "small.pt"
+    torch_like_archive(path, payload)
+    started = time.monotonic()
+    with pytest.raises(builder.UnsupportedModelError, match="over 4096 items|persistent id|over 1048576 opcodes"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+    assert time.monotonic() - started < 30  # seconds, where it was years
+
+
+def test_tensor_layouts_past_int64_are_refused_before_any_arithmetic():
+    """A size and stride of 32-Mbit integers (4 MB of pickle): each product in the bounds check took ~16 s."""
+    huge = 1 << 32_000_000
+    with pytest.raises(builder.UnsupportedModelError, match="malformed tensor"):
+        vs.rebuild_tensor(np.ones(4, np.float32), 0, (huge, huge), (huge, huge))
 
 
 def build_on_a_storage_type_pickle() -> bytes:
