@@ -4177,6 +4177,9 @@ class StateDictUnpickler(pickle.Unpickler):
             return TensorRebuild(self)
         if module == "torch" and name in STORAGE_DTYPES:
             return StorageType(STORAGE_DTYPES[name])
+        if module == "torch" and re.fullmatch(r"[A-Za-z0-9]*Storage", name):  # a real state-dict's, of other values
+            raise onnx_builder.UnsupportedModelError(f"it holds a tensor of torch.{name} values (a BatchNorm's "
+                                                     "num_batches_tracked, say): not weights of an MLP")
         raise onnx_builder.UnsupportedModelError(
             f"the pickle refers to {module}.{name}, which a tensor state-dict never does; refused without running it")
 

@@ -296,6 +296,14 @@ def test_state_dict_refuses_any_other_global(tmp_path, payload):
         vs.read_state_dict(str(path), vs.Activation("relu"))
 
 
+def test_a_state_dict_with_a_tensor_of_integers_is_refused_as_what_it_is(tmp_path):
+    """A BatchNorm's num_batches_tracked is a torch.LongStorage: refused in words meant for a forged pickle."""
+    path = tmp_path / "batchnorm.pt"
+    torch_like_archive(path, b"\x80\x02}X\x16\x00\x00\x00bn.num_batches_trackedctorch\nLongStorage\ns.")
+    with pytest.raises(builder.UnsupportedModelError, match=r"a tensor of torch\.LongStorage values \(a BatchNorm"):
+        vs.read_state_dict(str(path), vs.Activation("relu"))
+
+
 def test_tensor_reaching_past_its_storage_is_refused():
     storage = np.arange(6, dtype=np.float32)
     assert vs.rebuild_tensor(storage, 0, (2, 3), (3, 1)).tolist() == [[0, 1, 2], [3, 4, 5]]
