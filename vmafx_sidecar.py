@@ -133,8 +133,10 @@ def one_of(*choices: str) -> Check:
     return Check(lambda v: v in choices, "one of " + ", ".join(choices))
 
 
-ANY = Check(lambda v: True, "")
-PATH = Check(lambda v: bool(v.strip()), "a path, not empty")
+# A space or line break around a path is a quoting slip (a YAML block's last newline), never meant: taken as written,
+# checkpoints went to "online\n", where no node looks, and a base model read as missing was replaced by a fresh one.
+PATH = Check(lambda v: bool(v) and v == v.strip(), "a path, not empty, without spaces or line breaks around it")
+PATH_OR_EMPTY = Check(lambda v: v == v.strip(), "a path without spaces or line breaks around it, or empty")
 
 
 def listen_address_ok(text: str) -> bool:
@@ -152,12 +154,12 @@ def setting(default: Any, env: str, check: Check, help: str) -> Any:
 class Config:
     socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", PATH,
                           "Unix socket the node connects to (created with mode 0600)")
-    base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", ANY,
+    base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", PATH_OR_EMPTY,
                                    "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "
                                    "missing file: a fresh model")
     checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", PATH,
                                   "where model_vNNNNNN.onnx checkpoints are written")
-    adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", ANY,
+    adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", PATH_OR_EMPTY,
                              "at start, take over the trainer state in this directory if the checkpoint "
                              "directory holds none (scaling replicas); empty: never")
     replay_capacity: int = setting(10000, "VMAFX_SIDECAR_REPLAY_CAPACITY", at_least(1),

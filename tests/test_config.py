@@ -95,6 +95,11 @@ INVALID = [
     ({"VMAFX_SIDECAR_KEEP_CHECKPOINTS": "-1"}, "VMAFX_SIDECAR_KEEP_CHECKPOINTS", "-1"),
     ({"VMAFX_SIDECAR_CHECKPOINT_DIR": ""}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "''"),  # not the working directory
     ({"VMAFX_SIDECAR_SOCKET": " "}, "VMAFX_SIDECAR_SOCKET", "' '"),
+    # A YAML block's last newline: checkpoints went to "online\n", and a base model read as missing became a fresh one.
+    ({"VMAFX_SIDECAR_CHECKPOINT_DIR": "online\n"}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "'online\\n'"),
+    ({"VMAFX_BASE_MODEL_PATH": "base.onnx\n"}, "VMAFX_BASE_MODEL_PATH", "'base.onnx\\n'"),
+    ({"VMAFX_SIDECAR_SOCKET": " s.sock"}, "VMAFX_SIDECAR_SOCKET", "' s.sock'"),
+    ({"VMAFX_SIDECAR_ADOPT_DIR": "old "}, "VMAFX_SIDECAR_ADOPT_DIR", "'old '"),
 ]
 
 
