@@ -1258,6 +1258,12 @@ class Journal:
         self.last_sync = time.monotonic()
         return True
 
+    def reopen(self, path: Path) -> None:
+        """Write to the file at `path` from now on (reset() follows): the one written so far was removed or replaced."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        os.close(self.fd)
+        self.fd = fd
+
     def reset(self, generation: int) -> None:
         """Start empty after the snapshot `generation`, which now holds everything the journal had.
         The header goes out with the next records if it cannot be written now."""
@@ -1350,7 +1356,8 @@ class StateStore:
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
-        self.last_save = time.monotonic()
+        self.last_save = self.journal_checked = time.monotonic()
+        self.journal_lost = False  # its file removed or replaced while the process ran: see check_journal_in_place
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
 
     def restore(self) -> bool:
@@ -1459,6 +1466,7 @@ class StateStore:
                       self.samples.drop_pending())
 
     def tick(self) -> None:
+        self.check_journal_in_place()
         if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
             try:
                 self.samples.sync()
@@ -1487,6 +1495,7 @@ class StateStore:
         header = SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(sum(len(c) for c in payload), crc)
         temp = self.directory / ".snapshot.bin.tmp"
         try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)  # removed while the process ran: its state is here
             write_synced(temp, [memoryview(header), *payload], mode=0o600)
             os.replace(temp, self.snapshot_path)
         except OSError as e:  # the journal keeps everything since the last good snapshot
@@ -1511,7 +1520,38 @@ class StateStore:
         except OSError as e:
             self.snapshot_failures += 1
             log.error("state snapshot written, but its directory's fsync failed: %s", e)
+        if not self.journal_in_place():
+            try:
+                self.journal.reopen(self.journal_path)
+                self.journal_lost = False
+            except OSError as e:
+                self.journal.failures += 1
+                log.error("cannot open a new journal at %s: %s", self.journal_path, e)
         self.journal.reset(self.generation)
+
+    def journal_in_place(self) -> bool:
+        """Whether the journal's file is still the one at its path, the one a restart reads."""
+        try:
+            here, there = os.stat(self.journal_path), os.fstat(self.journal.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def check_journal_in_place(self) -> None:
+        """Once a second: a journal removed or replaced while the process runs (its directory deleted, say) takes
+        every record into a file no restart reads. A snapshot then holds them, and starts a journal where one is read."""
+        now = time.monotonic()
+        if now - self.journal_checked < 1.0:
+            return
+        self.journal_checked = now
+        if self.journal_in_place():
+            return
+        if not self.journal_lost:  # counted and logged once; a snapshot tried each second until one is written
+            self.journal.failures += 1
+            log.error("%s was removed or replaced while the sidecar ran: a snapshot now, then a new journal",
+                      self.journal_path)
+        self.journal_lost = True
+        self.save()
 
     def write_failures(self) -> dict[str, int]:
         """Writes the disk refused since the process started, by what was written; NoState has the same."""

@@ -299,6 +299,33 @@ def test_crash_between_snapshot_and_journal_reset_replays_nothing_twice(tmp_path
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
 
 
+@pytest.mark.parametrize("removed", [".state", ".state/journal.bin"])
+def test_a_state_removed_while_the_sidecar_runs_loses_no_acked_sample(tmp_path, removed, caplog):
+    """Its journal was opened once and written by its descriptor for ever: removed while the process ran, every
+    record went into a file no restart reads, and with the directory gone no snapshot could be written either (200
+    samples ACKed since, 0 after a clean stop; with the journal alone removed, 0 after a kill, no failure counted)."""
+    first, second, third = messages(90)[:30], messages(90)[30:60], messages(90)[60:]
+    server = in_process_server(tmp_path)
+    for m in first:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    shutil.rmtree(tmp_path / removed) if removed == ".state" else (tmp_path / removed).unlink()
+    for m in second:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    caplog.set_level(logging.ERROR, logger="vmafx_sidecar")
+    server.state.journal_checked -= 1.0  # a second later
+    server.state.tick()
+    assert "journal.bin was removed or replaced while the sidecar ran" in caplog.text
+    assert server.state.write_failures()["journal"] == 1
+    for m in third:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()  # then a kill: no snapshot at the stop
+    resumed = in_process_server(tmp_path)
+    assert resumed.trainer.samples_accepted == 90
+    np.testing.assert_array_equal(resumed.trainer.model.flat, server.trainer.model.flat)
+
+
 def os_error(errno: int, *args):
     raise OSError(errno, os.strerror(errno))
 
