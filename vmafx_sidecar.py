@@ -1668,6 +1668,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         n_features = state["fingerprint"]["sizes"][0]
         state = {**state, "format": 6, "window_unscored": 0, "window_x": np.zeros((0, n_features), np.float32),
                  "window_y": np.zeros(0, np.float32), "window_candidate": np.zeros(0, np.float32)}
+    if "champion_version" not in state:  # format 3 held its champion without a version for its first days:
+        state = {**state, "has_champion": False, "champion_version": None}  # the incumbent takes its place
     if "kept_raw" not in state:  # saved before it was: statistics the process refused are tried again
         state = {**state, "kept_raw": False}
     if "kept_features" not in state:  # the same, for a feature's regime change

@@ -471,6 +471,27 @@ def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
     assert list((tmp_path / ".state").glob("snapshot.bin.*.unreadable"))
 
 
+def test_a_format_3_snapshot_saved_before_its_champion_had_a_version_resumes(tmp_path):
+    """Format 3's first days saved the champion without its version: an upgrade set such a state aside as unreadable
+    (KeyError: 'champion_version'), its journal with it, and training started again from the base model."""
+    server = in_process_server(tmp_path)
+    for m in messages(20):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    path = tmp_path / ".state" / "snapshot.bin"
+    meta, arrays = vs.unpack_arrays(path.read_bytes()[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
+    for later in ("champion_version", "coordinates", "sources", "window_unscored", "kept_raw", "kept_features",
+                  "loss_smoothed", "samples_since_publish", "window_incumbent", "newest_checkpoint"):
+        meta.pop(later, None)
+    for later in ("window_x", "window_y", "window_candidate"):
+        del arrays[later]
+    payload = b"".join(vs.pack_arrays({**meta, "format": 3}, arrays))
+    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    again = in_process_server(tmp_path)
+    assert (again.trainer.samples_accepted, again.trainer.steps) == (20, server.trainer.steps)
+    assert not list((tmp_path / ".state").glob("snapshot.bin.*"))
+
+
 def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch, caplog):
     server = in_process_server(tmp_path)
     journal = server.state.journal
