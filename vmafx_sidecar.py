@@ -1274,6 +1274,16 @@ class Journal:
             self.synced()
 
     @staticmethod
+    def generation_of(path: Path) -> int | None:
+        """The generation of the snapshot the journal at `path` continues; None for no journal there."""
+        try:
+            with open(path, "rb") as f:
+                magic, generation = JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))
+        except (OSError, struct.error):
+            return None
+        return generation if magic == JOURNAL_MAGIC else None
+
+    @staticmethod
     def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int, int]:
         """The intact records in order (None for a rejected line), the bytes they take with the header (0 when
         the file holds no journal of this generation: none, or one of another state, the snapshot's predecessor,
@@ -1375,10 +1385,14 @@ class StateStore:
         if skipped:
             self.keep_copy(self.journal_path, f"{skipped} bytes of corrupt records among its intact ones, skipped")
         if size and not intact:
-            if loaded:
-                log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
-            else:
+            written_after = Journal.generation_of(self.journal_path)
+            if not loaded:
                 self.move_aside(self.journal_path, "without its snapshot")
+            elif written_after is not None and written_after > self.generation:  # an older snapshot put back, say
+                self.move_aside(self.journal_path, f"newer than its snapshot (generation {written_after}, the "
+                                                   f"snapshot's {self.generation}): not replayed")
+            else:
+                log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
         elif intact < size and not loaded and not any(records):
             # Not one sample read: a journal of another feature count (or one torn in its first record), kept.
             self.move_aside(self.journal_path, "unreadable with this configuration")

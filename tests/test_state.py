@@ -492,6 +492,29 @@ def test_a_format_3_snapshot_saved_before_its_champion_had_a_version_resumes(tmp
     assert not list((tmp_path / ".state").glob("snapshot.bin.*"))
 
 
+def test_a_journal_newer_than_its_snapshot_is_set_aside_not_cut(tmp_path, caplog):
+    """An older snapshot put back (from a backup, say): its journal, which holds ACKed samples it lacks, was logged
+    as one the snapshot "already holds" and cut to its header by the first save, no copy kept."""
+    server = in_process_server(tmp_path)
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    older = (tmp_path / ".state" / "snapshot.bin").read_bytes()
+    for m in messages(80)[40:]:
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    for m in messages(120)[80:]:
+        server.answer(json.dumps(m).encode())
+    server.state.commit()
+    journal = (tmp_path / ".state" / "journal.bin").read_bytes()
+    (tmp_path / ".state" / "snapshot.bin").write_bytes(older)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 40
+    assert "journal.bin is newer than its snapshot (generation 3, the snapshot's 2)" in caplog.text
+    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.newer")] == [journal]
+
+
 def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch, caplog):
     server = in_process_server(tmp_path)
     journal = server.state.journal
