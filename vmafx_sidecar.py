@@ -784,6 +784,8 @@ class Server:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return False
+        except ConnectionResetError:  # it closed with ACKs unread: its end all the same, after what it sent
+            data = b""
         except OSError:
             self.close(conn)
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -638,6 +639,24 @@ def test_eof_right_after_a_complete_line(shared_sidecar):
     ack = read_ack(shared_sidecar, c)
     assert ack["ok"] is True and ack["job_id"] == "done", ack
     assert c.reader.readline() == b""
+
+
+def test_a_last_line_is_trained_on_when_its_client_closes_with_an_ack_unread(shared_sidecar):
+    """Closed with an ACK unread, a client's socket resets: the server's recv() gets what it sent, then ECONNRESET,
+    where a clean close gives b"". That error closed the connection, its last line (without a newline) unanswered and
+    untrained, uncounted, where the same line after a clean close is trained on, as README promises."""
+    rng = np.random.default_rng(14)
+    asker = shared_sidecar.client()
+    before = status(asker)["samples_accepted"]
+    c = shared_sidecar.client()
+    c.send_raw(encode(sample(rng, job_id="first")))
+    assert select.select([c.sock], [], [], 5)[0]  # its ACK is there, and stays unread
+    c.send_raw(encode(sample(rng, job_id="last"))[:-1])
+    c.close()
+    deadline = time.monotonic() + 5
+    while status(asker)["samples_accepted"] < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status(asker)["samples_accepted"] == before + 2
 
 
 # ---- signals ----
