@@ -2952,22 +2952,28 @@ def judged_size(config: Config) -> int:
 
 
 def plausible_scores(y: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
-    """Which of the history's scores (float64) the gate measures models on: not one farther than WILD_SPAN times
-    the span of their middle 98 % both from their median and from every reference's prediction of it (`references`).
-    Such a score is a corrupt label, and one is enough to decide every model's PLCC and R² there: one of 1e4 among
-    2 000 VMAF scores held every candidate below the R² floor, the champion too, for as long as it stayed in the
-    held-out ring (41 000 samples at the defaults). A rare real score a reference predicts is kept (failed encodes
-    at 40 among scores of 93 ± 1), and so is every one when the rest would be one value."""
+    """Which of the history's samples (their scores, float64) the gate measures models on, leaving out what is
+    farther than WILD_SPAN times the span of the scores' middle 98 % (the bound):
+    - a corrupt label: a score the bound from their median and from every reference's prediction of it
+      (`references`). One is enough to decide every model's PLCC and R² there: one of 1e4 among 2 000 VMAF scores
+      held every candidate below the R² floor, the champion too, for as long as it stayed in the held-out ring
+      (41 000 samples at the defaults). A rare real score a reference predicts is kept (failed encodes at 40
+      among scores of 93 ± 1);
+    - a corrupt input (a feature in another unit): one every reference predicts the bound (or not at all) from
+      the median and from its score, as no model of these scores does. It decided every model's R² alike, as a
+      corrupt label does.
+    Every sample is kept when the rest would be one value, or fewer than half of them."""
     low, median, high = np.quantile(y, (0.01, 0.5, 0.99)) if len(y) else (0.0, 0.0, 0.0)
     bound = WILD_SPAN * (high - low)
-    wild = np.abs(y - median) > bound
+    wild_score = np.abs(y - median) > bound
+    wild_input = np.full(len(y), bool(references))
     for predicted in references:
-        wild &= np.abs(y - predicted) > bound
-    if not wild.any() or np.ptp(y[~wild]) == 0:
+        wild_score &= np.abs(y - predicted) > bound
+        wild_input &= ~(np.abs(predicted - median) <= bound) & ~(np.abs(predicted - y) <= bound)  # NaN: far
+    wild = wild_score | wild_input
+    if not wild.any() or 2 * wild.sum() > len(y) or np.ptp(y[~wild]) == 0:
         return np.ones(len(y), bool)
     return ~wild
-
-
 def r2_floor(n: int) -> float:
     """What R² must exceed on n samples: the R² of a model no better than a constant scatters by about 1/√n
     between samples of that size (0.6/√n to 1.3/√n in simulation), so a candidate at 0 plus noise would

@@ -735,6 +735,40 @@ def test_a_wild_held_out_score_is_left_out_of_the_history_for_every_model(tmp_pa
     assert not verdict.published and "VMAFX_SIDECAR_GATE_MAX_R2_DROP" in verdict.reason, verdict.reason
 
 
+@pytest.mark.parametrize("wild", [1e3, 1e37], ids=["far", "past what float32 outputs hold"])
+def test_a_held_out_sample_with_a_wild_feature_is_left_out_of_the_history_for_every_model(tmp_path, wild):
+    """One feature of 1 000 where they lie in [0, 1] (another unit on one node) made every model's prediction of it
+    absurd: no candidate's R² on the history cleared the floor, the champion's neither, and nothing was published for
+    as long as the sample stayed in the ring (40 000 samples at the defaults); of 1e37, the read-back's float32
+    outputs overflowed and every candidate was refused as non-finite."""
+    x, y, coef = linear_data()
+    x = x.copy()
+    x[7, 0] = wild
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
+    for row, score in zip(x, y):
+        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
+    trainer.incumbent = fitted(coef)
+    cfg = config(gate_min_eval=200)
+    _, history, probe = vs.gather_evidence(trainer, fitted(coef))
+    assert (history.n, history.held_out) == (len(y) - 1, len(y) - 1) and np.float32(wild) not in probe
+    assert vs.judge(cfg, NO_EVIDENCE, history).published
+    shifted = fitted(coef)
+    shifted.layers[-1][1][...] += 0.5  # a third of the scores' spread high
+    verdict = vs.judge(cfg, NO_EVIDENCE, vs.gather_evidence(trainer, shifted)[1])
+    assert not verdict.published and "VMAFX_SIDECAR_GATE_MAX_R2_DROP" in verdict.reason, verdict.reason
+
+
+def test_an_input_is_wild_only_where_every_reference_finds_it_so():
+    y = np.linspace(40, 60, 300)
+    absurd = y.copy()
+    absurd[5] = 1e6  # ten spans of the middle 98 % is about 200
+    assert vs.plausible_scores(y, [absurd]).tolist() == [i != 5 for i in range(300)]
+    unknown = np.where(np.arange(300) == 5, np.nan, y)  # outputs that overflowed there: far as well
+    assert vs.plausible_scores(y, [absurd, unknown]).tolist() == [i != 5 for i in range(300)]
+    assert vs.plausible_scores(y, [absurd, y]).all()  # one reference predicts it: its input is one models know
+    assert vs.plausible_scores(y, [np.full(300, np.nan)]).all()  # a reference that predicts nothing tells nothing
+
+
 @pytest.mark.parametrize("scores, kept", [
     ([50.0] * 150 + [1e4] + [60.0] * 149, [True] * 150 + [False] + [True] * 149),
     ([100.0] * 295 + [0.0] * 5, [True] * 300),  # a middle 98 % of one value: no span to measure by, all kept
