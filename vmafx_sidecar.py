@@ -1555,7 +1555,8 @@ class StateStore:
 
     def check_journal_in_place(self) -> None:
         """Once a second: a journal removed or replaced while the process runs (its directory deleted, say) takes
-        every record into a file no restart reads. A snapshot then holds them, and starts a journal where one is read."""
+        every record into a file no restart reads. A snapshot then holds them, and starts a journal where one is
+        read."""
         now = time.monotonic()
         if now - self.journal_checked < 1.0:
             return
@@ -2858,6 +2859,7 @@ class Evidence:
     n: int
     scores: dict[str, Scores | None]  # "candidate", then the references by name
     held_out: int | None = None  # of the history: how many of its samples are held out, the rest replayed
+    left_out: int = 0  # of the history: the wild samples plausible_scores() left out, beside these n
 
     def best_reference(self, metric: str) -> tuple[str, Scores] | None:
         """The reference with the highest `metric` ("plcc", "r2") on this set, with its scores."""
@@ -2866,7 +2868,9 @@ class Evidence:
 
     def record(self) -> dict[str, Any]:
         held_out = {} if self.held_out is None else {"held_out": self.held_out}
-        return {"n": self.n, **held_out, **{name: s and dataclasses.asdict(s) for name, s in self.scores.items()}}
+        left_out = {"left_out": self.left_out} if self.left_out else {}
+        scores = {name: s and dataclasses.asdict(s) for name, s in self.scores.items()}
+        return {"n": self.n, **held_out, **left_out, **scores}
 
 
 @dataclass(frozen=True)
@@ -2915,8 +2919,9 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
         return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
         return dataclasses.replace(verdict, gate="off", reason="published unjudged: VMAFX_SIDECAR_GATE=off")
-    least = judged_size(config)
-    judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.n >= least]
+    least = judged_size(config)  # gathered: a set does not lose its vote to the wild samples left out of it
+    judged = [(name, e) for name, e in (("window", window), ("history", history))
+              if e.n + e.left_out >= least and e.n >= R2_MIN_SAMPLES]
     if not judged:
         needed = (f"VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval})" if least == config.gate_min_eval
                   else f"{R2_MIN_SAMPLES} (on fewer, no R² clears its floor)")
@@ -2991,7 +2996,8 @@ def gather_evidence(trainer: Trainer, candidate: MLP) -> tuple[Evidence, Evidenc
     predicted = {name: predictions(model, x64) for name, model in models.items()}
     plausible = plausible_scores(y64, [p for name, p in predicted.items() if name != "candidate"])
     history = Evidence(int(plausible.sum()), {name: scored(p[plausible], y64[plausible])
-                                              for name, p in predicted.items()}, int(plausible[:held_out].sum()))
+                                              for name, p in predicted.items()},
+                       int(plausible[:held_out].sum()), int(len(y) - plausible.sum()))
     return trainer.window.evidence(trainer.references()), history, x[plausible]
 
 

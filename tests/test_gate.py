@@ -769,6 +769,27 @@ def test_an_input_is_wild_only_where_every_reference_finds_it_so():
     assert vs.plausible_scores(y, [np.full(300, np.nan)]).all()  # a reference that predicts nothing tells nothing
 
 
+def test_a_history_keeps_its_vote_when_the_screen_leaves_out_some_of_its_samples(tmp_path):
+    """With GATE_MIN_EVAL at the evaluation ring's capacity, one wild score left out put the history one sample
+    short of it: it was no longer judged, and a candidate that had learned an inverted burst passed on the window
+    alone and was published."""
+    x, y, coef = linear_data()
+    y = y.copy()
+    y[7] = 1e4
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
+    for row, score in zip(x, y):
+        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
+    trainer.incumbent = fitted(coef)
+    cfg = config(gate_min_eval=len(y), eval_capacity=len(y))
+    _, history, _ = vs.gather_evidence(trainer, fitted(coef, sign=-1.0))  # it learned the burst
+    assert (history.n, history.left_out) == (len(y) - 1, 1) and history.record()["left_out"] == 1
+    window = evidence(len(y), scores(0.9, r2=0.8), incumbent=scores(-0.9, r2=-1.0))  # the burst's own samples
+    verdict = vs.judge(cfg, window, history)
+    assert not verdict.published and verdict.reason.startswith("history: R² "), verdict.reason
+    _, good, _ = vs.gather_evidence(trainer, fitted(coef))
+    assert vs.judge(cfg, window, good).published
+
+
 @pytest.mark.parametrize("scores, kept", [
     ([50.0] * 150 + [1e4] + [60.0] * 149, [True] * 150 + [False] + [True] * 149),
     ([100.0] * 295 + [0.0] * 5, [True] * 300),  # a middle 98 % of one value: no span to measure by, all kept
