@@ -1664,6 +1664,17 @@ def test_checkpoints_lists_every_version(checkpoint_dir):
     assert reasons[1] == "v000003: non-finite weights or outputs"
 
 
+def test_checkpoints_says_a_checkpoint_rolled_back_by_hand_was_not_refused(copied, capsys):
+    """README's rollback moves a published checkpoint into quarantine/: its reason for passing was listed as the
+    reason it was refused."""
+    for path in copied.glob(f"{stem(1)}.*"):
+        path.rename(copied / "quarantine" / path.name)
+    assert vs.list_checkpoints(copied) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "v000001: passed, then moved to quarantine/ (rolled back)" in listed
+    assert [line for line in listed if line.startswith("v000002: history: R² -")]  # refused ones: why
+
+
 def test_checkpoints_shows_a_dash_for_scores_a_record_holds_in_another_shape(copied):
     for version, metrics in ((1, "not an object"), (4, {"candidate": {"plcc": None, "srcc": "0.9"}, "eval_n": 7})):
         record = read_json(copied / f"{stem(version)}.json")
