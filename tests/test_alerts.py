@@ -15,7 +15,8 @@ import yaml
 
 import vmafx_sidecar as vs
 from conftest import ROOT, system_program
-from test_chart import KUBE_VERSIONS, PROMETHEUS_RULE_API, VARIANTS, assert_schema_refuses, merged, render
+from test_chart import (KUBE_VERSIONS, PROMETHEUS_RULE_API, VARIANTS, assert_schema_refuses, check_prometheus_rule,
+                        merged, render)
 
 RULE_VALUES = merged(VARIANTS["replicas 3, fleet"], **{"sidecar.trainer.metrics.prometheusRule.enabled": True})
 FLEET_ALERTS = {"VmafxFleetModelStale", "VmafxFleetSamplesLost"}
@@ -357,6 +358,16 @@ def test_values_reach_every_alert():
     assert "[1d2h])) > 500" in rules["VmafxNoCheckpointPublished"]["expr"]
     assert "> 5400" in rules["VmafxFleetModelStale"]["expr"]  # 1h30m in seconds
     assert "offset 1h30m" in rules["VmafxFleetModelStale"]["expr"]
+
+
+def test_an_alert_for_of_0_is_written_as_the_string_the_custom_resource_takes():
+    """The schema takes "0"; written unquoted, the rule held the integer 0, which the PrometheusRule's type
+    refuses, and `helm install` failed."""
+    values = merged(RULE_VALUES, **{"sidecar.trainer.metrics.prometheusRule.alerts.sidecarDown":
+                                    {"severity": "critical", "for": "0"}})
+    rule = render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,)).one("PrometheusRule")
+    check_prometheus_rule(rule)
+    assert alerts(rule["spec"]["groups"])["VmafxSidecarDown"]["for"] == "0"
 
 
 @pytest.mark.parametrize("dotted, value", [

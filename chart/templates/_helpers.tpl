@@ -209,7 +209,7 @@ app.kubernetes.io/component: metrics
 {{/* An alert's for, labels and annotations. .alert: its values; .rule: prometheusRule's; .name, .summary,
      .description: its own. Its runbook is the chart README's section named after it. */}}
 {{- define "vmafx-node.alertTail" -}}
-for: {{ .alert.for }}
+for: {{ .alert.for | quote }}
 labels:
   {{- merge (dict "severity" .alert.severity) (deepCopy (.rule.alertLabels | default dict)) | toYaml | nindent 2 }}
 annotations:
