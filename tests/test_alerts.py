@@ -397,9 +397,9 @@ def test_schema_rejects_a_zero_window_naming_it(dotted, zero):
 
 def test_promtool_accepts_the_shortest_windows(tmp_path):
     promtool = system_program("promtool", "prometheus")
-    # A window of 1 s is more than a checkpoint interval of 0 (see test_no_checkpoint_alert_*).
-    groups = rule_groups(merged(RULE_VALUES, **{dotted: "0d1s" for dotted in WINDOWS},
-                                **{"sidecar.trainer.checkpointIntervalSeconds": 0}))
+    # Past a checkpoint interval of 0, two 30 s scrapes and a step's 30 s: 91 s (see test_no_checkpoint_alert_*).
+    groups = rule_groups(merged(RULE_VALUES, **{dotted: "0d1s" for dotted in WINDOWS[1:]},
+                                **{WINDOWS[0]: "1m31s", "sidecar.trainer.checkpointIntervalSeconds": 0}))
     result = subprocess.run([promtool, "check", "rules", write_rules(tmp_path, groups)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -412,6 +412,7 @@ def test_promtool_accepts_the_shortest_windows(tmp_path):
 
 
 NO_CHECKPOINT = "sidecar.trainer.metrics.prometheusRule.alerts.noCheckpointPublished"
+SCRAPE = "sidecar.trainer.metrics.serviceMonitor.interval"
 SIDECAR_MIN_SAMPLES, SIDECAR_INTERVAL = vs.Config.min_samples_ckpt, int(vs.Config.ckpt_interval_s)  # unset values
 SIDECAR_BATCH = vs.Config.batch_size
 
@@ -448,27 +449,37 @@ def with_no_checkpoint_alert(window: str = "1h", min_samples: int = 3000, **over
      "VMAFX_SIDECAR_BATCH_SIZE in sidecar.trainer.extraEnv (1001), 3001"),
     (with_no_checkpoint_alert(window="10m"),
      f"{NO_CHECKPOINT}.window (10m, 600 s) must be more than sidecar.trainer.checkpointIntervalSeconds "
-     f"({SIDECAR_INTERVAL}, the sidecar's default)"),
-    (with_no_checkpoint_alert(**{"sidecar.trainer.checkpointIntervalSeconds": 3600.5,
+     f"({SIDECAR_INTERVAL}, the sidecar's default) plus twice {SCRAPE} (30s) and 30 s, {SIDECAR_INTERVAL + 90} s"),
+    (with_no_checkpoint_alert(window="11m30s"),  # one second short
+     f"{NO_CHECKPOINT}.window (11m30s, 690 s) must be more than sidecar.trainer.checkpointIntervalSeconds "
+     f"({SIDECAR_INTERVAL}, the sidecar's default) plus twice {SCRAPE} (30s) and 30 s, {SIDECAR_INTERVAL + 90} s"),
+    (with_no_checkpoint_alert(window="20m", **{SCRAPE: "5m"}),
+     f"{NO_CHECKPOINT}.window (20m, 1200 s) must be more than sidecar.trainer.checkpointIntervalSeconds "
+     f"({SIDECAR_INTERVAL}, the sidecar's default) plus twice {SCRAPE} (5m) and 30 s, {SIDECAR_INTERVAL + 630} s"),
+    (with_no_checkpoint_alert(**{"sidecar.trainer.checkpointIntervalSeconds": 3510.5,
                                  "fleet.activeDeadlineSeconds": 7200}),
-     f"{NO_CHECKPOINT}.window (1h, 3600 s) must be more than sidecar.trainer.checkpointIntervalSeconds (3600.5)"),
+     f"{NO_CHECKPOINT}.window (1h, 3600 s) must be more than sidecar.trainer.checkpointIntervalSeconds (3510.5) "
+     f"plus twice {SCRAPE} (30s) and 30 s, 3600.5 s"),
     (with_no_checkpoint_alert(window="1d", **{"sidecar.trainer.checkpointIntervalSeconds": 60,
                                               "sidecar.trainer.extraEnv": [{"name": "VMAFX_SIDECAR_CKPT_INTERVAL_S",
                                                                             "value": "86400"}],
                                               "fleet.activeDeadlineSeconds": 86401}),
      f"{NO_CHECKPOINT}.window (1d, 86400 s) must be more than VMAFX_SIDECAR_CKPT_INTERVAL_S in "
-     "sidecar.trainer.extraEnv (86400)"),
+     f"sidecar.trainer.extraEnv (86400) plus twice {SCRAPE} (30s) and 30 s, 86490 s"),
 ], ids=["minSamples below the trainer's", "minSamples a batch short of the sidecar's default",
         "minSamples one short of the trainer's plus its batch", "minSamples below extraEnv's",
         "minSamples below the trainer's plus extraEnv's batch",
-        "window of the sidecar's default interval", "window within the trainer's interval",
+        "window of the sidecar's default interval", "window within two scrapes and a step of it",
+        "window within two slow scrapes and a step of it", "window within the trainer's interval and the margin",
         "window within extraEnv's interval"])
 def test_no_checkpoint_alert_a_healthy_trainer_would_fire_is_refused(values, refusal):
     """A checkpoint is due once the trainer trained on MIN_SAMPLES_CKPT samples and CKPT_INTERVAL_S seconds have
     passed since the last. It trains on accepted samples only (held-out ones never count), and only once a
     step's new samples are pending, fewer than BATCH_SIZE: with minSamples below MIN_SAMPLES_CKPT + BATCH_SIZE,
-    or a window no longer than the interval, the alert would fire between two checkpoints of a healthy trainer
-    (test_the_refused_thresholds_fire_on_a_healthy_trainer, test_a_healthy_trainer_at_the_bound_is_silent)."""
+    or a window within two scrapes and a step of the interval, the alert would fire between two checkpoints of a
+    healthy trainer (test_the_refused_thresholds_fire_on_a_healthy_trainer,
+    test_a_healthy_trainer_at_the_bound_is_silent,
+    test_a_healthy_trainer_at_the_window_bound_is_silent_at_every_scrape_phase)."""
     with pytest.raises(helm.HelmRenderError) as refused:
         render(values, "1.33", api_versions=(PROMETHEUS_RULE_API,))
     assert f"{refusal}: a checkpoint is due only" in str(refused.value)
@@ -483,7 +494,7 @@ def test_no_checkpoint_alert_a_healthy_trainer_would_fire_is_refused(values, ref
 @pytest.mark.parametrize("values", [
     RULE_VALUES,
     with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 3000 - SIDECAR_BATCH,
-                                "sidecar.trainer.checkpointIntervalSeconds": 3599.5}),
+                                "sidecar.trainer.checkpointIntervalSeconds": 3509.5}),
     with_no_checkpoint_alert(min_samples=5000 + 64, **{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
                                                       "sidecar.trainer.batchSize": 64}),
     with_no_checkpoint_alert(**{"sidecar.trainer.minSamplesPerCheckpoint": 5000,
@@ -552,6 +563,32 @@ def test_a_healthy_trainer_at_the_bound_is_silent(tmp_path):
     (tmp_path / "stuck").mkdir()
     result = promtool_tests(tmp_path / "stuck", groups, [stuck])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_healthy_trainer_at_the_window_bound_is_silent_at_every_scrape_phase(tmp_path):
+    """increase() sees only the changes between two scrapes in its window. A trainer publishing every 630 s (the
+    default interval, and the step after, 30 s later at most) fired the alert about every half hour with the
+    10m20s window the chart took (more than the interval was all it asked), as the scrapes' phase drifted past
+    the checkpoints'; at the bound (the interval, two 30 s scrapes and 30 s) it stays silent for 8 hours."""
+    promtool = system_program("promtool", "prometheus")
+    groups = rule_groups(with_no_checkpoint_alert(window="11m31s", min_samples=SIDECAR_MIN_SAMPLES + SIDECAR_BATCH))
+    times = range(0, 8 * 3600 + 1, 30)
+    inputs = [{"series": series("vmafx_sidecar_checkpoints_total", result="published"),
+               "values": " ".join(str(t // 630) for t in times)},
+              {"series": series("vmafx_sidecar_samples_total", result="accepted"),
+               "values": " ".join(str(5 * t) for t in times)}]  # 5 a second: 3 150 a checkpoint
+    checks = [{"eval_time": f"{t}s", "alertname": "VmafxNoCheckpointPublished", "exp_alerts": []}
+              for t in range(3600, 8 * 3600, 30)]
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "30s",
+             "tests": [{"interval": "30s", "input_series": inputs, "alert_rule_test": checks}]}
+    for window, fires in (("11m31s", False), ("10m20s", True)):
+        for rule in (r for group in groups for r in group["rules"] if r.get("alert") == "VmafxNoCheckpointPublished"):
+            rule["expr"] = re.sub(r"\[\w+\]", f"[{window}]", rule["expr"])
+        write_rules(tmp_path, groups)
+        (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+        result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True,
+                                text=True)
+        assert (result.returncode != 0) == fires, (window, result.stdout[-2000:] + result.stderr[-2000:])
 
 
 @pytest.mark.parametrize("dotted, misspelt", [

@@ -220,11 +220,12 @@ annotations:
   {{- end }}
 {{- end -}}
 
-{{/* A duration of the form 1d2h3m4s (any part may be left out) in seconds, for PromQL comparisons. */}}
+{{/* A Prometheus duration (1y2w3d4h5m6s7ms, any part left out) in whole seconds, for PromQL comparisons and
+     the chart's checks: its milliseconds, below what they measure, are dropped first ("7ms" is not 7 minutes). */}}
 {{- define "vmafx-node.seconds" -}}
-{{- $text := . -}}
+{{- $text := regexReplaceAll "[0-9]+ms" . "" -}}
 {{- $seconds := 0 -}}
-{{- range $unit, $size := dict "d" 86400 "h" 3600 "m" 60 "s" 1 -}}
+{{- range $unit, $size := dict "y" 31536000 "w" 604800 "d" 86400 "h" 3600 "m" 60 "s" 1 -}}
 {{- $seconds = add $seconds (mul (regexFind (printf "[0-9]+%s" $unit) $text | trimSuffix $unit | default "0" | int) $size) -}}
 {{- end -}}
 {{- $seconds -}}
@@ -392,9 +393,14 @@ VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES: "set fleet.sampleLogMaxBytes instead"
 {{- end -}}
 {{- end -}}
 {{- $interval := include "vmafx-node.settingRead" (dict "ctx" $ "key" "checkpointIntervalSeconds" "env" "VMAFX_SIDECAR_CKPT_INTERVAL_S" "default" 600) | fromJson -}}
+{{- /* increase() sees only the changes between two scrapes in its window: checkpoints an interval apart, each
+       taken by the step after it fell due (within 30 s at the rates minSamples asks for), need a window longer
+       than that by two scrape intervals. */ -}}
+{{- $scrape := $.Values.sidecar.trainer.metrics.serviceMonitor.interval -}}
+{{- $bound := addf (float64 $interval.text) (mulf 2 (float64 (include "vmafx-node.seconds" $scrape))) 30 -}}
 {{- $window := include "vmafx-node.seconds" .window -}}
-{{- if le (float64 $window) (float64 $interval.text) -}}
-{{- fail (printf "%s.window (%s, %s s) must be more than %s (%s%s): a checkpoint is due only that many seconds after the last one, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert .window $window $interval.source $interval.text $interval.note) -}}
+{{- if le (float64 $window) $bound -}}
+{{- fail (printf "%s.window (%s, %s s) must be more than %s (%s%s) plus twice sidecar.trainer.metrics.serviceMonitor.interval (%s) and 30 s, %v s: a checkpoint is due only that many seconds after the last one, taken by the step after, and increase() sees only the changes between two scrapes in its window, so VmafxNoCheckpointPublished would fire on a healthy trainer" $alert .window $window $interval.source $interval.text $interval.note $scrape $bound) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
