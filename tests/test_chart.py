@@ -731,6 +731,9 @@ def test_several_trainers_on_a_claim_without_read_write_many_are_refused(access_
     message = str(refused.value)
     assert "PersistentVolumeClaim demo-vmafx-node-models, which then needs ReadWriteMany" in message
     assert "--set persistence.models.accessModes={ReadWriteMany}" in message and "NFS" in message
+    # An upgrade's claim exists: its access modes cannot change (chart/README.md), and the message says what can.
+    assert ("a claim this release made already cannot change its access modes: copy its data to a ReadWriteMany "
+            "claim and name that in persistence.models.existingClaim") in message
 
 
 @pytest.mark.parametrize("access_modes", [None, ["ReadWriteOnce"], ["ReadWriteOncePod"]])

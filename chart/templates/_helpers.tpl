@@ -412,14 +412,14 @@ VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES: "set fleet.sampleLogMaxBytes instead"
 {{- end -}}
 {{- /* An existing claim's access modes cannot be seen here; NOTES.txt says so. */}}
 {{- if and (not $models.existingClaim) (not (has "ReadWriteMany" $models.accessModes)) -}}
-{{- fail (printf "node.replicas > 1 runs a trainer in each pod, all on PersistentVolumeClaim %s, which then needs ReadWriteMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
+{{- fail (printf "node.replicas > 1 runs a trainer in each pod, all on PersistentVolumeClaim %s, which then needs ReadWriteMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files); a claim this release made already cannot change its access modes: copy its data to a ReadWriteMany claim and name that in persistence.models.existingClaim (chart/README.md, Several replicas)" (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
 {{- end -}}
 {{- else if and $models.enabled (not $models.existingClaim) (gt (int .Values.node.replicas) 1) -}}
 {{- /* Without the trainer the replicas stay a Deployment, but still all mount the one claim, from whichever
        node each runs on: on a ReadWriteOnce volume those on other nodes than the first never start
        (Multi-Attach). vmafx-node only reads it, so ReadOnlyMany does as well. */}}
 {{- if not (or (has "ReadWriteMany" $models.accessModes) (has "ReadOnlyMany" $models.accessModes)) -}}
-{{- fail (printf "node.replicas > 1 runs %d pods, all on PersistentVolumeClaim %s, which then needs ReadWriteMany or ReadOnlyMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files)" (int .Values.node.replicas) (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
+{{- fail (printf "node.replicas > 1 runs %d pods, all on PersistentVolumeClaim %s, which then needs ReadWriteMany or ReadOnlyMany (persistence.models.accessModes is %s): pass --set persistence.models.accessModes={ReadWriteMany}, with a persistence.models.storageClassName whose volumes support it (e.g. NFS, CephFS, EFS, Azure Files); a claim this release made already cannot change its access modes: copy its data to such a claim and name that in persistence.models.existingClaim (chart/README.md, Several replicas)" (int .Values.node.replicas) (include "vmafx-node.claimName" .) (toJson $models.accessModes)) -}}
 {{- end -}}
 {{- end -}}
 {{- if include "vmafx-node.fleet" . -}}
