@@ -1966,25 +1966,56 @@ def read_log(directory: Path, n_features: int, after: int = 0) -> Iterator[Logge
 
 def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[LoggedSample]:
     """The intact records of one segment with a sequence above `after`, in order; ValueError for a segment
-    of another format or feature count. A torn or corrupt record ends the segment."""
+    of another format or feature count. A corrupt record costs its own sample, as the journal's does: reading
+    goes on at the next record that checks (next_intact_record); a torn one, a crash mid-write, ends it."""
     data = path.read_bytes()
     if len(data) < SEGMENT_HEADER.size or SEGMENT_HEADER.unpack_from(data) != (SEGMENT_MAGIC, n_features):
         raise ValueError(f"{path.name}: not a sample log segment of {n_features} features")
-    offset, vector = SEGMENT_HEADER.size, 4 * (n_features + 1)
+    offset, vector, last = SEGMENT_HEADER.size, 4 * (n_features + 1), 0
     while offset + SAMPLE_RECORD.size <= len(data):
-        length, crc, sequence, arrival, held_out = SAMPLE_RECORD.unpack_from(data, offset)
-        start = offset + SAMPLE_RECORD.size
-        body = data[start:start + length]
-        if len(body) != length or length < 2 + vector or zlib.crc32(data[offset + 8:start] + body) != crc:
-            return
-        (id_length,) = struct.unpack_from("<H", body)
-        if 2 + id_length + vector != length:
-            return
-        values = np.frombuffer(body, np.float32, n_features + 1, 2 + id_length)
-        offset = start + length
-        if sequence > after:
+        end = record_end(data, offset, vector, last)
+        if end is None:  # sequences increase within a segment, from the first its name gives
+            offset = next_intact_record(data, offset + 1, vector, last or int(path.name[:16]) - 1)
+            if offset is None:
+                return
+            continue
+        length, _, last, arrival, held_out = SAMPLE_RECORD.unpack_from(data, offset)
+        body = data[offset + SAMPLE_RECORD.size:end]
+        offset = end
+        if last > after:
+            (id_length,) = struct.unpack_from("<H", body)
+            values = np.frombuffer(body, np.float32, n_features + 1, 2 + id_length)
             job_id = body[2:2 + id_length].decode("utf-8", "surrogatepass") or None
-            yield LoggedSample(sequence, arrival, bool(held_out), job_id, values[:-1].copy(), values[-1])
+            yield LoggedSample(last, arrival, bool(held_out), job_id, values[:-1].copy(), values[-1])
+
+
+RESYNC_SEQUENCES = 64  # the sequences looked for after a corrupt record: more lost in a row end the segment
+
+
+def record_end(data: bytes, offset: int, vector: int, last: int) -> int | None:
+    """Where the record at `offset` ends, if it is whole, checks and follows sequence `last`; else None."""
+    if offset + SAMPLE_RECORD.size > len(data):
+        return None
+    length, crc, sequence, _, _ = SAMPLE_RECORD.unpack_from(data, offset)
+    start = offset + SAMPLE_RECORD.size
+    body = data[start:start + length]
+    if (sequence <= last or len(body) != length or length < 2 + vector
+            or zlib.crc32(data[offset + 8:start] + body) != crc):
+        return None
+    return start + length if 2 + struct.unpack_from("<H", body)[0] + vector == length else None
+
+
+def next_intact_record(data: bytes, start: int, vector: int, last: int) -> int | None:
+    """The first record at or after `start` that checks, found by the sequences that can follow `last` (a
+    segment's increase): a flipped byte cost every intact record after it, up to a segment's 16 MiB."""
+    for sequence in range(last + 1, last + 1 + RESYNC_SEQUENCES):
+        field = struct.pack("<Q", sequence)
+        position = data.find(field, start + 8)
+        while position >= 0:
+            if record_end(data, position - 8, vector, last) is not None:
+                return position - 8
+            position = data.find(field, position + 1)
+    return None
 
 
 # ---- trainer: batches from the stream plus replay, SGD as torch does it, EMA shadow ----

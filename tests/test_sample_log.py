@@ -91,16 +91,30 @@ def test_a_torn_tail_is_ignored_never_misread(tmp_path, cut):
     assert vs.SampleLog(tmp_path, N_FEATURES).last_sequence == 9
 
 
-def test_a_flipped_byte_ends_the_segment_there(tmp_path):
+@pytest.mark.parametrize("where", [0, 1, 4, 9], ids=["first record", "its sequence", "a record's body", "the last"])
+def test_a_flipped_byte_costs_its_own_record_and_no_other(tmp_path, where):
+    """It ended the segment there: every intact record after it (up to a segment's 16 MiB, ~40 000 samples) was
+    lost to the fleet and deleted by retention as read, uncounted."""
     rng = np.random.default_rng(3)
-    written = [sample(i, rng) for i in range(1, 11)]
-    logged(tmp_path, written)
+    written = [sample(i, rng) for i in range(101, 111)]
+    logged(tmp_path, written)  # its segment named by its first sequence, 101
     (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     data = bytearray(path.read_bytes())
     record = (len(data) - vs.SEGMENT_HEADER.size) // 10
-    data[vs.SEGMENT_HEADER.size + 4 * record + record // 2] ^= 0x10  # inside the fifth record
+    flipped = 10 if where == 1 else record // 2  # the sequence field, or inside the body
+    data[vs.SEGMENT_HEADER.size + where * record + flipped] ^= 0x10
     path.write_bytes(bytes(data))
-    assert_same(read_all(tmp_path), written[:4])
+    assert_same(read_all(tmp_path), written[:where] + written[where + 1:])
+
+
+def test_a_torn_last_record_ends_the_segment_and_hides_nothing(tmp_path):
+    rng = np.random.default_rng(38)
+    written = [sample(i, rng) for i in range(1, 11)]
+    logged(tmp_path, written)
+    (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])
+    assert_same(read_all(tmp_path), written[:9])
 
 
 def test_segments_rotate_by_size_and_each_starts_at_its_first_sequence(tmp_path, monkeypatch):
