@@ -714,6 +714,15 @@ def test_judge_refuses_an_r2_within_its_noise_of_zero_on_either_set(name, r2):
     assert verdict_on(name, barely).gate == "passed"
 
 
+def held_out_trainer(tmp_path, x: np.ndarray, y: np.ndarray, coef: np.ndarray) -> vs.Trainer:
+    """A trainer whose evaluation ring holds (x, y), every sample held out, with fitted(coef) its incumbent."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
+    for row, score in zip(x, y):
+        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
+    trainer.incumbent = fitted(coef)
+    return trainer
+
+
 def test_a_wild_held_out_score_is_left_out_of_the_history_for_every_model(tmp_path):
     """One score of 1e4 among the held-out ones decided every model's PLCC and R² on the history: no candidate
     cleared the floor there, the champion's equal neither, for as long as it stayed in the ring (41 000 samples at
@@ -721,10 +730,7 @@ def test_a_wild_held_out_score_is_left_out_of_the_history_for_every_model(tmp_pa
     x, y, coef = linear_data()
     y = y.copy()
     y[7] = 1e4
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
-    for row, score in zip(x, y):
-        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
-    trainer.incumbent = fitted(coef)
+    trainer = held_out_trainer(tmp_path, x, y, coef)
     cfg = config(gate_min_eval=200)
     _, history, _ = vs.gather_evidence(trainer, fitted(coef))
     assert (history.n, history.held_out) == (len(y) - 1, len(y) - 1)
@@ -744,10 +750,7 @@ def test_a_held_out_sample_with_a_wild_feature_is_left_out_of_the_history_for_ev
     x, y, coef = linear_data()
     x = x.copy()
     x[7, 0] = wild
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
-    for row, score in zip(x, y):
-        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
-    trainer.incumbent = fitted(coef)
+    trainer = held_out_trainer(tmp_path, x, y, coef)
     cfg = config(gate_min_eval=200)
     _, history, probe = vs.gather_evidence(trainer, fitted(coef))
     assert (history.n, history.held_out) == (len(y) - 1, len(y) - 1) and np.float32(wild) not in probe
@@ -776,10 +779,7 @@ def test_a_history_keeps_its_vote_when_the_screen_leaves_out_some_of_its_samples
     x, y, coef = linear_data()
     y = y.copy()
     y[7] = 1e4
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, holdout_fraction=1.0, eval_capacity=len(y))
-    for row, score in zip(x, y):
-        trainer.ingest(row, np.float32(score), held_out=True, unnamed=False)
-    trainer.incumbent = fitted(coef)
+    trainer = held_out_trainer(tmp_path, x, y, coef)
     cfg = config(gate_min_eval=len(y), eval_capacity=len(y))
     _, history, _ = vs.gather_evidence(trainer, fitted(coef, sign=-1.0))  # it learned the burst
     assert (history.n, history.left_out) == (len(y) - 1, 1) and history.record()["left_out"] == 1

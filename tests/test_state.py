@@ -36,6 +36,13 @@ def read_snapshot(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return vs.unpack_arrays(data[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
 
 
+def write_snapshot(directory: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """The snapshot in `directory` replaced by one of these fields and arrays, framed and checksummed."""
+    payload = b"".join(vs.pack_arrays(meta, arrays))
+    framed = vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload
+    (directory / ".state" / "snapshot.bin").write_bytes(framed)
+
+
 def feed(sidecar, batch: list[dict]) -> list[dict]:
     client = sidecar.client()
     acks = [client.request(m) for m in batch]
@@ -264,11 +271,9 @@ def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     assert smoothed is not None and smoothed != server.trainer.last_loss
     server.state.save()
     assert in_process_server(tmp_path).trainer.loss_smoothed == smoothed
-    path = tmp_path / ".state" / "snapshot.bin"
-    meta, arrays = vs.read_snapshot(path.read_bytes())
+    meta, arrays = read_snapshot(tmp_path)
     del meta["loss_smoothed"]
-    payload = b"".join(vs.pack_arrays(meta, arrays))
-    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    write_snapshot(tmp_path, meta, arrays)
     again = in_process_server(tmp_path)
     assert again.trainer.loss_smoothed is None and again.trainer.last_loss == server.trainer.last_loss
 
@@ -461,11 +466,9 @@ def test_snapshot_missing_a_field_is_set_aside_not_fatal(tmp_path):
     for m in messages(20):
         server.answer(json.dumps(m).encode())
     server.state.save()
-    path = tmp_path / ".state" / "snapshot.bin"
-    meta, arrays = vs.unpack_arrays(path.read_bytes()[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
+    meta, arrays = read_snapshot(tmp_path)
     del meta["generation"]  # as a snapshot of an older sidecar would be
-    payload = b"".join(vs.pack_arrays(meta, arrays))
-    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    write_snapshot(tmp_path, meta, arrays)
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 0 and again.trainer.steps == 0
     assert list((tmp_path / ".state").glob("snapshot.bin.*.unreadable"))
@@ -478,15 +481,13 @@ def test_a_format_3_snapshot_saved_before_its_champion_had_a_version_resumes(tmp
     for m in messages(20):
         server.answer(json.dumps(m).encode())
     server.state.save()
-    path = tmp_path / ".state" / "snapshot.bin"
-    meta, arrays = vs.unpack_arrays(path.read_bytes()[len(vs.SNAPSHOT_MAGIC) + vs.SNAPSHOT_HEADER.size:])
+    meta, arrays = read_snapshot(tmp_path)
     for later in ("champion_version", "coordinates", "sources", "window_unscored", "kept_raw", "kept_features",
                   "loss_smoothed", "samples_since_publish", "window_incumbent", "newest_checkpoint"):
         meta.pop(later, None)
     for later in ("window_x", "window_y", "window_candidate"):
         del arrays[later]
-    payload = b"".join(vs.pack_arrays({**meta, "format": 3}, arrays))
-    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    write_snapshot(tmp_path, {**meta, "format": 3}, arrays)
     again = in_process_server(tmp_path)
     assert (again.trainer.samples_accepted, again.trainer.steps) == (20, server.trainer.steps)
     assert not list((tmp_path / ".state").glob("snapshot.bin.*"))
@@ -671,11 +672,8 @@ def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog)
     for m in messages(20):
         server.answer(json.dumps(m).encode())
     server.state.save()
-    path = tmp_path / ".state" / "snapshot.bin"
-    meta, arrays = vs.read_snapshot(path.read_bytes())
-    meta["format"] = vs.SNAPSHOT_FORMAT + 1
-    payload = b"".join(vs.pack_arrays(meta, arrays))
-    path.write_bytes(vs.SNAPSHOT_MAGIC + vs.SNAPSHOT_HEADER.pack(len(payload), vs.zlib.crc32(payload)) + payload)
+    meta, arrays = read_snapshot(tmp_path)
+    write_snapshot(tmp_path, {**meta, "format": vs.SNAPSHOT_FORMAT + 1}, arrays)
     caplog.clear()
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 0
