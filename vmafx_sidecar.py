@@ -1482,7 +1482,8 @@ class StateStore:
                       self.samples.drop_pending())
 
     def tick(self) -> None:
-        self.check_journal_in_place()
+        if time.monotonic() - self.journal_checked >= 1.0:  # a call a second, not one a loop turn
+            self.check_journal_in_place()
         if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
             try:
                 self.samples.sync()
@@ -1554,13 +1555,10 @@ class StateStore:
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def check_journal_in_place(self) -> None:
-        """Once a second: a journal removed or replaced while the process runs (its directory deleted, say) takes
-        every record into a file no restart reads. A snapshot then holds them, and starts a journal where one is
-        read."""
-        now = time.monotonic()
-        if now - self.journal_checked < 1.0:
-            return
-        self.journal_checked = now
+        """Called once a second: a journal removed or replaced while the process runs (its directory deleted, say)
+        takes every record into a file no restart reads. A snapshot then holds them, and starts a journal where one
+        is read."""
+        self.journal_checked = time.monotonic()
         if self.journal_in_place():
             return
         if not self.journal_lost:  # counted and logged once; a snapshot tried each second until one is written
