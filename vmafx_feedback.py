@@ -90,10 +90,19 @@ def probe(path: str, timeout_s: float) -> int:
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
+    parser.add_argument("--socket", type=socket_path, default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
                         help=f"socket path (default ${SOCKET_ENV} or %(default)s)")
     parser.add_argument("--timeout", type=wait_seconds, default=2.0, help="seconds to wait (default 2)")
     return parser
+
+
+def socket_path(text: str) -> str:
+    """argparse type: the sidecar's socket path, as its own setting takes it (so that an empty $SOCKET_ENV
+    is named, not answered with connect()'s 'Invalid argument')."""
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a socket path, not empty, without spaces or line "
+                                         f"breaks around it (from --socket or ${SOCKET_ENV})")
+    return text
 
 
 def wait_seconds(text: str) -> float:

@@ -4736,8 +4736,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--score-column", default="true_score", help="CSV column of the true score (default %(default)s)")
     send.add_argument("--feature-columns", type=lambda text: text.split(","), metavar="A,B,...",
                       help="CSV feature columns in request order (default: every column but the score and job_id)")
-    send.add_argument("--socket", default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET),
-                      help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
+    send.add_argument("--socket", type=feedback.socket_path,
+                      default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET), help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
     send.add_argument("--timeout", type=feedback.wait_seconds, default=feedback.SEND_TIMEOUT_S,
                       help="seconds to wait for each answer, then stop as on a lost connection (default %(default)g)")
     fleet_help = ("train ROOT/fleet/ once on the samples every replica in ROOT logged since the last run (exit 0: "

@@ -501,6 +501,18 @@ def test_a_timeout_a_socket_cannot_take_is_refused_in_one_line(tmp_path, command
     assert f"argument --timeout: {timeout!r}: expected seconds, more than 0 and at most 86400" in done.stderr.decode()
 
 
+@pytest.mark.parametrize("path", ["", " ", "/tmp/x.sock\n"])
+@pytest.mark.parametrize("command", ["status", "probe", "send"])
+def test_a_socket_path_the_sidecar_would_refuse_is_named_in_one_line(tmp_path, command, path):
+    # From the environment too, where an empty value is easy to leave: connect() said only "Invalid argument".
+    (rows := tmp_path / "rows.jsonl").write_text("")
+    args = [command, str(rows)] if command == "send" else [command]
+    for done in (cli(*args, VMAFX_SIDECAR_SOCKET=path), cli(*args, "--socket", path)):
+        assert done.returncode == 2 and "Traceback" not in done.stderr.decode()
+        assert (f"argument --socket: {path!r}: expected a socket path, not empty, without spaces or line breaks "
+                f"around it (from --socket or $VMAFX_SIDECAR_SOCKET)") in done.stderr.decode()
+
+
 def test_status_prints_a_table_and_json(sidecar_factory):
     # A checkpoint after the first step, so that the gate record is there to flatten; the gate off, so that
     # it is published (two samples are too little evidence) and checkpoint_version is a number.
