@@ -3389,9 +3389,7 @@ class CheckpointWriter:
         names a checkpoint still published, and none newer that this version reads, is left as it is, with
         latest.onnx (an image rolled back): None then, and candidates face the base model until one publishes."""
         latest = read_record(self.directory / LATEST)
-        newest = next((record for v in reversed(checkpoint_versions(self.directory))
-                       if (record := read_record(self.directory / f"model_v{v:06d}.json"))
-                       and (self.directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
+        newest = newest_published_record(self.directory)
         named = newer_record_version(self.directory / LATEST) if latest is None else None
         if named is not None and self.is_published(named) and (newest is None or newest["version"] <= named):
             log.warning("%s was written by a newer sidecar: left as it is, with %s", self.directory / LATEST,
@@ -3484,6 +3482,14 @@ def checkpoint_versions(directory: Path) -> list[int]:
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and not m.group(2))
+
+
+def newest_published_record(directory: Path) -> dict[str, Any] | None:
+    """The record of the newest checkpoint in `directory` with its .sha256 and a record this version reads: the
+    one latest.json names."""
+    return next((record for v in reversed(checkpoint_versions(directory))
+                 if (record := read_record(directory / f"model_v{v:06d}.json"))
+                 and (directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -4652,8 +4658,9 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
 def latest_results(directory: Path) -> list[tuple[Path, list[str]]]:
     """latest.json, which a directory with a published checkpoint needs, and latest.onnx, the model nodes load, as
     it names. A sidecar publishing meanwhile replaces latest.onnx, then latest.json (its first publish writes
-    latest.json after its checkpoint): a pair that does not match, or no latest.json beside a published
-    checkpoint, is read again a moment later, twice, before it counts as a problem."""
+    latest.json after its checkpoint): a pair that does not match, a latest.json naming an older checkpoint than
+    the newest published or none beside a published checkpoint, is read again a moment later, twice, before it
+    counts as a problem."""
     for attempt in range(3):
         if attempt:
             time.sleep(LATEST_RECHECK_S)
@@ -4668,7 +4675,7 @@ def latest_results(directory: Path) -> list[tuple[Path, list[str]]]:
             continue
         results = [(directory / LATEST, latest_problems(directory, latest)),
                    (directory / LATEST_MODEL, latest_model_problems(directory, latest))]
-        if not results[1][1]:
+        if not (results[0][1] or results[1][1]):  # a publish points latest.* after placing its checkpoint
             break
     return results
 
@@ -4694,6 +4701,10 @@ def latest_problems(directory: Path, latest: dict[str, Any]) -> list[str]:
         return [f"names {latest['file']}, which cannot be read: {e.strerror or e}"]
     except ValueError as e:
         return [str(e)]
+    newest = newest_published_record(directory)
+    if newest and newest["version"] > latest["version"]:
+        return [f"names {latest['file']}, not {newest['file']}, the newest published checkpoint: nodes load an "
+                f"older model until the sidecar points latest.json and latest.onnx at it (when it starts)"]
     return []
 
 

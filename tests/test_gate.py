@@ -1556,6 +1556,19 @@ def test_verify_fails_on_latest_json_naming_a_missing_file(copied):
     assert failed_paths(done.stdout) == {str(copied / "latest.json")}
 
 
+def test_verify_fails_on_latest_json_naming_an_older_checkpoint_than_the_newest_published(copied):
+    """Nodes would load v1 while v4 is published, until the sidecar's next start points both files at v4."""
+    (copied / "latest.json").write_bytes((copied / f"{stem(1)}.json").read_bytes())
+    shutil.copy(copied / f"{stem(1)}.onnx", copied / "latest.onnx")
+    (copied / "latest.onnx.sha256").write_text(f"{read_json(copied / 'latest.json')['sha256']}  latest.onnx\n")
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+    assert f"names {stem(1)}.onnx, not {stem(4)}.onnx, the newest published checkpoint" in done.stdout
+    assert vs.CheckpointWriter(str(copied)).latest["version"] == 4  # what the sidecar does when it starts
+    assert run_cli("verify", str(copied)).returncode == 0
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "newer format"])
 def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_read(copied, damage):
     """The sidecar counts a checkpoint without a record it reads as unpublished: its next start points latest.json
@@ -1635,6 +1648,23 @@ def test_verify_beside_a_sidecar_passes_a_checkpoint_it_was_placing(copied, monk
         sleep(seconds)
 
     monkeypatch.setattr(vs.time, "sleep", placed_meanwhile)
+    assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
+    assert "FAILED" not in capsys.readouterr().out
+
+
+def test_verify_beside_a_sidecar_passes_a_checkpoint_placed_before_latest_names_it(copied, monkeypatch, capsys):
+    """A publish places its checkpoint, .sha256 last, then points latest.onnx and latest.json at it."""
+    shutil.copy(copied / f"{stem(4)}.onnx", copied / f"{stem(5)}.onnx")  # v4's model, so latest.onnx holds it too
+    newer = {**read_json(copied / f"{stem(4)}.json"), "version": 5, "file": f"{stem(5)}.onnx"}
+    (copied / f"{stem(5)}.json").write_text(json.dumps(newer))
+    (copied / f"{stem(5)}.onnx.sha256").write_text(f"{newer['sha256']}  {stem(5)}.onnx\n")
+    sleep = time.sleep
+
+    def pointed_meanwhile(seconds: float) -> None:
+        (copied / "latest.json").write_text(json.dumps(newer))
+        sleep(seconds)
+
+    monkeypatch.setattr(vs.time, "sleep", pointed_meanwhile)
     assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
     assert "FAILED" not in capsys.readouterr().out
 
