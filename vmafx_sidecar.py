@@ -4641,6 +4641,8 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
     elif record is None and published:  # recover_latest() counts no checkpoint without one as published
         problems.append(f"model_v{version:06d}.json {record_problem(directory / f'model_v{version:06d}.json')}: "
                         f"the sidecar does not count this checkpoint as published")
+    elif record is None and record_problem(path := directory / f"model_v{version:06d}.json") == RECORD_CORRUPT:
+        problems.append(f"{path.name} {RECORD_CORRUPT}")  # quarantined: why it was refused is lost
     try:
         model = onnx.load_from_string(data)
         onnx.checker.check_model(model, full_check=True)
@@ -4684,13 +4686,16 @@ def published_versions(directory: Path) -> list[int]:
     return [v for v in checkpoint_versions(directory) if (directory / f"model_v{v:06d}.onnx.sha256").exists()]
 
 
+RECORD_CORRUPT = "is not a valid checkpoint record"
+
+
 def record_problem(path: Path) -> str:
     """Why read_record(path) gave None, in a few words."""
     if not os.path.lexists(path):
         return "is missing"
     if newer_record_version(path) is not None:
         return "is of a newer format than this version reads"
-    return "is not a valid checkpoint record"
+    return RECORD_CORRUPT
 
 
 def latest_problems(directory: Path, latest: dict[str, Any]) -> list[str]:

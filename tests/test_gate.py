@@ -1569,6 +1569,27 @@ def test_verify_fails_on_latest_json_naming_an_older_checkpoint_than_the_newest_
     assert run_cli("verify", str(copied)).returncode == 0
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not JSON", "a record without its fields"])
+def test_verify_fails_on_a_quarantined_checkpoint_whose_record_is_corrupt(copied, damage):
+    record = copied / "quarantine" / f"{stem(2)}.json"
+    record.write_bytes({"truncated": record.read_bytes()[:40], "not JSON": b"\x00" * 64,
+                        "a record without its fields": b'{"version": 2}'}[damage])
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "quarantine" / f"{stem(2)}.onnx")}
+    assert f"{stem(2)}.json is not a valid checkpoint record" in done.stdout
+    listed = run_cli("checkpoints", str(copied))
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stdout + listed.stderr
+
+
+def test_verify_passes_a_quarantined_checkpoint_moved_there_without_its_record_or_of_a_newer_format(copied):
+    (copied / "quarantine" / f"{stem(2)}.json").unlink()
+    record = copied / "quarantine" / f"{stem(3)}.json"
+    record.write_text(json.dumps({**read_json(record), "format": vs.RECORD_FORMAT + 1}))
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "newer format"])
 def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_read(copied, damage):
     """The sidecar counts a checkpoint without a record it reads as unpublished: its next start points latest.json
