@@ -1922,7 +1922,7 @@ def log_id(directory: Path) -> str | None:
 def readable_log_id(directory: Path) -> str | None:
     """log_id, but OSError where the name cannot be read now (an I/O error), which is not a log without one."""
     try:
-        return (directory / SAMPLE_LOG_DIR / LOG_ID).read_text().strip() or None
+        return read_small_file(directory / SAMPLE_LOG_DIR / LOG_ID).decode().strip() or None
     except (FileNotFoundError, UnicodeDecodeError):
         return None
 
@@ -1935,7 +1935,7 @@ def log_origin(directory: Path) -> int:
 def written_origin(log_directory: Path) -> int | None:
     """LOG_ORIGIN's number; None where it is missing or unreadable."""
     try:
-        return int((log_directory / LOG_ORIGIN).read_text())
+        return int(read_small_file(log_directory / LOG_ORIGIN))
     except (OSError, ValueError):
         return None
 
@@ -3492,11 +3492,27 @@ def newest_published_record(directory: Path) -> dict[str, Any] | None:
                  and (directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
 
 
+SMALL_FILE_MAX = 1 << 20  # a record, a log's name, the fleet's positions: none of ours comes near it
+
+
+def read_small_file(path: Path) -> bytes:
+    """path.read_bytes() for the files the loop reads from a shared volume, but OSError for a FIFO or a device,
+    whose open() or read() would hold the loop, and for a file larger than SMALL_FILE_MAX."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = file.read(SMALL_FILE_MAX + 1)
+    if len(data) > SMALL_FILE_MAX:
+        raise OSError(errno.EFBIG, f"larger than {SMALL_FILE_MAX} bytes", str(path))
+    return data
+
+
 def read_record(path: Path) -> dict[str, Any] | None:
     """A checkpoint's JSON record (latest.json or model_vNNNNNN.json), in RECORD_FORMAT; None if absent,
     malformed or of a newer format."""
     try:
-        record = json.loads(path.read_bytes())
+        record = json.loads(read_small_file(path))
         if type(record["version"]) is not int or record["file"] != f"model_v{record['version']:06d}.onnx" \
                 or not isinstance(record["sha256"], str):
             raise ValueError("its file and version do not match")
@@ -3515,7 +3531,7 @@ def newer_record_version(path: Path) -> int | None:
     """The checkpoint version a record of a newer format than this sidecar reads names; None for any other file
     (missing, malformed, or of a format it reads)."""
     try:
-        record = json.loads(path.read_bytes())
+        record = json.loads(read_small_file(path))
         newer = type(record["format"]) is int and record["format"] > RECORD_FORMAT
         return record["version"] if newer and type(record["version"]) is int else None
     except (OSError, ValueError, TypeError, KeyError, RecursionError):
@@ -3761,7 +3777,7 @@ def fleet_model(directory: Path) -> dict[str, Any] | None:
 def fleet_cursor(checkpoint_dir: Path) -> int:
     """How far the fleet trainer has read this replica's log (0: not at all, or no fleet)."""
     try:
-        cursors = json.loads((checkpoint_dir.parent / FLEET_DIR / FLEET_CURSORS).read_bytes())
+        cursors = json.loads(read_small_file(checkpoint_dir.parent / FLEET_DIR / FLEET_CURSORS))
         by_name = cursors["sources"].get(checkpoint_dir.name, 0)  # as an older version, or this one before a run
         return int(cursors["sources"].get(log_id(checkpoint_dir) or checkpoint_dir.name, by_name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):

@@ -696,13 +696,13 @@ def test_a_log_whose_name_cannot_be_read_now_waits_for_the_next_run(tmp_path, mo
     replica_run(node, 100, rng)
     assert vs.fleet(tmp_path, fleet_config()) == 0
     replica_run(node, 20, rng)
-    read_text = Path.read_text
+    read_small_file = vs.read_small_file
 
-    def failing(path, *args, **kwargs):
+    def failing(path: Path) -> bytes:
         if path.name == vs.LOG_ID:
             raise OSError(5, "Input/output error")
-        return read_text(path, *args, **kwargs)
-    monkeypatch.setattr(Path, "read_text", failing)
+        return read_small_file(path)
+    monkeypatch.setattr(vs, "read_small_file", failing)
     caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW
     assert "vmafx-node-0 skipped this run: the name of its sample log cannot be read" in caplog.text
@@ -867,6 +867,27 @@ def test_a_damaged_fleet_record_or_cursor_file_is_no_fleet_model_and_no_position
         latest.replace('"version"', '"sources": {"node": Infinity}, "v"') if latest[0] == "{" else latest)
     assert vs.fleet_model(tmp_path / vs.FLEET_DIR) is None
     assert vs.fleet_cursor(tmp_path / "node") == 0
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "larger than a record"])
+def test_a_fifo_or_a_huge_file_among_the_fleet_files_is_no_fleet_model_and_no_position(tmp_path, kind):
+    """A replica reads these at every scrape and status op and at its log's retention: open() of a FIFO without a
+    writer held its loop for good, and a file of any size was read whole each time."""
+    fleet = tmp_path / vs.FLEET_DIR
+    fleet.mkdir()
+    record = {"format": vs.RECORD_FORMAT, "version": 3, "file": "model_v000003.onnx", "sha256": "0" * 64,
+              "created_unix": time.time(), "sources": {"node": 5}}  # a record and a cursor file in one
+    for name in (vs.LATEST, vs.FLEET_CURSORS):
+        if kind == "a FIFO":
+            os.mkfifo(fleet / name)
+        else:
+            (fleet / name).write_text(json.dumps(record) + " " * vs.SMALL_FILE_MAX)
+    read = ("import sys, pathlib, vmafx_sidecar as vs; root = pathlib.Path(sys.argv[1]); "
+            "print(vs.fleet_model(root / vs.FLEET_DIR), vs.fleet_cursor(root / 'node'))")
+    # In a process of its own: a signal cannot be trusted to reach a thread held in open().
+    done = subprocess.run([sys.executable, "-c", read, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == "None 0\n", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("damage", ["header cut short", "not a segment"])
