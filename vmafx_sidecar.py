@@ -3389,7 +3389,7 @@ class CheckpointWriter:
         names a checkpoint still published, and none newer that this version reads, is left as it is, with
         latest.onnx (an image rolled back): None then, and candidates face the base model until one publishes."""
         latest = read_record(self.directory / LATEST)
-        newest = newest_published_record(self.directory)
+        newest = newest_published_record(self.directory, latest)
         named = newer_record_version(self.directory / LATEST) if latest is None else None
         if named is not None and self.is_published(named) and (newest is None or newest["version"] <= named):
             log.warning("%s was written by a newer sidecar: left as it is, with %s", self.directory / LATEST,
@@ -3484,12 +3484,18 @@ def checkpoint_versions(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and not m.group(2))
 
 
-def newest_published_record(directory: Path) -> dict[str, Any] | None:
-    """The record of the newest checkpoint in `directory` with its .sha256 and a record this version reads: the
-    one latest.json names."""
-    return next((record for v in reversed(checkpoint_versions(directory))
-                 if (record := read_record(directory / f"model_v{v:06d}.json"))
-                 and (directory / f"model_v{v:06d}.onnx.sha256").exists()), None)
+def newest_published_record(directory: Path, latest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record latest.json is to name: the newest checkpoint in `directory` with its .sha256, a record this
+    version reads and the model that record names, or the one `latest` (latest.json's record) names, whose intact
+    copy may be latest.onnx. One damaged since it was placed is passed over, with a line that says so."""
+    for version in reversed(checkpoint_versions(directory)):
+        record = read_record(directory / f"model_v{version:06d}.json")
+        if not record or not (directory / f"model_v{version:06d}.onnx.sha256").exists():
+            continue
+        if record == latest or holds_named_model(directory, record):
+            return record
+        log.error("%s is not the model its record names: not one latest.json can name", directory / record["file"])
+    return None
 
 
 SMALL_FILE_MAX = 1 << 20  # a record, a log's name, the fleet's positions: none of ours comes near it
@@ -3544,6 +3550,14 @@ def read_named_checkpoint(directory: Path, record: dict[str, Any]) -> bytes:
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise ValueError(f"{record['file']} does not have the sha256 {LATEST} names")
     return data
+
+
+def holds_named_model(directory: Path, record: dict[str, Any]) -> bool:
+    try:
+        read_named_checkpoint(directory, record)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def latest_model_problems(directory: Path, record: dict[str, Any]) -> list[str]:
@@ -4722,7 +4736,7 @@ def latest_problems(directory: Path, latest: dict[str, Any]) -> list[str]:
         return [f"names {latest['file']}, which cannot be read: {e.strerror or e}"]
     except ValueError as e:
         return [str(e)]
-    newest = newest_published_record(directory)
+    newest = newest_published_record(directory, latest)
     if newest and newest["version"] > latest["version"]:
         return [f"names {latest['file']}, not {newest['file']}, the newest published checkpoint: nodes load an "
                 f"older model until the sidecar points latest.json and latest.onnx at it (when it starts)"]

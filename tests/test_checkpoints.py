@@ -718,6 +718,32 @@ def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_la
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["a flipped byte", "a directory in its place"])
+def test_latest_json_behind_a_damaged_checkpoint_stays_on_the_intact_one(tmp_path, caplog, damage):
+    """A kill between placing v2 and pointing at it, and v2's model damaged since: latest.json was pointed at a file
+    that fails its sha256, latest.onnx could not follow, and the gate lost v1 as its incumbent."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    for version in (1, 2):
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), version, 16,
+                                       UNGATED, PROBE)
+    for name in ("model_v000001.json", "model_v000001.onnx"):  # the pointers as v1's publish left them
+        shutil.copyfile(directory / name, directory / name.replace("model_v000001", "latest"))
+    (directory / "latest.onnx.sha256").write_text(f"{sha256_file(directory / 'latest.onnx')}  latest.onnx\n")
+    model = directory / "model_v000002.onnx"
+    if damage == "a flipped byte":
+        model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 0xFF]))
+    else:
+        model.unlink()
+        model.mkdir()
+    started = vmafx_sidecar.CheckpointWriter(str(directory))
+    assert started.latest["version"] == 1 and json.loads((directory / "latest.json").read_text())["version"] == 1
+    assert started.latest_model() is not None
+    assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000001.onnx").read_bytes()
+    assert f"{model} is not the model its record names" in caplog.text
+
+
 def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path, monkeypatch):
     """A refusal between latest.onnx and its .sha256 left the two a publish apart until the next publish (hours,
     with the gate refusing candidates): a node that checks the .sha256 refused latest.onnx all that time."""
