@@ -3320,6 +3320,7 @@ class CheckpointWriter:
         directory = self.directory if verdict.published else self.quarantine
         temps, renamed = [staged.temp], []
         try:
+            directory.mkdir(exist_ok=True)  # quarantine/, should it have been cleared out while the sidecar ran
             for n, content in ((f"{stem}.json", json_text(record)), (f"{name}.sha256", f"{digest}  {name}\n")):
                 temps.append(directory / f".{n}{TEMP_SUFFIX}")
                 write_synced(temps[-1], [memoryview(content.encode())])

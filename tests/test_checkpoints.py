@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vmafx_onnx_builder
 import vmafx_sidecar
-from conftest import ROOT, UNGATED, Client, Sidecar, make_trainer, sample
+from conftest import REFUSED, ROOT, UNGATED, Client, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 # batch 32 with replay_mix 0.5 (the defaults, spelled out): each step trains 16 new samples,
@@ -742,6 +742,20 @@ def test_latest_json_behind_a_damaged_checkpoint_stays_on_the_intact_one(tmp_pat
     assert started.latest_model() is not None
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000001.onnx").read_bytes()
     assert f"{model} is not the model its record names" in caplog.text
+
+
+def test_a_refused_checkpoint_after_quarantine_was_removed_by_hand_is_placed_there_again(tmp_path):
+    """Every refused candidate had failed as a write, until a restart, and its window had gone on growing."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 1, 16, UNGATED, PROBE)
+    shutil.rmtree(directory / "quarantine")
+    refused = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 2, 32,
+                                             REFUSED, PROBE)
+    assert refused.path == directory / "quarantine" / "model_v000002.onnx"
+    assert_sha256_file_verifies(refused.path)
+    assert writer.latest["version"] == 1 and writer.failures == 0
 
 
 def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path, monkeypatch):
