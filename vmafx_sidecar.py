@@ -3422,14 +3422,18 @@ class CheckpointWriter:
         if self.latest is None:
             if not (self.directory / LATEST).exists():
                 for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
-                    (self.directory / name).unlink(missing_ok=True)
+                    try:
+                        (self.directory / name).unlink(missing_ok=True)
+                    except OSError as e:  # a directory put there: serving matters more than this tidying
+                        log.error("cannot remove %s, with nothing published: %s", self.directory / name,
+                                  e.strerror or e)
             return
         if not latest_model_problems(self.directory, self.latest):
             return
         try:
             data = read_named_checkpoint(self.directory, self.latest)
-        except ValueError as e:  # nothing trustworthy to copy; latest_model() reports it too
-            log.error("cannot update %s: %s", self.directory / LATEST_MODEL, e)
+        except (OSError, ValueError) as e:  # nothing trustworthy to copy; latest_model() reports it too
+            log.error("cannot update %s: %s", self.directory / LATEST_MODEL, getattr(e, "strerror", None) or e)
             return
         try:
             self.replace_latest_model(self.latest, data)

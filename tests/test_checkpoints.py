@@ -744,6 +744,26 @@ def test_latest_json_behind_a_damaged_checkpoint_stays_on_the_intact_one(tmp_pat
     assert f"{model} is not the model its record names" in caplog.text
 
 
+@pytest.mark.parametrize("odd", ["latest.onnx a directory, nothing published",
+                                 "the model latest.json names a directory, latest.onnx damaged"])
+def test_a_start_beside_an_odd_entry_it_cannot_tidy_serves_with_a_line_that_says_so(tmp_path, caplog, odd):
+    """Both had stopped the start with a traceback."""
+    directory = tmp_path / "ckpt"
+    if odd.startswith("latest.onnx"):
+        (directory / "latest.onnx").mkdir(parents=True)
+    else:
+        writer = vmafx_sidecar.CheckpointWriter(str(directory))
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])),
+                                       1, 16, UNGATED, PROBE)
+        (directory / "model_v000001.onnx").unlink()
+        (directory / "model_v000001.onnx").mkdir()
+        (directory / "latest.onnx").write_bytes(b"damaged")
+    started = vmafx_sidecar.CheckpointWriter(str(directory))
+    assert (started.latest is None) == odd.startswith("latest.onnx") and started.latest_model() is None
+    said = "cannot remove" if odd.startswith("latest.onnx") else "cannot update"
+    assert f"{said} {directory / 'latest.onnx'}" in caplog.text
+
+
 def test_a_refused_checkpoint_after_quarantine_was_removed_by_hand_is_placed_there_again(tmp_path):
     """Every refused candidate had failed as a write, until a restart, and its window had gone on growing."""
     directory = tmp_path / "ckpt"
