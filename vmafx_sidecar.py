@@ -3283,6 +3283,12 @@ class CheckpointWriter:
         for name in (f"{stem}.onnx", f"{stem}.json"):
             if directory != self.quarantine and (directory / name).exists():
                 os.replace(directory / name, self.quarantine / name)
+        record = read_record(self.quarantine / f"{stem}.json")
+        if record and record.get("gate") in PUBLISHED:  # else `checkpoints` took it for one rolled back by hand
+            reason = f"never published whole: the process stopped while it was placed ({record['gate']}: " \
+                     f"{record.get('reason')})"
+            write_whole(self.quarantine / f"{stem}.json",
+                        json_text({**record, "gate": "quarantined", "reason": reason}).encode())
         model = self.quarantine / f"{stem}.onnx"
         if model.exists():
             digest = hashlib.sha256(model.read_bytes()).hexdigest()

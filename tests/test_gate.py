@@ -1726,6 +1726,19 @@ def test_checkpoints_says_a_checkpoint_rolled_back_by_hand_was_not_refused(copie
     assert [line for line in listed if line.startswith("v000002: history: R² -")]  # refused ones: why
 
 
+def test_checkpoints_says_a_checkpoint_a_crash_left_unplaced_was_never_published(copied, capsys):
+    """A kill while v4 was placed (.sha256 last): the next start moves it into quarantine/, which `checkpoints` had
+    listed as a rollback by hand."""
+    (copied / f"{stem(4)}.onnx.sha256").unlink()
+    vs.CheckpointWriter(str(copied))
+    vs.CheckpointWriter(str(copied))  # a second start leaves it as the first did
+    assert vs.list_checkpoints(copied) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "v000004: never published whole: the process stopped while it was placed (off: published unjudged: " \
+           "VMAFX_SIDECAR_GATE=off)" in listed
+    assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
+
+
 def test_checkpoints_shows_a_dash_for_scores_a_record_holds_in_another_shape(copied):
     for version, metrics in ((1, "not an object"), (4, {"candidate": {"plcc": None, "srcc": "0.9"}, "eval_n": 7})):
         record = read_json(copied / f"{stem(version)}.json")
