@@ -4605,7 +4605,7 @@ def list_checkpoints(directory: Path) -> int:
                          record.get("gate", "-"), state])
             if "reason" in record and where != directory:  # why it was refused, or that it was rolled back
                 refused = record.get("gate") not in PUBLISHED
-                reasons.append(f"v{version:06d}: " + (record["reason"] if refused else
+                reasons.append(f"v{version:06d}: " + (str(record["reason"]) if refused else
                                                       f"{record['gate']}, then moved to quarantine/ (rolled back)"))
     header = ["version", "created", "step", "plcc", "srcc", "rmse", "r2", "eval_n", "gate", "state"]
     table = [header, *([str(cell) for cell in row] for row in sorted(rows, key=lambda row: row[0]))]

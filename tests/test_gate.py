@@ -1739,6 +1739,15 @@ def test_checkpoints_says_a_checkpoint_a_crash_left_unplaced_was_never_published
     assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
 
 
+@pytest.mark.parametrize("reason", [None, 7, ["a", "list"], {"an": "object"}])
+def test_checkpoints_lists_a_quarantined_record_whose_reason_is_not_text(copied, reason):
+    record = read_json(copied / "quarantine" / f"{stem(2)}.json")
+    (copied / "quarantine" / f"{stem(2)}.json").write_text(json.dumps({**record, "reason": reason}))
+    done = run_cli("checkpoints", str(copied))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"v000002: {reason}" in done.stdout.splitlines()
+
+
 def test_checkpoints_shows_a_dash_for_scores_a_record_holds_in_another_shape(copied):
     for version, metrics in ((1, "not an object"), (4, {"candidate": {"plcc": None, "srcc": "0.9"}, "eval_n": 7})):
         record = read_json(copied / f"{stem(version)}.json")
