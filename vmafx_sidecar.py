@@ -744,22 +744,25 @@ class Server:
 
     def on_reserved_ready(self, conn: Connection, mask: int) -> None:
         """A connection over the limit: its first line answered if it asks a ping or the status, and the connection
-        closed once the answer is out; anything else closes it unanswered, as if refused at once."""
+        closed once the answer is out; anything else closes it unanswered, as if refused at once. It stays in
+        `reserved` until it is closed, counted against RESERVED_CONNECTIONS, with RESERVED_WAIT_S from its answer
+        to take it."""
         if mask & selectors.EVENT_WRITE:
             self.flush(conn)
-        if not mask & selectors.EVENT_READ or (data := received(conn.sock, RECV_BYTES)) is None:
+        if conn.closing or not mask & selectors.EVENT_READ or (data := received(conn.sock, RECV_BYTES)) is None:
             return
         conn.inbuf += data
         newline, limit = conn.inbuf.find(b"\n"), self.config.max_line_bytes
         if newline < 0 and data and len(conn.inbuf) <= limit:
             return  # the line goes on
         line = bytes(conn.inbuf if newline < 0 else conn.inbuf[:newline])  # at EOF, the line without its newline
-        del self.reserved[conn]
+        conn.inbuf.clear()
         if len(line) > limit or not asks_ping_or_status(line, self.config.n_features):
             self.refuse(conn)
             return
         conn.outbuf += self.answer(line)
         conn.closing = True
+        self.reserved[conn] = time.monotonic()
         self.flush(conn)
 
     def refuse(self, conn: Connection) -> None:
@@ -767,15 +770,20 @@ class Server:
         self.close(conn)
 
     def expire_reserved(self) -> None:
-        """Close, unanswered, the connections over the limit that have not asked their question in time: read
-        once more first, as a slow turn (a checkpoint, a long step) may have kept a waiting one from being read."""
+        """Close the connections over the limit that have not asked their question in time, unanswered (read once
+        more first, as a slow turn, a checkpoint or a long step, may have kept a waiting one from being read), and
+        those that have not taken their answer in time, as stopped readers."""
         now = time.monotonic()
-        for conn, accepted in list(self.reserved.items()):
-            if now - accepted >= RESERVED_WAIT_S:
-                self.on_reserved_ready(conn, selectors.EVENT_READ)
-                if conn in self.reserved:
-                    del self.reserved[conn]
-                    self.refuse(conn)
+        for conn, since in list(self.reserved.items()):
+            if now - since < RESERVED_WAIT_S:
+                continue
+            if conn.closing:
+                self.connections_dropped += 1
+                self.close(conn)
+                continue
+            self.on_reserved_ready(conn, selectors.EVENT_READ)
+            if conn in self.reserved and not conn.closing:
+                self.refuse(conn)
 
     def read(self, conn: Connection) -> bool:
         """Read and answer what is available, the ACKs left for end_turn(); False when nothing was (would block,
@@ -893,6 +901,7 @@ class Server:
 
     def close(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.reserved.pop(conn, None)
         self.backlog.pop(conn, None)
         self.selector.unregister(conn.sock)
         conn.sock.close()
@@ -4084,7 +4093,8 @@ def metrics_text(server: Server) -> str:
         ("vmafx_sidecar_connections_refused_total", "counter", "Connections closed unanswered, over "
          "VMAFX_SIDECAR_MAX_CONNECTIONS, since the process started", [({}, s.connections_refused)]),
         ("vmafx_sidecar_connections_dropped_total", "counter", "Connections closed because they stopped reading "
-         "their ACKs, since the process started", [({}, s.connections_dropped)]),
+         "their ACKs (or their answer, over the connection limit), since the process started",
+         [({}, s.connections_dropped)]),
         ("vmafx_sidecar_write_failures_total", "counter", "Writes the disk refused (each retried), by what was "
          "written, since the process started", [({"kind": k}, n) for k, n in failures.items()]),
         ("vmafx_sidecar_checkpoints_total", "counter", "Checkpoints due, by outcome, since the process started",

@@ -903,6 +903,37 @@ def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
     assert status(clients[0])["connections_refused"] == 1 + vs.RESERVED_CONNECTIONS
 
 
+def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_place_then_is_dropped(tmp_path):
+    """One whose answer (a long job_id, echoed) did not fit in its socket had left the reserve once answered: open
+    for as long as it did not read, outside every limit, and any number of them."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # whatever this machine's default
+        ours.setblocking(False)
+        conn = vs.Connection(ours, server.on_reserved_ready)
+        server.selector.register(ours, selectors.EVENT_READ, conn)
+        server.reserved[conn] = time.monotonic()
+        line = b'{"op": "ping", "job_id": "' + b"x" * 60000 + b'"}\n'
+        theirs.sendall(line)
+        while not conn.closing and conn in server.reserved:  # its line read, answered, and its answer begun
+            server.on_reserved_ready(conn, selectors.EVENT_READ)
+        assert conn.outbuf and list(server.reserved) == [conn]  # it holds a place in the reserve
+        server.expire_reserved()  # within its second: kept
+        assert list(server.reserved) == [conn]
+        server.reserved[conn] -= 2 * vs.RESERVED_WAIT_S
+        server.expire_reserved()
+        assert not server.reserved and server.connections_dropped == 1 and server.connections_refused == 0
+        theirs.settimeout(5)
+        taken = b""
+        while data := theirs.recv(65536):
+            taken += data
+        assert b'"op": "pong"' in taken and len(taken) < len(line)  # what its socket held, then EOF
+    finally:
+        theirs.close()
+
+
 def test_samples_at_the_float32_limit_skip_steps_quietly_and_boundedly(tmp_path, caplog):
     # Valid by the protocol (inside float32's range), yet every batch that holds one overflows.
     trainer = make_trainer(tmp_path / "ckpt", **(STEPPING | {"min_samples_ckpt": 10**9}))
