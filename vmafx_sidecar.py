@@ -672,7 +672,8 @@ class Server:
                     self.answered[conn] = None  # flushed, or closed, by end_turn()
             self.answer_backlog()
             self.end_turn()
-            if all(c.closing or c in self.backlog for c in self.connections) and not self.backlog_room():
+            waiting = self.connections and all(c.closing or c in self.backlog for c in self.connections)
+            if waiting and not self.backlog_room():  # with every connection closed, nothing is left to wait for
                 for key, mask in self.selector.select(timeout=max(0.0, deadline - time.monotonic())):
                     if key.data not in self.connections:
                         key.data(mask)  # the wake-up pipe: a second signal

@@ -934,6 +934,26 @@ def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_pla
         theirs.close()
 
 
+def test_a_shutdown_that_has_closed_every_connection_waits_no_longer(tmp_path, monkeypatch):
+    """A node keeps its connection open: every SIGTERM had waited out the whole grace after closing it."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+    server = vs.Server(trainer.config, trainer, vs.NoState())
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        conn = vs.Connection(ours, server.on_connection_ready)
+        server.connections.add(conn)
+        server.selector.register(ours, selectors.EVENT_READ, conn)
+        waits = []
+        monkeypatch.setattr(server.selector, "select", lambda timeout=None: waits.append(timeout) or [])
+        server.shutdown()
+        assert not server.connections and waits == []
+        theirs.settimeout(5)
+        assert theirs.recv(1) == b""
+    finally:
+        theirs.close()
+
+
 def test_samples_at_the_float32_limit_skip_steps_quietly_and_boundedly(tmp_path, caplog):
     # Valid by the protocol (inside float32's range), yet every batch that holds one overflows.
     trainer = make_trainer(tmp_path / "ckpt", **(STEPPING | {"min_samples_ckpt": 10**9}))
