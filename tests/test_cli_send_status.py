@@ -243,6 +243,26 @@ def test_rejected_lines_are_listed_with_file_and_line_and_exit_1(sidecar_factory
     assert (answer["samples_accepted"], answer["samples_rejected"]) == (4, 2)
 
 
+def test_names_that_are_not_utf8_are_printed_escaped_where_stdout_is_strict(sidecar_factory, tmp_path):
+    """A file name, a CSV column or a checkpoint directory in Latin-1, under a UTF-8 locale (whose stdout is
+    strict): `send` stopped with a traceback before its resume line, and `status` in the middle of its table."""
+    directory = os.fsdecode(bytes(tmp_path) + b"/ck-caf\xe9")
+    sidecar = sidecar_factory(**SERVER, VMAFX_SIDECAR_CHECKPOINT_DIR=directory)
+    jsonl = os.fsdecode(bytes(tmp_path) + b"/jobs-caf\xe9.jsonl")
+    Path(jsonl).write_bytes(VALID + SHORT)
+    table = tmp_path / "table.csv"
+    table.write_bytes(b"f0,f1,f2,qualit\xe9,true_score\n1,2,3,,50\n")
+    done = cli("send", "--socket", sidecar.socket, jsonl, str(table), PYTHONIOENCODING="utf-8:strict")
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in stderr, stderr
+    assert summary(stdout) == {"sent": "2", "accepted": "1", "rejected": "2 (1 refused before sending)"}
+    assert "jobs-caf\\udce9.jsonl:2: features: expected 4 numbers, got 3" in stdout
+    assert "qualit\\udce9: not a number: ''" in stdout
+    done = cli("status", "--socket", sidecar.socket, PYTHONIOENCODING="utf-8:strict")
+    assert done.returncode == 0 and "Traceback" not in done.stderr.decode(), done.stderr.decode()
+    assert "ck-caf\\udce9" in done.stdout.decode()
+
+
 def test_send_memory_does_not_grow_with_the_input(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(**SERVER)
     # VmHWM of the process itself: getrusage's peak would include the pre-exec fork of this test process.
