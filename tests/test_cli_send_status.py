@@ -108,6 +108,22 @@ def test_csv_rows_that_cannot_be_sent_say_why():
         vf.csv_layout(["f0", "true_score"], "score", ["f9"])
 
 
+@pytest.mark.parametrize("cell", ["3_5", "1_000.0", "\u0663", "\uff11\uff12", "\u00a01", "0x10", "1e", ".", "e5",
+                                  "1.2.3", "nanx"])
+def test_a_csv_cell_is_a_number_only_as_json_writes_one(cell):
+    """float() alone took "3_5" as 35 and digits of other scripts, which the sidecar would refuse as JSON."""
+    layout = vf.csv_layout(["f0", "true_score"], "true_score", None)
+    with pytest.raises(ValueError, match=re.escape(f"f0: not a number: {cell!r}")):
+        vf.csv_request([cell, "50"], layout)
+
+
+@pytest.mark.parametrize("cell, value", [("1", 1.0), (" 2.5 ", 2.5), ("-3e5", -3e5), ("+.5", 0.5), ("5.", 5.0),
+                                         ("1E-3", 1e-3)])
+def test_a_csv_cell_may_have_spaces_a_sign_and_an_exponent(cell, value):
+    layout = vf.csv_layout(["f0", "true_score"], "true_score", None)
+    assert json.loads(vf.csv_request([cell, "50"], layout))["features"] == [value]
+
+
 @pytest.mark.parametrize("header, features", [(["f0", "f1", "f0", "true_score"], None),
                                               (["f0", "true_score", "true_score"], None),
                                               (["job_id", "f0", "job_id", "true_score"], None),
