@@ -469,8 +469,9 @@ def feedback_number(v: Any, field_name: str, index: int | None = None) -> int | 
 
 
 def json_type_name(value: Any) -> str:
-    """The type of `value` as the sidecar names it once json.dumps has sent it; its Python name if JSON has none."""
-    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+    """The type of `value` as the sidecar names it once json.dumps has sent it (a subclass as its JSON base: an
+    IntEnum is a number, an OrderedDict an object); its Python name if JSON has none."""
+    return next((JSON_TYPE_NAMES[t] for t in type(value).__mro__ if t in JSON_TYPE_NAMES), type(value).__name__)
 
 
 def job_id_too_long(job_id: str) -> bool:

@@ -111,6 +111,26 @@ def test_subclasses_of_str_float_int_list_and_tuple_pass_as_what_json_sends(feat
         float, int, str}
 
 
+@pytest.mark.parametrize("features, score, job_id, sidecar_says", [
+    ([0.5] * 4, 50.0, Kind.FULL_HD, "job_id: expected a string, got number"),
+    ([0.5] * 4, 50.0, np.float64(7.0), "job_id: expected a string, got number"),
+    (np.float64(0.5), 50.0, None, "features: expected a list of 4 numbers, got number"),
+    ([0.5] * 4, collections.OrderedDict(), None, "true_score: expected a number, got object"),
+    ([collections.OrderedDict(), 0.5, 0.5, 0.5], 50.0, None, "features[0]: expected a number, got object"),
+], ids=["IntEnum job_id", "numpy.float64 job_id", "numpy.float64 features", "OrderedDict score",
+        "OrderedDict feature"])
+def test_a_subclass_refused_is_named_as_json_sends_it(features, score, job_id, sidecar_says):
+    """Named by its Python class ("got Kind", "got OrderedDict"), where the sidecar names what json.dumps sent."""
+    with pytest.raises(vf.InvalidSample) as refused:
+        vf.feedback_message(features, score, job_id, 4, None)
+    assert str(refused.value) == sidecar_says
+    sent = json.dumps({"features": features, "true_score": score, **({"job_id": job_id} if job_id else {})},
+                      default=float)  # numpy.float64 is a float: json.dumps sends it as a number
+    with pytest.raises(vs.BadRequest) as answered:
+        vs.parse_request(sent.encode(), 4)
+    assert answered.value.error == sidecar_says
+
+
 @pytest.mark.parametrize("job_id, refused", [("x" * 65535, False), ("x" * 65536, True), ("\U0001F600" * 16383, False),
                                              ("\U0001F600" * 16384, True), ("\ud800" * 21845, False),
                                              ("\ud800" * 21846, True), ("\ud83d\ude00" * 16383, False)],
