@@ -569,7 +569,8 @@ class Server:
         self.socket_inode: int | None = None
         self.stopping = False
         self.accepts_paused_at: float | None = None  # out of file descriptors, since then: see retry_accepts()
-        self.reserved: dict[Connection, float] = {}  # over max_connections, each for one ping or status: since
+        # Over max_connections, each for one ping or status: since it was accepted, then since it was answered.
+        self.reserved: dict[Connection, float] = {}
         self.connections_refused = 0  # over max_connections, closed unanswered
         self.connections_dropped = 0  # stopped reading their ACKs
         self.rejections: collections.Counter[str] = collections.Counter()  # by reason, since the start
