@@ -1787,7 +1787,8 @@ class SampleLog:
                 self.last_sequence = int(path.name[:16]) - 1
                 for sample in read_segment(path, n_features):
                     self.last_sequence = sample.sequence
-                self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}")
+                self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}",
+                                n_features)
                 return
             for sample in read_segment(path, self.n_features) if start.startswith(header) else ():
                 if end is not None and sample.sequence >= end:
@@ -1804,19 +1805,20 @@ class SampleLog:
                 log.warning("sample log: %s holds no record that can be read: set aside as %s", path.name, target.name)
             end = int(path.name[:16])
 
-    def move_aside(self, why: str) -> None:
-        """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
-        trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
+    def move_aside(self, why: str, n_features: int) -> None:
+        """Set the whole log (of `n_features`) aside and begin a new one with its origin: the samples of the old one
+        that the fleet trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
         name = log_id(self.directory.parent) or secrets.token_hex(8)  # numbers go on, and the fleet's position
-        first = int(segment_paths(self.directory)[0].name[:16])  # of this log: one set aside before held those below
+        paths = segment_paths(self.directory)
+        ends = [int(p.name[:16]) for p in paths[1:]] + [self.last_sequence + 1]
+        unread = sum(unread_records(p, n_features, read, end) for p, end in zip(paths, ends))
         target = aside_path(self.directory, "set-aside")
         os.replace(self.directory, target)
         self.directory.mkdir(mode=0o700)
         for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
             write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
         fsync_directory(self.directory)
-        unread = max(0, self.last_sequence - max(read, first - 1))
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
                     "read); a new log starts", self.directory, why, target.name, unread)
@@ -1857,9 +1859,9 @@ class SampleLog:
             first, end = int(path.name[:16]), int(following.name[:16])  # this segment holds [first, end)
             if end - 1 > read and sum(sizes) <= max_bytes:
                 return
+            lost = unread_records(path, self.n_features, read, end) if end - 1 > read else 0
             path.unlink()
             sizes.pop(0)
-            lost = end - max(first, read + 1)
             if lost > 0:
                 self.samples_dropped += lost
                 log.warning("sample log over VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES (%d): deleted %s, %d samples the "
@@ -1949,6 +1951,16 @@ def written_origin(log_directory: Path) -> int | None:
         return int(read_small_file(log_directory / LOG_ORIGIN))
     except (OSError, ValueError):
         return None
+
+
+def unread_records(path: Path, n_features: int, read: int, end: int) -> int:
+    """How many records of a segment (ending before sequence `end`) the fleet trainer has not read: counted, for
+    sequences missing from the log (accepted with it off, or dropped in an outage and counted then) are none of
+    its own; taken from the names where the segment cannot be read."""
+    try:
+        return sum(1 for _ in read_segment(path, n_features, read))
+    except (OSError, ValueError):
+        return max(0, end - max(int(path.name[:16]), read + 1))
 
 
 def segment_paths(directory: Path) -> list[Path]:

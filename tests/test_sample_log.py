@@ -228,6 +228,26 @@ def test_the_size_bound_deletes_the_oldest_segments_and_counts_their_samples(tmp
     assert any("VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("lost_by", ["the size bound", "a change of feature count"])
+def test_samples_never_in_the_log_are_not_counted_as_lost_from_it(tmp_path, monkeypatch, lost_by):
+    """Samples 31-80 were accepted with the log off, 81-90 logged after: with the fleet at 30, the whole stretch
+    up to the next segment's name had been counted as lost, and VmafxFleetSamplesLost fired for samples the log
+    never held."""
+    rng = np.random.default_rng(41)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 31)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(81, 91)])  # a start numbers a segment anew
+    node = tmp_path / "vmafx-node-0"
+    if lost_by == "the size bound":
+        log = vs.SampleLog(node, N_FEATURES)
+        monkeypatch.setattr(vs, "SEGMENT_BYTES", 1)  # the next batch opens a segment, and the bound deletes both
+        append_each(log, [sample(i, rng) for i in range(91, 93)], 1)
+        assert [p.name for p in vs.segment_paths(node / vs.SAMPLE_LOG_DIR)] == [f"{92:016d}.seg"]
+    else:
+        log = vs.SampleLog(node, N_FEATURES + 1)
+    assert log.samples_dropped == 10 + (lost_by == "the size bound")  # 81-90, and 91 with the bound
+
+
 # ---- a real sidecar with the log on ----
 
 LOGGING = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_SAMPLE_LOG="1",
