@@ -3893,6 +3893,7 @@ def fleet_status(root: Path, n_features: int) -> int:
 # ---- prometheus endpoint: metrics as Prometheus text on a minimal HTTP/1.1 server in the same loop ----
 
 HTTP_MAX_REQUEST = 8192  # bytes of request line and headers
+HTTP_BLANK_LINE = re.compile(rb"\n\r?\n")  # where a head ends: after CRLFs, or lines that end in a bare LF too
 HTTP_TIMEOUT_S = 5.0  # a scrape that has not finished by then is cut off
 HTTP_MAX_CONNECTIONS = 16
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -4008,7 +4009,7 @@ class MetricsEndpoint:
             if not data:  # the scraper left before its request was complete
                 return self.close(conn)
             conn.inbuf += data
-            if b"\r\n\r\n" in conn.inbuf or b"\n\n" in conn.inbuf or len(conn.inbuf) > HTTP_MAX_REQUEST:
+            if HTTP_BLANK_LINE.search(conn.inbuf) or len(conn.inbuf) > HTTP_MAX_REQUEST:
                 conn.outbuf = http_response(bytes(conn.inbuf), self.server)
                 self.server.selector.modify(conn.sock, selectors.EVENT_WRITE, functools.partial(self.serve, conn))
         if conn.outbuf:
@@ -4050,7 +4051,7 @@ def http_response(request: bytes, server: Server) -> bytes:
     path = target.split(b"?")[0]
     status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if not complete and b"\n\n" in request:  # its lines end in a bare LF: answered, not left to time out
+    if not complete and HTTP_BLANK_LINE.search(request):  # a line ends in a bare LF: answered, not left to time out
         status, body = 400, b"malformed request: lines end in CRLF\n"
     elif not complete or len(head) > HTTP_MAX_REQUEST:
         status, body = 431, b"request head too large\n"

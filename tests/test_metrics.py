@@ -229,8 +229,11 @@ def assert_gate_families_match_status(metrics: dict, status: dict) -> None:
     (b"\r\n\r\n", 400),
     (b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", 431),
     (b"GET /metrics HTTP/1.1\n\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\n\r\n", 400),
 ], ids=["healthz", "query", "root", "other path", "post", "delete", "body", "chunked", "http2", "http0.9",
-        "bad header", "empty", "huge head", "bare LF, answered not left to time out"])
+        "bad header", "empty", "huge head", "bare LF, answered not left to time out",
+        "a bare LF, then a CRLF blank line", "a bare LF request line, then a CRLF blank line"])
 def test_http_answers_strictly(served, request_bytes, status):
     _, port = served
     got, headers, body = http(port, request_bytes)
