@@ -2913,6 +2913,11 @@ class Evidence:
     held_out: int | None = None  # of the history: how many of its samples are held out, the rest replayed
     left_out: int = 0  # of the history: the wild samples plausible_scores() left out, beside these n
 
+    def is_judged(self, least: int) -> bool:
+        """Whether the gate judges on this set: gathered to `least` samples (the wild ones left out count: a set
+        does not lose its vote to them), with enough left for an R² to clear its floor."""
+        return self.n + self.left_out >= least and self.n >= R2_MIN_SAMPLES
+
     def best_reference(self, metric: str) -> tuple[str, Scores] | None:
         """The reference with the highest `metric` ("plcc", "r2") on this set, with its scores."""
         measured = [(name, s) for name, s in self.scores.items() if name != "candidate" and s is not None]
@@ -2941,12 +2946,12 @@ class Verdict:
         return dataclasses.replace(self, gate="quarantined", reason=reason)
 
     def displaces_champion(self, least: int) -> bool:
-        """Whether this candidate's history PLCC and R² (the window's, without a history of `least` samples: a
-        score on fewer says nothing, and the gate judged on none) are both at least the champion's: a champion
-        replaced on PLCC alone would let each publish take R² down by GATE_MAX_R2_DROP."""
+        """Whether this candidate's history PLCC and R² (the window's, without a history the gate judged on: a
+        score on fewer says nothing) are both at least the champion's: a champion replaced on PLCC alone would let
+        each publish take R² down by GATE_MAX_R2_DROP."""
         for evidence in (self.history, self.window):
             ours, theirs = evidence.scores.get("candidate"), evidence.scores.get("champion")
-            if evidence.n >= least and ours is not None and theirs is not None:
+            if evidence.is_judged(least) and ours is not None and theirs is not None:
                 return ours.plcc >= theirs.plcc and ours.r2 >= theirs.r2
         return True
 
@@ -2971,9 +2976,8 @@ def judge(config: Config, window: Evidence, history: Evidence, finite_weights: b
         return verdict.refused("non-finite weights or outputs")
     if config.gate == "off":
         return dataclasses.replace(verdict, gate="off", reason="published unjudged: VMAFX_SIDECAR_GATE=off")
-    least = judged_size(config)  # gathered: a set does not lose its vote to the wild samples left out of it
-    judged = [(name, e) for name, e in (("window", window), ("history", history))
-              if e.n + e.left_out >= least and e.n >= R2_MIN_SAMPLES]
+    least = judged_size(config)
+    judged = [(name, e) for name, e in (("window", window), ("history", history)) if e.is_judged(least)]
     if not judged:
         needed = (f"VMAFX_SIDECAR_GATE_MIN_EVAL ({config.gate_min_eval})" if least == config.gate_min_eval
                   else f"{R2_MIN_SAMPLES} (on fewer, no R² clears its floor)")

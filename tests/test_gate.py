@@ -961,6 +961,10 @@ def test_a_published_candidate_displaces_the_champion_when_its_history_plcc_and_
     assert displaces(NO_EVIDENCE, NO_EVIDENCE)
     # a history too small to judge on, the window judged: a PLCC on three samples displaced the champion
     assert not displaces(evidence(ENOUGH, scores(0.7), **champion), evidence(3, scores(0.99), **champion))
+    # a history the gate judged on, gathered whole with some wild samples left out: it decides, as in the gate
+    gathered = dataclasses.replace(evidence(ENOUGH - 10, scores(0.9), **champion), left_out=10)
+    assert displaces(evidence(ENOUGH, scores(0.7), **champion), gathered)
+    assert vs.judge(config(), NO_EVIDENCE, gathered).gate == "passed"
 
 
 # ---- 4. the writer ----
