@@ -2336,7 +2336,8 @@ class Trainer:
             self.take_statistics()
         self.standardize(x, y)
         fresh = x[:self.n_new]  # the new samples, standardized
-        if self.coords.standardized == "final" and xp.vdot(fresh, fresh) >= self.outgrown_energy:  # one call a step
+        outgrowable = self.coords.standardized in ("provisional", "final")  # a first batch's statistics too
+        if outgrowable and xp.vdot(fresh, fresh) >= self.outgrown_energy:  # one call a step
             self.retake_statistics(x)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
             self.validate(new_x, fresh, new_y)
