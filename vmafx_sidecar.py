@@ -2686,6 +2686,7 @@ class Ring:
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
 NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size is too small to divide by
 SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
+WILD_DEVIATIONS = 1000  # a value this many median absolute deviations from its median is left out of statistics
 OUTGROWN_SPREADS = 100  # new samples this many spreads from a feature's mean: see Trainer.retake_statistics
 OUTGROWN_SAMPLES, OUTGROWN_LEAST = 16, 4
 
@@ -2713,8 +2714,8 @@ class Coordinates:
         """Statistics of (x, y): the features' taken from `features` instead when given, the scores left raw
         unless `scores`."""
         x, y = x.astype(np.float64), y.astype(np.float64)
-        x_shift, x_scale = (features.x_shift, features.x_scale) if features else (x.mean(axis=0), spread(x))
-        y_shift, y_scale = (y.mean(), spread(y[:, None])[0]) if scores else (0.0, 1.0)
+        x_shift, x_scale = (features.x_shift, features.x_scale) if features else mean_and_spread(x)
+        y_shift, y_scale = (v[0] for v in mean_and_spread(y[:, None])) if scores else (0.0, 1.0)
         return cls(float32_values(x_shift), float32_values(x_scale), float(np.float32(y_shift)),
                    float(np.float32(y_scale)), standardized)
 
@@ -2724,6 +2725,22 @@ class Coordinates:
         if not (np.isfinite(scale).all() and np.isfinite(shift).all() and (scale != 0).all()):
             return None
         return cls(float32_values(-shift / scale), float32_values(1 / scale), standardized="features")
+
+
+def mean_and_spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and spread(), without its wild values: one corrupt sample among the first thousand (a
+    feature of [0, 1] at 1e6) had set its column's spread for good, its real variation then a millionth of a
+    standardized unit, which no step could learn. Wild is WILD_DEVIATIONS median absolute deviations from the
+    median: a lognormal feature of σ = 1 keeps its values out to 6σ, a log-uniform one over three decades all of
+    them (33 at most). A column whose values are mostly one value (no deviation to measure by) keeps them all."""
+    mean, deviation = values.mean(axis=0), spread(values)
+    median = np.median(values, axis=0)
+    distance = np.abs(values - median)
+    typical = distance <= WILD_DEVIATIONS * np.median(distance, axis=0)
+    for column in np.flatnonzero(~typical.all(axis=0) & (np.median(distance, axis=0) > 0)):
+        kept = values[typical[:, column], column, None]
+        mean[column], deviation[column] = kept.mean(), spread(kept)[0]
+    return mean, deviation
 
 
 def spread(values: np.ndarray) -> np.ndarray:

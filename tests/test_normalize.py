@@ -150,6 +150,36 @@ def test_features_in_small_units_are_standardized_and_learned_as_in_large_ones(t
     assert losses[1] < 2 * losses[0] + 1, losses
 
 
+@pytest.mark.parametrize("column, wild", [(0, 1e6), (2, -3e7), ("score", 1e6)])
+@pytest.mark.parametrize("at", [3, 500], ids=["in the first batch", "later in the first thousand"])
+def test_one_wild_value_among_the_first_samples_is_left_out_of_their_statistics(tmp_path, at, column, wild):
+    """A corrupt but float32-valid value (a feature of [0, 1] at 1e6) had set its column's spread for good: its
+    real variation was then a millionth of a standardized unit, and the model never learned it (R² 0.02)."""
+    x, y = stream(5, 2 * vs.STATISTICS_SAMPLES)
+    x_wild, y_wild = x.copy(), y.copy()
+    if column == "score":
+        y_wild[at] = wild
+    else:
+        x_wild[at, column] = wild
+    trainer, twin = make_trainer(tmp_path / "wild", **SMALL), make_trainer(tmp_path / "clean", **SMALL)
+    feed(trainer, x_wild, y_wild)
+    feed(twin, x, y)
+    assert trainer.coords.standardized == twin.coords.standardized == "final"
+    np.testing.assert_allclose(trainer.coords.x_scale, twin.coords.x_scale, rtol=0.01)
+    np.testing.assert_allclose(trainer.coords.y_scale, twin.coords.y_scale, rtol=0.01)
+    test_x, test_y = stream(7, 500)  # the wild sample's own loss aside, which the smoothed loss holds
+    errors = [np.sqrt(np.mean((raw_outputs(t, t.ema, test_x) - test_y) ** 2)) for t in (trainer, twin)]
+    assert trainer.steps_skipped == 0 and errors[0] < 2 * errors[1] + 1, errors
+
+
+def test_statistics_without_wild_values_are_the_mean_and_spread_bit_for_bit():
+    x, _ = stream(6, vs.STATISTICS_SAMPLES)
+    x[:, 4] = np.where(np.arange(len(x)) < 600, 7.0, x[:, 4] * 1e9)  # mostly one value: no deviation to measure by
+    mean, deviation = vs.mean_and_spread(x.astype(np.float64))
+    assert mean.tobytes() == x.astype(np.float64).mean(axis=0).tobytes()
+    assert deviation.tobytes() == vs.spread(x.astype(np.float64)).tobytes()
+
+
 def regime_change(seed: int, n: int, high: float, start: int = vs.STATISTICS_SAMPLES + 100
                   ) -> tuple[np.ndarray, np.ndarray]:
     """stream(), its feature 3 (which the scores do not depend on) 0 until a node begins to fill it in after
