@@ -1759,6 +1759,8 @@ class SampleLog:
 
     def __init__(self, directory: Path, n_features: int):
         self.directory = directory / SAMPLE_LOG_DIR
+        if not os.path.lexists(self.directory) and (begun := self.begun_path()).is_dir():
+            os.replace(begun, self.directory)  # a move_aside() a crash cut between its renames: finished
         self.directory.mkdir(mode=0o700, exist_ok=True)
         if not os.path.lexists(self.directory / LOG_ID):  # one it cannot read now is still its name: kept
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
@@ -1813,15 +1815,22 @@ class SampleLog:
         paths = segment_paths(self.directory)
         ends = [int(p.name[:16]) for p in paths[1:]] + [self.last_sequence + 1]
         unread = sum(unread_records(p, n_features, read, end) for p, end in zip(paths, ends))
-        target = aside_path(self.directory, "set-aside")
-        os.replace(self.directory, target)
-        self.directory.mkdir(mode=0o700)
+        begun, target = self.begun_path(), aside_path(self.directory, "set-aside")
+        begun.mkdir(mode=0o700, exist_ok=True)  # the new log whole before the old one goes: its name and origin
         for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
-            write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
-        fsync_directory(self.directory)
+            write_whole(begun / file, f"{content}\n".encode(), mode=0o600)
+        fsync_directory(begun)
+        os.replace(self.directory, target)
+        os.replace(begun, self.directory)
+        fsync_directory(self.directory.parent)
         self.samples_dropped += unread
         log.warning("sample log %s: %s; moved to %s, the fleet trainer no longer reads it (%d samples it had not "
                     "read); a new log starts", self.directory, why, target.name, unread)
+
+    def begun_path(self) -> Path:
+        """Where move_aside() makes the new log before it moves the old one: a start finds it there when a crash
+        came between the two renames, and had otherwise begun a log of another name, hiding the gap."""
+        return self.directory.with_name(f"{SAMPLE_LOG_DIR}.begun")
 
     def append(self, sample: LoggedSample) -> None:
         """Take a sample newer than every one logged; older ones (a journal replayed after a crash that

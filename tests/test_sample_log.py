@@ -186,6 +186,28 @@ def test_a_log_of_another_feature_count_is_moved_aside_and_a_new_one_started(tmp
     assert f"of another feature count than {N_FEATURES + 1}" in caplog.text and aside.name in caplog.text
 
 
+def test_a_log_set_aside_by_a_process_killed_between_its_renames_keeps_its_name_and_origin(tmp_path, monkeypatch):
+    """Killed after the old log moved and before the new one had its name and origin, the next start began a log
+    of a new name from 1: the fleet read it as another replica's, and the old log's unread samples as no gap."""
+    rng = np.random.default_rng(14)
+    logged(tmp_path, [sample(i, rng) for i in range(1, 11)])
+    name, replace = vs.log_id(tmp_path), os.replace
+
+    def killed_after_the_first(src, dst):
+        replace(src, dst)
+        if str(dst).endswith(".set-aside"):
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(vs.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        vs.SampleLog(tmp_path, N_FEATURES + 1)
+    monkeypatch.undo()
+    again = vs.SampleLog(tmp_path, N_FEATURES + 1)
+    assert vs.log_id(tmp_path) == name and vs.log_origin(tmp_path) == 1 and again.last_sequence == 0
+    assert not (tmp_path / f"{vs.SAMPLE_LOG_DIR}.begun").exists()
+    [aside] = tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.*.set-aside")
+    assert len(list(vs.read_segment(next(aside.glob("*.seg")), N_FEATURES))) == 10
+
+
 def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_path):
     for n_features in (N_FEATURES, N_FEATURES + 1):
         settings = dict(n_features=n_features, sample_log="1")
