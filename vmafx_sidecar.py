@@ -1495,6 +1495,8 @@ class StateStore:
     def tick(self) -> None:
         if time.monotonic() - self.journal_checked >= 1.0:  # a call a second, not one a loop turn
             self.check_journal_in_place()
+            if self.samples is not None and not self.samples.in_place():
+                self.begin_log_again()
         if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
             try:
                 self.samples.sync()
@@ -1578,6 +1580,19 @@ class StateStore:
                       self.journal_path)
         self.journal_lost = True
         self.save()
+
+    def begin_log_again(self) -> None:
+        """The sample log's segment, or its directory, removed while the process ran: its records went to a file
+        the fleet trainer never reads. Counted as a failed write of the log; the fleet reports what it lost as a
+        gap, and the log goes on under its name."""
+        self.sample_log_failures += 1
+        log.error("sample log %s: the segment being written was removed or replaced while the sidecar ran: what the "
+                  "fleet trainer had not read of it is lost to it (the fleet reports the gap); a new segment begins",
+                  self.samples.directory)
+        try:
+            self.samples.begin_again(self.log_name)
+        except OSError as e:  # the next batch's write tries again, and is counted if it fails
+            log.error("sample log %s cannot be begun again yet: %s", self.samples.directory, e.strerror or e)
 
     def write_failures(self) -> dict[str, int]:
         """Writes the disk refused since the process started, by what was written; NoState has the same."""
@@ -1766,9 +1781,11 @@ class SampleLog:
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
             fsync_directory(self.directory)
         self.n_features = n_features
+        self.origin = written_origin(self.directory)  # LOG_ORIGIN, once known: see begin_again()
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
         self.fd: int | None = None
+        self.segment: Path | None = None  # the file at fd, while it is open
         self.size = 0
         self.samples_dropped = 0  # lost before the fleet read them (size bound, outage), since the start
         self.continue_log()
@@ -1900,8 +1917,9 @@ class SampleLog:
         (first,) = struct.unpack_from("<Q", self.pending, 8)
         if written_origin(self.directory) is None:  # samples before it were never logged, not lost
             segments = segment_paths(self.directory)  # one that a full disk left empty is written again
-            write_whole(self.directory / LOG_ORIGIN, f"{int(segments[0].name[:16]) if segments else first}\n".encode(),
-                        mode=0o600)
+            origin = int(segments[0].name[:16]) if segments else first
+            write_whole(self.directory / LOG_ORIGIN, f"{origin}\n".encode(), mode=0o600)
+            self.origin = origin
         path = self.directory / f"{first:016d}.seg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
@@ -1911,7 +1929,28 @@ class SampleLog:
             os.close(fd)
             discard(path)
             raise
-        self.fd, self.size = fd, SEGMENT_HEADER.size
+        self.fd, self.size, self.segment = fd, SEGMENT_HEADER.size, path
+
+    def in_place(self) -> bool:
+        """Whether the segment being written (if one is) is still the file at its path, where the fleet reads it."""
+        if self.fd is None:
+            return True
+        try:
+            here, there = os.stat(self.segment), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def begin_again(self, name: str | None) -> None:
+        """After the segment being written, or the whole log, was removed while the process ran: the next batch
+        begins a segment, in a log of the same name and origin, so that the fleet reports what was lost as a gap."""
+        os.close(self.fd)
+        self.fd = self.segment = None
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        for file, content in ((LOG_ID, name), (LOG_ORIGIN, self.origin)):
+            if content is not None and not os.path.lexists(self.directory / file):
+                write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
+        fsync_directory(self.directory)
 
 
 def segment_bytes(max_bytes: int) -> int:

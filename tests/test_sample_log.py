@@ -354,6 +354,43 @@ def test_samples_a_checkpoints_snapshot_took_in_mid_turn_are_logged_before_it(tm
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, store.trainer.samples_accepted + 1))
 
 
+@pytest.mark.parametrize("removed", [vs.SAMPLE_LOG_DIR, "the segment being written"])
+def test_a_log_removed_while_the_sidecar_runs_goes_on_under_its_name_and_the_fleet_reports_the_gap(
+        tmp_path, removed, caplog, capsys):
+    """Its segment was written by its descriptor for ever: every sample went into a file the fleet never reads, no
+    failure was counted, and the next start began a log of another name, which hid the loss from the fleet."""
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    rng = np.random.default_rng(42)
+    store = replica_run(node, 20, rng, killed=True)
+    assert vs.fleet(tmp_path, fleet_config()) == 0  # the fleet read 1-20
+    name = vs.log_id(node)
+    for _ in range(10):  # 21-30, then the removal
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50.0), False, None)
+        store.trainer.ingest(row, np.float32(50.0), False, True)
+    store.commit()
+    if removed == vs.SAMPLE_LOG_DIR:
+        shutil.rmtree(node / vs.SAMPLE_LOG_DIR)
+    else:
+        vs.segment_paths(node / vs.SAMPLE_LOG_DIR)[-1].unlink()
+    caplog.set_level(logging.ERROR, logger="vmafx_sidecar")
+    store.journal_checked -= 1.0  # a second later
+    store.tick()
+    assert "the segment being written was removed or replaced while the sidecar ran" in caplog.text
+    assert store.write_failures()["sample_log"] == 1
+    for _ in range(5):  # 31-35
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50.0), False, None)
+        store.trainer.ingest(row, np.float32(50.0), False, True)
+        store.commit()
+    assert vs.log_id(node) == name and vs.log_origin(node) == 1
+    assert [x.sequence for x in vs.read_log(node, N_FEATURES, 20)] == list(range(31, 36))
+    capsys.readouterr()
+    vs.fleet_status(tmp_path, N_FEATURES)
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["35", "20", "5", "0", "10"]  # 21-30 missing
+
+
 def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_path):
     """The log stores a job_id's length in 16 bits: a longer one is refused as the line is parsed, never
     left to fail the log's write (which took the whole server down)."""
