@@ -692,20 +692,25 @@ def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it
     assert_sha256_file_verifies(directory / "quarantine" / "model_v000003.onnx")
 
 
-def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_later(tmp_path, monkeypatch):
-    """latest.json a checkpoint behind (a kill between placing one and pointing at it, or a publish whose
-    pointer update the disk refused) on a disk that is still full: the start had failed, in a loop, until space
-    was freed. It starts with the newest published checkpoint as its incumbent, counts the refused writes, and
-    points latest.json and latest.onnx at it once the disk takes them."""
-    directory = tmp_path / "ckpt"
+def latest_behind(directory: Path) -> Path:
+    """v1 and v2 published, latest.* as v1's publish left them: a kill between placing v2 and pointing at it."""
     writer = vmafx_sidecar.CheckpointWriter(str(directory))
     rng = np.random.default_rng(0)
     for version in (1, 2):
         vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), version, 16,
                                        UNGATED, PROBE)
-    for name in ("model_v000001.json", "model_v000001.onnx"):  # the pointers as v1's publish left them
+    for name in ("model_v000001.json", "model_v000001.onnx"):
         shutil.copyfile(directory / name, directory / name.replace("model_v000001", "latest"))
     (directory / "latest.onnx.sha256").write_text(f"{sha256_file(directory / 'latest.onnx')}  latest.onnx\n")
+    return directory
+
+
+def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_later(tmp_path, monkeypatch):
+    """latest.json a checkpoint behind (a kill between placing one and pointing at it, or a publish whose
+    pointer update the disk refused) on a disk that is still full: the start had failed, in a loop, until space
+    was freed. It starts with the newest published checkpoint as its incumbent, counts the refused writes, and
+    points latest.json and latest.onnx at it once the disk takes them."""
+    directory = latest_behind(tmp_path / "ckpt")
     behind = {name: (directory / name).read_bytes() for name in ("latest.json", "latest.onnx", "latest.onnx.sha256")}
     monkeypatch.setattr(vmafx_sidecar, "write_synced", lambda *args, **kwargs: refused_write())
     started = vmafx_sidecar.CheckpointWriter(str(directory))
@@ -722,15 +727,7 @@ def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_la
 def test_latest_json_behind_a_damaged_checkpoint_stays_on_the_intact_one(tmp_path, caplog, damage):
     """A kill between placing v2 and pointing at it, and v2's model damaged since: latest.json was pointed at a file
     that fails its sha256, latest.onnx could not follow, and the gate lost v1 as its incumbent."""
-    directory = tmp_path / "ckpt"
-    writer = vmafx_sidecar.CheckpointWriter(str(directory))
-    rng = np.random.default_rng(0)
-    for version in (1, 2):
-        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), version, 16,
-                                       UNGATED, PROBE)
-    for name in ("model_v000001.json", "model_v000001.onnx"):  # the pointers as v1's publish left them
-        shutil.copyfile(directory / name, directory / name.replace("model_v000001", "latest"))
-    (directory / "latest.onnx.sha256").write_text(f"{sha256_file(directory / 'latest.onnx')}  latest.onnx\n")
+    directory = latest_behind(tmp_path / "ckpt")
     model = directory / "model_v000002.onnx"
     if damage == "a flipped byte":
         model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 0xFF]))

@@ -858,26 +858,38 @@ def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_facto
     assert all(c.request({"op": "ping"}) == {"ok": True, "op": "pong"} for c in clients)
 
 
+def in_process_server(tmp_path: Path) -> vs.Server:
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+    return vs.Server(trainer.config, trainer, vs.NoState())
+
+
+def accepted(server: vs.Server, sock: socket.socket, reserved: bool) -> vs.Connection:
+    """`sock` as the loop holds a connection it accepted: served, or over the limit, in the reserve."""
+    sock.setblocking(False)
+    conn = vs.Connection(sock, server.on_reserved_ready if reserved else server.on_connection_ready)
+    server.selector.register(sock, selectors.EVENT_READ, conn)
+    if reserved:
+        server.reserved[conn] = time.monotonic()
+    else:
+        server.connections.add(conn)
+    return conn
+
+
 def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
     """A turn that ran a long step (a checkpoint, a slow disk) after accepting a probe over the limit had closed it
     at the turn's end as silent, its ping unread in the socket."""
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = in_process_server(tmp_path)
     ours, theirs = socket.socketpair()
     try:
-        ours.setblocking(False)
-        conn = vs.Connection(ours, server.on_reserved_ready)
-        server.selector.register(ours, selectors.EVENT_READ, conn)
-        server.reserved[conn] = time.monotonic() - 2 * vs.RESERVED_WAIT_S  # accepted before the slow turn
+        conn = accepted(server, ours, reserved=True)
+        server.reserved[conn] -= 2 * vs.RESERVED_WAIT_S  # accepted before the slow turn
         theirs.sendall(b'{"op": "ping"}\n')  # asked at once, never read
         server.expire_reserved()
         theirs.settimeout(5)
         assert theirs.recv(100) == b'{"ok": true, "op": "pong"}\n' and server.connections_refused == 0
         quiet, quiet_peer = socket.socketpair()  # the peer stays open, and sends nothing
-        silent = vs.Connection(quiet, server.on_reserved_ready)
-        silent.sock.setblocking(False)
-        server.selector.register(silent.sock, selectors.EVENT_READ, silent)
-        server.reserved[silent] = time.monotonic() - 2 * vs.RESERVED_WAIT_S
+        silent = accepted(server, quiet, reserved=True)
+        server.reserved[silent] -= 2 * vs.RESERVED_WAIT_S
         server.expire_reserved()  # one that asked nothing is still refused
         assert server.connections_refused == 1 and not server.reserved
         quiet_peer.close()
@@ -906,15 +918,11 @@ def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
 def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_place_then_is_dropped(tmp_path):
     """One whose answer (a long job_id, echoed) did not fit in its socket had left the reserve once answered: open
     for as long as it did not read, outside every limit, and any number of them."""
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = in_process_server(tmp_path)
     ours, theirs = socket.socketpair()
     try:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # whatever this machine's default
-        ours.setblocking(False)
-        conn = vs.Connection(ours, server.on_reserved_ready)
-        server.selector.register(ours, selectors.EVENT_READ, conn)
-        server.reserved[conn] = time.monotonic()
+        conn = accepted(server, ours, reserved=True)
         line = b'{"op": "ping", "job_id": "' + b"x" * 60000 + b'"}\n'
         theirs.sendall(line)
         while not conn.closing and conn in server.reserved:  # its line read, answered, and its answer begun
@@ -936,14 +944,10 @@ def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_pla
 
 def test_a_shutdown_that_has_closed_every_connection_waits_no_longer(tmp_path, monkeypatch):
     """A node keeps its connection open: every SIGTERM had waited out the whole grace after closing it."""
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = in_process_server(tmp_path)
     ours, theirs = socket.socketpair()
     try:
-        ours.setblocking(False)
-        conn = vs.Connection(ours, server.on_connection_ready)
-        server.connections.add(conn)
-        server.selector.register(ours, selectors.EVENT_READ, conn)
+        accepted(server, ours, reserved=False)
         waits = []
         monkeypatch.setattr(server.selector, "select", lambda timeout=None: waits.append(timeout) or [])
         server.shutdown()
