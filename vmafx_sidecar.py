@@ -2782,10 +2782,10 @@ def mean_and_spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     median: a lognormal feature of σ = 1 keeps its values out to 6σ, a log-uniform one over three decades all of
     them (33 at most). A column whose values are mostly one value (no deviation to measure by) keeps them all."""
     mean, deviation = values.mean(axis=0), spread(values)
-    median = np.median(values, axis=0)
-    distance = np.abs(values - median)
-    typical = distance <= WILD_DEVIATIONS * np.median(distance, axis=0)
-    for column in np.flatnonzero(~typical.all(axis=0) & (np.median(distance, axis=0) > 0)):
+    distance = np.abs(values - np.median(values, axis=0))
+    deviations = np.median(distance, axis=0)
+    typical = distance <= WILD_DEVIATIONS * deviations
+    for column in np.flatnonzero(~typical.all(axis=0) & (deviations > 0)):
         kept = values[typical[:, column], column, None]
         mean[column], deviation[column] = kept.mean(), spread(kept)[0]
     return mean, deviation
@@ -4889,7 +4889,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--feature-columns", type=lambda text: text.split(","), metavar="A,B,...",
                       help="CSV feature columns in request order (default: every column but the score and job_id)")
     send.add_argument("--socket", type=feedback.socket_path,
-                      default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET), help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
+                      default=os.environ.get(feedback.SOCKET_ENV, DEFAULT_SOCKET),
+                      help=f"socket path (default ${feedback.SOCKET_ENV} or %(default)s)")
     send.add_argument("--timeout", type=feedback.wait_seconds, default=feedback.SEND_TIMEOUT_S,
                       help="seconds to wait for each answer, then stop as on a lost connection (default %(default)g)")
     fleet_help = ("train ROOT/fleet/ once on the samples every replica in ROOT logged since the last run (exit 0: "
@@ -4906,7 +4907,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name, column or path that is not UTF-8: escaped, not a crash
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name, column or path not in UTF-8: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
