@@ -1806,8 +1806,7 @@ class SampleLog:
                 self.last_sequence = int(path.name[:16]) - 1
                 for sample in read_segment(path, n_features):
                     self.last_sequence = sample.sequence
-                self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}",
-                                n_features)
+                self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}")
                 return
             for sample in read_segment(path, self.n_features) if start.startswith(header) else ():
                 if end is not None and sample.sequence >= end:
@@ -1824,14 +1823,14 @@ class SampleLog:
                 log.warning("sample log: %s holds no record that can be read: set aside as %s", path.name, target.name)
             end = int(path.name[:16])
 
-    def move_aside(self, why: str, n_features: int) -> None:
-        """Set the whole log (of `n_features`) aside and begin a new one with its origin: the samples of the old one
-        that the fleet trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
+    def move_aside(self, why: str) -> None:
+        """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
+        trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
         name = log_id(self.directory.parent) or secrets.token_hex(8)  # numbers go on, and the fleet's position
         paths = segment_paths(self.directory)
         ends = [int(p.name[:16]) for p in paths[1:]] + [self.last_sequence + 1]
-        unread = sum(unread_records(p, n_features, read, end) for p, end in zip(paths, ends))
+        unread = sum(unread_records(p, read, end) for p, end in zip(paths, ends))
         begun, target = self.begun_path(), aside_path(self.directory, "set-aside")
         begun.mkdir(mode=0o700, exist_ok=True)  # the new log whole before the old one goes: its name and origin
         for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
@@ -1885,7 +1884,7 @@ class SampleLog:
             first, end = int(path.name[:16]), int(following.name[:16])  # this segment holds [first, end)
             if end - 1 > read and sum(sizes) <= max_bytes:
                 return
-            lost = unread_records(path, self.n_features, read, end) if end - 1 > read else 0
+            lost = unread_records(path, read, end) if end - 1 > read else 0
             path.unlink()
             sizes.pop(0)
             if lost > 0:
@@ -2001,14 +2000,24 @@ def written_origin(log_directory: Path) -> int | None:
         return None
 
 
-def unread_records(path: Path, n_features: int, read: int, end: int) -> int:
-    """How many records of a segment (ending before sequence `end`) the fleet trainer has not read: counted, for
-    sequences missing from the log (accepted with it off, or dropped in an outage and counted then) are none of
-    its own; taken from the names where the segment cannot be read."""
+def unread_records(path: Path, read: int, end: int) -> int:
+    """How many records of a segment (ending before sequence `end`, where the next begins) the fleet trainer has not
+    read: counted, for sequences missing from the log (accepted with it off, or dropped in an outage and counted
+    then) are none of its own; by their headers alone (decoding them took 0.3 s a segment, in the loop), as far as
+    they follow one another; taken from the names where the segment cannot be read."""
+    first = int(path.name[:16])
     try:
-        return sum(1 for _ in read_segment(path, n_features, read))
-    except (OSError, ValueError):
-        return max(0, end - max(int(path.name[:16]), read + 1))
+        data = path.read_bytes()
+    except OSError:
+        return max(0, end - max(first, read + 1))
+    offset, last, unread = SEGMENT_HEADER.size, first - 1, 0
+    while offset + SAMPLE_RECORD.size <= len(data):
+        length, _, sequence, _, _ = SAMPLE_RECORD.unpack_from(data, offset)
+        if not last < sequence < end:  # past where the next segment begins, or not a record's header
+            break
+        unread += sequence > read
+        offset, last = offset + SAMPLE_RECORD.size + length, sequence
+    return unread
 
 
 def segment_paths(directory: Path) -> list[Path]:

@@ -250,6 +250,19 @@ def test_the_size_bound_deletes_the_oldest_segments_and_counts_their_samples(tmp
     assert any("VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES" in r.getMessage() for r in caplog.records)
 
 
+def test_a_segment_deleted_unread_counts_its_records_up_to_where_the_next_one_begins(tmp_path):
+    """As earlier versions wrote a log continued from a state that held fewer samples: the tail of a segment past
+    the next one's name is superseded, and none of the log's (read_log skips it too)."""
+    rng = np.random.default_rng(43)
+    logged(tmp_path, [sample(i, rng) for i in range(1, 51)])
+    again = vs.SampleLog(tmp_path, N_FEATURES)
+    again.last_sequence = 30
+    append_each(again, [sample(i, rng) for i in range(31, 41)])
+    first = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)[0]
+    assert vs.unread_records(first, 0, 31) == 30 and vs.unread_records(first, 20, 31) == 10
+    assert vs.unread_records(first, 0, 10**9) == 50
+
+
 @pytest.mark.parametrize("lost_by", ["the size bound", "a change of feature count"])
 def test_samples_never_in_the_log_are_not_counted_as_lost_from_it(tmp_path, monkeypatch, lost_by):
     """Samples 31-80 were accepted with the log off, 81-90 logged after: with the fleet at 30, the whole stretch
