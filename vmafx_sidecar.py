@@ -1589,10 +1589,7 @@ class StateStore:
         log.error("sample log %s: the segment being written was removed or replaced while the sidecar ran: what the "
                   "fleet trainer had not read of it is lost to it (the fleet reports the gap); a new segment begins",
                   self.samples.directory)
-        try:
-            self.samples.begin_again(self.log_name)
-        except OSError as e:  # the next batch's write tries again, and is counted if it fails
-            log.error("sample log %s cannot be begun again yet: %s", self.samples.directory, e.strerror or e)
+        self.samples.begin_again()
 
     def write_failures(self) -> dict[str, int]:
         """Writes the disk refused since the process started, by what was written; NoState has the same."""
@@ -1781,7 +1778,8 @@ class SampleLog:
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
             fsync_directory(self.directory)
         self.n_features = n_features
-        self.origin = written_origin(self.directory)  # LOG_ORIGIN, once known: see begin_again()
+        self.name = log_id(directory)  # LOG_ID and LOG_ORIGIN (once known), which open_segment() puts back
+        self.origin = written_origin(self.directory)
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
         self.fd: int | None = None
@@ -1914,6 +1912,7 @@ class SampleLog:
             os.close(self.fd)
             self.fd = None
         (first,) = struct.unpack_from("<Q", self.pending, 8)
+        self.put_back_names()
         if written_origin(self.directory) is None:  # samples before it were never logged, not lost
             segments = segment_paths(self.directory)  # one that a full disk left empty is written again
             origin = int(segments[0].name[:16]) if segments else first
@@ -1940,16 +1939,22 @@ class SampleLog:
             return False
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
-    def begin_again(self, name: str | None) -> None:
+    def begin_again(self) -> None:
         """After the segment being written, or the whole log, was removed while the process ran: the next batch
-        begins a segment, in a log of the same name and origin, so that the fleet reports what was lost as a gap."""
+        begins a segment."""
         os.close(self.fd)
         self.fd = self.segment = None
+
+    def put_back_names(self) -> None:
+        """The log's directory, name and origin, should they have been removed while the process ran: the log goes
+        on as the same one, so that the fleet reports what was lost as a gap (a log of another name, or of a later
+        origin, hid it). What the disk refuses is tried again with the next segment."""
         self.directory.mkdir(mode=0o700, exist_ok=True)
-        for file, content in ((LOG_ID, name), (LOG_ORIGIN, self.origin)):
+        for file, content in ((LOG_ID, self.name), (LOG_ORIGIN, self.origin)):
             if content is not None and not os.path.lexists(self.directory / file):
                 write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
-        fsync_directory(self.directory)
+                log.warning("sample log %s: put %s back (%s), removed while the sidecar ran", self.directory, file,
+                            content)
 
 
 def segment_bytes(max_bytes: int) -> int:

@@ -404,6 +404,43 @@ def test_a_log_removed_while_the_sidecar_runs_goes_on_under_its_name_and_the_fle
     assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["35", "20", "5", "0", "10"]  # 21-30 missing
 
 
+@pytest.mark.parametrize("when", ["before a restart's first segment", "with the disk refusing its name once"])
+def test_a_log_removed_comes_back_under_its_name_and_origin_whatever_the_moment(tmp_path, monkeypatch, when, capsys):
+    """Removed before a segment was open, the log stayed gone (every batch a failed write, until a restart began
+    one of another name); its name refused once, it went on without one, from a later origin: both hid the gap."""
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    rng = np.random.default_rng(44)
+    replica_run(node, 10, rng)
+    assert vs.fleet(tmp_path, fleet_config()) == 0  # the fleet read 1-10
+    store = replica_run(node, 10, rng, killed=True)  # 11-20, unread
+    name = vs.log_id(node)
+    if when.startswith("before"):
+        store = vs.StateStore(store.config, make_trainer(node, n_features=N_FEATURES, sample_log="1"))
+        store.restore()  # a restart: no segment open
+    else:
+        store.journal_checked -= 1.0
+    shutil.rmtree(node / vs.SAMPLE_LOG_DIR)
+    if when.startswith("with"):
+        write_whole = vs.write_whole
+
+        def refused_once(path, *args, **kwargs):
+            monkeypatch.setattr(vs, "write_whole", write_whole)
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(vs, "write_whole", refused_once)
+    store.tick()
+    for _ in range(5):  # 21-25
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50.0), False, None)
+        store.trainer.ingest(row, np.float32(50.0), False, True)
+        store.commit()
+    assert vs.log_id(node) == name and vs.log_origin(node) == 1
+    assert [x.sequence for x in vs.read_log(node, N_FEATURES, 10)] == list(range(21, 26))
+    capsys.readouterr()
+    vs.fleet_status(tmp_path, N_FEATURES)
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["25", "10", "5", "0", "10"]  # 11-20 missing
+
+
 def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_path):
     """The log stores a job_id's length in 16 bits: a longer one is refused as the line is parsed, never
     left to fail the log's write (which took the whole server down)."""
