@@ -1793,7 +1793,8 @@ class SampleLog:
         it at its name, hiding what is written next: one that holds no more than a header (a crash as it began)
         is removed, one whose records cannot be read (a header a power loss zeroed) is set aside as
         `<name>.<time>.unreadable`. A log of another feature count is moved aside whole, and the new one numbers on
-        from its last record: numbers only increase, or what the fleet trainer read before would cover them."""
+        from its last record (after a restart too, while it holds none): numbers only increase, or what the fleet
+        trainer read before would cover them."""
         header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.n_features)
         end = None  # the first number of a segment removed after this one: where this one ended
         for path in reversed(segment_paths(self.directory)):
@@ -1820,6 +1821,7 @@ class SampleLog:
                 os.replace(path, target)
                 log.warning("sample log: %s holds no record that can be read: set aside as %s", path.name, target.name)
             end = int(path.name[:16])
+        self.last_sequence = set_aside_last_sequence(self.directory)  # a log with no record yet
 
     def move_aside(self, why: str) -> None:
         """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
@@ -2010,19 +2012,41 @@ def unread_records(path: Path, read: int, end: int) -> int:
     read: counted, for sequences missing from the log (accepted with it off, or dropped in an outage and counted
     then) are none of its own; by their headers alone (decoding them took 0.3 s a segment, in the loop), as far as
     they follow one another; taken from the names where the segment cannot be read."""
-    first = int(path.name[:16])
     try:
-        data = path.read_bytes()
+        return sum(sequence > read for sequence in record_sequences(path, end))
     except OSError:
-        return max(0, end - max(first, read + 1))
-    offset, last, unread = SEGMENT_HEADER.size, first - 1, 0
+        return max(0, end - max(int(path.name[:16]), read + 1))
+
+
+def record_sequences(path: Path, end: int) -> Iterator[int]:
+    """The sequences of a segment's records, by their headers alone (no checksum, nothing decoded), as long as they
+    follow one another below `end`; OSError where the segment cannot be read."""
+    data = path.read_bytes()
+    offset, last = SEGMENT_HEADER.size, int(path.name[:16]) - 1
     while offset + SAMPLE_RECORD.size <= len(data):
         length, _, sequence, _, _ = SAMPLE_RECORD.unpack_from(data, offset)
         if not last < sequence < end:  # past where the next segment begins, or not a record's header
-            break
-        unread += sequence > read
+            return
+        yield sequence
         offset, last = offset + SAMPLE_RECORD.size + length, sequence
-    return unread
+
+
+def set_aside_last_sequence(log_directory: Path) -> int:
+    """The last sequence in the logs set aside beside `log_directory` (0 without one): where a log begun as one was
+    set aside numbers on from when its process stopped before it logged a sample (or was killed between the
+    two renames). From the fleet trainer's position, its samples took the numbers of the old log's unread ones,
+    and the fleet saw no gap."""
+    last = 0
+    for aside in log_directory.parent.glob(f"{SAMPLE_LOG_DIR}.*.set-aside"):
+        for path in reversed(segment_paths(aside)):
+            try:
+                newest = max(record_sequences(path, 2**64), default=0)
+            except OSError:
+                continue
+            if newest:
+                last = max(last, newest)
+                break
+    return last
 
 
 def segment_paths(directory: Path) -> list[Path]:

@@ -202,10 +202,19 @@ def test_a_log_set_aside_by_a_process_killed_between_its_renames_keeps_its_name_
         vs.SampleLog(tmp_path, N_FEATURES + 1)
     monkeypatch.undo()
     again = vs.SampleLog(tmp_path, N_FEATURES + 1)
-    assert vs.log_id(tmp_path) == name and vs.log_origin(tmp_path) == 1 and again.last_sequence == 0
+    assert vs.log_id(tmp_path) == name and vs.log_origin(tmp_path) == 1
+    assert again.last_sequence == 10  # numbers on from the old log's last (from the fleet's position, its
+    # samples took the numbers of the old log's unread ones, and the fleet saw no gap)
     assert not (tmp_path / f"{vs.SAMPLE_LOG_DIR}.begun").exists()
     [aside] = tmp_path.glob(f"{vs.SAMPLE_LOG_DIR}.*.set-aside")
     assert len(list(vs.read_segment(next(aside.glob("*.seg")), N_FEATURES))) == 10
+
+
+def test_a_log_set_aside_numbers_on_from_the_old_one_after_a_restart_before_its_first_sample(tmp_path):
+    rng = np.random.default_rng(15)
+    logged(tmp_path, [sample(i, rng) for i in range(1, 11)])
+    assert vs.SampleLog(tmp_path, N_FEATURES + 1).last_sequence == 10
+    assert vs.SampleLog(tmp_path, N_FEATURES + 1).last_sequence == 10  # stopped before it logged a sample
 
 
 def test_a_restart_with_another_feature_count_starts_with_the_sample_log_on(tmp_path):
