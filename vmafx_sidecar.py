@@ -331,8 +331,9 @@ def open_lock(path: Path) -> int:
         raise StartupError(f"cannot open lock file {path}: {e.strerror or e}") from None
 
 
-def take_lock_within(fd: int, wait_s: float) -> bool:
-    """Take the exclusive flock on `fd`, trying for up to wait_s seconds; whether this process got it."""
+def take_lock_within(fd: int, path: Path, wait_s: float) -> bool:
+    """Take the exclusive flock on `fd` (the lock file `path`), trying for up to wait_s seconds; whether this
+    process got it. StartupError where the filesystem takes no lock at all."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -342,12 +343,16 @@ def take_lock_within(fd: int, wait_s: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)
+        except OSError as e:  # ENOLCK: NFSv3 without its lock service, say
+            os.close(fd)
+            raise StartupError(f"cannot lock {path}: {e.strerror or e}: the sidecar needs a filesystem that "
+                               "takes flock locks, to keep two sidecars off one socket or directory") from None
 
 
 def lock_beside(path: str) -> None:
     """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
     fd = open_lock(Path(path + ".lock"))
-    if not take_lock_within(fd, 0):
+    if not take_lock_within(fd, Path(path + ".lock"), 0):
         os.close(fd)
         raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
 
@@ -386,7 +391,7 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
     except OSError as e:
         raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
     fd = open_lock(directory / DIRECTORY_LOCK)
-    if not take_lock_within(fd, wait_s):
+    if not take_lock_within(fd, directory / DIRECTORY_LOCK, wait_s):
         other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
         os.close(fd)
         raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "

@@ -121,6 +121,18 @@ def test_second_sidecar_on_a_claimed_directory_exits_naming_the_holder_and_chang
     assert status(first)["samples_accepted"] == 41
 
 
+@pytest.mark.parametrize("claim", ["socket", "directory"])
+def test_a_filesystem_that_takes_no_lock_stops_the_start_in_one_line_naming_the_lock(tmp_path, monkeypatch, claim):
+    """NFSv3 without its lock service answers flock with ENOLCK: a traceback had said nothing of which file."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(vs.fcntl, "flock", no_locks)
+    with pytest.raises(vs.StartupError) as refused:
+        vs.lock_beside(str(tmp_path / "s.sock")) if claim == "socket" else vs.claim_directory(tmp_path / "ckpt", "me")
+    lock = tmp_path / ("s.sock.lock" if claim == "socket" else f"ckpt/{vs.DIRECTORY_LOCK}")
+    assert str(refused.value).startswith(f"cannot lock {lock}: {os.strerror(errno.ENOLCK)}: the sidecar needs")
+
+
 def test_lock_file_names_its_holder_and_read_only_tools_work_beside_it(tmp_path, start):
     directory = tmp_path / "models"
     s = start(directory)
