@@ -3375,8 +3375,8 @@ class CheckpointWriter:
         try:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
-        except OSError as e:
-            raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
+        except OSError as e:  # named: the directory itself, or its quarantine/ (a file there, say)
+            raise StartupError(f"cannot use {e.filename or directory}: {e.strerror or e}") from None
         versions = [int(m.group(1)) for names in listings.values() for n in names if (m := CHECKPOINT_NAME.fullmatch(n))]
         self.version = max(versions, default=0)  # numbering continues: a restart never overwrites
         for d, names in listings.items():  # debris of a write that a crash interrupted

@@ -761,6 +761,13 @@ def test_a_start_beside_an_odd_entry_it_cannot_tidy_serves_with_a_line_that_says
     assert f"{said} {directory / 'latest.onnx'}" in caplog.text
 
 
+def test_a_file_where_quarantine_goes_is_named_in_the_refusal(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "quarantine").write_text("not a directory")
+    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(f'cannot use {tmp_path}/ckpt/quarantine: ')}"):
+        vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
+
+
 def test_a_refused_checkpoint_after_quarantine_was_removed_by_hand_is_placed_there_again(tmp_path):
     """Every refused candidate had failed as a write, until a restart, and its window had gone on growing."""
     directory = tmp_path / "ckpt"
