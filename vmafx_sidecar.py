@@ -1313,6 +1313,8 @@ class Journal:
             data = path.read_bytes()
         except FileNotFoundError:
             return [], 0, 0
+        except OSError as e:  # a directory in its place, say: no state is guessed at
+            raise StartupError(f"cannot read {path}: {e.strerror or e}") from None
         if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
             return [], 0, 0
         records, offset, size, skipped = [], JOURNAL_HEADER.size, 4 * (n_features + 1), 0
@@ -1606,6 +1608,8 @@ class StateStore:
             data = self.snapshot_path.read_bytes()
         except FileNotFoundError:
             return False
+        except OSError as e:  # as in Journal.read()
+            raise StartupError(f"cannot read {self.snapshot_path}: {e.strerror or e}") from None
         try:
             meta, arrays = read_snapshot(data)
         except ValueError as e:

@@ -261,6 +261,13 @@ def in_process_server(directory: Path) -> vs.Server:
     return vs.Server(trainer.config, trainer, state)
 
 
+@pytest.mark.parametrize("name", ["snapshot.bin", "journal.bin"])
+def test_a_directory_where_the_state_goes_stops_the_start_in_one_line(tmp_path, name):
+    (tmp_path / ".state" / name).mkdir(parents=True)
+    with pytest.raises(vs.StartupError, match=re.escape(f"cannot read {tmp_path / '.state' / name}: ")):
+        in_process_server(tmp_path)
+
+
 def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     """vmafx_sidecar_train_loss_smoothed averages ~100 steps: a restart neither drops it nor restarts it from one
     batch; a snapshot saved before the field existed starts it again from the next batch."""
