@@ -398,7 +398,7 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
                            "trainer needs a directory of its own")
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder}\n".encode(), 0)
+        os.pwrite(fd, os.fsencode(f"{holder}\n"), 0)  # a path in it that is not UTF-8 as it is
     except OSError as e:  # a full disk: the lock holds all the same, and only a refused sidecar reads the name
         log.warning("cannot write this sidecar's name into %s: %s", directory / DIRECTORY_LOCK, e.strerror or e)
     return fd
@@ -420,6 +420,7 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
     While entries move, each directory names the other (ADOPTING here, ADOPTED_BY there), so that a crash
     midway leaves neither taken for a whole state: the next start here resumes the move, whatever the setting
     says now, and one in the source, should this directory's sidecar not come back, moves them back."""
+    directory, source = real_directory(directory), source and real_directory(source)
     unfinished = marked_directory(directory / ADOPTING)
     if unfinished is None and (taker := marked_directory(directory / ADOPTED_BY)) is not None:
         take_back(directory, taker, holder)
@@ -439,7 +440,7 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
                     log.warning("not adopting the trainer state in %s: %s is unfinished", source, busy)
                 return
             for marker, named in ((source / ADOPTED_BY, directory), (directory / ADOPTING, source)):
-                write_whole(marker, f"{named}\n".encode(), mode=0o600)
+                write_whole(marker, os.fsencode(f"{named}\n"), mode=0o600)
                 fsync_directory(marker.parent)
         move_entries(entries, source, directory)
         end_move(directory, source)
@@ -506,14 +507,20 @@ def end_move(taker: Path, source: Path) -> None:
 def marked_directory(marker: Path) -> Path | None:
     """The directory a move's marker names; None without one. A marker is written whole (write_whole())."""
     try:
-        named = Path(marker.read_text().strip())
+        named = Path(os.fsdecode(marker.read_bytes().strip()))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise StartupError(f"cannot read {marker}: {getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise StartupError(f"cannot read {marker}: {e.strerror or e}") from None
     if not named.is_absolute():
         raise StartupError(f"{marker} names no directory ({str(named)!r}): it is not one this sidecar wrote")
-    return named
+    return real_directory(named)
+
+
+def real_directory(path: Path) -> Path:
+    """`path` without its `..` and its symbolic links: the two sides of a move compare their markers by it, since
+    one directory may be spelled two ways (a move's own markers name it as the sidecar that wrote them did)."""
+    return Path(os.path.realpath(path))
 
 
 # ---- server: one selectors loop owns the socket, every connection and the training step ----

@@ -206,6 +206,36 @@ def test_a_trainer_whose_state_a_crash_left_half_moved_takes_it_back_and_can_han
     assert (status(pod)["samples_accepted"], status(pod)["checkpoint_version"]) == (40, 2)
 
 
+def test_a_half_move_whose_markers_spell_the_directories_otherwise_is_still_taken_back(tmp_path, start):
+    """A replica configured with VMAFX_SIDECAR_ADOPT_DIR=<replica>/../online (or through a symbolic link) wrote that
+    spelling into its marker: the source took the move for ended, dropped its marker, started fresh, and the
+    replica could never start again."""
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent)
+    feed(single, 40, seed=43)
+    single.stop()
+    half_moved(parent, replica, (".state", "model_v000001.onnx"))
+    (tmp_path / "link").symlink_to(tmp_path)
+    (replica / ".adopting").write_text(f"{replica}/../../link/online\n")
+    single = start(parent)
+    assert status(single)["samples_accepted"] == 40
+    assert "took back the trainer state a crash left half moved to" in single.stderr()
+
+
+def test_markers_and_the_lock_hold_paths_that_are_not_utf8(tmp_path):
+    """A socket path or an adopted directory in Latin-1 (a start from a shell): the start had stopped with a
+    UnicodeEncodeError, after writing the first of a move's two markers."""
+    source, directory = Path(os.fsdecode(bytes(tmp_path) + b"/src\xff")), tmp_path / "ckpt"
+    (source / ".state").mkdir(parents=True)
+    (source / ".state" / "snapshot.bin").write_bytes(b"a state")
+    sock = os.fsdecode(bytes(tmp_path) + b"/s\xff.sock")
+    os.close(vs.claim_directory(directory, f"pid 1, socket {sock}"))
+    assert b"/s\xff.sock" in (directory / vs.DIRECTORY_LOCK).read_bytes()
+    vs.adopt_trainer_state(directory, source, "pid 1")
+    assert (directory / ".state" / "snapshot.bin").read_bytes() == b"a state"
+    assert not (directory / vs.ADOPTING).exists() and not (source / vs.ADOPTED_BY).exists()
+
+
 @pytest.mark.parametrize("adopt", [True, False], ids=["as configured", "its setting gone since"])
 def test_a_replica_a_crash_stopped_mid_move_finishes_it_whatever_its_setting(tmp_path, start, adopt):
     """Restarted without VMAFX_SIDECAR_ADOPT_DIR, it took its half for a state, pointed latest.json back at v1
