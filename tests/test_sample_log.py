@@ -376,6 +376,22 @@ def test_samples_a_checkpoints_snapshot_took_in_mid_turn_are_logged_before_it(tm
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, store.trainer.samples_accepted + 1))
 
 
+def accept(store: vs.StateStore, n: int, rng: np.random.Generator) -> None:
+    """`n` more samples through a replica's running store, each answered in a turn of its own."""
+    for _ in range(n):
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50.0), False, None)
+        store.trainer.ingest(row, np.float32(50.0), False, True)
+        store.commit()
+
+
+def fleet_status_row(root: Path, capsys) -> list[str]:
+    """The first replica's row of `fleet --status`, its name left out."""
+    capsys.readouterr()
+    vs.fleet_status(root, N_FEATURES)
+    return capsys.readouterr().out.splitlines()[1].split()[1:]
+
+
 @pytest.mark.parametrize("removed", [vs.SAMPLE_LOG_DIR, "the segment being written"])
 def test_a_log_removed_while_the_sidecar_runs_goes_on_under_its_name_and_the_fleet_reports_the_gap(
         tmp_path, removed, caplog, capsys):
@@ -387,11 +403,7 @@ def test_a_log_removed_while_the_sidecar_runs_goes_on_under_its_name_and_the_fle
     store = replica_run(node, 20, rng, killed=True)
     assert vs.fleet(tmp_path, fleet_config()) == 0  # the fleet read 1-20
     name = vs.log_id(node)
-    for _ in range(10):  # 21-30, then the removal
-        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
-        store.record_sample(row, np.float32(50.0), False, None)
-        store.trainer.ingest(row, np.float32(50.0), False, True)
-    store.commit()
+    accept(store, 10, rng)  # 21-30, then the removal
     if removed == vs.SAMPLE_LOG_DIR:
         shutil.rmtree(node / vs.SAMPLE_LOG_DIR)
     else:
@@ -401,16 +413,10 @@ def test_a_log_removed_while_the_sidecar_runs_goes_on_under_its_name_and_the_fle
     store.tick()
     assert "the segment being written was removed or replaced while the sidecar ran" in caplog.text
     assert store.write_failures()["sample_log"] == 1
-    for _ in range(5):  # 31-35
-        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
-        store.record_sample(row, np.float32(50.0), False, None)
-        store.trainer.ingest(row, np.float32(50.0), False, True)
-        store.commit()
+    accept(store, 5, rng)  # 31-35
     assert vs.log_id(node) == name and vs.log_origin(node) == 1
     assert [x.sequence for x in vs.read_log(node, N_FEATURES, 20)] == list(range(31, 36))
-    capsys.readouterr()
-    vs.fleet_status(tmp_path, N_FEATURES)
-    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["35", "20", "5", "0", "10"]  # 21-30 missing
+    assert fleet_status_row(tmp_path, capsys) == ["35", "20", "5", "0", "10"]  # 21-30 missing
 
 
 @pytest.mark.parametrize("when", ["before a restart's first segment", "with the disk refusing its name once"])
@@ -438,16 +444,10 @@ def test_a_log_removed_comes_back_under_its_name_and_origin_whatever_the_moment(
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(vs, "write_whole", refused_once)
     store.tick()
-    for _ in range(5):  # 21-25
-        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
-        store.record_sample(row, np.float32(50.0), False, None)
-        store.trainer.ingest(row, np.float32(50.0), False, True)
-        store.commit()
+    accept(store, 5, rng)  # 21-25
     assert vs.log_id(node) == name and vs.log_origin(node) == 1
     assert [x.sequence for x in vs.read_log(node, N_FEATURES, 10)] == list(range(21, 26))
-    capsys.readouterr()
-    vs.fleet_status(tmp_path, N_FEATURES)
-    assert capsys.readouterr().out.splitlines()[1].split()[1:] == ["25", "10", "5", "0", "10"]  # 11-20 missing
+    assert fleet_status_row(tmp_path, capsys) == ["25", "10", "5", "0", "10"]  # 11-20 missing
 
 
 def test_a_job_id_up_to_the_bound_is_logged_whole_and_a_longer_one_refused(tmp_path):
