@@ -1387,7 +1387,7 @@ class StateStore:
             raise StartupError(f"cannot set up the trainer's state under {self.directory.parent}: "
                                f"{e.strerror or e}") from None
         # The log the journal's samples go to, and the one those of the snapshot restored went to: its journal's.
-        self.log_name = log_id(self.directory.parent) if self.samples is not None else None
+        self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
         self.samples_failing = False
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
@@ -1575,11 +1575,7 @@ class StateStore:
 
     def journal_in_place(self) -> bool:
         """Whether the journal's file is still the one at its path, the one a restart reads."""
-        try:
-            here, there = os.stat(self.journal_path), os.fstat(self.journal.fd)
-        except OSError:
-            return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+        return is_open_as(self.journal_path, self.journal.fd)
 
     def check_journal_in_place(self) -> None:
         """Called once a second: a journal removed or replaced while the process runs (its directory deleted, say)
@@ -1843,13 +1839,13 @@ class SampleLog:
         """Set the whole log aside and begin a new one with its origin: the samples of the old one that the fleet
         trainer had not read are then a gap the fleet reports, and are counted here as lost to it."""
         origin, read = log_origin(self.directory.parent), fleet_cursor(self.directory.parent)
-        name = log_id(self.directory.parent) or secrets.token_hex(8)  # numbers go on, and the fleet's position
+        self.name = self.name or secrets.token_hex(8)  # numbers go on, and the fleet's position
         paths = segment_paths(self.directory)
         ends = [int(p.name[:16]) for p in paths[1:]] + [self.last_sequence + 1]
         unread = sum(unread_records(p, read, end) for p, end in zip(paths, ends))
         begun, target = self.begun_path(), aside_path(self.directory, "set-aside")
         begun.mkdir(mode=0o700, exist_ok=True)  # the new log whole before the old one goes: its name and origin
-        for file, content in ((LOG_ORIGIN, origin), (LOG_ID, name)):
+        for file, content in ((LOG_ORIGIN, origin), (LOG_ID, self.name)):
             write_whole(begun / file, f"{content}\n".encode(), mode=0o600)
         fsync_directory(begun)
         os.replace(self.directory, target)
@@ -1949,13 +1945,7 @@ class SampleLog:
 
     def in_place(self) -> bool:
         """Whether the segment being written (if one is) is still the file at its path, where the fleet reads it."""
-        if self.fd is None:
-            return True
-        try:
-            here, there = os.stat(self.segment), os.fstat(self.fd)
-        except OSError:
-            return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+        return self.fd is None or is_open_as(self.segment, self.fd)
 
     def begin_again(self) -> None:
         """After the segment being written, or the whole log, was removed while the process ran: the next batch
@@ -1980,6 +1970,15 @@ def segment_bytes(max_bytes: int) -> int:
     is kept within its bound as a segment begins, so it holds at most that and the segment being written: with
     16 MiB segments, a bound of 4 MiB had been kept at 16.9 MB, then every unread sample dropped at once."""
     return min(SEGMENT_BYTES, max(SMALLEST_SEGMENT_BYTES, max_bytes // 4))
+
+
+def is_open_as(path: Path, fd: int) -> bool:
+    """Whether the file at `path` is the one open as `fd` (not removed or replaced since it was opened)."""
+    try:
+        here, there = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def aside_path(path: Path, tag: str) -> Path:
