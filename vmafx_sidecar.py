@@ -1395,7 +1395,8 @@ class StateStore:
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
         self.last_save = self.journal_checked = time.monotonic()
         self.journal_lost = False  # its file removed or replaced while the process ran: see check_journal_in_place
-        self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot
+        self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot written: a refused
+        # one is tried again an interval later, with or without new lines
 
     def restore(self) -> bool:
         """Load the snapshot, replay the journal through the ingest path, and start a fresh pair; whether
@@ -1549,8 +1550,8 @@ class StateStore:
         else:
             self.generation = generation
             self.empty_journal()
+            self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         self.last_save = time.monotonic()
-        self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         log.debug("state snapshot written in %.1f ms", (time.perf_counter() - started) * 1e3)
 
     def empty_journal(self) -> None:

@@ -192,6 +192,24 @@ def test_a_state_directory_turned_read_only_costs_snapshots_not_the_process(tmp_
     assert caplog.text.count("state snapshot failed, will retry: [Errno 30] Read-only file system") == 2
 
 
+def test_a_refused_snapshot_is_tried_again_while_no_line_comes(tmp_path, monkeypatch):
+    """A refused snapshot counted as taken: with no new line, tick() never tried it again (whatever its "will
+    retry"), so a journal that spans a checkpoint (the snapshot after it refused) stayed to be replayed."""
+    trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64, state_interval_s=0.0)
+    state = vs.StateStore(trainer.config, trainer)
+    state.restore()
+    server = vs.Server(trainer.config, trainer, state)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    with monkeypatch.context() as refusing:
+        refusing.setattr(vs, "write_synced", refused)
+        state.save()
+    assert state.write_failures()["snapshot"] == 1 and state.generation == 1  # the start's snapshot only
+    state.tick()  # no new line since: the disk works again
+    assert state.generation == 2
+    assert read_snapshot(tmp_path)[0]["samples_accepted"] == 10
+
+
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
 def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_factory, tmp_path, damage):
     s = sidecar_factory(**SETTINGS)
