@@ -1086,10 +1086,11 @@ def parse_request(line: bytes, n_features: int) -> Sample | Control:
         raise BadRequest(f"job_id: expected a string, got {JSON_TYPE_NAMES[type(job_id)]}")
     if job_id is not None and feedback.job_id_too_long(job_id):
         raise BadRequest(feedback.JOB_ID_TOO_LONG)
-    if "op" in message:
-        if type(message["op"]) is not str:
-            raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(message['op'])]}", job_id)
-        return Control(message["op"], job_id)
+    op = message.get("op")
+    if op is not None and op != "":  # null or "" is no op: Go writes those for a request struct's unset Op field
+        if type(op) is not str:
+            raise BadRequest(f"op: expected a string, got {JSON_TYPE_NAMES[type(op)]}", job_id)
+        return Control(op, job_id)
 
     if "features" not in message:
         raise BadRequest("features: missing", job_id)

@@ -50,6 +50,8 @@ def make_server(tmp_path, **settings_) -> vs.Server:
     (b'{"features": [1, 2, 3], "true_score": 1, "job_id": "%s"}' % (b"\\ud800" * 21846),  # 3 bytes each in UTF-8
      "job_id: longer than 65535 bytes"),
     (b'{"op": 1}', "op: expected a string, got number"),
+    (b'{"op": false, "features": [1, 2, 3], "true_score": 1}', "op: expected a string, got boolean"),
+    (b'{"op": ""}', "features: missing"),
 ])
 def test_malformed_lines_get_specific_errors(line, error):
     with pytest.raises(vs.BadRequest) as raised:
@@ -64,6 +66,14 @@ def test_valid_lines():
     huge = b"9" * 5000  # in a field the sidecar ignores
     assert vs.parse_request(b'{"features": [1, 2, 3], "true_score": 4, "x": %s}' % huge, 3) == vs.Sample([1, 2, 3], 4,
                                                                                                         None)
+
+
+@pytest.mark.parametrize("op", [b'""', b"null"])
+def test_a_sample_with_an_empty_or_null_op_is_a_sample(op):
+    """A Go request struct with an Op field for control messages writes "op": "" (a string) or "op": null (a
+    pointer) into every sample it sends: each was refused, as an unknown op or an op that is not a string."""
+    line = b'{"op": %s, "job_id": "enc-1", "features": [0, 1.5, 2], "true_score": 87}' % op
+    assert vs.parse_request(line, 3) == vs.Sample([0, 1.5, 2], 87, "enc-1")
 
 
 def test_error_echoes_job_id_when_it_is_a_string(tmp_path):
