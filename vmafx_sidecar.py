@@ -137,6 +137,17 @@ def one_of(*choices: str) -> Check:
 # checkpoints went to "online\n", where no node looks, and a base model read as missing was replaced by a fresh one.
 PATH = Check(lambda v: bool(v) and v == v.strip(), "a path, not empty, without spaces or line breaks around it")
 PATH_OR_EMPTY = Check(lambda v: v == v.strip(), "a path without spaces or line breaks around it, or empty")
+# Nodes read a checkpoint's path from its ACK and latest.json, as JSON: bytes that are not UTF-8 (kept by the
+# environment's surrogate escapes) reach them as U+FFFD, a path no node can open.
+CHECKPOINT_PATH = Check(lambda v: PATH.ok(v) and is_utf8(v), PATH.allowed + ", in UTF-8")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def listen_address_ok(text: str) -> bool:
@@ -157,7 +168,7 @@ class Config:
     base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", PATH_OR_EMPTY,
                                    "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "
                                    "missing file: a fresh model")
-    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", PATH,
+    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", CHECKPOINT_PATH,
                                   "where model_vNNNNNN.onnx checkpoints are written")
     adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", PATH_OR_EMPTY,
                              "at start, take over the trainer state in this directory if the checkpoint "
@@ -284,7 +295,12 @@ def parse_setting(raw: str, kind: type, check: Check, source: str) -> Any:
         value = None
     if value is None or (kind is float and not math.isfinite(value)) or not check.ok(value):
         raise ConfigError(f"{source}: must be {' '.join(filter(None, (kind_name, check.allowed)))}, got {raw!r}")
+    if kind is int and value > INT_SETTING_MAX:
+        raise ConfigError(f"{source}: must be at most {INT_SETTING_MAX}, got {raw!r}")
     return value
+
+
+INT_SETTING_MAX = 2**63 - 1  # the status answer shows every setting, and a Go node reads an integer as an int64
 
 
 # Settings an older version read, and what to do instead: a sidecar started with one exits 2, rather than run

@@ -100,6 +100,9 @@ INVALID = [
     ({"VMAFX_BASE_MODEL_PATH": "base.onnx\n"}, "VMAFX_BASE_MODEL_PATH", "'base.onnx\\n'"),
     ({"VMAFX_SIDECAR_SOCKET": " s.sock"}, "VMAFX_SIDECAR_SOCKET", "' s.sock'"),
     ({"VMAFX_SIDECAR_ADOPT_DIR": "old "}, "VMAFX_SIDECAR_ADOPT_DIR", "'old '"),
+    # Nodes read checkpoint paths and the status as JSON: Go makes U+FFFD of the one, and cannot read the other.
+    ({"VMAFX_SIDECAR_CHECKPOINT_DIR": "online\udcff"}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "'online\\udcff'"),
+    ({"VMAFX_SIDECAR_SEED": str(2**64)}, "VMAFX_SIDECAR_SEED", str(2**64)),
 ]
 
 
