@@ -1,7 +1,8 @@
 """vmafx_feedback: the producer side of the vmafx-sidecar socket, standard library only.
 
-What runs in other processes than the sidecar imports this module alone: the pod's health probe, Python
-producers (FeedbackClient) and the `send` and `status` commands. Importing it loads neither numpy nor
+What runs in other processes than the sidecar imports this module alone: the pod's health probe and Python
+producers (FeedbackClient); the `send` and `status` commands' code is here too, though they run through
+vmafx_sidecar's command line, which loads numpy and onnx. Importing this module loads neither numpy nor
 onnx and leaves the environment alone (vmafx_sidecar pins BLAS pools to one thread, which a producer
 would pass on to every encoder it launches). vmafx_sidecar imports this module, never the reverse.
 
@@ -134,7 +135,8 @@ FEEDBACK_STATUS_REQUEST = b'{"op":"status"}\n'
 RECV_BYTES = 65536
 FEEDBACK_METRICS = (
     ("delivered", "Feedback samples the sidecar acknowledged."),
-    ("dropped", "Feedback samples not delivered: queue full, client closed, or still queued at close."),
+    ("dropped", "Feedback samples not delivered: queue full, client closed, an unexpected error, or still queued at "
+                "close."),
     ("rejected", "Feedback samples refused as malformed, locally or by the sidecar."),
 )
 

@@ -114,7 +114,8 @@ def activation_nodes(act: Activation, x: str, out: str, initializers: list) -> l
 
 # ---- import: ModelProto -> weight arrays, by recognising the chain from the input ----
 
-SHAPE_NOOPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")  # at the output: (batch,) or (batch, 1)
+SHAPE_NOOPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")  # at the output ((batch,) or (batch, 1)); a Flatten
+# also first, of the input
 PASS_THROUGH = ("Identity", "Dropout")  # inference no-ops
 SIMPLE_ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 # Exporters compute a Reshape's target shape from the tensor's own shape with these.

@@ -19,7 +19,8 @@ directory):
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
-    coordinates Trainer.take_statistics (once), Trainer.standardize: the batch in
+    coordinates Trainer.take_statistics (provisional at a fresh model's first step, final
+                once the replay ring holds enough samples), Trainer.standardize: the batch in
                 the model's standardized coordinates (Trainer.retake_statistics for a
                 feature that changes its regime)
     model       MLP.forward for Trainer.validate (into the gate's Window), then
@@ -286,9 +287,7 @@ def flag_name(field_name: str) -> str:
 
 
 def parse_setting(raw: str, kind: type, check: Check, source: str) -> Any:
-    kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
-    if kind is str and check.allowed:  # "a string one of ..." says the kind twice
-        kind_name = ""
+    kind_name = {int: "an integer", float: "a number", str: ""}[kind]  # "a string one of ..." says the kind twice
     try:
         value = kind(raw.strip()) if kind is not str else raw
     except ValueError:
@@ -1226,7 +1225,7 @@ class Journal:
         # The file may hold bytes past self.size: a reset, a failed write, a tail that is no record of this state.
         self.truncate_first = os.fstat(self.fd).st_size != intact
         self.failing = False
-        self.failures = 0  # writes and fsyncs the disk refused, since the process started
+        self.failures = 0  # writes and fsyncs the disk refused, and the file lost or not reopened, since the start
         self.sync_failing = False
         self.unsynced = False
         self.last_sync = time.monotonic()
@@ -2239,7 +2238,7 @@ class Trainer:
         self.replaying = False  # steps taken before, from a journal: they take no checkpoint
         self.last_loss: float | None = None
         self.loss_smoothed: float | None = None
-        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these three count since the process started
+        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)  # these two count since the process started
         self.checkpoint_results: collections.Counter[str] = collections.Counter()
 
     def is_held_out(self, job_id: str | None) -> bool:
@@ -3791,9 +3790,9 @@ def write_synced(path: Path, chunks: list[memoryview], mode: int = 0o644) -> Non
 
 
 def write_whole(path: Path, content: bytes, mode: int = 0o644) -> None:
-    """Replace `path` so that a crash leaves it as it was or whole, never part-written: a temp file beside it (hidden:
-    the checkpoint writer's start takes such debris), synced, renamed into place. Syncing the directory, so that
-    the rename lasts, is the caller's."""
+    """Replace `path` so that a crash leaves it as it was or whole, never part-written: a temp file beside it (hidden;
+    the checkpoint writer's start takes such debris from its directories, a later write of the same file reuses
+    it), synced, renamed into place. Syncing the directory, so that the rename lasts, is the caller's."""
     temp = path.with_name(f".{path.name.lstrip('.')}{TEMP_SUFFIX}")
     write_synced(temp, [memoryview(content)], mode)
     os.replace(temp, path)
@@ -4115,7 +4114,7 @@ class MetricsEndpoint:
     connection has a deadline, so a slow or stuck scraper never holds up the trainer or the node."""
 
     def __init__(self, server: Server, address: str):
-        self.server, self.address = server, address
+        self.server = server
         try:
             self.listener = listen_on(*parse_listen_address(address))
         except OSError as e:
@@ -4584,7 +4583,7 @@ class TensorRebuild(Inert):
         return tensor
 
 
-def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
+def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.ndarray:
     """torch._utils._rebuild_tensor_v2, for numpy: a view into the storage, bounds-checked first."""
     # Every number within torch's int64 before any arithmetic: each product of two of 32 Mbit took ~16 s.
     if (type(storage) is not np.ndarray or storage.dtype not in STORAGE_DTYPES.values() or type(size) is not tuple
