@@ -862,7 +862,7 @@ class Server:
                 self.hold(conn, data[start:])
                 return
             if newline - start > limit:
-                conn.outbuf += self.too_long()
+                conn.outbuf += self.reject_too_long()
             else:
                 conn.outbuf += self.answer(data[start:newline])
             start = newline + 1
@@ -870,7 +870,7 @@ class Server:
             if len(conn.outbuf) >= OUTBUF_HIGH:  # or once there is room: enough of it waits to be too long
                 self.hold(conn, data[start:start + limit + 1])
                 return
-            conn.outbuf += self.too_long()
+            conn.outbuf += self.reject_too_long()
             conn.discarding = True
         else:
             conn.inbuf += data[start:]
@@ -979,7 +979,7 @@ class Server:
         self.rejections[rejection_reason(error)] += 1
         self.state.record_rejection()
 
-    def too_long(self) -> bytes:
+    def reject_too_long(self) -> bytes:
         error = feedback.LINE_TOO_LONG.format(self.config.max_line_bytes)
         self.acks += 1
         self.reject(error)
@@ -1277,9 +1277,9 @@ class Journal:
         self.commit()  # retries records a failing disk refused
         if not (self.unsynced and self.fsync == "everysec" and time.monotonic() - self.last_sync >= 1.0):
             return False
-        return self.synced()
+        return self.fsync_now()
 
-    def synced(self) -> bool:
+    def fsync_now(self) -> bool:
         """fsync now; whether it worked. A refused fsync (EIO) is counted, logged once per outage and retried a
         second later with "everysec", the records still in the page cache (a later fsync may miss pages a
         failed one dropped; the next snapshot holds them all the same)."""
@@ -1312,7 +1312,7 @@ class Journal:
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.commit()
         if not self.failing:
-            self.synced()
+            self.fsync_now()
 
     @staticmethod
     def generation_of(path: Path) -> int | None:
