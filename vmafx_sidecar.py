@@ -775,7 +775,14 @@ class Server:
         """A connection over the limit: its first line answered if it asks a ping or the status, and the connection
         closed once the answer is out; anything else closes it unanswered, as if refused at once. It stays in
         `reserved` until it is closed, counted against RESERVED_CONNECTIONS, with RESERVED_WAIT_S from its answer
-        to take it."""
+        to take it. A place freed since it was accepted (a client that closed in the turn that accepted this one)
+        is its own: it is served from then on, like any connection."""
+        if not conn.closing and len(self.connections) < self.config.max_connections:
+            del self.reserved[conn]
+            conn.on_ready = self.on_connection_ready
+            self.connections.add(conn)
+            self.on_connection_ready(conn, mask)
+            return
         if mask & selectors.EVENT_WRITE:
             self.flush(conn)
         if conn.closing or not mask & selectors.EVENT_READ or (data := received(conn.sock, RECV_BYTES)) is None:

@@ -858,9 +858,16 @@ def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_facto
     assert all(c.request({"op": "ping"}) == {"ok": True, "op": "pong"} for c in clients)
 
 
-def in_process_server(tmp_path: Path) -> vs.Server:
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+def in_process_server(tmp_path: Path, max_connections: int = 128) -> vs.Server:
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8, max_connections=max_connections)
     return vs.Server(trainer.config, trainer, vs.NoState())
+
+
+def full_in_process_server(tmp_path: Path) -> tuple[vs.Server, vs.Connection, socket.socket]:
+    """A server at its limit of one connection: the connection, and its client's end."""
+    server = in_process_server(tmp_path, max_connections=1)
+    ours, theirs = socket.socketpair()
+    return server, accepted(server, ours, reserved=False), theirs
 
 
 def accepted(server: vs.Server, sock: socket.socket, reserved: bool) -> vs.Connection:
@@ -878,7 +885,7 @@ def accepted(server: vs.Server, sock: socket.socket, reserved: bool) -> vs.Conne
 def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
     """A turn that ran a long step (a checkpoint, a slow disk) after accepting a probe over the limit had closed it
     at the turn's end as silent, its ping unread in the socket."""
-    server = in_process_server(tmp_path)
+    server, _, served = full_in_process_server(tmp_path)
     ours, theirs = socket.socketpair()
     try:
         conn = accepted(server, ours, reserved=True)
@@ -893,6 +900,29 @@ def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
         server.expire_reserved()  # one that asked nothing is still refused
         assert server.connections_refused == 1 and not server.reserved
         quiet_peer.close()
+    finally:
+        theirs.close()
+        served.close()
+
+
+def test_a_connection_accepted_over_the_limit_is_served_once_a_place_frees(tmp_path):
+    """A client that closed in the turn that accepted another left a place the newcomer did not get: accepted
+    over the limit, its sample was refused (the docs hunt saw 187 of 200 reconnections at a limit refused so)."""
+    server, conn, served = full_in_process_server(tmp_path)
+    ours, theirs = socket.socketpair()
+    try:
+        newcomer = accepted(server, ours, reserved=True)  # the listener first, in the turn that reads the EOF
+        served.close()
+        server.on_connection_ready(conn, selectors.EVENT_READ)
+        server.end_turn()
+        assert not server.connections
+        theirs.sendall(json.dumps(sample(np.random.default_rng(0), N_FEATURES, job_id="next")).encode() + b"\n")
+        newcomer(selectors.EVENT_READ)
+        server.end_turn()
+        theirs.settimeout(5)
+        ack = json.loads(theirs.recv(4096))
+        assert ack["ok"] is True and ack["job_id"] == "next", ack
+        assert server.connections == {newcomer} and not server.reserved and server.connections_refused == 0
     finally:
         theirs.close()
 
@@ -918,7 +948,7 @@ def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
 def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_place_then_is_dropped(tmp_path):
     """One whose answer (a long job_id, echoed) did not fit in its socket had left the reserve once answered: open
     for as long as it did not read, outside every limit, and any number of them."""
-    server = in_process_server(tmp_path)
+    server, _, served = full_in_process_server(tmp_path)
     ours, theirs = socket.socketpair()
     try:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # whatever this machine's default
@@ -940,6 +970,7 @@ def test_a_connection_over_the_limit_that_does_not_take_its_answer_keeps_its_pla
         assert b'"op": "pong"' in taken and len(taken) < len(line)  # what its socket held, then EOF
     finally:
         theirs.close()
+        served.close()
 
 
 def test_a_shutdown_that_has_closed_every_connection_waits_no_longer(tmp_path, monkeypatch):
