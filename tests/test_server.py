@@ -351,9 +351,11 @@ def test_unknown_or_malformed_op_is_rejected(shared_sidecar):
     ack = c.request({"op": "reboot", "job_id": "op-1"})
     assert ack["ok"] is False and ack["job_id"] == "op-1"
     assert "unknown op" in ack["error"] and "reboot" in ack["error"]
-    for op in (5, None, ["ping"], {"op": "ping"}, True):
+    for op in (5, ["ping"], {"op": "ping"}, True):
         ack = c.request({"op": op})
         assert ack["ok"] is False and ack["error"].startswith("op:"), (op, ack)
+    for op in (None, ""):  # no op: a sample, and this one has no features
+        assert c.request({"op": op}) == {"ok": False, "error": "features: missing"}
     assert c.request({"op": "ping"}) == {"ok": True, "op": "pong"}
     assert_silent(c)
 
