@@ -583,6 +583,9 @@ def assert_schema_refuses(values: dict, dotted: str) -> None:
     ("sidecar.trainer.emaDecay", 1), ("sidecar.trainer.checkpointIntervalSeconds", -1),
     ("sidecar.trainer.minSamplesPerCheckpoint", -1), ("sidecar.trainer.nFeatures", 0),
     ("sidecar.trainer.cuda", 2), ("sidecar.trainer.cuda", True), ("sidecar.trainer.checkpointDir", "online"),
+    # A YAML block's last newline, or a space: the sidecar refuses them, and the pod would crash-loop.
+    ("sidecar.trainer.checkpointDir", "/mnt/vmafx-models/online "), ("sidecar.trainer.baseModelPath", "/mnt/b.onnx\n"),
+    ("sidecar.trainer.baseModelPath", " /mnt/b.onnx"),
     ("sidecar.trainer.nativeSidecar", "yes"), ("sidecar.trainer.enabled", "true"),
     ("node.replicas", -1), ("persistence.models.mountPath", "/"),
     ("sidecar.trainer.metrics.port", 0), ("sidecar.trainer.metrics.port", 70000),
