@@ -4987,6 +4987,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # a file name, column or path not in UTF-8: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        status = run_command(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is the same broken pipe
+    except BrokenPipeError:  # `vmafx-sidecar status | head`: the reader has taken what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's own flush is quiet
+        return 1
+    return status
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         log.setLevel(logging.INFO)
         return demo(args.dir, args.samples)
@@ -4995,6 +5005,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("checkpoints", "verify"):
         try:
             return (list_checkpoints if args.command == "checkpoints" else verify_checkpoints)(args.dir)
+        except BrokenPipeError:
+            raise
         except OSError as e:  # a directory this process may not read, a quarantine/ that is a file
             print(f"vmafx-sidecar {args.command}: {e.filename or args.dir}: {e.strerror or e}", file=sys.stderr)
             return 1

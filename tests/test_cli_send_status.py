@@ -598,6 +598,24 @@ def answering_once(path: str, answer: bytes) -> threading.Thread:
     return thread
 
 
+@pytest.mark.parametrize("command", ["status", "checkpoints"])
+def test_a_reader_gone_before_the_output_ends_it_quietly(tmp_path, command):
+    """`vmafx-sidecar status | head`: status ended in a BrokenPipeError's traceback, and checkpoints blamed its
+    directory for the pipe ("vmafx-sidecar checkpoints: DIR: Broken pipe")."""
+    path = str(tmp_path / "s.sock")
+    if command == "status":
+        answering_once(path, b'{"ok": true, "op": "status", "steps": 0, "samples_accepted": 0}\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone
+    try:
+        done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", command,
+                               *(["--socket", path] if command == "status" else [str(tmp_path)])],
+                              stdout=write_end, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == b"", done
+
+
 @pytest.mark.parametrize("answer, said", [
     (b'{"ok": false, "error": "line too long (limit 8 bytes)"}\n', "refused: line too long (limit 8 bytes)"),
     (b'{"ok": false, "error": "unknown op \'status\' (known: ping)"}\n', "refused: unknown op 'status'"),
