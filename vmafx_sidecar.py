@@ -138,17 +138,6 @@ def one_of(*choices: str) -> Check:
 # checkpoints went to "online\n", where no node looks, and a base model read as missing was replaced by a fresh one.
 PATH = Check(lambda v: bool(v) and v == v.strip(), "a path, not empty, without spaces or line breaks around it")
 PATH_OR_EMPTY = Check(lambda v: v == v.strip(), "a path without spaces or line breaks around it, or empty")
-# Nodes read a checkpoint's path from its ACK and latest.json, as JSON: bytes that are not UTF-8 (kept by the
-# environment's surrogate escapes) reach them as U+FFFD, a path no node can open.
-CHECKPOINT_PATH = Check(lambda v: PATH.ok(v) and is_utf8(v), PATH.allowed + ", in UTF-8")
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def listen_address_ok(text: str) -> bool:
@@ -169,7 +158,7 @@ class Config:
     base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", PATH_OR_EMPTY,
                                    "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "
                                    "missing file: a fresh model")
-    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", CHECKPOINT_PATH,
+    checkpoint_dir: str = setting("/mnt/vmafx-models/online", "VMAFX_SIDECAR_CHECKPOINT_DIR", PATH,
                                   "where model_vNNNNNN.onnx checkpoints are written")
     adopt_dir: str = setting("", "VMAFX_SIDECAR_ADOPT_DIR", PATH_OR_EMPTY,
                              "at start, take over the trainer state in this directory if the checkpoint "
@@ -305,6 +294,16 @@ INT_SETTING_MAX = 2**63 - 1  # the status answer shows every setting, and a Go n
 # Settings an older version read, and what to do instead: a sidecar started with one exits 2, rather than run
 # on a default its operator did not choose. Add a setting here when it is renamed or removed.
 RETIRED_SETTINGS: dict[str, str] = {}
+
+
+def warn_of_a_path_nodes_cannot_read(config: Config) -> None:
+    """Nodes read a checkpoint's path from its ACK and latest.json, as JSON: bytes that are not UTF-8 (which the
+    environment keeps as surrogate escapes) reach a Go node as U+FFFD, a path it cannot open."""
+    try:
+        config.checkpoint_dir.encode()
+    except UnicodeEncodeError:
+        log.warning("VMAFX_SIDECAR_CHECKPOINT_DIR %r is not UTF-8: a node that reads a checkpoint's path from an ACK "
+                    "or latest.json gets U+FFFD for those bytes, and cannot open it", config.checkpoint_dir)
 
 
 def warn_unknown_settings(environ: dict[str, str]) -> None:
@@ -5023,6 +5022,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     log.setLevel(config.log_level.upper())
     warn_unknown_settings(dict(os.environ))
+    warn_of_a_path_nodes_cannot_read(config)
     try:
         if args.command == "fleet":
             if not args.root.is_dir():  # a mistyped ROOT is no fleet with nothing new

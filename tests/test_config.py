@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -100,8 +101,7 @@ INVALID = [
     ({"VMAFX_BASE_MODEL_PATH": "base.onnx\n"}, "VMAFX_BASE_MODEL_PATH", "'base.onnx\\n'"),
     ({"VMAFX_SIDECAR_SOCKET": " s.sock"}, "VMAFX_SIDECAR_SOCKET", "' s.sock'"),
     ({"VMAFX_SIDECAR_ADOPT_DIR": "old "}, "VMAFX_SIDECAR_ADOPT_DIR", "'old '"),
-    # Nodes read checkpoint paths and the status as JSON: Go makes U+FFFD of the one, and cannot read the other.
-    ({"VMAFX_SIDECAR_CHECKPOINT_DIR": "online\udcff"}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "'online\\udcff'"),
+    # The status shows every setting, and a Go node reads an integer as an int64.
     ({"VMAFX_SIDECAR_SEED": str(2**64)}, "VMAFX_SIDECAR_SEED", str(2**64)),
 ]
 
@@ -153,6 +153,17 @@ def test_a_retired_setting_fails_loudly_naming_what_replaces_it(monkeypatch, cap
     monkeypatch.setenv("VMAFX_SIDECAR_OLD_NAME", "1")
     assert vmafx_sidecar.main(["serve"]) == 2  # before anything is claimed or read
     assert "VMAFX_SIDECAR_NEW_NAME" in capsys.readouterr().err
+
+
+def test_a_checkpoint_directory_not_in_utf8_is_warned_about(caplog):
+    """Go nodes read a checkpoint's path from ACKs and latest.json as JSON, with U+FFFD for bytes not UTF-8."""
+    caplog.set_level(logging.WARNING)
+    latin1 = vmafx_sidecar.Config.load({"VMAFX_SIDECAR_CHECKPOINT_DIR": os.fsdecode(b"/mnt/models/caf\xe9")}, {})
+    vmafx_sidecar.warn_of_a_path_nodes_cannot_read(latin1)
+    assert "VMAFX_SIDECAR_CHECKPOINT_DIR '/mnt/models/caf\\udce9' is not UTF-8" in caplog.text
+    caplog.clear()
+    vmafx_sidecar.warn_of_a_path_nodes_cannot_read(vmafx_sidecar.Config(checkpoint_dir="/mnt/models/café"))
+    assert not caplog.text
 
 
 def test_load_with_nothing_set_gives_the_defaults():
