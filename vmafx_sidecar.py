@@ -578,7 +578,7 @@ class Connection:
 
 
 class Server:
-    def __init__(self, config: Config, trainer: Trainer, state: StateStore | NoState):
+    def __init__(self, config: Config, trainer: Trainer, state: StateStore):
         self.config = config
         self.trainer = trainer
         self.state = state
@@ -1483,7 +1483,7 @@ class StateStore:
         self.save()
         return resumed
 
-    # The server's calls, per sample and per loop turn; NoState has the same ones.
+    # The server's calls, per sample and per loop turn; the tests' NoState has the same ones.
 
     def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
         self.journal.append(row, score, held_out, not job_id)
@@ -1625,7 +1625,7 @@ class StateStore:
         self.samples.begin_again()
 
     def write_failures(self) -> dict[str, int]:
-        """Writes the disk refused since the process started, by what was written; NoState has the same."""
+        """Writes the disk refused since the process started, by what was written; the tests' NoState has the same."""
         return {"journal": self.journal.failures, "snapshot": self.snapshot_failures,
                 "sample_log": self.sample_log_failures}
 
@@ -1679,30 +1679,6 @@ class StateStore:
             log.warning("state file %s has %s; no copy could be kept (%s)", path, why, e)
             return
         log.warning("state file %s has %s: a copy is kept as %s", path, why, target.name)
-
-
-class NoState:
-    """The state store of a server whose state need not outlive it (in-process tests): keeps nothing."""
-
-    samples = None  # no sample log
-
-    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
-        pass
-
-    def record_rejection(self) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def tick(self) -> None:
-        pass
-
-    def save(self) -> None:
-        pass
-
-    def write_failures(self) -> dict[str, int]:
-        return {}
 
 
 def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -2169,6 +2145,7 @@ HELD_OUT_STAGE = 64  # held-out samples gathered on the host before they go to t
 WINDOW_BLOCK = 1024  # about this many samples of a window are predicted by the references at a time
 # A checkpoint due while no sample has come for this long is taken by the server's loop, not by the next step.
 IDLE_CHECKPOINT_S = 1.0
+LOSS_SMOOTHING = 0.01  # each step's weight in the smoothed loss: an average over ~100 steps
 # Bounds of the step-time histogram (seconds).
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -2459,12 +2436,12 @@ class Trainer:
         if self.statistics_due():
             self.take_statistics()
         self.standardize(x, y)
-        fresh = x[:self.n_new]  # the new samples, standardized
+        standardized_new = x[:self.n_new]
         outgrowable = self.coords.standardized in ("provisional", "final")  # a first batch's statistics too
-        if outgrowable and xp.vdot(fresh, fresh) >= self.outgrown_energy:  # one call a step
+        if outgrowable and xp.vdot(standardized_new, standardized_new) >= self.outgrown_energy:  # one call a step
             self.retake_statistics(x)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
-            self.validate(new_x, fresh, new_y)
+            self.validate(new_x, standardized_new, new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
             applied = self.apply_gradient(loss)
         if not applied:
@@ -2478,7 +2455,8 @@ class Trainer:
         self.samples_since_checkpoint += self.n_new
         loss *= self.coords.y_scale ** 2  # reported in squared score units, whatever the model trains in
         self.last_loss = loss
-        self.loss_smoothed = loss if self.loss_smoothed is None else 0.99 * self.loss_smoothed + 0.01 * loss
+        self.loss_smoothed = loss if self.loss_smoothed is None else (
+            (1 - LOSS_SMOOTHING) * self.loss_smoothed + LOSS_SMOOTHING * loss)
         self.step_seconds.observe(time.perf_counter() - started)
         return StepResult(loss, self.take_checkpoint() if not self.replaying and self.checkpoint_due() else None)
 

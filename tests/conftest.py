@@ -207,3 +207,28 @@ def make_trainer(directory: Path, *, sizes: list[int] | None = None, activation:
     model = vs.MLP.initial(sizes or [config.n_features, config.hidden, 1], activation, rng)
     writer = vs.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
     return vs.Trainer(config, model.to(backend), writer, rng)
+
+
+class NoState:
+    """The state store of an in-process server whose state need not outlive it: keeps nothing. It has the calls
+    vs.Server makes of vs.StateStore."""
+
+    samples = None  # no sample log
+
+    def record_sample(self, row: np.ndarray, score: np.float32, held_out: bool, job_id: str | None) -> None:
+        pass
+
+    def record_rejection(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+    def write_failures(self) -> dict[str, int]:
+        return {}

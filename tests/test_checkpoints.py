@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vmafx_onnx_builder
 import vmafx_sidecar
-from conftest import REFUSED, ROOT, UNGATED, Client, Sidecar, make_trainer, sample
+from conftest import REFUSED, ROOT, UNGATED, Client, NoState, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 # batch 32 with replay_mix 0.5 (the defaults, spelled out): each step trains 16 new samples,
@@ -246,7 +246,7 @@ def test_the_loop_takes_a_due_checkpoint_only_once_no_sample_has_come_for_a_seco
     due a second after a step, at 2 samples a second (a step every 8 s) 7 checkpoints in 8 would go unnamed."""
     trainer = make_trainer(tmp_path, n_features=4, hidden=4, batch_size=8, min_samples_ckpt=4,
                            ckpt_interval_s=3600, gate="off")
-    server = vmafx_sidecar.Server(trainer.config, trainer, vmafx_sidecar.NoState())
+    server = vmafx_sidecar.Server(trainer.config, trainer, NoState())
     rng = np.random.default_rng(0)
     for _ in range(4):  # a step: the first checkpoint, in its ACK
         ack = json.loads(server.answer(json.dumps(sample(rng, 4)).encode()))

@@ -23,7 +23,7 @@ import pytest
 
 import vmafx_feedback as vf
 import vmafx_sidecar as vs
-from conftest import ROOT, Client, make_trainer
+from conftest import ROOT, Client, NoState, make_trainer
 
 N = 4  # features: small, so that large files stay cheap
 SERVER = {"VMAFX_SIDECAR_N_FEATURES": str(N), "VMAFX_SIDECAR_JOURNAL_FSYNC": "no"}
@@ -402,7 +402,7 @@ def test_send_refuses_a_line_as_too_long_exactly_where_the_sidecar_would(tmp_pat
     data = (codecs.BOM_UTF8 if bom else b"") + line + (b"" if last else b"\nnext\n")
     lines = list(vf.json_lines(io.BufferedReader(io.BytesIO(data), 64), 10, vf.Tally(None, False)))
     trainer = make_trainer(tmp_path, n_features=4, max_line_bytes=10)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = vs.Server(trainer.config, trainer, NoState())
     conn = vs.Connection(None, server.on_connection_ready)
     server.take_lines(conn, line + b"\n")  # as send would have sent it
     refused = conn.outbuf == b'{"ok": false, "error": "line too long (limit 10 bytes)"}\n'

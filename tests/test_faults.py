@@ -31,7 +31,7 @@ import pytest
 from onnx import numpy_helper
 
 import vmafx_sidecar as vs
-from conftest import Client, Sidecar, make_trainer, sample
+from conftest import Client, NoState, Sidecar, make_trainer, sample
 
 N_FEATURES = 8
 SMALL_MODEL = dict(VMAFX_SIDECAR_N_FEATURES=str(N_FEATURES), VMAFX_SIDECAR_HIDDEN="8")
@@ -860,7 +860,7 @@ def test_the_probe_and_status_are_answered_at_the_connection_limit(sidecar_facto
 
 def in_process_server(tmp_path: Path, max_connections: int = 128) -> vs.Server:
     trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8, max_connections=max_connections)
-    return vs.Server(trainer.config, trainer, vs.NoState())
+    return vs.Server(trainer.config, trainer, NoState())
 
 
 def full_in_process_server(tmp_path: Path) -> tuple[vs.Server, vs.Connection, socket.socket]:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import vmafx_onnx_builder as ob
 import vmafx_sidecar as vs
-from conftest import NO_EVIDENCE, REFUSED, RELU, UNGATED, make_trainer, run_cli
+from conftest import NO_EVIDENCE, REFUSED, RELU, UNGATED, NoState, make_trainer, run_cli
 
 MODULE_DIR = str(Path(vs.__file__).parent)  # subprocesses run the module these tests imported
 RECORD_KEYS = {"format", "version", "file", "sha256", "step", "samples_trained", "created", "created_unix",
@@ -475,7 +475,7 @@ def test_a_sample_without_a_job_id_or_with_an_empty_one_is_held_out_by_the_count
     """Go writes "" for a string field never set: hashed as one job, every such sample had gone to one side (at
     5 %, none was held out, and the history was never held-out samples). The journal replays the same count."""
     trainer = make_trainer(tmp_path, **COUNTING, holdout_fraction=0.05)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = vs.Server(trainer.config, trainer, NoState())
     rng = np.random.default_rng(0)
     for _ in range(100):
         message = {"features": rng.uniform(0, 1, trainer.config.n_features).tolist(), "true_score": 50.0}

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vmafx_sidecar as vs
-from conftest import make_trainer
+from conftest import NoState, make_trainer
 
 
 def make_server(tmp_path, **settings_) -> vs.Server:
     trainer = make_trainer(tmp_path, sizes=[3, 5, 1], batch_size=4, replay_capacity=8, **settings_)
-    return vs.Server(trainer.config, trainer, vs.NoState())
+    return vs.Server(trainer.config, trainer, NoState())
 
 
 @pytest.mark.parametrize("line,error", [

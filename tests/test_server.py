@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import ROOT, Client, Sidecar, make_trainer, sample
+from conftest import ROOT, Client, NoState, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 SILENCE_S = 0.5  # how long "nothing more arrives" is watched for; a correct server passes regardless
@@ -535,7 +535,7 @@ def test_too_long_lines_from_a_client_that_never_reads_wait_for_room_like_any_ot
     """A too-long line whose newline comes in a later read was answered with no look at the ACKs waiting, and the
     connection was never held back: a client that sent nothing else and never read grew them without bound."""
     trainer = make_trainer(tmp_path, n_features=4, max_line_bytes=16)
-    server = vs.Server(trainer.config, trainer, vs.NoState())
+    server = vs.Server(trainer.config, trainer, NoState())
     ours, theirs = socket.socketpair()
     conn = vs.Connection(ours, server.on_connection_ready)
     read = b"\n" + b"x" * 40 if newline == "in the next read" else b"x" * 40 + b"\n"  # each read ends or begins one
