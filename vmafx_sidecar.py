@@ -1711,8 +1711,8 @@ def migrated(state: dict[str, Any]) -> dict[str, Any]:
         n_features = state["fingerprint"]["sizes"][0]
         state = {**state, "format": 4, "coordinates": {"x_shift": [0.0] * n_features, "x_scale": [1.0] * n_features,
                                                         "y_shift": 0.0, "y_scale": 1.0, "standardized": "none"}}
-    if state["format"] == 4:  # nothing read from a sample log yet
-        state = {**state, "format": 5, "sources": {}}
+    if state["format"] == 4:  # nothing read from a sample log yet, but for a fleet of the day before format 5
+        state = {**state, "format": 5, "sources": state.get("sources", {})}
     if state["format"] == 5:  # every sample of the window in its sums
         n_features = state["fingerprint"]["sizes"][0]
         state = {**state, "format": 6, "window_unscored": 0, "window_x": np.zeros((0, n_features), np.float32),

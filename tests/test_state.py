@@ -692,6 +692,14 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     assert latest == json.loads((FIXTURE / "killed" / "latest.json").read_text())
 
 
+def test_a_format_4_fleet_snapshot_keeps_the_positions_it_read_to():
+    """For three minutes of issue 17 (3999a9e), a fleet's snapshot held its positions in the replicas' logs
+    under format 4: the migration emptied them, and the next fleet run trained on every logged sample again."""
+    fleet_state = {"format": 4, "theta": np.zeros(3), "fingerprint": {"sizes": [1, 1, 1]}, "sources": {"r0": 700}}
+    assert vs.migrated(fleet_state)["sources"] == {"r0": 700}
+    assert vs.migrated({k: v for k, v in fleet_state.items() if k != "sources"})["sources"] == {}
+
+
 def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog):
     server = in_process_server(tmp_path)
     for m in messages(20):
