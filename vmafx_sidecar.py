@@ -246,25 +246,41 @@ class Config:
                 continue
             values[f.name] = parse_setting(raw, type(f.default), f.metadata["check"], source)
         config = cls(**values)
-        if config.replay_capacity < config.batch_size:
+        config.check()
+        return config
+
+    def replaced(self, values: dict[str, Any]) -> Config:
+        """This config with `values` (field -> value) in their place, each checked alone as load() checks it
+        (not against the others: see check())."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for name, value in values.items():
+            kind, check, env = type(fields[name].default), fields[name].metadata["check"], fields[name].metadata["env"]
+            if kind is float and type(value) is int:
+                values = {**values, name: float(value)}
+            elif type(value) is not kind or not check.ok(value) or (kind is int and value > INT_SETTING_MAX):
+                raise ConfigError(f"{env}: must be {check.allowed}, got {value!r}")
+        return dataclasses.replace(self, **values)
+
+    def check(self) -> None:
+        """The checks across settings: ConfigError for the first that fails."""
+        if self.replay_capacity < self.batch_size:
             raise ConfigError(f"VMAFX_SIDECAR_REPLAY_CAPACITY: must be >= VMAFX_SIDECAR_BATCH_SIZE "
-                              f"({config.batch_size}), got {config.replay_capacity}")
-        shortest_sample = len('{"features":[],"true_score":0}') + 2 * config.n_features - 1  # every value a "0"
-        if config.max_line_bytes < shortest_sample:  # every sample refused, and the probes' pings with them
+                              f"({self.batch_size}), got {self.replay_capacity}")
+        shortest_sample = len('{"features":[],"true_score":0}') + 2 * self.n_features - 1  # every value a "0"
+        if self.max_line_bytes < shortest_sample:  # every sample refused, and the probes' pings with them
             raise ConfigError(f"VMAFX_SIDECAR_MAX_LINE_BYTES: must be >= {shortest_sample}, the shortest sample "
-                              f"line of VMAFX_SIDECAR_N_FEATURES ({config.n_features}) features, got "
-                              f"{config.max_line_bytes}")
-        if config.adopt_dir and os.path.abspath(config.adopt_dir) == os.path.abspath(config.checkpoint_dir):
+                              f"line of VMAFX_SIDECAR_N_FEATURES ({self.n_features}) features, got "
+                              f"{self.max_line_bytes}")
+        if self.adopt_dir and os.path.abspath(self.adopt_dir) == os.path.abspath(self.checkpoint_dir):
             raise ConfigError("VMAFX_SIDECAR_ADOPT_DIR: must be another directory than "
-                              f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {config.adopt_dir!r}")
-        if config.gate == "on" and config.gate_min_eval > config.eval_capacity:
+                              f"VMAFX_SIDECAR_CHECKPOINT_DIR, got {self.adopt_dir!r}")
+        if self.gate == "on" and self.gate_min_eval > self.eval_capacity:
             raise ConfigError(f"VMAFX_SIDECAR_GATE_MIN_EVAL: must be <= VMAFX_SIDECAR_EVAL_CAPACITY "
-                              f"({config.eval_capacity}) or the history is never judged, got {config.gate_min_eval}")
-        if config.gate == "on" and config.eval_capacity < R2_MIN_SAMPLES:
+                              f"({self.eval_capacity}) or the history is never judged, got {self.gate_min_eval}")
+        if self.gate == "on" and self.eval_capacity < R2_MIN_SAMPLES:
             raise ConfigError(f"VMAFX_SIDECAR_EVAL_CAPACITY: must be >= {R2_MIN_SAMPLES} with the gate on or the "
                               f"history is never judged (on fewer samples no R² clears its floor), got "
-                              f"{config.eval_capacity}")
-        return config
+                              f"{self.eval_capacity}")
 
 
 class ConfigError(ValueError):
@@ -1417,6 +1433,7 @@ class StateStore:
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
         self.last_save = self.journal_checked = time.monotonic()
         self.journal_lost = False  # its file removed or replaced while the process ran: see check_journal_in_place
+        self.replayer = trainer  # the trainer the journal replays on: see restore()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot written: a refused
         # one is tried again an interval later, with or without new lines
 
@@ -1429,7 +1446,9 @@ class StateStore:
         # would be published again under a new version (a journal outlives a checkpoint when its snapshot was
         # refused). One that falls due takes its turn once the server runs.
         t.replaying = True
+        self.replayer = t
         loaded = self.load_snapshot()
+        t = self.replayer  # with the batch settings the journal's samples were trained with, if others than these
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         if skipped:
@@ -1457,6 +1476,9 @@ class StateStore:
                 if self.samples is not None and self.journaled_to == self.log_name:
                     self.samples.append(LoggedSample(t.samples_accepted, time.time(), record.held_out, None,
                                                      record.features, record.score))
+        if t is not self.trainer:
+            self.trainer.load_state_dict(t.state_dict())  # these settings from here on
+            t = self.trainer
         t.replaying = False
         if records and loaded and self.newest_checkpoint_saved is not None:
             t.end_window_at_newest_checkpoint(self.newest_checkpoint_saved)
@@ -1644,7 +1666,8 @@ class StateStore:
         try:
             state = migrated({**meta, **arrays})
             generation = state["generation"]
-            self.trainer.load_state_dict(state)
+            replayer = self.trainer.replayer(state["fingerprint"])
+            replayer.load_state_dict(state)
         except IncompatibleState as e:
             self.move_aside(self.snapshot_path, f"incompatible: {e}")
             self.move_aside(self.journal_path, "incompatible with this configuration")
@@ -1653,7 +1676,7 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return False
-        self.generation, self.sources = generation, dict(state["sources"])
+        self.generation, self.sources, self.replayer = generation, dict(state["sources"]), replayer
         # The newest checkpoint version in the directory as the snapshot was taken (saved before it was: its own)
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
@@ -2160,6 +2183,8 @@ class StepResult:
 PARTIAL_ARRAYS = {"pending_x": "n_pending", "pending_y": "n_pending", "window_x": "window_unscored",
                   "window_y": "window_unscored", "window_candidate": "window_unscored"}
 RINGS = ("replay", "eval")  # saved as <ring>_x, <ring>_y, <ring>_size and <ring>_next, at any capacity
+# The settings a state may change at a restart; its journal replays under those it was saved with (Trainer.replayer).
+REPLAY_SETTINGS = ("batch_size", "replay_mix", "replay_capacity", "eval_capacity")
 
 
 class IncompatibleState(ValueError):
@@ -2383,6 +2408,27 @@ class Trainer:
                 log.error("VMAFX_SIDECAR_NORMALIZE=off, but the saved weights overflow float32 in raw coordinates: "
                           "training goes on standardized")
         self.take_pending(state["pending_x"], state["pending_y"], state["fingerprint"])
+
+    def replayer(self, saved_for: Any) -> Trainer:
+        """The trainer a journal replays on after a state saved with `saved_for` (its fingerprint): one with the
+        batch settings and ring capacities the journal's samples were trained with, so that the steps their ACKs
+        counted are taken again as they were; this trainer then takes its state (load_state_dict regroups what
+        waits for a step). This trainer itself when the settings are its own, or not ones a sidecar takes."""
+        saved = {name: saved_for[name] for name in REPLAY_SETTINGS if name in saved_for} if isinstance(saved_for, dict) \
+            else {}
+        try:
+            config = self.config.replaced(saved)
+        except ConfigError as e:
+            log.warning("the state was saved with settings no sidecar takes (%s): its journal replays under these", e)
+            return self
+        if config == self.config or config.replay_capacity < config.batch_size:
+            return self
+        log.info("the state was saved with batch size %d, replay mix %s and rings of %d and %d samples: its journal "
+                 "replays under those, as it was trained", *(getattr(config, name) for name in REPLAY_SETTINGS))
+        twin = Trainer(config, self.incumbent, self.checkpoints, np.random.default_rng(), fresh=self.fresh)
+        twin.champion.flat[...] = self.champion.flat
+        twin.has_champion, twin.replaying = self.has_champion, self.replaying
+        return twin
 
     def checked_rows(self, state: dict[str, Any]) -> dict[str, int]:
         """The rows of the saved arrays whose length the state says (the partial ones, and the rings' at the

@@ -393,6 +393,36 @@ def test_samples_acked_while_a_restart_cannot_snapshot_survive_the_next_restart(
     np.testing.assert_array_equal(resumed.trainer.model.flat, again.trainer.model.flat)
 
 
+@pytest.mark.parametrize("changed", [{"batch_size": 16}, {"replay_mix": 0.25}, {"replay_capacity": 40}],
+                         ids=["batch size", "replay mix", "replay capacity"])
+def test_a_kill_then_a_restart_with_other_batch_settings_continues_as_a_sigterm_would(tmp_path, changed):
+    """After a kill, the journal was replayed under the new settings: the steps its ACKs had counted were taken
+    again in other batches, so the step count went back (100 ACKed, 50 after the restart, in the chaos hunt) and
+    the weights became a model that never was. It replays under the settings it was trained with."""
+    def server(directory: Path, **settings) -> vs.Server:
+        trainer = make_trainer(directory, **{"n_features": 5, "hidden": 7, "batch_size": 8, "replay_capacity": 64,
+                                             **settings})
+        state = vs.StateStore(trainer.config, trainer)
+        state.restore()
+        return vs.Server(trainer.config, trainer, state)
+
+    restarted = {}
+    for stop in ("sigterm", "kill"):
+        first = server(tmp_path / stop)
+        acks = [json.loads(first.answer(json.dumps(m).encode())) for m in messages(61)]
+        first.state.commit()
+        if stop == "sigterm":
+            first.state.save()
+        restarted[stop] = server(tmp_path / stop, **changed).trainer
+    killed, stopped = restarted["kill"], restarted["sigterm"]
+    assert killed.steps == stopped.steps >= acks[-1]["step"] > 0
+    assert killed.samples_accepted == stopped.samples_accepted == 61
+    for name, array in stopped.state_dict().items():
+        if isinstance(array, np.ndarray):
+            np.testing.assert_array_equal(killed.state_dict()[name], array, err_msg=name)
+    assert killed.rng.bit_generator.state == stopped.rng.bit_generator.state
+
+
 def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_again(tmp_path):
     """A snapshot after each checkpoint ends the journal, unless the disk refuses it (one of 4 MB, where a
     checkpoint of 22 KB still fits): the journal then spans checkpoints, and its replay took each again, published
