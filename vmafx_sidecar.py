@@ -1433,7 +1433,6 @@ class StateStore:
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
         self.last_save = self.journal_checked = time.monotonic()
         self.journal_lost = False  # its file removed or replaced while the process ran: see check_journal_in_place
-        self.replayer = trainer  # the trainer the journal replays on: see restore()
         self.saved_at = (-1, -1)  # (samples accepted, samples rejected) in the last snapshot written: a refused
         # one is tried again an interval later, with or without new lines
 
@@ -1446,9 +1445,8 @@ class StateStore:
         # would be published again under a new version (a journal outlives a checkpoint when its snapshot was
         # refused). One that falls due takes its turn once the server runs.
         t.replaying = True
-        self.replayer = t
-        loaded = self.load_snapshot()
-        t = self.replayer  # with the batch settings the journal's samples were trained with, if others than these
+        replayer = self.load_snapshot()  # with the batch settings the journal's samples were trained with
+        loaded, t = replayer is not None, replayer or t
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         if skipped:
@@ -1651,18 +1649,20 @@ class StateStore:
         return {"journal": self.journal.failures, "snapshot": self.snapshot_failures,
                 "sample_log": self.sample_log_failures}
 
-    def load_snapshot(self) -> bool:
+    def load_snapshot(self) -> Trainer | None:
+        """The trainer that holds the snapshot's state, for the journal to replay on (see Trainer.replayer); None
+        when there is none to load."""
         try:
             data = self.snapshot_path.read_bytes()
         except FileNotFoundError:
-            return False
+            return None
         except OSError as e:  # as in Journal.read()
             raise StartupError(f"cannot read {self.snapshot_path}: {e.strerror or e}") from None
         try:
             meta, arrays = read_snapshot(data)
         except ValueError as e:
             self.move_aside(self.snapshot_path, f"corrupt ({e})")
-            return False
+            return None
         try:
             state = migrated({**meta, **arrays})
             generation = state["generation"]
@@ -1671,17 +1671,17 @@ class StateStore:
         except IncompatibleState as e:
             self.move_aside(self.snapshot_path, f"incompatible: {e}")
             self.move_aside(self.journal_path, "incompatible with this configuration")
-            return False
+            return None
         except (ValueError, KeyError, TypeError) as e:  # e.g. written by a newer sidecar
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
-            return False
-        self.generation, self.sources, self.replayer = generation, dict(state["sources"]), replayer
+            return None
+        self.generation, self.sources = generation, dict(state["sources"])
         # The newest checkpoint version in the directory as the snapshot was taken (saved before it was: its own)
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
-        return True
+        return replayer
 
     def move_aside(self, path: Path, why: str) -> None:
         if not path.exists():
@@ -2423,9 +2423,13 @@ class Trainer:
             return self
         if config == self.config or config.replay_capacity < config.batch_size:
             return self
+        try:
+            twin = Trainer(config, self.incumbent, self.checkpoints, np.random.default_rng(), fresh=self.fresh)
+        except MemoryError:
+            log.warning("no memory for a trainer with the state's own settings: its journal replays under these")
+            return self
         log.info("the state was saved with batch size %d, replay mix %s and rings of %d and %d samples: its journal "
                  "replays under those, as it was trained", *(getattr(config, name) for name in REPLAY_SETTINGS))
-        twin = Trainer(config, self.incumbent, self.checkpoints, np.random.default_rng(), fresh=self.fresh)
         twin.champion.flat[...] = self.champion.flat
         twin.has_champion, twin.replaying = self.has_champion, self.replaying
         return twin
