@@ -4181,7 +4181,7 @@ class MetricsEndpoint:
             if (data := received(conn.sock, HTTP_MAX_REQUEST)) is None:
                 return
             if not data:  # the scraper left before its request was complete
-                return self.close(conn)
+                return self.close_connection(conn)
             conn.inbuf += data
             if HTTP_BLANK_LINE.search(conn.inbuf) or len(conn.inbuf) > HTTP_MAX_REQUEST:
                 conn.outbuf = http_response(bytes(conn.inbuf), self.server)
@@ -4194,26 +4194,28 @@ class MetricsEndpoint:
             except OSError:
                 conn.outbuf = b""
             if not conn.outbuf:
-                self.close(conn)
+                self.close_connection(conn)
 
     def tick(self) -> None:
         now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline < now]:
-            self.close(conn)
+            self.close_connection(conn)
         if self.paused_at is not None and now - self.paused_at >= ACCEPT_RETRY_S:
             self.server.selector.register(self.listener, selectors.EVENT_READ, self.accept)
             self.paused_at = None
 
-    def close(self, conn: HttpConnection | None = None) -> None:
-        """Close one connection, or with none given the endpoint and all of its connections."""
-        for c in [conn] if conn else list(self.connections):
-            self.connections.remove(c)
-            self.server.selector.unregister(c.sock)
-            c.sock.close()
-        if conn is None:
-            if self.paused_at is None:
-                self.server.selector.unregister(self.listener)
-            self.listener.close()
+    def close_connection(self, conn: HttpConnection) -> None:
+        self.connections.remove(conn)
+        self.server.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def close(self) -> None:
+        """Close the endpoint and all of its connections."""
+        for conn in list(self.connections):
+            self.close_connection(conn)
+        if self.paused_at is None:
+            self.server.selector.unregister(self.listener)
+        self.listener.close()
 
 
 def http_response(request: bytes, server: Server) -> bytes:
