@@ -253,13 +253,13 @@ class Config:
         """This config with `values` (field -> value) in their place, each checked alone as load() checks it
         (not against the others: see check())."""
         fields = {f.name: f for f in dataclasses.fields(self)}
+        taken = {}
         for name, value in values.items():
             kind, check, env = type(fields[name].default), fields[name].metadata["check"], fields[name].metadata["env"]
-            if kind is float and type(value) is int:
-                values = {**values, name: float(value)}
-            elif type(value) is not kind or not check.ok(value) or (kind is int and value > INT_SETTING_MAX):
+            taken[name] = float(value) if kind is float and type(value) is int else value
+            if type(taken[name]) is not kind or not check.ok(taken[name]) or (kind is int and value > INT_SETTING_MAX):
                 raise ConfigError(f"{env}: must be {check.allowed}, got {value!r}")
-        return dataclasses.replace(self, **values)
+        return dataclasses.replace(self, **taken)
 
     def check(self) -> None:
         """The checks across settings: ConfigError for the first that fails."""
@@ -2424,13 +2424,13 @@ class Trainer:
         if config == self.config or config.replay_capacity < config.batch_size:
             return self
         try:
-            twin = Trainer(config, self.incumbent, self.checkpoints, np.random.default_rng(), fresh=self.fresh)
-        except MemoryError:
-            log.warning("no memory for a trainer with the state's own settings: its journal replays under these")
+            twin = Trainer(config, self.model, self.checkpoints, np.random.default_rng(), fresh=self.fresh)
+        except (MemoryError, ValueError) as e:  # rings no machine holds ("array is too big")
+            log.warning("no trainer with the state's own settings (%s): its journal replays under these", e)
             return self
         log.info("the state was saved with batch size %d, replay mix %s and rings of %d and %d samples: its journal "
                  "replays under those, as it was trained", *(getattr(config, name) for name in REPLAY_SETTINGS))
-        twin.champion.flat[...] = self.champion.flat
+        twin.incumbent, twin.champion.flat[...] = self.incumbent, self.champion.flat  # the references: the same
         twin.has_champion, twin.replaying = self.has_champion, self.replaying
         return twin
 

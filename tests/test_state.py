@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import make_trainer, sample
+from conftest import RELU, make_trainer, sample
 
 SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64", VMAFX_SIDECAR_LR="0.01",
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
@@ -421,6 +421,26 @@ def test_a_kill_then_a_restart_with_other_batch_settings_continues_as_a_sigterm_
         if isinstance(array, np.ndarray):
             np.testing.assert_array_equal(killed.state_dict()[name], array, err_msg=name)
     assert killed.rng.bit_generator.state == stopped.rng.bit_generator.state
+
+
+def test_the_trainer_a_journal_replays_on_has_this_trainers_layout_and_its_references(tmp_path):
+    """It was built from the incumbent, which is latest.onnx whatever its hidden width: a state of this trainer's
+    layout then failed to load into it, and was set aside with its journal."""
+    trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+    trainer.incumbent = vs.MLP.initial([5, 8, 1], RELU, np.random.default_rng(1))  # published with hidden 8
+    twin = trainer.replayer({"batch_size": 16, "replay_mix": 0.5, "replay_capacity": 64, "eval_capacity": 2000})
+    assert twin is not trainer and twin.config.batch_size == 16
+    assert twin.model.sizes == trainer.model.sizes and twin.incumbent is trainer.incumbent
+
+
+@pytest.mark.parametrize("saved", [{"replay_mix": 1}, {"replay_mix": 5}, {"replay_capacity": 2**61},
+                                   {"eval_capacity": 2**61}, {"batch_size": True}, {"batch_size": "8"}])
+def test_a_fingerprint_of_settings_no_sidecar_takes_replays_under_the_configured_ones(tmp_path, saved):
+    """An int where a float goes skipped its range check (a mix of 1 crashed every start), and rings too big for
+    numpy were a ValueError that set the state aside."""
+    trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+    assert trainer.replayer({"batch_size": 8, "replay_mix": 0.5, "replay_capacity": 64, "eval_capacity": 2000,
+                             **saved}) is trainer
 
 
 def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_again(tmp_path):
