@@ -63,6 +63,7 @@ import pickletools
 import re
 import resource
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -5019,10 +5020,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = run_command(args)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is the same broken pipe
-    except BrokenPipeError:  # `vmafx-sidecar status | head`: the reader has taken what it wanted
+    except BrokenPipeError:
+        if not has_lost_its_reader(sys.stdout):  # a socket's, say the demo's server gone: an error of its own
+            raise
+        # `vmafx-sidecar status | head`: the reader has taken what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's own flush is quiet
         return 1
     return status
+
+
+def has_lost_its_reader(stream: io.TextIOBase) -> bool:
+    """Whether `stream` is a pipe or socket whose reader has gone: poll() reports an error on its descriptor."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+    except (OSError, ValueError):  # no descriptor (a test's capture, a closed stream)
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def run_command(args: argparse.Namespace) -> int:

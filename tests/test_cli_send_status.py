@@ -616,6 +616,23 @@ def test_a_reader_gone_before_the_output_ends_it_quietly(tmp_path, command):
     assert done.returncode == 1 and done.stderr == b"", done
 
 
+def test_a_broken_pipe_of_the_commands_own_is_not_taken_for_a_reader_gone(monkeypatch):
+    """Every BrokenPipeError ended a command quietly: the demo whose server died mid-stream exited 1 and said
+    nothing."""
+    read_end, write_end = os.pipe()
+    with open(write_end, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+
+        def sends_to_a_server_gone(args):
+            raise BrokenPipeError(32, "Broken pipe")
+        monkeypatch.setattr(vs, "run_command", sends_to_a_server_gone)
+        with pytest.raises(BrokenPipeError):
+            vs.main(["status"])
+        assert not vs.has_lost_its_reader(stdout)
+        os.close(read_end)
+        assert vs.has_lost_its_reader(stdout)
+
+
 @pytest.mark.parametrize("answer, said", [
     (b'{"ok": false, "error": "line too long (limit 8 bytes)"}\n', "refused: line too long (limit 8 bytes)"),
     (b'{"ok": false, "error": "unknown op \'status\' (known: ping)"}\n', "refused: unknown op 'status'"),
