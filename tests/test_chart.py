@@ -585,7 +585,8 @@ def assert_schema_refuses(values: dict, dotted: str) -> None:
     ("sidecar.trainer.cuda", 2), ("sidecar.trainer.cuda", True), ("sidecar.trainer.checkpointDir", "online"),
     # A YAML block's last newline, or a space: the sidecar refuses them, and the pod would crash-loop.
     ("sidecar.trainer.checkpointDir", "/mnt/vmafx-models/online "), ("sidecar.trainer.baseModelPath", "/mnt/b.onnx\n"),
-    ("sidecar.trainer.baseModelPath", " /mnt/b.onnx"),
+    ("sidecar.trainer.baseModelPath", " /mnt/b.onnx"), ("sidecar.trainer.checkpointDir", "/mnt/online\u00a0"),
+    ("sidecar.trainer.baseModelPath", "\u3000/mnt/b.onnx"), ("sidecar.trainer.checkpointDir", "/mnt/online\x0b"),
     ("sidecar.trainer.nativeSidecar", "yes"), ("sidecar.trainer.enabled", "true"),
     ("node.replicas", -1), ("persistence.models.mountPath", "/"),
     ("sidecar.trainer.metrics.port", 0), ("sidecar.trainer.metrics.port", 70000),
@@ -595,6 +596,13 @@ def assert_schema_refuses(values: dict, dotted: str) -> None:
 ])
 def test_schema_rejects_bad_values_naming_them(dotted, value):
     assert_schema_refuses(merged(ISSUE_VALUES, **{dotted: value}), dotted)
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("sidecar.trainer.checkpointDir", "/mnt/vmafx-models/on line/café"), ("sidecar.trainer.baseModelPath", ""),
+    ("sidecar.trainer.baseModelPath", "/mnt/vmafx-models/base/my model.onnx")])
+def test_schema_takes_a_path_with_spaces_inside_or_outside_ascii(dotted, value):
+    render(merged(ISSUE_VALUES, **{dotted: value}), "1.33")
 
 
 def test_schema_rejects_a_misspelt_trainer_value():
