@@ -257,7 +257,10 @@ class Config:
         taken = {}
         for name, value in values.items():
             kind, check, env = type(fields[name].default), fields[name].metadata["check"], fields[name].metadata["env"]
-            taken[name] = float(value) if kind is float and type(value) is int else value
+            try:
+                taken[name] = float(value) if kind is float and type(value) is int else value
+            except OverflowError:  # past any float: refused below, as an int
+                taken[name] = value
             if type(taken[name]) is not kind or not check.ok(taken[name]) or (kind is int and value > INT_SETTING_MAX):
                 raise ConfigError(f"{env}: must be {check.allowed}, got {value!r}")
         return dataclasses.replace(self, **taken)

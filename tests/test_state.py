@@ -433,8 +433,9 @@ def test_the_trainer_a_journal_replays_on_has_this_trainers_layout_and_its_refer
     assert twin.model.sizes == trainer.model.sizes and twin.incumbent is trainer.incumbent
 
 
-@pytest.mark.parametrize("saved", [{"replay_mix": 1}, {"replay_mix": 5}, {"replay_capacity": 2**61},
-                                   {"eval_capacity": 2**61}, {"batch_size": True}, {"batch_size": "8"}])
+@pytest.mark.parametrize("saved", [{"replay_mix": 1}, {"replay_mix": 5}, {"replay_mix": 10**400},
+                                   {"replay_capacity": 2**61}, {"eval_capacity": 2**61}, {"batch_size": True},
+                                   {"batch_size": "8"}])
 def test_a_fingerprint_of_settings_no_sidecar_takes_replays_under_the_configured_ones(tmp_path, saved):
     """An int where a float goes skipped its range check (a mix of 1 crashed every start), and rings too big for
     numpy were a ValueError that set the state aside."""
