@@ -385,8 +385,9 @@ def take_lock_within(fd: int, path: Path, wait_s: float) -> bool:
 
 def lock_beside(path: str) -> None:
     """Hold <socket>.lock for the process's lifetime, so two sidecars never both claim one path."""
-    fd = open_lock(Path(path + ".lock"))
-    if not take_lock_within(fd, Path(path + ".lock"), 0):
+    lock = Path(path + ".lock")
+    fd = open_lock(lock)
+    if not take_lock_within(fd, lock, 0):
         os.close(fd)
         raise StartupError(f"another sidecar is already listening on {path} (it holds {path}.lock)")
 

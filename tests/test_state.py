@@ -195,10 +195,8 @@ def test_a_state_directory_turned_read_only_costs_snapshots_not_the_process(tmp_
 def test_a_refused_snapshot_is_tried_again_while_no_line_comes(tmp_path, monkeypatch):
     """A refused snapshot counted as taken: with no new line, tick() never tried it again (whatever its "will
     retry"), so a journal that spans a checkpoint (the snapshot after it refused) stayed to be replayed."""
-    trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64, state_interval_s=0.0)
-    state = vs.StateStore(trainer.config, trainer)
-    state.restore()
-    server = vs.Server(trainer.config, trainer, state)
+    server = in_process_server(tmp_path, state_interval_s=0.0)
+    state = server.state
     for m in messages(10):
         assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
     with monkeypatch.context() as refusing:
@@ -272,8 +270,11 @@ def test_state_files_are_private(sidecar_factory):
         assert (state / name).stat().st_mode & 0o777 == 0o600
 
 
-def in_process_server(directory: Path) -> vs.Server:
-    trainer = make_trainer(directory, n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+def in_process_server(directory: Path, **settings) -> vs.Server:
+    """A server on a small model with its state restored from `directory`; `settings` (Config fields) override
+    its own."""
+    trainer = make_trainer(directory, **{"n_features": 5, "hidden": 7, "batch_size": 8, "replay_capacity": 64,
+                                         **settings})
     state = vs.StateStore(trainer.config, trainer)
     state.restore()
     return vs.Server(trainer.config, trainer, state)
@@ -399,21 +400,14 @@ def test_a_kill_then_a_restart_with_other_batch_settings_continues_as_a_sigterm_
     """After a kill, the journal was replayed under the new settings: the steps its ACKs had counted were taken
     again in other batches, so the step count went back (100 ACKed, 50 after the restart, in the chaos hunt) and
     the weights became a model that never was. It replays under the settings it was trained with."""
-    def server(directory: Path, **settings) -> vs.Server:
-        trainer = make_trainer(directory, **{"n_features": 5, "hidden": 7, "batch_size": 8, "replay_capacity": 64,
-                                             **settings})
-        state = vs.StateStore(trainer.config, trainer)
-        state.restore()
-        return vs.Server(trainer.config, trainer, state)
-
     restarted = {}
     for stop in ("sigterm", "kill"):
-        first = server(tmp_path / stop)
+        first = in_process_server(tmp_path / stop)
         acks = [json.loads(first.answer(json.dumps(m).encode())) for m in messages(61)]
         first.state.commit()
         if stop == "sigterm":
             first.state.save()
-        restarted[stop] = server(tmp_path / stop, **changed).trainer
+        restarted[stop] = in_process_server(tmp_path / stop, **changed).trainer
     killed, stopped = restarted["kill"], restarted["sigterm"]
     assert killed.steps == stopped.steps >= acks[-1]["step"] > 0
     assert killed.samples_accepted == stopped.samples_accepted == 61
@@ -449,11 +443,7 @@ def test_a_journal_replayed_after_refused_snapshots_publishes_no_checkpoint_agai
     checkpoint of 22 KB still fits): the journal then spans checkpoints, and its replay took each again, published
     under a new version with the weights of one already published, latest.json walking back through them."""
     def server() -> vs.Server:
-        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
-                               min_samples_ckpt=8, ckpt_interval_s=0.0, gate="off")
-        state = vs.StateStore(trainer.config, trainer)
-        state.restore()
-        return vs.Server(trainer.config, trainer, state)
+        return in_process_server(tmp_path, min_samples_ckpt=8, ckpt_interval_s=0.0, gate="off")
 
     first = server()
     (tmp_path / ".state" / ".snapshot.bin.tmp").mkdir()  # every snapshot refused from now on, checkpoints not
@@ -482,11 +472,7 @@ def test_a_fresh_state_over_older_checkpoints_keeps_its_window_across_a_kill(tmp
     (its .state/ moved out to train from a restored checkpoint, say) over older checkpoints had lost its window and
     its count towards the next checkpoint at every kill, and reported a gate record it never wrote."""
     def server(**settings) -> vs.Server:
-        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
-                               ckpt_interval_s=0.0, gate="off", **settings)
-        state = vs.StateStore(trainer.config, trainer)
-        state.restore()
-        return vs.Server(trainer.config, trainer, state)
+        return in_process_server(tmp_path, ckpt_interval_s=0.0, gate="off", **settings)
 
     older = server(min_samples_ckpt=8)
     for m in messages(40):
