@@ -1,0 +1,3 @@
+module vmafx.test/go_node
+
+go 1.19
