@@ -2402,11 +2402,11 @@ class Trainer:
                         state["champion_version"])
         latest = self.checkpoints.latest and self.checkpoints.latest["version"]
         if not keeps_champion and (self.has_champion or state["has_champion"]):  # it scored another champion
-            self.window.reset()
+            self.begin_window()
         elif state["window_incumbent"] != latest:  # rolled back, or published after this state was saved
             log.info("the window was scored against checkpoint %s, latest.json names %s: a new window starts",
                      state["window_incumbent"], latest)
-            self.window.reset()
+            self.begin_window()
         self.use_coordinates(coords)  # those the loaded weights are in
         if self.config.normalize == "off" and coords.standardized != "none":  # back to the reference's arithmetic
             if not self.move_to(Coordinates.identity(self.config.n_features)):
@@ -2713,11 +2713,17 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic() - ago
 
     def start_window(self, record: dict[str, Any]) -> None:
-        """A checkpoint, written with `record`, ends the window: the next one starts empty, and so does the count
-        towards the next checkpoint."""
+        """A checkpoint, written with `record`, ends the window (begin_window)."""
+        self.begin_window()
+        self.last_gate = record
+
+    def begin_window(self) -> None:
+        """An empty window, and the count towards the next checkpoint starts again with it: a candidate is judged
+        on MIN_SAMPLES_CKPT samples of its window at least (one emptied at a restart had been judged on the few
+        samples the count still lacked: after a rollback by hand, a candidate close to the model rolled back was
+        published on about 20)."""
         self.window.reset()
         self.samples_since_checkpoint = 0
-        self.last_gate = record
 
     def checkpoint_waiting(self) -> bool:
         """Whether a checkpoint is due with samples trained since the last one: with none (MIN_SAMPLES_CKPT 0), one

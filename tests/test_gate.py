@@ -622,6 +622,8 @@ def test_a_window_scored_against_an_incumbent_rolled_back_since_starts_again(tmp
     again.load_state_dict(state)
     assert again.checkpoints.latest["version"] == (1 if since == "rolled back" else 2)
     assert (again.window.n, again.window.unscored) == ((0, 0) if since == "rolled back" else (8, 8))
+    # The next checkpoint comes once its window holds MIN_SAMPLES_CKPT samples, not the 12 the count lacked.
+    assert again.samples_since_checkpoint == (0 if since == "rolled back" else 8)
 
 
 # ---- 3. the gate's verdicts ----
