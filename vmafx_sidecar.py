@@ -3683,7 +3683,12 @@ class CheckpointWriter:
         partial one."""
         kept = {self.latest and self.latest["version"], self.champion_version}
         for directory, keep in ((self.directory, self.keep), (self.quarantine, QUARANTINE_KEPT)):
-            for version in checkpoint_versions(directory)[:-keep] if keep else []:
+            try:
+                versions = checkpoint_versions(directory)
+            except OSError as e:  # the checkpoint just placed is in place all the same: this is no failed write
+                log.warning("cannot list %s for old checkpoints to delete: %s", directory, e)
+                continue
+            for version in versions[:-keep] if keep else []:
                 if directory == self.directory and version in kept:
                     continue
                 stem = directory / f"model_v{version:06d}"

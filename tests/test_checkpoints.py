@@ -672,6 +672,29 @@ def test_a_quarantined_checkpoint_its_retention_was_deleting_is_deleted_at_the_n
     assert sorted(n.name for n in quarantine.iterdir()) == ["model_v000005.onnx", "model_v000005.onnx.sha256"]
 
 
+def test_a_directory_retention_cannot_list_does_not_make_a_published_checkpoint_a_failed_write(tmp_path,
+                                                                                                monkeypatch):
+    """Retention lists the directories after latest.json names the new checkpoint: a listing the disk refused (EIO,
+    EACCES, a file where quarantine/ goes) made it "checkpoint write failed", the old incumbent still judged against
+    while nodes served the new one."""
+    trainer = make_trainer(tmp_path, n_features=3, hidden=4, batch_size=8, min_samples_ckpt=8, ckpt_interval_s=0,
+                           gate="off")
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if Path(path) == tmp_path / "quarantine":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_listdir(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    rng = np.random.default_rng(0)
+    result = None
+    while not trainer.checkpoint_results:
+        result = trainer.ingest(rng.uniform(0, 1, 3).astype(np.float32), np.float32(50), False, True)
+    assert dict(trainer.checkpoint_results) == {"published": 1} and result.checkpoint is not None
+    assert trainer.has_champion and trainer.last_gate["version"] == 1 and trainer.window.n == 0
+    np.testing.assert_array_equal(trainer.incumbent.flat, trainer.champion.flat)
+
+
 def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it_finishes_one(tmp_path,
                                                                                               monkeypatch):
     directory = tmp_path / "ckpt"
