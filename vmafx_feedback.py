@@ -318,7 +318,11 @@ class FeedbackClient:
             return None if self._stopping else self._queue[0]
 
     def _connect(self) -> bool:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:  # out of file descriptors, say: the sidecar is out of reach until one frees
+            self._unreachable(e)
+            return False
         with self._cond:
             if self._stopping:
                 sock.close()

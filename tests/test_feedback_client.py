@@ -1,6 +1,7 @@
 """FeedbackClient: the node's delivery contract, against the real sidecar and scripted stand-ins for it."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -518,6 +519,29 @@ def test_a_forked_child_delivers_its_own_samples_with_its_own_counters(clients, 
         assert len(received) == 2 and json.loads(received[1])["true_score"] == 42.0
         assert client.send(*good(rng))  # the parent goes on as it was
         wait_until(lambda: client.delivered == 2)
+    finally:
+        fake.stop()
+
+
+def test_out_of_file_descriptors_is_the_sidecar_out_of_reach_not_every_sample_lost(clients, short_dir, monkeypatch,
+                                                                                     fast_retry):
+    """A process out of file descriptors (EMFILE) for a while: the samples wait, as for any failure to connect. The
+    error had reached the thread's guard against bugs, which dropped the whole queue a sample at a time."""
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
+    real_socket, refused = socket.socket, []
+
+    def no_descriptor(*args, **kwargs):  # an accepted socket (fileno given) is the fake sidecar's own
+        if "fileno" not in kwargs and len(refused) < 3:
+            refused.append(args)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_socket(*args, **kwargs)
+    monkeypatch.setattr(socket, "socket", no_descriptor)
+    try:
+        client = clients(f"{short_dir}/s.sock")
+        for score in range(20):
+            assert client.send([0.5] * N, float(score))
+        client.close(timeout=30)
+        assert (client.delivered, client.dropped, len(refused)) == (20, 0, 3)
     finally:
         fake.stop()
 
