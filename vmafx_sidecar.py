@@ -1539,7 +1539,8 @@ class StateStore:
                 self.samples.sync()
         except OSError as e:
             if not self.samples_failing:
-                log.error("sample log write failed, keeping the samples in memory until it works: %s", e)
+                log.error("sample log write failed, keeping the samples in memory (and in the journal: state snapshots "
+                          "wait) until it works: %s", e)
             self.samples_failing = True
             self.sample_log_failures += 1
             self.bound_pending_samples()
@@ -1572,8 +1573,15 @@ class StateStore:
     def save(self) -> None:
         """Write the snapshot atomically, then empty the journal. What the lines answered so far recorded is
         committed first: a checkpoint's snapshot comes in the middle of a turn, and the samples it empties from
-        the journal must be in the sample log before (else a kill before the turn's end keeps them out of it)."""
+        the journal must be in the sample log before (else a kill before the turn's end keeps them out of it).
+        While the log refuses them, the journal is their one copy on disk: the snapshot waits, as a refused one
+        does, until the log takes them or gives them up (bound_pending_samples, counted)."""
         self.commit()
+        if self.samples is not None and self.samples.pending and not self.journal.failing:
+            self.last_save = time.monotonic()
+            log.debug("state snapshot put off: the sample log has not taken %d bytes of samples the journal holds",
+                      len(self.samples.pending))  # the outage itself is logged once (commit_samples)
+            return
         started = time.perf_counter()
         generation = self.generation + 1
         state = self.trainer.state_dict()

@@ -1104,6 +1104,44 @@ def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeyp
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 31))
 
 
+def test_a_snapshot_waits_for_samples_the_log_refused_which_the_journal_alone_holds(tmp_path, monkeypatch):
+    """The log refuses a write, then a snapshot is due (the interval's, a checkpoint's, or a SIGTERM's last): it had
+    emptied the journal, their one copy on disk, and after the restart they never reached the log, nor were counted
+    as dropped from it."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    real_write_all = vs.write_all
+    refusing = {"on": False}
+
+    def write_all(fd, content):
+        if refusing["on"] and fd == store.samples.fd:  # the log's segment; the journal's and the snapshot's go through
+            raise OSError(5, "Input/output error")
+        real_write_all(fd, content)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    rng = np.random.default_rng(8)
+
+    def accept(into: vs.StateStore, n: int) -> None:
+        for _ in range(n):
+            row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+            into.record_sample(row, np.float32(50), False, None)
+            into.trainer.ingest(row, np.float32(50), False, True)
+            into.commit()
+    accept(store, 10)
+    refusing["on"] = True
+    accept(store, 10)
+    generation = store.generation
+    store.save()  # put off: the journal keeps samples 11 to 20
+    assert store.generation == generation and store.saved_at != (20, 0)
+    again = vs.StateStore(store.config, make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1"))
+    refusing["on"] = False
+    again.restore()  # as after a kill, or a SIGTERM whose last snapshot was put off
+    accept(again, 1)
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 22))
+    again.save()  # the log holds them all: the snapshot is taken
+    assert again.generation > generation and again.saved_at == (21, 0)
+
+
 @pytest.mark.parametrize("refused", ["the log's", "the journal's"])
 def test_samples_given_up_in_a_long_outage_are_counted_as_dropped(tmp_path, monkeypatch, refused):
     """The log's waiting samples stay within JOURNAL_MEMORY_LIMIT in an outage of its own writes or of the journal's,
