@@ -669,13 +669,13 @@ class Server:
                     key.data(mask)  # each socket's callback: the listeners, the wake-up pipe, each connection
                 if self.backlog:
                     self.answer_backlog()
+                if self.reserved:  # before the ACKs go out: one it reads, of a connection a freed place takes, too
+                    self.expire_reserved()
                 self.end_turn()
                 if self.acks != acks:
                     self.ack_seconds.observe(time.perf_counter() - started, self.acks - acks)
                 self.publish_when_idle(started)
                 self.retry_accepts()
-                if self.reserved:
-                    self.expire_reserved()
                 self.state.tick()
                 if self.trainer.checkpoints.unpointed is not None:
                     self.trainer.checkpoints.point_latest_again()

@@ -7,6 +7,7 @@ tests build a Trainer directly, like tests/test_model.py does.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -925,6 +927,47 @@ def test_a_connection_accepted_over_the_limit_is_served_once_a_place_frees(tmp_p
         assert server.connections == {newcomer} and not server.reserved and server.connections_refused == 0
     finally:
         theirs.close()
+
+
+def test_a_connection_a_place_frees_for_at_a_turns_end_gets_its_ack_in_that_turn(tmp_path):
+    """expire_reserved() reads a waiting connection's line once more, and one that a freed place takes is answered:
+    run after the turn's ACKs went out, its ACK waited for the next turn (the 1 s select timeout, when nothing else
+    came), and the ACK latency histogram never counted it."""
+    trainer = make_trainer(tmp_path / "ckpt", n_features=N_FEATURES, hidden=8, max_connections=1)
+    server = vs.Server(dataclasses.replace(trainer.config, socket=str(tmp_path / "s.sock")), trainer, NoState())
+    server.bind()
+    first, waiting = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+    real_expire, ack = server.expire_reserved, {}
+
+    def expire_reserved():  # the waiting one's line arrives in the turn that reads the first one's EOF
+        if not server.connections and not ack:
+            for conn in server.reserved:
+                server.reserved[conn] -= 2 * vs.RESERVED_WAIT_S
+            waiting.sendall(json.dumps(sample(np.random.default_rng(0), N_FEATURES, job_id="w")).encode() + b"\n")
+            ack["sent"] = True
+        real_expire()
+    server.expire_reserved = expire_reserved
+
+    def client() -> None:
+        first.connect(server.config.socket)
+        waiting.connect(server.config.socket)
+        time.sleep(0.3)  # both accepted, the second over the limit
+        first.close()
+        waiting.settimeout(10)
+        ack["answer"] = json.loads(waiting.makefile("rb").readline())
+        server.stopping = True
+    thread = threading.Thread(target=client)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}  # pytest's own
+    thread.start()
+    try:
+        server.serve_forever()
+    finally:
+        thread.join(15)
+        waiting.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert ack["answer"]["ok"] is True and ack["answer"]["job_id"] == "w"
+    assert sum(server.ack_seconds.counts) == 1
 
 
 def test_connections_over_the_limit_wait_only_in_their_reserve(sidecar_factory):
