@@ -1359,12 +1359,14 @@ class Journal:
         A record that fails its checks ends the list when no sample record follows it whole (a torn tail: a crash
         mid-write); when one does, it was corrupted in place, and reading goes on from there: a bad record costs
         what lies between it and the next sample record, not every ACKed sample after it."""
-        try:
-            data = path.read_bytes()
+        try:  # not through a symlink, which the journal's writes (O_NOFOLLOW) then refuse
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return [], 0, 0
         except OSError as e:  # a directory in its place, say: no state is guessed at
-            raise StartupError(f"cannot read {path}: {e.strerror or e}") from None
+            reason = "a symlink, which the sidecar's journal never is" if e.errno == errno.ELOOP else e.strerror or e
+            raise StartupError(f"cannot read {path}: {reason}") from None
         if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
             return [], 0, 0
         records, offset, size, skipped = [], JOURNAL_HEADER.size, 4 * (n_features + 1), 0

@@ -287,6 +287,16 @@ def test_a_directory_where_the_state_goes_stops_the_start_in_one_line(tmp_path, 
         in_process_server(tmp_path)
 
 
+def test_a_symlink_where_the_journal_goes_stops_the_start_in_one_line(tmp_path):
+    """The journal was read through the link, then its writes' O_NOFOLLOW refused it: a traceback, not a line."""
+    (tmp_path / ".state").mkdir()
+    (tmp_path / "elsewhere.bin").write_bytes(b"")
+    journal = tmp_path / ".state" / "journal.bin"
+    journal.symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(vs.StartupError, match=re.escape(f"cannot read {journal}: a symlink")):
+        in_process_server(tmp_path)
+
+
 def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     """vmafx_sidecar_train_loss_smoothed averages ~100 steps: a restart neither drops it nor restarts it from one
     batch; a snapshot saved before the field existed starts it again from the next batch."""
