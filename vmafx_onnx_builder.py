@@ -208,7 +208,7 @@ class _ChainReader:
                 raise UnsupportedModelError(f"{node_label(node)}: shape operations are only supported at the output")
             self.shaped = True
             return node.output[0]
-        if self.shaped:
+        if self.shaped and not (op in ("Sub", "Add", "Mul", "Div") and self.layers[-1][0].shape[1] == 1):
             raise UnsupportedModelError(f"{node_label(node)} follows a shape operation; only the output may be "
                                         "reshaped")
         if op in ("Gemm", "MatMul"):
@@ -298,10 +298,11 @@ class _ChainReader:
 
     def fold_into_layer(self, node: onnx.NodeProto, cursor: str) -> None:
         """A dense layer's outputs times, over, plus or minus constants, one per unit or one for all (a regressor's
-        de-standardisation, net(x) * y_std + y_mean): folded into that layer, in float64."""
+        de-standardisation, net(x) * y_std + y_mean, or net(x).squeeze(-1) * y_std + y_mean after the output's
+        shape operation, which leaves one value a sample): folded into that layer, in float64."""
         w, b = self.layers[-1]
         c = self.applied_constant(node, cursor, "h", "after a dense layer", "unit of the layer before")
-        if c.size not in (1, w.shape[1]):
+        if c.size not in (1, w.shape[1]) or (self.shaped and c.size != 1):
             raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per unit "
                                         "of the layer before")
         c = np.broadcast_to(c.reshape(-1), (w.shape[1],))

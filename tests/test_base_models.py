@@ -181,6 +181,35 @@ def test_constants_applied_to_a_dense_layers_outputs_are_folded_into_it(tmp_path
     assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
 
 
+@pytest.mark.parametrize("squeezed", [True, False], ids=["squeezed-first", "squeezed-last"])
+def test_an_output_squeezed_before_its_destandardisation_is_folded_as_after_it(tmp_path, squeezed):
+    """net(x).squeeze(-1) * y_std + y_mean, as torch exports a forward that squeezes first: refused, as an
+    arithmetic node after a shape operation, where the same model squeezed last was read."""
+    rng = np.random.default_rng(4)
+    weights = {"W0": rng.normal(size=(8, 4)), "b0": rng.normal(size=8), "W1": rng.normal(size=(1, 8)),
+               "b1": rng.normal(size=1), "y_std": np.array(12.5), "y_mean": np.array(60.0)}
+    squeeze = onnx.helper.make_node("Squeeze", ["z" if squeezed else "a2"], ["s" if squeezed else "y"], axes=[1])
+    arithmetic = [onnx.helper.make_node("Mul", ["s" if squeezed else "z", "y_std"], ["m"]),
+                  onnx.helper.make_node("Add", ["m", "y_mean"], ["y" if squeezed else "a2"])]
+    nodes = [gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
+             *([squeeze, *arithmetic] if squeezed else [*arithmetic, squeeze])]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch"])],
+        [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    path = tmp_path / "squeezed.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)], ir_version=8), path)
+    read = builder.read_mlp_model(onnx.load(path))
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    assert read.sizes() == [4, 8, 1]
+    assert_close(vs.MLP.from_weights(read).forward(x).ravel(), ort_scores(path, x))
+    # Three values: one for each of three samples, not one for all, which no dense layer's weights can hold.
+    graph.initializer[4].CopyFrom(onnx.numpy_helper.from_array(np.full(3, 12.5, np.float32), "y_std"))
+    with pytest.raises(builder.UnsupportedModelError, match=r"constant of shape \(3,\)"):
+        builder.read_mlp_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)],
+                                                      ir_version=8))
+
+
 def test_a_flatten_of_the_input_first_is_read_as_the_no_op_it_is(tmp_path):
     """nn.Sequential(nn.Flatten(), nn.Linear(...), ...), as torch's TorchScript exporter writes it: refused as a
     shape operation before the first layer."""
