@@ -4253,7 +4253,8 @@ def http_response(request: bytes, server: Server) -> bytes:
     path = target.split(b"?")[0]
     status, body, content_type = 200, b"ok\n", "text/plain; charset=utf-8"
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if not complete and HTTP_BLANK_LINE.search(request):  # a line ends in a bare LF: answered, not left to time out
+    # A line that ends in a bare LF: answered, not left to time out, and never read as part of a header's value.
+    if (not complete and HTTP_BLANK_LINE.search(request)) or any(b"\n" in line for line in lines):
         status, body = 400, b"malformed request: lines end in CRLF\n"
     elif not complete or len(head) > HTTP_MAX_REQUEST:
         status, body = 431, b"request head too large\n"

@@ -231,9 +231,11 @@ def assert_gate_families_match_status(metrics: dict, status: dict) -> None:
     (b"GET /metrics HTTP/1.1\n\n", 400),
     (b"GET /metrics HTTP/1.1\r\nHost: x\n\r\n", 400),
     (b"GET /metrics HTTP/1.1\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\nContent-Length: 5\r\n\r\nhello", 400),
 ], ids=["healthz", "query", "root", "other path", "post", "delete", "body", "chunked", "http2", "http0.9",
         "bad header", "empty", "huge head", "bare LF, answered not left to time out",
-        "a bare LF, then a CRLF blank line", "a bare LF request line, then a CRLF blank line"])
+        "a bare LF, then a CRLF blank line", "a bare LF request line, then a CRLF blank line",
+        "a bare LF inside a head of CRLFs (its Content-Length read as part of Host)"])
 def test_http_answers_strictly(served, request_bytes, status):
     _, port = served
     got, headers, body = http(port, request_bytes)
