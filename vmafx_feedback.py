@@ -60,6 +60,7 @@ JSON_TYPE_NAMES = {dict: "object", list: "array", tuple: "array", str: "string",
 # Kubernetes runs it every few seconds beside the encoders: 0.04 s of CPU this way, 0.5 s after the imports.
 
 PROBE_HELP = "exit 0 when the sidecar answers a ping within the timeout, else 1 (for health probes)"
+CONNECT_RETRY_S = 0.01  # while the sidecar's listen backlog is full
 
 
 def ask(path: str, request: bytes, timeout_s: float) -> bytes:
@@ -68,7 +69,7 @@ def ask(path: str, request: bytes, timeout_s: float) -> bytes:
     deadline = time.monotonic() + timeout_s
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout_s)
-        client.connect(path)
+        connect_before(client, path, deadline)
         client.sendall(request)
         answer = bytearray()
         while not answer.endswith(b"\n"):
@@ -77,6 +78,18 @@ def ask(path: str, request: bytes, timeout_s: float) -> bytes:
                 break
             answer += data
         return bytes(answer)
+
+
+def connect_before(client: socket.socket, path: str, deadline: float) -> None:
+    """client.connect(path), waiting until `deadline` while the sidecar's listen backlog is full (a loop held up by
+    a checkpoint, say): a timed AF_UNIX connect then fails at once with EAGAIN, where one to TCP would wait."""
+    while True:
+        try:
+            return client.connect(path)
+        except BlockingIOError:
+            if time.monotonic() + CONNECT_RETRY_S >= deadline:
+                raise
+            time.sleep(CONNECT_RETRY_S)
 
 
 def probe(path: str, timeout_s: float) -> int:
@@ -809,7 +822,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)  # a stopped or stalled sidecar ends the command, as a lost connection does
         try:
-            sock.connect(socket_path)
+            connect_before(sock, socket_path, time.monotonic() + timeout_s)
         except OSError as e:
             print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
             return 1

@@ -207,3 +207,40 @@ def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
     assert vf.probe(path, 0.5) == 1
     assert time.monotonic() - started < 1.5  # the pong would take 2.6 s
     listener.close()
+
+
+def test_the_probe_waits_out_a_full_listen_backlog_within_its_timeout(tmp_path):
+    """A loop held up (a checkpoint, a snapshot) while connections queue: past the listen backlog, a timed AF_UNIX
+    connect fails at once with EAGAIN, and the probe failed in no time, whatever its timeout."""
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:  # the backlog filled by connections not accepted yet
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(path)
+        except BlockingIOError:
+            client.close()
+            break
+        queued.append(client)
+
+    def answer_once_free():  # the loop comes back, takes the queue and answers the probe's ping
+        time.sleep(0.3)
+        listener.settimeout(5)
+        for _ in range(len(queued) + 1):
+            conn, _ = listener.accept()
+            if conn.recv(100):
+                conn.sendall(vf.PONG)
+            conn.close()
+    thread = threading.Thread(target=answer_once_free, daemon=True)
+    thread.start()
+    for client in queued:
+        client.close()
+    try:
+        assert vf.probe(path, 3.0) == 0
+    finally:
+        thread.join(5)
+        listener.close()
