@@ -429,8 +429,8 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
     if not take_lock_within(fd, directory / DIRECTORY_LOCK, wait_s):
         other = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not written its name yet"
         os.close(fd)
-        raise StartupError(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
-                           "trainer needs a directory of its own")
+        raise DirectoryClaimed(f"checkpoint directory {directory} is claimed by another sidecar ({other}); each "
+                               "trainer needs a directory of its own", other)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, os.fsencode(f"{holder}\n"), 0)  # a path in it that is not UTF-8 as it is
@@ -464,6 +464,9 @@ def adopt_trainer_state(directory: Path, source: Path | None, holder: str) -> No
         return
     try:
         source_claim = claim_directory(source, holder, ADOPT_WAIT_S)
+    except DirectoryClaimed as e:  # a replica handing over (a rollout, a scale-up) stops later than this one starts
+        raise StartupError(f"cannot adopt the trainer state in {source} yet: the sidecar that holds it ({e.holder}) "
+                           f"still runs after {ADOPT_WAIT_S:g} s; the next start tries again") from None
     except StartupError as e:
         raise StartupError(f"cannot adopt the trainer state in {source} yet: {e}") from None
     try:
@@ -578,6 +581,14 @@ ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02
 
 class StartupError(RuntimeError):
     """Something outside the process stops it from starting; the message says what."""
+
+
+class DirectoryClaimed(StartupError):
+    """Another sidecar holds the checkpoint directory: `holder` is the name it wrote there."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
 
 
 class Connection:

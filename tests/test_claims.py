@@ -473,6 +473,23 @@ def test_adoption_waits_for_the_trainer_that_still_holds_the_source(tmp_path, st
     assert "adopted the trainer state in" in waiting.stderr()
 
 
+def test_adoption_that_waited_out_its_minute_says_the_holder_still_runs_not_that_it_is_misconfigured(tmp_path,
+                                                                                                  monkeypatch):
+    """A scale-up's pod 0 waits for the single trainer to stop; past ADOPT_WAIT_S it exits to be restarted, as the
+    chart's README says. Its last line had ended in the advice for two trainers configured on one directory."""
+    monkeypatch.setattr(vs, "ADOPT_WAIT_S", 0.2)
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    (parent / ".state").mkdir(parents=True)
+    fd = vs.claim_directory(parent, "the single trainer")
+    try:
+        with pytest.raises(vs.StartupError) as refused:
+            vs.adopt_trainer_state(replica, parent, "pod 0")
+    finally:
+        os.close(fd)
+    assert str(refused.value) == (f"cannot adopt the trainer state in {parent} yet: the sidecar that holds it (the "
+                                  "single trainer) still runs after 0.2 s; the next start tries again")
+
+
 def test_adoption_interrupted_midway_resumes_on_the_next_start(tmp_path, start):
     parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
     single = start(parent)
