@@ -15,6 +15,7 @@ other node by name. It never evaluates an arbitrary graph.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -40,6 +41,24 @@ class Activation:
 
     def __str__(self) -> str:
         return f"leaky_relu({self.alpha:g})" if self.kind == "leaky_relu" else self.kind
+
+
+ACTIVATIONS_ALLOWED = f"one of {', '.join(ACTIVATION_KINDS)}, or leaky_relu(SLOPE) such as leaky_relu(0.2)"
+
+
+def parse_activation(text: str) -> Activation:
+    """An activation as str() writes it: a kind, or leaky_relu(SLOPE) with a slope finite in float32 (a state-dict
+    holds no slope); ValueError, saying what is allowed, for anything else."""
+    slope = re.fullmatch(r"leaky_relu\((.*)\)", text)
+    try:
+        alpha = float(slope.group(1)) if slope else None
+    except ValueError:
+        alpha = None
+    if slope and alpha is not None and abs(alpha) <= float(np.finfo(np.float32).max):  # not NaN, nor infinite
+        return Activation("leaky_relu", alpha)
+    if text not in ACTIVATION_KINDS:
+        raise ValueError(f"activation {text!r} is not {ACTIVATIONS_ALLOWED}")
+    return Activation(text)
 
 
 @dataclass

@@ -148,6 +148,13 @@ def listen_address_ok(text: str) -> bool:
         return False
 
 
+def activation_ok(text: str) -> bool:
+    try:
+        return bool(onnx_builder.parse_activation(text))
+    except ValueError:
+        return False
+
+
 def setting(default: Any, env: str, check: Check, help: str) -> Any:
     return field(default=default, metadata={"env": env, "check": check, "help": help})
 
@@ -195,8 +202,9 @@ class Config:
                                     "published checkpoints kept (older ones deleted); 0 keeps all")
     n_features: int = setting(80, "VMAFX_SIDECAR_N_FEATURES", at_least(1), "length of each feature vector")
     hidden: int = setting(64, "VMAFX_SIDECAR_HIDDEN", at_least(1), "hidden width of a fresh model")
-    activation: str = setting("relu", "VMAFX_SIDECAR_ACTIVATION", one_of(*onnx_builder.ACTIVATION_KINDS),
-                              "activation of a fresh model and of a state-dict base model")
+    activation: str = setting("relu", "VMAFX_SIDECAR_ACTIVATION",
+                              Check(activation_ok, onnx_builder.ACTIVATIONS_ALLOWED),
+                              "activation of a fresh model and of a state-dict or .npz base model without one")
     normalize: str = setting("on", "VMAFX_SIDECAR_NORMALIZE", one_of("on", "off"),
                              "on: train on standardized features and scores, export a model of raw ones; off: "
                              "train on raw ones, step for step as the PyTorch reference")
@@ -4416,9 +4424,9 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # weights that are not finite in float32 are refused below
             if suffix in (".pt", ".pth"):
-                weights = read_state_dict(path, Activation(config.activation))
+                weights = read_state_dict(path, onnx_builder.parse_activation(config.activation))
             elif suffix == ".npz":
-                weights = read_npz(path, Activation(config.activation))
+                weights = read_npz(path, onnx_builder.parse_activation(config.activation))
             else:
                 weights = onnx_builder.read_mlp_model(checked_onnx(path))
     except onnx_builder.UnsupportedModelError as e:
@@ -4463,11 +4471,12 @@ def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
             if bytes_left < 0:
                 raise onnx_builder.UnsupportedModelError(too_large())
         pairs = [(f"W{i}", arrays[f"W{i}"], arrays[f"b{i}"] if f"b{i}" in names else None) for i in range(count)]
-        kind = str(arrays["activation"]) if "activation" in names else default.kind
-    if kind not in onnx_builder.ACTIVATION_KINDS:
-        raise onnx_builder.UnsupportedModelError(f"activation {kind!r} is not one of "
-                                                 f"{', '.join(onnx_builder.ACTIVATION_KINDS)}")
-    return linear_layers(pairs, Activation(kind) if kind != default.kind else default)
+        named = str(arrays["activation"]) if "activation" in names else default.kind
+    try:  # a bare name is the configured activation, its slope included
+        activation = default if named == default.kind else onnx_builder.parse_activation(named)
+    except ValueError as e:
+        raise onnx_builder.UnsupportedModelError(str(e)) from None
+    return linear_layers(pairs, activation)
 
 
 def npz_bytes(arrays: Any, name: str) -> int:
@@ -4707,8 +4716,8 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
     source = f"base {config.base_model_path}" if base else f"fresh, seed {config.seed}"
     writer = CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
     try:
-        model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1],
-                                                                 Activation(config.activation), rng)
+        activation = onnx_builder.parse_activation(config.activation)
+        model = MLP.from_weights(base) if base else MLP.initial([config.n_features, config.hidden, 1], activation, rng)
         trainer = Trainer(config, model.to(backend), writer, rng, fresh=base is None)
     except (MemoryError, ValueError) as e:  # sizes no machine holds ("array is too big"): one line, not a traceback
         raise StartupError(f"cannot allocate the model and its rings of {config.replay_capacity} + "

@@ -577,6 +577,35 @@ def test_npz_layers_and_activation(tmp_path):
     np.testing.assert_allclose(vs.MLP.from_weights(weights).forward(x), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("named, configured, slope", [
+    ("leaky_relu(0.2)", "relu", 0.2), (None, "leaky_relu(0.2)", 0.2), ("leaky_relu", "leaky_relu(0.3)", 0.3),
+    ("leaky_relu", "relu", 0.01)], ids=["named in the npz", "configured", "a bare name: the configured slope",
+                                        "torch's default"])
+def test_a_leaky_relu_slope_is_taken_as_named_where_the_file_holds_none(tmp_path, named, configured, slope):
+    """A state-dict holds no slope, and VMAFX_SIDECAR_ACTIVATION took none: a LeakyReLU(0.2) model was trained and
+    published as LeakyReLU(0.01), nothing said. The setting, and an .npz, now take it as the status writes it."""
+    rng = np.random.default_rng(6)
+    w0, b0, w1, b1 = rng.normal(size=(5, 4)), rng.normal(size=5), rng.normal(size=(1, 5)), rng.normal(size=1)
+    path = tmp_path / "leaky.npz"
+    np.savez(path, W0=w0, b0=b0, W1=w1, b1=b1, **({"activation": named} if named else {}))
+    config = vs.Config(activation=configured)
+    weights = vs.read_npz(str(path), builder.parse_activation(config.activation))
+    assert weights.activations == [vs.Activation("leaky_relu", slope)]
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    h = x @ w0.T + b0
+    np.testing.assert_allclose(vs.MLP.from_weights(weights).forward(x), np.where(h > 0, h, slope * h) @ w1.T + b1,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["leaky_relu()", "leaky_relu(x)", "leaky_relu(nan)", "leaky_relu(1e39)",
+                                  "leaky_relu(0.2", "Relu", "relu(0.2)"])
+def test_an_activation_setting_no_model_computes_is_refused(text):
+    with pytest.raises(ValueError, match="leaky_relu\\(SLOPE\\)"):
+        builder.parse_activation(text)
+    with pytest.raises(vs.ConfigError, match="VMAFX_SIDECAR_ACTIVATION"):
+        vs.Config.load({"VMAFX_SIDECAR_ACTIVATION": text}, {})
+
+
 @pytest.mark.parametrize("arrays,message", [
     ({"W0": np.ones((1, 4)), "bias": np.ones(1)}, "expected arrays W0, b0"),
     ({"W0": np.ones((3, 4)), "b0": np.ones(3), "W1": np.ones((1, 2)), "b1": np.ones(1)}, "W1 takes 2 inputs"),
