@@ -827,13 +827,16 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
             print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
             return 1
         tally = Tally(total_bytes(paths), sys.stderr.isatty())
-        stopped = None
+        stopped, full = None, False
         try:
             with sock.makefile("rb") as reader:
-                max_line = line_limit(sock, reader)
+                max_line, full = line_limit(sock, reader)
                 send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
+            if full and not tally.accepted + tally.rejected - tally.local:  # answered from the probes' reserve
+                stopped += ("; the sidecar was serving as many connections as VMAFX_SIDECAR_MAX_CONNECTIONS allows: "
+                            "try again once one closes")
         except TimeoutError:
             stopped = f"no answer from {socket_path} within {timeout_s:g} s"
         except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
@@ -850,13 +853,16 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
     return 1 if stopped or tally.rejected else 0
 
 
-def line_limit(sock: socket.socket, reader: io.BufferedReader) -> int:
-    """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status: a longer line is refused unread and unsent."""
+def line_limit(sock: socket.socket, reader: io.BufferedReader) -> tuple[int, bool]:
+    """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status (a longer line is refused unread and unsent), and
+    whether it served as many connections as it may, this one not counted: then it may have answered from the
+    reserve it keeps for probes, and closes the connection at the first sample."""
     status = None
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
         status = json.loads(reader.readline())
-        return int(status["config"]["max_line_bytes"])
+        full = status.get("connections", 0) >= status["config"].get("max_connections", math.inf)
+        return int(status["config"]["max_line_bytes"]), full
     except TimeoutError:
         raise
     except OSError as e:

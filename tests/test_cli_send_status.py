@@ -714,3 +714,16 @@ def test_send_stops_in_one_line_on_an_answer_that_is_not_an_ack(tmp_path, answer
     stderr = result.stderr.decode()
     assert stderr == (f"vmafx-sidecar send: connection to {path} lost (unexpected answer {answer[:200]!r}) after 0 "
                       f"lines were acknowledged\n"), stderr
+
+
+def test_send_to_a_sidecar_at_its_connection_limit_says_so(sidecar_factory, tmp_path):
+    """Its status request is answered from the reserve kept for probes, and the connection closed at the first sample:
+    send had reported a lost connection, as if the sidecar had stopped."""
+    sidecar = sidecar_factory(VMAFX_SIDECAR_N_FEATURES="4", VMAFX_SIDECAR_MAX_CONNECTIONS="1")
+    node = sidecar.client()  # the one connection the limit allows
+    assert node.request({"op": "ping"})["ok"]
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(VALID * 5)
+    code, _, stderr = send(sidecar, str(path))
+    assert code == 1 and "lost" in stderr and "try again once one closes" in stderr, stderr
+    assert node.request({"op": "status"})["samples_accepted"] == 0
