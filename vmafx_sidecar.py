@@ -734,6 +734,8 @@ class Server:
         # answered, its ACKs sent, and closed.
         while self.connections and time.monotonic() < deadline:
             for conn in [c for c in self.connections if not (c.closing or c in self.backlog)]:
+                if time.monotonic() >= deadline:  # a pass over many busy clients outlasts the grace
+                    break
                 if not self.read(conn):
                     conn.closing = True
                     self.answered[conn] = None  # flushed, or closed, by end_turn()
@@ -772,7 +774,11 @@ class Server:
     # -- connections
 
     def on_listener_ready(self, mask: int) -> None:
-        self.accept()
+        """The whole backlog, up to the connections that can be served: at one a turn, with busy clients' turns
+        long, a probe waited seconds behind a hundred reconnecting nodes."""
+        for _ in range(self.config.max_connections + RESERVED_CONNECTIONS):
+            if not self.accept():
+                return
 
     def on_connection_ready(self, conn: Connection, mask: int) -> None:
         if mask & selectors.EVENT_READ:
