@@ -4071,8 +4071,13 @@ def replica_samples(directory: Path, key: str, n_features: int,
                  SAMPLE_LOG_DIR)
         return
     after = max(after, log_origin(directory) - 1)
+    read_before = fleet_cursor(directory)  # by a fleet state set aside since (another model): deleted as read
     try:
         for sample in read_log(directory, n_features, after):
+            if after < read_before and sample.sequence > after + 1:
+                log.info("fleet: %s: samples %d to %d were read by the fleet state set aside since, and deleted "
+                         "as read", directory.name, after + 1, min(read_before, sample.sequence - 1))
+                after = min(read_before, sample.sequence - 1)
             if sample.sequence > after + 1:
                 log.warning("fleet: %s: samples %d to %d are not in its log: given up before this run read them "
                             "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES, or a long outage of its disk; it "

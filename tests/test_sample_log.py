@@ -1217,3 +1217,22 @@ def test_a_log_under_a_bound_smaller_than_a_segment_stays_within_it_and_a_quarte
     kept = read_all(tmp_path)
     assert kept[-1].sequence == 2000 and log.samples_dropped == kept[0].sequence - 1
     assert kept[0].sequence > 1 and 2000 - kept[0].sequence > 0.6 * bound / 75  # most of the bound's worth is kept
+
+
+def test_samples_a_fleet_state_set_aside_had_read_are_not_reported_lost(tmp_path, caplog):
+    """A fleet state set aside (another model, a corrupt snapshot) takes its positions with it: the next run reads
+    each log from its start, and the segments the earlier state had read and retention deleted were reported as
+    given up unread (a size bound or an outage), the fleet's own "missing" 0 before the run."""
+    rng = np.random.default_rng(31)
+    node = tmp_path / "vmafx-node-0"
+    replica(tmp_path, node.name, [sample(i, rng) for i in range(1, 11)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    for segment in vs.segment_paths(node / vs.SAMPLE_LOG_DIR):  # deleted as read, as the replica's retention does
+        segment.unlink()
+    logged(node, [sample(i, rng) for i in range(11, 21)])
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config(hidden=16)) == 0  # another model: the state is set aside
+    assert fleet_state(tmp_path)["samples_accepted"] == 10
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "not in its log" in m], messages
+    assert any("samples 1 to 10 were read by the fleet state set aside since" in m for m in messages), messages
