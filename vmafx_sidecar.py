@@ -1249,7 +1249,9 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # fields that older sidecars ignore (they try the refused statistics again, start the loss's average again, top the
 # gate's history up from the window back, keep a window scored against another incumbent, and keep a replayed
 # window across checkpoints) rather than refuse; a snapshot without "window_incumbent" that has an incumbent starts
-# its window again, once, and one without "newest_checkpoint" takes its last gate record's version for it.
+# its window again, once, and one without "newest_checkpoint" takes its last gate record's version for it. It
+# gained "base_model" (the base the state began from) too: one without it is taken to have begun from the base
+# configured now.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1450,6 +1452,7 @@ class StateStore:
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
+        self.base_model = config.base_model_path  # the one the state began from, kept across restarts
         try:  # what a journal and a log need before the first sample: a new directory on a full disk has not
             self.directory.mkdir(mode=0o700, exist_ok=True)
             self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
@@ -1614,6 +1617,7 @@ class StateStore:
         state = self.trainer.state_dict()
         meta = {"format": SNAPSHOT_FORMAT, "generation": generation, "sources": self.sources,
                 "sample_log": self.log_name, "newest_checkpoint": self.trainer.checkpoints.version,
+                "base_model": self.base_model,
                 **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
         payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
@@ -1721,6 +1725,12 @@ class StateStore:
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
+        self.base_model = state.get("base_model", self.base_model)  # saved before it was: taken as the same
+        if self.base_model != self.config.base_model_path:
+            log.warning("the trainer state in %s began from base model %s, not VMAFX_BASE_MODEL_PATH's %s: training "
+                        "goes on from the state (to train from that base, move .state/ out of the directory first)",
+                        self.directory.parent, self.base_model or "none (a fresh model)",
+                        self.config.base_model_path or "none")
         return replayer
 
     def move_aside(self, path: Path, why: str) -> None:

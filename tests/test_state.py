@@ -297,6 +297,24 @@ def test_a_symlink_where_the_journal_goes_stops_the_start_in_one_line(tmp_path):
         in_process_server(tmp_path)
 
 
+def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_goes_on(tmp_path, caplog):
+    """A state goes on from itself, whatever base model is configured: a new VMAFX_BASE_MODEL_PATH was silently not
+    trained, while the status showed it (the ops hunt)."""
+    server = in_process_server(tmp_path, base_model_path="")
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    in_process_server(tmp_path, base_model_path="")  # the same base (none: a fresh model): nothing to say
+    assert "began from base model" not in caplog.text
+    for _ in range(2):  # the state keeps the base it began from, restart after restart
+        again = in_process_server(tmp_path, base_model_path=str(tmp_path / "base_v3.npz"))
+        again.state.save()
+        assert f"began from base model none (a fresh model), not VMAFX_BASE_MODEL_PATH's {tmp_path}" in caplog.text
+        assert again.trainer.samples_accepted == 40
+        caplog.clear()
+
+
 def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     """vmafx_sidecar_train_loss_smoothed averages ~100 steps: a restart neither drops it nor restarts it from one
     batch; a snapshot saved before the field existed starts it again from the next batch."""
@@ -729,7 +747,8 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     assert "format" not in old_meta and meta["format"] == vs.SNAPSHOT_FORMAT
     incumbent = vs.MLP.from_weights(vs.onnx_builder.read_mlp_model(vs.onnx.load(FIXTURE / "killed" / "latest.onnx")))
     expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion_version": 1,
-                "champion": incumbent.flat, "window_incumbent": 1, "sample_log": None, "newest_checkpoint": 1}
+                "champion": incumbent.flat, "window_incumbent": 1, "sample_log": None, "newest_checkpoint": 1,
+                "base_model": ""}  # as configured: an older state is taken to have begun from it
     assert {**meta, **arrays}.keys() == expected.keys()
     for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
         assert meta[key] == expected[key], key
