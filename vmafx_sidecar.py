@@ -623,6 +623,10 @@ class Server:
         self.trainer = trainer
         self.state = state
         self.started = time.monotonic()
+        # The saved counts this process took over: its counters count from its start, as Prometheus reads every
+        # counter (one restored lower than a scrape had seen, after a kill that lost samples the disk refused, was
+        # read as a reset, and increase() took the whole lifetime's count for new samples).
+        self.counts_at_start = trainer.counts()
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
         # Connections read this loop turn, in order: their ACKs wait in their outbufs until end_turn() has
@@ -2319,6 +2323,12 @@ class Trainer:
 
     def count_rejected(self) -> None:
         self.samples_rejected += 1
+
+    def counts(self) -> collections.Counter[str]:
+        """What the metrics count, over the state's lifetime."""
+        return collections.Counter({"accepted": self.samples_accepted - self.samples_held_out,
+                                    "held_out": self.samples_held_out, "rejected": self.samples_rejected,
+                                    "steps": self.steps, "nonfinite_steps": self.steps_skipped})
 
     def add(self, features: np.ndarray, score: np.float32, held_out: bool = False) -> StepResult | None:
         """Take one valid sample (float32): into the evaluation ring if held out, else into the next
@@ -4325,14 +4335,15 @@ def metrics_text(server: Server) -> str:
     fleet = fleet_model(Path(s.config.checkpoint_dir).absolute().parent / FLEET_DIR)
     failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"] + t.checkpoints.failures}
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    counted = {name: now - s.counts_at_start[name] for name, now in t.counts().items()}  # since the process started
     families = [
         ("vmafx_sidecar_samples_total", "counter", "Valid samples trained on (accepted) or kept to evaluate "
-         "checkpoints (held_out), and rejected lines", [
-            ({"result": "accepted"}, t.samples_accepted - t.samples_held_out),
-            ({"result": "held_out"}, t.samples_held_out), ({"result": "rejected"}, t.samples_rejected)]),
+         "checkpoints (held_out), and rejected lines, since the process started",
+         [({"result": result}, counted[result]) for result in ("accepted", "held_out", "rejected")]),
         ("vmafx_sidecar_rejected_total", "counter", "Rejected lines by reason, since the process started",
          [({"reason": r}, s.rejections[r]) for r in REJECTION_REASONS.values()]),
-        ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken", [({}, t.steps)]),
+        ("vmafx_sidecar_train_steps_total", "counter", "Gradient steps taken, since the process started",
+         [({}, counted["steps"])]),
         ("vmafx_sidecar_train_loss", "gauge", "MSE of the last batch trained", [({}, t.last_loss)]),
         ("vmafx_sidecar_train_loss_smoothed", "gauge", "MSE of the batches, exponentially smoothed over ~100 "
          "steps", [({}, t.loss_smoothed)]),
@@ -4374,8 +4385,8 @@ def metrics_text(server: Server) -> str:
            "verdict", [({"set": name, "model": model}, measured[score]) for name in judged
                        for model, measured in judged[name].items() if isinstance(measured, dict)])
           for score in ("plcc", "r2", "rmse")),
-        ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32",
-         [({}, t.steps_skipped)]),
+        ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32, since the "
+         "process started", [({}, counted["nonfinite_steps"])]),
         ("vmafx_sidecar_fleet_model_version", "gauge", "Version of the newest fleet model (its latest.json)",
          [({}, fleet and fleet["version"])]),
         ("vmafx_sidecar_fleet_model_age_seconds", "gauge", "Seconds since the newest fleet model was written",

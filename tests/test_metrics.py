@@ -366,6 +366,34 @@ def test_exposition_values_are_plain_numbers(served):
 
 # ---- what the alerts count: refused writes, refused connections, ACK latency ----
 
+def test_counters_count_from_the_process_start_whatever_the_state_it_took_over(tmp_path):
+    """They had continued the saved counts: after a kill that lost samples the disk had refused, they came back lower
+    than the last scrape, and Prometheus counted the state's whole lifetime again as new samples (the alerts hunt)."""
+    def started() -> vs.Server:
+        trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8, batch_size=8, holdout_fraction=0.25)
+        state = vs.StateStore(trainer.config, trainer)
+        state.restore()
+        return vs.Server(trainer.config, trainer, state)
+
+    def answered(server: vs.Server, n: int) -> dict:
+        for _ in range(n):
+            server.answer(json.dumps(sample(rng, N_FEATURES)).encode())
+        server.answer(b"not json")
+        server.state.commit()
+        return parse_exposition(vs.metrics_text(server))
+    rng = np.random.default_rng(12)
+    first = started()
+    metrics = answered(first, 40)
+    assert sum(value(metrics, "vmafx_sidecar_samples_total", result=r) for r in ("accepted", "held_out")) == 40
+    first.state.save()
+    again = started()  # the state goes on: 40 samples, 1 rejected, and its steps
+    assert again.trainer.samples_accepted == 40 and again.trainer.steps > 0
+    metrics = answered(again, 16)
+    assert sum(value(metrics, "vmafx_sidecar_samples_total", result=r) for r in ("accepted", "held_out")) == 16
+    assert value(metrics, "vmafx_sidecar_samples_total", result="rejected") == 1
+    assert value(metrics, "vmafx_sidecar_train_steps_total") == again.trainer.steps - first.trainer.steps
+
+
 def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8, batch_size=8, sample_log="1", gate="off",
                            min_samples_ckpt=8, ckpt_interval_s=0)
