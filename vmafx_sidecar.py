@@ -1243,6 +1243,7 @@ REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected 
 HELD_OUT = 1 << 31  # flags in a record's length field: the sample went to the evaluation ring,
 UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
+SNAPSHOT_PUT_OFF_S = 600.0  # the longest a snapshot waits for samples the sample log refuses (StateStore.save)
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
@@ -1467,6 +1468,7 @@ class StateStore:
         self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
         self.samples_failing = False
+        self.samples_failing_since = 0.0  # monotonic: when the log's writes began to fail (see save())
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
@@ -1574,7 +1576,8 @@ class StateStore:
         except OSError as e:
             if not self.samples_failing:
                 log.error("sample log write failed, keeping the samples in memory (and in the journal: state snapshots "
-                          "wait) until it works: %s", e)
+                          "wait, up to %g s) until it works: %s", SNAPSHOT_PUT_OFF_S, e)
+                self.samples_failing_since = time.monotonic()
             self.samples_failing = True
             self.sample_log_failures += 1
             self.bound_pending_samples()
@@ -1609,13 +1612,17 @@ class StateStore:
         committed first: a checkpoint's snapshot comes in the middle of a turn, and the samples it empties from
         the journal must be in the sample log before (else a kill before the turn's end keeps them out of it).
         While the log refuses them, the journal is their one copy on disk: the snapshot waits, as a refused one
-        does, until the log takes them or gives them up (bound_pending_samples, counted)."""
+        does, until the log takes them, for SNAPSHOT_PUT_OFF_S at most (the journal, and a restart's replay, grow
+        meanwhile); then they are given up, counted (the fleet reports the gap). A journal lost waits for nothing."""
         self.commit()
-        if self.samples is not None and self.samples.pending and not self.journal.failing:
-            self.last_save = time.monotonic()
-            log.debug("state snapshot put off: the sample log has not taken %d bytes of samples the journal holds",
-                      len(self.samples.pending))  # the outage itself is logged once (commit_samples)
-            return
+        if self.samples is not None and self.samples.pending and not (self.journal.failing or self.journal_lost):
+            if time.monotonic() - self.samples_failing_since < SNAPSHOT_PUT_OFF_S:
+                self.last_save = time.monotonic()
+                log.debug("state snapshot put off: the sample log has not taken %d bytes of samples the journal "
+                          "holds", len(self.samples.pending))  # the outage itself is logged once (commit_samples)
+                return
+            log.error("sample log writes still failing after %g s: %d samples dropped from the log, for a state "
+                      "snapshot", SNAPSHOT_PUT_OFF_S, self.samples.drop_pending())
         started = time.perf_counter()
         generation = self.generation + 1
         state = self.trainer.state_dict()

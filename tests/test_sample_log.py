@@ -1142,6 +1142,41 @@ def test_a_snapshot_waits_for_samples_the_log_refused_which_the_journal_alone_ho
     assert again.generation > generation and again.saved_at == (21, 0)
 
 
+@pytest.mark.parametrize("case", ["a journal removed meanwhile", "an outage past SNAPSHOT_PUT_OFF_S"])
+def test_a_snapshot_waits_for_the_sample_log_only_while_the_journal_holds_them_for_a_while(tmp_path, monkeypatch,
+                                                                                             case):
+    """The put-off has bounds: a journal removed while the sidecar runs (.state/ deleted) holds nothing for a restart,
+    so its snapshot is taken at once (the review: 0 of 20 samples resumed); and in a lasting outage the journal, and a
+    restart's replay, would grow for as long, so the log's samples are given up, counted, after SNAPSHOT_PUT_OFF_S."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    real_write_all = vs.write_all
+
+    def write_all(fd, content):  # the log's segments refused, the new segment's header too
+        if fd == store.samples.fd or bytes(content[:len(vs.SEGMENT_MAGIC)]) == vs.SEGMENT_MAGIC:
+            raise OSError(5, "Input/output error")
+        real_write_all(fd, content)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50), False, None)
+        trainer.ingest(row, np.float32(50), False, True)
+        store.commit()
+    if case == "a journal removed meanwhile":
+        shutil.rmtree(tmp_path / ".state")
+        store.journal_checked -= 2  # a second later
+        store.tick()
+    else:
+        store.samples_failing_since -= vs.SNAPSHOT_PUT_OFF_S
+        store.save()
+        assert store.samples.samples_dropped == 20 and not store.samples.pending
+    again = vs.StateStore(store.config, make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1"))
+    again.restore()  # as after a kill
+    assert again.trainer.samples_accepted == 20
+
+
 @pytest.mark.parametrize("refused", ["the log's", "the journal's"])
 def test_samples_given_up_in_a_long_outage_are_counted_as_dropped(tmp_path, monkeypatch, refused):
     """The log's waiting samples stay within JOURNAL_MEMORY_LIMIT in an outage of its own writes or of the journal's,
