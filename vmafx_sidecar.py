@@ -778,11 +778,14 @@ class Server:
     # -- connections
 
     def on_listener_ready(self, mask: int) -> None:
-        """The whole backlog, up to the connections that can be served: at one a turn, with busy clients' turns
-        long, a probe waited seconds behind a hundred reconnecting nodes."""
-        for _ in range(self.config.max_connections + RESERVED_CONNECTIONS):
-            if not self.accept():
-                return
+        """The backlog while it has places, served or in the reserve (at one a turn, with busy clients' turns long,
+        a probe waited seconds behind a hundred reconnecting nodes); once both are full, one a turn, refused: the
+        reserve's connections free their places as their lines are read, and a probe queued behind them takes one."""
+        while self.accept() and self.has_a_place():
+            pass
+
+    def has_a_place(self) -> bool:
+        return len(self.connections) < self.config.max_connections or len(self.reserved) < RESERVED_CONNECTIONS
 
     def on_connection_ready(self, conn: Connection, mask: int) -> None:
         if mask & selectors.EVENT_READ:
