@@ -827,16 +827,17 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
             print(f"vmafx-sidecar send: {socket_path}: {e.strerror or e}", file=sys.stderr)
             return 1
         tally = Tally(total_bytes(paths), sys.stderr.isatty())
-        stopped, full = None, False
+        stopped, full, hint = None, False, None
         try:
             with sock.makefile("rb") as reader:
                 max_line, full = line_limit(sock, reader)
                 send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
-            if full and not tally.accepted + tally.rejected - tally.local:  # answered from the probes' reserve
-                stopped += ("; the sidecar was serving as many connections as VMAFX_SIDECAR_MAX_CONNECTIONS allows: "
-                            "try again once one closes")
+            # At its limit when it answered, closed at the first sample, and still there: the probes' reserve.
+            if full and not tally.accepted + tally.rejected - tally.local and answers_a_ping(socket_path):
+                hint = ("the sidecar was serving as many connections as VMAFX_SIDECAR_MAX_CONNECTIONS allows, and "
+                        "answered this one from the reserve it keeps for probes: try again once one closes")
         except TimeoutError:
             stopped = f"no answer from {socket_path} within {timeout_s:g} s"
         except OSError as e:  # reading the input: send_lines() raises it once the lines before are settled
@@ -850,13 +851,22 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         print(f"vmafx-sidecar send: {stopped} after {tally.accepted + tally.rejected - tally.local} lines were "
               f"acknowledged" + (f"; the input was done up to {tally.done_to}" if tally.done_to else ""),
               file=sys.stderr)
+    if hint:
+        print(f"vmafx-sidecar send: {hint}", file=sys.stderr)
     return 1 if stopped or tally.rejected else 0
+
+
+def answers_a_ping(path: str) -> bool:
+    try:
+        return ask(path, b'{"op":"ping"}\n', 2.0) == PONG
+    except OSError:
+        return False
 
 
 def line_limit(sock: socket.socket, reader: io.BufferedReader) -> tuple[int, bool]:
     """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status (a longer line is refused unread and unsent), and
-    whether it served as many connections as it may, this one not counted: then it may have answered from the
-    reserve it keeps for probes, and closes the connection at the first sample."""
+    whether it served as many connections as it may (this one among them, or not: then it answered from the reserve
+    it keeps for probes, and closes the connection at the first sample)."""
     status = None
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)

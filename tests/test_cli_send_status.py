@@ -727,3 +727,23 @@ def test_send_to_a_sidecar_at_its_connection_limit_says_so(sidecar_factory, tmp_
     code, _, stderr = send(sidecar, str(path))
     assert code == 1 and "lost" in stderr and "try again once one closes" in stderr, stderr
     assert node.request({"op": "status"})["samples_accepted"] == 0
+
+
+def test_send_holding_the_last_place_of_a_sidecar_that_stops_does_not_blame_the_limit(sidecar_factory):
+    """Its status counts send's own connection: holding the last place of a sidecar killed before the first line,
+    send blamed the limit for the lost connection (the review)."""
+    sidecar = sidecar_factory(VMAFX_SIDECAR_N_FEATURES="4", VMAFX_SIDECAR_MAX_CONNECTIONS="2")
+    node = sidecar.client()
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while node.request({"op": "status"})["connections"] < 2:  # send holds the other place
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        sidecar.stop(signal.SIGKILL)
+        _, stderr = proc.communicate(VALID * 3, timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "lost" in stderr.decode() and "try again" not in stderr.decode(), stderr
