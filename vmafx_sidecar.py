@@ -1460,7 +1460,9 @@ class StateStore:
         self.journal_path = self.directory / "journal.bin"
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
-        self.base_model = config.base_model_path  # the one the state began from, kept across restarts
+        # The base model the state began from, kept across restarts: until a snapshot says, this start's ("" for a
+        # fresh model, a missing base file's included).
+        self.base_model = "" if trainer.fresh else config.base_model_path
         try:  # what a journal and a log need before the first sample: a new directory on a full disk has not
             self.directory.mkdir(mode=0o700, exist_ok=True)
             self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
@@ -1739,12 +1741,12 @@ class StateStore:
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
-        self.base_model = state.get("base_model", self.base_model)  # saved before it was: taken as the same
-        if self.base_model != self.config.base_model_path:
-            log.warning("the trainer state in %s began from base model %s, not VMAFX_BASE_MODEL_PATH's %s: training "
-                        "goes on from the state (to train from that base, move .state/ out of the directory first)",
-                        self.directory.parent, self.base_model or "none (a fresh model)",
-                        self.config.base_model_path or "none")
+        began = state.get("base_model", self.base_model)  # saved before it was: taken as this start's
+        if began != self.base_model:
+            log.warning("the trainer state in %s began from base model %s, not %s: training goes on from the state "
+                        "(to train from that base, move .state/ out of the directory first)", self.directory.parent,
+                        began or "none (a fresh model)", self.base_model or "none (a fresh model)")
+        self.base_model = began
         return replayer
 
     def move_aside(self, path: Path, why: str) -> None:

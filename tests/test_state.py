@@ -307,10 +307,16 @@ def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_
     caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
     in_process_server(tmp_path, base_model_path="")  # the same base (none: a fresh model): nothing to say
     assert "began from base model" not in caplog.text
+    in_process_server(tmp_path, base_model_path=str(tmp_path / "missing.npz"))  # a fresh model all the same
+    assert "began from base model" not in caplog.text
     for _ in range(2):  # the state keeps the base it began from, restart after restart
-        again = in_process_server(tmp_path, base_model_path=str(tmp_path / "base_v3.npz"))
-        again.state.save()
-        assert f"began from base model none (a fresh model), not VMAFX_BASE_MODEL_PATH's {tmp_path}" in caplog.text
+        trainer = make_trainer(tmp_path, **{"n_features": 5, "hidden": 7, "batch_size": 8, "replay_capacity": 64,
+                                            "base_model_path": str(tmp_path / "base_v3.npz")})
+        trainer.fresh = False  # as build_trainer makes one from a base model it read
+        again = vs.StateStore(trainer.config, trainer)
+        again.restore()
+        again.save()
+        assert f"began from base model none (a fresh model), not {tmp_path / 'base_v3.npz'}" in caplog.text
         assert again.trainer.samples_accepted == 40
         caplog.clear()
 
