@@ -4515,9 +4515,9 @@ def read_npz(path: str, default: Activation) -> onnx_builder.MLPWeights:
             if bytes_left < 0:
                 raise onnx_builder.UnsupportedModelError(too_large())
         pairs = [(f"W{i}", arrays[f"W{i}"], arrays[f"b{i}"] if f"b{i}" in names else None) for i in range(count)]
-        named = str(arrays["activation"]) if "activation" in names else default.kind
-    try:  # a bare name is the configured activation, its slope included
-        activation = default if named == default.kind else onnx_builder.parse_activation(named)
+        named = str(arrays["activation"]) if "activation" in names else None
+    try:  # as the setting takes it (a bare leaky_relu: torch's slope), which applies only to an .npz without one
+        activation = default if named is None else onnx_builder.parse_activation(named)
     except ValueError as e:
         raise onnx_builder.UnsupportedModelError(str(e)) from None
     return linear_layers(pairs, activation)

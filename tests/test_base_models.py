@@ -578,8 +578,8 @@ def test_npz_layers_and_activation(tmp_path):
 
 
 @pytest.mark.parametrize("named, configured, slope", [
-    ("leaky_relu(0.2)", "relu", 0.2), (None, "leaky_relu(0.2)", 0.2), ("leaky_relu", "leaky_relu(0.3)", 0.3),
-    ("leaky_relu", "relu", 0.01)], ids=["named in the npz", "configured", "a bare name: the configured slope",
+    ("leaky_relu(0.2)", "relu", 0.2), (None, "leaky_relu(0.2)", 0.2), ("leaky_relu", "leaky_relu(0.3)", 0.01),
+    ("leaky_relu", "relu", 0.01)], ids=["named in the npz", "configured", "a bare name: torch's, not the setting's",
                                         "torch's default"])
 def test_a_leaky_relu_slope_is_taken_as_named_where_the_file_holds_none(tmp_path, named, configured, slope):
     """A state-dict holds no slope, and VMAFX_SIDECAR_ACTIVATION took none: a LeakyReLU(0.2) model was trained and
