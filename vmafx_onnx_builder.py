@@ -55,7 +55,7 @@ def parse_activation(text: str) -> Activation:
     except ValueError:
         alpha = None
     if slope and alpha is not None and abs(alpha) <= float(np.finfo(np.float32).max):  # not NaN, nor infinite
-        return Activation("leaky_relu", alpha)
+        return Activation("leaky_relu", float(np.float32(alpha)))  # as ONNX holds it, and the model computes it
     if text not in ACTIVATION_KINDS:
         raise ValueError(f"activation {text!r} is not {ACTIVATIONS_ALLOWED}")
     return Activation(text)

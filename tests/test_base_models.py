@@ -597,6 +597,16 @@ def test_a_leaky_relu_slope_is_taken_as_named_where_the_file_holds_none(tmp_path
                                rtol=1e-5)
 
 
+def test_a_slope_is_taken_in_float32_as_a_checkpoint_holds_it():
+    """Else a slope of more digits than float32 holds named itself otherwise than the published model read back."""
+    activation = builder.parse_activation("leaky_relu(0.3333335)")
+    assert activation.alpha == float(np.float32(0.3333335))
+    layers = [(np.ones((2, 3), np.float32), np.zeros(3, np.float32)), (np.ones((3, 1), np.float32),
+                                                                        np.zeros(1, np.float32))]
+    exported = builder.build_mlp_model(builder.MLPWeights(layers, [activation]), {})
+    assert str(builder.read_mlp_model(exported).activations[0]) == str(activation)
+
+
 @pytest.mark.parametrize("text", ["leaky_relu()", "leaky_relu(x)", "leaky_relu(nan)", "leaky_relu(1e39)",
                                   "leaky_relu(0.2", "Relu", "relu(0.2)"])
 def test_an_activation_setting_no_model_computes_is_refused(text):
