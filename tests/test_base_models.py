@@ -590,7 +590,8 @@ def test_a_leaky_relu_slope_is_taken_as_named_where_the_file_holds_none(tmp_path
     np.savez(path, W0=w0, b0=b0, W1=w1, b1=b1, **({"activation": named} if named else {}))
     config = vs.Config(activation=configured)
     weights = vs.read_npz(str(path), builder.parse_activation(config.activation))
-    assert weights.activations == [vs.Activation("leaky_relu", slope)]
+    [activation] = weights.activations
+    assert activation.kind == "leaky_relu" and activation.alpha == pytest.approx(slope, rel=1e-7)  # in float32
     x = rng.normal(size=(3, 4)).astype(np.float32)
     h = x @ w0.T + b0
     np.testing.assert_allclose(vs.MLP.from_weights(weights).forward(x), np.where(h > 0, h, slope * h) @ w1.T + b1,
