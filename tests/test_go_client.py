@@ -49,6 +49,7 @@ def test_sequential_jobs_get_one_ack_each_with_the_documented_fields(report):
     facts = report["sequential"]
     assert (facts["sent"], facts["ok"], facts["errors"]) == (SEQUENTIAL, SEQUENTIAL, None)
     assert facts["trained"] == SEQUENTIAL // 16  # a step for every 16 new samples: batch 32, half of it replay
+    assert facts["fields_present"], "ok, step, trained and job_id in every ACK: a missing one decodes to 0 or false"
     assert facts["loss_iff_trained"] and facts["steps_in_order"] and facts["job_ids_echoed"]
     assert facts["checkpoints"], "a checkpoint after 256 samples, named in its ACK"
 
@@ -76,6 +77,7 @@ def test_one_struct_for_samples_and_ops(report):
     """An unset Op goes out as "" (a string field) or null (a pointer): each is a sample, not an unknown op."""
     unified = report["unified"]
     assert unified["empty_op"]["ok"] and unified["null_op"]["ok"]
+    assert unified["empty_op"]["step"] > 0 and unified["null_op"]["step"] > 0  # ACKs without a job_id have one too
     assert unified["ping"] == {**unified["ping"], "ok": True, "op": "pong"}
 
 

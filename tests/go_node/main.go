@@ -56,6 +56,8 @@ type Ack struct {
 	Checkpoint string   `json:"checkpoint"`
 	Error      string   `json:"error"`
 	JobID      string   `json:"job_id"`
+	// The fields the line held: a field missing decodes to its zero value, which the struct cannot tell apart.
+	present map[string]bool
 }
 
 // Status is the status answer as a node reads it: counts as int64, what may be null as pointers.
@@ -117,10 +119,17 @@ func (c *Conn) readLine() []byte {
 }
 
 func (c *Conn) readAck() Ack {
+	line := c.readLine()
 	var ack Ack
-	strict := json.NewDecoder(bytes.NewReader(c.readLine()))
+	strict := json.NewDecoder(bytes.NewReader(line))
 	strict.DisallowUnknownFields()
 	check(strict.Decode(&ack))
+	var fields map[string]json.RawMessage
+	check(json.Unmarshal(line, &fields))
+	ack.present = map[string]bool{}
+	for name := range fields {
+		ack.present[name] = true
+	}
 	return ack
 }
 
@@ -149,18 +158,19 @@ func features(i int) ([]float32, float64) {
 
 // AckFacts is what a run of ACKs showed.
 type AckFacts struct {
-	Sent         int      `json:"sent"`
-	Ok           int      `json:"ok"`
-	Trained      int      `json:"trained"`
-	LossIffTrain bool     `json:"loss_iff_trained"`
-	StepsInOrder bool     `json:"steps_in_order"`
-	JobIDsEchoed bool     `json:"job_ids_echoed"`
-	Checkpoints  []string `json:"checkpoints"`
-	Errors       []string `json:"errors"`
+	Sent          int      `json:"sent"`
+	Ok            int      `json:"ok"`
+	Trained       int      `json:"trained"`
+	FieldsPresent bool     `json:"fields_present"`
+	LossIffTrain  bool     `json:"loss_iff_trained"`
+	StepsInOrder  bool     `json:"steps_in_order"`
+	JobIDsEchoed  bool     `json:"job_ids_echoed"`
+	Checkpoints   []string `json:"checkpoints"`
+	Errors        []string `json:"errors"`
 }
 
 func newFacts() *AckFacts {
-	return &AckFacts{LossIffTrain: true, StepsInOrder: true, JobIDsEchoed: true}
+	return &AckFacts{FieldsPresent: true, LossIffTrain: true, StepsInOrder: true, JobIDsEchoed: true}
 }
 
 func (f *AckFacts) take(jobID string, ack Ack, lastStep *int64) {
@@ -170,10 +180,12 @@ func (f *AckFacts) take(jobID string, ack Ack, lastStep *int64) {
 		return
 	}
 	f.Ok++
+	f.FieldsPresent = f.FieldsPresent && ack.present["ok"] && ack.present["step"] && ack.present["trained"] &&
+		ack.present["job_id"]
 	if ack.Trained {
 		f.Trained++
 	}
-	f.LossIffTrain = f.LossIffTrain && ack.Trained == (ack.Loss != nil)
+	f.LossIffTrain = f.LossIffTrain && ack.Trained == (ack.Loss != nil) && ack.Trained == ack.present["loss"]
 	f.StepsInOrder = f.StepsInOrder && ack.Step >= *lastStep
 	*lastStep = ack.Step
 	f.JobIDsEchoed = f.JobIDsEchoed && ack.JobID == jobID
