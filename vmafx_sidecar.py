@@ -2638,7 +2638,8 @@ class Trainer:
         outgrown[self.kept_features] = False
         if not outgrown.any():
             return
-        x = host(recent[:, outgrown]).astype(np.float64)
+        columns = xp.asarray(outgrown)  # a device mask for device arrays: CuPy is not asked to take a host one
+        x = host(recent[:, columns]).astype(np.float64)
         shift, scale = np.array(self.coords.x_shift), np.array(self.coords.x_scale)
         shift[outgrown], scale[outgrown] = x.mean(axis=0), spread(x)
         new = dataclasses.replace(self.coords, x_shift=float32_values(shift), x_scale=float32_values(scale))
@@ -2648,7 +2649,6 @@ class Trainer:
             log.warning("feature(s) %s moved far past the statistics taken for them, but new ones would overflow "
                         "float32 in the weights: they keep theirs", features)
             return
-        columns = xp.asarray(outgrown)
         batch[:, columns] = (batch[:, columns] * old_scale[columns] + (old_shift - self.maps[0])[columns]) \
             / self.maps[1][columns]
         log.info("feature(s) %s moved far past the statistics taken for them: standardized again by the newest %d "

@@ -207,6 +207,26 @@ def test_trainer_on_the_device_matches_numpy_bit_for_bit(gpu, tmp_path, act):
                                                                              "sha256": 0}
 
 
+def test_a_feature_that_changes_its_regime_is_standardized_again_on_the_device_as_on_numpy(gpu, tmp_path, caplog):
+    """retake_statistics picked the outgrown features' columns of a device array with a host mask, which CuPy
+    is not asked to take (the fake refuses it): the path had never run on the device."""
+    def run(trainer: vs.Trainer) -> None:
+        rng = np.random.default_rng(23)
+        for i in range(240):
+            x = rng.uniform(0, 1, 6).astype(np.float32)
+            x[2] = 0.0 if i < 120 else rng.uniform(0, 1e4)  # a field the node began to fill in later
+            trainer.ingest(x, np.float32(3 * x[0] + x[1]), False, unnamed=True)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    settings = {**BUSY, "gate": "off", "min_samples_ckpt": 10**9}
+    cpu_trainer = make_trainer(tmp_path / "numpy", backend=vs.NUMPY, **settings)
+    gpu_trainer = make_trainer(tmp_path / "cupy", backend=gpu, **settings)
+    run(cpu_trainer)
+    assert "feature(s) 2 moved far past the statistics taken for them" in caplog.text
+    run(gpu_trainer)
+    assert trainer_state(gpu_trainer) == trainer_state(cpu_trainer)
+    assert gpu_trainer.coords == cpu_trainer.coords
+
+
 # ---- backend selection ----
 
 def test_select_backend_uses_cupy_when_it_and_a_device_are_there(fake_cupy):
