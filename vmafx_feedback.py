@@ -739,10 +739,13 @@ class Tally:
 
 
 def send_lines(sock: socket.socket, reader: io.BufferedReader,
-               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
+               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally,
+               streaming: bool = False) -> None:
     """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
-    queued. Lines rejected here wait in the queue too: everything is settled in input order. An input that
-    cannot be read on (OSError, UnreadableInput) ends the sending, once what was queued before it is settled."""
+    queued; from a `streaming` input (a pipe, a terminal), each line as soon as it is read, since the next may
+    be a long wait away (`tail -f`). Lines rejected here wait in the queue too: everything is settled in input
+    order. An input that cannot be read on (OSError, UnreadableInput) ends the sending, once what was queued
+    before it is settled."""
     queue: collections.deque[tuple[str, int, str | None, int]] = collections.deque()
     chunk: list[bytes] = []
     in_flight = 0  # bytes of the queued lines
@@ -760,6 +763,8 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
         in_flight += size
         if line is not None:
             chunk.append(line)
+        if streaming:
+            transmit(sock, chunk, tally)
         if len(queue) >= SEND_WINDOW or in_flight >= SEND_WINDOW_BYTES:
             transmit(sock, chunk, tally)
             while len(queue) > SEND_WINDOW // 2 or in_flight > SEND_WINDOW_BYTES // 2:
@@ -831,7 +836,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         try:
             with sock.makefile("rb") as reader:
                 max_line, full = line_limit(sock, reader)
-                send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
+                send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally, streaming(paths))
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
             # At its limit when it answered, closed at the first sample, and still there: the probes' reserve.
@@ -854,6 +859,14 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
     if hint:
         print(f"vmafx-sidecar send: {hint}", file=sys.stderr)
     return 1 if stopped or tally.rejected else 0
+
+
+def streaming(paths: list[str]) -> bool:
+    """Whether an input is standard input that is not a file: lines come when its writer writes them."""
+    try:
+        return "-" in paths and not stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError):  # no standard input at all
+        return False
 
 
 def answers_a_ping(path: str) -> bool:

@@ -747,3 +747,24 @@ def test_send_holding_the_last_place_of_a_sidecar_that_stops_does_not_blame_the_
     finally:
         proc.kill()
     assert proc.returncode == 1 and "lost" in stderr.decode() and "try again" not in stderr.decode(), stderr
+
+
+def test_send_from_a_pipe_delivers_each_line_as_it_is_read(sidecar_factory):
+    """`tail -f jobs.jsonl | vmafx-sidecar send -`: lines waited for 256 of them, or the input's end, before any went
+    out; a slow producer's samples were held back without limit (the new-user hunt)."""
+    sidecar = sidecar_factory(**SERVER)
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            cwd=ROOT)
+    try:
+        proc.stdin.write(VALID * 3)
+        proc.stdin.flush()  # and the pipe stays open
+        deadline = time.monotonic() + 30
+        while status(sidecar)["samples_accepted"] < 3:
+            assert time.monotonic() < deadline, "the lines read were not sent"
+            time.sleep(0.05)
+        _, stderr = proc.communicate(VALID, timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert status(sidecar)["samples_accepted"] == 4
