@@ -1246,7 +1246,6 @@ REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected 
 HELD_OUT = 1 << 31  # flags in a record's length field: the sample went to the evaluation ring,
 UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
-SNAPSHOT_PUT_OFF_S = 600.0  # the longest a snapshot waits for samples the sample log refuses (StateStore.save)
 SNAPSHOT_MAGIC = b"VMAFX-SIDECAR-STATE 1\n"  # the framing, unchanged since format 1
 SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # Format of what a snapshot holds. 1: no "format" field; 2: the same fields, with "format"; 3: the gate's
@@ -1473,7 +1472,6 @@ class StateStore:
         self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
         self.samples_failing = False
-        self.samples_failing_since = 0.0  # monotonic: when the log's writes began to fail (see save())
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
@@ -1574,22 +1572,22 @@ class StateStore:
     def commit_samples(self) -> None:
         """As the journal's commit: what the disk refuses stays pending, and is written with the next batch;
         logged once per outage, and memory stays bounded in a long one (bound_pending_samples)."""
+        writing = bool(self.samples.pending)
         try:
             self.samples.commit(self.config.sample_log_max_bytes)
             if self.config.journal_fsync == "always":
                 self.samples.sync()
         except OSError as e:
             if not self.samples_failing:
-                log.error("sample log write failed, keeping the samples in memory (and in the journal: state snapshots "
-                          "wait, up to %g s) until it works: %s", SNAPSHOT_PUT_OFF_S, e)
-                self.samples_failing_since = time.monotonic()
+                log.error("sample log write failed, keeping the samples in memory until it works (a state snapshot "
+                          "meanwhile gives them up): %s", e)
             self.samples_failing = True
             self.sample_log_failures += 1
             self.bound_pending_samples()
             return
-        if self.samples_failing:
+        if self.samples_failing and writing:  # a turn with nothing to log says nothing of the disk
             log.info("sample log writes work again")
-        self.samples_failing = False
+            self.samples_failing = False
 
     def bound_pending_samples(self) -> None:
         """Give up the log's waiting samples past JOURNAL_MEMORY_LIMIT, counted: the fleet then reports the gap."""
@@ -1616,18 +1614,9 @@ class StateStore:
         """Write the snapshot atomically, then empty the journal. What the lines answered so far recorded is
         committed first: a checkpoint's snapshot comes in the middle of a turn, and the samples it empties from
         the journal must be in the sample log before (else a kill before the turn's end keeps them out of it).
-        While the log refuses them, the journal is their one copy on disk: the snapshot waits, as a refused one
-        does, until the log takes them, for SNAPSHOT_PUT_OFF_S at most (the journal, and a restart's replay, grow
-        meanwhile); then they are given up, counted (the fleet reports the gap). A journal lost waits for nothing."""
+        Those the log refuses are given up once the snapshot is written, counted (the fleet reports the gap): the
+        journal it empties was their one copy on disk, and a restart would never log them."""
         self.commit()
-        if self.samples is not None and self.samples.pending and not (self.journal.failing or self.journal_lost):
-            if time.monotonic() - self.samples_failing_since < SNAPSHOT_PUT_OFF_S:
-                self.last_save = time.monotonic()
-                log.debug("state snapshot put off: the sample log has not taken %d bytes of samples the journal "
-                          "holds", len(self.samples.pending))  # the outage itself is logged once (commit_samples)
-                return
-            log.error("sample log writes still failing after %g s: %d samples dropped from the log, for a state "
-                      "snapshot", SNAPSHOT_PUT_OFF_S, self.samples.drop_pending())
         started = time.perf_counter()
         generation = self.generation + 1
         state = self.trainer.state_dict()
@@ -1651,6 +1640,9 @@ class StateStore:
             log.error("state snapshot failed, will retry: %s", e)
         else:
             self.generation = generation
+            if self.samples is not None and self.samples.pending:
+                log.error("state snapshot written while the sample log refuses writes: %d samples it has not taken "
+                          "are given up (the fleet reports the gap)", self.samples.drop_pending())
             self.empty_journal()
             self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         self.last_save = time.monotonic()

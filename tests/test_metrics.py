@@ -437,10 +437,9 @@ def test_refused_writes_are_counted_by_what_was_written(tmp_path, monkeypatch):
             state.commit()
     batches(3, "journal")  # the sample log waits for the journal: never tried
     batches(2, "sample_log")
-    state.save()  # put off: it first tries what the turn recorded, and the sample log is refused once more
-    batches(3, "checkpoint")  # a step every 4 samples: the 8th sample's has a checkpoint due
     refused.add("snapshot")
-    state.save()  # the sample log has taken every sample: the snapshot is tried
+    state.save()  # which first tries what the turn recorded: the sample log is refused once more
+    batches(3, "checkpoint")  # a step every 4 samples: the 8th sample's has a checkpoint due
     batches(1)
     batches(8, "checkpoint directory")  # the retried checkpoint, published, its directory's fsync refused
     assert trainer.checkpoint_results == {"failed": 1, "published": 1}

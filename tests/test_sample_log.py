@@ -1104,18 +1104,20 @@ def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeyp
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 31))
 
 
-def test_a_snapshot_waits_for_samples_the_log_refused_which_the_journal_alone_holds(tmp_path, monkeypatch):
-    """The log refuses a write, then a snapshot is due (the interval's, a checkpoint's, or a SIGTERM's last): it had
-    emptied the journal, their one copy on disk, and after the restart they never reached the log, nor were counted
-    as dropped from it."""
+@pytest.mark.parametrize("case", ["a snapshot due", "a journal removed meanwhile"])
+def test_a_snapshot_gives_up_the_samples_the_log_refused_counted(tmp_path, monkeypatch, caplog, case):
+    """The log refuses a write, then a snapshot is due (the interval's, a checkpoint's, a SIGTERM's last, or one for a
+    journal removed while the sidecar ran): it empties the journal, their one copy on disk, and after the restart
+    they never reached the log, nor were counted as dropped (the server-code read). Now they are counted, and the
+    fleet reports them as a gap."""
     trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
     store = vs.StateStore(trainer.config, trainer)
     store.restore()
     real_write_all = vs.write_all
     refusing = {"on": False}
 
-    def write_all(fd, content):
-        if refusing["on"] and fd == store.samples.fd:  # the log's segment; the journal's and the snapshot's go through
+    def write_all(fd, content):  # the log's segment (a new one's header too); the journal's and the snapshot's go
+        if refusing["on"] and (fd == store.samples.fd or bytes(content[:len(vs.SEGMENT_MAGIC)]) == vs.SEGMENT_MAGIC):
             raise OSError(5, "Input/output error")
         real_write_all(fd, content)
     monkeypatch.setattr(vs, "write_all", write_all)
@@ -1130,51 +1132,22 @@ def test_a_snapshot_waits_for_samples_the_log_refused_which_the_journal_alone_ho
     accept(store, 10)
     refusing["on"] = True
     accept(store, 10)
-    generation = store.generation
-    store.save()  # put off: the journal keeps samples 11 to 20
-    assert store.generation == generation and store.saved_at != (20, 0)
-    again = vs.StateStore(store.config, make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1"))
-    refusing["on"] = False
-    again.restore()  # as after a kill, or a SIGTERM whose last snapshot was put off
-    accept(again, 1)
-    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 22))
-    again.save()  # the log holds them all: the snapshot is taken
-    assert again.generation > generation and again.saved_at == (21, 0)
-
-
-@pytest.mark.parametrize("case", ["a journal removed meanwhile", "an outage past SNAPSHOT_PUT_OFF_S"])
-def test_a_snapshot_waits_for_the_sample_log_only_while_the_journal_holds_them_for_a_while(tmp_path, monkeypatch,
-                                                                                             case):
-    """The put-off has bounds: a journal removed while the sidecar runs (.state/ deleted) holds nothing for a restart,
-    so its snapshot is taken at once (the review: 0 of 20 samples resumed); and in a lasting outage the journal, and a
-    restart's replay, would grow for as long, so the log's samples are given up, counted, after SNAPSHOT_PUT_OFF_S."""
-    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
-    store = vs.StateStore(trainer.config, trainer)
-    store.restore()
-    real_write_all = vs.write_all
-
-    def write_all(fd, content):  # the log's segments refused, the new segment's header too
-        if fd == store.samples.fd or bytes(content[:len(vs.SEGMENT_MAGIC)]) == vs.SEGMENT_MAGIC:
-            raise OSError(5, "Input/output error")
-        real_write_all(fd, content)
-    monkeypatch.setattr(vs, "write_all", write_all)
-    rng = np.random.default_rng(2)
-    for _ in range(20):
-        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
-        store.record_sample(row, np.float32(50), False, None)
-        trainer.ingest(row, np.float32(50), False, True)
-        store.commit()
-    if case == "a journal removed meanwhile":
+    if case == "a snapshot due":
+        store.save()
+    else:
         shutil.rmtree(tmp_path / ".state")
         store.journal_checked -= 2  # a second later
         store.tick()
-    else:
-        store.samples_failing_since -= vs.SNAPSHOT_PUT_OFF_S
-        store.save()
-        assert store.samples.samples_dropped == 20 and not store.samples.pending
+    assert store.samples.samples_dropped == 10 and not store.samples.pending
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    store.commit()  # a turn that logged nothing (a ping, a rejected line) says nothing of the disk
+    assert store.samples_failing and "work again" not in caplog.text
     again = vs.StateStore(store.config, make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1"))
+    refusing["on"] = False
     again.restore()  # as after a kill
     assert again.trainer.samples_accepted == 20
+    accept(again, 1)
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == [*range(1, 11), 21]
 
 
 @pytest.mark.parametrize("refused", ["the log's", "the journal's"])
