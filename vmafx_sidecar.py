@@ -639,6 +639,7 @@ class Server:
         self.socket_inode: int | None = None
         self.stopping = False
         self.accepts_paused_at: float | None = None  # out of file descriptors, since then: see retry_accepts()
+        self.accepts_due = False  # the listener was ready this turn: see take_accepts()
         # Over max_connections, each for one ping or status: since it was accepted, then since it was answered.
         self.reserved: dict[Connection, float] = {}
         self.connections_refused = 0  # over max_connections, closed unanswered
@@ -690,6 +691,8 @@ class Server:
                 started, acks = time.perf_counter(), self.acks
                 for key, mask in ready:
                     key.data(mask)  # each socket's callback: the listeners, the wake-up pipe, each connection
+                if self.accepts_due:  # after the reads, which free the places of connections closed or refused
+                    self.take_accepts()
                 if self.backlog:
                     self.answer_backlog()
                 if self.reserved:  # before the ACKs go out: one it reads, of a connection a freed place takes, too
@@ -778,9 +781,14 @@ class Server:
     # -- connections
 
     def on_listener_ready(self, mask: int) -> None:
+        self.accepts_due = True
+
+    def take_accepts(self) -> None:
         """The backlog while it has places, served or in the reserve (at one a turn, with busy clients' turns long,
-        a probe waited seconds behind a hundred reconnecting nodes); once both are full, one a turn, refused: the
-        reserve's connections free their places as their lines are read, and a probe queued behind them takes one."""
+        a probe waited seconds behind a hundred reconnecting nodes); once both are full, one a turn, refused. Taken
+        after the turn's reads: the reserve's connections free their places as their lines are read, and one queued
+        behind them (a probe) takes a place rather than a refusal."""
+        self.accepts_due = False
         while self.accept() and self.has_a_place():
             pass
 

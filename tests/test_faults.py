@@ -980,12 +980,17 @@ def test_one_turn_accepts_the_backlog_while_it_has_places(tmp_path):
     try:
         for client in clients:
             client.connect(server.config.socket)
-        server.on_listener_ready(selectors.EVENT_READ)  # served up to the limit, and the reserve's 4
-        assert (len(server.connections), len(server.reserved), server.connections_refused) == (8, 4, 0)
-        # Both full: one a turn is refused, as before, so that a probe queued behind the reserve's connections is
-        # not refused in the turn that filled it (the review: behind 4 reconnecting nodes, a probe was reset).
         server.on_listener_ready(selectors.EVENT_READ)
-        assert (len(server.connections), len(server.reserved), server.connections_refused) == (8, 4, 1)
+        server.take_accepts()  # served up to the limit, and the reserve's 4
+        assert (len(server.connections), len(server.reserved), server.connections_refused) == (8, 4, 0)
+        for client in clients[8:12]:  # the reserve's: nodes reconnecting, each with a sample
+            client.sendall(json.dumps(sample(np.random.default_rng(0), N_FEATURES)).encode() + b"\n")
+        # A turn: the reads first, which refuse the reserve's 4 (a sample is not a probe's question) and free its
+        # places; then the backlog takes them, where a refusal first had reset a probe queued behind the nodes.
+        for key, mask in server.selector.select(1):
+            key.data(mask)
+        server.take_accepts()
+        assert (len(server.connections), len(server.reserved), server.connections_refused) == (8, 4, 4)
     finally:
         for client in clients:
             client.close()
