@@ -1729,6 +1729,11 @@ class StateStore:
             replayer = self.trainer.replayer(state["fingerprint"])
             replayer.load_state_dict(state)
         except IncompatibleState as e:
+            began = state.get("base_model")
+            if began and began == self.config.base_model_path and self.trainer.fresh:  # its base file gone since
+                raise StartupError(f"base model {self.config.base_model_path} is missing, and the trainer state in "
+                                   f"{self.directory.parent} began from it ({e}): put the file back, or move .state/ "
+                                   "out of the directory to start afresh") from None
             self.move_aside(self.snapshot_path, f"incompatible: {e}")
             self.move_aside(self.journal_path, "incompatible with this configuration")
             return None

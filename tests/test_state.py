@@ -321,6 +321,25 @@ def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_
         caplog.clear()
 
 
+def test_a_state_whose_base_model_file_is_gone_stops_the_start_rather_than_being_set_aside(tmp_path):
+    """The base file missing, a fresh model of the configured size took its place, which the state did not fit: the
+    state and its journal were set aside, training back at step 0 (the new-user hunt). The state needs no base file,
+    but only a model of its own shape can take it; the start stops, saying what to do."""
+    base = str(tmp_path / "base.npz")
+    trainer = make_trainer(tmp_path, n_features=5, hidden=6, batch_size=8, replay_capacity=64, base_model_path=base)
+    trainer.fresh = False  # as build_trainer makes it from a 5-6-1 base
+    state = vs.StateStore(trainer.config, trainer)
+    state.restore()
+    server = vs.Server(trainer.config, trainer, state)
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    state.save()
+    with pytest.raises(vs.StartupError, match=f"base model {re.escape(base)} is missing, and the trainer state in"):
+        in_process_server(tmp_path, base_model_path=base)  # a fresh 5-7-1 model: the base file is gone
+    assert (tmp_path / ".state" / "snapshot.bin").exists() and in_process_server(
+        tmp_path, hidden=6, base_model_path=base).trainer.samples_accepted == 40  # nothing set aside
+
+
 def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     """vmafx_sidecar_train_loss_smoothed averages ~100 steps: a restart neither drops it nor restarts it from one
     batch; a snapshot saved before the field existed starts it again from the next batch."""
