@@ -4002,8 +4002,9 @@ def fleet(root: Path, config: Config) -> int:
         save_fleet_state(state)
     finally:
         os.close(claim)  # the kernel would release it at exit; a run in a test's process goes on
-    log.info("fleet run: %d samples ingested, step %d, latest v%s", ingested, trainer.steps,
-             trainer.checkpoints.latest and trainer.checkpoints.latest["version"])
+    latest = trainer.checkpoints.latest
+    log.info("fleet run: %d samples ingested, step %d, %s", ingested, trainer.steps,
+             f"latest v{latest['version']:06d}" if latest else "nothing published yet")
     return 0 if ingested else FLEET_NOTHING_NEW
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1244,3 +1245,16 @@ def test_samples_a_fleet_state_set_aside_had_read_are_not_reported_lost(tmp_path
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "not in its log" in m], messages
     assert any("samples 1 to 10 were read by the fleet state set aside since" in m for m in messages), messages
+
+
+def test_a_fleet_run_says_what_it_published_in_the_runbooks_words(tmp_path, caplog):
+    """It said `latest vNone` while nothing was published, where the runbook quotes `latest vV`."""
+    rng = np.random.default_rng(41)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 41)])
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0  # no checkpoint due
+    assert "fleet run: 40 samples ingested, step 2, nothing published yet" in caplog.text
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(41, 81)])
+    caplog.clear()
+    assert vs.fleet(tmp_path, fleet_config(min_samples_ckpt=10, gate="off")) == 0
+    assert re.search(r"fleet run: 40 samples ingested, step \d+, latest v000001$", caplog.text, re.M), caplog.text
