@@ -1649,6 +1649,8 @@ class StateStore:
         else:
             self.generation = generation
             if self.samples is not None and self.samples.pending:
+                self.commit_samples()  # those that waited for the journal's writes: the snapshot holds them now
+            if self.samples is not None and self.samples.pending:
                 log.error("state snapshot written while the sample log refuses writes: %d samples it has not taken "
                           "are given up (the fleet reports the gap)", self.samples.drop_pending())
             self.empty_journal()

@@ -1151,6 +1151,31 @@ def test_a_snapshot_gives_up_the_samples_the_log_refused_counted(tmp_path, monke
     assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == [*range(1, 11), 21]
 
 
+def test_a_snapshot_logs_the_samples_that_waited_for_the_journal_not_give_them_up(tmp_path, monkeypatch):
+    """The log's samples wait for the journal's refused writes (a logged sample is always a journaled one); once a
+    snapshot holds them they may be logged. They were given up, the log blamed (the third review)."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1")
+    store = vs.StateStore(trainer.config, trainer)
+    store.restore()
+    real_write_all, refusing = vs.write_all, {"on": False}
+
+    def write_all(fd, content):  # the journal's writes only
+        if refusing["on"] and fd == store.journal.fd:
+            raise OSError(5, "Input/output error")
+        real_write_all(fd, content)
+    monkeypatch.setattr(vs, "write_all", write_all)
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        refusing["on"] = i >= 5
+        row = rng.uniform(0, 1, N_FEATURES).astype(np.float32)
+        store.record_sample(row, np.float32(50), False, None)
+        trainer.ingest(row, np.float32(50), False, True)
+        store.commit()
+    store.save()  # the snapshot is written: it holds samples 6 to 10
+    assert [x.sequence for x in vs.read_log(tmp_path, N_FEATURES)] == list(range(1, 11))
+    assert store.samples.samples_dropped == 0
+
+
 @pytest.mark.parametrize("refused", ["the log's", "the journal's"])
 def test_samples_given_up_in_a_long_outage_are_counted_as_dropped(tmp_path, monkeypatch, refused):
     """The log's waiting samples stay within JOURNAL_MEMORY_LIMIT in an outage of its own writes or of the journal's,
