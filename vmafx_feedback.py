@@ -835,7 +835,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         stopped, full, hint = None, False, None
         try:
             with sock.makefile("rb") as reader:
-                max_line, full = line_limit(sock, reader)
+                max_line, full = sidecar_limits(sock, reader)
                 send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally, streaming(paths))
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
@@ -876,7 +876,7 @@ def answers_a_ping(path: str) -> bool:
         return False
 
 
-def line_limit(sock: socket.socket, reader: io.BufferedReader) -> tuple[int, bool]:
+def sidecar_limits(sock: socket.socket, reader: io.BufferedReader) -> tuple[int, bool]:
     """The sidecar's VMAFX_SIDECAR_MAX_LINE_BYTES, from its status (a longer line is refused unread and unsent), and
     whether it served as many connections as it may (this one among them, or not: then it answered from the reserve
     it keeps for probes, and closes the connection at the first sample)."""

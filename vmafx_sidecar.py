@@ -816,13 +816,12 @@ class Server:
             self.selector.unregister(self.listener)
             self.accepts_paused_at = time.monotonic()
             return False
-        full = len(self.connections) >= self.config.max_connections
-        if full and len(self.reserved) >= RESERVED_CONNECTIONS:
+        if not self.has_a_place():
             sock.close()  # the client reads EOF at once (a reset, had it sent already) and may retry; others go on
             self.connections_refused += 1
             return True
         sock.setblocking(False)
-        if full:
+        if len(self.connections) >= self.config.max_connections:
             conn = Connection(sock, self.on_reserved_ready)
             self.reserved[conn] = time.monotonic()
         else:
@@ -1650,9 +1649,9 @@ class StateStore:
             self.generation = generation
             if self.samples is not None and self.samples.pending:
                 self.commit_samples()  # those that waited for the journal's writes: the snapshot holds them now
-            if self.samples is not None and self.samples.pending:
-                log.error("state snapshot written while the sample log refuses writes: %d samples it has not taken "
-                          "are given up (the fleet reports the gap)", self.samples.drop_pending())
+                if self.samples.pending:
+                    log.error("state snapshot written while the sample log refuses writes: %d samples it has not "
+                              "taken are given up (the fleet reports the gap)", self.samples.drop_pending())
             self.empty_journal()
             self.saved_at = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         self.last_save = time.monotonic()
