@@ -1264,8 +1264,8 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 # gate's history up from the window back, keep a window scored against another incumbent, and keep a replayed
 # window across checkpoints) rather than refuse; a snapshot without "window_incumbent" that has an incumbent starts
 # its window again, once, and one without "newest_checkpoint" takes its last gate record's version for it. It
-# gained "base_model" (the base the state began from) too: one without it is taken to have begun from the base
-# configured now.
+# gained "base_model" (the base the state began from) and "base_sha256" (its file's digest) too: one without them is
+# taken to have begun from the base configured now.
 SNAPSHOT_FORMAT = 6
 
 
@@ -1467,8 +1467,10 @@ class StateStore:
         self.journal: Journal | None = None
         self.sources: dict[str, int] = {}  # a fleet trainer's: the last sequence read from each replica's log
         # The base model the state began from, kept across restarts: until a snapshot says, this start's ("" for a
-        # fresh model, a missing base file's included).
+        # fresh model, a missing base file's included), with its file's digest ("" where unknown): a base replaced
+        # in place keeps its path.
         self.base_model = "" if trainer.fresh else config.base_model_path
+        self.base_sha256 = file_sha256(self.base_model) if self.base_model else ""
         try:  # what a journal and a log need before the first sample: a new directory on a full disk has not
             self.directory.mkdir(mode=0o700, exist_ok=True)
             self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
@@ -1629,7 +1631,7 @@ class StateStore:
         state = self.trainer.state_dict()
         meta = {"format": SNAPSHOT_FORMAT, "generation": generation, "sources": self.sources,
                 "sample_log": self.log_name, "newest_checkpoint": self.trainer.checkpoints.version,
-                "base_model": self.base_model,
+                "base_model": self.base_model, "base_sha256": self.base_sha256,
                 **{k: v for k, v in state.items() if not isinstance(v, np.ndarray)}}
         payload = pack_arrays(meta, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
         crc = 0
@@ -1748,12 +1750,19 @@ class StateStore:
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
         began = state.get("base_model", self.base_model)  # saved before it was: taken as this start's
+        began_sha256 = state.get("base_sha256", self.base_sha256 if began == self.base_model else "")
         if began != self.base_model:
-            log.warning("the trainer state in %s began from base model %s, not %s: training goes on from the state "
-                        "(to train from that base, move .state/ out of the directory first)", self.directory.parent,
-                        began or "none (a fresh model)", self.base_model or "none (a fresh model)")
-        self.base_model = began
+            self.warn_of_another_base(began or "none (a fresh model)", self.base_model or "none (a fresh model)")
+        elif began and began_sha256 and self.base_sha256 and began_sha256 != self.base_sha256:
+            self.warn_of_another_base(f"{began} as it was then (sha256 {began_sha256[:12]}...)",
+                                      f"the file there now (sha256 {self.base_sha256[:12]}...)")
+        self.base_model, self.base_sha256 = began, began_sha256
         return replayer
+
+    def warn_of_another_base(self, began: str, configured: str) -> None:
+        log.warning("the trainer state in %s began from base model %s, not %s: training goes on from the state "
+                    "(to train from that base, move .state/ out of the directory first)", self.directory.parent,
+                    began, configured)
 
     def move_aside(self, path: Path, why: str) -> None:
         if not path.exists():
@@ -4453,6 +4462,15 @@ MAX_BASE_MODEL_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 1 << 24  # a state-dict's data.pkl: a few kilobytes of names and tensor layouts
 MAX_PICKLE_OPS = 1 << 20  # in it: some tens of opcodes a tensor
 MAX_TUPLE_NODES = 1 << 12  # a tuple built by it, counted whole: a tensor's layout is a few numbers
+
+
+def file_sha256(path: str) -> str:
+    """The digest of a base model's file, "" where it cannot be read now (the start read it a moment ago)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""
 
 
 def too_large() -> str:

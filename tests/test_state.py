@@ -321,6 +321,32 @@ def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_
         caplog.clear()
 
 
+def test_a_base_model_replaced_in_place_is_told_apart_by_its_digest(tmp_path, caplog):
+    """In a pod the base model is a file at a fixed path: a new base copied over the old one kept its path, and the
+    warning that the state goes on from itself, not from that base, compared paths only."""
+    base = tmp_path / "base.npz"
+    base.write_bytes(b"the base the state began from")
+
+    def restarted() -> vs.StateStore:
+        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
+                               base_model_path=str(base))
+        trainer.fresh = False  # as build_trainer makes one from a base model it read
+        store = vs.StateStore(trainer.config, trainer)
+        store.restore()
+        return store
+
+    restarted().save()
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    restarted().save()  # the same file: nothing to say
+    assert "began from base model" not in caplog.text
+    base.write_bytes(b"a new base, copied over the old one")
+    for _ in range(2):  # the state keeps the digest it began from, restart after restart
+        restarted().save()
+        assert f"began from base model {base} as it was then (sha256 " in caplog.text
+        assert "not the file there now (sha256 " in caplog.text
+        caplog.clear()
+
+
 def test_a_state_whose_base_model_file_is_gone_stops_the_start_rather_than_being_set_aside(tmp_path):
     """The base file missing, a fresh model of the configured size took its place, which the state did not fit: the
     state and its journal were set aside, training back at step 0 (the new-user hunt). The state needs no base file,
@@ -773,7 +799,7 @@ def test_state_written_by_an_older_version_resumes_exactly(sidecar_factory, tmp_
     incumbent = vs.MLP.from_weights(vs.onnx_builder.read_mlp_model(vs.onnx.load(FIXTURE / "killed" / "latest.onnx")))
     expected = {**vs.migrated({**old_meta, **old_arrays}), "has_champion": True, "champion_version": 1,
                 "champion": incumbent.flat, "window_incumbent": 1, "sample_log": None, "newest_checkpoint": 1,
-                "base_model": ""}  # as configured: an older state is taken to have begun from it
+                "base_model": "", "base_sha256": ""}  # as configured: an older state is taken to have begun from it
     assert {**meta, **arrays}.keys() == expected.keys()
     for key in meta.keys() - {"last_checkpoint_unix"}:  # that one is a wall-clock time
         assert meta[key] == expected[key], key
