@@ -584,7 +584,27 @@ ACCEPT_RETRY_S = 1.0  # out of file descriptors, a listener is unwatched this lo
 # RESERVED_WAIT_S: the pod's probes, so that a sidecar busy at its limit is not restarted or taken out of service.
 RESERVED_CONNECTIONS = 4
 RESERVED_WAIT_S = 1.0
+OWN_FILES = 64  # beside its connections: the listeners, selector, journal, sample log, claims, snapshots, stdio
 ACK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def raise_file_limit(config: Config) -> None:
+    """Lift the soft limit on open files to what the connections need, within the hard limit (as Go's runtime
+    lifts it to the hard one): under a container's common 1024, VMAFX_SIDECAR_MAX_CONNECTIONS=2000 paused accepts
+    at about 1000."""
+    needed = config.max_connections + RESERVED_CONNECTIONS + HTTP_MAX_CONNECTIONS + OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log.warning("open files are limited to %d (ulimit -n), and VMAFX_SIDECAR_MAX_CONNECTIONS=%d needs about %d: "
+                    "connections past the limit wait in the backlog until others close", target,
+                    config.max_connections, needed)
 
 
 class StartupError(RuntimeError):
@@ -4755,6 +4775,7 @@ def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple)
 # ---- CLI: serve, demo (a server fed a synthetic stream), start_server (for it, the tests, the benchmarks) ----
 
 def serve(config: Config) -> int:
+    raise_file_limit(config)
     take_claims(config)
     trainer, source = build_trainer(config)
     state = StateStore(config, trainer)

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+import vmafx_sidecar
 from conftest import Client, Sidecar, sample
 from test_metrics import free_port, scrape
 
@@ -55,6 +56,35 @@ def test_out_of_descriptors_pauses_accepts_until_a_connection_closes(tmp_path, m
             assert json.loads(c.sock.recv(4096))["ok"] is True
             c.close()
         assert "pausing accepts" in sidecar.stderr()
+        assert "open files are limited to 24 (ulimit -n), and VMAFX_SIDECAR_MAX_CONNECTIONS=128 needs about " \
+            in sidecar.stderr()  # said at the start, the hard limit below what the connections need
+        assert sidecar.stop(signal.SIGTERM) == 0
+    finally:
+        sidecar.cleanup()
+
+
+def test_a_soft_limit_on_open_files_below_the_connections_is_lifted_within_the_hard_one(tmp_path, monkeypatch):
+    """Under a container's common soft limit, a sidecar configured for more connections paused its accepts there,
+    its clients waiting in the backlog; it now lifts the soft limit, as Go's runtime does."""
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: real_popen(*a, preexec_fn=low_soft_limit, **k))
+    sidecar = Sidecar(tmp_path, {"VMAFX_SIDECAR_MAX_CONNECTIONS": "100"})
+    try:
+        sidecar.start()
+        monkeypatch.undo()
+        assert resource.prlimit(sidecar.proc.pid, resource.RLIMIT_NOFILE) == (
+            100 + vmafx_sidecar.RESERVED_CONNECTIONS + vmafx_sidecar.HTTP_MAX_CONNECTIONS + vmafx_sidecar.OWN_FILES,
+            4096)
+        clients = [Client(sidecar.socket, timeout=10) for _ in range(100)]
+        for c in clients:
+            c.send_raw(b'{"op": "ping"}\n')
+        assert all(c.read_ack() == {"ok": True, "op": "pong"} for c in clients)
+        for c in clients:
+            c.close()
+        assert "pausing accepts" not in sidecar.stderr() and "ulimit" not in sidecar.stderr()
         assert sidecar.stop(signal.SIGTERM) == 0
     finally:
         sidecar.cleanup()
