@@ -2105,9 +2105,10 @@ def is_open_as(path: Path, fd: int) -> bool:
 
 
 def aside_path(path: Path, tag: str) -> Path:
-    """Where to set `path` aside: its name, the time and `tag`, counted on when that is taken (a restart loop sets
-    aside within a second): a directory would not be replaced, a file would be lost."""
-    stem, n = f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}", 1
+    """Where to set `path` aside: its name, the time (UTC, as every time the sidecar writes: local time went back at
+    a change from summer time, and sorted the names out of order) and `tag`, counted on when that is taken (a restart
+    loop sets aside within a second): a directory would not be replaced, a file would be lost."""
+    stem, n = f"{path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}", 1
     target = path.with_name(f"{stem}.{tag}")
     while os.path.lexists(target):
         n += 1
@@ -5148,11 +5149,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_handler() -> logging.Handler:
+    """Log lines to stderr, their times in UTC as the sidecar's records and file names are (a pod's TZ had them
+    hours apart, and going back at a change from summer time)."""
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(sys.stdout, io.TextIOWrapper):  # a file name, column or path not in UTF-8: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(handlers=[log_handler()])
     try:
         status = run_command(args)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is the same broken pipe

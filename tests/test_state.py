@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import errno
@@ -11,6 +12,7 @@ import selectors
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,11 +222,16 @@ def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_facto
     else:
         data[len(data) // 2] ^= 0xFF
     snapshot.write_bytes(bytes(data))
-    again = sidecar_factory(**SETTINGS)
+    again = sidecar_factory(**SETTINGS, TZ="XST-5:45")  # a pod's local time, 5 h 45 min ahead: no tzdata needed
     assert "corrupt" in again.stderr()
     status = again.client().request({"op": "status"})
     assert status["steps"] == 0 and status["samples_accepted"] == 0
-    assert list((s.checkpoint_dir / ".state").glob("snapshot.bin.*.corrupt"))
+    [aside] = (s.checkpoint_dir / ".state").glob("snapshot.bin.*.corrupt")
+    # Its name and the log's times are UTC, as the sidecar's records are: local time, they were hours apart.
+    named = datetime.datetime.strptime(aside.name.split(".")[2], "%Y%m%dT%H%M%SZ")
+    logged = datetime.datetime.strptime(again.stderr().split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+    for when in (named, logged):
+        assert abs(when.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()) < 600
     # Checkpoint numbering still continues after what is on disk (published or quarantined).
     feed(again, messages()[:60])
     assert again.client().request({"op": "status"})["gate"]["version"] == 2
