@@ -4113,7 +4113,8 @@ def fleet_model(directory: Path) -> dict[str, Any] | None:
     created = latest.get("created_unix") if latest else None
     if type(created) not in (int, float) or not abs(created) < 1e15:  # a time, not NaN, inf or a huge integer
         return None
-    return {"version": latest["version"], "age_s": round(time.time() - created, 3)}
+    # Made on another node, whose clock may run ahead of this one's: an age, never below 0
+    return {"version": latest["version"], "age_s": round(max(0.0, time.time() - created), 3)}
 
 
 def fleet_cursor(checkpoint_dir: Path) -> int:
@@ -4124,6 +4125,9 @@ def fleet_cursor(checkpoint_dir: Path) -> int:
         return int(cursors["sources"].get(log_id(checkpoint_dir) or checkpoint_dir.name, by_name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return 0
+
+
+CLOCK_SKEW_S = 60.0  # nodes' clocks kept by NTP agree within milliseconds
 
 
 def replica_samples(directory: Path, key: str, n_features: int,
@@ -4141,8 +4145,15 @@ def replica_samples(directory: Path, key: str, n_features: int,
         return
     after = max(after, log_origin(directory) - 1)
     read_before = fleet_cursor(directory)  # by a fleet state set aside since (another model): deleted as read
+    ahead_after = time.time() + CLOCK_SKEW_S  # a sample stamped later was stamped by a clock ahead of this one
     try:
         for sample in read_log(directory, n_features, after):
+            if sample.arrival > ahead_after:
+                log.warning("fleet: %s: sample %d is stamped %.0f s ahead of this node's clock: the replicas are "
+                            "merged by their nodes' clocks, which must agree (as NTP keeps them)", directory.name,
+                            sample.sequence, sample.arrival - ahead_after + CLOCK_SKEW_S)
+                ahead_after = math.inf  # once a run
+
             if after < read_before and sample.sequence > after + 1:
                 log.info("fleet: %s: samples %d to %d were read by the fleet state set aside since, and deleted "
                          "as read", directory.name, after + 1, min(read_before, sample.sequence - 1))
@@ -4178,8 +4189,8 @@ def fleet_status(root: Path, n_features: int) -> int:
         except (OSError, ValueError) as e:
             rows.append([path.name, "-", str(read), "-", "-", f"unreadable: {e}"])
             continue
-        rows.append([path.name, str(logged), str(read), str(unread), f"{now - first.arrival:.0f}" if first else "0",
-                     str(missing)])
+        waited = max(0.0, now - first.arrival) if first else 0.0  # its node's clock may run ahead of this one's
+        rows.append([path.name, str(logged), str(read), str(unread), f"{waited:.0f}", str(missing)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

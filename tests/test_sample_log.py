@@ -2,6 +2,7 @@
 back exactly, torn tails ignored, sequences continued across restarts and never written twice."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ N_FEATURES = 5
 
 
 def sample(sequence: int, rng: np.random.Generator, job_id: str | None = "job") -> vs.LoggedSample:
-    return vs.LoggedSample(sequence, 1.8e9 + sequence / 10, sequence % 7 == 0, job_id and f"{job_id}-{sequence}",
+    return vs.LoggedSample(sequence, 1.7e9 + sequence / 10, sequence % 7 == 0, job_id and f"{job_id}-{sequence}",
                            rng.normal(0, 1, N_FEATURES).astype(np.float32), np.float32(rng.uniform(0, 100)))
 
 
@@ -688,6 +689,27 @@ def test_fleet_status_shows_each_replicas_lag_and_what_was_deleted_unread(tmp_pa
     assert rows["vmafx-node-1"][1:4] == ["300", "0", str(301 - first_kept)]  # logged, read, lag: those kept
     assert rows["vmafx-node-1"][5] == str(first_kept - 1)  # missing: those deleted
     assert "fleet model: none published" in rows["fleet"][0] + " " + " ".join(rows["fleet"][1:])
+
+
+def test_a_replica_whose_clock_runs_ahead_is_warned_of_and_no_age_or_lag_is_negative(tmp_path, caplog, capsys,
+                                                                                       monkeypatch):
+    """The fleet merges the replicas by their own nodes' clocks: one an hour ahead went unsaid, while its lag, and
+    the model age the replicas report, read an hour below 0 (the time hunt)."""
+    rng, now = np.random.default_rng(25), time.time()
+    replica(tmp_path, "vmafx-node-0", [dataclasses.replace(sample(i, rng), arrival=now + 3600 + i)
+                                      for i in range(1, 41)])
+    replica(tmp_path, "vmafx-node-1", [dataclasses.replace(sample(i, rng), arrival=now - 100 + i)
+                                      for i in range(1, 41)])
+    capsys.readouterr()
+    assert vs.fleet_status(tmp_path, N_FEATURES) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["vmafx-node-0"][4] == "0" and 90 <= int(rows["vmafx-node-1"][4]) < 700  # lag (s)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config(min_samples_ckpt=1, gate="off")) == 0
+    assert caplog.text.count("ahead of this node's clock") == 1  # once a run, of the replica ahead
+    assert "fleet: vmafx-node-0: sample 1 is stamped 360" in caplog.text
+    monkeypatch.setattr(vs.time, "time", lambda: now - 3600)  # a replica an hour behind the fleet job's node
+    assert vs.fleet_model(tmp_path / vs.FLEET_DIR)["age_s"] == 0
 
 
 def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path):
