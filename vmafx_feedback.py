@@ -205,7 +205,11 @@ class FeedbackClient:
         self.capacity = capacity
         self.delivered = self.dropped = self.rejected = self.resent = 0
         self._queue: collections.deque[dict[str, Any]] = collections.deque()  # the head leaves once settled
-        self._cond = threading.Condition()  # guards the queue, the counters, the flags and _sock
+        # Guards the queue, the counters, the flags and _sock. Taken as `with self._lock`: the Condition's own
+        # __enter__ is Python code, where an exception from a signal handler (Ctrl-C, a SIGALRM job timeout) can
+        # land after the lock is taken and before the block that releases it: every later send() then blocked.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._closing = False  # close() was called: send() refuses
         self._stopping = False  # the thread stops at its next step
         self._sock: socket.socket | None = None
@@ -223,7 +227,8 @@ class FeedbackClient:
 
     def _begin_again_in_child(self) -> None:
         """The client in a child fork() made: its own lock, queue, counters, connection and thread."""
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._queue.clear()
         self.delivered = self.dropped = self.rejected = self.resent = 0
         if self._sock is not None:
@@ -238,16 +243,16 @@ class FeedbackClient:
         try:
             message = feedback_message(features, true_score, job_id, self._n_features, self._max_line)
         except InvalidSample as e:
-            with self._cond:
+            with self._lock:
                 self.rejected += 1
             self._log_once("invalid", "feedback: sample refused (%s); later ones are only counted", e)
             return False
         except Exception as e:  # the caller is scoring video: a bug here must cost a sample, not the job
-            with self._cond:
+            with self._lock:
                 self.dropped += 1
             self._log_once(type(e).__name__, "feedback: sample dropped on an unexpected error: %r", e)
             return False
-        with self._cond:
+        with self._lock:
             if not self._closing and len(self._queue) < self.capacity:
                 self._queue.append(message)
                 self._cond.notify_all()  # wakes the delivery thread
@@ -261,7 +266,7 @@ class FeedbackClient:
         """Deliver what is queued for up to `timeout` seconds (None or math.inf: however long), then stop; what is
         left counts as dropped. Returns within the timeout, or at worst FEEDBACK_ACK_DEADLINE_S later (a connect
         that blocks)."""
-        with self._cond:
+        with self._lock:
             self._closing = True
             self._cond.notify_all()  # ends a backoff pause: the sidecar may be back
             # None, or past TIMEOUT_MAX (math.inf, say), is no bound: the lock's own wait would overflow.
@@ -275,7 +280,7 @@ class FeedbackClient:
                 except OSError:
                     pass
         self._thread.join()
-        with self._cond:
+        with self._lock:
             self.dropped += len(self._queue)
             self._queue.clear()
 
@@ -287,7 +292,7 @@ class FeedbackClient:
 
     def metrics_text(self) -> str:
         """The counters in the Prometheus text format, under the names vmafx-node uses."""
-        with self._cond:
+        with self._lock:
             values = {name: getattr(self, name) for name, _ in FEEDBACK_METRICS}
         return "".join(f"# HELP vmafx_training_feedback_{name}_total {text}\n"
                        f"# TYPE vmafx_training_feedback_{name}_total counter\n"
@@ -308,7 +313,7 @@ class FeedbackClient:
                 if delivered:
                     delay = FEEDBACK_RETRY_S[0]
                     continue
-                with self._cond:  # a pause close() did not see begin ends with it: its timeout is for delivering
+                with self._lock:  # a pause close() did not see begin ends with it: its timeout is for delivering
                     closing = self._closing
                     delay = FEEDBACK_RETRY_S[0] if closing else delay
                     self._cond.wait_for(lambda: self._stopping or self._closing != closing, delay)
@@ -317,7 +322,7 @@ class FeedbackClient:
             self._disconnect()
 
     def _drop_head(self, error: Exception) -> None:
-        with self._cond:
+        with self._lock:
             if self._queue:
                 self._queue.popleft()
                 self.dropped += 1
@@ -326,7 +331,7 @@ class FeedbackClient:
 
     def _next(self) -> dict[str, Any] | None:
         """The head of the queue, once there is one; None when close() stops the thread."""
-        with self._cond:
+        with self._lock:
             self._cond.wait_for(lambda: self._queue or self._stopping)
             return None if self._stopping else self._queue[0]
 
@@ -336,7 +341,7 @@ class FeedbackClient:
         except OSError as e:  # out of file descriptors, say: the sidecar is out of reach until one frees
             self._unreachable(e)
             return False
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 sock.close()
                 return False
@@ -358,12 +363,12 @@ class FeedbackClient:
             ack = self._request(line)
         except FeedbackConnectionLost as e:
             self._disconnect()
-            with self._cond:
+            with self._lock:
                 if e.written and not self._stopping:
                     self.resent += 1  # it stays at the head: the next connection sends it again
             self._unreachable(e)
             return False
-        with self._cond:
+        with self._lock:
             self._queue.popleft()
             if ack["ok"]:
                 self.delivered += 1
@@ -400,7 +405,7 @@ class FeedbackClient:
         return ack
 
     def _disconnect(self) -> None:
-        with self._cond:
+        with self._lock:
             sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -412,7 +417,7 @@ class FeedbackClient:
                         self.socket_path, why, len(self._queue))
 
     def _log_once(self, kind: str, message: str, *args: Any) -> None:
-        with self._cond:
+        with self._lock:
             first = kind not in self._logged
             self._logged.add(kind)
         if first:

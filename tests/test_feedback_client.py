@@ -589,3 +589,35 @@ def test_a_client_used_as_a_context_manager_is_closed_on_leaving_it(sidecar_fact
     with vf.FeedbackClient(sidecar.socket) as client:
         assert client.send(*good(np.random.default_rng(1)))
     assert client.delivered == 1 and not client._thread.is_alive() and not client.send(*good(np.random.default_rng(2)))
+
+
+def test_an_exception_from_a_signal_handler_inside_send_never_leaves_the_lock_held(tmp_path):
+    """Ctrl-C, or a SIGALRM job timeout, raised inside send(): the Condition's __enter__ is Python code, and an
+    exception landing there after it took the lock left it held, so that every later send() and close() blocked and
+    the delivery thread stopped (the producer hunt)."""
+    client = vf.FeedbackClient(str(tmp_path / "absent.sock"), capacity=10**6)  # closed only if its lock is free
+    inside = False
+
+    def interrupt(*_):
+        if inside:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.00005)
+    interrupted, deadline = 0, time.monotonic() + 5
+    try:
+        while interrupted < 300 and time.monotonic() < deadline:
+            try:
+                inside = True
+                client.send([0.5] * N, 50.0)
+                inside = False
+            except KeyboardInterrupt:
+                inside, interrupted = False, interrupted + 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    other = threading.Thread(target=client.send, args=([0.5] * N, 50.0), daemon=True)
+    other.start()
+    other.join(5)
+    assert interrupted > 0 and not other.is_alive(), f"send() blocked after {interrupted} interrupts"
+    client.close(timeout=0)
