@@ -376,7 +376,7 @@ def open_lock(path: Path) -> int:
 def take_lock_within(fd: int, path: Path, wait_s: float) -> bool:
     """Take the exclusive flock on `fd` (the lock file `path`), trying for up to wait_s seconds; whether this
     process got it. StartupError where the filesystem takes no lock at all."""
-    deadline = time.monotonic() + wait_s
+    deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -384,6 +384,9 @@ def take_lock_within(fd: int, path: Path, wait_s: float) -> bool:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 return False
+            if not said:
+                log.info("waiting up to %g s for the sidecar that holds %s to stop", wait_s, path)
+                said = True
             time.sleep(0.1)
         except OSError as e:  # ENOLCK: NFSv3 without its lock service, say
             os.close(fd)
@@ -609,6 +612,15 @@ def raise_file_limit(config: Config) -> None:
 
 class StartupError(RuntimeError):
     """Something outside the process stops it from starting; the message says what."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT before the server's loop takes them over (a start, a fleet run): it ends where it is, as a
+    kill would, which the state is made to survive. A BaseException, so that no `except Exception` takes it."""
+
+
+def stop_by_signal(signum: int, frame: Any) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 class DirectoryClaimed(StartupError):
@@ -5225,6 +5237,9 @@ def run_command(args: argparse.Namespace) -> int:
     log.setLevel(config.log_level.upper())
     warn_unknown_settings(dict(os.environ))
     warn_of_a_path_nodes_cannot_read(config)
+    # As its container's PID 1 the sidecar gets only the signals it handles: a SIGTERM during a start (a journal's
+    # replay, an adoption's minute) was dropped, and the pod killed at the end of its grace period.
+    handlers = {signum: signal.signal(signum, stop_by_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         if args.command == "fleet":
             if not args.root.is_dir():  # a mistyped ROOT is no fleet with nothing new
@@ -5234,6 +5249,13 @@ def run_command(args: argparse.Namespace) -> int:
     except StartupError as e:
         log.error("%s", e)
         return 1
+    except Stopped as e:
+        log.warning("stopped by %s before %s: the next %s goes on from what is on disk", e,
+                    *(("the end of the run", "run") if args.command == "fleet" else ("serving", "start")))
+        return 1 if args.command == "fleet" else 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +472,34 @@ def test_adoption_waits_for_the_trainer_that_still_holds_the_source(tmp_path, st
     assert while_held["replica"] == set() and ".state" in while_held["parent"]  # nothing moved while claimed
     assert status(waiting)["samples_accepted"] == 20, waiting.stderr()
     assert "adopted the trainer state in" in waiting.stderr()
+
+
+def test_a_sigterm_while_an_adoption_waits_stops_the_start_at_once_as_pid_1_needs(tmp_path, start):
+    """In its container the sidecar is PID 1, which gets only the signals it handles: the handler came with the
+    server's loop, and a SIGTERM during a start (here the adoption's minute) was dropped, the pod killed at the end
+    of its grace period (the container hunt). The start now ends where it is, as a kill would, exit 0."""
+    parent, replica = tmp_path / "online", tmp_path / "online" / "node-0"
+    single = start(parent)
+    feed(single, 20, seed=31)
+    single.stop()
+    fd = os.open(parent / ".trainer.lock", os.O_RDWR)  # the single trainer still stopping
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **NUMERIC_ENV,
+               **settings_for(replica, adopt=parent), "VMAFX_BASE_MODEL_PATH": "",
+               "VMAFX_SIDECAR_SOCKET": str(tmp_path / "s.sock")}
+        waiting = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "serve"], env=env, stderr=subprocess.PIPE,
+                                   text=True)
+        said = waiting.stderr.readline()
+        assert f"waiting up to 60 s for the sidecar that holds {parent / '.trainer.lock'} to stop" in said, said
+        stopped_at = time.monotonic()
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=10) == 0
+        assert time.monotonic() - stopped_at < 5
+        assert "stopped by SIGTERM before serving: the next start goes on from what is on disk" in waiting.stderr.read()
+    finally:
+        os.close(fd)
+    assert trainer_files(replica) == set() and ".state" in trainer_files(parent)  # nothing moved
 
 
 def test_adoption_that_waited_out_its_minute_says_the_holder_still_runs_not_that_it_is_misconfigured(tmp_path,

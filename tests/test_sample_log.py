@@ -712,6 +712,32 @@ def test_a_replica_whose_clock_runs_ahead_is_warned_of_and_no_age_or_lag_is_nega
     assert vs.fleet_model(tmp_path / vs.FLEET_DIR)["age_s"] == 0
 
 
+def test_a_sigterm_during_a_fleet_run_ends_it_at_once_and_the_next_run_redoes_it(tmp_path, monkeypatch, caplog):
+    """The CronJob's fleet run is its container's PID 1, which gets only the signals it handles: it had none, and a
+    SIGTERM (a deadline, a deleted pod) was dropped, the run going on to the grace period's kill (the container
+    hunt). It now ends where it is, exit 1, and the next run redoes it from the last save."""
+    rng = np.random.default_rng(26)
+    replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 41)])
+    ingest = vs.Trainer.ingest
+
+    def ingest_then_sigterm(trainer, *args):
+        if trainer.samples_accepted == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ingest(trainer, *args)
+
+    monkeypatch.setattr(vs.Trainer, "ingest", ingest_then_sigterm)
+    monkeypatch.setenv("VMAFX_SIDECAR_N_FEATURES", str(N_FEATURES))
+    monkeypatch.setenv("VMAFX_BASE_MODEL_PATH", "")
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    before = signal.getsignal(signal.SIGTERM)
+    assert vs.main(["fleet", str(tmp_path)]) == 1
+    assert "stopped by SIGTERM before the end of the run: the next run goes on from what is on disk" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(vs.Trainer, "ingest", ingest)
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 40
+
+
 def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path):
     """Three replicas on one root, each logging what it accepts; a fleet run trains fleet/ on all of it and
     publishes a model every replica then reports; a second run finds nothing new."""
