@@ -5126,7 +5126,7 @@ def sample_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="vmafx-sidecar", description=(__doc__ or "").split("\n\n")[0])  # -OO: none
     commands = parser.add_subparsers(dest="command")
     serve_parser = commands.add_parser(
         "serve", help="run the sidecar (the default)",

@@ -322,6 +322,14 @@ def test_help_names_every_kind_of_base_model_and_demo_has_a_description(short_di
     assert "printing each checkpoint with its held-out error" in help_of("demo")
 
 
+def test_the_commands_run_with_docstrings_stripped(short_dir):
+    """PYTHONOPTIMIZE=2, an image-wide setting, strips docstrings: every command but the probe crashed building its
+    parser from the module's (the container hunt)."""
+    done = subprocess.run([sys.executable, "-OO", "-m", "vmafx_sidecar", "checkpoints", str(short_dir)],
+                          env=clean_env(short_dir), cwd=short_dir, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("samples", ["0", "-1", "-600", "many"])
 def test_demo_refuses_a_sample_count_below_one_in_one_line(short_dir, samples):
     done = subprocess.run([sys.executable, "-m", "vmafx_sidecar", "demo", "--samples", samples],
