@@ -139,6 +139,10 @@ def one_of(*choices: str) -> Check:
 # checkpoints went to "online\n", where no node looks, and a base model read as missing was replaced by a fresh one.
 PATH = Check(lambda v: bool(v) and v == v.strip(), "a path, not empty, without spaces or line breaks around it")
 PATH_OR_EMPTY = Check(lambda v: v == v.strip(), "a path without spaces or line breaks around it, or empty")
+# The kernel's sun_path holds 108 bytes, its end among them: a longer socket path failed only at the bind, after the
+# claims, the journal's replay and the metrics endpoint.
+SOCKET_PATH = Check(lambda v: PATH.ok(v) and len(os.fsencode(v)) <= 107,
+                    "a path of at most 107 bytes (a Unix socket's limit), without spaces or line breaks around it")
 
 
 def listen_address_ok(text: str) -> bool:
@@ -161,7 +165,7 @@ def setting(default: Any, env: str, check: Check, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", PATH,
+    socket: str = setting(DEFAULT_SOCKET, "VMAFX_SIDECAR_SOCKET", SOCKET_PATH,
                           "Unix socket the node connects to (created with mode 0600)")
     base_model_path: str = setting("/mnt/vmafx-models/base/model.onnx", "VMAFX_BASE_MODEL_PATH", PATH_OR_EMPTY,
                                    "model to fine-tune: ONNX, PyTorch state-dict (.pt, .pth) or .npz; empty or "

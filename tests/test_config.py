@@ -100,6 +100,8 @@ INVALID = [
     ({"VMAFX_SIDECAR_CHECKPOINT_DIR": "online\n"}, "VMAFX_SIDECAR_CHECKPOINT_DIR", "'online\\n'"),
     ({"VMAFX_BASE_MODEL_PATH": "base.onnx\n"}, "VMAFX_BASE_MODEL_PATH", "'base.onnx\\n'"),
     ({"VMAFX_SIDECAR_SOCKET": " s.sock"}, "VMAFX_SIDECAR_SOCKET", "' s.sock'"),
+    # Past a Unix socket's 107 bytes: it failed only at the bind, after the claims and the journal's replay.
+    ({"VMAFX_SIDECAR_SOCKET": "/tmp/" + "s" * 98 + ".sock"}, "VMAFX_SIDECAR_SOCKET", "s" * 98),
     ({"VMAFX_SIDECAR_ADOPT_DIR": "old "}, "VMAFX_SIDECAR_ADOPT_DIR", "'old '"),
     # The status shows every setting, and a Go node reads an integer as an int64.
     ({"VMAFX_SIDECAR_SEED": str(2**64)}, "VMAFX_SIDECAR_SEED", str(2**64)),
@@ -112,6 +114,13 @@ INVALID = [
 def test_invalid_env_value_exits_2_naming_the_variable(short_dir, variables, name, value):
     line = assert_rejected(run_serve(short_dir, **variables), short_dir, name)
     assert value in line, line
+
+
+def test_a_socket_path_of_107_bytes_is_the_longest_taken():
+    longest = "/tmp/" + "s" * 97 + ".sock"
+    assert vmafx_sidecar.Config.load({"VMAFX_SIDECAR_SOCKET": longest}, {}).socket == longest
+    with pytest.raises(vmafx_sidecar.ConfigError, match="at most 107 bytes"):
+        vmafx_sidecar.Config.load({"VMAFX_SIDECAR_SOCKET": "/tmp/" + "é" * 49 + ".sock"}, {})  # 108 bytes, 59 characters
 
 
 @pytest.mark.parametrize("flag, value, env, valid_env_value", [
