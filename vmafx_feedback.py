@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import select
 import socket
 import stat
 import sys
@@ -630,14 +631,25 @@ def csv_rows(lines: Iterator[bytes]) -> Any:
                       for number, line in enumerate(lines))
 
 
+# In place of a request line: the input has no line ready (a pipe, a FIFO or a terminal whose writer has paused), and the
+# next may be long in coming (`tail -f`): what was sent is settled meanwhile.
+INPUT_WAITS = b""
+
+
 def read_requests(paths: list[str], layouts: dict[str, CsvLayout], max_line: int, tally: Tally
                   ) -> Iterator[tuple[str, int, bytes | None, str | None]]:
-    """(file, line number, request line or None, why it is not sent or None) for each non-blank line."""
+    """(file, line number, request line or None, why it is not sent or None) for each non-blank line, and INPUT_WAITS
+    as the line before a read that may wait."""
     for path in paths:
         name = "<stdin>" if path == "-" else path
         with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as f:
             if path not in layouts:  # JSON lines go as they are (a file's BOM aside): the sidecar checks them
-                for number, line in enumerate(json_lines(f, max_line, tally), 1):
+                number = 0
+                for line in json_lines(f, max_line, tally, may_wait=not stat.S_ISREG(os.fstat(f.fileno()).st_mode)):
+                    if line == INPUT_WAITS:
+                        yield name, number, INPUT_WAITS, None
+                        continue
+                    number += 1
                     if line is None:
                         yield name, number, None, LINE_TOO_LONG.format(max_line)
                     elif line.strip():  # the sidecar answers no blank line
@@ -669,18 +681,23 @@ def csv_outcome(row: list[str], layout: CsvLayout, name: str, first: int, last: 
                               f"({e}): a stray double quote?") from None
 
 
-def json_lines(f: io.BufferedReader, limit: int, tally: Tally) -> Iterator[bytes | None]:
+def json_lines(f: io.BufferedReader, limit: int, tally: Tally, may_wait: bool = False) -> Iterator[bytes | None]:
     """f's lines, a byte-order mark that begins it dropped (as some editors begin a UTF-8 file); None for one of more
     than `limit` bytes before its newline, which the sidecar would refuse, and which is read on in pieces, never held
-    whole (a JSON array on one line, say); a blank one, however long, as a blank line."""
+    whole (a JSON array on one line, say); a blank one, however long, as a blank line. An f that `may_wait` (not a
+    regular file) gives INPUT_WAITS before a read when nothing is ready to read (or only what f has buffered)."""
     bom = len(codecs.BOM_UTF8)
     limit = min(limit, sys.maxsize - 1 - bom)  # one past what a read can ask for (an operator's "no limit"): none
-    while line := f.readline(limit + 1 + bom):
+    while True:
+        if may_wait and not select.select([f], [], [], 0)[0]:
+            yield INPUT_WAITS
+        if not (line := f.readline(limit + 1 + bom)):
+            return
         tally.bytes_read += len(line)
         if bom:
             line, bom = line.removeprefix(codecs.BOM_UTF8), 0
         if len(line) - line.endswith(b"\n") <= limit:
-            yield line
+            yield line or b"\n"  # a byte-order mark alone is a blank line, not INPUT_WAITS
             continue
         blank, piece = not line.strip(), line
         while not piece.endswith(b"\n") and (piece := f.readline(RECV_BYTES)):
@@ -744,13 +761,12 @@ class Tally:
 
 
 def send_lines(sock: socket.socket, reader: io.BufferedReader,
-               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally,
-               streaming: bool = False) -> None:
+               requests: Iterator[tuple[str, int, bytes | None, str | None]], tally: Tally) -> None:
     """Send half a window at a time and read ACKs down to the other half, so the sidecar always has lines
-    queued; from a `streaming` input (a pipe, a terminal), each line as soon as it is read, since the next may
-    be a long wait away (`tail -f`). Lines rejected here wait in the queue too: everything is settled in input
-    order. An input that cannot be read on (OSError, UnreadableInput) ends the sending, once what was queued
-    before it is settled."""
+    queued; when the input waits (INPUT_WAITS: `tail -f`), every line read so far, and their ACKs, so that a
+    rejection or a sidecar gone is told then, not a window of lines later. Lines rejected here wait in the queue
+    too: everything is settled in input order. An input that cannot be read on (OSError, UnreadableInput) ends
+    the sending, once what was queued before it is settled."""
     queue: collections.deque[tuple[str, int, str | None, int]] = collections.deque()
     chunk: list[bytes] = []
     in_flight = 0  # bytes of the queued lines
@@ -763,13 +779,16 @@ def send_lines(sock: socket.socket, reader: io.BufferedReader,
         except (OSError, UnreadableInput) as e:
             unreadable = e
             break
+        if line == INPUT_WAITS:
+            transmit(sock, chunk, tally)
+            while queue:
+                in_flight -= settle_next(reader, queue, tally)
+            continue
         size = len(line) if line is not None else 0
         queue.append((name, number, error, size))
         in_flight += size
         if line is not None:
             chunk.append(line)
-        if streaming:
-            transmit(sock, chunk, tally)
         if len(queue) >= SEND_WINDOW or in_flight >= SEND_WINDOW_BYTES:
             transmit(sock, chunk, tally)
             while len(queue) > SEND_WINDOW // 2 or in_flight > SEND_WINDOW_BYTES // 2:
@@ -841,7 +860,7 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
         try:
             with sock.makefile("rb") as reader:
                 max_line, full = sidecar_limits(sock, reader)
-                send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally, streaming(paths))
+                send_lines(sock, reader, read_requests(paths, layouts, max_line, tally), tally)
         except ConnectionError as e:
             stopped = f"connection to {socket_path} lost ({e})"
             # At its limit when it answered, closed at the first sample, and still there: the probes' reserve.
@@ -864,14 +883,6 @@ def send_files(paths: list[str], socket_path: str, score_column: str, feature_co
     if hint:
         print(f"vmafx-sidecar send: {hint}", file=sys.stderr)
     return 1 if stopped or tally.rejected else 0
-
-
-def streaming(paths: list[str]) -> bool:
-    """Whether an input is standard input that is not a file: lines come when its writer writes them."""
-    try:
-        return "-" in paths and not stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
-    except (OSError, ValueError):  # no standard input at all
-        return False
 
 
 def answers_a_ping(path: str) -> bool:

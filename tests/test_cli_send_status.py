@@ -768,3 +768,49 @@ def test_send_from_a_pipe_delivers_each_line_as_it_is_read(sidecar_factory):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert status(sidecar)["samples_accepted"] == 4
+
+
+def test_send_from_a_pipe_tells_of_a_sidecar_gone_at_the_next_line_not_at_the_inputs_end(sidecar_factory):
+    """From a pipe, ACKs were read only every 256 lines or at the input's end, and a failed write ignored: after a
+    restart of the sidecar, `tail -f | send -` went on reading and dropping lines, for hours at a slow producer's
+    pace, before it told (the producer and coverage hunts). Its ACKs are read whenever the input waits."""
+    sidecar = sidecar_factory(**SERVER)
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            cwd=ROOT)
+    try:
+        proc.stdin.write(VALID * 3)
+        proc.stdin.flush()  # and the pipe stays open
+        deadline = time.monotonic() + 30
+        while status(sidecar)["samples_accepted"] < 3:
+            assert time.monotonic() < deadline, "the lines read were not sent"
+            time.sleep(0.05)
+        sidecar.stop(signal.SIGKILL)
+        proc.stdin.write(VALID)
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 1, "send waits for the input's end to tell"
+        stderr = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+    assert "lost" in stderr and "the input was done up to <stdin>:3" in stderr, stderr
+
+
+def test_send_from_a_named_pipe_delivers_each_line_as_it_is_written(sidecar_factory, tmp_path):
+    """A FIFO named as a .jsonl file held its lines until its writer closed it, as standard input from a pipe had."""
+    sidecar = sidecar_factory(**SERVER)
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, str(fifo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT)
+    try:
+        with open(fifo, "wb") as writer:
+            writer.write(VALID * 3)
+            writer.flush()  # and the FIFO stays open
+            deadline = time.monotonic() + 30
+            while status(sidecar)["samples_accepted"] < 3:
+                assert time.monotonic() < deadline, "the lines written were not sent"
+                time.sleep(0.05)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
