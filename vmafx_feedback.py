@@ -62,6 +62,10 @@ JSON_TYPE_NAMES = {dict: "object", list: "array", tuple: "array", str: "string",
 
 PROBE_HELP = "exit 0 when the sidecar answers a ping within the timeout, else 1 (for health probes)"
 CONNECT_RETRY_S = 0.01  # while the sidecar's listen backlog is full
+# Longer than any answer of the sidecar's (an ACK's escaped job_id takes at most 400 KB, a status a few): a line past
+# it is not the sidecar's, and is not read on, since a peer that never ends its line would take all memory.
+ANSWER_MAX_BYTES = 1 << 20
+NOT_AN_ANSWER = f"an answer longer than {ANSWER_MAX_BYTES} bytes: not the sidecar's"
 
 
 def ask(path: str, request: bytes, timeout_s: float) -> bytes:
@@ -74,6 +78,8 @@ def ask(path: str, request: bytes, timeout_s: float) -> bytes:
         client.sendall(request)
         answer = bytearray()
         while not answer.endswith(b"\n"):
+            if len(answer) > ANSWER_MAX_BYTES:
+                raise OSError(NOT_AN_ANSWER)
             client.settimeout(seconds_left(deadline))
             if not (data := client.recv(65536)):
                 break
@@ -392,6 +398,8 @@ class FeedbackClient:
                 sock.settimeout(seconds_left(deadline))
                 sent += sock.send(line[sent:], socket.MSG_NOSIGNAL)  # a producer may not ignore SIGPIPE
             while (end := self._inbuf.find(b"\n")) < 0:
+                if len(self._inbuf) > ANSWER_MAX_BYTES:
+                    raise ConnectionError(NOT_AN_ANSWER)
                 sock.settimeout(seconds_left(deadline))
                 data = sock.recv(RECV_BYTES)
                 if not data:
@@ -814,13 +822,14 @@ def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tall
     name, number, error, size = queue.popleft()
     if error is None:
         try:
-            answer = reader.readline()
+            answer = reader.readline(ANSWER_MAX_BYTES + 1)
         except TimeoutError:
             raise
         except OSError as e:
             raise ConnectionError(e.strerror or str(e)) from None
         if not answer.endswith(b"\n"):
-            raise ConnectionError("the sidecar closed the connection")
+            raise ConnectionError(NOT_AN_ANSWER if len(answer) > ANSWER_MAX_BYTES
+                                  else "the sidecar closed the connection")
         try:
             ack = json.loads(answer)
         except (ValueError, RecursionError):
@@ -899,14 +908,14 @@ def sidecar_limits(sock: socket.socket, reader: io.BufferedReader) -> tuple[int,
     status = None
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
-        status = json.loads(reader.readline())
+        status = json.loads(reader.readline(ANSWER_MAX_BYTES + 1))
         full = status.get("connections", 0) >= status["config"].get("max_connections", math.inf)
         return int(status["config"]["max_line_bytes"]), full
     except TimeoutError:
         raise
     except OSError as e:
         raise ConnectionError(e.strerror or e) from None
-    except (ValueError, RecursionError, KeyError, TypeError):  # b"" at EOF is a ValueError too
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # b"" at EOF is a ValueError too
         refusal = status.get("error") if type(status) is dict and status.get("ok") is False else None
         raise ConnectionError(f"the sidecar refused a status request: {refusal}" if refusal
                               else "its answer to a status request was not a status") from None

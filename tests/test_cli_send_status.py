@@ -650,6 +650,62 @@ def test_status_fails_in_one_line_on_an_answer_that_is_not_a_status(tmp_path, an
     assert done.stderr.decode().startswith(f"vmafx-sidecar status: {path}: {said}") and done.stderr.count(b"\n") == 1
 
 
+@pytest.mark.parametrize("answer", [b"null\n", b"[]\n", b'{"ok": true, "config": []}\n'])
+def test_send_fails_in_one_line_on_a_status_answer_that_is_json_but_not_a_status(tmp_path, answer):
+    """An answer that was JSON but not an object ended send in an AttributeError's traceback (the producer hunt)."""
+    path = str(tmp_path / "s.sock")
+    server = answering_once(path, answer)
+    done = cli("send", "--socket", path, "-", stdin=b"")
+    server.join(10)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr
+    assert b"its answer to a status request was not a status" in done.stderr
+
+
+def flooding(path: str) -> threading.Event:
+    """A foreign server on `path` that answers each connection with one line that never ends, until the event is
+    set."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    try:
+                        while not stop.is_set():
+                            conn.sendall(b"x" * 65536)
+                    except OSError:  # the client gave up
+                        pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return stop
+
+
+@pytest.mark.parametrize("command", ["probe", "status", "send"])
+def test_an_answer_that_never_ends_is_given_up_past_any_of_the_sidecars(tmp_path, command):
+    """A foreign server writing one endless line: its answer was read unbounded, send's past --timeout, taking
+    gigabytes in seconds (the producer hunt). Past the longest answer the sidecar gives, it is not the sidecar's."""
+    path = str(tmp_path / "s.sock")
+    stop = flooding(path)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", command, "--socket", path, "--timeout", "30",
+                                 *(["-"] if command == "send" else [])], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT)
+        _, stderr = proc.communicate(b"", timeout=60)
+    finally:
+        stop.set()
+    assert proc.returncode == 1 and b"Traceback" not in stderr, stderr
+    said = {"send": b"its answer to a status request was not a status"}.get(command, vf.NOT_AN_ANSWER.encode())
+    assert said in stderr, stderr
+
+
 def stalling_sidecar(path: str, answered: int, answer: bytes = b'{"ok": true, "step": 0, "trained": false}\n'
                      ) -> tuple[threading.Thread, threading.Event]:
     """A stand-in for the sidecar on `path` that answers send's status request (if `answered` >= 0) and then

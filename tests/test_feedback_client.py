@@ -19,6 +19,7 @@ import pytest
 
 import vmafx_feedback as vf
 from conftest import Sidecar
+from test_cli_send_status import flooding
 
 N = 8
 ENV = {"VMAFX_SIDECAR_N_FEATURES": str(N), "VMAFX_SIDECAR_MIN_SAMPLES_CKPT": str(10**9)}
@@ -621,3 +622,18 @@ def test_an_exception_from_a_signal_handler_inside_send_never_leaves_the_lock_he
     other.join(5)
     assert interrupted > 0 and not other.is_alive(), f"send() blocked after {interrupted} interrupts"
     client.close(timeout=0)
+
+
+def test_an_answer_that_never_ends_costs_the_connection_not_all_memory(tmp_path, clients, fast_retry, caplog):
+    """A foreign server on the socket path writing one endless line: the delivery thread read it unbounded until
+    its 2 s deadline, gigabytes a try (the producer hunt)."""
+    path = str(tmp_path / "s.sock")
+    stop = flooding(path)
+    try:
+        client = clients(path)
+        with caplog.at_level(logging.WARNING, logger="vmafx_sidecar"):
+            assert client.send([0.5] * N, 50.0)
+            wait_until(lambda: vf.NOT_AN_ANSWER in caplog.text)
+        assert client.delivered == 0 and len(client._inbuf) <= vf.ANSWER_MAX_BYTES + vf.RECV_BYTES
+    finally:
+        stop.set()
