@@ -203,12 +203,12 @@ class FeedbackClient:
     its own: what was queued is the parent's to deliver, and the parent's threads may have held its lock.
     """
 
-    def __init__(self, socket_path: str | None = None, capacity: int = 1000) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, capacity: int = 1000) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if socket_path is None:
             socket_path = os.environ.get(SOCKET_ENV, DEFAULT_SOCKET)
-        self.socket_path = socket_path
+        self.socket_path = os.fspath(socket_path)  # a pathlib.Path, which connect() takes for no AF_UNIX address
         self.capacity = capacity
         self.delivered = self.dropped = self.rejected = self.resent = 0
         self._queue: collections.deque[dict[str, Any]] = collections.deque()  # the head leaves once settled

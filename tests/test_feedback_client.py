@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -637,3 +638,13 @@ def test_an_answer_that_never_ends_costs_the_connection_not_all_memory(tmp_path,
         assert client.delivered == 0 and len(client._inbuf) <= vf.ANSWER_MAX_BYTES + vf.RECV_BYTES
     finally:
         stop.set()
+
+
+def test_a_socket_path_given_as_a_path_object_is_delivered_to(sidecar_factory, clients):
+    """A pathlib.Path was taken, then every connect() failed on it (a TypeError), the sidecar reported unreachable
+    and each sample dropped at close (the producer hunt)."""
+    s = sidecar_factory(**ENV)
+    client = clients(Path(s.socket))
+    assert client.send([0.5] * N, 50.0)
+    client.close(timeout=30)
+    assert (client.delivered, client.dropped) == (1, 0)
