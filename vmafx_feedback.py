@@ -248,7 +248,12 @@ class FeedbackClient:
              job_id: str | None = None) -> bool:
         """Queue one sample; False when it was rejected or dropped instead. Never blocks or raises."""
         try:
-            message = feedback_message(features, true_score, job_id, self._n_features, self._max_line)
+            try:
+                message = feedback_message(features, true_score, job_id, self._n_features, self._max_line)
+            except InvalidSample:
+                if not self._limits_outlived():
+                    raise
+                message = feedback_message(features, true_score, job_id, None, None)  # for the sidecar to judge
         except InvalidSample as e:
             with self._lock:
                 self.rejected += 1
@@ -268,6 +273,21 @@ class FeedbackClient:
             why = "the client is closed" if self._closing else f"the queue is full ({self.capacity})"
         self._log_once(why, "feedback: sample dropped: %s; later ones are only counted", why)
         return False
+
+    def _limits_outlived(self) -> bool:
+        """Whether n_features and the line limit were learned on a connection that has ended since: the sidecar that
+        said them stopped, and the next may have other settings (a rollout that changed them)."""
+        with self._lock:
+            if self._n_features is None:
+                return False
+            if self._sock is None:
+                return True
+            if not select.select([self._sock], [], [], 0)[0]:  # nothing to read, not even its end: still open
+                return False
+            try:  # b"" is the end the sidecar closed; a byte, an ACK on its way
+                return self._sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what is queued for up to `timeout` seconds (None or math.inf: however long), then stop; what is

@@ -648,3 +648,23 @@ def test_a_socket_path_given_as_a_path_object_is_delivered_to(sidecar_factory, c
     assert client.send([0.5] * N, 50.0)
     client.close(timeout=30)
     assert (client.delivered, client.dropped) == (1, 0)
+
+
+def test_a_sidecar_restarted_with_another_feature_count_judges_the_samples_itself(sidecar_factory, clients, tmp_path):
+    """The count learned from the sidecar that stopped refused, before they were queued, every sample of the count
+    its successor takes: the client never connected again to learn it, and delivered nothing until the producer
+    restarted (the producer hunt)."""
+    path = str(tmp_path / "s.sock")
+    (tmp_path / "before").mkdir()
+    (tmp_path / "after").mkdir()
+    before = sidecar_factory(workdir=tmp_path / "before", **ENV, VMAFX_SIDECAR_SOCKET=path)
+    client = clients(path)
+    assert client.send([0.5] * N, 50.0)
+    wait_until(lambda: client.delivered == 1)
+    assert not client.send([0.5] * (N + 1), 50.0)  # the sidecar that said N still runs: refused here
+    before.stop()
+    sidecar_factory(workdir=tmp_path / "after", **{**ENV, "VMAFX_SIDECAR_N_FEATURES": str(N + 1)},
+                    VMAFX_SIDECAR_SOCKET=path)
+    assert client.send([0.5] * (N + 1), 50.0)
+    client.close(timeout=30)
+    assert (client.delivered, client.rejected, client.dropped) == (2, 1, 0)
