@@ -4032,6 +4032,7 @@ def fleet(root: Path, config: Config) -> int:
         # schedule's tick than that one had published nothing, and one that did published at its first step.
         trainer.last_checkpoint_time = time.monotonic()
         replicas = replica_logs(root.absolute())
+        earlier = {key: fleet_cursor(path) for path, key in replicas}  # see save_fleet_state()
         logs = [replica_samples(path, key, config.n_features, state.sources.get(key, state.sources.get(path.name, 0)))
                 for path, key in replicas]
         ingested = 0
@@ -4040,13 +4041,13 @@ def fleet(root: Path, config: Config) -> int:
             state.sources[key] = sample.sequence
             ingested += 1
             if result is not None and result.checkpoint is not None:
-                save_fleet_state(state)  # the state a checkpoint came from, with the logs' positions then
+                save_fleet_state(state, earlier)  # the state a checkpoint came from, with the logs' positions then
         for path, key in replicas:  # a position kept under a directory's name, as before logs had names, moved
             if key in state.sources and key != path.name:
                 state.sources.pop(path.name, None)
         if trainer.samples_since_checkpoint >= max(1, config.min_samples_ckpt):  # everything the run trained on
             trainer.take_checkpoint()
-        save_fleet_state(state)
+        save_fleet_state(state, earlier)
     finally:
         os.close(claim)  # the kernel would release it at exit; a run in a test's process goes on
     latest = trainer.checkpoints.latest
@@ -4055,15 +4056,19 @@ def fleet(root: Path, config: Config) -> int:
     return 0 if ingested else FLEET_NOTHING_NEW
 
 
-def save_fleet_state(state: StateStore) -> None:
+def save_fleet_state(state: StateStore, earlier: dict[str, int] | None = None) -> None:
     """The snapshot (the trainer's state and the logs' positions, together), then the positions for the
     replicas, whose retention keeps what was not read yet: never ahead of a saved state, so a snapshot the
-    disk refused fails the run (the next one goes on from the last saved state)."""
+    disk refused fails the run (the next one goes on from the last saved state). A replica's position the state
+    lacks is kept as it was `earlier`: a state set aside since (another model) begins without positions, and a
+    log it cannot read (of the feature count before) would have lost its own, the samples the earlier state read
+    then counted as lost by the replica's retention and reported as a gap."""
     generation = state.generation
     state.save()
     if state.generation == generation:
         raise StartupError(f"cannot save the fleet trainer's state in {state.directory}")
-    cursors = json.dumps({"sources": state.sources, "saved_unix": round(time.time(), 3)}).encode()
+    positions = {**{key: n for key, n in (earlier or {}).items() if n}, **state.sources}
+    cursors = json.dumps({"sources": positions, "saved_unix": round(time.time(), 3)}).encode()
     write_whole(state.directory.parent / FLEET_CURSORS, cursors)
 
 

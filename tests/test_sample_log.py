@@ -917,6 +917,19 @@ def test_a_copy_of_a_replica_directory_is_skipped_wherever_its_name_sorts(tmp_pa
     assert f"fleet: {copy} skipped: its sample log is named" in caplog.text
 
 
+def test_a_fleet_state_set_aside_keeps_the_positions_of_the_logs_it_cannot_read(tmp_path):
+    """A rollout to another feature count whose fleet run comes before a replica is replaced: the fleet's state is
+    set aside, the replica's log (of the count before) skipped, and the positions written without it. The replica
+    then counted all its log held as lost, and the fleet reported as a gap what it had read (the replicas hunt)."""
+    rng = np.random.default_rng(27)
+    node = tmp_path / "vmafx-node-0"
+    replica(tmp_path, node.name, [sample(i, rng) for i in range(1, 51)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert vs.fleet_cursor(node) == 50
+    assert vs.fleet(tmp_path, fleet_config(n_features=N_FEATURES + 1)) == vs.FLEET_NOTHING_NEW
+    assert vs.fleet_cursor(node) == 50
+
+
 def test_a_position_kept_under_a_directory_name_by_an_older_version_moves_to_the_logs_name(tmp_path):
     rng = np.random.default_rng(33)
     replica(tmp_path, "vmafx-node-0", [sample(i, rng) for i in range(1, 11)])
