@@ -157,6 +157,14 @@ CASES = [
     Case("VmafxFleetSamplesLost", "some", {series("vmafx_sidecar_sample_log_dropped_total"): "0x10 5+5x20"}, "15m",
          [POD_LABELS]),
     Case("VmafxFleetSamplesLost", "none", {series("vmafx_sidecar_sample_log_dropped_total"): "0x30"}, "15m", []),
+    # A pod replaced for a new feature count counts at its start what its log set aside: its new series (a new
+    # instance) begins at that count, where increase() sees nothing (the replicas hunt).
+    Case("VmafxFleetSamplesLost", "counted at a new pod's start",
+         {series("vmafx_sidecar_sample_log_dropped_total"): "0x10 _x20",
+          series("vmafx_sidecar_sample_log_dropped_total", instance="10.0.0.2:9464"): "_x10 300x20"}, "20m",
+         [POD_LABELS]),
+    Case("VmafxFleetSamplesLost", "an old count, unchanged for longer than the window",
+         {series("vmafx_sidecar_sample_log_dropped_total"): "300x40"}, "30m", []),
 ]
 
 
