@@ -2477,10 +2477,13 @@ class Trainer:
         others: the samples waiting for a step go into the new batches, each ring keeps its newest samples that
         fit. Checks everything before it changes anything (checked_rows())."""
         rows = self.checked_rows(state)
+        self.check_scalars(state)
         saved = state["coordinates"]
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
+        if not all(type(v) in (int, float) for v in (*coords.x_shift, *coords.x_scale, coords.y_shift, coords.y_scale)):
+            raise ValueError("coordinates that are not numbers")
         if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
             self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
         self.window.unscored = state["window_unscored"]  # sizes its arrays
@@ -2578,12 +2581,49 @@ class Trainer:
             shape = (rows[name], *array.shape[1:]) if name in rows else array.shape
             if not isinstance(state[name], np.ndarray) or state[name].shape != shape:
                 raise ValueError(f"array {name} has another shape than {shape}")
+            if state[name].dtype.kind not in "fiu":
+                raise ValueError(f"array {name} holds {state[name].dtype}, not numbers")
         for ring in RINGS:
             size, position, capacity = state[f"{ring}_size"], state[f"{ring}_next"], rows[f"{ring}_y"]
             if not (type(size) is int and type(position) is int and 0 <= size <= capacity
                     and 0 <= position < max(1, capacity)):
                 raise ValueError(f"the {ring} ring's size {size!r} and position {position!r} for capacity {capacity}")
         return rows
+
+    def check_scalars(self, state: dict[str, Any]) -> None:
+        """ValueError for a saved count, number, flag or record not of the kind state_scalars() saves: a snapshot
+        whose checksum holds but one of whose fields does not (edited by hand, another tool's) was loaded up to that
+        field, then set aside, leaving the trainer with its weights and not their coordinates (or a traceback)."""
+        def count(v: Any) -> bool:
+            return type(v) is int and v >= 0
+
+        def number(v: Any) -> bool:
+            return type(v) in (int, float)
+
+        def maybe(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+            return lambda v: v is None or ok(v)
+
+        kinds = dict.fromkeys(("steps", "steps_skipped", "samples_accepted", "samples_rejected", "samples_trained",
+                               "samples_held_out", "unnamed_samples", "samples_since_checkpoint",
+                               "samples_since_publish", "window_n"), count)
+        kinds |= {"last_checkpoint_unix": maybe(lambda v: number(v) and math.isfinite(v)), "last_loss": maybe(number),
+                  "loss_smoothed": maybe(number), "last_gate": maybe(lambda v: type(v) is dict),
+                  "has_champion": lambda v: type(v) is bool, "champion_version": maybe(lambda v: type(v) is int),
+                  "window_incumbent": maybe(lambda v: type(v) is int), "window_shift": number,
+                  "kept_raw": lambda v: type(v) in (bool, int),
+                  "kept_features": lambda v: type(v) is list and all(
+                      type(i) is int and 0 <= i < self.config.n_features for i in v),
+                  "rng": self.takes_rng_state, "coordinates": lambda v: type(v) is dict}
+        for name, ok in kinds.items():
+            if not ok(state[name]):
+                raise ValueError(f"{name} {state[name]!r:.100} is not what a snapshot holds there")
+
+    def takes_rng_state(self, saved: Any) -> bool:
+        try:  # on a generator of its own kind, not this one's
+            type(self.rng.bit_generator)().state = saved
+        except (TypeError, ValueError, KeyError):
+            return False
+        return True
 
     def take_pending(self, x: np.ndarray, y: np.ndarray, saved_for: dict[str, Any]) -> None:
         """The samples a saved state's next step was waiting for, added as they arrived: with other batch

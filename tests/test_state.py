@@ -838,6 +838,34 @@ def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog)
     assert len(lines) == 1 and "newer than this sidecar reads" in lines[0], lines
 
 
+SCALARS = sorted(make_trainer(Path("unused"), n_features=5, hidden=7).state_scalars())
+
+
+@pytest.mark.parametrize("field", [*SCALARS, "theta"])
+def test_a_snapshot_whose_checksum_holds_and_one_field_does_not_is_set_aside_before_anything_loads(tmp_path, field,
+                                                                                                   caplog):
+    """A field of another kind (edited by hand, another tool's): the state was loaded up to that field, then set aside
+    "starting without it", leaving the weights trained in standardized coordinates read as raw ones; some fields
+    ended the start in a traceback (the coverage hunt). Every field is checked before anything loads."""
+    server = in_process_server(tmp_path)
+    for m in messages(60):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    assert server.trainer.coords.standardized != "none"  # a fresh model's weights, standardized since
+    meta, arrays = read_snapshot(tmp_path)
+    if field == "theta":
+        arrays["theta"] = np.full(arrays["theta"].shape, "x")
+    else:
+        meta[field] = "x"
+    write_snapshot(tmp_path, meta, arrays)
+    again = in_process_server(tmp_path)
+    fresh = make_trainer(tmp_path / "fresh", n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+    assert again.trainer.samples_accepted == 0 and again.trainer.coords.standardized == "none"
+    assert np.array_equal(again.trainer.model.flat, fresh.model.flat)
+    assert np.array_equal(again.trainer.replay.y, fresh.replay.y)
+    assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
+
+
 def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_path):
     """A kill -9 between the first publish and the snapshot after it: the saved window scored the base, but
     the restarted trainer compares with the incumbent and the champion; it starts a new window rather than
