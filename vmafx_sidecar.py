@@ -1517,6 +1517,7 @@ class StateStore:
         self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
         self.samples_failing = False
+        self.sample_sync_failing = False  # their fsyncs, paced by the journal's
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
@@ -1646,14 +1647,25 @@ class StateStore:
             if self.samples is not None and not self.samples.in_place():
                 self.begin_log_again()
         if self.journal.sync_if_due() and self.samples is not None:  # synced as the journal is
-            try:
-                self.samples.sync()
-            except OSError as e:  # as often as the journal's fsync: once a second
-                self.sample_log_failures += 1
-                log.error("sample log fsync failed: %s", e)
+            self.sync_samples()
         counters = (self.trainer.samples_accepted, self.trainer.samples_rejected)
         if counters != self.saved_at and time.monotonic() - self.last_save >= self.config.state_interval_s:
             self.save()
+
+    def sync_samples(self) -> None:
+        """fsync the sample log; a refused one is counted, logged once per outage as the journal's, and retried
+        with the journal's next fsync."""
+        try:
+            self.samples.sync()
+        except OSError as e:
+            self.sample_log_failures += 1
+            if not self.sample_sync_failing:
+                log.error("sample log fsync failed, retrying every second: %s", e)
+            self.sample_sync_failing = True
+            return
+        if self.sample_sync_failing:
+            log.info("sample log fsyncs work again")
+        self.sample_sync_failing = False
 
     def save(self) -> None:
         """Write the snapshot atomically, then empty the journal. What the lines answered so far recorded is

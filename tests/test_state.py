@@ -723,34 +723,42 @@ def test_a_backlog_larger_than_the_space_a_full_disk_frees_does_not_keep_out_the
     assert in_process_server(tmp_path).trainer.samples_accepted == 4000
 
 
-def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("refused", ["journal", "sample log"])
+def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog, refused):
+    """The sample log's refused fsync was logged every second the disk refused it, not once an outage as the
+    journal's (the coverage hunt)."""
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
-    server = in_process_server(tmp_path)  # the journal fsynced every second, the default
-    journal = server.state.journal
+    server = in_process_server(tmp_path, sample_log="1")  # the journal fsynced every second, the default
+    journal, samples = server.state.journal, server.state.samples
     for m in messages(10):
         assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
     server.state.commit()
     real_fsync = os.fsync
 
     def failing_disk(fd):
-        if fd == journal.fd:
+        if fd == (journal.fd if refused == "journal" else samples.fd):
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_disk)
-    for _ in range(3):
+    for m in messages(3):
         journal.last_sync -= 2  # a second has passed
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]  # and something to sync
+        server.state.commit()
         server.state.tick()
-    assert journal.unsynced and server.state.write_failures()["journal"] == 3
+    kind = refused.replace(" ", "_")
+    assert server.state.write_failures()[kind] == 3
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
-        "journal fsync failed, retrying every second: [Errno 5] Input/output error"]
+        f"{refused} fsync failed, retrying every second: [Errno 5] Input/output error"]
     server.state.tick()  # within the second: not retried
-    assert server.state.write_failures()["journal"] == 3
+    assert server.state.write_failures()[kind] == 3
     monkeypatch.undo()
     journal.last_sync -= 2
+    assert json.loads(server.answer(json.dumps(messages(1)[0]).encode()))["ok"]
+    server.state.commit()
     server.state.tick()
-    assert not journal.unsynced and "journal fsyncs work again" in caplog.text
-    assert in_process_server(tmp_path).trainer.samples_accepted == 10
+    assert not journal.unsynced and f"{refused} fsyncs work again" in caplog.text
+    assert in_process_server(tmp_path).trainer.samples_accepted == 14
 
 
 @pytest.mark.parametrize("refused", ["snapshot", "journal"])
