@@ -928,14 +928,17 @@ def sidecar_limits(sock: socket.socket, reader: io.BufferedReader) -> tuple[int,
     status = None
     try:
         sock.sendall(FEEDBACK_STATUS_REQUEST)
-        status = json.loads(reader.readline(ANSWER_MAX_BYTES + 1))
+        if not (answer := reader.readline(ANSWER_MAX_BYTES + 1)):
+            raise ConnectionError("closed unanswered: the sidecar is stopping, or serves as many connections as "
+                                  "VMAFX_SIDECAR_MAX_CONNECTIONS allows and as many probes as it keeps places for")
+        status = json.loads(answer)
         full = status.get("connections", 0) >= status["config"].get("max_connections", math.inf)
         return int(status["config"]["max_line_bytes"]), full
     except TimeoutError:
         raise
     except OSError as e:
         raise ConnectionError(e.strerror or e) from None
-    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # b"" at EOF is a ValueError too
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
         refusal = status.get("error") if type(status) is dict and status.get("ok") is False else None
         raise ConnectionError(f"the sidecar refused a status request: {refusal}" if refusal
                               else "its answer to a status request was not a status") from None

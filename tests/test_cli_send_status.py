@@ -661,6 +661,16 @@ def test_send_fails_in_one_line_on_a_status_answer_that_is_json_but_not_a_status
     assert b"its answer to a status request was not a status" in done.stderr
 
 
+def test_send_closed_unanswered_says_so_not_that_the_answer_was_not_a_status(tmp_path):
+    """A sidecar with every place taken, the probes' reserve included, closes a connection unanswered: send said its
+    answer to a status request was not a status (the coverage hunt)."""
+    path = str(tmp_path / "s.sock")
+    server = answering_once(path, b"")
+    done = cli("send", "--socket", path, "-", stdin=b"")
+    server.join(10)
+    assert done.returncode == 1 and b"closed unanswered: the sidecar is stopping, or serves" in done.stderr, done.stderr
+
+
 def flooding(path: str) -> threading.Event:
     """A foreign server on `path` that answers each connection with one line that never ends, until the event is
     set."""
