@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -668,3 +669,28 @@ def test_a_sidecar_restarted_with_another_feature_count_judges_the_samples_itsel
     assert client.send([0.5] * (N + 1), 50.0)
     client.close(timeout=30)
     assert (client.delivered, client.rejected, client.dropped) == (2, 1, 0)
+
+
+def test_a_client_whose_socket_is_past_descriptor_1023_still_tells_a_live_sidecars_limits(sidecar_factory, clients):
+    """A busy producer holds many files: select() refuses a descriptor past 1023, and the check whether the sidecar
+    that said n_features still runs dropped the sample as an unexpected error (the review)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"a hard limit of {hard} open files: no descriptor past 1023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    held = []
+    try:
+        s = sidecar_factory(**ENV)
+        while not held or held[-1] < 1030:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        client = clients(s.socket)
+        assert client.send([0.5] * N, 50.0)
+        wait_until(lambda: client.delivered == 1)
+        assert client._sock.fileno() > 1023
+        assert not client.send([0.5] * (N + 1), 50.0)  # refused here: the sidecar that said N still runs
+        assert (client.rejected, client.dropped) == (1, 0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
