@@ -1305,6 +1305,20 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 SNAPSHOT_FORMAT = 6
 
 
+def check_store_fields(state: dict[str, Any]) -> None:
+    """ValueError for a field of the snapshot's own (not the trainer's: see Trainer.check_scalars) not of the kind
+    StateStore.save() writes, before anything loads: one that held, say, a number for the sources ended every start
+    in a traceback."""
+    kinds: dict[str, Callable[[Any], bool]] = {
+        "generation": lambda v: type(v) is int and v >= 0,
+        "sources": lambda v: type(v) is dict and all(type(k) is str and type(n) is int for k, n in v.items()),
+        "sample_log": lambda v: v is None or type(v) is str, "base_model": lambda v: type(v) is str,
+        "base_sha256": lambda v: type(v) is str}
+    for name, ok in kinds.items():
+        if name in state and not ok(state[name]):  # those added later are optional
+            raise ValueError(f"{name} {state[name]!r:.100} is not what a snapshot holds there")
+
+
 @dataclass(slots=True)
 class JournalRecord:
     features: np.ndarray
@@ -1776,6 +1790,7 @@ class StateStore:
             return None
         try:
             state = migrated({**meta, **arrays})
+            check_store_fields(state)
             generation = state["generation"]
             replayer = self.trainer.replayer(state["fingerprint"])
             replayer.load_state_dict(state)
