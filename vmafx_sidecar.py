@@ -658,7 +658,7 @@ class Server:
         self.config = config
         self.trainer = trainer
         self.state = state
-        self.started = time.monotonic()
+        self.started, self.started_unix = time.monotonic(), time.time()
         # The saved counts this process took over: its counters count from its start, as Prometheus reads every
         # counter (one restored lower than a scrape had seen, after a kill that lost samples the disk refused, was
         # read as a reset, and increase() took the whole lifetime's count for new samples).
@@ -4547,6 +4547,8 @@ def metrics_text(server: Server) -> str:
         ("process_resident_memory_bytes", "gauge", "Resident memory", [({}, resident_bytes())]),
         ("process_cpu_seconds_total", "counter", "User and system CPU time",
          [({}, usage.ru_utime + usage.ru_stime)]),
+        ("process_start_time_seconds", "gauge", "When the server started, in seconds since the epoch",
+         [({}, round(s.started_unix, 3))]),
     ]
     lines = []
     for name, kind, help, samples in families:

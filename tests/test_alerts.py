@@ -161,10 +161,15 @@ CASES = [
     # instance) begins at that count, where increase() sees nothing (the replicas hunt).
     Case("VmafxFleetSamplesLost", "counted at a new pod's start",
          {series("vmafx_sidecar_sample_log_dropped_total"): "0x10 _x20",
-          series("vmafx_sidecar_sample_log_dropped_total", instance="10.0.0.2:9464"): "_x10 300x20"}, "20m",
-         [POD_LABELS]),
+          series("vmafx_sidecar_sample_log_dropped_total", instance="10.0.0.2:9464"): "_x10 300x20",
+          series("process_start_time_seconds", instance="10.0.0.2:9464"): "_x10 590x20"}, "20m", [POD_LABELS]),
     Case("VmafxFleetSamplesLost", "an old count, unchanged for longer than the window",
-         {series("vmafx_sidecar_sample_log_dropped_total"): "300x40"}, "30m", []),
+         {series("vmafx_sidecar_sample_log_dropped_total"): "300x40",
+          series("process_start_time_seconds"): "0x40"}, "30m", []),
+    # A series merely new to Prometheus, after a gap in its scrapes, is an old process's (the review).
+    Case("VmafxFleetSamplesLost", "an old count, after a gap in the scrapes",
+         {series("vmafx_sidecar_sample_log_dropped_total"): "300x60 _x20 300x20",
+          series("process_start_time_seconds"): "0x60 _x20 0x20"}, "85m", []),
 ]
 
 

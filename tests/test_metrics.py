@@ -42,7 +42,7 @@ FAMILIES = {  # name: type, as the issue names them
     "vmafx_sidecar_connections_refused_total": "counter", "vmafx_sidecar_connections_dropped_total": "counter",
     "vmafx_sidecar_write_failures_total": "counter", "vmafx_sidecar_sample_log_dropped_total": "counter",
     "vmafx_sidecar_build_info": "gauge", "process_resident_memory_bytes": "gauge",
-    "process_cpu_seconds_total": "counter",
+    "process_cpu_seconds_total": "counter", "process_start_time_seconds": "gauge",
 }
 SAMPLE_LINE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="[^"\\\n]*",?)*)\})? (\S+)')
 
@@ -192,6 +192,7 @@ def test_values_move_as_traffic_flows(served):
     assert value(after, "vmafx_sidecar_eval_plcc") == pytest.approx(status["gate"]["metrics"]["candidate"]["plcc"])
     assert_gate_families_match_status(after, status)
     assert value(after, "process_resident_memory_bytes") > 10e6
+    assert abs(value(after, "process_start_time_seconds") - time.time()) < 600  # for VmafxFleetSamplesLost
     assert value(after, "process_cpu_seconds_total") >= value(before, "process_cpu_seconds_total")
     assert [v for (n, lbl), v in after.items() if n == "vmafx_sidecar_build_info"] == [1]
 
