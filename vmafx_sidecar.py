@@ -5317,7 +5317,9 @@ def run_command(args: argparse.Namespace) -> int:
     warn_of_a_path_nodes_cannot_read(config)
     # As its container's PID 1 the sidecar gets only the signals it handles: a SIGTERM during a start (a journal's
     # replay, an adoption's minute) was dropped, and the pod killed at the end of its grace period.
-    handlers = {signum: signal.signal(signum, stop_by_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    training = not (args.command == "fleet" and args.status)  # fleet --status only reads
+    handlers = {signum: signal.signal(signum, stop_by_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+                if training}
     try:
         if args.command == "fleet":
             if not args.root.is_dir():  # a mistyped ROOT is no fleet with nothing new
