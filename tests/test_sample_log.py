@@ -738,6 +738,18 @@ def test_a_sigterm_during_a_fleet_run_ends_it_at_once_and_the_next_run_redoes_it
     assert fleet_state(tmp_path)["samples_accepted"] == 40
 
 
+def test_fleet_status_interrupted_is_not_told_as_a_run_stopped(tmp_path, monkeypatch):
+    """It only reads: stopped, it had said the next run would go on from what is on disk (the review)."""
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+
+    monkeypatch.setattr(vs, "fleet_status", interrupted)
+    monkeypatch.setenv("VMAFX_BASE_MODEL_PATH", "")
+    with pytest.raises(KeyboardInterrupt):
+        vs.main(["fleet", "--status", str(tmp_path)])
+
+
 def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path):
     """Three replicas on one root, each logging what it accepts; a fleet run trains fleet/ on all of it and
     publishes a model every replica then reports; a second run finds nothing new."""
