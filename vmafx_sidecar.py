@@ -3655,14 +3655,16 @@ class CheckpointWriter:
         published whole: it goes to (or stays in) quarantine/, where its model gets the .sha256 of what it holds,
         so that its number stays taken and `checkpoints` and `verify` show it as what it is. What the disk
         refuses is tried at the next start."""
-        for directory, names in listings.items():
-            whole = [int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and m.group(2)]
+        for directory, listed in listings.items():
+            names = set(listed)  # looked up once per checkpoint: a list made a start of 32 000 of them take 25 s
+            newest_whole = max((int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.fullmatch(n)) and m.group(2)),
+                               default=0)
             for version in sorted({int(m.group(1)) for n in names if (m := CHECKPOINT_FILE.fullmatch(n))}):
                 stem = f"model_v{version:06d}"
                 if f"{stem}.onnx.sha256" in names:
                     continue
                 try:
-                    if version < max(whole, default=0):
+                    if version < newest_whole:
                         for name in (f"{stem}.json", f"{stem}.onnx"):
                             (directory / name).unlink(missing_ok=True)
                         log.warning("deleted checkpoint v%06d, which retention was deleting when the process stopped",
