@@ -2247,6 +2247,8 @@ def read_log(directory: Path, n_features: int, after: int = 0) -> Iterator[Logge
     paths = segment_paths(directory / SAMPLE_LOG_DIR)
     for path, following in itertools.zip_longest(paths, paths[1:]):
         end = int(following.name[:16]) if following else None
+        if end is not None and end - 1 <= after:  # read whole already: a stopped replica keeps it, read on each run
+            continue
         for sample in read_segment(path, n_features, after):
             if end is not None and sample.sequence >= end:
                 break

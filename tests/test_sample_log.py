@@ -750,6 +750,27 @@ def test_fleet_status_interrupted_is_not_told_as_a_run_stopped(tmp_path, monkeyp
         vs.main(["fleet", "--status", str(tmp_path)])
 
 
+def test_a_fleet_run_reads_no_segment_it_has_read_whole(tmp_path, monkeypatch):
+    """Every run read and checked every record of every segment, those wholly before its position too: a stopped
+    replica's directory keeps what the fleet read after it stopped, and 50 of them at their bound cost minutes a run
+    (the scale hunt)."""
+    rng = np.random.default_rng(28)
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", 1000)
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    log = vs.SampleLog(node, N_FEATURES)
+    append_each(log, [sample(i, rng) for i in range(1, 41)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    append_each(log, [sample(i, rng) for i in range(41, 46)])
+    assert len(vs.segment_paths(node / vs.SAMPLE_LOG_DIR)) > 2
+    read = []
+    real = vs.read_segment
+    monkeypatch.setattr(vs, "read_segment", lambda path, *args: read.append(path) or real(path, *args))
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 45
+    assert read == vs.segment_paths(node / vs.SAMPLE_LOG_DIR)[-len(read):] and len(read) <= 2
+
+
 def test_three_sidecars_and_two_fleet_runs_end_to_end(sidecar_factory, tmp_path):
     """Three replicas on one root, each logging what it accepts; a fleet run trains fleet/ on all of it and
     publishes a model every replica then reports; a second run finds nothing new."""
