@@ -1852,7 +1852,7 @@ def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The fields and arrays of a snapshot file's bytes, as written; ValueError if it is not whole."""
     header_end = len(SNAPSHOT_MAGIC) + SNAPSHOT_HEADER.size
     length, crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC)) if len(data) >= header_end else (-1, 0)
-    payload = data[header_end:]
+    payload = memoryview(data)[header_end:]  # not a copy: a snapshot holds the rings, hundreds of MB at large ones
     if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
         raise ValueError("bad checksum or truncated")
     try:
@@ -1908,9 +1908,9 @@ def pack_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[mem
             *(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for a in arrays.values())]
 
 
-def unpack_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def unpack_arrays(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     (length,) = struct.unpack_from("<I", payload)
-    header = json.loads(payload[4:4 + length])
+    header = json.loads(bytes(payload[4:4 + length]))
     arrays, offset = {}, 4 + length
     for name, (dtype, shape) in header["arrays"].items():
         count = math.prod(shape)
