@@ -4476,13 +4476,20 @@ def http_response(request: bytes, server: Server) -> bytes:
     return response + (b"" if method == b"HEAD" else body)  # a response to HEAD has no body, whatever its status
 
 
+def record_part(record: Any, key: str) -> dict[str, Any]:
+    """record[key] where both are objects, else {}: a gate record comes back from disk (a checkpoint's record, the
+    snapshot), where one edited by hand may hold anything, and a scrape that met it ended the sidecar."""
+    part = record.get(key) if isinstance(record, dict) else None
+    return part if isinstance(part, dict) else {}
+
+
 def metrics_text(server: Server) -> str:
     """Every metric in the Prometheus text exposition format (0.0.4)."""
     t, s = server.trainer, server
     latest = t.checkpoints.latest or {}
-    verdict_metrics = (t.last_gate or {}).get("metrics") or {}
-    candidate = verdict_metrics.get("candidate") or {}
-    judged = {name: verdict_metrics.get(name) or {} for name in ("window", "history")}
+    verdict_metrics = record_part(t.last_gate, "metrics")
+    candidate = record_part(verdict_metrics, "candidate")
+    judged = {name: record_part(verdict_metrics, name) for name in ("window", "history")}
     live = t.window.evidence(t.references())
     fleet = fleet_model(Path(s.config.checkpoint_dir).absolute().parent / FLEET_DIR)
     failures = {**s.state.write_failures(), "checkpoint": t.checkpoint_results["failed"] + t.checkpoints.failures}
@@ -4534,7 +4541,7 @@ def metrics_text(server: Server) -> str:
         ("vmafx_sidecar_gate_samples", "gauge", "Samples of each set the last verdict judged on",
          [({"set": name}, judged[name].get("n")) for name in judged]),
         *(("vmafx_sidecar_gate_" + score, "gauge", f"{score.upper()} of each model on each set, at the last "
-           "verdict", [({"set": name, "model": model}, measured[score]) for name in judged
+           "verdict", [({"set": name, "model": model}, measured.get(score)) for name in judged
                        for model, measured in judged[name].items() if isinstance(measured, dict)])
           for score in ("plcc", "r2", "rmse")),
         ("vmafx_sidecar_nonfinite_steps_total", "counter", "Steps undone because they overflowed float32, since the "
@@ -4558,7 +4565,7 @@ def metrics_text(server: Server) -> str:
     for name, kind, help, samples in families:
         lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
         for suffix, labels, value in (x if len(x) == 3 else ("", *x) for x in samples):
-            if value is not None:
+            if type(value) in (int, float):  # None where there is none yet; a record's, anything
                 text = ",".join(f'{k}="{v}"' for k, v in labels.items())
                 lines.append(f"{name}{suffix}{{{text}}} {value!r}" if text else f"{name}{suffix} {value!r}")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import vmafx_sidecar as vs
-from conftest import ROOT, make_trainer, sample
+from conftest import ROOT, NoState, make_trainer, sample
 from test_faults import wait_for
 
 N_FEATURES = 8
@@ -476,3 +476,16 @@ def test_a_histogram_takes_one_value_for_many_observations():
     h.observe(0.0005)
     assert h.samples() == [("_bucket", {"le": "0.001"}, 1), ("_bucket", {"le": "0.01"}, 41),
                            ("_bucket", {"le": "+Inf"}, 41), ("_sum", {}, pytest.approx(0.2005)), ("_count", {}, 41)]
+
+
+@pytest.mark.parametrize("record", [{"metrics": 5}, {"metrics": {"candidate": [1], "window": {"base": {}}}},
+                                    {"metrics": {"history": {"base": {"plcc": "x", "r2": None}}}}, [1]])
+def test_a_gate_record_of_any_shape_is_scraped_not_a_crash(tmp_path, record):
+    """The last gate record comes back from disk (a checkpoint's record, the snapshot), and one edited by hand held
+    anything: a scrape that met it raised in the loop and ended the sidecar (the review)."""
+    trainer = make_trainer(tmp_path, n_features=N_FEATURES, hidden=8)
+    server = vs.Server(trainer.config, trainer, NoState())
+    trainer.last_gate = record
+    metrics = parse_exposition(vs.metrics_text(server))
+    assert not family(metrics, "vmafx_sidecar_gate_plcc") and not family(metrics, "vmafx_sidecar_eval_plcc")
+    assert value(metrics, "vmafx_sidecar_train_steps_total") == 0
