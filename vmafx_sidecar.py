@@ -1310,7 +1310,7 @@ def check_store_fields(state: dict[str, Any]) -> None:
     StateStore.save() writes, before anything loads: one that held, say, a number for the sources ended every start
     in a traceback."""
     kinds: dict[str, Callable[[Any], bool]] = {
-        "generation": lambda v: type(v) is int and v >= 0,
+        "generation": lambda v: type(v) is int and 0 <= v < 2**63,  # the journal's header holds it in 8 bytes
         "sources": lambda v: type(v) is dict and all(type(k) is str and type(n) is int for k, n in v.items()),
         "sample_log": lambda v: v is None or type(v) is str, "base_model": lambda v: type(v) is str,
         "base_sha256": lambda v: type(v) is str}
@@ -1803,7 +1803,7 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"incompatible: {e}")
             self.move_aside(self.journal_path, "incompatible with this configuration")
             return None
-        except (ValueError, KeyError, TypeError) as e:  # e.g. written by a newer sidecar
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # e.g. written by a newer sidecar
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return None
@@ -2511,8 +2511,9 @@ class Trainer:
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
-        if not all(type(v) in (int, float) for v in (*coords.x_shift, *coords.x_scale, coords.y_shift, coords.y_scale)):
-            raise ValueError("coordinates that are not numbers")
+        if not all(type(v) in (int, float) and math.isfinite(v)
+                   for v in (*coords.x_shift, *coords.x_scale, coords.y_shift, coords.y_scale)):
+            raise ValueError("coordinates that are not finite numbers")
         if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
             self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
         self.window.unscored = state["window_unscored"]  # sizes its arrays
@@ -2627,6 +2628,9 @@ class Trainer:
             return type(v) is int and v >= 0
 
         def number(v: Any) -> bool:
+            return type(v) in (int, float) and math.isfinite(v)
+
+        def reported(v: Any) -> bool:  # a report only: any number
             return type(v) in (int, float)
 
         def maybe(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -2635,9 +2639,9 @@ class Trainer:
         kinds = dict.fromkeys(("steps", "steps_skipped", "samples_accepted", "samples_rejected", "samples_trained",
                                "samples_held_out", "unnamed_samples", "samples_since_checkpoint",
                                "samples_since_publish", "window_n"), count)
-        kinds |= {"last_checkpoint_unix": maybe(lambda v: number(v) and math.isfinite(v)), "last_loss": maybe(number),
-                  "loss_smoothed": maybe(number), "last_gate": maybe(lambda v: type(v) is dict),
-                  "has_champion": lambda v: type(v) is bool, "champion_version": maybe(lambda v: type(v) is int),
+        kinds |= {"last_checkpoint_unix": maybe(number), "last_loss": maybe(reported), "loss_smoothed": maybe(reported),
+                  "last_gate": maybe(lambda v: type(v) is dict), "has_champion": lambda v: type(v) is bool,
+                  "champion_version": maybe(lambda v: type(v) is int),
                   "window_incumbent": maybe(lambda v: type(v) is int), "window_shift": number,
                   "kept_raw": lambda v: type(v) in (bool, int),
                   "kept_features": lambda v: type(v) is list and all(

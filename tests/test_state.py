@@ -875,6 +875,41 @@ def test_a_snapshot_whose_checksum_holds_and_one_field_does_not_is_set_aside_bef
     assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
 
 
+def not_finite_scale(meta: dict) -> None:
+    meta["coordinates"]["y_scale"] = float("nan")
+
+
+def not_finite_shift(meta: dict) -> None:
+    meta["window_shift"] = float("inf")
+
+
+def generation_past_8_bytes(meta: dict) -> None:
+    meta["generation"] = 2**64 - 1
+
+
+def older_format_without_sizes(meta: dict) -> None:
+    meta.update(format=5, fingerprint={**meta["fingerprint"], "sizes": []})
+
+
+@pytest.mark.parametrize("edit", [not_finite_scale, not_finite_shift, generation_past_8_bytes,
+                                  older_format_without_sizes])
+def test_a_snapshot_whose_values_do_not_hold_is_set_aside_too(tmp_path, edit):
+    """Of the right kind but not a value the sidecar writes: a NaN scale loaded, and no step was taken again; a
+    generation past the journal header's 8 bytes, and an older format without its layer sizes, ended every start in
+    a traceback (the second review)."""
+    server = in_process_server(tmp_path)
+    for m in messages(60):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    meta, arrays = read_snapshot(tmp_path)
+    edit(meta)
+    write_snapshot(tmp_path, meta, arrays)
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 0 and again.trainer.coords.standardized == "none"
+    again.state.save()  # a journal of its own generation
+    assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
+
+
 def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_path):
     """A kill -9 between the first publish and the snapshot after it: the saved window scored the base, but
     the restarted trainer compares with the incumbent and the champion; it starts a new window rather than
