@@ -815,20 +815,28 @@ def test_send_holding_the_last_place_of_a_sidecar_that_stops_does_not_blame_the_
     assert proc.returncode == 1 and "lost" in stderr.decode() and "try again" not in stderr.decode(), stderr
 
 
+def sending_three_lines_from_a_pipe(sidecar) -> subprocess.Popen:
+    """`send -` reading a pipe that stays open, once the sidecar has accepted the three lines written to it."""
+    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            cwd=ROOT)
+    proc.stdin.write(VALID * 3)
+    proc.stdin.flush()
+    deadline = time.monotonic() + 30
+    while status(sidecar)["samples_accepted"] < 3:
+        if time.monotonic() >= deadline:
+            proc.kill()
+            raise AssertionError("the lines read were not sent")
+        time.sleep(0.05)
+    return proc
+
+
 def test_send_from_a_pipe_delivers_each_line_as_it_is_read(sidecar_factory):
     """`tail -f jobs.jsonl | vmafx-sidecar send -`: lines waited for 256 of them, or the input's end, before any went
     out; a slow producer's samples were held back without limit (the new-user hunt)."""
     sidecar = sidecar_factory(**SERVER)
-    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-                            cwd=ROOT)
+    proc = sending_three_lines_from_a_pipe(sidecar)
     try:
-        proc.stdin.write(VALID * 3)
-        proc.stdin.flush()  # and the pipe stays open
-        deadline = time.monotonic() + 30
-        while status(sidecar)["samples_accepted"] < 3:
-            assert time.monotonic() < deadline, "the lines read were not sent"
-            time.sleep(0.05)
         _, stderr = proc.communicate(VALID, timeout=60)
     finally:
         proc.kill()
@@ -841,16 +849,8 @@ def test_send_from_a_pipe_tells_of_a_sidecar_gone_at_the_next_line_not_at_the_in
     restart of the sidecar, `tail -f | send -` went on reading and dropping lines, for hours at a slow producer's
     pace, before it told (the producer and coverage hunts). Its ACKs are read whenever the input waits."""
     sidecar = sidecar_factory(**SERVER)
-    proc = subprocess.Popen([sys.executable, "-m", "vmafx_sidecar", "send", "--socket", sidecar.socket, "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-                            cwd=ROOT)
+    proc = sending_three_lines_from_a_pipe(sidecar)
     try:
-        proc.stdin.write(VALID * 3)
-        proc.stdin.flush()  # and the pipe stays open
-        deadline = time.monotonic() + 30
-        while status(sidecar)["samples_accepted"] < 3:
-            assert time.monotonic() < deadline, "the lines read were not sent"
-            time.sleep(0.05)
         sidecar.stop(signal.SIGKILL)
         proc.stdin.write(VALID)
         proc.stdin.flush()
