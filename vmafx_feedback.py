@@ -658,8 +658,8 @@ def csv_rows(lines: Iterator[bytes]) -> Any:
                       for number, line in enumerate(lines))
 
 
-# In place of a request line: the input has no line ready (a pipe, a FIFO or a terminal whose writer has paused), and the
-# next may be long in coming (`tail -f`): what was sent is settled meanwhile.
+# In place of a request line: the input has no line ready (a pipe, a FIFO or a terminal whose writer has paused),
+# and the next may be long in coming (`tail -f`): what was sent is settled meanwhile.
 INPUT_WAITS = b""
 
 

@@ -120,7 +120,7 @@ def test_a_socket_path_of_107_bytes_is_the_longest_taken():
     longest = "/tmp/" + "s" * 97 + ".sock"
     assert vmafx_sidecar.Config.load({"VMAFX_SIDECAR_SOCKET": longest}, {}).socket == longest
     with pytest.raises(vmafx_sidecar.ConfigError, match="at most 107 bytes"):
-        vmafx_sidecar.Config.load({"VMAFX_SIDECAR_SOCKET": "/tmp/" + "é" * 49 + ".sock"}, {})  # 108 bytes, 59 characters
+        vmafx_sidecar.Config.load({"VMAFX_SIDECAR_SOCKET": "/tmp/" + "é" * 49 + ".sock"}, {})  # 108 bytes, 59 chars
 
 
 @pytest.mark.parametrize("flag, value, env, valid_env_value", [
