@@ -4249,7 +4249,6 @@ def replica_samples(directory: Path, key: str, n_features: int,
                             "merged by their nodes' clocks, which must agree (as NTP keeps them)", directory.name,
                             sample.sequence, sample.arrival - ahead_after + CLOCK_SKEW_S)
                 ahead_after = math.inf  # once a run
-
             if after < read_before and sample.sequence > after + 1:
                 log.info("fleet: %s: samples %d to %d were read by the fleet state set aside since, and deleted "
                          "as read", directory.name, after + 1, min(read_before, sample.sequence - 1))
