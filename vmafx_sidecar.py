@@ -4107,9 +4107,10 @@ def fleet(root: Path, config: Config) -> int:
         # schedule's tick than that one had published nothing, and one that did published at its first step.
         trainer.last_checkpoint_time = time.monotonic()
         replicas = replica_logs(root.absolute())
-        earlier = {key: fleet_cursor(path) for path, key in replicas}  # see save_fleet_state()
-        logs = [replica_samples(path, key, config.n_features, state.sources.get(key, state.sources.get(path.name, 0)))
-                for path, key in replicas]
+        # The positions the replicas' retention reads, as the run begins: see replica_samples and save_fleet_state
+        earlier = {key: fleet_cursor(path) for path, key in replicas}
+        logs = [replica_samples(path, key, config.n_features, state.sources.get(key, state.sources.get(path.name, 0)),
+                                earlier[key]) for path, key in replicas]
         ingested = 0
         for _, key, _, sample in heapq.merge(*logs):
             result = trainer.ingest(sample.features, sample.score, sample.held_out, sample.job_id is None)
@@ -4226,10 +4227,12 @@ def fleet_cursor(checkpoint_dir: Path) -> int:
 CLOCK_SKEW_S = 60.0  # nodes' clocks kept by NTP agree within milliseconds
 
 
-def replica_samples(directory: Path, key: str, n_features: int,
-                    after: int) -> Iterator[tuple[float, str, int, LoggedSample]]:
+def replica_samples(directory: Path, key: str, n_features: int, after: int,
+                    read_before: int) -> Iterator[tuple[float, str, int, LoggedSample]]:
     """A replica's samples after sequence `after`, keyed for the merge (by the name its position is kept under);
-    a directory without a sample log, or with one that cannot be read, gives none and one log line saying why."""
+    a directory without a sample log, or with one that cannot be read, gives none and one log line saying why.
+    `read_before`: the replica's position in cursors.json, which a fleet state set aside since may have passed
+    (what it read is deleted as read)."""
     try:
         has_log = (directory / SAMPLE_LOG_DIR).is_dir()
     except OSError as e:  # a replica directory this process may not search
@@ -4240,7 +4243,6 @@ def replica_samples(directory: Path, key: str, n_features: int,
                  SAMPLE_LOG_DIR)
         return
     after = max(after, log_origin(directory) - 1)
-    read_before = fleet_cursor(directory)  # by a fleet state set aside since (another model): deleted as read
     ahead_after = time.time() + CLOCK_SKEW_S  # a sample stamped later was stamped by a clock ahead of this one
     try:
         for sample in read_log(directory, n_features, after):
