@@ -172,6 +172,21 @@ def test_one_wild_value_among_the_first_samples_is_left_out_of_their_statistics(
     assert trainer.steps_skipped == 0 and errors[0] < 2 * errors[1] + 1, errors
 
 
+@pytest.mark.parametrize("corrupt", [False, True], ids=["clean", "with a corrupt value"])
+def test_a_feature_mostly_in_a_narrow_band_keeps_its_other_values_in_its_statistics(corrupt):
+    """A motion feature: 55 % of samples in [0, 1e-3] (static scenes), the rest in [1, 20]. The band's median
+    absolute deviation is tiny, and every moving value was left out as wild: a spread 20 000 times too small,
+    a moving sample 3e4 standardized units out. A corrupt value among them is still left out."""
+    rng = np.random.default_rng(3)
+    static = rng.random(vs.STATISTICS_SAMPLES) < 0.55
+    column = np.where(static, rng.uniform(0, 1e-3, len(static)), rng.uniform(1, 20, len(static)))
+    clean = column.copy()
+    if corrupt:
+        column[7] = 1e6
+    mean, deviation = vs.mean_and_spread(column[:, None])
+    assert abs(mean[0] - clean.mean()) < 0.05 * clean.std() and 0.95 < deviation[0] / clean.std() < 1.05
+
+
 def test_statistics_without_wild_values_are_the_mean_and_spread_bit_for_bit():
     x, _ = stream(6, vs.STATISTICS_SAMPLES)
     x[:, 4] = np.where(np.arange(len(x)) < 600, 7.0, x[:, 4] * 1e9)  # mostly one value: no deviation to measure by
