@@ -3039,7 +3039,7 @@ class Ring:
 # ---- coordinates: raw features and scores, and the standardized ones the model trains on ----
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
-NEAR_CONSTANT = 1e-4  # a spread below this fraction of the mean's size is too small to divide by
+NEAR_CONSTANT = 1e-5  # a spread below this fraction of the mean's size is too small to divide by: see spread()
 SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 WILD_DEVIATIONS = 1000  # a value this many median absolute deviations from its median is left out of statistics,
 WILD_SHARE = 0.01  # when it is among its column's farthest 1 %: a stray, not a mode of the feature's own
@@ -3108,7 +3108,9 @@ def spread(values: np.ndarray) -> np.ndarray:
     1e-5 +- 1e-5 varies), or below SMALLEST_SPREAD. Not 1: the raw model folds shift / spread times the first
     layer into its bias, and for a large constant (a pixel count, 2e6) that bias and the feature's own product
     cancel in float32, which costs nodes the precision the trainer had; and a feature that varies later stays a
-    few units in size, or gets statistics of its own then (Trainer.retake_statistics)."""
+    few units in size, or gets statistics of its own then (Trainer.retake_statistics). At a spread of NEAR_CONSTANT
+    of the mean's size (84 float32 steps or more) that cancellation costs about 1 % of a standardized unit; at 1e-4
+    a feature of 1e5 +- 5 was a constant, its signal lost to the model."""
     mean, deviation = values.mean(axis=0), values.std(axis=0)
     varies = (deviation > NEAR_CONSTANT * np.abs(mean)) & (deviation > SMALLEST_SPREAD)
     return np.where(varies, deviation, np.maximum(1.0, np.abs(mean)))

@@ -132,7 +132,7 @@ def test_a_spread_is_the_deviation_in_any_unit_and_a_constant_is_divided_by_its_
     varying = rng.uniform(0, 1, (1000, 3)) * [1.0, 1e-4, 1e-12]  # one feature in three units
     np.testing.assert_allclose(vs.spread(varying), varying.std(axis=0), rtol=1e-12)
     constant = np.ones((1000, 4)) * [0.0, 0.25, -3000.0, 1e-5]
-    constant[:, 3] += rng.normal(0, 1e-10, 1000)  # a deviation of 1e-5 of its mean: rounding, not a signal
+    constant[:, 3] += rng.normal(0, 1e-11, 1000)  # a deviation of 1e-6 of its mean: rounding, not a signal
     assert vs.spread(constant).tolist() == [1.0, 1.0, 3000.0, 1.0]
     assert vs.spread(np.array([[0.0], [1e-25]])).tolist() == [1.0]  # below SMALLEST_SPREAD in any unit
 
@@ -148,6 +148,26 @@ def test_features_in_small_units_are_standardized_and_learned_as_in_large_ones(t
         np.testing.assert_allclose(trainer.coords.x_scale[0], x[:vs.STATISTICS_SAMPLES, 0].std() * unit, rtol=0.02)
         losses.append(trainer.loss_smoothed)
     assert losses[1] < 2 * losses[0] + 1, losses
+
+
+def test_a_feature_far_from_zero_with_a_small_spread_is_learned_as_one_near_zero(tmp_path):
+    """A feature of 1e5 +- 5 (a spread of 5e-5 of its mean) was taken for a constant and divided by 1e5: its
+    standardized spread was 5e-5, and the model never learned the scores' dependence on it. Its checkpoints, run
+    in onnxruntime on the raw features, now predict as a twin's that saw the feature near 1 000."""
+    x, y = stream(7, 3 * vs.STATISTICS_SAMPLES)
+    test_x, test_y = stream(8, 500)
+    errors = []
+    for offset in (0.0, 1e5 - 1000):
+        moved = np.array([0, 0, offset, 0, 0], np.float32)
+        trainer = make_trainer(tmp_path / str(offset), **SMALL)
+        feed(trainer, x + moved, y)
+        assert trainer.coords.x_scale[2] == pytest.approx(5, rel=0.1)
+        path = vs.write_checkpoint(trainer.checkpoints, trainer.raw_weights(trainer.model), trainer.steps,
+                                   trainer.samples_trained, UNGATED, x[:64]).path
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        scores = session.run(None, {"features": test_x + moved})[0][:, 0]
+        errors.append(float(np.sqrt(np.mean((scores - test_y) ** 2))))
+    assert errors[1] < 1.2 * errors[0] + 0.5 and errors[0] < 0.5 * test_y.std(), (errors, test_y.std())
 
 
 @pytest.mark.parametrize("column, wild", [(0, 1e6), (2, -3e7), ("score", 1e6)])
