@@ -47,6 +47,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import fractions
 import functools
 import hashlib
 import heapq
@@ -2363,7 +2364,8 @@ class Trainer:
         self.kept_raw = False  # statistics refused (they would overflow): not tried again, restarts included
         self.kept_features: list[int] = []  # the same for features that changed their regime (retake_statistics)
         self.last_gate: dict[str, Any] | None = None  # the record of the last checkpoint written
-        self.n_replay = math.floor(config.batch_size * config.replay_mix)
+        # The setting as written: in float64, 100 × 0.29 is 28.999999999999996, and its floor 28.
+        self.n_replay = math.floor(config.batch_size * fractions.Fraction(repr(config.replay_mix)))
         self.n_new = config.batch_size - self.n_replay
         # The square a step's standardized new samples hold at least when a feature has outgrown its statistics.
         self.outgrown_energy = np.float32(self.n_new / 2 * OUTGROWN_SPREADS ** 2)

@@ -217,6 +217,15 @@ def test_a_replay_draw_never_falls_past_the_ring(size):
     assert y.tolist() == [size - 1] * 3  # the last slot's sample
 
 
+@pytest.mark.parametrize("batch_size, replay_mix, n_replay", [(100, 0.29, 29), (100, 0.57, 57), (50, 0.58, 29),
+                                                             (8, 0.75, 6), (7, 0.5, 3)])
+def test_a_batch_replays_the_floor_of_batch_size_times_replay_mix(tmp_path, batch_size, replay_mix, n_replay):
+    """As README says, floor(batch_size × replay_mix) of the settings as written: in float64, 100 × 0.29 is
+    28.999999999999996, and batches had 28 replayed samples."""
+    trainer = make_trainer(tmp_path, batch_size=batch_size, replay_mix=replay_mix)
+    assert (trainer.n_replay, trainer.n_new) == (n_replay, batch_size - n_replay)
+
+
 def test_replay_batches_match_reference(tmp_path):
     sizes = [4, 6, 1]
     trainer = make_trainer(tmp_path, sizes=sizes, seed=5, batch_size=8, replay_mix=0.75, replay_capacity=6,
