@@ -19,10 +19,11 @@ directory):
   trainer     Trainer.is_held_out -> ingest -> add -> step, which goes through
     backend     the array module (numpy or CuPy) the rings and the model use
     rings       Ring.extend, Ring.sample_into: a batch of new and replayed samples
-    coordinates Trainer.take_statistics (provisional at a fresh model's first step, final
-                once the replay ring holds enough samples), Trainer.standardize: the batch in
-                the model's standardized coordinates (Trainer.retake_statistics for a
-                feature that changes its regime)
+    coordinates Coordinates.of_samples (mean_and_spread) for Trainer.take_statistics
+                (provisional at a fresh model's first step, final once the replay ring holds
+                enough samples; Trainer.retake_statistics for a feature that changes its
+                regime), remap to move the weights there; then Trainer.standardize: the batch
+                in the model's standardized coordinates
     model       MLP.forward for Trainer.validate (into the gate's Window), then
                 MLP.loss_and_grad: forward pass and backprop
               then Trainer.apply_gradient -> checkpoint_due -> take_checkpoint

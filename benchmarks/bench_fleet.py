@@ -2,7 +2,7 @@
 logs of N replicas that each see mostly their own kind of content, against the replicas themselves and against
 one trainer fed the union of their streams in-process; and how fast the fleet trainer reads logs and trains.
 
-    .venv/bin/python benchmarks/bench_fleet.py [--samples 480000] [--rounds 3] [--quick]
+    .venv/bin/python benchmarks/bench_fleet.py [--samples 480000] [--wide-samples 200000] [--rounds 3] [--quick]
 
 The teacher is Netflix's VMAF v0.6.1 (benchmarks/vmaf_teacher.py: adm2, motion2, vif_scale0..3). Content is
 synthetic live action as in bench_learning.py: each encode has a latent quality q, adm2 and the VIF scales follow
@@ -224,8 +224,7 @@ def wide_stream(rng: np.random.Generator, samples: int) -> tuple[np.ndarray, np.
 
 def read_only(root: Path) -> None:
     """Read and merge every replica's log as vs.fleet does, without training."""
-    logs = [vs.replica_samples(path, WIDE_FEATURES, 0) for path in sorted(root.iterdir())
-            if path.name != vs.FLEET_DIR and path.is_dir()]
+    logs = [vs.replica_samples(path, key, WIDE_FEATURES, 0, 0) for path, key in vs.replica_logs(root)]
     for _ in heapq.merge(*logs):
         pass
 
