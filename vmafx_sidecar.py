@@ -1528,7 +1528,7 @@ class StateStore:
             self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
         except OSError as e:
             raise StartupError(f"cannot set up the trainer's state under {self.directory.parent}: "
-                               f"{e.strerror or e}") from None
+                               f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
         # The log the journal's samples go to, and the one those of the snapshot restored went to: its journal's.
         self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
@@ -1605,7 +1605,10 @@ class StateStore:
                      "so far", t.steps, t.replay.size, self.config.replay_capacity, len(records), t.samples_accepted)
         # What the journal holds past its intact records is cut before anything is appended: should the
         # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
-        self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact)
+        try:
+            self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact)
+        except OSError as e:  # one the process may not write, an I/O error: read, it said why in one line too
+            raise StartupError(f"cannot write {self.journal_path}: {e.strerror or e}") from None
         self.save()
         return resumed
 
@@ -1958,7 +1961,9 @@ class SampleLog:
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
             fsync_directory(self.directory)
         self.n_features = n_features
-        self.name = log_id(directory)  # LOG_ID and LOG_ORIGIN (once known), which open_segment() puts back
+        # LOG_ID and LOG_ORIGIN (once known), which open_segment() puts back. One unreadable now stops the start: as
+        # none, the journal's samples were not logged, and the snapshot then said they need not be.
+        self.name = readable_log_id(directory)
         self.origin = written_origin(self.directory)
         self.pending = bytearray()
         self.last_sequence = 0  # of the newest record written whole
@@ -3655,7 +3660,10 @@ class CheckpointWriter:
         for d, names in listings.items():  # debris of a write that a crash interrupted
             for name in names:
                 if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                    (d / name).unlink(missing_ok=True)
+                    try:
+                        (d / name).unlink(missing_ok=True)
+                    except OSError as e:
+                        raise StartupError(f"cannot remove {d / name}: {e.strerror or e}") from None
                     log.warning("removed unfinished checkpoint file %s", d / name)
         try:
             self.finish_unfinished(listings)

@@ -784,6 +784,19 @@ def test_a_start_beside_an_odd_entry_it_cannot_tidy_serves_with_a_line_that_says
     assert f"{said} {directory / 'latest.onnx'}" in caplog.text
 
 
+def test_debris_of_a_crash_that_cannot_be_removed_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    """An unfinished checkpoint file whose removal the disk refused ended the start in a traceback (the strace
+    hunt)."""
+    (tmp_path / "ckpt").mkdir()
+    debris = tmp_path / "ckpt" / f".model_v000001.onnx{vmafx_sidecar.TEMP_SUFFIX}"
+    debris.write_bytes(b"half a model")
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda path, missing_ok=False: os_error(errno.EIO) if path == debris
+                        else unlink(path, missing_ok))
+    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(f'cannot remove {debris}: Input/output error')}"):
+        vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
+
+
 def test_a_file_where_quarantine_goes_is_named_in_the_refusal(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "quarantine").write_text("not a directory")

@@ -304,6 +304,33 @@ def test_a_symlink_where_the_journal_goes_stops_the_start_in_one_line(tmp_path):
         in_process_server(tmp_path)
 
 
+def refused_for(name: str, call, *, writing: bool = False):
+    """`call` (os.open, os.unlink, read_small_file) refused with an I/O error for a path ending in `name`; with
+    `writing`, only for an open to write."""
+    def refused(path, *args, **kwargs):
+        if str(path).endswith(name) and (not writing or args[0] & (os.O_WRONLY | os.O_RDWR)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return call(path, *args, **kwargs)
+    return refused
+
+
+def test_a_journal_that_cannot_be_opened_to_write_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    """Its reads said why in one line; its open to write ended the start in a traceback (the strace hunt)."""
+    monkeypatch.setattr(vs.os, "open", refused_for("journal.bin", os.open, writing=True))
+    journal = tmp_path / ".state" / "journal.bin"
+    with pytest.raises(vs.StartupError, match=re.escape(f"cannot write {journal}: Input/output error")):
+        in_process_server(tmp_path)
+
+
+def test_a_sample_log_whose_name_cannot_be_read_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    """An I/O error on .samples/id read as a log without a name: the journal's samples then went unlogged, with no
+    line, and the snapshot said they need not be (the strace hunt)."""
+    in_process_server(tmp_path, sample_log="1").shutdown()
+    monkeypatch.setattr(vs, "read_small_file", refused_for(vs.LOG_ID, vs.read_small_file))
+    with pytest.raises(vs.StartupError, match=re.escape(f"Input/output error ({tmp_path / '.samples' / vs.LOG_ID})")):
+        in_process_server(tmp_path, sample_log="1")
+
+
 def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_goes_on(tmp_path, caplog):
     """A state goes on from itself, whatever base model is configured: a new VMAFX_BASE_MODEL_PATH was silently not
     trained, while the status showed it (the ops hunt)."""
