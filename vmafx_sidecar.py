@@ -809,6 +809,8 @@ class Server:
                 os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
+        except OSError as e:  # the shutdown goes on: its answers and snapshot matter more than the file
+            log.warning("cannot remove %s: %s; the next start replaces it", self.config.socket, e.strerror or e)
         while self.accepts_paused_at is None and self.accept():
             pass
         if self.accepts_paused_at is None:

@@ -331,6 +331,27 @@ def test_a_sample_log_whose_name_cannot_be_read_stops_the_start_in_one_line(tmp_
         in_process_server(tmp_path, sample_log="1")
 
 
+def test_a_socket_file_that_cannot_be_removed_leaves_the_rest_of_the_shutdown_to_run(tmp_path, monkeypatch, caplog):
+    """A refused unlink (a read-only remount) escaped shutdown(): the lines clients had sent went unanswered, no
+    snapshot was taken, and the process ended in a traceback (the strace hunt)."""
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    trainer = make_trainer(tmp_path / "ckpt", n_features=5, hidden=7, batch_size=8, replay_capacity=64)
+    config = dataclasses.replace(trainer.config, socket=str(tmp_path / "s.sock"))
+    state = vs.StateStore(config, trainer)
+    state.restore()
+    server = vs.Server(config, trainer, state)
+    server.bind()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(config.socket)
+        client.sendall(json.dumps(messages(1)[0]).encode() + b"\n")
+        monkeypatch.setattr(vs.os, "unlink", refused_for("s.sock", os.unlink))
+        server.shutdown()
+        assert json.loads(client.makefile("rb").readline())["ok"] is True
+    assert f"cannot remove {config.socket}: Input/output error" in caplog.text
+    assert "stopped after 0 steps (1 samples accepted" in caplog.text
+    assert read_snapshot(tmp_path / "ckpt")[0]["samples_accepted"] == 1
+
+
 def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_goes_on(tmp_path, caplog):
     """A state goes on from itself, whatever base model is configured: a new VMAFX_BASE_MODEL_PATH was silently not
     trained, while the status showed it (the ops hunt)."""
