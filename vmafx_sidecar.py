@@ -3052,7 +3052,7 @@ STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize t
 NEAR_CONSTANT = 1e-5  # a spread below this fraction of the mean's size is too small to divide by: see spread()
 SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
 WILD_DEVIATIONS = 1000  # a value this many median absolute deviations from its median is left out of statistics,
-WILD_SHARE = 0.01  # when it is among its column's farthest 1 %: a stray, not a mode of the feature's own
+WILD_SHARE, WILD_LEAST = 0.01, 3  # when among its column's farthest 1 % or 3, the more: a stray, not a mode
 OUTGROWN_SPREADS = 100  # new samples this many spreads from a feature's mean: see Trainer.retake_statistics
 OUTGROWN_SAMPLES, OUTGROWN_LEAST = 16, 4
 
@@ -3098,14 +3098,16 @@ def mean_and_spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     feature of [0, 1] at 1e6) had set its column's spread for good, its real variation then a millionth of a
     standardized unit, which no step could learn. Wild is WILD_DEVIATIONS median absolute deviations from the
     median: a lognormal feature of σ = 1 keeps its values out to 6σ, a log-uniform one over three decades all of
-    them (33 at most). And among the column's farthest WILD_SHARE: a motion feature with most samples in a narrow
-    band near 0 (static scenes) and the rest in [1, 20] had every moving value left out, a spread 20 000 times too
-    small. A column whose values are mostly one value (no deviation to measure by) keeps them all."""
+    them (33 at most). And among the column's farthest WILD_SHARE or WILD_LEAST values, the more: a motion
+    feature with most samples in a narrow band near 0 (static scenes) and the rest in [1, 20] had every moving
+    value left out, a spread 20 000 times too small. A column whose values are mostly one value (no deviation to
+    measure by) keeps them all."""
     mean, deviation = values.mean(axis=0), spread(values)
     distance = np.abs(values - np.median(values, axis=0))
     deviations = np.median(distance, axis=0)
-    farthest = np.quantile(distance, 1 - WILD_SHARE, axis=0)
-    typical = distance <= np.maximum(WILD_DEVIATIONS * deviations, farthest)
+    rank = max(0, len(values) - 1 - max(WILD_LEAST, int(WILD_SHARE * len(values))))  # of the farthest value kept
+    farthest_kept = np.partition(distance, rank, axis=0)[rank]
+    typical = distance <= np.maximum(WILD_DEVIATIONS * deviations, farthest_kept)
     for column in np.flatnonzero(~typical.all(axis=0) & (deviations > 0)):
         kept = values[typical[:, column], column, None]
         mean[column], deviation[column] = kept.mean(), spread(kept)[0]

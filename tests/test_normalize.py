@@ -207,6 +207,18 @@ def test_a_feature_mostly_in_a_narrow_band_keeps_its_other_values_in_its_statist
     assert abs(mean[0] - clean.mean()) < 0.05 * clean.std() and 0.95 < deviation[0] / clean.std() < 1.05
 
 
+@pytest.mark.parametrize("n, wild", [(16, 3), (100, 3), (1000, 10)],
+                         ids=["a first batch's new samples", "a small replay ring", "the first thousand"])
+def test_a_few_wild_values_are_left_out_of_the_statistics_of_few_samples_too(n, wild):
+    """The farthest 1 % of 16 or 100 values is one value at most: a corrupt 1e6 sent twice had set the feature's
+    spread to 1e5 or more, the provisional one of a fresh model's first batch, or the final one of a replay ring of
+    100 (the review)."""
+    column = np.random.default_rng(4).uniform(0, 1, n)
+    column[:wild] = 1e6
+    mean, deviation = vs.mean_and_spread(column[:, None])
+    assert mean[0] == pytest.approx(column[wild:].mean()) and deviation[0] == pytest.approx(column[wild:].std())
+
+
 def test_statistics_without_wild_values_are_the_mean_and_spread_bit_for_bit():
     x, _ = stream(6, vs.STATISTICS_SAMPLES)
     x[:, 4] = np.where(np.arange(len(x)) < 600, 7.0, x[:, 4] * 1e9)  # mostly one value: no deviation to measure by
