@@ -1380,3 +1380,127 @@ def test_a_fleet_run_says_what_it_published_in_the_runbooks_words(tmp_path, capl
     caplog.clear()
     assert vs.fleet(tmp_path, fleet_config(min_samples_ckpt=10, gate="off")) == 0
     assert re.search(r"fleet run: 40 samples ingested, step \d+, latest v000001$", caplog.text, re.M), caplog.text
+
+
+# ---- boundaries: a segment's size, the bound, the fleet's position, a torn write, MIN_SAMPLES_CKPT ----
+
+def unnamed(sequence: int, rng: np.random.Generator) -> vs.LoggedSample:
+    """A sample whose record has the same size as every other unnamed one's."""
+    return sample(sequence, rng, job_id=None)
+
+
+def record_bytes() -> int:
+    return vs.SAMPLE_RECORD.size + 2 + 4 * N_FEATURES + 4
+
+
+def test_a_segment_filled_exactly_to_its_size_ends_there(tmp_path, monkeypatch):
+    """A segment holding exactly its size took the next batch too, and grew past it. (mutation hunt)"""
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", vs.SEGMENT_HEADER.size + 4 * record_bytes())
+    rng = np.random.default_rng(51)
+    append_each(vs.SampleLog(tmp_path, N_FEATURES), [unnamed(i, rng) for i in range(1, 10)])
+    paths = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    assert [p.name[:16] for p in paths] == [f"{first:016d}" for first in (1, 5, 9)]
+    assert [p.stat().st_size for p in paths[:2]] == [vs.SEGMENT_BYTES] * 2
+
+
+def test_a_torn_write_whose_cut_failed_is_cut_before_the_next_one(tmp_path, monkeypatch):
+    """When the disk refused both a batch (after taking part of it) and the cut of that part, the torn bytes
+    stayed in the segment, before the records written after them. (mutation hunt)"""
+    rng = np.random.default_rng(52)
+    written = [sample(i, rng) for i in range(1, 31)]
+    log = logged(tmp_path, written[:10])
+    real_write_all, real_ftruncate = vs.write_all, os.ftruncate
+
+    def refused(fd, size):
+        raise OSError(5, "Input/output error")
+
+    def torn_then_refuse(fd, content):  # the disk takes part of a record, then refuses the rest and the cut
+        os.write(fd, bytes(content)[:10])
+        monkeypatch.setattr(vs.os, "ftruncate", refused)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vs, "write_all", torn_then_refuse)
+    for s in written[10:20]:
+        log.append(s)
+    with pytest.raises(OSError):
+        log.commit(10**9)
+    monkeypatch.setattr(vs, "write_all", real_write_all)
+    monkeypatch.setattr(vs.os, "ftruncate", real_ftruncate)
+    for s in written[20:]:
+        log.append(s)
+    log.commit(10**9)
+    assert_same(read_all(tmp_path), written)
+    [segment] = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    (tmp_path / "clean").mkdir()
+    logged(tmp_path / "clean", written)  # the same records, never torn
+    [clean] = vs.segment_paths(tmp_path / "clean" / vs.SAMPLE_LOG_DIR)
+    assert segment.stat().st_size == clean.stat().st_size  # the torn part is gone, not skipped by the reader
+    assert segment.read_bytes() == clean.read_bytes()
+
+
+def test_a_log_exactly_at_its_bound_deletes_nothing_unread(tmp_path, monkeypatch):
+    """The bound is the most the log may hold: a log of exactly that size had its oldest unread segment deleted,
+    its samples counted as lost. (mutation hunt)"""
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", vs.SEGMENT_HEADER.size + 5 * record_bytes())
+    rng = np.random.default_rng(53)
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    append_each(log, [unnamed(i, rng) for i in range(1, 21)])  # four full segments, nothing read
+    bound = sum(p.stat().st_size for p in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)) + vs.SEGMENT_HEADER.size
+    assert vs.segment_bytes(bound) == vs.SEGMENT_BYTES
+    append_each(log, [unnamed(21, rng)], bound)  # a fifth segment begins: the log is then exactly at the bound
+    assert log.samples_dropped == 0
+    assert [s.sequence for s in read_all(tmp_path)] == list(range(1, 22))
+
+
+def test_a_segment_the_fleet_has_read_to_its_last_record_is_deleted_as_the_next_begins(tmp_path, monkeypatch):
+    """A segment read whole, its last record being the fleet's position, was kept until the size bound took it.
+    (mutation hunt)"""
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", vs.SEGMENT_HEADER.size + 5 * record_bytes())
+    rng = np.random.default_rng(54)
+    node = tmp_path / "vmafx-node-0"
+    node.mkdir()
+    log = vs.SampleLog(node, N_FEATURES)
+    append_each(log, [unnamed(i, rng) for i in range(1, 6)])  # one full segment: 1..5
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert vs.fleet_cursor(node) == 5
+    append_each(log, [unnamed(6, rng)])  # the next segment begins
+    assert [p.name[:16] for p in vs.segment_paths(node / vs.SAMPLE_LOG_DIR)] == [f"{6:016d}"]
+    assert log.samples_dropped == 0
+
+
+def test_a_full_segment_is_synced_before_it_is_closed(tmp_path, monkeypatch):
+    """With JOURNAL_FSYNC=everysec only the segment being written is synced: one closed without a sync of its own
+    was never synced, and a power loss could take its samples. (mutation hunt)"""
+    monkeypatch.setattr(vs, "SEGMENT_BYTES", vs.SEGMENT_HEADER.size + 3 * record_bytes())
+    rng = np.random.default_rng(55)
+    log = vs.SampleLog(tmp_path, N_FEATURES)
+    append_each(log, [unnamed(i, rng) for i in range(1, 4)])  # one full segment, not synced yet
+    synced, real_fsync = set(), os.fsync
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+    monkeypatch.setattr(vs.os, "fsync", fsync)
+    first = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)[0]
+    append_each(log, [unnamed(4, rng)])  # the next segment begins
+    assert first.stat().st_ino in synced
+
+
+def test_an_unreadable_segment_counts_unread_only_the_records_after_the_fleets_position(tmp_path):
+    """Counted from its name where it cannot be read: the record at the fleet's position, read already, was
+    counted as lost too. (mutation hunt)"""
+    gone = tmp_path / f"{1:016d}.seg"  # holds 1..10 (the next segment begins at 11); here: cannot be read
+    assert vs.unread_records(gone, 5, 11) == 5
+    assert vs.unread_records(gone, 0, 11) == 10 and vs.unread_records(gone, 10, 11) == 0
+
+
+def test_a_fleet_run_with_exactly_min_samples_ckpt_trained_publishes(tmp_path):
+    """MIN_SAMPLES_CKPT is the least a checkpoint needs: a run that had trained exactly that many published
+    nothing. (mutation hunt)"""
+    replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(56)) for i in range(1, 101)])
+    assert vs.fleet(tmp_path, fleet_config(gate="off")) == 0  # MIN_SAMPLES_CKPT 10**9: nothing published
+    trained = fleet_state(tmp_path)["samples_since_checkpoint"]
+    assert trained > 0 and not (tmp_path / vs.FLEET_DIR / "latest.json").exists()
+    assert vs.fleet(tmp_path, fleet_config(gate="off", min_samples_ckpt=trained)) == vs.FLEET_NOTHING_NEW
+    latest = tmp_path / vs.FLEET_DIR / "latest.json"
+    assert latest.exists(), f"nothing published with {trained} samples trained and MIN_SAMPLES_CKPT {trained}"
+    assert json.loads(latest.read_text())["version"] == 1
