@@ -163,6 +163,25 @@ def test_the_reader_refuses_graphs_it_cannot_read_as_onnxruntime_runs_them(nodes
         builder.read_mlp_model(mlp_graph(nodes, initializers, domains=domains))
 
 
+@pytest.mark.parametrize("constant, value, message", [
+    ("sqrt2", 2.0, "not as exact GELU does"), ("one", 2.0, r"expected erf\(\.\.\.\) \+ 1"),
+    ("half", 0.25, r"expected x \* 0\.5"),
+])
+def test_a_gelu_decomposition_with_another_constant_is_refused_not_read_as_gelu(constant, value, message):
+    """x * 0.5 * (1 + erf(x / 2)) is not GELU: when the reader checked only that each constant held one value, it
+    read such a graph as GELU and the model computed something else than its file (mutation hunt)."""
+    rng = np.random.default_rng(0)
+    weights = builder.MLPWeights([(rng.normal(size=(3, 4)).astype(np.float32), np.zeros(4, np.float32)),
+                                  (rng.normal(size=(4, 1)).astype(np.float32), np.zeros(1, np.float32))],
+                                 [builder.Activation("gelu")])
+    model = builder.build_mlp_model(weights, {})
+    assert builder.read_mlp_model(model).activations == [builder.Activation("gelu")]
+    (tensor,) = [t for t in model.graph.initializer if t.name == constant]
+    tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(value, np.float32), constant))
+    with pytest.raises(builder.UnsupportedModelError, match=message):
+        builder.read_mlp_model(model)
+
+
 @pytest.mark.parametrize("nodes, initializers", [
     ([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Relu", ["h"], ["a"]), gemm("a", "W1", "b1", "z"),
       onnx.helper.make_node("Mul", ["z", "y_std"], ["m"]), onnx.helper.make_node("Add", ["y_mean", "m"], ["y"])],

@@ -859,6 +859,98 @@ def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path,
     assert writer.unpointed is None and writer.latest == second.record
 
 
+def test_latest_json_never_names_a_model_latest_onnx_does_not_hold(tmp_path, monkeypatch):
+    """latest.onnx is replaced before latest.json: written the other way round, a disk that refused latest.onnx
+    left latest.json naming v2 while nodes loaded v1 from latest.onnx (mutation hunt)."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    first = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 1, 16, UNGATED,
+                                           PROBE)
+    real_write_whole = vmafx_sidecar.write_whole
+
+    def no_room_for_latest_onnx(path, content, mode=0o644):
+        if path.name == "latest.onnx":
+            refused_write()
+        real_write_whole(path, content, mode)
+    monkeypatch.setattr(vmafx_sidecar, "write_whole", no_room_for_latest_onnx)
+    second = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 2, 32,
+                                            UNGATED, PROBE)
+    assert (directory / "latest.onnx").read_bytes() == first.path.read_bytes()
+    assert json.loads((directory / "latest.json").read_text()) == first.record, "latest.json ran ahead of latest.onnx"
+    assert writer.unpointed == second.record and writer.failures == 1
+
+
+def test_a_refused_update_of_latest_is_not_retried_more_than_once_a_second(tmp_path, monkeypatch):
+    """The loop calls point_latest_again() on every turn: without its once-a-second throttle, a full disk took a
+    write of latest.* (and a read of the whole model) per loop turn (mutation hunt)."""
+    writer = vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
+    tried = []
+
+    def refused_latest(path, content, mode=0o644):
+        tried.append(path.name)
+        refused_write()
+    monkeypatch.setattr(vmafx_sidecar, "write_whole", refused_latest)
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1,
+                                   16, UNGATED, PROBE)
+    assert writer.unpointed is not None and tried == ["latest.onnx"]
+    for _ in range(1000):  # loop turns within well under a second
+        writer.point_latest_again()
+    assert tried == ["latest.onnx"], f"{len(tried) - 1} retries within a second"
+    writer.pointing_tried -= 1.0
+    writer.point_latest_again()
+    assert tried == ["latest.onnx"] * 2
+
+
+def test_a_newer_sidecars_latest_json_naming_the_newest_checkpoint_is_left_as_it_is(tmp_path, caplog):
+    """An image rolled back beside a latest.json a newer sidecar wrote that names the newest checkpoint: it stands,
+    and candidates face the base model; only one naming an older checkpoint than the newest is repointed, and with
+    `<` for `<=` this one was rewritten in the older format too (mutation hunt)."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1,
+                                   16, UNGATED, PROBE)
+    latest = directory / "latest.json"
+    latest.write_text(json.dumps({**json.loads(latest.read_text()), "format": vmafx_sidecar.RECORD_FORMAT + 1}))
+    written = latest.read_bytes()
+    assert vmafx_sidecar.CheckpointWriter(str(directory)).latest is None
+    assert latest.read_bytes() == written
+    assert "written by a newer sidecar: left as it is" in caplog.text
+
+
+def test_a_checkpoints_sha256_is_renamed_into_place_after_its_model_and_record(tmp_path, monkeypatch):
+    """A reader that sees a checkpoint's .sha256 trusts it whole: renamed first, the .sha256 named a model and a
+    record not yet there, and a kill between the renames left a "published" checkpoint without them (mutation
+    hunt)."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    real_replace = os.replace
+    present_with_sha256 = []
+
+    def replace(src, dst, **kwargs):
+        if Path(dst) == directory / "model_v000001.onnx.sha256":
+            present_with_sha256.append(sorted(n for n in os.listdir(directory) if n.startswith("model_v")))
+        return real_replace(src, dst, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1,
+                                   16, UNGATED, PROBE)
+    assert present_with_sha256 == [["model_v000001.json", "model_v000001.onnx"]]
+
+
+def test_a_checkpoint_whose_sha256_is_gone_is_not_published(tmp_path):
+    """is_published() decides whether a newer sidecar's latest.json stands and whether a saved champion is kept: a
+    model whose .sha256 is gone (retention deletes it first) is not whole, and it was counted on its model alone
+    (mutation hunt)."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])), 1,
+                                   16, UNGATED, PROBE)
+    assert writer.is_published(1) and not writer.is_published(2)
+    (directory / "model_v000001.onnx.sha256").unlink()
+    assert (directory / "model_v000001.onnx").exists()
+    assert not writer.is_published(1)
+
+
 @pytest.mark.parametrize("crash", ["placing, after the model", "placing, after the record",
                                    "retention, after the .sha256", "retention, after the record"])
 def test_a_checkpoint_a_crash_left_without_its_sha256_is_finished_at_the_next_start(tmp_path, crash):

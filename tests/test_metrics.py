@@ -478,6 +478,16 @@ def test_a_histogram_takes_one_value_for_many_observations():
                            ("_bucket", {"le": "+Inf"}, 41), ("_sum", {}, pytest.approx(0.2005)), ("_count", {}, 41)]
 
 
+def test_an_observation_equal_to_a_bound_is_counted_in_that_bounds_bucket():
+    """Prometheus buckets hold values <= le: with bisect_right, a value equal to a bound went to the next bucket,
+    read as above its bound (mutation hunt)."""
+    h = vs.Histogram((0.001, 0.01))
+    h.observe(0.001)
+    h.observe(0.01, times=2)
+    assert [(labels["le"], n) for name, labels, n in h.samples() if name == "_bucket"] == [
+        ("0.001", 1), ("0.01", 3), ("+Inf", 3)]
+
+
 @pytest.mark.parametrize("record", [{"metrics": 5}, {"metrics": {"candidate": [1], "window": {"base": {}}}},
                                     {"metrics": {"history": {"base": {"plcc": "x", "r2": None}}}}, [1]])
 def test_a_gate_record_of_any_shape_is_scraped_not_a_crash(tmp_path, record):
