@@ -143,6 +143,22 @@ def test_a_corrupt_journal_record_costs_its_own_sample_not_those_after_it(tmp_pa
     assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))
 
 
+def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_costs_only_itself(tmp_path):
+    """The intact record after a corrupt one was not found when it ended exactly at the end of the file: the
+    corrupt record was read as a torn tail, and the last ACKed sample was lost with it (mutation hunt)."""
+    path = tmp_path / "journal.bin"
+    journal = vs.Journal(path, "off", 1, 0)
+    for i in range(3):
+        journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
+    journal.commit()
+    data = bytearray(path.read_bytes())
+    data[vs.JOURNAL_HEADER.size + (vs.JOURNAL_RECORD.size + 4 * 3) + vs.JOURNAL_RECORD.size] ^= 0x01  # the middle one
+    path.write_bytes(bytes(data))
+    records, intact, skipped = vs.Journal.read(path, 2, 1)
+    assert [r.score for r in records] == [0, 2]
+    assert (intact, skipped) == (len(data), vs.JOURNAL_RECORD.size + 4 * 3)
+
+
 def test_a_disk_too_full_for_the_copy_of_a_corrupt_journal_still_lets_the_sidecar_start(tmp_path, monkeypatch,
                                                                                         caplog):
     server = in_process_server(tmp_path)
@@ -208,6 +224,32 @@ def test_a_refused_snapshot_is_tried_again_while_no_line_comes(tmp_path, monkeyp
     state.tick()  # no new line since: the disk works again
     assert state.generation == 2
     assert read_snapshot(tmp_path)[0]["samples_accepted"] == 10
+
+
+def test_idle_ticks_write_no_snapshot_when_no_line_came_since_the_last(tmp_path):
+    """A snapshot is written when its interval has passed and lines were answered since the last one: an idle
+    sidecar rewrote the whole state at every interval for nothing (mutation hunt)."""
+    server = in_process_server(tmp_path, state_interval_s=0.0)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.tick()
+    generation = server.state.generation
+    for _ in range(5):
+        server.state.tick()
+    assert server.state.generation == generation
+
+
+def test_a_snapshot_the_disk_refuses_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The temp file a refused snapshot leaves (created, then its writes refused: a full disk) is removed: left
+    behind, it holds space the journal and the next snapshot need (mutation hunt)."""
+    server = in_process_server(tmp_path)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    monkeypatch.setattr(vs, "write_all", refused)
+    server.state.save()
+    assert server.state.write_failures()["snapshot"] == 1
+    assert sorted(p.name for p in (tmp_path / ".state").iterdir()) == ["journal.bin", "snapshot.bin"]
 
 
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
@@ -438,6 +480,18 @@ def test_the_smoothed_loss_continues_across_a_restart(tmp_path):
     assert again.trainer.loss_smoothed is None and again.trainer.last_loss == server.trainer.last_loss
 
 
+def test_the_checkpoint_interval_runs_on_from_the_last_checkpoint_across_a_restart(tmp_path):
+    """A restart resumes the time since the last checkpoint from the snapshot: ignored, the next checkpoint came
+    as soon as MIN_SAMPLES_CKPT samples did, however little of CKPT_INTERVAL_S had passed (mutation hunt)."""
+    server = in_process_server(tmp_path, ckpt_interval_s=3600.0, min_samples_ckpt=0)
+    server.trainer.last_checkpoint_time = time.monotonic() - 100  # a checkpoint 100 s ago
+    server.state.save()
+    again = in_process_server(tmp_path, ckpt_interval_s=3600.0, min_samples_ckpt=0)
+    assert again.trainer.last_checkpoint_time is not None
+    assert 100 <= time.monotonic() - again.trainer.last_checkpoint_time < 3600
+    assert not again.trainer.checkpoint_due()
+
+
 def save_killed_before_the_journal_reset(server: vs.Server, monkeypatch) -> None:
     """A snapshot whose process dies after its rename, before the journal it now holds is emptied."""
     def crash(generation):
@@ -489,6 +543,21 @@ def test_a_state_removed_while_the_sidecar_runs_loses_no_acked_sample(tmp_path, 
     resumed = in_process_server(tmp_path)
     assert resumed.trainer.samples_accepted == 90
     np.testing.assert_array_equal(resumed.trainer.model.flat, server.trainer.model.flat)
+
+
+def test_a_lost_journal_is_counted_once_while_the_snapshots_that_replace_it_are_refused(tmp_path, monkeypatch):
+    """A journal removed while the sidecar runs is one journal failure, however many seconds the snapshot that
+    replaces it is refused (each refusal a snapshot failure): it was counted again every second (mutation hunt)."""
+    server = in_process_server(tmp_path)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    (tmp_path / ".state" / "journal.bin").unlink()
+    monkeypatch.setattr(vs, "write_synced", refused)
+    for _ in range(4):
+        server.state.journal_checked -= 1.0  # a second later
+        server.state.tick()
+    assert server.state.write_failures() == {"journal": 1, "snapshot": 4, "sample_log": 0}
 
 
 def os_error(errno: int, *args):
@@ -737,6 +806,25 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
 
 
+def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_header(tmp_path, monkeypatch):
+    """Past the memory bound the pending records are dropped; in a journal of no record yet its header must stay
+    pending with them, or the records written once the disk works again follow no header, and a restart reads
+    none of them (mutation hunt)."""
+    monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 100)  # bytes: a few records
+    path = tmp_path / "journal.bin"
+    journal = vs.Journal(path, "off", 7, 0)
+    monkeypatch.setattr(vs, "append_whole", refused)
+    for i in range(10):
+        journal.append(np.full(3, i, np.float32), np.float32(i), False, False)
+        journal.commit()
+        assert len(journal.pending) <= 100
+    monkeypatch.undo()  # the disk works again
+    journal.append(np.full(3, 99, np.float32), np.float32(99), False, False)
+    journal.commit()
+    scores = [r.score for r in vs.Journal.read(path, 3, 7)[0]]
+    assert scores == list(range(11 - len(scores), 10)) + [99]  # those kept in memory, then the new one
+
+
 def test_a_backlog_larger_than_the_space_a_full_disk_frees_does_not_keep_out_the_snapshot_that_replaces_it(
         tmp_path, monkeypatch):
     """A disk that fills, then frees less than the journal's backlog but more than a snapshot: the backlog's write
@@ -807,6 +895,28 @@ def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch,
     server.state.tick()
     assert not journal.unsynced and f"{refused} fsyncs work again" in caplog.text
     assert in_process_server(tmp_path).trainer.samples_accepted == 14
+
+
+@pytest.mark.parametrize("synced", ["journal", "sample log"])
+def test_journal_fsync_always_fsyncs_each_commit(tmp_path, monkeypatch, synced):
+    """With VMAFX_SIDECAR_JOURNAL_FSYNC=always a line is ACKed only once its record is on disk: the journal's
+    commit, and the sample log's after it, fsync their file before returning (mutation hunt)."""
+    server = in_process_server(tmp_path, sample_log="1", journal_fsync="always")
+    first, second = messages(2)
+    assert json.loads(server.answer(json.dumps(first).encode()))["ok"]
+    server.state.commit()  # the sample log's first segment is open from here
+    fsynced = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd):
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    assert json.loads(server.answer(json.dumps(second).encode()))["ok"]
+    server.state.commit()
+    fd = server.state.journal.fd if synced == "journal" else server.state.samples.fd
+    assert fsynced.count(fd) == 1, fsynced
 
 
 @pytest.mark.parametrize("refused", ["snapshot", "journal"])
@@ -923,34 +1033,57 @@ def test_a_snapshot_whose_checksum_holds_and_one_field_does_not_is_set_aside_bef
     assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
 
 
-def not_finite_scale(meta: dict) -> None:
+def not_finite_scale(meta: dict, arrays: dict) -> None:
     meta["coordinates"]["y_scale"] = float("nan")
 
 
-def not_finite_shift(meta: dict) -> None:
+def not_finite_shift(meta: dict, arrays: dict) -> None:
     meta["window_shift"] = float("inf")
 
 
-def generation_past_8_bytes(meta: dict) -> None:
+def generation_past_8_bytes(meta: dict, arrays: dict) -> None:
     meta["generation"] = 2**64 - 1
 
 
-def older_format_without_sizes(meta: dict) -> None:
+def older_format_without_sizes(meta: dict, arrays: dict) -> None:
     meta.update(format=5, fingerprint={**meta["fingerprint"], "sizes": []})
 
 
+def ring_position_at_its_capacity(meta: dict, arrays: dict) -> None:
+    meta["replay_next"] = len(arrays["replay_y"])
+
+
+def a_negative_count(meta: dict, arrays: dict) -> None:
+    meta["steps"] = -1
+
+
+def a_kept_feature_past_the_features(meta: dict, arrays: dict) -> None:
+    meta["kept_features"] = [5]  # of 5: 0 to 4
+
+
+def scores_of_another_kind(meta: dict, arrays: dict) -> None:
+    arrays["replay_y"] = arrays["replay_y"] != 0  # booleans, of the same shape
+
+
+def coordinates_for_fewer_features(meta: dict, arrays: dict) -> None:
+    coordinates = meta["coordinates"]
+    coordinates.update(x_shift=coordinates["x_shift"][:-1], x_scale=coordinates["x_scale"][:-1])
+
+
 @pytest.mark.parametrize("edit", [not_finite_scale, not_finite_shift, generation_past_8_bytes,
-                                  older_format_without_sizes])
+                                  older_format_without_sizes, ring_position_at_its_capacity, a_negative_count,
+                                  a_kept_feature_past_the_features, scores_of_another_kind,
+                                  coordinates_for_fewer_features])
 def test_a_snapshot_whose_values_do_not_hold_is_set_aside_too(tmp_path, edit):
     """Of the right kind but not a value the sidecar writes: a NaN scale loaded, and no step was taken again; a
     generation past the journal header's 8 bytes, and an older format without its layer sizes, ended every start in
-    a traceback (the second review)."""
+    a traceback (the second review). The others pin checks a mutant of each let through (mutation hunt)."""
     server = in_process_server(tmp_path)
     for m in messages(60):
         server.answer(json.dumps(m).encode())
     server.state.save()
     meta, arrays = read_snapshot(tmp_path)
-    edit(meta)
+    edit(meta, arrays)
     write_snapshot(tmp_path, meta, arrays)
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 0 and again.trainer.coords.standardized == "none"
