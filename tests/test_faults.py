@@ -907,6 +907,33 @@ def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
         served.close()
 
 
+def test_a_probe_over_the_limit_has_the_whole_wait_from_its_answer_to_take_it(tmp_path):
+    """A probe that asked late in its wait, its answer too long for the socket buffer, was dropped as a stopped
+    reader at the wait's end counted from its accept, not from its answer (mutation hunt)."""
+    server, _, served = full_in_process_server(tmp_path)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)
+        conn = accepted(server, ours, reserved=True)
+        server.reserved[conn] -= 2 * vs.RESERVED_WAIT_S  # accepted a while ago
+        theirs.sendall(b'{"op": "ping", "job_id": "' + b"x" * 60_000 + b'"}\n')
+        conn(selectors.EVENT_READ)
+        assert conn.closing and conn.outbuf  # answered, not all of it sent yet
+        server.expire_reserved()
+        assert conn in server.reserved and server.connections_dropped == 0
+        theirs.settimeout(5)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            answer += theirs.recv(65536)
+            if conn in server.reserved:
+                conn(selectors.EVENT_WRITE)
+        assert json.loads(answer) == {"ok": True, "op": "pong", "job_id": "x" * 60_000}
+        assert not server.reserved and server.connections_dropped == 0
+    finally:
+        theirs.close()
+        served.close()
+
+
 def test_a_connection_accepted_over_the_limit_is_served_once_a_place_frees(tmp_path):
     """A client that closed in the turn that accepted another left a place the newcomer did not get: accepted
     over the limit, its sample was refused (the docs hunt saw 187 of 200 reconnections at a limit refused so)."""

@@ -163,8 +163,9 @@ def test_the_float32_edges_pass_on_both_ends():
     assert vs.parse_request(json.dumps({"features": features, "true_score": score}).encode(), 4).features == features
 
 
-@pytest.mark.parametrize("value", [3.4028235e38, -3.4028235e38, vf.F32_BOUND, int(vf.F32_BOUND)],
-                         ids=["Go's largest float32", "its negative", "the bound", "the bound as an integer"])
+@pytest.mark.parametrize("value", [3.4028235e38, -3.4028235e38, vf.F32_BOUND, int(vf.F32_BOUND), -vf.F32_BOUND],
+                         ids=["Go's largest float32", "its negative", "the bound", "the bound as an integer",
+                              "the negative bound"])  # the last: a true_score there was refused (mutation hunt)
 def test_a_number_float32_rounds_to_its_largest_value_passes_on_both_ends(value):
     """3.4028235e+38, how Go writes math.MaxFloat32, is above F32_MAX as a float64 and was refused; every number
     below the midpoint to 2**128 becomes F32_MAX, without an overflow."""
@@ -207,6 +208,39 @@ def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
     assert vf.probe(path, 0.5) == 1
     assert time.monotonic() - started < 1.5  # the pong would take 2.6 s
     listener.close()
+
+
+def test_the_probe_fails_on_an_answer_that_only_begins_like_a_pong(tmp_path, capsys):
+    """Any line starting as the pong does passed the probe: a peer that is not the sidecar was taken for a healthy
+    one (mutation hunt)."""
+    path = str(tmp_path / "other.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(100)
+            conn.sendall(vf.PONG[:-1] + b', "not": "the sidecar"}\n')
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert vf.probe(path, 2.0) == 1
+        assert "unexpected answer" in capsys.readouterr().err
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_a_line_of_exactly_the_sidecars_limit_passes_and_one_byte_more_is_refused():
+    """The client compared the line with its newline to the limit, which the sidecar counts without it: a line of
+    exactly max_line bytes was refused here though the sidecar takes it (mutation hunt)."""
+    message = vf.feedback_message([0.5] * 4, 50.0, "job", 4, None)
+    length = len(vf.feedback_line(message)) - 1  # the newline not counted
+    assert vf.feedback_message([0.5] * 4, 50.0, "job", 4, length) == message
+    with pytest.raises(vf.InvalidSample, match="too long"):
+        vf.feedback_message([0.5] * 4, 50.0, "job", 4, length - 1)
 
 
 def test_the_probe_waits_out_a_full_listen_backlog_within_its_timeout(tmp_path):

@@ -86,10 +86,25 @@ def test_error_echoes_job_id_when_it_is_a_string(tmp_path):
 
 def test_an_unknown_op_is_repeated_only_in_part(tmp_path):
     """repr() and JSON escaping made an op of 300 000 DEL characters an ACK of 1.5 MB, past what the sidecar holds
-    for a client: it dropped the connection mid-ACK."""
+    for a client: it dropped the connection mid-ACK. An op of exactly OP_SHOWN characters is repeated whole, with no
+    "..." (mutation hunt)."""
     server = make_server(tmp_path)
     ack = json.loads(server.answer(b'{"op": "' + b"\x7f" * 300_000 + b'"}'))
     assert ack["error"] == f"unknown op {chr(0x7f) * vs.OP_SHOWN + '...'!r} (known: ping, status)"
+    ack = json.loads(server.answer(b'{"op": "' + b"y" * vs.OP_SHOWN + b'"}'))
+    assert ack["error"] == f"unknown op {'y' * vs.OP_SHOWN!r} (known: ping, status)"
+
+
+def test_samples_with_an_empty_job_id_are_held_out_by_count_like_samples_without_one(tmp_path):
+    """A job_id of "" (Go's unset string) picks its side by the count of unnamed samples; when such samples did not
+    advance that count, none of them was ever held out (mutation hunt)."""
+    held_out = []
+    for i, job_id in enumerate(["", None]):
+        server = make_server(tmp_path / str(i))
+        for k in range(40):
+            server.answer(json.dumps({"features": [1, 2, k], "true_score": 50.0, "job_id": job_id}).encode())
+        held_out.append(server.status()["samples_held_out"])
+    assert held_out[0] == held_out[1] > 0, held_out
 
 
 def test_ack_fields_in_go_client_order(tmp_path):
