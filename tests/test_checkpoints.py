@@ -818,6 +818,17 @@ def test_a_refused_checkpoint_after_quarantine_was_removed_by_hand_is_placed_the
     assert writer.latest["version"] == 1 and writer.failures == 0
 
 
+def refuse_writes_of(monkeypatch, name: str) -> None:
+    """write_whole refused (a full disk) for files named `name`, and for no other."""
+    real_write_whole = vmafx_sidecar.write_whole
+
+    def refused_for(path, content, mode=0o644):
+        if path.name == name:
+            refused_write()
+        real_write_whole(path, content, mode)
+    monkeypatch.setattr(vmafx_sidecar, "write_whole", refused_for)
+
+
 def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path, monkeypatch):
     """A refusal between latest.onnx and its .sha256 left the two a publish apart until the next publish (hours,
     with the gate refusing candidates): a node that checks the .sha256 refused latest.onnx all that time."""
@@ -825,13 +836,7 @@ def test_a_refused_update_of_latest_is_retried_until_the_disk_takes_it(tmp_path,
     writer = vmafx_sidecar.CheckpointWriter(str(directory))
     rng = np.random.default_rng(0)
     vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 1, 16, UNGATED, PROBE)
-    real_write_whole = vmafx_sidecar.write_whole
-
-    def no_room_for_the_sha256(path, content, mode=0o644):
-        if path.name == "latest.onnx.sha256":
-            refused_write()
-        real_write_whole(path, content, mode)
-    monkeypatch.setattr(vmafx_sidecar, "write_whole", no_room_for_the_sha256)
+    refuse_writes_of(monkeypatch, "latest.onnx.sha256")
     second = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 2, 32,
                                             UNGATED, PROBE)
     assert (directory / "latest.onnx").read_bytes() == second.path.read_bytes()
@@ -867,13 +872,7 @@ def test_latest_json_never_names_a_model_latest_onnx_does_not_hold(tmp_path, mon
     rng = np.random.default_rng(0)
     first = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 1, 16, UNGATED,
                                            PROBE)
-    real_write_whole = vmafx_sidecar.write_whole
-
-    def no_room_for_latest_onnx(path, content, mode=0o644):
-        if path.name == "latest.onnx":
-            refused_write()
-        real_write_whole(path, content, mode)
-    monkeypatch.setattr(vmafx_sidecar, "write_whole", no_room_for_latest_onnx)
+    refuse_writes_of(monkeypatch, "latest.onnx")
     second = vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), 2, 32,
                                             UNGATED, PROBE)
     assert (directory / "latest.onnx").read_bytes() == first.path.read_bytes()

@@ -477,17 +477,25 @@ def test_an_answer_nested_past_jsons_limit_costs_one_connection_not_the_thread(c
         fake.stop()
 
 
+class GoneAfterStatus(FakeSidecar):
+    """Its first connection answers the client's status request, then is closed (`gone` set); later ones are served."""
+
+    def __init__(self, path: str, on_sample):
+        self.gone = threading.Event()
+        super().__init__(path, on_sample)
+
+    def serve(self, conn: socket.socket, index: int) -> None:
+        if index:
+            return super().serve(conn, index)
+        next(self.lines(conn))
+        status = {"ok": True, "op": "status", "config": {"n_features": N, "max_line_bytes": 1 << 20}}
+        conn.sendall(json.dumps(status).encode() + b"\n")
+        conn.close()
+        self.gone.set()
+
+
 def test_a_write_to_a_connection_the_sidecar_closed_raises_no_sigpipe(clients, short_dir, fast_retry):
     """A producer that restored SIGPIPE's default action (a C program embedding Python does) would be killed."""
-    class GoneAfterStatus(FakeSidecar):
-        def serve(self, conn: socket.socket, index: int) -> None:
-            if index:
-                return super().serve(conn, index)
-            next(self.lines(conn))  # the status request: answered, then the sidecar is gone
-            status = {"ok": True, "op": "status", "config": {"n_features": N, "max_line_bytes": 1 << 20}}
-            conn.sendall(json.dumps(status).encode() + b"\n")
-            conn.close()
-
     previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         fake = GoneAfterStatus(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
@@ -504,27 +512,15 @@ def test_a_write_to_a_connection_the_sidecar_closed_raises_no_sigpipe(clients, s
 def test_a_write_that_sent_no_byte_is_retried_but_not_counted_as_resent(clients, short_dir, fast_retry, monkeypatch):
     """A line refused whole (EPIPE: the sidecar closed before any byte left) cannot be a duplicate; it was counted in
     `resent` all the same, which bounds the sidecar's double counts (mutation hunt)."""
-    gone = threading.Event()
-
-    class GoneAfterStatus(FakeSidecar):
-        def serve(self, conn: socket.socket, index: int) -> None:
-            if index:
-                return super().serve(conn, index)
-            next(self.lines(conn))  # the status request: answered, then the sidecar is gone
-            status = {"ok": True, "op": "status", "config": {"n_features": N, "max_line_bytes": 1 << 20}}
-            conn.sendall(json.dumps(status).encode() + b"\n")
-            conn.close()
-            gone.set()
-
+    fake = GoneAfterStatus(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
     real_send = socket.socket.send
 
     def send_once_gone(sock: socket.socket, data: bytes, *flags: int) -> int:
         if data != vf.FEEDBACK_STATUS_REQUEST:
-            assert gone.wait(5)  # the sample's line meets a connection already closed
+            assert fake.gone.wait(5)  # the sample's line meets a connection already closed
         return real_send(sock, data, *flags)
 
     monkeypatch.setattr(socket.socket, "send", send_once_gone)
-    fake = GoneAfterStatus(f"{short_dir}/s.sock", lambda index, line: OK_ACK)
     try:
         client = clients(f"{short_dir}/s.sock")
         assert client.send(*good(np.random.default_rng(6)))

@@ -186,26 +186,34 @@ def test_a_number_float32_rounds_to_infinity_is_refused_on_both_ends(value):
         vs.parse_request(b'{"features": [0.5, %s, 0.5, 0.5], "true_score": 1}' % repr(value).encode(), 4)
 
 
-def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
-    """A peer that dribbles its answer a byte at a time kept a 1 s probe going for as long as it liked."""
-    path = str(tmp_path / "slow.sock")
+def peer_answering(path: str, answer) -> tuple[socket.socket, threading.Thread]:
+    """A listener at `path` whose first connection has the probe's ping read, then is answered by `answer(conn)`."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
 
-    def dribble():
+    def serve():
         conn, _ = listener.accept()
         with conn:
             conn.recv(100)
-            for byte in vf.PONG:
-                time.sleep(0.1)
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-    threading.Thread(target=dribble, daemon=True).start()
+            answer(conn)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
+    """A peer that dribbles its answer a byte at a time kept a 1 s probe going for as long as it liked."""
+    def dribble(conn: socket.socket) -> None:
+        for byte in vf.PONG:
+            time.sleep(0.1)
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return
+    listener, _ = peer_answering(str(tmp_path / "slow.sock"), dribble)
     started = time.monotonic()
-    assert vf.probe(path, 0.5) == 1
+    assert vf.probe(str(tmp_path / "slow.sock"), 0.5) == 1
     assert time.monotonic() - started < 1.5  # the pong would take 2.6 s
     listener.close()
 
@@ -213,20 +221,10 @@ def test_the_probe_timeout_bounds_the_whole_answer_not_each_read(tmp_path):
 def test_the_probe_fails_on_an_answer_that_only_begins_like_a_pong(tmp_path, capsys):
     """Any line starting as the pong does passed the probe: a peer that is not the sidecar was taken for a healthy
     one (mutation hunt)."""
-    path = str(tmp_path / "other.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-
-    def answer():
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(100)
-            conn.sendall(vf.PONG[:-1] + b', "not": "the sidecar"}\n')
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
+    listener, thread = peer_answering(str(tmp_path / "other.sock"),
+                                      lambda conn: conn.sendall(vf.PONG[:-1] + b', "not": "the sidecar"}\n'))
     try:
-        assert vf.probe(path, 2.0) == 1
+        assert vf.probe(str(tmp_path / "other.sock"), 2.0) == 1
         assert "unexpected answer" in capsys.readouterr().err
     finally:
         thread.join(5)

@@ -1155,25 +1155,37 @@ def test_a_fleet_run_whose_state_cannot_be_saved_fails_without_moving_the_replic
     assert fleet_state(tmp_path)["samples_accepted"] == 40
 
 
-def test_a_write_the_disk_cut_short_is_redone_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut", ["taken", "refused"])
+def test_a_write_the_disk_cut_short_is_redone_whole(tmp_path, monkeypatch, cut):
+    """The torn part is cut before the batch is written again. With that cut refused as the write failed, it
+    must be cut before the next write: a mutant that did not left it in the segment, where the reader skipped it
+    and the file kept it (mutation hunt)."""
     rng = np.random.default_rng(21)
     written = [sample(i, rng) for i in range(1, 31)]
     log = logged(tmp_path, written[:10])
-    real_write_all = vs.write_all
 
-    def half_then_full(fd, content):  # the disk takes half of the next batch, then refuses
+    def refused_cut(fd, size):
+        raise OSError(5, "Input/output error")
+
+    def torn(fd, content):  # the disk takes half of the next batch, then refuses it
         os.write(fd, bytes(content)[:len(content) // 2])
+        if cut == "refused":
+            monkeypatch.setattr(vs.os, "ftruncate", refused_cut)
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(vs, "write_all", half_then_full)
+    monkeypatch.setattr(vs, "write_all", torn)
     for s in written[10:20]:
         log.append(s)
     with pytest.raises(OSError):
         log.commit(10**9)
-    monkeypatch.setattr(vs, "write_all", real_write_all)
+    monkeypatch.undo()
     for s in written[20:]:
         log.append(s)
     log.commit(10**9)  # the pending batch and the new one, after the torn half is cut away
     assert_same(read_all(tmp_path), written)
+    (tmp_path / "clean").mkdir()
+    logged(tmp_path / "clean", written)  # the same records, never torn
+    assert [p.read_bytes() for p in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)] == [
+        p.read_bytes() for p in vs.segment_paths(tmp_path / "clean" / vs.SAMPLE_LOG_DIR)]
 
 
 def test_a_refused_sample_log_write_is_logged_once_and_retried(tmp_path, monkeypatch, caplog):
@@ -1401,40 +1413,6 @@ def test_a_segment_filled_exactly_to_its_size_ends_there(tmp_path, monkeypatch):
     paths = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
     assert [p.name[:16] for p in paths] == [f"{first:016d}" for first in (1, 5, 9)]
     assert [p.stat().st_size for p in paths[:2]] == [vs.SEGMENT_BYTES] * 2
-
-
-def test_a_torn_write_whose_cut_failed_is_cut_before_the_next_one(tmp_path, monkeypatch):
-    """When the disk refused both a batch (after taking part of it) and the cut of that part, the torn bytes
-    stayed in the segment, before the records written after them. (mutation hunt)"""
-    rng = np.random.default_rng(52)
-    written = [sample(i, rng) for i in range(1, 31)]
-    log = logged(tmp_path, written[:10])
-    real_write_all, real_ftruncate = vs.write_all, os.ftruncate
-
-    def refused(fd, size):
-        raise OSError(5, "Input/output error")
-
-    def torn_then_refuse(fd, content):  # the disk takes part of a record, then refuses the rest and the cut
-        os.write(fd, bytes(content)[:10])
-        monkeypatch.setattr(vs.os, "ftruncate", refused)
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(vs, "write_all", torn_then_refuse)
-    for s in written[10:20]:
-        log.append(s)
-    with pytest.raises(OSError):
-        log.commit(10**9)
-    monkeypatch.setattr(vs, "write_all", real_write_all)
-    monkeypatch.setattr(vs.os, "ftruncate", real_ftruncate)
-    for s in written[20:]:
-        log.append(s)
-    log.commit(10**9)
-    assert_same(read_all(tmp_path), written)
-    [segment] = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
-    (tmp_path / "clean").mkdir()
-    logged(tmp_path / "clean", written)  # the same records, never torn
-    [clean] = vs.segment_paths(tmp_path / "clean" / vs.SAMPLE_LOG_DIR)
-    assert segment.stat().st_size == clean.stat().st_size  # the torn part is gone, not skipped by the reader
-    assert segment.read_bytes() == clean.read_bytes()
 
 
 def test_a_log_exactly_at_its_bound_deletes_nothing_unread(tmp_path, monkeypatch):
