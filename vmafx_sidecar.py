@@ -1609,7 +1609,7 @@ class StateStore:
         # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
         try:
             self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact)
-        except OSError as e:  # one the process may not write, an I/O error: read, it said why in one line too
+        except OSError as e:  # a file the process may not write, an I/O error: one line, as a refused read gives
             raise StartupError(f"cannot write {self.journal_path}: {e.strerror or e}") from None
         self.save()
         return resumed
