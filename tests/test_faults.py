@@ -924,14 +924,16 @@ def test_a_probe_over_the_limit_has_the_whole_wait_from_its_answer_to_take_it(tm
         theirs.settimeout(5)
         answer = b""
         while not answer.endswith(b"\n"):
-            answer += theirs.recv(65536)
+            chunk = theirs.recv(65536)
+            assert chunk, f"closed after {len(answer)} bytes of the answer"
+            answer += chunk
             if conn in server.reserved:
                 conn(selectors.EVENT_WRITE)
         assert json.loads(answer) == {"ok": True, "op": "pong", "job_id": "x" * 60_000}
         assert not server.reserved and server.connections_dropped == 0
     finally:
-        theirs.close()
-        served.close()
+        for sock in (ours, theirs, served):
+            sock.close()
 
 
 def test_a_connection_accepted_over_the_limit_is_served_once_a_place_frees(tmp_path):
