@@ -1309,6 +1309,11 @@ SNAPSHOT_HEADER = struct.Struct("<QI")  # payload length, crc32 of the payload
 SNAPSHOT_FORMAT = 6
 
 
+def is_finite_number(v: Any) -> bool:
+    """A number as a snapshot's JSON holds one: an int or a finite float, not a bool, NaN or an infinity."""
+    return type(v) in (int, float) and math.isfinite(v)
+
+
 def check_store_fields(state: dict[str, Any]) -> None:
     """ValueError for a field of the snapshot's own (not the trainer's: see Trainer.check_scalars) not of the kind
     StateStore.save() writes, before anything loads: one that held, say, a number for the sources ended every start
@@ -2521,8 +2526,7 @@ class Trainer:
         coords = Coordinates(**{**saved, "x_shift": tuple(saved["x_shift"]), "x_scale": tuple(saved["x_scale"])})
         if {len(coords.x_shift), len(coords.x_scale)} != {self.config.n_features}:
             raise ValueError(f"coordinates for another number of features than {self.config.n_features}")
-        if not all(type(v) in (int, float) and math.isfinite(v)
-                   for v in (*coords.x_shift, *coords.x_scale, coords.y_shift, coords.y_scale)):
+        if not all(map(is_finite_number, (*coords.x_shift, *coords.x_scale, coords.y_shift, coords.y_scale))):
             raise ValueError("coordinates that are not finite numbers")
         if state["window_unscored"] > len(self.window.y):  # a block of a larger batch's: scored at the next step
             self.window = Window(self.backend, self.config.n_features, state["window_unscored"])
@@ -2637,9 +2641,6 @@ class Trainer:
         def count(v: Any) -> bool:
             return type(v) is int and v >= 0
 
-        def number(v: Any) -> bool:
-            return type(v) in (int, float) and math.isfinite(v)
-
         def reported(v: Any) -> bool:  # a report only: any number
             return type(v) in (int, float)
 
@@ -2649,10 +2650,11 @@ class Trainer:
         kinds = dict.fromkeys(("steps", "steps_skipped", "samples_accepted", "samples_rejected", "samples_trained",
                                "samples_held_out", "unnamed_samples", "samples_since_checkpoint",
                                "samples_since_publish", "window_n"), count)
-        kinds |= {"last_checkpoint_unix": maybe(number), "last_loss": maybe(reported), "loss_smoothed": maybe(reported),
+        kinds |= {"last_checkpoint_unix": maybe(is_finite_number), "last_loss": maybe(reported),
+                  "loss_smoothed": maybe(reported),
                   "last_gate": maybe(lambda v: type(v) is dict), "has_champion": lambda v: type(v) is bool,
                   "champion_version": maybe(lambda v: type(v) is int),
-                  "window_incumbent": maybe(lambda v: type(v) is int), "window_shift": number,
+                  "window_incumbent": maybe(lambda v: type(v) is int), "window_shift": is_finite_number,
                   "kept_raw": lambda v: type(v) in (bool, int),
                   "kept_features": lambda v: type(v) is list and all(
                       type(i) is int and 0 <= i < self.config.n_features for i in v),
@@ -4153,7 +4155,7 @@ def fleet(root: Path, config: Config) -> int:
     return 0 if ingested else FLEET_NOTHING_NEW
 
 
-def save_fleet_state(state: StateStore, earlier: dict[str, int] | None = None) -> None:
+def save_fleet_state(state: StateStore, earlier: dict[str, int]) -> None:
     """The snapshot (the trainer's state and the logs' positions, together), then the positions for the
     replicas, whose retention keeps what was not read yet: never ahead of a saved state, so a snapshot the
     disk refused fails the run (the next one goes on from the last saved state). A replica's position the state
@@ -4164,7 +4166,7 @@ def save_fleet_state(state: StateStore, earlier: dict[str, int] | None = None) -
     state.save()
     if state.generation == generation:
         raise StartupError(f"cannot save the fleet trainer's state in {state.directory}")
-    positions = {**{key: n for key, n in (earlier or {}).items() if n}, **state.sources}
+    positions = {**{key: n for key, n in earlier.items() if n}, **state.sources}
     cursors = json.dumps({"sources": positions, "saved_unix": round(time.time(), 3)}).encode()
     write_whole(state.directory.parent / FLEET_CURSORS, cursors)
 

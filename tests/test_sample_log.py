@@ -975,7 +975,7 @@ def test_a_position_kept_under_a_directory_name_by_an_older_version_moves_to_the
                           make_trainer(tmp_path / vs.FLEET_DIR, n_features=N_FEATURES, hidden=8))
     state.restore()
     state.sources = {"vmafx-node-0": state.sources.pop(name)}  # as an older version kept it
-    vs.save_fleet_state(state)
+    vs.save_fleet_state(state, {})
     assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 10  # read by name until the fleet runs
     assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW  # nothing read again
     logged(tmp_path / "vmafx-node-0", [sample(i, rng) for i in range(11, 16)])
