@@ -1328,6 +1328,26 @@ def check_store_fields(state: dict[str, Any]) -> None:
             raise ValueError(f"{name} {state[name]!r:.100} is not what a snapshot holds there")
 
 
+class Outage:
+    """One kind of write the disk may refuse for a while (the journal's writes, its fsyncs, the sample log's):
+    logged when the first one fails and when one works again, not at every retry in between."""
+
+    def __init__(self, write: str, meanwhile: str):
+        self.write = write  # "journal write": "journal write failed, …", "journal writes work again"
+        self.meanwhile = meanwhile  # what happens until it works
+        self.ongoing = False
+
+    def failed(self, e: OSError) -> None:
+        if not self.ongoing:
+            log.error("%s failed, %s: %s", self.write, self.meanwhile, e)
+        self.ongoing = True
+
+    def ended(self) -> None:
+        if self.ongoing:
+            log.info("%ss work again", self.write)
+        self.ongoing = False
+
+
 @dataclass(slots=True)
 class JournalRecord:
     features: np.ndarray
@@ -1351,9 +1371,9 @@ class Journal:
         self.size = intact  # bytes known to be written whole
         # The file may hold bytes past self.size: a reset, a failed write, a tail that is no record of this state.
         self.truncate_first = os.fstat(self.fd).st_size != intact
-        self.failing = False
+        self.write_outage = Outage("journal write", "keeping the samples in memory until it works")
+        self.sync_outage = Outage("journal fsync", "retrying every second")
         self.failures = 0  # writes and fsyncs the disk refused, and the file lost or not reopened, since the start
-        self.sync_failing = False
         self.unsynced = False
         self.last_sync = time.monotonic()
 
@@ -1380,9 +1400,8 @@ class Journal:
             if self.fsync == "always":
                 os.fsync(self.fd)
         except OSError as e:
-            if not self.failing:
-                log.error("journal write failed, keeping the samples in memory until it works: %s", e)
-            self.failing = self.truncate_first = True
+            self.write_outage.failed(e)
+            self.truncate_first = True
             self.failures += 1
             if len(self.pending) > JOURNAL_MEMORY_LIMIT:  # memory stays bounded in a long outage
                 keep = JOURNAL_HEADER.size if self.size == 0 else 0
@@ -1390,9 +1409,8 @@ class Journal:
                           len(self.pending) - keep)
                 del self.pending[keep:]
             return
-        if self.failing:
-            log.info("journal writes work again")
-        self.failing = self.truncate_first = False
+        self.write_outage.ended()
+        self.truncate_first = False
         self.size += len(self.pending)
         self.pending.clear()
         self.unsynced = self.fsync != "always"
@@ -1413,15 +1431,11 @@ class Journal:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            if not self.sync_failing:
-                log.error("journal fsync failed, retrying every second: %s", e)
-            self.sync_failing = True
+            self.sync_outage.failed(e)
             self.failures += 1
             self.last_sync = time.monotonic()
             return False
-        if self.sync_failing:
-            log.info("journal fsyncs work again")
-        self.sync_failing = False
+        self.sync_outage.ended()
         self.unsynced = False
         self.last_sync = time.monotonic()
         return True
@@ -1438,7 +1452,7 @@ class Journal:
         self.size, self.truncate_first = 0, True
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.commit()
-        if not self.failing:
+        if not self.write_outage.ongoing:
             self.fsync_now()
 
     @staticmethod
@@ -1539,8 +1553,9 @@ class StateStore:
         # The log the journal's samples go to, and the one those of the snapshot restored went to: its journal's.
         self.log_name = self.samples.name if self.samples is not None else None
         self.journaled_to = self.log_name
-        self.samples_failing = False
-        self.sample_sync_failing = False  # their fsyncs, paced by the journal's
+        self.sample_write_outage = Outage("sample log write", "keeping the samples in memory until it works (a "
+                                          "state snapshot meanwhile gives them up)")
+        self.sample_sync_outage = Outage("sample log fsync", "retrying every second")  # paced by the journal's
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
@@ -1636,7 +1651,7 @@ class StateStore:
         self.journal.commit()
         if self.samples is None:
             return
-        if self.journal.failing:
+        if self.journal.write_outage.ongoing:
             self.bound_pending_samples()
         else:
             self.commit_samples()
@@ -1650,16 +1665,12 @@ class StateStore:
             if self.config.journal_fsync == "always":
                 self.samples.sync()
         except OSError as e:
-            if not self.samples_failing:
-                log.error("sample log write failed, keeping the samples in memory until it works (a state snapshot "
-                          "meanwhile gives them up): %s", e)
-            self.samples_failing = True
+            self.sample_write_outage.failed(e)
             self.sample_log_failures += 1
             self.bound_pending_samples()
             return
-        if self.samples_failing and writing:  # a turn with nothing to log says nothing of the disk
-            log.info("sample log writes work again")
-            self.samples_failing = False
+        if writing:  # a turn with nothing to log says nothing of the disk
+            self.sample_write_outage.ended()
 
     def bound_pending_samples(self) -> None:
         """Give up the log's waiting samples past JOURNAL_MEMORY_LIMIT, counted: the fleet then reports the gap."""
@@ -1685,13 +1696,9 @@ class StateStore:
             self.samples.sync()
         except OSError as e:
             self.sample_log_failures += 1
-            if not self.sample_sync_failing:
-                log.error("sample log fsync failed, retrying every second: %s", e)
-            self.sample_sync_failing = True
+            self.sample_sync_outage.failed(e)
             return
-        if self.sample_sync_failing:
-            log.info("sample log fsyncs work again")
-        self.sample_sync_failing = False
+        self.sample_sync_outage.ended()
 
     def save(self) -> None:
         """Write the snapshot atomically, then empty the journal. What the lines answered so far recorded is

@@ -1251,7 +1251,7 @@ def test_a_snapshot_gives_up_the_samples_the_log_refused_counted(tmp_path, monke
     assert store.samples.samples_dropped == 10 and not store.samples.pending
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
     store.commit()  # a turn that logged nothing (a ping, a rejected line) says nothing of the disk
-    assert store.samples_failing and "work again" not in caplog.text
+    assert store.sample_write_outage.ongoing and "work again" not in caplog.text
     again = vs.StateStore(store.config, make_trainer(tmp_path, n_features=N_FEATURES, sample_log="1"))
     refusing["on"] = False
     again.restore()  # as after a kill

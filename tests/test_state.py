@@ -800,7 +800,7 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
         "journal write failed, keeping the samples in memory until it works: [Errno 28] No space left on device"]
     monkeypatch.undo()
     server.state.tick()  # the idle-time retry writes them all
-    assert not journal.pending and not journal.failing
+    assert not journal.pending and not journal.write_outage.ongoing
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 20
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
@@ -850,7 +850,7 @@ def test_a_backlog_larger_than_the_space_a_full_disk_frees_does_not_keep_out_the
         server.state.commit()
     backlog = len(server.state.journal.pending)
     snapshot = (state_dir / "snapshot.bin").stat().st_size
-    assert server.state.journal.failing and backlog > 2 * snapshot  # the premise: more than the disk frees
+    assert server.state.journal.write_outage.ongoing and backlog > 2 * snapshot  # the premise: more than the disk frees
     disk["capacity"] = used() + 2 * snapshot  # room for a snapshot (grown by the window's block), not the backlog
     generation = server.state.generation
     server.state.save()
