@@ -25,6 +25,9 @@ class VmafTeacher:
 
     @classmethod
     def load(cls, path: Path = VMAF_MODEL) -> VmafTeacher:
+        if not path.is_file():
+            raise SystemExit(f"{path} is not there: this benchmark learns from Netflix's VMAF v0.6.1 model, "
+                             "kept in shared/data/ beside the checkout (BENCHMARKS.md)")
         model = json.loads(path.read_text())["model_dict"]
         header, _, vectors = model["model"].partition("\nSV\n")
         fields = dict(line.split(" ", 1) for line in header.splitlines())

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_fleet  # noqa: E402
@@ -20,3 +21,12 @@ def test_bench_fleet_times_a_fleet_run_and_its_reading_at_the_default_model_size
     assert len(rows) == 1, printed.getvalue()
     fleet, reading, ingesting = (float(rows[0][i].replace(",", "")) for i in (1, 4, 5))
     assert fleet > 0 and reading > 0 and ingesting > 0, printed.getvalue()
+
+
+def test_the_learning_benchmarks_say_which_file_they_lack(tmp_path):
+    """bench_learning and bench_fleet learn from ../shared's VMAF model; without it they ended in a bare
+    FileNotFoundError, which named the file but not what it is or where BENCHMARKS.md says it comes from."""
+    missing = tmp_path / "vmaf_v0.6.1.json"
+    with pytest.raises(SystemExit) as stop:
+        bench_fleet.VmafTeacher.load(missing)
+    assert str(missing) in str(stop.value) and "VMAF v0.6.1" in str(stop.value) and "BENCHMARKS.md" in str(stop.value)
