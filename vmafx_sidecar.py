@@ -3682,7 +3682,8 @@ class CheckpointWriter:
             self.finish_unfinished(listings)
             self.latest = self.recover_latest()
         except OSError as e:
-            raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}") from None
+            raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}"  # the file it read
+                               f"{f' ({e.filename})' if e.filename else ''}") from None
         self.sync_latest_model()
 
     def finish_unfinished(self, listings: dict[Path, list[str]]) -> None:

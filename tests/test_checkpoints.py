@@ -564,8 +564,8 @@ def refused_fsync(directory: Path) -> None:
     raise OSError(errno.EIO, "Input/output error")
 
 
-def os_error(number: int):
-    raise OSError(number, os.strerror(number))
+def os_error(number: int, filename: str | None = None):
+    raise OSError(number, os.strerror(number), filename)
 
 
 def refused_write():
@@ -795,6 +795,22 @@ def test_debris_of_a_crash_that_cannot_be_removed_stops_the_start_in_one_line(tm
                         else unlink(path, missing_ok))
     with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(f'cannot remove {debris}: Input/output error')}"):
         vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_file_the_disk_cannot_read_at_start_is_named_in_the_refusal(tmp_path, monkeypatch):
+    """An I/O error on a checkpoint's file while latest.json was brought up to date was told as one on
+    latest.json itself."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])),
+                                   1, 16, UNGATED, PROBE)
+    unreadable = directory / "model_v000001.onnx.sha256"
+    exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda path: os_error(errno.EIO, str(path)) if path == unreadable
+                        else exists(path))
+    said = f"cannot update {directory / 'latest.json'}: Input/output error ({unreadable})"
+    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(said)}$"):
+        vmafx_sidecar.CheckpointWriter(str(directory))
 
 
 def test_a_file_where_quarantine_goes_is_named_in_the_refusal(tmp_path):
