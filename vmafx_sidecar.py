@@ -3842,6 +3842,12 @@ class CheckpointWriter:
             return None
         if newest == latest:
             return latest
+        if latest is None:
+            before = f"it {record_problem(self.directory / LATEST).replace('is ', 'was ', 1)}"
+        elif latest["file"] == newest["file"]:
+            before = f"it held another {', '.join(differing_fields(latest, newest))}"
+        else:
+            before = f"it named {latest['file']}"
         try:
             write_whole(self.directory / LATEST, json_text(newest).encode())
             fsync_directory(self.directory)
@@ -3850,8 +3856,8 @@ class CheckpointWriter:
             log.error("cannot point %s at %s, the newest published checkpoint, yet: %s", self.directory / LATEST,
                       newest["file"], e.strerror or e)
             return newest
-        log.warning("%s now names %s, the newest published checkpoint (it named %s)", self.directory / LATEST,
-                    newest["file"], latest and latest["file"])
+        log.warning("%s now names %s, the newest published checkpoint, as its record says (%s)",
+                    self.directory / LATEST, newest["file"], before)
         return newest
 
     def sync_latest_model(self) -> None:
@@ -3980,6 +3986,10 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:  # RecursionError: nested too deeply
         log.warning("ignoring %s: %s: %s", path, type(e).__name__, e)
         return None
+
+
+def differing_fields(record: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    return sorted(k for k in record.keys() | other.keys() if record.get(k) != other.get(k))
 
 
 def newer_record_version(path: Path) -> int | None:
@@ -5238,6 +5248,10 @@ def latest_problems(directory: Path, latest: dict[str, Any]) -> list[str]:
     if newest and newest["version"] > latest["version"]:
         return [f"names {latest['file']}, not {newest['file']}, the newest published checkpoint: nodes load an "
                 f"older model until the sidecar points latest.json and latest.onnx at it (when it starts)"]
+    if newest and newest["version"] == latest["version"] and newest != latest:
+        return [f"holds another {', '.join(differing_fields(latest, newest))} than "
+                f"model_v{newest['version']:06d}.json, the record of the checkpoint it names (the sidecar writes it "
+                f"from the record again when it starts)"]
     return []
 
 

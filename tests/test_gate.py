@@ -1616,6 +1616,39 @@ def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_
     assert vs.CheckpointWriter(str(copied)).latest["version"] == 1  # what the sidecar would do
 
 
+def test_verify_fails_on_latest_json_that_is_not_the_record_of_the_checkpoint_it_names(copied, caplog):
+    """A latest.json that names the newest checkpoint, with its sha256, but tells another verdict (its gate, step
+    or metrics edited, a bit flipped in them) passed verify, which checked only its file, version and sha256; the
+    sidecar's start writes it from the record again, and said so as "now names model_v000004.onnx (it named
+    model_v000004.onnx)" (the consumer hunt)."""
+    latest = read_json(copied / "latest.json")
+    assert latest["gate"] == "off"  # the premise: v4 was published unjudged
+    (copied / "latest.json").write_text(json.dumps({**latest, "gate": "passed", "step": latest["step"] + 1}))
+    done = run_cli("verify", str(copied))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_paths(done.stdout) == {str(copied / "latest.json")}
+    assert f"holds another gate, step than {stem(4)}.json, the record of the checkpoint it names" in done.stdout
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.CheckpointWriter(str(copied)).latest == read_json(copied / f"{stem(4)}.json")
+    assert f"now names {stem(4)}.onnx, the newest published checkpoint, as its record says (it held another gate, " \
+           "step)" in caplog.text
+    assert read_json(copied / "latest.json") == read_json(copied / f"{stem(4)}.json")
+    assert run_cli("verify", str(copied)).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "not JSON"])
+def test_a_start_says_what_latest_json_was_before_it_writes_it_again(copied, caplog, damage):
+    """It said "(it named None)"."""
+    if damage == "missing":
+        (copied / "latest.json").unlink()
+    else:
+        (copied / "latest.json").write_text("{broken")
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    assert vs.CheckpointWriter(str(copied)).latest["version"] == 4
+    said = "it was missing" if damage == "missing" else "it was not a valid checkpoint record"
+    assert f"now names {stem(4)}.onnx, the newest published checkpoint, as its record says ({said})" in caplog.text
+
+
 @pytest.mark.parametrize("latest", ["missing", "a dangling link"])
 def test_verify_fails_without_latest_json_once_a_checkpoint_is_published(copied, latest):
     (copied / "latest.json").unlink()
