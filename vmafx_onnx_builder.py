@@ -294,10 +294,16 @@ class _ChainReader:
         if not broadcasts_over_rows(b):
             raise UnsupportedModelError(f"{node_label(node)}: bias of shape {np.shape(b)} does not add the same "
                                         "to every sample")
+        if np.size(b) not in (1, w.shape[1]):
+            raise UnsupportedModelError(f"{node_label(node)}: bias of shape {np.shape(b)} is not one value for each "
+                                        f"of its {w.shape[1]} units")
         b = np.broadcast_to(np.asarray(b, np.float64).reshape(-1) if np.ndim(b) else b, (w.shape[1],))
         if self.layers and self.layers[-1][0].shape[1] != w.shape[0]:
             raise UnsupportedModelError(f"{node_label(node)} takes {w.shape[0]} inputs but the layer before "
                                         f"gives {self.layers[-1][0].shape[1]}")
+        if not self.layers and np.size(self.shift) not in (1, w.shape[0]):  # the shift has every constant's size
+            raise UnsupportedModelError(f"{node_label(node)} takes {w.shape[0]} features but the normalisation "
+                                        f"before it has {np.size(self.shift)} values")
         self.layers.append((w, b.copy()))
         return out
 
@@ -394,6 +400,9 @@ class _ChainReader:
         c = self.applied_constant(node, cursor, "x", "before the first layer", "feature")
         if c.ndim > 1:  # one row: one value per feature, or one for all of them
             c = c.reshape(-1)
+        if c.size != 1 and np.size(self.shift) not in (1, c.size):
+            raise UnsupportedModelError(f"{node_label(node)}: constant of shape {c.shape} is not one value per "
+                                        f"feature, as the {np.size(self.shift)} before it are")
         self.normalised = True
         if node.op_type == "Sub":
             self.shift = self.shift - c
