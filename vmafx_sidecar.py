@@ -2080,7 +2080,7 @@ class SampleLog:
         paths = segment_paths(self.directory)
         sizes = [p.stat().st_size for p in paths]
         for path, following in zip(paths, paths[1:]):
-            first, end = int(path.name[:16]), int(following.name[:16])  # this segment holds [first, end)
+            end = int(following.name[:16])  # this segment holds [its name's number, end)
             if end - 1 > read and sum(sizes) <= max_bytes:
                 return
             lost = unread_records(path, read, end) if end - 1 > read else 0

@@ -264,7 +264,7 @@ def client_main(path: str, client: int, lines: list[bytes], barrier, results, na
         sock.close()
         cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
         # Checked after the clock stops, so that parsing ACKs costs the server no CPU.
-        errors, first_error, checkpoints, trained = 0, None, 0, 0
+        errors, first_error, checkpoints = 0, None, 0
         for i, raw in enumerate(acks):
             expected = f"job-{client}-{i:06d}"
             try:
@@ -277,9 +277,8 @@ def client_main(path: str, client: int, lines: list[bytes], barrier, results, na
                 first_error = first_error or f"message {i} ({expected}): ACK {ack!r}"
                 continue
             checkpoints += bool(ack.get("checkpoint"))
-            trained += bool(ack.get("trained"))
         results.put(dict(client=client, start=start, end=end, latencies=latencies.tobytes(), cpu=cpu,
-                         errors=errors, first_error=first_error, checkpoints=checkpoints, trained=trained))
+                         errors=errors, first_error=first_error, checkpoints=checkpoints))
     except BaseException as e:  # report, so that the parent does not wait forever
         results.put(dict(client=client, crashed=f"{type(e).__name__}: {e}"))
         raise
@@ -298,7 +297,6 @@ class Run:
     client_cpu_s: float = 0.0
     machine_cpu_s: float = 0.0
     checkpoint_acks: int = 0
-    trained_acks: int = 0
     errors: int = 0
     first_error: str | None = None
     checkpoint_ms: list[float] = field(default_factory=list)
@@ -360,7 +358,6 @@ def run_config(n_clients: int, lines_per_client: list[list[bytes]], profile_dir:
             run.errors = sum(r["errors"] for r in reports)
             run.first_error = next((r["first_error"] for r in reports if r["first_error"]), None)
             run.checkpoint_acks = sum(r["checkpoints"] for r in reports)
-            run.trained_acks = sum(r["trained"] for r in reports)
             if not floor:
                 try:
                     run.server_status = server.request({"op": "status"})
