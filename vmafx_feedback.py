@@ -495,7 +495,7 @@ def feedback_line(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def feedback_numbers(values: list | tuple) -> list:
+def feedback_numbers(values: list[Any] | tuple[Any, ...]) -> list[int | float]:
     """The features as JSON numbers: the sidecar's parse_request's fast check, then a per-value pass only to convert
     numpy scalars or name the problem (the fast check alone is ~5x cheaper)."""
     if all((type(v) is float or type(v) is int) and -F32_BOUND <= v <= F32_BOUND for v in values):
@@ -836,7 +836,8 @@ def transmit(sock: socket.socket, chunk: list[bytes], tally: Tally) -> None:
     chunk.clear()
 
 
-def settle_next(reader: io.BufferedReader, queue: collections.deque, tally: Tally) -> int:
+def settle_next(reader: io.BufferedReader, queue: collections.deque[tuple[str, int, str | None, int]],
+                tally: Tally) -> int:
     """Settle the oldest queued line; its size."""
     name, number, error, size = queue.popleft()
     if error is None:

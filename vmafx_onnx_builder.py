@@ -18,6 +18,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -111,7 +112,7 @@ def build_mlp_model(weights: MLPWeights, metadata: dict[str, str]) -> onnx.Model
     return model
 
 
-def activation_nodes(act: Activation, x: str, out: str, initializers: list) -> list[onnx.NodeProto]:
+def activation_nodes(act: Activation, x: str, out: str, initializers: list[TensorProto]) -> list[onnx.NodeProto]:
     if act.kind == "relu":
         return [helper.make_node("Relu", [x], [out], name=out)]
     if act.kind == "leaky_relu":
@@ -464,5 +465,5 @@ def constant_tensor(node: onnx.NodeProto) -> TensorProto:
     return tensor
 
 
-def attributes(node: onnx.NodeProto) -> dict:
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -1159,8 +1159,8 @@ JSON_TYPE_NAMES = feedback.JSON_TYPE_NAMES  # an error names a type as both ends
 
 @dataclass(slots=True)
 class Sample:
-    features: list
-    score: float
+    features: list[int | float]  # JSON numbers within float32's range
+    score: int | float
     job_id: str | None
 
 
@@ -4907,14 +4907,15 @@ class TensorRebuild(Inert):
     def __init__(self, unpickler: StateDictUnpickler):
         self.unpickler = unpickler
 
-    def __call__(self, storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
+    def __call__(self, storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                 *_: Any) -> np.ndarray:
         """torch._utils._rebuild_tensor_v2: its copy counted, as tensors may share one storage."""
         tensor = rebuild_tensor(storage, offset, size, stride)
         self.unpickler.take(tensor.nbytes)
         return tensor
 
 
-def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.ndarray:
+def rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
     """torch._utils._rebuild_tensor_v2, for numpy: a view into the storage, bounds-checked first."""
     # Every number within torch's int64 before any arithmetic: each product of two of 32 Mbit took ~16 s.
     if (type(storage) is not np.ndarray or storage.dtype not in STORAGE_DTYPES.values() or type(size) is not tuple
@@ -5044,7 +5045,7 @@ READY_POLL_S = 0.001  # fine-grained, since the benchmarks time the start with i
 
 
 def start_server(env: dict[str, str], timeout_s: float, stderr: int | io.IOBase | None = None,
-                 cwd: Path | None = None, python_args: tuple[str, ...] = ()) -> subprocess.Popen:
+                 cwd: Path | None = None, python_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """`python [python_args] -m vmafx_sidecar serve` with `env`, returned once the socket that env names
     answers a ping. ServerNotReady if it exits first or `timeout_s` passes; the process is then gone."""
     server = subprocess.Popen([sys.executable, *python_args, "-m", "vmafx_sidecar", "serve"], env=env, cwd=cwd,
@@ -5058,7 +5059,7 @@ def start_server(env: dict[str, str], timeout_s: float, stderr: int | io.IOBase 
     return server
 
 
-def wait_for_pong(server: subprocess.Popen, path: str, timeout_s: float) -> None:
+def wait_for_pong(server: subprocess.Popen[bytes], path: str, timeout_s: float) -> None:
     """Ping `path` until it answers, `server` exits or `timeout_s` passes. A refused connection, or one
     closed without an answer, is a server not listening yet: the next poll() says whether it died."""
     deadline = time.monotonic() + timeout_s
