@@ -4032,13 +4032,13 @@ def latest_model_problems(directory: Path, record: dict[str, Any]) -> list[str]:
     """Why latest.onnx and latest.onnx.sha256 are not the model `record` (latest.json) names; [] if they are."""
     try:
         data = (directory / LATEST_MODEL).read_bytes()
-        checksum = (directory / f"{LATEST_MODEL}.sha256").read_text()
+        checksum = (directory / f"{LATEST_MODEL}.sha256").read_bytes()  # bytes: whatever they are, no decode error
     except OSError as e:
         return [f"{LATEST_MODEL} or its .sha256 cannot be read: {e.strerror or e}"]
     problems = []
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         problems.append(f"{LATEST_MODEL} is not {record['file']}, which {LATEST} names")
-    if checksum != f"{record['sha256']}  {LATEST_MODEL}\n":
+    if checksum != f"{record['sha256']}  {LATEST_MODEL}\n".encode():
         problems.append(f"{LATEST_MODEL}.sha256 is not the sha256 of {record['file']}")
     return problems
 
