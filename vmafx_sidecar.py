@@ -2700,14 +2700,14 @@ class Trainer:
         x[:self.n_new], y[:self.n_new] = new_x, new_y
         if n > self.n_new:
             self.replay.sample_into(self.rng, x[self.n_new:], y[self.n_new:])
-        if self.statistics_due():
-            self.take_statistics()
-        self.standardize(x, y)
-        standardized_new = x[:self.n_new]
-        outgrowable = self.coords.standardized in ("provisional", "final")  # a first batch's statistics too
-        if outgrowable and xp.vdot(standardized_new, standardized_new) >= self.outgrown_energy:  # one call a step
-            self.retake_statistics(x)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and handled below
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is detected and handled: the
+            if self.statistics_due():  # statistics refuse what is not finite, the step is skipped below
+                self.take_statistics()
+            self.standardize(x, y)
+            standardized_new = x[:self.n_new]
+            outgrowable = self.coords.standardized in ("provisional", "final")  # a first batch's statistics too
+            if outgrowable and xp.vdot(standardized_new, standardized_new) >= self.outgrown_energy:  # one call a step
+                self.retake_statistics(x)
             self.validate(new_x, standardized_new, new_y)
             loss = self.model.loss_and_grad(x, y, self.grad)
             applied = self.apply_gradient(loss)
@@ -2846,7 +2846,8 @@ class Trainer:
         self.coords = coords
         self.maps = (xp.asarray(np.array(coords.x_shift, np.float32)), xp.asarray(np.array(coords.x_scale, np.float32)),
                      np.float32(coords.y_shift), np.float32(coords.y_scale))  # as the step applies them
-        self.outgrown = self.maps[1] * np.float32(OUTGROWN_SPREADS)  # how far from its shift a feature outgrows it
+        with np.errstate(over="ignore"):  # a spread past float32's max / OUTGROWN_SPREADS: none outgrows it
+            self.outgrown = self.maps[1] * np.float32(OUTGROWN_SPREADS)  # how far from its shift a feature outgrows it
 
     def raw_weights(self, model: MLP) -> onnx_builder.MLPWeights:
         """What `model` computes in the trainer's coordinates, as a model of raw features and scores."""
@@ -2955,7 +2956,8 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
         started = time.perf_counter()
         try:
-            checkpoint = publish(self)
+            with np.errstate(over="ignore", invalid="ignore"):  # a model that overflows float32 is quarantined
+                checkpoint = publish(self)
         except OSError as e:  # e.g. a full disk
             log.error("checkpoint write failed, will retry: %s", e)
             self.checkpoint_results["failed"] += 1
@@ -3524,16 +3526,18 @@ class Window:
 
     def evidence(self, references: dict[str, MLP]) -> Evidence:
         """The candidate's and the references' scores on the window so far, the block's samples included
-        without changing the window (`references`: the models, by name, in the order of their rows)."""
-        sums, truth = self.sums, self.truth
-        if self.unscored:
-            block_sums, block_truth = self.paired_sums(self.predicted(references), self.y[:self.unscored])
-            sums, truth = sums.copy(), truth + block_truth
-            sums[:len(block_sums)] += block_sums
-        sums, (sum_e, sum_ee) = self.to_host(sums), self.to_host(truth).tolist()
-        names = ["candidate", *references]
-        return Evidence(self.n, {name: window_scores(self.n, sums[row], sum_e, sum_ee)
-                                 for row, name in enumerate(names)})
+        without changing the window (`references`: the models, by name, in the order of their rows). Asked for
+        by status and metrics too: float32 overflow here gives scores that are not finite, not a warning."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums, truth = self.sums, self.truth
+            if self.unscored:
+                block_sums, block_truth = self.paired_sums(self.predicted(references), self.y[:self.unscored])
+                sums, truth = sums.copy(), truth + block_truth
+                sums[:len(block_sums)] += block_sums
+            sums, (sum_e, sum_ee) = self.to_host(sums), self.to_host(truth).tolist()
+            names = ["candidate", *references]
+            return Evidence(self.n, {name: window_scores(self.n, sums[row], sum_e, sum_ee)
+                                     for row, name in enumerate(names)})
 
     def paired_sums(self, predictions: Any, y: Any) -> tuple[Any, Any]:
         """Per model (row), the sums of d, d², d·e and (d - e)², and the sums of e and e², where d = prediction
