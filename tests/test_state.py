@@ -1355,3 +1355,6 @@ def test_a_loop_turn_journals_its_lines_in_one_write_before_any_of_their_acks(tm
         assert ack["ok"] and ack.get("job_id") == m.get("job_id")
     records, _, _ = vs.Journal.read(server.state.journal_path, 5, server.state.generation)
     assert [r.features.tolist() for r in records] == [np.float32(m["features"]).tolist() for m in messages(3)]
+    for pair in pairs:
+        for end in pair:
+            end.close()
