@@ -1810,7 +1810,7 @@ class StateStore:
         try:
             state = migrated({**meta, **arrays})
             check_store_fields(state)
-            generation = state["generation"]
+            generation, sources = state["generation"], dict(state["sources"])  # a format since 5 holds them
             replayer = self.trainer.replayer(state["fingerprint"])
             replayer.load_state_dict(state)
         except IncompatibleState as e:
@@ -1826,7 +1826,7 @@ class StateStore:
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return None
-        self.generation, self.sources = generation, dict(state["sources"])
+        self.generation, self.sources = generation, sources
         # The newest checkpoint version in the directory as the snapshot was taken (saved before it was: its own)
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
@@ -1876,8 +1876,8 @@ def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ValueError("bad checksum or truncated")
     try:
         return unpack_arrays(payload)
-    except (ValueError, KeyError, TypeError, struct.error) as e:
-        raise ValueError(f"{type(e).__name__}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, struct.error) as e:  # SyntaxError: numpy
+        raise ValueError(f"{type(e).__name__}: {e}") from None  # parses a dtype string such as "(,4)f4" as Python
 
 
 def migrated(state: dict[str, Any]) -> dict[str, Any]:
@@ -2320,7 +2320,7 @@ def record_end(data: bytes, offset: int, vector: int, last: int) -> int | None:
 def next_intact_record(data: bytes, start: int, vector: int, last: int) -> int | None:
     """The first record at or after `start` that checks, found by the sequences that can follow `last` (a
     segment's increase): a flipped byte cost every intact record after it, up to a segment's 16 MiB."""
-    for sequence in range(last + 1, last + 1 + RESYNC_SEQUENCES):
+    for sequence in range(last + 1, min(last + 1 + RESYNC_SEQUENCES, 2**64)):  # the field holds 8 bytes
         field = struct.pack("<Q", sequence)
         position = data.find(field, start + 8)
         while position >= 0:

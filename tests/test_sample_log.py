@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -107,6 +108,23 @@ def test_a_flipped_byte_costs_its_own_record_and_no_other(tmp_path, where):
     data[vs.SEGMENT_HEADER.size + where * record + flipped] ^= 0x10
     path.write_bytes(bytes(data))
     assert_same(read_all(tmp_path), written[:where] + written[where + 1:])
+
+
+def test_a_corrupt_record_after_the_largest_sequence_ends_the_segment(tmp_path):
+    """Looking for the sequences that may follow 2**64 - 1 packed numbers past 8 bytes: `fleet` ended in a struct.error
+    traceback on a segment a foreign writer made, its record's checksum holding (the fuzz hunt)."""
+    rng = np.random.default_rng(5)
+    logged(tmp_path, [sample(1, rng), sample(2, rng)])
+    (path,) = vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR)
+    data = bytearray(path.read_bytes())
+    first = vs.SAMPLE_RECORD.unpack_from(data, vs.SEGMENT_HEADER.size)
+    end = vs.SEGMENT_HEADER.size + vs.SAMPLE_RECORD.size + first[0]
+    body = bytes(data[vs.SEGMENT_HEADER.size + vs.SAMPLE_RECORD.size:end])
+    rest = vs.SAMPLE_RECORD.pack(0, 0, 2**64 - 1, *first[3:])[8:] + body  # what the checksum covers
+    data[vs.SEGMENT_HEADER.size:end] = struct.pack("<II", first[0], vs.zlib.crc32(rest)) + rest
+    data[-1] ^= 0xFF  # the second record corrupt
+    path.write_bytes(bytes(data))
+    assert [s.sequence for s in read_all(tmp_path)] == [2**64 - 1]
 
 
 def test_a_torn_last_record_ends_the_segment_and_hides_nothing(tmp_path):
