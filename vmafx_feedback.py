@@ -938,7 +938,7 @@ def sidecar_limits(sock: socket.socket, reader: io.BufferedReader) -> tuple[int,
         raise
     except OSError as e:
         raise ConnectionError(e.strerror or e) from None
-    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OverflowError):  # Overflow: 1e400
         refusal = status.get("error") if type(status) is dict and status.get("ok") is False else None
         raise ConnectionError(f"the sidecar refused a status request: {refusal}" if refusal
                               else "its answer to a status request was not a status") from None

@@ -650,9 +650,11 @@ def test_status_fails_in_one_line_on_an_answer_that_is_not_a_status(tmp_path, an
     assert done.stderr.decode().startswith(f"vmafx-sidecar status: {path}: {said}") and done.stderr.count(b"\n") == 1
 
 
-@pytest.mark.parametrize("answer", [b"null\n", b"[]\n", b'{"ok": true, "config": []}\n'])
+@pytest.mark.parametrize("answer", [b"null\n", b"[]\n", b'{"ok": true, "config": []}\n',
+                                    b'{"ok": true, "config": {"max_line_bytes": 1e400}}\n'])
 def test_send_fails_in_one_line_on_a_status_answer_that_is_json_but_not_a_status(tmp_path, answer):
-    """An answer that was JSON but not an object ended send in an AttributeError's traceback (the producer hunt)."""
+    """An answer that was JSON but not an object ended send in an AttributeError's traceback (the producer hunt);
+    one whose line limit JSON reads as infinite, in an OverflowError's (the fuzz hunt)."""
     path = str(tmp_path / "s.sock")
     server = answering_once(path, answer)
     done = cli("send", "--socket", path, "-", stdin=b"")
