@@ -2545,8 +2545,8 @@ class Trainer:
                 continue  # see has_champion below; the rings are loaded below, the pending samples added last
             target[...] = state[name] if isinstance(target, np.ndarray) else self.backend.xp.asarray(state[name])
         for ring in RINGS:  # one not full is saved as a full one of what it holds (Ring.saved): its capacity is here
-            target = getattr(self, ring)
-            saved_capacity = state["fingerprint"].get(f"{ring}_capacity", rows[f"{ring}_y"])
+            target, capacity = getattr(self, ring), state["fingerprint"].get(f"{ring}_capacity")
+            saved_capacity = capacity if type(capacity) is int else rows[f"{ring}_y"]  # one edited by hand: a guess
             if saved_capacity != len(target.y):
                 log.info("the %s ring was saved with capacity %d: its newest samples go into one of %d", ring,
                          saved_capacity, len(target.y))

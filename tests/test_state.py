@@ -1066,6 +1066,22 @@ def test_a_snapshot_whose_checksum_holds_and_whose_framing_does_not_is_set_aside
     assert len(said) == 1 and ("corrupt" in said[0] or "unreadable" in said[0]), said
 
 
+def test_a_ring_capacity_of_another_kind_in_a_snapshots_fingerprint_is_not_trusted(tmp_path, caplog):
+    """Since a ring not yet full is saved as what it holds, its capacity is read from the fingerprint: a string there
+    (a hand-edited snapshot, its checksum made to hold) made the load's log line a logging error's traceback (the
+    review)."""
+    server = in_process_server(tmp_path)
+    for m in messages(20):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    meta, arrays = read_snapshot(tmp_path)
+    write_snapshot(tmp_path, {**meta, "fingerprint": {**meta["fingerprint"], "replay_capacity": "x"}}, arrays)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 20
+    assert all(isinstance(r.getMessage(), str) for r in caplog.records)  # each formats
+
+
 def not_finite_scale(meta: dict, arrays: dict) -> None:
     meta["coordinates"]["y_scale"] = float("nan")
 
