@@ -3695,8 +3695,9 @@ class CheckpointWriter:
             self.finish_unfinished(listings)
             self.latest = self.recover_latest()
         except OSError as e:
-            raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}"  # the file it read
-                               f"{f' ({e.filename})' if e.filename else ''}") from None
+            other = e.filename if e.filename and e.filename != str(self.directory / LATEST) else None  # one it read
+            raise StartupError(f"cannot update {self.directory / LATEST}: {e.strerror or e}"
+                               f"{f' ({other})' if other else ''}") from None
         self.sync_latest_model()
 
     def finish_unfinished(self, listings: dict[Path, list[str]]) -> None:

@@ -828,6 +828,15 @@ def test_a_checkpoint_file_the_disk_cannot_read_at_start_is_named_in_the_refusal
     said = f"cannot update {directory / 'latest.json'}: Input/output error ({unreadable})"
     with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(said)}$"):
         vmafx_sidecar.CheckpointWriter(str(directory))
+    stray = tmp_path / "empty" / "latest.json"  # with nothing published, it is removed: an error there names it once
+    stray.parent.mkdir()
+    stray.write_text("{}")
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda path, missing_ok=False: os_error(errno.EIO, str(path)) if path == stray
+                        else unlink(path, missing_ok))
+    said = f"cannot update {stray}: Input/output error"
+    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(said)}$"):
+        vmafx_sidecar.CheckpointWriter(str(stray.parent))
 
 
 def test_a_file_where_quarantine_goes_is_named_in_the_refusal(tmp_path):
