@@ -1162,14 +1162,24 @@ def test_a_snapshot_from_before_the_first_publish_resumes_with_a_new_window(tmp_
                                                                   "champion": None}
 
 
+def four_feature_stream(seed: int, n: int) -> list[tuple[np.ndarray, np.float32]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(n)]
+
+
+def ingest_holding_out(trainer: vs.Trainer, stream: list[tuple[np.ndarray, np.float32]]) -> None:
+    """The samples, without job_ids: held out by count, as the server holds such samples out."""
+    for x, y in stream:
+        trainer.ingest(x, y, trainer.is_held_out(None), True)
+
+
 def test_a_window_scored_a_block_at_a_time_resumes_bit_for_bit(tmp_path, monkeypatch):
     """The references score a window's samples a block at a time: a state saved with a part of a block unscored
     continues exactly as the trainer that saved it, blocks and checkpoints included."""
     monkeypatch.setattr(vs, "WINDOW_BLOCK", 12)  # three steps of 4 new samples
     settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, min_samples_ckpt=40,
                     ckpt_interval_s=0.0, gate_min_eval=8, eval_capacity=16)
-    rng = np.random.default_rng(2)
-    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    stream = four_feature_stream(2, 200)
     trainer = make_trainer(tmp_path / "a", **settings)
     for x, y in stream[:100]:
         trainer.ingest(x, y, False, True)
@@ -1196,11 +1206,9 @@ def test_a_ring_not_yet_full_is_saved_as_what_it_holds_and_resumes_bit_for_bit(t
     as the uninterrupted one does."""
     settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=100_000, eval_capacity=200,
                     holdout_fraction=0.2, ckpt_interval_s=0.0, min_samples_ckpt=400)  # checkpoints by count
-    rng = np.random.default_rng(3)
-    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(1600)]
+    stream = four_feature_stream(3, 1600)
     trainer = make_trainer(tmp_path / "a", **settings)
-    for x, y in stream[:100]:
-        trainer.ingest(x, y, trainer.is_held_out(None), True)
+    ingest_holding_out(trainer, stream[:100])
     saved = trainer.state_dict()
     assert 0 < trainer.replay.size < 100 and 0 < trainer.eval.size < 100  # the premise: neither ring full
     assert saved["replay_x"].shape == (trainer.replay.size, 4) and saved["eval_y"].shape == (trainer.eval.size,)
@@ -1210,8 +1218,7 @@ def test_a_ring_not_yet_full_is_saved_as_what_it_holds_and_resumes_bit_for_bit(t
     again.load_state_dict(saved)
     assert "ring was saved with capacity" not in caplog.text
     for t in (trainer, again):
-        for x, y in stream[100:]:
-            t.ingest(x, y, t.is_held_out(None), True)
+        ingest_holding_out(t, stream[100:])
     assert trainer.eval.size == 200 and trainer.checkpoints.version == again.checkpoints.version > 1  # filled, wrapped
     for ring in ("replay", "eval"):
         for part in ("x", "y", "size", "next"):
@@ -1231,8 +1238,7 @@ def test_a_state_continues_under_other_batch_settings(tmp_path, monkeypatch, bat
     batch's is kept whole."""
     monkeypatch.setattr(vs, "WINDOW_BLOCK", 12)  # three steps of 4 new samples; one of 8 with the larger batch
     settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, gate_min_eval=8, eval_capacity=16)
-    rng = np.random.default_rng(3)
-    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    stream = four_feature_stream(3, 200)
     trainer = make_trainer(tmp_path / "a", **settings)
     taken = 0
     while not (trainer.window.unscored == 12 and trainer.n_pending == 3):  # a full block, 3 of 4 samples waiting
@@ -1261,11 +1267,9 @@ def test_a_state_continues_with_other_ring_capacities(tmp_path, capacities):
     """The replay and evaluation rings may be resized between restarts: each keeps its newest samples that fit,
     in order, and training goes on from the same weights."""
     settings = dict(n_features=4, hidden=4, batch_size=8, replay_capacity=32, eval_capacity=16, holdout_fraction=0.3)
-    rng = np.random.default_rng(4)
-    stream = [(rng.uniform(0, 1, 4).astype(np.float32), np.float32(rng.uniform(20, 90))) for _ in range(200)]
+    stream = four_feature_stream(4, 200)
     trainer = make_trainer(tmp_path / "a", **settings)
-    for x, y in stream[:100]:
-        trainer.ingest(x, y, trainer.is_held_out(None), True)
+    ingest_holding_out(trainer, stream[:100])
     saved = trainer.state_dict()
     assert trainer.replay.size == 32 and trainer.replay.next != 0 and trainer.eval.size == 16  # full, wrapped
     again = make_trainer(tmp_path / "b", **{**settings, **capacities})
@@ -1276,8 +1280,7 @@ def test_a_state_continues_with_other_ring_capacities(tmp_path, capacities):
         assert theirs.size == min(mine.size, len(theirs.y))
         for ours, kept in zip(mine.older(0, theirs.size), theirs.older(0, theirs.size)):  # newest first
             np.testing.assert_array_equal(ours, kept)
-    for x, y in stream[100:]:
-        again.ingest(x, y, again.is_held_out(None), True)
+    ingest_holding_out(again, stream[100:])
     assert again.samples_accepted == len(stream) and np.isfinite(again.vectors).all()
     assert again.replay_size == len(again.replay.y) and again.eval_size == len(again.eval.y)  # full again
 
