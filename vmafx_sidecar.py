@@ -4958,7 +4958,8 @@ def serve(config: Config) -> int:
     server = Server(config, trainer, state)
     if config.metrics_addr:  # before the socket: a node never connects to a sidecar that then fails to start
         server.metrics = MetricsEndpoint(server, config.metrics_addr)
-        log.info("metrics on http://%s/metrics", config.metrics_addr)
+        host, port = server.metrics.listener.getsockname()[:2]  # ":9464" is every interface: "::" or "0.0.0.0"
+        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
     server.bind()
     model = trainer.model
     shape = " ".join(["-".join(map(str, model.sizes)), *map(str, model.activations)])

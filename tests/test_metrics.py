@@ -342,6 +342,8 @@ def test_every_interface_means_ipv6_and_ipv4(sidecar_factory):
             c.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
             assert c.recv(100).startswith(b"HTTP/1.1 200 OK"), host
     assert s.proc.poll() is None
+    said = f"metrics on http://{'[::]' if ipv6_loopback() else '0.0.0.0'}:{port}/metrics"  # a URL curl takes
+    assert said in s.stderr(), s.stderr()  # it was http://:PORT/metrics (the README hunt)
 
 
 def test_every_interface_is_ipv4_alone_where_the_pod_has_no_ipv6(monkeypatch):
