@@ -1332,19 +1332,19 @@ class Outage:
     """One kind of write the disk may refuse for a while (the journal's writes, its fsyncs, the sample log's):
     logged when the first one fails and when one works again, not at every retry in between."""
 
-    def __init__(self, write: str, meanwhile: str):
-        self.write = write  # "journal write": "journal write failed, …", "journal writes work again"
+    def __init__(self, kind: str, meanwhile: str):
+        self.kind = kind  # of write, "journal write": "journal write failed, …", "journal writes work again"
         self.meanwhile = meanwhile  # what happens until it works
         self.ongoing = False
 
     def failed(self, e: OSError) -> None:
         if not self.ongoing:
-            log.error("%s failed, %s: %s", self.write, self.meanwhile, e)
+            log.error("%s failed, %s: %s", self.kind, self.meanwhile, e)
         self.ongoing = True
 
     def ended(self) -> None:
         if self.ongoing:
-            log.info("%ss work again", self.write)
+            log.info("%ss work again", self.kind)
         self.ongoing = False
 
 

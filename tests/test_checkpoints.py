@@ -810,7 +810,8 @@ def test_debris_of_a_crash_that_cannot_be_removed_stops_the_start_in_one_line(tm
     unlink = Path.unlink
     monkeypatch.setattr(Path, "unlink", lambda path, missing_ok=False: os_error(errno.EIO) if path == debris
                         else unlink(path, missing_ok))
-    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(f'cannot remove {debris}: Input/output error')}"):
+    said = f"cannot remove {debris}: Input/output error"
+    with pytest.raises(vmafx_sidecar.StartupError, match=f"^{re.escape(said)}"):
         vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
 
 
