@@ -996,9 +996,8 @@ class Server:
                 sent = conn.sock.send(conn.outbuf)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            except OSError:  # the client went away; its unsent ACKs have no reader
-                self.close(conn)
-                return
+            except OSError:  # the client went away: its ACKs have no reader, what it sent is still read to its end
+                sent = len(conn.outbuf)
             del conn.outbuf[:sent]
             if sent and conn in self.backlog:  # it reads: its lines wait for room, not for ever
                 conn.waiting_since = time.monotonic()
