@@ -713,7 +713,8 @@ class Server:
         self.socket_inode = os.stat(path).st_ino
         self.selector.register(listener, selectors.EVENT_READ, self.on_listener_ready)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> int:
+        """Serve until SIGTERM or SIGINT; the exit status: 0, or 1 when the stop lost acknowledged samples."""
         wake_r, wake_w = socket.socketpair()
         for s in (wake_r, wake_w):
             s.setblocking(False)
@@ -745,7 +746,7 @@ class Server:
                     self.trainer.checkpoints.point_latest_again()
                 if self.metrics:
                     self.metrics.tick()
-            self.shutdown()
+            return self.shutdown()
         finally:
             signal.set_wakeup_fd(-1)
             self.selector.unregister(wake_r)
@@ -768,8 +769,10 @@ class Server:
             log.info("received %s: finishing open requests and exiting", signal.Signals(signum).name)
         self.stopping = True
 
-    def shutdown(self) -> None:
-        """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S."""
+    def shutdown(self) -> int:
+        """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S; then save the
+        state. The exit status: 1 when acknowledged samples die with the process (the disk refused their journal
+        records and the snapshot too), else 0."""
         self.close_listener()
         if self.metrics:
             self.metrics.close()
@@ -796,8 +799,12 @@ class Server:
         for conn in [*self.connections, *self.reserved]:
             self.close(conn)
         self.state.save()
+        if lost := self.state.unsaved_samples():
+            log.error("stopping with %d acknowledged samples lost: the disk refused their journal records, and the "
+                      "snapshot that would have held them", lost)
         log.info("stopped after %d steps (%d samples accepted, %d rejected)",
                  self.trainer.steps, self.trainer.samples_accepted, self.trainer.samples_rejected)
+        return 1 if lost else 0
 
     def close_listener(self) -> None:
         """Unlink the socket so no new client can connect, then take those already queued: their
@@ -1365,6 +1372,7 @@ class Journal:
         self.fsync = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
+        self.pending_samples = 0  # the sample records among them
         if not intact:
             self.pending += JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.size = intact  # bytes known to be written whole
@@ -1382,6 +1390,7 @@ class Journal:
         self.pending += JOURNAL_RECORD.pack((row.nbytes + 4) | flags, zlib.crc32(score, zlib.crc32(row)))
         self.pending += row.data  # a buffer, not the array: ndarray's + would take over
         self.pending += score.data
+        self.pending_samples += 1
 
     def append_rejection(self) -> None:
         self.pending += REJECTION
@@ -1407,11 +1416,13 @@ class Journal:
                 log.error("journal still failing: %d bytes of samples dropped, not durable",
                           len(self.pending) - keep)
                 del self.pending[keep:]
+                self.pending_samples = 0
             return
         self.write_outage.ended()
         self.truncate_first = False
         self.size += len(self.pending)
         self.pending.clear()
+        self.pending_samples = 0
         self.unsynced = self.fsync != "always"
         if not self.unsynced:
             self.last_sync = time.monotonic()
@@ -1450,6 +1461,7 @@ class Journal:
         The header goes out with the next records if it cannot be written now."""
         self.size, self.truncate_first = 0, True
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
+        self.pending_samples = 0
         self.commit()
         if not self.write_outage.ongoing:
             self.fsync_now()
@@ -1791,6 +1803,10 @@ class StateStore:
         """Writes the disk refused since the process started, by what was written; the tests' NoState has the same."""
         return {"journal": self.journal.failures, "snapshot": self.snapshot_failures,
                 "sample_log": self.sample_log_failures}
+
+    def unsaved_samples(self) -> int:
+        """Accepted samples held in memory only: their journal records the disk refused, and no snapshot since."""
+        return self.journal.pending_samples
 
     def load_snapshot(self) -> Trainer | None:
         """The trainer that holds the snapshot's state, for the journal to replay on (see Trainer.replayer); None
@@ -4967,8 +4983,7 @@ def serve(config: Config) -> int:
              config.socket, shape, source, trainer.backend.name, config.batch_size, trainer.n_new, trainer.n_replay,
              config.lr, config.replay_capacity, config.checkpoint_dir, config.ckpt_interval_s,
              config.min_samples_ckpt, trainer.checkpoints.version + 1)
-    server.serve_forever()
-    return 0
+    return server.serve_forever()
 
 
 def build_trainer(config: Config) -> tuple[Trainer, str]:

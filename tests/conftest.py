@@ -232,3 +232,6 @@ class NoState:
 
     def write_failures(self) -> dict[str, int]:
         return {}
+
+    def unsaved_samples(self) -> int:
+        return 0

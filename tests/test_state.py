@@ -807,6 +807,50 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
 
 
+
+def test_a_stop_while_the_disk_refuses_the_journal_and_the_snapshot_says_what_it_lost_and_exits_1(tmp_path, monkeypatch,
+                                                                                                   caplog):
+    """README's one exception to what "ok": true guarantees: a stop before the disk takes the refused records back.
+    It logged "state snapshot failed, will retry" and exited 0, the acknowledged samples gone with nothing saying so.
+    The stop now counts them in an error and exits 1; one whose snapshot the disk takes loses nothing."""
+    server = in_process_server(tmp_path)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    journal, real_write_all = server.state.journal, vs.write_all
+
+    def full_disk(fd, content):
+        if fd == journal.fd:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, content)
+
+    monkeypatch.setattr(vs, "write_all", full_disk)
+    for m in messages(TOTAL)[10:16]:
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.answer(b"not json")  # a rejected line's record is no sample
+    server.state.commit()
+    assert server.state.unsaved_samples() == 6
+    monkeypatch.setattr(vs, "write_synced", refused)
+    server.stopping = True
+    assert server.serve_forever() == 1
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[-1] == ("stopping with 6 acknowledged samples lost: the disk refused their journal records, and "
+                          "the snapshot that would have held them")
+    monkeypatch.undo()
+    assert in_process_server(tmp_path).trainer.samples_accepted == 10  # the journal's, the 6 refused ones lost
+
+    again = in_process_server(tmp_path)
+    monkeypatch.setattr(vs, "write_all", full_disk)
+    journal = again.state.journal
+    for m in messages(TOTAL)[10:16]:
+        assert json.loads(again.answer(json.dumps(m).encode()))["ok"]
+    again.state.commit()
+    monkeypatch.setattr(vs, "write_all", real_write_all)  # the disk takes the snapshot
+    again.stopping = True
+    assert again.serve_forever() == 0
+    assert in_process_server(tmp_path).trainer.samples_accepted == 16
+
+
 def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_header(tmp_path, monkeypatch):
     """Past the memory bound the pending records are dropped; in a journal of no record yet its header must stay
     pending with them, or the records written once the disk works again follow no header, and a restart reads
