@@ -35,10 +35,13 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 Layer = tuple[np.ndarray, np.ndarray]  # (W (in, out), b (out,))
 
 
+LEAKY_RELU_SLOPE = float(np.float32(0.01))  # torch's and ONNX's default, as a float32 attribute holds it
+
+
 @dataclass(frozen=True)
 class Activation:
     kind: str  # one of ACTIVATION_KINDS
-    alpha: float = 0.01  # leaky_relu's negative slope (the torch and ONNX default)
+    alpha: float = LEAKY_RELU_SLOPE  # leaky_relu's negative slope, float32 as in the checkpoints
 
     def __str__(self) -> str:
         return f"leaky_relu({self.alpha:g})" if self.kind == "leaky_relu" else self.kind
@@ -350,7 +353,7 @@ class _ChainReader:
                 raise UnsupportedModelError(f"{node_label(node)}: only the exact (erf) GELU is supported")
             return Activation("gelu")
         if node.op_type == "LeakyRelu":
-            return Activation("leaky_relu", float(attrs.get("alpha", 0.01)))
+            return Activation("leaky_relu", float(attrs.get("alpha", LEAKY_RELU_SLOPE)))
         return Activation(SIMPLE_ACTIVATIONS[node.op_type])
 
     def add_activation(self, node: onnx.NodeProto, act: Activation) -> None:

@@ -97,6 +97,30 @@ def test_restart_continues_bit_for_bit(sidecar_factory, tmp_path, uninterrupted,
     assert meta["last_gate"]["metrics"]["candidate"] is not None
 
 
+
+def test_a_restart_with_leaky_relus_default_slope_continues_bit_for_bit(sidecar_factory, tmp_path):
+    """The bare leaky_relu's slope was 0.01 in memory and float32's 0.0099999998 in a checkpoint: a restarted
+    sidecar's incumbent, read back from latest.onnx, scored other figures in the next records (1e-11 apart) than
+    the same incumbent of a sidecar never stopped, where the slope written as leaky_relu(0.01) matched."""
+    settings = {**SETTINGS, "VMAFX_SIDECAR_ACTIVATION": "leaky_relu", "VMAFX_SIDECAR_GATE": "off"}  # an incumbent
+    directories = []
+    for name, stop_at in (("unstopped", TOTAL), ("restarted", STOP_AT)):
+        (tmp_path / name).mkdir()
+        s = sidecar_factory(workdir=tmp_path / name, **settings)
+        feed(s, messages()[:stop_at])
+        assert s.stop() == 0
+        if stop_at < TOTAL:
+            s = sidecar_factory(workdir=tmp_path / name, **settings)
+            feed(s, messages()[stop_at:])
+            assert s.stop() == 0
+        directories.append(s.checkpoint_dir)
+    a, b = (sorted(directory.glob("model_v*.json")) for directory in directories)
+    assert [p.name for p in a] == [p.name for p in b] and len(a) >= 2  # v2 came after the restart, against v1
+    for record_a, record_b in zip(a, b):
+        assert json.loads(record_a.read_text())["metrics"] == json.loads(record_b.read_text())["metrics"], record_a.name
+    assert_same_state(*directories)
+
+
 def test_start_up_line_says_a_resumed_state_is_resumed(sidecar_factory, tmp_path):
     first = sidecar_factory(**SETTINGS)
     assert "(fresh, seed 0)" in first.stderr()
