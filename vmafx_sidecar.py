@@ -771,8 +771,8 @@ class Server:
 
     def shutdown(self) -> int:
         """Stop accepting, answer what clients already sent, and flush ACKs for up to SHUTDOWN_GRACE_S; then save the
-        state. The exit status: 1 when acknowledged samples die with the process (the disk refused their journal
-        records and the snapshot too), else 0."""
+        state. The exit status: 1 when acknowledged samples die with the process (the disk refused the snapshot,
+        and the journal a restart reads lacks them: see StateStore.unsaved_samples), else 0."""
         self.close_listener()
         if self.metrics:
             self.metrics.close()
@@ -800,8 +800,8 @@ class Server:
             self.close(conn)
         self.state.save()
         if lost := self.state.unsaved_samples():
-            log.error("stopping with %d acknowledged samples lost: the disk refused their journal records, and the "
-                      "snapshot that would have held them", lost)
+            log.error("stopping with %d acknowledged samples lost: the disk refused the snapshot that would have "
+                      "held them, and the journal a restart reads does not", lost)
         log.info("stopped after %d steps (%d samples accepted, %d rejected)",
                  self.trainer.steps, self.trainer.samples_accepted, self.trainer.samples_rejected)
         return 1 if lost else 0
@@ -1365,14 +1365,16 @@ class JournalRecord:
 class Journal:
     """The samples accepted since the last snapshot, each written before its ACK is sent."""
 
-    def __init__(self, path: Path, fsync: str, generation: int, intact: int):
+    def __init__(self, path: Path, fsync: str, generation: int, intact: int, intact_samples: int):
         """Continue the journal of the state `generation` at `path` after its first `intact` bytes, the records
-        read() found; whatever follows them (a torn tail, a journal the snapshot already holds) is cut before
-        the next record is written. With none (0), the state's header goes out with the first records."""
+        read() found (`intact_samples` of them samples); whatever follows them (a torn tail, a journal the snapshot
+        already holds) is cut before the next record is written. With none (0), the state's header goes out with
+        the first records."""
         self.fsync = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
-        self.pending_samples = 0  # the sample records among them
+        # The samples since the snapshot, by where their records are: pending, dropped in a long outage, written.
+        self.pending_samples, self.dropped_samples, self.written_samples = 0, 0, intact_samples
         if not intact:
             self.pending += JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.size = intact  # bytes known to be written whole
@@ -1416,12 +1418,14 @@ class Journal:
                 log.error("journal still failing: %d bytes of samples dropped, not durable",
                           len(self.pending) - keep)
                 del self.pending[keep:]
+                self.dropped_samples += self.pending_samples
                 self.pending_samples = 0
             return
         self.write_outage.ended()
         self.truncate_first = False
         self.size += len(self.pending)
         self.pending.clear()
+        self.written_samples += self.pending_samples
         self.pending_samples = 0
         self.unsynced = self.fsync != "always"
         if not self.unsynced:
@@ -1461,7 +1465,7 @@ class Journal:
         The header goes out with the next records if it cannot be written now."""
         self.size, self.truncate_first = 0, True
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
-        self.pending_samples = 0
+        self.pending_samples, self.dropped_samples, self.written_samples = 0, 0, 0
         self.commit()
         if not self.write_outage.ongoing:
             self.fsync_now()
@@ -1639,7 +1643,8 @@ class StateStore:
         # What the journal holds past its intact records is cut before anything is appended: should the
         # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
         try:
-            self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact)
+            self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact,
+                                   sum(record is not None for record in records))
         except OSError as e:  # a file the process may not write, an I/O error: one line, as a refused read gives
             raise StartupError(f"cannot write {self.journal_path}: {e.strerror or e}") from None
         self.save()
@@ -1805,8 +1810,11 @@ class StateStore:
                 "sample_log": self.sample_log_failures}
 
     def unsaved_samples(self) -> int:
-        """Accepted samples held in memory only: their journal records the disk refused, and no snapshot since."""
-        return self.journal.pending_samples
+        """Accepted samples since the last snapshot written that the journal a restart reads does not hold: their
+        records refused by the disk (pending, or dropped in a long outage), or written to a journal file since
+        removed or replaced."""
+        journal = self.journal
+        return journal.pending_samples + journal.dropped_samples + (journal.written_samples if self.journal_lost else 0)
 
     def load_snapshot(self) -> Trainer | None:
         """The trainer that holds the snapshot's state, for the journal to replay on (see Trainer.replayer); None

@@ -172,7 +172,7 @@ def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_
     """The intact record after a corrupt one was not found when it ended exactly at the end of the file: the
     corrupt record was read as a torn tail, and the last ACKed sample was lost with it (mutation hunt)."""
     path = tmp_path / "journal.bin"
-    journal = vs.Journal(path, "off", 1, 0)
+    journal = vs.Journal(path, "off", 1, 0, 0)
     for i in range(3):
         journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
     journal.commit()
@@ -832,47 +832,66 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
 
 
 
-def test_a_stop_while_the_disk_refuses_the_journal_and_the_snapshot_says_what_it_lost_and_exits_1(tmp_path, monkeypatch,
-                                                                                                   caplog):
-    """README's one exception to what "ok": true guarantees: a stop before the disk takes the refused records back.
-    It logged "state snapshot failed, will retry" and exited 0, the acknowledged samples gone with nothing saying so.
-    The stop now counts them in an error and exits 1; one whose snapshot the disk takes loses nothing."""
+def full_disk_for(journal: vs.Journal):
+    """vs.write_all as a disk that refuses the journal's writes, and takes the others."""
+    real_write_all = vs.write_all
+
+    def write_all(fd, content):
+        if fd == journal.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, content)
+    return write_all
+
+
+def stopped_with_the_snapshot_refused(server: vs.Server, monkeypatch) -> int:
+    monkeypatch.setattr(vs, "write_synced", refused)
+    server.stopping = True
+    return server.serve_forever()
+
+
+@pytest.mark.parametrize("where", ["pending", "dropped", "in a removed journal"])
+def test_a_stop_that_loses_acknowledged_samples_says_how_many_and_exits_1(tmp_path, monkeypatch, caplog, where):
+    """README's one exception to what "ok": true guarantees: a stop whose snapshot the disk refuses loses the samples
+    the journal a restart reads lacks: records the disk refused (still pending, or dropped past the memory bound)
+    or written to a journal file removed since. It logged "state snapshot failed, will retry" and exited 0; the
+    stop now counts them in an error and exits 1. One whose snapshot the disk takes loses nothing, and exits 0."""
     server = in_process_server(tmp_path)
     for m in messages(10):
         assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
     server.state.commit()
-    journal, real_write_all = server.state.journal, vs.write_all
-
-    def full_disk(fd, content):
-        if fd == journal.fd:
-            raise OSError(28, "No space left on device")
-        real_write_all(fd, content)
-
-    monkeypatch.setattr(vs, "write_all", full_disk)
+    if where == "in a removed journal":
+        (tmp_path / ".state" / "journal.bin").unlink()
+        monkeypatch.setattr(vs, "write_synced", refused)  # the snapshot that would replace it
+        server.state.check_journal_in_place()
+    else:
+        monkeypatch.setattr(vs, "write_all", full_disk_for(server.state.journal))
+        if where == "dropped":
+            monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 100)  # a record of 5 features is 32 bytes
     for m in messages(TOTAL)[10:16]:
         assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        server.state.commit()
     server.answer(b"not json")  # a rejected line's record is no sample
     server.state.commit()
-    assert server.state.unsaved_samples() == 6
-    monkeypatch.setattr(vs, "write_synced", refused)
-    server.stopping = True
-    assert server.serve_forever() == 1
+    lost = 16 if where == "in a removed journal" else 6
+    assert stopped_with_the_snapshot_refused(server, monkeypatch) == 1
     errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
-    assert errors[-1] == ("stopping with 6 acknowledged samples lost: the disk refused their journal records, and "
-                          "the snapshot that would have held them")
+    assert errors[-1] == (f"stopping with {lost} acknowledged samples lost: the disk refused the snapshot that would "
+                          "have held them, and the journal a restart reads does not")
     monkeypatch.undo()
-    assert in_process_server(tmp_path).trainer.samples_accepted == 10  # the journal's, the 6 refused ones lost
+    assert in_process_server(tmp_path).trainer.samples_accepted == 16 - lost
 
-    again = in_process_server(tmp_path)
-    monkeypatch.setattr(vs, "write_all", full_disk)
-    journal = again.state.journal
-    for m in messages(TOTAL)[10:16]:
-        assert json.loads(again.answer(json.dumps(m).encode()))["ok"]
-    again.state.commit()
-    monkeypatch.setattr(vs, "write_all", real_write_all)  # the disk takes the snapshot
-    again.stopping = True
-    assert again.serve_forever() == 0
-    assert in_process_server(tmp_path).trainer.samples_accepted == 16
+
+def test_a_stop_whose_snapshot_is_written_loses_nothing_and_exits_0(tmp_path, monkeypatch):
+    server = in_process_server(tmp_path)
+    monkeypatch.setattr(vs, "write_all", full_disk_for(server.state.journal))
+    for m in messages(6):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()
+    assert server.state.unsaved_samples() == 6
+    monkeypatch.undo()  # the disk takes the snapshot
+    server.stopping = True
+    assert server.serve_forever() == 0
+    assert in_process_server(tmp_path).trainer.samples_accepted == 6
 
 
 def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_header(tmp_path, monkeypatch):
@@ -881,7 +900,7 @@ def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_hea
     none of them (mutation hunt)."""
     monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 100)  # bytes: a few records
     path = tmp_path / "journal.bin"
-    journal = vs.Journal(path, "off", 7, 0)
+    journal = vs.Journal(path, "off", 7, 0, 0)
     monkeypatch.setattr(vs, "append_whole", refused)
     for i in range(10):
         journal.append(np.full(3, i, np.float32), np.float32(i), False, False)
