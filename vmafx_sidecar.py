@@ -1003,8 +1003,11 @@ class Server:
                 sent = conn.sock.send(conn.outbuf)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            except OSError:  # the client went away: its ACKs have no reader, what it sent is still read to its end
+            except (BrokenPipeError, ConnectionResetError):  # gone: its ACKs have no reader, what it sent is read on
                 sent = len(conn.outbuf)
+            except OSError:  # another error: closed, as one that broke the connection (the client resends)
+                self.close(conn)
+                return
             del conn.outbuf[:sent]
             if sent and conn in self.backlog:  # it reads: its lines wait for room, not for ever
                 conn.waiting_since = time.monotonic()

@@ -884,6 +884,39 @@ def accepted(server: vs.Server, sock: socket.socket, reserved: bool) -> vs.Conne
     return conn
 
 
+
+class RefusingSocket:
+    """A socket whose send() fails with `error`."""
+
+    def __init__(self, sock: socket.socket, error: OSError):
+        self.sock, self.error = sock, error
+
+    def send(self, data: bytes) -> int:
+        raise self.error
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("error, closed", [(BrokenPipeError(errno.EPIPE, "Broken pipe"), False),
+                                           (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), False),
+                                           (OSError(errno.ENOBUFS, "No buffer space available"), True)],
+                         ids=["EPIPE", "ECONNRESET", "ENOBUFS"])
+def test_a_send_error_closes_the_connection_unless_its_client_is_gone(tmp_path, error, closed):
+    """A client gone (EPIPE, ECONNRESET) has its ACKs dropped and is read on to its end, its lines trained on; any
+    other error of send() closes the connection: a client still there would wait for ACKs that never come."""
+    server, conn, theirs = full_in_process_server(tmp_path)
+    try:
+        conn.sock = RefusingSocket(conn.sock, error)
+        conn.outbuf += b'{"ok": true, "op": "pong"}\n'
+        server.flush(conn)
+        assert (conn not in server.connections) == closed
+        if not closed:
+            assert not conn.outbuf and conn.events == selectors.EVENT_READ
+    finally:
+        theirs.close()
+
+
 def test_a_probe_waiting_through_a_slow_turn_is_answered_not_expired(tmp_path):
     """A turn that ran a long step (a checkpoint, a slow disk) after accepting a probe over the limit had closed it
     at the turn's end as silent, its ping unread in the socket."""
