@@ -1865,6 +1865,10 @@ class StateStore:
             self.warn_of_another_base(f"{began} as it was then (sha256 {began_sha256[:12]}...)",
                                       f"the file there now (sha256 {self.base_sha256[:12]}...)")
         self.base_model, self.base_sha256 = began, began_sha256
+        # Fresh as the state began, not as the file is now: a state saved before its first step, its base file gone
+        # at the restart, had the base's weights declared in standardized coordinates, and the reverse trained a
+        # fresh model's in raw ones (take_statistics()).
+        replayer.fresh = self.trainer.fresh = not began
         return replayer
 
     def warn_of_another_base(self, began: str, configured: str) -> None:

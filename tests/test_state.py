@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import vmafx_sidecar as vs
 from conftest import RELU, make_trainer, sample
@@ -119,6 +121,42 @@ def test_a_restart_with_leaky_relus_default_slope_continues_bit_for_bit(sidecar_
     for record_a, record_b in zip(a, b):
         assert json.loads(record_a.read_text())["metrics"] == json.loads(record_b.read_text())["metrics"], record_a.name
     assert_same_state(*directories)
+
+
+
+@pytest.mark.parametrize("base_at", ["the first start", "the restart"])
+def test_a_state_saved_before_its_first_step_trains_as_it_began_whatever_base_file_is_there_at_the_restart(
+        sidecar_factory, tmp_path, base_at):
+    """Whether the model is a fresh one (its first step declares it in its first batch's standardized coordinates)
+    came from the base file there at this start, not from the state's: a state saved before its first step and
+    begun from a base whose file was gone at the restart had the base's weights taken as standardized (coordinates
+    "provisional", v1 other weights), and one begun fresh, the file there at the restart, trained in raw ones."""
+    base = tmp_path / "base.onnx"
+    settings = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
+                    VMAFX_SIDECAR_GATE="off", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="100", VMAFX_SIDECAR_CKPT_INTERVAL_S="0",
+                    VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_LR="0.001")
+    stream = [sample(np.random.default_rng(3), 6) for _ in range(120)]
+    runs = []
+    for name, stop_at in (("unstopped", len(stream)), ("restarted", 10)):  # 10: before the first step (16)
+        if base_at == "the first start":
+            shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+        (tmp_path / name).mkdir()
+        s = sidecar_factory(workdir=tmp_path / name, **settings)
+        feed(s, stream[:stop_at])
+        if stop_at < len(stream):
+            assert s.stop() == 0
+            if base_at == "the first start":
+                base.unlink()
+            else:
+                shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+            s = sidecar_factory(workdir=tmp_path / name, **settings)
+            feed(s, stream[stop_at:])
+        v1 = onnx.load(s.checkpoint_dir / "model_v000001.onnx")
+        runs.append((s.client().request({"op": "status"})["coordinates"],
+                     [numpy_helper.to_array(t).tobytes() for t in v1.graph.initializer]))
+        assert s.stop() == 0
+        base.unlink(missing_ok=True)
+    assert runs[1] == runs[0]
 
 
 def test_start_up_line_says_a_resumed_state_is_resumed(sidecar_factory, tmp_path):
