@@ -1833,15 +1833,22 @@ class StateStore:
         except ValueError as e:
             self.move_aside(self.snapshot_path, f"corrupt ({e})")
             return None
+        built_fresh = self.trainer.fresh  # whether this start found no base file: a fresh model stands in
         try:
             state = migrated({**meta, **arrays})
             check_store_fields(state)
             generation, sources = state["generation"], dict(state["sources"])  # a format since 5 holds them
+            # Fresh as the state began, not as the file is now (a state saved before its first step, its base file
+            # gone at the restart, had the base's weights declared in standardized coordinates, and the reverse
+            # trained a fresh model's in raw ones: take_statistics()); before the load, whose waiting samples may
+            # fill that first step.
+            self.trainer.fresh = not state.get("base_model", self.base_model)
             replayer = self.trainer.replayer(state["fingerprint"])
             replayer.load_state_dict(state)
         except IncompatibleState as e:
+            self.trainer.fresh = built_fresh
             began = state.get("base_model")
-            if began and began == self.config.base_model_path and self.trainer.fresh:  # its base file gone since
+            if began and began == self.config.base_model_path and built_fresh:  # its base file gone since
                 raise StartupError(f"base model {self.config.base_model_path} is missing, and the trainer state in "
                                    f"{self.directory.parent} began from it ({e}): put the file back, or move .state/ "
                                    "out of the directory to start afresh") from None
@@ -1849,6 +1856,7 @@ class StateStore:
             self.move_aside(self.journal_path, "incompatible with this configuration")
             return None
         except (ValueError, KeyError, TypeError, IndexError) as e:  # e.g. written by a newer sidecar
+            self.trainer.fresh = built_fresh
             self.move_aside(self.snapshot_path, f"unreadable ({type(e).__name__}: {e})")
             self.move_aside(self.journal_path, "unreadable without its snapshot")
             return None
@@ -1865,10 +1873,6 @@ class StateStore:
             self.warn_of_another_base(f"{began} as it was then (sha256 {began_sha256[:12]}...)",
                                       f"the file there now (sha256 {self.base_sha256[:12]}...)")
         self.base_model, self.base_sha256 = began, began_sha256
-        # Fresh as the state began, not as the file is now: a state saved before its first step, its base file gone
-        # at the restart, had the base's weights declared in standardized coordinates, and the reverse trained a
-        # fresh model's in raw ones (take_statistics()).
-        replayer.fresh = self.trainer.fresh = not began
         return replayer
 
     def warn_of_another_base(self, began: str, configured: str) -> None:

@@ -159,6 +159,33 @@ def test_a_state_saved_before_its_first_step_trains_as_it_began_whatever_base_fi
     assert runs[1] == runs[0]
 
 
+
+def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_began(tmp_path, monkeypatch):
+    """When no twin with the state's own batch settings can be built (rings no memory holds: Trainer.replayer), the
+    state loads onto this start's trainer, whose smaller batches its waiting samples fill at once: those steps ran
+    before the model was made fresh or not as the state began, its base file gone at the restart."""
+    base = tmp_path / "base.onnx"
+    shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+    env = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
+               VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / "ckpt"), VMAFX_SIDECAR_SOCKET=str(tmp_path / "s.sock"),
+               VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32")
+    trainer, _ = vs.build_trainer(vs.Config.load(env, {}))
+    state = vs.StateStore(trainer.config, trainer)
+    state.restore()
+    for m in messages(10):  # before the first step (16 new samples)
+        row, score = np.array(m["features"][:5] + [0.5], np.float32), np.float32(m["true_score"])
+        state.record_sample(row, score, False, "job")
+        trainer.ingest(row, score, False, False)
+    state.save()
+    base.unlink()
+    monkeypatch.setattr(vs.Trainer, "replayer", lambda self, saved_for: self)  # no twin: as under a memory limit
+    trainer, _ = vs.build_trainer(vs.Config.load({**env, "VMAFX_SIDECAR_BATCH_SIZE": "8"}, {}))
+    assert trainer.fresh  # a fresh model stands in for the base that is gone
+    vs.StateStore(trainer.config, trainer).restore()
+    assert trainer.steps == 2 and not trainer.fresh
+    assert trainer.coords.standardized == "none"  # the base's weights, in raw coordinates as they began
+
+
 def test_start_up_line_says_a_resumed_state_is_resumed(sidecar_factory, tmp_path):
     first = sidecar_factory(**SETTINGS)
     assert "(fresh, seed 0)" in first.stderr()
