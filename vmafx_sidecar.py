@@ -1842,12 +1842,12 @@ class StateStore:
             # gone at the restart, had the base's weights declared in standardized coordinates, and the reverse
             # trained a fresh model's in raw ones: take_statistics()); before the load, whose waiting samples may
             # fill that first step.
-            self.trainer.fresh = not state.get("base_model", self.base_model)
+            began = state.get("base_model", self.base_model)  # saved before it was: taken as this start's
+            self.trainer.fresh = not began
             replayer = self.trainer.replayer(state["fingerprint"])
             replayer.load_state_dict(state)
         except IncompatibleState as e:
             self.trainer.fresh = built_fresh
-            began = state.get("base_model")
             if began and began == self.config.base_model_path and built_fresh:  # its base file gone since
                 raise StartupError(f"base model {self.config.base_model_path} is missing, and the trainer state in "
                                    f"{self.directory.parent} began from it ({e}): put the file back, or move .state/ "
@@ -1865,7 +1865,6 @@ class StateStore:
         newest = state.get("newest_checkpoint", (state.get("last_gate") or {}).get("version"))
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
-        began = state.get("base_model", self.base_model)  # saved before it was: taken as this start's
         began_sha256 = state.get("base_sha256", self.base_sha256 if began == self.base_model else "")
         if began != self.base_model:
             self.warn_of_another_base(began or "none (a fresh model)", self.base_model or "none (a fresh model)")

@@ -28,6 +28,7 @@ SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64"
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
                 VMAFX_SIDECAR_HIDDEN="7", VMAFX_SIDECAR_HOLDOUT_FRACTION="0.2", VMAFX_SIDECAR_EVAL_CAPACITY="16",
                 VMAFX_SIDECAR_GATE_MIN_EVAL="4")
+BASE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ts_relu_op17.onnx"  # 6 features, relu
 TOTAL, STOP_AT = 150, 73  # 73: mid-batch (4 new samples a step), after a checkpoint and its snapshot
 
 
@@ -139,7 +140,7 @@ def test_a_state_saved_before_its_first_step_trains_as_it_began_whatever_base_fi
     runs = []
     for name, stop_at in (("unstopped", len(stream)), ("restarted", 10)):  # 10: before the first step (16)
         if base_at == "the first start":
-            shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+            shutil.copy(BASE_FIXTURE, base)
         (tmp_path / name).mkdir()
         s = sidecar_factory(workdir=tmp_path / name, **settings)
         feed(s, stream[:stop_at])
@@ -148,7 +149,7 @@ def test_a_state_saved_before_its_first_step_trains_as_it_began_whatever_base_fi
             if base_at == "the first start":
                 base.unlink()
             else:
-                shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+                shutil.copy(BASE_FIXTURE, base)
             s = sidecar_factory(workdir=tmp_path / name, **settings)
             feed(s, stream[stop_at:])
         v1 = onnx.load(s.checkpoint_dir / "model_v000001.onnx")
@@ -165,7 +166,7 @@ def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_bega
     state loads onto this start's trainer, whose smaller batches its waiting samples fill at once: those steps ran
     before the model was made fresh or not as the state began, its base file gone at the restart."""
     base = tmp_path / "base.onnx"
-    shutil.copy(Path(__file__).parent / "fixtures" / "ts_relu_op17.onnx", base)
+    shutil.copy(BASE_FIXTURE, base)
     env = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
                VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / "ckpt"), VMAFX_SIDECAR_SOCKET=str(tmp_path / "s.sock"),
                VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32")
@@ -871,17 +872,21 @@ def test_a_journal_newer_than_its_snapshot_is_set_aside_not_cut(tmp_path, caplog
     assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.newer")] == [journal]
 
 
+def full_disk_for(journal: vs.Journal):
+    """vs.write_all as a disk that refuses the journal's writes, and takes the others."""
+    real_write_all = vs.write_all
+
+    def write_all(fd, content):
+        if fd == journal.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, content)
+    return write_all
+
+
 def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch, caplog):
     server = in_process_server(tmp_path)
     journal = server.state.journal
-    real_write_all = vs.write_all
-
-    def full_disk(fd, content):
-        if fd == journal.fd:
-            raise OSError(28, "No space left on device")
-        real_write_all(fd, content)
-
-    monkeypatch.setattr(vs, "write_all", full_disk)
+    monkeypatch.setattr(vs, "write_all", full_disk_for(journal))
     for batch in (messages(10), messages(20)[10:]):
         for m in batch:
             assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
@@ -894,18 +899,6 @@ def test_journal_keeps_samples_while_the_disk_refuses_them(tmp_path, monkeypatch
     again = in_process_server(tmp_path)
     assert again.trainer.samples_accepted == 20
     np.testing.assert_array_equal(again.trainer.model.flat, server.trainer.model.flat)
-
-
-
-def full_disk_for(journal: vs.Journal):
-    """vs.write_all as a disk that refuses the journal's writes, and takes the others."""
-    real_write_all = vs.write_all
-
-    def write_all(fd, content):
-        if fd == journal.fd:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_all(fd, content)
-    return write_all
 
 
 def stopped_with_the_snapshot_refused(server: vs.Server, monkeypatch) -> int:
