@@ -884,7 +884,6 @@ def accepted(server: vs.Server, sock: socket.socket, reserved: bool) -> vs.Conne
     return conn
 
 
-
 class RefusingSocket:
     """A socket whose send() fails with `error`."""
 

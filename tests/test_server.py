@@ -65,6 +65,14 @@ def status(client: Client) -> dict:
     return ack
 
 
+def accepted_within(client: Client, count: int, timeout: float) -> int:
+    """The status's samples_accepted once it reaches `count`, or when `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while (accepted := status(client)["samples_accepted"]) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return accepted
+
+
 def feature_list(bad: str | None = None, at: int = 3, n: int = N_FEATURES) -> str:
     """The JSON text of a feature array of n numbers, element `at` replaced by the literal `bad`."""
     values = ["0.5"] * n
@@ -665,11 +673,7 @@ def test_a_last_line_is_trained_on_when_its_client_closes_with_an_ack_unread(sha
     assert select.select([c.sock], [], [], 5)[0]  # its ACK is there, and stays unread
     c.send_raw(encode(sample(rng, job_id="last"))[:-1])
     c.close()
-    deadline = time.monotonic() + 5
-    while status(asker)["samples_accepted"] < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert status(asker)["samples_accepted"] == before + 2
-
+    assert accepted_within(asker, before + 2, 5) == before + 2
 
 
 def test_every_line_of_a_client_gone_before_its_acks_is_trained_on(shared_sidecar):
@@ -684,10 +688,7 @@ def test_every_line_of_a_client_gone_before_its_acks_is_trained_on(shared_sideca
     c = shared_sidecar.client()
     c.send_raw(b"".join(encode(sample(rng, job_id=f"gone-{i}")) for i in range(count))[:-1])  # the last: no newline
     c.close()
-    deadline = time.monotonic() + 10
-    while status(asker)["samples_accepted"] < before + count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert status(asker)["samples_accepted"] == before + count
+    assert accepted_within(asker, before + count, 10) == before + count
 
 
 # ---- signals ----
