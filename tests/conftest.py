@@ -48,6 +48,17 @@ def pytest_report_header() -> list[str]:
     return numeric_environment()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report shows what each sidecar it started logged: a CI run's only trace of the server."""
+    report = yield
+    if report.failed:
+        for s in getattr(item, "sidecars", []):
+            report.sections.append((f"sidecar {s.socket}: stderr, the last {STDERR_SHOWN} characters",
+                                    s.stderr()[-STDERR_SHOWN:]))
+    return report
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus) -> None:
     """Repeated after failures, since -q hides the header."""
     if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
@@ -68,10 +79,16 @@ def system_program(name: str, package: str) -> str:
     return path
 
 
+# How long a client waits for an ACK before it fails the test: a hang's bound, never a latency's. A loaded CI machine
+# has kept one ACK of a checkpointing step over 5 s (its fsyncs), where 0.3 s is the worst seen here beside the suite.
+ACK_TIMEOUT_S = 60.0
+STDERR_SHOWN = 6000
+
+
 class Client:
     """Speaks the node's protocol: one request line, then exactly one ACK line."""
 
-    def __init__(self, path: str, timeout: float = 5.0):
+    def __init__(self, path: str, timeout: float = ACK_TIMEOUT_S):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
@@ -157,9 +174,10 @@ class Sidecar:
 
 
 @pytest.fixture
-def sidecar_factory(tmp_path):
+def sidecar_factory(tmp_path, request):
     """Start sidecars with extra env: `sidecar_factory(VMAFX_SIDECAR_BATCH_SIZE="8")`."""
     started: list[Sidecar] = []
+    request.node.sidecars = started  # for the report of a failure
 
     def start(workdir: Path | None = None, **env: str) -> Sidecar:
         s = Sidecar(workdir or tmp_path, env)
