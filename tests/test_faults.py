@@ -251,7 +251,7 @@ def test_kill_9_at_random_moments_during_a_stream(tmp_path):
     ledger = CheckpointLedger(s.checkpoint_dir)
     clients = [StreamClient(f"c{k}", s.socket, s.checkpoint_dir, kills, abort, rng, KILL_MESSAGES // KILL_CLIENTS)
                for k in range(KILL_CLIENTS)]
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 600  # a stream that never ends; it took 140 s here beside other work
     planted = 0
     try:
         s.start()

@@ -30,7 +30,9 @@ from conftest import ROOT, Client, NoState, Sidecar, make_trainer, sample
 
 N_FEATURES = 80
 SILENCE_S = 0.5  # how long "nothing more arrives" is watched for; a correct server passes regardless
-ROUND_TRIP_LIMIT_S = 2.0  # generous on purpose: a "not delayed" check, not a benchmark
+# A "not delayed" check, not a benchmark: 0.2 s at worst here, loaded or not, where a loaded CI machine has held one
+# ACK over 5 s (its fsyncs).
+ROUND_TRIP_LIMIT_S = 10.0
 
 
 # ---- helpers ----
@@ -752,7 +754,9 @@ def test_sigterm_with_stalled_and_non_reading_clients_still_exits_promptly(sidec
         started = time.monotonic()
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(10) == 0
-        assert time.monotonic() - started < 3.0
+        # The grace (SHUTDOWN_GRACE_S, 1.5 s) is spent whenever the flood is still being read at the signal, then the
+        # state is saved: 1.8 s on a quiet machine, 2.3 s on a loaded one, where a grace of 6 s takes 6.2 s.
+        assert time.monotonic() - started < 4.5
         assert not os.path.exists(sidecar.socket)
     finally:
         stalled.close()
