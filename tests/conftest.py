@@ -55,8 +55,11 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
         for s in getattr(item, "sidecars", []):
-            report.sections.append((f"sidecar {s.socket}: stderr, the last {STDERR_SHOWN} characters",
-                                    s.stderr()[-STDERR_SHOWN:]))
+            try:
+                text = s.stderr()[-STDERR_SHOWN:]
+            except OSError as e:  # the test removed its directory: the report still comes
+                text = f"unreadable: {e}"
+            report.sections.append((f"sidecar {s.socket}: stderr, the last {STDERR_SHOWN} characters", text))
     return report
 
 
