@@ -1053,6 +1053,8 @@ def test_one_turn_accepts_the_backlog_while_it_has_places(tmp_path):
         server.take_accepts()
         assert (len(server.connections), len(server.reserved), server.connections_refused) == (8, 4, 4)
     finally:
+        for conn in [*server.connections, *server.reserved]:
+            server.close(conn)
         for client in clients:
             client.close()
         server.listener.close()
