@@ -100,7 +100,6 @@ def test_restart_continues_bit_for_bit(sidecar_factory, tmp_path, uninterrupted,
     assert meta["last_gate"]["metrics"]["candidate"] is not None
 
 
-
 def test_a_restart_with_leaky_relus_default_slope_continues_bit_for_bit(sidecar_factory, tmp_path):
     """The bare leaky_relu's slope was 0.01 in memory and float32's 0.0099999998 in a checkpoint: a restarted
     sidecar's incumbent, read back from latest.onnx, scored other figures in the next records (1e-11 apart) than
@@ -122,7 +121,6 @@ def test_a_restart_with_leaky_relus_default_slope_continues_bit_for_bit(sidecar_
     for record_a, record_b in zip(a, b):
         assert json.loads(record_a.read_text())["metrics"] == json.loads(record_b.read_text())["metrics"], record_a.name
     assert_same_state(*directories)
-
 
 
 @pytest.mark.parametrize("base_at", ["the first start", "the restart"])
@@ -158,7 +156,6 @@ def test_a_state_saved_before_its_first_step_trains_as_it_began_whatever_base_fi
         assert s.stop() == 0
         base.unlink(missing_ok=True)
     assert runs[1] == runs[0]
-
 
 
 def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_began(tmp_path, monkeypatch):
