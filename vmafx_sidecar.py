@@ -3828,7 +3828,7 @@ class CheckpointWriter:
         except OSError as e:
             self.point_later(record if verdict.published else None)
             log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update "
-                      "(retried every second): %s", version, LATEST, e)
+                      "(retried until it takes it): %s", version, LATEST, e)
         if not verdict.published:
             log.warning("checkpoint v%06d quarantined: %s", version, verdict.reason)
         self.prune()
@@ -3898,7 +3898,7 @@ class CheckpointWriter:
         try:
             write_whole(self.directory / LATEST, json_text(newest).encode())
             fsync_directory(self.directory)
-        except OSError as e:  # a full disk must not keep the sidecar from answering: retried every second
+        except OSError as e:  # a full disk must not keep the sidecar from answering: retried (point_later)
             self.point_later(newest)
             log.error("cannot point %s at %s, the newest published checkpoint, yet: %s", self.directory / LATEST,
                       newest["file"], e.strerror or e)
@@ -4209,7 +4209,7 @@ def fleet(root: Path, config: Config) -> int:
         for path, key in replicas:  # a position kept under a directory's name, as before logs had names, moved
             if key in state.sources and key != path.name:
                 state.sources.pop(path.name, None)
-        if trainer.samples_since_checkpoint >= max(1, config.min_samples_ckpt):  # everything the run trained on
+        if checkpoint_owed(trainer):  # everything the run trained on
             trainer.take_checkpoint()
         save_fleet_state(state, earlier)
     finally:
@@ -4217,7 +4217,18 @@ def fleet(root: Path, config: Config) -> int:
     latest = trainer.checkpoints.latest
     log.info("fleet run: %d samples ingested, step %d, %s", ingested, trainer.steps,
              f"latest v{latest['version']:06d}" if latest else "nothing published yet")
+    # Nodes would not see what the run trained: a failed run, which its Job shows; the next run retries it.
+    owed, unpointed = checkpoint_owed(trainer), trainer.checkpoints.unpointed
+    if owed or unpointed is not None:
+        refused = "the checkpoint of what it trained" if owed else f"the update of {LATEST} to {unpointed['file']}"
+        log.error("fleet run: the disk refused %s; the next run writes it", refused)
+        return 1
     return 0 if ingested else FLEET_NOTHING_NEW
+
+
+def checkpoint_owed(trainer: Trainer) -> bool:
+    """Whether a fleet run trained on samples no checkpoint holds yet (at least MIN_SAMPLES_CKPT of them)."""
+    return trainer.samples_since_checkpoint >= max(1, trainer.config.min_samples_ckpt)
 
 
 def save_fleet_state(state: StateStore, earlier: dict[str, int]) -> None:

@@ -616,6 +616,35 @@ def test_each_fleet_run_publishes_once_at_its_end_with_what_it_read(tmp_path):
         assert json.loads((tmp_path / vs.FLEET_DIR / "latest.json").read_text())["version"] == 3
 
 
+@pytest.mark.parametrize("refused", ["model_v000001", "latest"])
+def test_a_run_whose_checkpoint_or_latest_json_the_disk_refuses_fails_and_the_next_run_writes_it(
+        tmp_path, monkeypatch, caplog, refused):
+    """A refused write of the run's checkpoint, or of latest.json's update, was logged as "retried every second" (a
+    sidecar's loop retries; a run has none) and the run exited 0: its Job succeeded while nodes saw nothing of it."""
+    replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(13)) for i in range(1, 201)])
+    config = fleet_config(min_samples_ckpt=100, gate="off")
+    real_write = vs.write_synced
+
+    def full_disk(path, chunks, mode=0o644):
+        if refused in path.name:
+            raise OSError(28, "No space left on device")
+        real_write(path, chunks, mode)
+
+    monkeypatch.setattr(vs, "write_synced", full_disk)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, config) == 1
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fleet run: the disk refused")]
+    what = "the checkpoint of what it trained" if refused.startswith("model") else "the update of latest.json to"
+    assert len(errors) == 1 and what in errors[0], errors
+    assert fleet_state(tmp_path)["samples_accepted"] == 200  # what it read is saved: not read again
+    assert not (tmp_path / vs.FLEET_DIR / "latest.json").exists()
+    monkeypatch.undo()
+    assert vs.fleet(tmp_path, config) == vs.FLEET_NOTHING_NEW
+    latest = json.loads((tmp_path / vs.FLEET_DIR / "latest.json").read_text())
+    assert latest["file"] == "model_v000001.onnx", latest
+    assert latest["samples_trained"] == fleet_state(tmp_path)["samples_trained"] > 0  # all the first run trained
+
+
 def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, caplog):
     replica(tmp_path, "good", [sample(i, np.random.default_rng(12)) for i in range(1, 11)])
     (tmp_path / "other").mkdir()
