@@ -1384,7 +1384,9 @@ class Journal:
         # The file may hold bytes past self.size: a reset, a failed write, a tail that is no record of this state.
         self.truncate_first = os.fstat(self.fd).st_size != intact
         self.write_outage = Outage("journal write", "keeping the samples in memory until it works")
-        self.sync_outage = Outage("journal fsync", "retrying every second")
+        # Only "everysec" fsyncs between snapshots; a snapshot's reset fsyncs in every mode.
+        self.sync_outage = Outage("journal fsync", "retrying every second" if fsync == "everysec" else
+                                  "retrying with the next snapshot")
         self.failures = 0  # writes and fsyncs the disk refused, and the file lost or not reopened, since the start
         self.unsynced = False
         self.last_sync = time.monotonic()

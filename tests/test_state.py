@@ -1002,6 +1002,28 @@ def test_a_backlog_larger_than_the_space_a_full_disk_frees_does_not_keep_out_the
     assert in_process_server(tmp_path).trainer.samples_accepted == 4000
 
 
+def test_a_refused_fsync_of_a_journal_that_syncs_only_at_snapshots_says_so(tmp_path, monkeypatch, caplog):
+    """With JOURNAL_FSYNC=no, a snapshot's reset fsyncs the new journal: refused, it was logged as "retrying every
+    second", where nothing retries it before the next snapshot."""
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    journal = vs.Journal(tmp_path / "journal.bin", "no", 0, 0, 0)
+    real_fsync = os.fsync
+
+    def failing_disk(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    journal.reset(1)
+    journal.last_sync -= 2
+    assert not journal.sync_if_due() and journal.failures == 1  # a second later: not retried
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    journal.reset(2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "journal fsync failed, retrying with the next snapshot: [Errno 5] Input/output error",
+        "journal fsyncs work again"]
+    os.close(journal.fd)
+
+
 @pytest.mark.parametrize("refused", ["journal", "sample log"])
 def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog, refused):
     """The sample log's refused fsync was logged every second the disk refused it, not once an outage as the
