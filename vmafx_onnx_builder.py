@@ -143,10 +143,10 @@ PASS_THROUGH = ("Identity", "Dropout")  # inference no-ops
 SIMPLE_ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 # Exporters compute a Reshape's target shape from the tensor's own shape with these.
 SHAPE_ARITHMETIC = ("Shape", "Gather", "Slice", "Concat", "Cast", "Squeeze", "Unsqueeze")
-MLP_OPS = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Constant",
+MLP_OPS = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Gelu", "Erf",  # Constant nodes are read as initializers
            *SIMPLE_ACTIVATIONS, *SHAPE_NOOPS, *PASS_THROUGH, *SHAPE_ARITHMETIC}
-# Shape plumbing that surrounds unsupported layers (RNN prologues): never the op worth naming.
-PLUMBING = {"ConstantOfShape", "Transpose", "Expand", "Range", *SHAPE_ARITHMETIC, *SHAPE_NOOPS}
+# Shape plumbing that surrounds unsupported layers (RNN prologues), beside MLP_OPS' own: never the op worth naming.
+PLUMBING = {"ConstantOfShape", "Transpose", "Expand", "Range"}
 
 
 def read_mlp_model(model: onnx.ModelProto) -> MLPWeights:
@@ -349,7 +349,7 @@ class _ChainReader:
     def simple_activation(self, node: onnx.NodeProto) -> Activation:
         attrs = attributes(node)
         if node.op_type == "Gelu":
-            if attrs.get("approximate", b"none") not in (b"none", "none"):
+            if attrs.get("approximate", b"none") != b"none":  # a string attribute reads as bytes
                 raise UnsupportedModelError(f"{node_label(node)}: only the exact (erf) GELU is supported")
             return Activation("gelu")
         if node.op_type == "LeakyRelu":

@@ -186,6 +186,18 @@ def test_a_constant_of_another_length_than_its_layer_is_refused_by_name(nodes, i
         builder.read_mlp_model(mlp_graph(nodes, initializers))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_only_the_exact_gelu_operator_is_read_as_gelu(approximate):
+    """Opset 20's Gelu with approximate="tanh" computes another function than the exact GELU the sidecar trains."""
+    model = mlp_graph([gemm("x", "W0", "b0", "h"), onnx.helper.make_node("Gelu", ["h"], ["a"], approximate=approximate),
+                       HIDDEN_TO_OUTPUT], {}, opset=20)
+    if approximate == "none":
+        assert builder.read_mlp_model(model).activations == [builder.Activation("gelu")]
+    else:
+        with pytest.raises(builder.UnsupportedModelError, match=r"only the exact \(erf\) GELU is supported"):
+            builder.read_mlp_model(model)
+
+
 @pytest.mark.parametrize("constant, value, message", [
     ("sqrt2", 2.0, "not as exact GELU does"), ("one", 2.0, r"expected erf\(\.\.\.\) \+ 1"),
     ("half", 0.25, r"expected x \* 0\.5"),
