@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -1174,7 +1175,12 @@ def test_snapshot_of_a_newer_format_is_set_aside_with_one_line(tmp_path, caplog)
     assert len(lines) == 1 and "newer than this sidecar reads" in lines[0], lines
 
 
-SCALARS = sorted(make_trainer(Path("unused"), n_features=5, hidden=7).state_scalars())
+def state_scalar_names() -> list[str]:
+    with tempfile.TemporaryDirectory() as directory:  # the trainer makes its checkpoint directory: not in the cwd
+        return sorted(make_trainer(Path(directory), n_features=5, hidden=7).state_scalars())
+
+
+SCALARS = state_scalar_names()
 STORE_FIELDS = ["generation", "sources", "sample_log", "base_model", "base_sha256"]  # the review: these too
 
 
