@@ -2628,8 +2628,8 @@ class Trainer:
         batch settings and ring capacities the journal's samples were trained with, so that the steps their ACKs
         counted are taken again as they were; this trainer then takes its state (load_state_dict regroups what
         waits for a step). This trainer itself when the settings are its own, or not ones a sidecar takes."""
-        saved = {name: saved_for[name] for name in REPLAY_SETTINGS if name in saved_for} if isinstance(saved_for, dict) \
-            else {}
+        fields = saved_for if isinstance(saved_for, dict) else {}
+        saved = {name: fields[name] for name in REPLAY_SETTINGS if name in fields}
         try:
             config = self.config.replaced(saved)
         except ConfigError as e:
@@ -2893,6 +2893,8 @@ class Trainer:
         return onnx_builder.MLPWeights([(w.astype(np.float32), b.astype(np.float32)) for w, b in raw],
                                        model.activations)
 
+    # -- the gate's evidence and checkpoints
+
     def references(self) -> dict[str, MLP]:
         """The models a candidate must match, by name: the incumbent and the champion once a checkpoint is
         published; before that the base (or fresh) model, which nodes then serve."""
@@ -3105,7 +3107,7 @@ class Ring:
 
 STATISTICS_SAMPLES = 1000  # trained samples whose mean and spread standardize the features and scores
 NEAR_CONSTANT = 1e-5  # a spread below this fraction of the mean's size is too small to divide by: see spread()
-SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: past 1e19 a standardized value's square overflows float32
+SMALLEST_SPREAD = 1e-19  # and one below this, in any unit: 1e19 spreads squared is 1e38, near float32's largest
 WILD_DEVIATIONS = 1000  # a value this many median absolute deviations from its median is left out of statistics,
 WILD_SHARE, WILD_LEAST = 0.01, 3  # when among its column's farthest 1 % or 3, the more: a stray, not a mode
 OUTGROWN_SPREADS = 100  # new samples this many spreads from a feature's mean: see Trainer.retake_statistics
@@ -3716,7 +3718,8 @@ class CheckpointWriter:
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
         except OSError as e:  # named: the directory itself, or its quarantine/ (a file there, say)
             raise StartupError(f"cannot use {e.filename or directory}: {e.strerror or e}") from None
-        versions = [int(m.group(1)) for names in listings.values() for n in names if (m := CHECKPOINT_NAME.fullmatch(n))]
+        versions = [int(m.group(1)) for names in listings.values() for n in names
+                    if (m := CHECKPOINT_NAME.fullmatch(n))]
         self.version = max(versions, default=0)  # numbering continues: a restart never overwrites
         for d, names in listings.items():  # debris of a write that a crash interrupted
             for name in names:
