@@ -180,8 +180,8 @@ class FeedbackClient:
     queues a copy (the thread encodes it), or counts it. Every sample ends in one counter:
       delivered  the sidecar answered "ok": true;
       rejected   refused by send() (never sent; length only once n_features is known) or "ok": false;
-      dropped    queue full, close() already called, an unexpected error in send(), or left when close()
-                 gave up.
+      dropped    queue full, close() already called, an unexpected error in send() or in the thread's delivery
+                 of it, or left when close() gave up.
     One connection, one sample in flight: write its line, wait up to FEEDBACK_ACK_DEADLINE_S for its ACK.
     After a failure the thread reconnects in FEEDBACK_RETRY_S[0] seconds, doubling up to FEEDBACK_RETRY_S[1],
     back to the first after an ACK; close() ends a pause at once and retries every FEEDBACK_RETRY_S[0] seconds.
@@ -198,6 +198,7 @@ class FeedbackClient:
         sidecar counts it twice if only the ACK was lost. `resent` counts these, so the sidecar's
         samples_accepted exceeds `delivered` by at most `resent` (plus the one in flight at a close()
         timeout). A write that failed before any byte left is retried too, but cannot be a duplicate;
+      - an unexpected error (a bug) in the thread's delivery of it: counted as dropped;
       - the process exits without close(): the queue goes with it, uncounted.
     In a child fork()ed from its process, a client starts again empty, with counters at zero and a thread of
     its own: what was queued is the parent's to deliver, and the parent's threads may have held its lock.
