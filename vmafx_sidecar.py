@@ -4249,7 +4249,11 @@ def save_fleet_state(state: StateStore, earlier: dict[str, int]) -> None:
         raise StartupError(f"cannot save the fleet trainer's state in {state.directory}")
     positions = {**{key: n for key, n in earlier.items() if n}, **state.sources}
     cursors = json.dumps({"sources": positions, "saved_unix": round(time.time(), 3)}).encode()
-    write_whole(state.directory.parent / FLEET_CURSORS, cursors)
+    try:
+        write_whole(state.directory.parent / FLEET_CURSORS, cursors)
+    except OSError as e:  # behind the state's positions meanwhile, the replicas keep more of their logs, not less
+        raise StartupError(f"cannot write {state.directory.parent / FLEET_CURSORS}: {e.strerror or e} (the next "
+                           "run writes it)") from None
 
 
 def replica_logs(root: Path) -> list[tuple[Path, str]]:

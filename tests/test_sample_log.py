@@ -645,6 +645,26 @@ def test_a_run_whose_checkpoint_or_latest_json_the_disk_refuses_fails_and_the_ne
     assert latest["samples_trained"] == fleet_state(tmp_path)["samples_trained"] > 0  # all the first run trained
 
 
+def test_a_run_whose_cursors_the_disk_refuses_fails_with_one_line_and_the_next_run_writes_them(tmp_path, monkeypatch):
+    """A refused write of cursors.json ended the run in a traceback (the review)."""
+    replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(14)) for i in range(1, 41)])
+    real_write = vs.write_synced
+
+    def full_disk(path, chunks, mode=0o644):
+        if vs.FLEET_CURSORS in path.name:
+            raise OSError(28, "No space left on device")
+        real_write(path, chunks, mode)
+
+    monkeypatch.setattr(vs, "write_synced", full_disk)
+    with pytest.raises(vs.StartupError, match=r"^cannot write .*/cursors\.json: No space left on device \(the next"):
+        vs.fleet(tmp_path, fleet_config())
+    assert positions(tmp_path) == {"vmafx-node-0": 40}  # the state saved first: read once
+    assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 0  # the replica's retention keeps its samples meanwhile
+    monkeypatch.undo()
+    assert vs.fleet(tmp_path, fleet_config()) == vs.FLEET_NOTHING_NEW
+    assert vs.fleet_cursor(tmp_path / "vmafx-node-0") == 40
+
+
 def test_a_replica_of_another_feature_count_is_skipped_with_one_line(tmp_path, caplog):
     replica(tmp_path, "good", [sample(i, np.random.default_rng(12)) for i in range(1, 11)])
     (tmp_path / "other").mkdir()
