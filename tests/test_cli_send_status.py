@@ -784,6 +784,16 @@ def test_send_stops_in_one_line_on_an_answer_that_is_not_an_ack(tmp_path, answer
                       f"lines were acknowledged\n"), stderr
 
 
+def test_send_stops_in_one_line_on_an_ack_longer_than_any_of_the_sidecars(tmp_path):
+    """An ACK is read to at most ANSWER_MAX_BYTES, as the status answer is: a foreign server's endless line was read
+    unbounded (f200d8b); past the bound it is no answer of the sidecar's, said as such."""
+    answer = b"x" * (vf.ANSWER_MAX_BYTES + 10) + b"\n"
+    path, _, result = send_to_a_stand_in(tmp_path, 3, "5", 1, answer)
+    stderr = result.stderr.decode()
+    assert stderr == (f"vmafx-sidecar send: connection to {path} lost ({vf.NOT_AN_ANSWER}) after 0 lines were "
+                      f"acknowledged\n"), stderr[:300]
+
+
 def test_send_to_a_sidecar_at_its_connection_limit_says_so(sidecar_factory, tmp_path):
     """Its status request is answered from the reserve kept for probes, and the connection closed at the first sample:
     send had reported a lost connection, as if the sidecar had stopped."""

@@ -105,8 +105,9 @@ class FakeSidecar:
     """A scripted stand-in: answers status with n_features, then `on_sample(connection_index, line)` decides
     the fate of each sample line: an ACK line to send, None to stay silent, or "close" to hang up."""
 
-    def __init__(self, path: str, on_sample):
+    def __init__(self, path: str, on_sample, max_line_bytes: int = 1 << 20):
         self.on_sample = on_sample
+        self.max_line_bytes = max_line_bytes  # as its status tells it
         self.samples: list[bytes] = []  # every sample line received, resends included
         self.stopping = False
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -134,7 +135,7 @@ class FakeSidecar:
             for line in self.lines(conn):
                 if json.loads(line).get("op") == "status":
                     conn.sendall(json.dumps({"ok": True, "op": "status", "config": {
-                        "n_features": N, "max_line_bytes": 1 << 20}}).encode() + b"\n")
+                        "n_features": N, "max_line_bytes": self.max_line_bytes}}).encode() + b"\n")
                     continue
                 self.samples.append(line)
                 answer = self.on_sample(index, line)
@@ -546,17 +547,20 @@ def test_a_write_that_sent_no_byte_is_retried_but_not_counted_as_resent(clients,
         fake.stop()
 
 
-def test_a_sidecar_gone_since_it_told_the_limits_judges_the_samples_itself(clients, short_dir, monkeypatch):
+@pytest.mark.parametrize("limit", ["n_features", "max_line_bytes"])
+def test_a_sidecar_gone_since_it_told_the_limits_judges_the_samples_itself(clients, short_dir, monkeypatch, limit):
     """With the connection that learned n_features already closed (the client between retries), a sample of another
-    count was refused here by the old sidecar's limit instead of queued for the next one (mutation hunt)."""
+    count was refused here by the old sidecar's limit instead of queued for the next one (mutation hunt); a later
+    mutation hunt found the line limit's half untested (a rollout may raise VMAFX_SIDECAR_MAX_LINE_BYTES)."""
     monkeypatch.setattr(vf, "FEEDBACK_RETRY_S", (30.0, 120.0))  # no retry within the test, however slow the machine
-    fake = FakeSidecar(f"{short_dir}/s.sock", lambda index, line: "close")  # hangs up on every sample
+    fake = FakeSidecar(f"{short_dir}/s.sock", lambda index, line: "close", max_line_bytes=200)  # hangs up on samples
     try:
         client = clients(f"{short_dir}/s.sock")
         assert client.send([0.5] * N, 50.0)
         wait_until(lambda: client.resent == 1)  # disconnected, its first retry 30 s away
         assert client._sock is None
-        assert client.send([0.5] * (N + 1), 50.0) and client.rejected == 0
+        features, job_id = ([0.5] * (N + 1), None) if limit == "n_features" else ([0.5] * N, "j" * 300)
+        assert client.send(features, 50.0, job_id=job_id) and client.rejected == 0  # past the limits it was told
     finally:
         fake.stop()
 

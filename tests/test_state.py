@@ -23,7 +23,7 @@ import pytest
 from onnx import numpy_helper
 
 import vmafx_sidecar as vs
-from conftest import RELU, make_trainer, sample
+from conftest import ACK_TIMEOUT_S, RELU, make_trainer, sample
 
 SETTINGS = dict(VMAFX_SIDECAR_BATCH_SIZE="8", VMAFX_SIDECAR_REPLAY_CAPACITY="64", VMAFX_SIDECAR_LR="0.01",
                 VMAFX_SIDECAR_CKPT_INTERVAL_S="0", VMAFX_SIDECAR_MIN_SAMPLES_CKPT="40", VMAFX_SIDECAR_N_FEATURES="5",
@@ -183,6 +183,71 @@ def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_bega
     vs.StateStore(trainer.config, trainer).restore()
     assert trainer.steps == 2 and not trainer.fresh
     assert trainer.coords.standardized == "none"  # the base's weights, in raw coordinates as they began
+
+
+def started(env: dict[str, str]) -> vs.Server:
+    config = vs.Config.load(env, {})
+    trainer, _ = vs.build_trainer(config)
+    state = vs.StateStore(config, trainer)
+    state.restore()
+    return vs.Server(config, trainer, state)
+
+
+@pytest.mark.parametrize("set_aside", ["unreadable", "incompatible"])
+def test_a_state_begun_fresh_and_set_aside_leaves_a_base_model_trained_as_a_start_without_state(tmp_path, set_aside):
+    """load_snapshot makes the model fresh or not as the state began; a state set aside (a field edited, another
+    model's shape) must leave the flag as this start built it. Left as the state's, a base's weights were taken for
+    a fresh model's: its first step declared them in standardized coordinates, a model other than a clean start's."""
+    base = tmp_path / "base.onnx"
+    stream = [sample(np.random.default_rng(5), 6) for _ in range(40)]
+
+    def env(name: str, hidden: str = "8") -> dict[str, str]:
+        return dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN=hidden, VMAFX_BASE_MODEL_PATH=str(base),
+                    VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / name / "ckpt"),
+                    VMAFX_SIDECAR_SOCKET=str(tmp_path / name / "s.sock"), VMAFX_SIDECAR_HOLDOUT_FRACTION="0",
+                    VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="8")
+
+    first = started(env("restarted", hidden="7" if set_aside == "incompatible" else "8"))  # no base file: fresh
+    assert first.trainer.fresh
+    for m in stream[:20]:
+        assert json.loads(first.answer(json.dumps(m).encode()))["ok"]
+    first.state.save()
+    if set_aside == "unreadable":
+        meta, arrays = read_snapshot(tmp_path / "restarted" / "ckpt")
+        meta["steps"] = -1
+        write_snapshot(tmp_path / "restarted" / "ckpt", meta, arrays)
+    shutil.copy(BASE_FIXTURE, base)  # a base file there at the restart
+    runs = []
+    for name in ("restarted", "clean"):
+        server = started(env(name))
+        assert server.trainer.samples_accepted == 0  # the state set aside
+        for m in stream:
+            assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        runs.append((server.trainer.coords.standardized, server.trainer.model.flat.tobytes()))
+    assert runs[0] == runs[1]
+
+
+def test_a_snapshot_saved_before_it_named_its_base_is_taken_as_begun_from_this_starts(tmp_path, caplog):
+    """A snapshot of a sidecar from before the base_model field began from the base this start reads, as
+    load_snapshot says ("saved before it was: taken as this start's"): no warning of another base, the model not
+    made fresh, and the base it names on is this start's, saved in the next snapshot."""
+    base = tmp_path / "base.onnx"
+    shutil.copy(BASE_FIXTURE, base)
+    env = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
+               VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / "ckpt"), VMAFX_SIDECAR_SOCKET=str(tmp_path / "s.sock"),
+               VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32")
+    first = started(env)
+    for m in [sample(np.random.default_rng(5), 6) for _ in range(10)]:  # before the first step (32)
+        assert json.loads(first.answer(json.dumps(m).encode()))["ok"]
+    first.state.save()
+    meta, arrays = read_snapshot(tmp_path / "ckpt")
+    del meta["base_model"], meta["base_sha256"]  # as an older sidecar wrote it
+    write_snapshot(tmp_path / "ckpt", meta, arrays)
+    caplog.clear()
+    again = started(env)
+    assert again.trainer.samples_accepted == 10 and not again.trainer.fresh
+    assert "began from base model" not in caplog.text
+    assert again.state.base_model == str(base)
 
 
 def test_start_up_line_says_a_resumed_state_is_resumed(sidecar_factory, tmp_path):
@@ -950,6 +1015,68 @@ def test_a_stop_whose_snapshot_is_written_loses_nothing_and_exits_0(tmp_path, mo
     assert in_process_server(tmp_path).trainer.samples_accepted == 6
 
 
+@pytest.mark.parametrize("since", ["dropped", "in a removed journal"])
+def test_a_stop_after_a_snapshot_counts_as_lost_only_the_samples_acked_since_it(tmp_path, monkeypatch, caplog, since):
+    """The samples a snapshot holds are not lost when a later one is refused: the journal's counts start again at
+    each snapshot (Journal.reset). A stop whose own snapshot the disk refuses, with nothing acked since the last
+    one written, loses nothing and exits 0."""
+    server = in_process_server(tmp_path)
+    if since == "dropped":
+        monkeypatch.setattr(vs, "write_all", full_disk_for(server.state.journal))
+        monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 100)  # records dropped past the bound
+    for m in messages(6):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        server.state.commit()
+    server.state.save()  # the disk takes this snapshot: it holds all 6
+    monkeypatch.undo()
+    if since == "in a removed journal":
+        (tmp_path / ".state" / "journal.bin").unlink()
+        monkeypatch.setattr(vs, "write_synced", refused)
+        server.state.check_journal_in_place()
+    assert stopped_with_the_snapshot_refused(server, monkeypatch) == 0
+    assert not [r for r in caplog.records if "acknowledged samples lost" in r.getMessage()]
+    monkeypatch.undo()
+    assert in_process_server(tmp_path).trainer.samples_accepted == 6
+
+
+def test_samples_replayed_at_a_start_whose_snapshot_is_refused_count_as_lost_when_their_journal_goes(
+        tmp_path, monkeypatch, caplog):
+    """A start whose snapshot the disk refuses goes on writing to the journal it replayed: the samples of its intact
+    records are in no snapshot. With that journal removed and the stop's snapshot refused too, they are lost, and
+    the stop says so and exits 1 (Journal's intact_samples)."""
+    server = in_process_server(tmp_path)
+    for m in messages(10):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+    server.state.commit()  # journaled, then a kill: no snapshot holds them
+    monkeypatch.setattr(vs, "write_synced", refused)  # from the restart on, every snapshot is refused
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 10
+    (tmp_path / ".state" / "journal.bin").unlink()
+    again.state.check_journal_in_place()
+    assert stopped_with_the_snapshot_refused(again, monkeypatch) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[-1].startswith("stopping with 10 acknowledged samples lost")
+    monkeypatch.undo()
+    assert in_process_server(tmp_path).trainer.samples_accepted == 0  # as said
+
+
+def test_a_sidecar_process_that_stops_losing_acknowledged_samples_exits_1(sidecar_factory):
+    """The process's exit status, which the in-process tests of the stop do not see (they call serve_forever): its
+    state directory gone and the snapshot that would replace it refused (a file where the directory goes), the
+    SIGTERM's stop loses what the journal held, says so, and the process exits 1 (mutation hunt: `serve` returning
+    0 passed every test)."""
+    s = sidecar_factory(**SETTINGS)
+    feed(s, messages(10))
+    state = s.checkpoint_dir / ".state"
+    shutil.rmtree(state)
+    state.write_bytes(b"")  # no directory can be made there: every snapshot is refused
+    deadline = time.monotonic() + ACK_TIMEOUT_S
+    while "was removed or replaced while the sidecar ran" not in s.stderr() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the check of a second finds the journal gone
+    assert s.stop() == 1
+    assert "stopping with 10 acknowledged samples lost" in s.stderr()
+
+
 def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_header(tmp_path, monkeypatch):
     """Past the memory bound the pending records are dropped; in a journal of no record yet its header must stay
     pending with them, or the records written once the disk works again follow no header, and a restart reads
@@ -1206,6 +1333,22 @@ def test_a_snapshot_whose_checksum_holds_and_one_field_does_not_is_set_aside_bef
     assert again.trainer.samples_accepted == 0 and again.trainer.coords.standardized == "none"
     assert np.array_equal(again.trainer.model.flat, fresh.model.flat)
     assert np.array_equal(again.trainer.replay.y, fresh.replay.y)
+    assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
+
+
+@pytest.mark.parametrize("when", [float("nan"), float("inf"), -float("inf")], ids=["NaN", "inf", "-inf"])
+def test_a_snapshot_whose_last_checkpoint_time_is_not_finite_is_set_aside(tmp_path, when):
+    """69ef01a: the last checkpoint's time must be finite, as check_scalars says (maybe(is_finite_number)); the
+    parametrized test of every field edits it only to a string, which any check of a number refuses."""
+    server = in_process_server(tmp_path)
+    for m in messages(60):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    meta, arrays = read_snapshot(tmp_path)
+    meta["last_checkpoint_unix"] = when
+    write_snapshot(tmp_path, meta, arrays)
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 0 and again.trainer.coords.standardized == "none"
     assert list((tmp_path / ".state").glob("snapshot.bin.*")), "not set aside"
 
 
