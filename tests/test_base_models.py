@@ -166,6 +166,15 @@ def test_the_reader_refuses_graphs_it_cannot_read_as_onnxruntime_runs_them(nodes
 RELU = onnx.helper.make_node("Relu", ["h"], ["a"])
 
 
+def assert_read_as_onnxruntime_runs_it(path: Path, model: onnx.ModelProto) -> None:
+    """`model`, saved at `path`, reads as mlp_graph's 4-8-1 layers that score as onnxruntime scores the file."""
+    onnx.save(model, path)
+    weights = builder.read_mlp_model(onnx.load(path))
+    assert weights.sizes() == [4, 8, 1]
+    x = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
+    assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
+
+
 @pytest.mark.parametrize("nodes, initializers, message", [
     ([gemm("x", "W0", "b3", "h"), RELU, HIDDEN_TO_OUTPUT], {"b3": np.ones(3)},
      r"^Gemm node: bias of shape \(3,\) is not one value for each of its 8 units$"),
@@ -195,12 +204,7 @@ def test_a_constant_of_another_length_than_its_layer_is_refused_by_name(nodes, i
 def test_a_bias_of_one_value_for_every_unit_is_read_as_onnxruntime_runs_it(tmp_path, nodes, initializers):
     """One value added to every unit broadcasts, as onnxruntime runs it: read as that value for each unit, never
     refused as a bias "not one value for each of its units" (the check of d825a0b allows size 1)."""
-    path = tmp_path / "scalar-bias.onnx"
-    onnx.save(mlp_graph(nodes, initializers), path)
-    weights = builder.read_mlp_model(onnx.load(path))
-    assert weights.sizes() == [4, 8, 1]
-    x = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
-    assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
+    assert_read_as_onnxruntime_runs_it(tmp_path / "one-value-bias.onnx", mlp_graph(nodes, initializers))
 
 
 def test_a_leaky_relu_without_its_alpha_reads_as_the_slope_a_checkpoint_of_it_holds():
@@ -255,12 +259,7 @@ def test_a_gelu_decomposition_with_another_constant_is_refused_not_read_as_gelu(
 ], ids=["output-destandardised", "hidden-scaled-per-unit"])
 def test_constants_applied_to_a_dense_layers_outputs_are_folded_into_it(tmp_path, nodes, initializers):
     """net(x) * y_std + y_mean, as both of torch's exporters write a regressor trained on standardized scores."""
-    path = tmp_path / "folded.onnx"
-    onnx.save(mlp_graph(nodes, initializers), path)
-    weights = builder.read_mlp_model(onnx.load(path))
-    assert weights.sizes() == [4, 8, 1]
-    x = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
-    assert_close(vs.MLP.from_weights(weights).forward(x).ravel(), ort_scores(path, x))
+    assert_read_as_onnxruntime_runs_it(tmp_path / "folded.onnx", mlp_graph(nodes, initializers))
 
 
 @pytest.mark.parametrize("squeezed", [True, False], ids=["squeezed-first", "squeezed-last"])
