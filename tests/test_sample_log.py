@@ -616,6 +616,17 @@ def test_each_fleet_run_publishes_once_at_its_end_with_what_it_read(tmp_path):
         assert json.loads((tmp_path / vs.FLEET_DIR / "latest.json").read_text())["version"] == 3
 
 
+def full_disk_for_names(part: str):
+    """vs.write_synced as a full disk for the files whose names hold `part`, their temp files' included."""
+    real_write = vs.write_synced
+
+    def write_synced(path, chunks, mode=0o644):
+        if part in path.name:
+            raise OSError(28, "No space left on device")
+        real_write(path, chunks, mode)
+    return write_synced
+
+
 @pytest.mark.parametrize("refused", ["model_v000001", "latest"])
 def test_a_run_whose_checkpoint_or_latest_json_the_disk_refuses_fails_and_the_next_run_writes_it(
         tmp_path, monkeypatch, caplog, refused):
@@ -623,14 +634,7 @@ def test_a_run_whose_checkpoint_or_latest_json_the_disk_refuses_fails_and_the_ne
     sidecar's loop retries; a run has none) and the run exited 0: its Job succeeded while nodes saw nothing of it."""
     replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(13)) for i in range(1, 201)])
     config = fleet_config(min_samples_ckpt=100, gate="off")
-    real_write = vs.write_synced
-
-    def full_disk(path, chunks, mode=0o644):
-        if refused in path.name:
-            raise OSError(28, "No space left on device")
-        real_write(path, chunks, mode)
-
-    monkeypatch.setattr(vs, "write_synced", full_disk)
+    monkeypatch.setattr(vs, "write_synced", full_disk_for_names(refused))
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
     assert vs.fleet(tmp_path, config) == 1
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fleet run: the disk refused")]
@@ -648,14 +652,7 @@ def test_a_run_whose_checkpoint_or_latest_json_the_disk_refuses_fails_and_the_ne
 def test_a_run_whose_cursors_the_disk_refuses_fails_with_one_line_and_the_next_run_writes_them(tmp_path, monkeypatch):
     """A refused write of cursors.json ended the run in a traceback (the review)."""
     replica(tmp_path, "vmafx-node-0", [sample(i, np.random.default_rng(14)) for i in range(1, 41)])
-    real_write = vs.write_synced
-
-    def full_disk(path, chunks, mode=0o644):
-        if vs.FLEET_CURSORS in path.name:
-            raise OSError(28, "No space left on device")
-        real_write(path, chunks, mode)
-
-    monkeypatch.setattr(vs, "write_synced", full_disk)
+    monkeypatch.setattr(vs, "write_synced", full_disk_for_names(vs.FLEET_CURSORS))
     with pytest.raises(vs.StartupError, match=r"^cannot write .*/cursors\.json: No space left on device \(the next"):
         vs.fleet(tmp_path, fleet_config())
     assert positions(tmp_path) == {"vmafx-node-0": 40}  # the state saved first: read once

@@ -165,12 +165,9 @@ def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_bega
     before the model was made fresh or not as the state began, its base file gone at the restart."""
     base = tmp_path / "base.onnx"
     shutil.copy(BASE_FIXTURE, base)
-    env = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
-               VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / "ckpt"), VMAFX_SIDECAR_SOCKET=str(tmp_path / "s.sock"),
-               VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32")
-    trainer, _ = vs.build_trainer(vs.Config.load(env, {}))
-    state = vs.StateStore(trainer.config, trainer)
-    state.restore()
+    env = base_env(tmp_path, base)
+    first = started(env)
+    trainer, state = first.trainer, first.state
     for m in messages(10):  # before the first step (16 new samples)
         row, score = np.array(m["features"][:5] + [0.5], np.float32), np.float32(m["true_score"])
         state.record_sample(row, score, False, "job")
@@ -185,7 +182,17 @@ def test_a_state_loaded_onto_this_starts_trainer_takes_its_first_step_as_it_bega
     assert trainer.coords.standardized == "none"  # the base's weights, in raw coordinates as they began
 
 
+def base_env(directory: Path, base: Path, **settings: str) -> dict[str, str]:
+    """The settings of a 6-feature sidecar on the base model file `base`, its state in `directory`; `settings`
+    (VMAFX_* variables) override them."""
+    return {**dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
+                   VMAFX_SIDECAR_CHECKPOINT_DIR=str(directory / "ckpt"), VMAFX_SIDECAR_SOCKET=str(directory / "s.sock"),
+                   VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32"),
+            **settings}
+
+
 def started(env: dict[str, str]) -> vs.Server:
+    """A server in this process with its state restored, as `serve` starts one (no socket)."""
     config = vs.Config.load(env, {})
     trainer, _ = vs.build_trainer(config)
     state = vs.StateStore(config, trainer)
@@ -202,10 +209,7 @@ def test_a_state_begun_fresh_and_set_aside_leaves_a_base_model_trained_as_a_star
     stream = [sample(np.random.default_rng(5), 6) for _ in range(40)]
 
     def env(name: str, hidden: str = "8") -> dict[str, str]:
-        return dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN=hidden, VMAFX_BASE_MODEL_PATH=str(base),
-                    VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / name / "ckpt"),
-                    VMAFX_SIDECAR_SOCKET=str(tmp_path / name / "s.sock"), VMAFX_SIDECAR_HOLDOUT_FRACTION="0",
-                    VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="8")
+        return base_env(tmp_path / name, base, VMAFX_SIDECAR_HIDDEN=hidden, VMAFX_SIDECAR_BATCH_SIZE="8")
 
     first = started(env("restarted", hidden="7" if set_aside == "incompatible" else "8"))  # no base file: fresh
     assert first.trainer.fresh
@@ -233,9 +237,7 @@ def test_a_snapshot_saved_before_it_named_its_base_is_taken_as_begun_from_this_s
     made fresh, and the base it names on is this start's, saved in the next snapshot."""
     base = tmp_path / "base.onnx"
     shutil.copy(BASE_FIXTURE, base)
-    env = dict(VMAFX_SIDECAR_N_FEATURES="6", VMAFX_SIDECAR_HIDDEN="8", VMAFX_BASE_MODEL_PATH=str(base),
-               VMAFX_SIDECAR_CHECKPOINT_DIR=str(tmp_path / "ckpt"), VMAFX_SIDECAR_SOCKET=str(tmp_path / "s.sock"),
-               VMAFX_SIDECAR_HOLDOUT_FRACTION="0", VMAFX_SIDECAR_SAMPLE_LOG="0", VMAFX_SIDECAR_BATCH_SIZE="32")
+    env = base_env(tmp_path, base)
     first = started(env)
     for m in [sample(np.random.default_rng(5), 6) for _ in range(10)]:  # before the first step (32)
         assert json.loads(first.answer(json.dumps(m).encode()))["ok"]
@@ -1149,7 +1151,6 @@ def test_a_refused_fsync_of_a_journal_that_syncs_only_at_snapshots_says_so(tmp_p
     assert [r.getMessage() for r in caplog.records] == [
         "journal fsync failed, retrying with the next snapshot: [Errno 5] Input/output error",
         "journal fsyncs work again"]
-    os.close(journal.fd)
 
 
 @pytest.mark.parametrize("refused", ["journal", "sample log"])
