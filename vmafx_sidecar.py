@@ -1476,14 +1476,21 @@ class Journal:
             self.fsync_now()
 
     @staticmethod
-    def generation_of(path: Path) -> int | None:
-        """The generation of the snapshot the journal at `path` continues; None for no journal there."""
+    def header_of(path: Path) -> tuple[bytes, int] | None:
+        """The magic and the generation the file at `path` begins with; None for no whole header there."""
         try:
             with open(path, "rb") as f:
-                magic, generation = JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))
+                return JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))
         except (OSError, struct.error):
             return None
-        return generation if magic == JOURNAL_MAGIC else None
+
+    @staticmethod
+    def continues(header: tuple[bytes, int], generation: int) -> bool:
+        """Whether a journal with `header` continues the snapshot `generation`: its magic whole, or off in a byte
+        or two (a bit flipped in place: the records after it, each with its own checksum, are that state's all the
+        same, and a start that ignored them lost every sample ACKed since the snapshot)."""
+        magic, written_after = header
+        return written_after == generation and sum(a != b for a, b in zip(magic, JOURNAL_MAGIC)) <= 2
 
     @staticmethod
     def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int, int]:
@@ -1501,7 +1508,7 @@ class Journal:
         except OSError as e:  # a directory in its place, say: no state is guessed at
             reason = "a symlink, which the sidecar's journal never is" if e.errno == errno.ELOOP else e.strerror or e
             raise StartupError(f"cannot read {path}: {reason}") from None
-        if len(data) < JOURNAL_HEADER.size or JOURNAL_HEADER.unpack_from(data) != (JOURNAL_MAGIC, generation):
+        if len(data) < JOURNAL_HEADER.size or not Journal.continues(JOURNAL_HEADER.unpack_from(data), generation):
             return [], 0, 0
         records, offset, size, skipped = [], JOURNAL_HEADER.size, 4 * (n_features + 1), 0
         while offset + JOURNAL_RECORD.size <= len(data):
@@ -1597,13 +1604,19 @@ class StateStore:
         loaded, t = replayer is not None, replayer or t
         records, intact, skipped = Journal.read(self.journal_path, self.config.n_features, self.generation)
         size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
+        header = Journal.header_of(self.journal_path)
         if skipped:
             self.keep_copy(self.journal_path, f"{skipped} bytes of corrupt records among its intact ones, skipped")
+        if intact and header[0] != JOURNAL_MAGIC:
+            self.keep_copy(self.journal_path, "a corrupt header, its records read all the same")
         if size and not intact:
-            written_after = Journal.generation_of(self.journal_path)
+            magic, written_after = header or (JOURNAL_MAGIC, 0)  # a reset torn in its header
             if not loaded:
                 self.move_aside(self.journal_path, "without its snapshot")
-            elif written_after is not None and written_after > self.generation:  # an older snapshot put back, say
+            elif magic != JOURNAL_MAGIC:  # its records may be this state's or an earlier one's: kept for a look
+                self.move_aside(self.journal_path, f"corrupt (a header that names no journal of the snapshot's "
+                                                   f"generation {self.generation}): not replayed")
+            elif written_after > self.generation:  # an older snapshot put back, say
                 self.move_aside(self.journal_path, f"newer than its snapshot (generation {written_after}, the "
                                                    f"snapshot's {self.generation}): not replayed")
             else:

@@ -937,6 +937,45 @@ def test_a_journal_newer_than_its_snapshot_is_set_aside_not_cut(tmp_path, caplog
     assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.newer")] == [journal]
 
 
+def journal_after_a_snapshot(directory: Path) -> bytes:
+    """40 samples in a snapshot, 40 more in its journal, as a kill -9 leaves them; the journal's bytes."""
+    server = in_process_server(directory)
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    for m in messages(80)[40:]:
+        server.answer(json.dumps(m).encode())
+    server.state.commit()
+    return (directory / ".state" / "journal.bin").read_bytes()
+
+
+def test_a_bit_flipped_in_the_journals_magic_loses_none_of_its_samples(tmp_path, caplog):
+    """Its header was read as a journal the snapshot "already holds": every sample ACKed since the snapshot was
+    dropped at the restart, and the first save cut the file, no copy kept."""
+    journal = bytearray(journal_after_a_snapshot(tmp_path))
+    journal[3] ^= 0x10
+    (tmp_path / ".state" / "journal.bin").write_bytes(journal)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 80
+    assert "journal.bin has a corrupt header, its records read all the same" in caplog.text
+    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.corrupt")] == [journal]
+
+
+@pytest.mark.parametrize("offset", [0, 4, 8, 12])
+def test_a_journal_header_of_no_journal_is_set_aside_with_a_warning(tmp_path, caplog, offset):
+    """Not one that names the snapshot's generation: its records may be this state's or an earlier one's, so they
+    are not replayed, but neither ignored in silence nor cut."""
+    journal = bytearray(journal_after_a_snapshot(tmp_path))
+    journal[offset:offset + 4] = b"\0\0\0\0"
+    (tmp_path / ".state" / "journal.bin").write_bytes(journal)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    again = in_process_server(tmp_path)
+    assert again.trainer.samples_accepted == 40
+    assert "journal.bin is corrupt (a header that names no journal of the snapshot's generation 2)" in caplog.text
+    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.corrupt")] == [journal]
+
+
 def full_disk_for(journal: vs.Journal):
     """vs.write_all as a disk that refuses the journal's writes, and takes the others."""
     real_write_all = vs.write_all
