@@ -1881,7 +1881,10 @@ class StateStore:
         self.newest_checkpoint_saved = newest if type(newest) is int else None
         self.journaled_to = state.get("sample_log", self.log_name)  # saved before it was: this directory's
         began_sha256 = state.get("base_sha256", self.base_sha256 if began == self.base_model else "")
-        if began != self.base_model:
+        if began and began == self.config.base_model_path and built_fresh:  # its file gone: no other base named
+            log.info("the trainer state in %s began from base model %s, whose file is missing now: training goes on "
+                     "from the state", self.directory.parent, began)
+        elif began != self.base_model:
             self.warn_of_another_base(began or "none (a fresh model)", self.base_model or "none (a fresh model)")
         elif began and began_sha256 and self.base_sha256 and began_sha256 != self.base_sha256:
             self.warn_of_another_base(f"{began} as it was then (sha256 {began_sha256[:12]}...)",
@@ -4744,7 +4747,8 @@ def load_base_model(config: Config) -> onnx_builder.MLPWeights | None:
     try:
         os.stat(path)
     except FileNotFoundError:
-        log.warning("base model %s does not exist: starting from a fresh model (seed %d)", path, config.seed)
+        log.warning("base model %s does not exist: a fresh model (seed %d) takes its place, where no trainer state "
+                    "goes on", path, config.seed)
         return None
     except OSError as e:  # there, maybe, but not to this process: never a fresh model in its place
         raise StartupError(f"cannot read base model {path}: {e.strerror or e}") from None

@@ -574,6 +574,28 @@ def test_a_restart_that_names_another_base_model_than_the_states_says_the_state_
         caplog.clear()
 
 
+def test_a_base_model_file_gone_since_the_state_began_is_no_other_base(tmp_path, caplog):
+    """Its state went on, yet the start warned that the state began from that base "not none (a fresh model)" and
+    advised moving .state/ out to train from the base: from a fresh model, the base's file being gone (the words
+    hunt)."""
+    base = tmp_path / "base.npz"
+
+    def restarted(fresh: bool) -> vs.StateStore:
+        trainer = make_trainer(tmp_path, n_features=5, hidden=7, batch_size=8, replay_capacity=64,
+                               base_model_path=str(base))
+        trainer.fresh = fresh  # as build_trainer makes one: from the base it read, or a fresh model without it
+        store = vs.StateStore(trainer.config, trainer)
+        store.restore()
+        return store
+
+    restarted(fresh=False).save()
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    again = restarted(fresh=True)
+    assert "move .state/" not in caplog.text
+    assert f"began from base model {base}, whose file is missing now: training goes on from the state" in caplog.text
+    assert again.base_model == str(base)  # and the next snapshot says so
+
+
 def test_a_base_model_replaced_in_place_is_told_apart_by_its_digest(tmp_path, caplog):
     """In a pod the base model is a file at a fixed path: a new base copied over the old one kept its path, and the
     warning that the state goes on from itself, not from that base, compared paths only."""
