@@ -2557,7 +2557,7 @@ class Trainer:
             "n_pending": self.n_pending, "replay_size": self.replay.size, "replay_next": self.replay.saved()[2],
             "eval_size": self.eval.size, "eval_next": self.eval.saved()[2], "has_champion": self.has_champion,
             "champion_version": self.checkpoints.champion_version,
-            "window_incumbent": self.checkpoints.latest and self.checkpoints.latest["version"],
+            "window_incumbent": self.checkpoints.incumbent_version(),
             "window_n": self.window.n, "window_shift": self.window.shift, "window_unscored": self.window.unscored,
             "kept_raw": self.kept_raw, "kept_features": self.kept_features,
             "coordinates": dataclasses.asdict(self.coords),
@@ -2625,12 +2625,14 @@ class Trainer:
         elif state["has_champion"]:
             log.warning("the champion, v%06d, is no longer published: the incumbent takes its place",
                         state["champion_version"])
-        latest = self.checkpoints.latest and self.checkpoints.latest["version"]
+        scored, incumbent = state["window_incumbent"], self.checkpoints.incumbent_version()
         if not keeps_champion and (self.has_champion or state["has_champion"]):  # it scored another champion
             self.begin_window()
-        elif state["window_incumbent"] != latest:  # rolled back, or published after this state was saved
-            log.info("the window was scored against checkpoint %s, latest.json names %s: a new window starts",
-                     state["window_incumbent"], latest)
+        elif scored != incumbent:  # rolled back, or published after this state was saved
+            log.info("the window was scored against %s, the incumbent now is %s: a new window starts",
+                     "the base model, or an incumbent a snapshot of an earlier version did not name"
+                     if scored is None else f"checkpoint {scored}",
+                     "the base model" if incumbent is None else f"checkpoint {incumbent}")
             self.begin_window()
         self.use_coordinates(coords)  # those the loaded weights are in
         if self.config.normalize == "off" and coords.standardized != "none":  # back to the reference's arithmetic
@@ -3923,7 +3925,7 @@ class CheckpointWriter:
             self.point_later(newest)
             log.error("cannot point %s at %s, the newest published checkpoint, yet: %s", self.directory / LATEST,
                       newest["file"], e.strerror or e)
-            return newest
+            return latest  # what it still names, as after a checkpoint's refused update: the status says so
         log.warning("%s now names %s, the newest published checkpoint, as its record says (%s)",
                     self.directory / LATEST, newest["file"], before)
         return newest
@@ -3931,7 +3933,10 @@ class CheckpointWriter:
     def sync_latest_model(self) -> None:
         """latest.onnx and its .sha256 as latest.json says: after a crash between their updates, a rollback
         or a directory an older version wrote; removed when nothing is published, that is when there is no
-        latest.json (one recover_latest() left is a newer sidecar's that stands)."""
+        latest.json (one recover_latest() left is a newer sidecar's that stands). Not while an update of all three
+        waits for the disk (point_latest_again()): latest.onnx keeps what nodes load until latest.json moves on."""
+        if self.unpointed is not None:
+            return
         if self.latest is None:
             if not (self.directory / LATEST).exists():
                 for name in (f"{LATEST_MODEL}.sha256", LATEST_MODEL):
@@ -3958,14 +3963,23 @@ class CheckpointWriter:
             return
         log.warning("%s now holds %s, as %s names", self.directory / LATEST_MODEL, self.latest["file"], LATEST)
 
+    def incumbent(self) -> dict[str, Any] | None:
+        """The newest published checkpoint's record: the one latest.json names, or the newer one it is to name once
+        the disk takes the update (point_latest_again()); None before the first."""
+        return self.unpointed or self.latest
+
+    def incumbent_version(self) -> int | None:
+        return (record := self.incumbent()) and record["version"]
+
     def latest_model(self) -> MLP | None:
-        """The published model latest.json names, from its file, or from latest.onnx, the copy nodes load, should
+        """The newest published model (incumbent()), from its file, or from latest.onnx, the copy nodes load, should
         the file have been damaged since; None when neither holds it intact (the gate then takes the base model)."""
-        if self.latest is None:
+        record = self.incumbent()
+        if record is None:
             return None
-        for name in (self.latest["file"], LATEST_MODEL):
+        for name in (record["file"], LATEST_MODEL):
             try:
-                data = read_named_checkpoint(self.directory, {**self.latest, "file": name})
+                data = read_named_checkpoint(self.directory, {**record, "file": name})
                 return MLP.from_weights(onnx_builder.read_mlp_model(onnx.load_from_string(data)))
             except Exception as e:  # unreadable, altered or not an MLP
                 log.error("cannot load %s, the latest published checkpoint: %s: %s", self.directory / name,
@@ -5068,7 +5082,7 @@ def build_trainer(config: Config) -> tuple[Trainer, str]:
         if (published.sizes, list(map(str, published.activations))) == (model.sizes, list(map(str, model.activations))):
             # the champion until the state names another; a model of other activations cannot hold its weights
             trainer.champion.flat[...] = trainer.incumbent.flat
-            trainer.has_champion, trainer.checkpoints.champion_version = True, trainer.checkpoints.latest["version"]
+            trainer.has_champion, trainer.checkpoints.champion_version = True, trainer.checkpoints.incumbent_version()
     elif published is not None:
         log.warning("the latest published checkpoint takes %d features, not %d: candidates are compared with "
                     "the base model instead", published.sizes[0], config.n_features)

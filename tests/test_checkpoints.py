@@ -756,16 +756,24 @@ def test_a_latest_onnx_sha256_of_bytes_that_are_not_text_is_reported_and_repaire
 def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_later(tmp_path, monkeypatch):
     """latest.json a checkpoint behind (a kill between placing one and pointing at it, or a publish whose
     pointer update the disk refused) on a disk that is still full: the start had failed, in a loop, until space
-    was freed. It starts with the newest published checkpoint as its incumbent, counts the refused writes, and
-    points latest.json and latest.onnx at it once the disk takes them."""
+    was freed. It starts with the newest published checkpoint as its incumbent, counts the refused write, and
+    points latest.json and latest.onnx at it once the disk takes them; meanwhile what latest.json names, in the
+    status and the metrics, is what it names on disk (the start said 2 while it named 1: the words hunt)."""
     directory = latest_behind(tmp_path / "ckpt")
     behind = {name: (directory / name).read_bytes() for name in ("latest.json", "latest.onnx", "latest.onnx.sha256")}
     monkeypatch.setattr(vmafx_sidecar, "write_synced", lambda *args, **kwargs: refused_write())
     started = vmafx_sidecar.CheckpointWriter(str(directory))
-    assert started.latest["version"] == 2 and started.failures == 2  # latest.json, then latest.onnx
+    assert started.incumbent_version() == 2 and started.latest["version"] == 1 and started.failures == 1
+    v2 = vmafx_onnx_builder.read_mlp_model(onnx.load(directory / "model_v000002.onnx"))
+    assert started.latest_model().flat.tobytes() == vmafx_sidecar.MLP.from_weights(v2).flat.tobytes()
     assert {name: (directory / name).read_bytes() for name in behind} == behind
     assert temp_files(directory) == []
     monkeypatch.undo()
+    started.pointing_tried = 0.0
+    started.point_latest_again()
+    assert started.unpointed is None and started.latest["version"] == 2
+    assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
+    (directory / "latest.json").write_bytes(behind["latest.json"])
     vmafx_sidecar.CheckpointWriter(str(directory))  # a start once there is room
     assert json.loads((directory / "latest.json").read_text())["version"] == 2
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()

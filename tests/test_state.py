@@ -936,6 +936,22 @@ def test_a_format_3_snapshot_saved_before_its_champion_had_a_version_resumes(tmp
     assert not list((tmp_path / ".state").glob("snapshot.bin.*"))
 
 
+def test_a_snapshot_saved_before_its_windows_incumbent_was_says_so_not_none(tmp_path, caplog):
+    """The upgrade's start logged that the window "was scored against checkpoint None" (the words hunt)."""
+    server = in_process_server(tmp_path, gate="off")
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    server.trainer.take_checkpoint()
+    server.state.save()
+    meta, arrays = read_snapshot(tmp_path)
+    assert meta.pop("window_incumbent") == 1
+    write_snapshot(tmp_path, meta, arrays)
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    in_process_server(tmp_path, gate="off")
+    assert ("the window was scored against the base model, or an incumbent a snapshot of an earlier version did "
+            "not name, the incumbent now is checkpoint 1: a new window starts") in caplog.text
+
+
 def test_a_journal_newer_than_its_snapshot_is_set_aside_not_cut(tmp_path, caplog):
     """An older snapshot put back (from a backup, say): its journal, which holds ACKed samples it lacks, was logged
     as one the snapshot "already holds" and cut to its header by the first save, no copy kept."""
