@@ -5183,18 +5183,23 @@ def held_out_mse(checkpoint: str, x: np.ndarray, y: np.ndarray) -> float:
 
 # ---- checkpoint tools: `checkpoints` lists what the sidecar wrote, `verify` checks it ----
 
+def missing_directory(path: Path) -> str:
+    return "not a directory" if path.exists() else "no such directory"
+
+
 def list_checkpoints(directory: Path) -> int:
     """Print every checkpoint in `directory` and its quarantine/ with its history scores and verdict, oldest
     first, then why each quarantined one was refused."""
     if not directory.is_dir():
-        print(f"vmafx-sidecar checkpoints: {directory}: no such directory", file=sys.stderr)
+        print(f"vmafx-sidecar checkpoints: {directory}: {missing_directory(directory)}", file=sys.stderr)
         return 1
     latest = read_record(directory / LATEST)
     rows, reasons = [], []
     for where in (directory, directory / "quarantine"):
         for version in checkpoint_versions(where):
             record = read_record(where / f"model_v{version:06d}.json") or onnx_metadata(where, version)
-            state = "published" if where == directory else "quarantined"
+            state = ("quarantined" if where != directory else "published"
+                     if (where / f"model_v{version:06d}.onnx.sha256").exists() else "unplaced (no .sha256)")
             if latest and latest["version"] == version and where == directory:
                 state += ", latest"
             rows.append([version, record.get("created", "-"), record.get("step", "-"), *listed_scores(record),
@@ -5238,7 +5243,7 @@ def verify_checkpoints(directory: Path) -> int:
     """Check every checkpoint's .sha256, record and model (onnx checker, then a run), latest.json and
     latest.onnx; 1 if anything is wrong."""
     if not directory.is_dir():
-        print(f"vmafx-sidecar verify: {directory}: no such directory", file=sys.stderr)
+        print(f"vmafx-sidecar verify: {directory}: {missing_directory(directory)}", file=sys.stderr)
         return 1
     results = []
     for where in (directory, directory / "quarantine"):

@@ -1778,6 +1778,24 @@ def test_checkpoints_says_a_checkpoint_a_crash_left_unplaced_was_never_published
     assert vs.verify_checkpoints(copied) == 0, capsys.readouterr().out
 
 
+def test_checkpoints_lists_a_checkpoint_without_its_sha256_as_unplaced_not_published(copied, capsys):
+    """Before the next start moves it into quarantine/, `checkpoints` listed a model a kill left without its .sha256
+    as published, one `verify` reports no .sha256 for and no node trusts (the words hunt)."""
+    (copied / f"{stem(4)}.onnx.sha256").unlink()
+    assert vs.list_checkpoints(copied) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("4 "))
+    assert "unplaced (no .sha256)" in row and "published" not in row
+
+
+@pytest.mark.parametrize("tool", [vs.list_checkpoints, vs.verify_checkpoints])
+def test_checkpoint_tools_call_a_file_not_a_directory_what_it_is(tmp_path, capsys, tool):
+    (tmp_path / "ckpt").write_text("a file where the directory was expected")
+    assert tool(tmp_path / "ckpt") == 1
+    assert capsys.readouterr().err.endswith(f"{tmp_path / 'ckpt'}: not a directory\n")
+    assert tool(tmp_path / "missing") == 1
+    assert capsys.readouterr().err.endswith(f"{tmp_path / 'missing'}: no such directory\n")
+
+
 @pytest.mark.parametrize("reason", [None, 7, ["a", "list"], {"an": "object"}])
 def test_checkpoints_lists_a_quarantined_record_whose_reason_is_not_text(copied, reason):
     record = read_json(copied / "quarantine" / f"{stem(2)}.json")
