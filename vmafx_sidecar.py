@@ -1582,7 +1582,7 @@ class StateStore:
         self.journaled_to = self.log_name
         self.sample_write_outage = Outage("sample log write", "keeping the samples in memory until it works (a "
                                           "state snapshot meanwhile gives them up)")
-        self.sample_sync_outage = Outage("sample log fsync", "retrying every second")  # paced by the journal's
+        self.sample_sync_outage = Outage("sample log fsync", "retrying with the journal's next fsync")
         self.snapshot_failures = self.sample_log_failures = 0  # writes the disk refused, since the start
         self.generation = 0  # of the snapshot on disk; its journal carries the same number
         self.newest_checkpoint_saved: int | None = None  # as the snapshot restored was taken: see restore()
@@ -1696,8 +1696,6 @@ class StateStore:
         writing = bool(self.samples.pending)
         try:
             self.samples.commit(self.config.sample_log_max_bytes)
-            if self.config.journal_fsync == "always":
-                self.samples.sync()
         except OSError as e:
             self.sample_write_outage.failed(e)
             self.sample_log_failures += 1
@@ -1705,6 +1703,8 @@ class StateStore:
             return
         if writing:  # a turn with nothing to log says nothing of the disk
             self.sample_write_outage.ended()
+        if self.config.journal_fsync == "always":  # written, so not kept: a refused fsync is no refused write
+            self.sync_samples()
 
     def bound_pending_samples(self) -> None:
         """Give up the log's waiting samples past JOURNAL_MEMORY_LIMIT, counted: the fleet then reports the gap."""
@@ -3850,8 +3850,12 @@ class CheckpointWriter:
                 self.point_latest(record, staged.data)
         except OSError as e:
             self.point_later(record if verdict.published else None)
-            log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update "
-                      "(retried until it takes it): %s", version, LATEST, e)
+            if verdict.published:
+                log.error("checkpoint v%06d is in place, but the disk refused its directory's fsync or %s's update "
+                          "(retried until it takes it): %s", version, LATEST, e)
+            else:  # nothing names it: a power loss may take it, which costs the record of a refusal
+                log.error("checkpoint v%06d is in quarantine/, but the disk refused that directory's fsync (not "
+                          "retried): %s", version, e)
         if not verdict.published:
             log.warning("checkpoint v%06d quarantined: %s", version, verdict.reason)
         self.prune()

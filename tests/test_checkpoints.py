@@ -581,6 +581,19 @@ def refused_write():
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def test_a_quarantined_checkpoint_whose_directory_fsync_is_refused_is_not_said_to_be_retried(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """The writer said "(retried until it takes it)", as for a published one, yet nothing names a quarantined
+    checkpoint, and nothing tried that fsync again (the words hunt)."""
+    writer = vmafx_sidecar.CheckpointWriter(str(tmp_path / "ckpt"))
+    monkeypatch.setattr(vmafx_sidecar, "fsync_directory", refused_fsync)
+    layers = random_layers(np.random.default_rng(0), [N_FEATURES, 8, 1])
+    vmafx_sidecar.write_checkpoint(writer, relu_mlp(layers), 1, 16, REFUSED, PROBE)
+    assert "checkpoint v000001 is in quarantine/, but the disk refused that directory's fsync (not retried)" in \
+        caplog.text and "retried until" not in caplog.text
+    assert writer.unpointed is None and writer.failures == 1
+
+
 def test_a_published_version_is_never_rewritten_after_a_failed_directory_fsync(tmp_path, monkeypatch):
     # Both files are renamed into place before the directory fsync; if that fsync fails, readers
     # may already have seen (and loaded) the complete pair, so the number must not be reused

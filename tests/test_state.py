@@ -1230,6 +1230,25 @@ def test_a_refused_fsync_of_a_journal_that_syncs_only_at_snapshots_says_so(tmp_p
         "journal fsyncs work again"]
 
 
+def test_a_sample_logs_refused_fsync_under_always_is_no_refused_write(tmp_path, monkeypatch, caplog):
+    """With VMAFX_SIDECAR_JOURNAL_FSYNC=always it was logged as "sample log write failed, keeping the samples in
+    memory", though they were written and not kept (the words hunt)."""
+    server = in_process_server(tmp_path, sample_log="1", journal_fsync="always")
+    samples, real_fsync = server.state.samples, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: os_error(errno.EIO) if fd == samples.fd else real_fsync(fd))
+    for m in messages(3):
+        assert json.loads(server.answer(json.dumps(m).encode()))["ok"]
+        server.state.commit()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "sample log fsync failed, retrying with the journal's next fsync: [Errno 5] Input/output error"]
+    assert samples.pending == b"" and server.state.write_failures()["sample_log"] == 3
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert json.loads(server.answer(json.dumps(messages(4)[3]).encode()))["ok"]
+    server.state.commit()
+    assert "sample log fsyncs work again" in caplog.text
+
+
 @pytest.mark.parametrize("refused", ["journal", "sample log"])
 def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch, caplog, refused):
     """The sample log's refused fsync was logged every second the disk refused it, not once an outage as the
@@ -1255,8 +1274,9 @@ def test_a_refused_fsync_is_counted_and_retried_not_fatal(tmp_path, monkeypatch,
         server.state.tick()
     kind = refused.replace(" ", "_")
     assert server.state.write_failures()[kind] == 3
+    retried = {"journal": "every second", "sample log": "with the journal's next fsync"}[refused]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
-        f"{refused} fsync failed, retrying every second: [Errno 5] Input/output error"]
+        f"{refused} fsync failed, retrying {retried}: [Errno 5] Input/output error"]
     server.state.tick()  # within the second: not retried
     assert server.state.write_failures()[kind] == 3
     monkeypatch.undo()
