@@ -2805,9 +2805,10 @@ class Trainer:
         starts = self.fresh and self.steps == 0 and self.coords.standardized == "none"
         final = not starts or len(y) >= min(STATISTICS_SAMPLES, len(self.replay.y))
         scores = starts or self.coords.standardized == "provisional"
+        base_features = self.coords.standardized == "features"
         with np.errstate(over="ignore", invalid="ignore"):
             new = Coordinates.of_samples(x, y, "final" if final else "provisional",
-                                         self.coords if self.coords.standardized == "features" else None, scores)
+                                         self.coords if base_features else None, scores)
         if starts and np.isfinite(new.x_shift + new.x_scale).all():  # final too, when its first batch fills the ring
             self.use_coordinates(new)
         elif not self.move_to(new):
@@ -2815,9 +2816,10 @@ class Trainer:
             log.warning("not standardizing: the statistics of the first %d samples would overflow float32 in the "
                         "weights; training goes on in the coordinates it had", len(y))
             return
-        log.info("%s standardized by the first %d samples%s (scores: mean %.6g, spread %.6g); checkpoints stay "
-                 "models of raw ones", "features and scores" if scores else "features", len(y),
-                 "" if final else ", for now", new.y_shift, new.y_scale)
+        log.info("features standardized by %s%s%s; checkpoints stay models of raw ones",
+                 "the base model's normalisation" if base_features else f"the {len(y)} samples in the replay ring",
+                 f", scores too (shift {new.y_shift:.6g}, scale {new.y_scale:.6g})" if scores else "",
+                 "" if final else ", for now")
 
     def retake_statistics(self, batch: Any) -> None:
         """Statistics taken while a feature was constant (a field a node began to fill in later) make its values

@@ -5,6 +5,7 @@ arithmetic."""
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -321,6 +322,23 @@ def test_a_regime_change_whose_statistics_would_overflow_is_refused_for_good_res
     assert resumed.kept_features == [2]
     resumed.retake_statistics(batch)  # its own move_to would succeed: the feature is not tried again
     assert resumed.coords == taken and not batch.any()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_the_statistics_line_says_what_was_standardized_and_by_what(tmp_path, caplog, fresh):
+    """For a trained model, whose scores stay raw, it said "(scores: mean 0, spread 1)", and every time "the first N
+    samples", which are the ring's newest after a restart that turned VMAFX_SIDECAR_NORMALIZE on (the words hunt)."""
+    trainer = make_trainer(tmp_path, **SMALL)
+    trainer.fresh = fresh  # False: a base model's weights, or a state trained before
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    feed(trainer, *stream(0, 2 * vs.STATISTICS_SAMPLES))
+    assert trainer.coords.standardized == "final"
+    final = [r.getMessage() for r in caplog.records if "standardized by" in r.getMessage()][-1]
+    assert re.fullmatch(r"features standardized by the \d+ samples in the replay ring(, scores too \(shift "
+                        r"[-\d.e+]+, scale [-\d.e+]+\))?; checkpoints stay models of raw ones", final), final
+    assert ("scores too" in final) == fresh
+    if fresh:
+        assert f"shift {trainer.coords.y_shift:.6g}, scale {trainer.coords.y_scale:.6g})" in final
 
 
 def test_statistics_that_would_overflow_the_weights_are_refused_once(tmp_path, caplog):
