@@ -2338,9 +2338,11 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
     while offset + SAMPLE_RECORD.size <= len(data):
         end = record_end(data, offset, vector, last)
         if end is None:  # sequences increase within a segment, from the first its name gives
-            offset = next_intact_record(data, offset + 1, vector, last or int(path.name[:16]) - 1)
+            corrupt, offset = offset, next_intact_record(data, offset + 1, vector, last or int(path.name[:16]) - 1)
             if offset is None:
                 return
+            log.warning("sample log %s: %d bytes of corrupt records at byte %d skipped, with their samples",
+                        path, offset - corrupt, corrupt)
             continue
         _, _, last, arrival, held_out = SAMPLE_RECORD.unpack_from(data, offset)
         body = data[offset + SAMPLE_RECORD.size:end]
@@ -4401,8 +4403,9 @@ def replica_samples(directory: Path, key: str, n_features: int, after: int,
                 after = min(read_before, sample.sequence - 1)
             if sample.sequence > after + 1:
                 log.warning("fleet: %s: samples %d to %d are not in its log: given up before this run read them "
-                            "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES, or a long outage of its disk; it "
-                            "logged which), or accepted while its VMAFX_SIDECAR_SAMPLE_LOG was off",
+                            "(the replica's VMAFX_SIDECAR_SAMPLE_LOG_MAX_BYTES, a long outage of its disk, or a log "
+                            "set aside for another feature count; it logged which), accepted while its "
+                            "VMAFX_SIDECAR_SAMPLE_LOG was off, or in corrupt records (a line above says so)",
                             directory.name, after + 1, sample.sequence - 1)
             after = sample.sequence
             yield sample.arrival, key, sample.sequence, sample
