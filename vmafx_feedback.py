@@ -542,7 +542,7 @@ def float32_problem(v: int | float) -> str | None:
     if type(v) is float and not math.isfinite(v):
         return "not a finite number (NaN, Infinity or an overflowing literal)"
     if not -F32_BOUND <= v <= F32_BOUND:  # an int too: it rounds to a float below the bound, then to F32_MAX
-        return f"outside the float32 range (magnitude above {F32_MAX:.4g})"
+        return f"outside the float32 range (magnitude above {F32_BOUND!r}: infinite in float32)"
     return None
 
 

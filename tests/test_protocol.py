@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
+import struct
 from typing import Any, Callable
 
 import pytest
@@ -57,6 +59,19 @@ def test_malformed_lines_get_specific_errors(line, error):
     with pytest.raises(vs.BadRequest) as raised:
         vs.parse_request(line, 3)
     assert raised.value.error.startswith(error), raised.value.error
+
+
+@pytest.mark.parametrize("value", ["3.4028236e38", "3.40283e38", "-3.403e38", "1e39"])
+def test_the_float32_range_error_names_a_bound_the_value_is_beyond(value):
+    """It said "magnitude above 3.403e+38" of 3.4028236e38 and 3.40283e38, both below that (the words hunt)."""
+    with pytest.raises(vs.BadRequest) as raised:
+        vs.parse_request(b'{"features": [1, %s, 3], "true_score": 1}' % value.encode(), 3)
+    bound = float(re.fullmatch(r"features\[1\]: outside the float32 range \(magnitude above (\S+): infinite in "
+                               r"float32\)", raised.value.error)[1])
+    assert abs(float(value)) > bound
+    assert struct.unpack("<f", struct.pack("<f", bound)) == (vs.feedback.F32_MAX,)  # the bound is taken,
+    with pytest.raises(OverflowError):  # and the next number is infinite in float32
+        struct.pack("<f", math.nextafter(bound, math.inf))
 
 
 def test_valid_lines():
