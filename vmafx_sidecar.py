@@ -3107,8 +3107,11 @@ class Ring:
             self.size, self.next = size, position
             return
         kept = min(size, capacity)
-        index = (position - kept + np.arange(kept)) % len(y)
-        self.x[:kept], self.y[:kept] = xp.asarray(x[index]), xp.asarray(y[index])
+        start = (position - kept) % len(y) if len(y) else 0  # an empty ring saved as what it holds: none
+        head = min(kept, len(y) - start)  # the oldest kept, up to the saved array's end; the rest from its start
+        # By slices, which copy nothing on the way: an index copied the saved ring whole, as much memory again.
+        self.x[:head], self.y[:head] = xp.asarray(x[start:start + head]), xp.asarray(y[start:start + head])
+        self.x[head:kept], self.y[head:kept] = xp.asarray(x[:kept - head]), xp.asarray(y[:kept - head])
         self.size, self.next = kept, kept % capacity
 
     def older(self, skip: int, count: int) -> tuple[Any, Any]:
