@@ -4147,6 +4147,8 @@ def readback_problem(path: Path, weights: onnx_builder.MLPWeights, probe: np.nda
         model = onnx.load(path)
         onnx.checker.check_model(model)
         (output,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: probe})
+    except MemoryError:  # the process's, not the file's: it ends the process, as anywhere else (a restart recovers)
+        raise
     except Exception as e:  # whatever is wrong with the file, it is not published
         return f"{type(e).__name__}: {e}"
     if output.shape != expected.shape:

@@ -1148,6 +1148,19 @@ def test_readback_tolerates_float_rounding_but_not_a_small_real_difference(tmp_p
     assert "differ" in vs.readback_problem(path, shifted, PROBE)
 
 
+def test_a_memory_error_in_the_readback_is_no_fault_of_the_file(tmp_path, monkeypatch):
+    """It quarantined a good checkpoint as "read-back check failed: MemoryError", a model fault to whoever looks,
+    its version spent (the scarce hunt); a MemoryError elsewhere ends the process, and a restart recovers."""
+    path = write(vs.CheckpointWriter(str(tmp_path)), UNGATED, seed=3).path
+
+    def out_of_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(vs, "ReferenceEvaluator", out_of_memory)
+    with pytest.raises(MemoryError):
+        vs.readback_problem(path, random_weights(3), PROBE)
+
+
 # ---- 5. retention ----
 
 def test_retention_keeps_the_newest_published(tmp_path):
