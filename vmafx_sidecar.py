@@ -2341,8 +2341,9 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
             corrupt, offset = offset, next_intact_record(data, offset + 1, vector, last or int(path.name[:16]) - 1)
             if offset is None:
                 return
-            log.warning("sample log %s: %d bytes of corrupt records at byte %d skipped, with their samples",
-                        path, offset - corrupt, corrupt)
+            if SAMPLE_RECORD.unpack_from(data, offset)[2] - 1 > after:  # samples not read before: said once
+                log.warning("sample log %s: %d bytes of corrupt records at byte %d skipped, with their samples",
+                            path, offset - corrupt, corrupt)
             continue
         _, _, last, arrival, held_out = SAMPLE_RECORD.unpack_from(data, offset)
         body = data[offset + SAMPLE_RECORD.size:end]
@@ -5212,8 +5213,12 @@ def list_checkpoints(directory: Path) -> int:
     for where in (directory, directory / "quarantine"):
         for version in checkpoint_versions(where):
             record = read_record(where / f"model_v{version:06d}.json") or onnx_metadata(where, version)
-            state = ("quarantined" if where != directory else "published"
-                     if (where / f"model_v{version:06d}.onnx.sha256").exists() else "unplaced (no .sha256)")
+            if where != directory:
+                state = "quarantined"
+            elif (where / f"model_v{version:06d}.onnx.sha256").exists():
+                state = "published"
+            else:  # a kill while it was placed: the next start moves it into quarantine/
+                state = "unplaced (no .sha256)"
             if latest and latest["version"] == version and where == directory:
                 state += ", latest"
             rows.append([version, record.get("created", "-"), record.get("step", "-"), *listed_scores(record),

@@ -112,6 +112,9 @@ def test_a_flipped_byte_costs_its_own_record_and_no_other(tmp_path, caplog, wher
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     skipped = f"{record} bytes of corrupt records at byte {vs.SEGMENT_HEADER.size + where * record} skipped"
     assert said == ([] if where == 9 else [f"sample log {path}: {skipped}, with their samples"])
+    caplog.clear()
+    assert_same(read_all(tmp_path, after=109), written[9:] if where != 9 else [])  # a fleet run's next: said once
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_a_corrupt_record_after_the_largest_sequence_ends_the_segment(tmp_path):
