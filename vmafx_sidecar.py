@@ -1610,7 +1610,7 @@ class StateStore:
         if intact and header[0] != JOURNAL_MAGIC:
             self.keep_copy(self.journal_path, "a corrupt header, its records read all the same")
         if size and not intact:
-            magic, written_after = header or (JOURNAL_MAGIC, 0)  # a reset torn in its header
+            magic, written_after = header or (JOURNAL_MAGIC, self.generation - 1)  # a reset torn in its header
             if not loaded:
                 self.move_aside(self.journal_path, "without its snapshot")
             elif magic != JOURNAL_MAGIC:  # its records may be this state's or an earlier one's: kept for a look
@@ -1619,8 +1619,11 @@ class StateStore:
             elif written_after > self.generation:  # an older snapshot put back, say
                 self.move_aside(self.journal_path, f"newer than its snapshot (generation {written_after}, the "
                                                    f"snapshot's {self.generation}): not replayed")
-            else:
+            elif written_after == self.generation - 1:  # a crash between the snapshot and the journal's reset
                 log.info("journal %s predates the snapshot, which already holds it: not replayed", self.journal_path)
+            else:  # a bit flipped in its generation, or resets the disk refused for two snapshots: kept for a look
+                self.move_aside(self.journal_path, f"older than its snapshot's predecessor (generation {written_after}"
+                                                   f", the snapshot's {self.generation}): not replayed")
         elif intact < size and not loaded and not any(records):
             # Not one sample read: a journal of another feature count (or one torn in its first record), kept.
             self.move_aside(self.journal_path, "unreadable with this configuration")
