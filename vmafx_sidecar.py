@@ -1851,6 +1851,8 @@ class StateStore:
         except ValueError as e:
             self.move_aside(self.snapshot_path, f"corrupt ({e})")
             return None
+        if not snapshot_framing_whole(data):
+            self.keep_copy(self.snapshot_path, "a corrupt magic or length, its checksummed payload read all the same")
         built_fresh = self.trainer.fresh  # whether this start found no base file: a fresh model stands in
         try:
             state = migrated({**meta, **arrays})
@@ -1922,16 +1924,24 @@ class StateStore:
 
 
 def read_snapshot(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The fields and arrays of a snapshot file's bytes, as written; ValueError if it is not whole."""
+    """The fields and arrays of a snapshot file's bytes, as written; ValueError if it is not whole. The payload's
+    checksum decides: a bit flipped in the magic or the length before it had a whole trained state set aside, which
+    the checksum proved intact (snapshot_framing_whole() tells the caller)."""
     header_end = len(SNAPSHOT_MAGIC) + SNAPSHOT_HEADER.size
-    length, crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC)) if len(data) >= header_end else (-1, 0)
+    crc = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC))[1] if len(data) >= header_end else -1
     payload = memoryview(data)[header_end:]  # not a copy: a snapshot holds the rings, hundreds of MB at large ones
-    if not data.startswith(SNAPSHOT_MAGIC) or length != len(payload) or zlib.crc32(payload) != crc:
+    if zlib.crc32(payload) != crc:
         raise ValueError("bad checksum or truncated")
     try:
         return unpack_arrays(payload)
     except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, struct.error) as e:  # SyntaxError: numpy
         raise ValueError(f"{type(e).__name__}: {e}") from None  # parses a dtype string such as "(,4)f4" as Python
+
+
+def snapshot_framing_whole(data: bytes) -> bool:
+    """Whether the magic and the length before a snapshot's payload are as written."""
+    length = SNAPSHOT_HEADER.unpack_from(data, len(SNAPSHOT_MAGIC))[0]
+    return data.startswith(SNAPSHOT_MAGIC) and length == len(data) - len(SNAPSHOT_MAGIC) - SNAPSHOT_HEADER.size
 
 
 def migrated(state: dict[str, Any]) -> dict[str, Any]:

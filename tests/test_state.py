@@ -409,6 +409,25 @@ def test_a_snapshot_the_disk_refuses_leaves_no_temp_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / ".state").iterdir()) == ["journal.bin", "snapshot.bin"]
 
 
+@pytest.mark.parametrize("where", [0, 21, 22, 29], ids=["magic", "magic's end", "length", "length's end"])
+def test_a_bit_flipped_in_the_snapshots_magic_or_length_keeps_the_state(tmp_path, caplog, where):
+    """The payload's checksum proved the state intact, yet it was moved aside as "corrupt (bad checksum or
+    truncated)" and training started again from the base model (the flip hunt)."""
+    server = in_process_server(tmp_path)
+    for m in messages(40):
+        server.answer(json.dumps(m).encode())
+    server.state.save()
+    snapshot = tmp_path / ".state" / "snapshot.bin"
+    data = bytearray(snapshot.read_bytes())
+    data[where] ^= 0x04
+    snapshot.write_bytes(data)
+    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
+    again = in_process_server(tmp_path)
+    assert (again.trainer.samples_accepted, again.trainer.steps) == (40, server.trainer.steps)
+    assert "snapshot.bin has a corrupt magic or length, its checksummed payload read all the same" in caplog.text
+    assert [p.read_bytes() for p in (tmp_path / ".state").glob("snapshot.bin.*.corrupt")] == [data]
+
+
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate"])
 def test_corrupt_snapshot_is_moved_aside_and_training_starts_fresh(sidecar_factory, tmp_path, damage):
     s = sidecar_factory(**SETTINGS)
