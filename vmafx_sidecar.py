@@ -2063,14 +2063,15 @@ class SampleLog:
         for path in reversed(segment_paths(self.directory)):
             with open(path, "rb") as f:
                 start = f.read(len(header) + 1)
-            if start.startswith(SEGMENT_MAGIC) and len(start) >= len(header) and not start.startswith(header):
+            ours = start.startswith(header) or is_segment_of(path.read_bytes(), path, self.n_features)
+            if not ours and start.startswith(SEGMENT_MAGIC) and len(start) >= len(header):
                 _, n_features = SEGMENT_HEADER.unpack_from(start)
                 self.last_sequence = int(path.name[:16]) - 1
                 for sample in read_segment(path, n_features):
                     self.last_sequence = sample.sequence
                 self.move_aside(f"{path.name} is a segment of another feature count than {self.n_features}")
                 return
-            for sample in read_segment(path, self.n_features) if start.startswith(header) else ():
+            for sample in read_segment(path, self.n_features) if ours else ():
                 if end is not None and sample.sequence >= end:
                     break
                 self.last_sequence = sample.sequence
@@ -2345,8 +2346,10 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
     of another format or feature count. A corrupt record costs its own sample, as the journal's does: reading
     goes on at the next record that checks (next_intact_record); a torn one, a crash mid-write, ends it."""
     data = path.read_bytes()
-    if len(data) < SEGMENT_HEADER.size or SEGMENT_HEADER.unpack_from(data) != (SEGMENT_MAGIC, n_features):
+    if not is_segment_of(data, path, n_features):
         raise ValueError(f"{path.name}: not a sample log segment of {n_features} features")
+    if SEGMENT_HEADER.unpack_from(data) != (SEGMENT_MAGIC, n_features):
+        log.warning("sample log %s: its header is corrupt; its records, which check, are read all the same", path)
     offset, vector, last = SEGMENT_HEADER.size, 4 * (n_features + 1), 0
     while offset + SAMPLE_RECORD.size <= len(data):
         end = record_end(data, offset, vector, last)
@@ -2366,6 +2369,15 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
             values = np.frombuffer(body, np.float32, n_features + 1, 2 + id_length)
             job_id = body[2:2 + id_length].decode("utf-8", "surrogatepass") or None
             yield LoggedSample(last, arrival, bool(held_out), job_id, values[:-1].copy(), values[-1])
+
+
+def is_segment_of(data: bytes, path: Path, n_features: int) -> bool:
+    """Whether `data`, the bytes of the segment at `path`, is one of `n_features`: its header says so, or its first
+    record checks as one of them (a bit flipped in the header had the replica's whole log set aside as of another
+    feature count, or the fleet stop reading that replica for good)."""
+    if len(data) >= SEGMENT_HEADER.size and SEGMENT_HEADER.unpack_from(data) == (SEGMENT_MAGIC, n_features):
+        return True
+    return record_end(data, SEGMENT_HEADER.size, 4 * (n_features + 1), int(path.name[:16]) - 1) is not None
 
 
 RESYNC_SEQUENCES = 64  # the sequences looked for after a corrupt record: more lost in a row end the segment

@@ -169,8 +169,8 @@ def test_a_segment_of_another_feature_count_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("damage, kept", [
     (lambda data: data[:0], False), (lambda data: data[:10], False), (lambda data: data[:vs.SEGMENT_HEADER.size], False),
     (lambda data: data[:vs.SEGMENT_HEADER.size + 30], True),
-    (lambda data: bytes(vs.SEGMENT_HEADER.size) + data[vs.SEGMENT_HEADER.size:], True)],
-    ids=["nothing", "a torn header", "the header alone", "a torn first record", "a header zeroed by a power loss"])
+    (lambda data: bytes(vs.SEGMENT_HEADER.size + 30) + data[vs.SEGMENT_HEADER.size + 30:], True)],
+    ids=["nothing", "a torn header", "the header alone", "a torn first record", "a head zeroed by a power loss"])
 def test_a_newest_segment_without_a_record_that_can_be_read_is_put_out_of_the_way(tmp_path, damage, kept):
     """What a crash leaves as a segment begins, or a power loss makes of one: left there, its name would end the
     segment before it, hiding every sample the restart writes there. One that holds nothing but a header is
@@ -185,6 +185,33 @@ def test_a_newest_segment_without_a_record_that_can_be_read_is_put_out_of_the_wa
     assert again.last_sequence == 20 and not newest.exists()
     assert bool(list(newest.parent.glob(newest.name + ".*.unreadable"))) == kept
     for s in written[20:]:  # the journal's replay, then new samples, in a segment that begins at 21 again
+        again.append(s)
+    again.commit(10**9)
+    assert_same(read_all(tmp_path), written)
+
+
+@pytest.mark.parametrize("where, value", [(0, 0x56 ^ 0x01), (15, 0x0A ^ 0x20), (16, N_FEATURES ^ 0x02), (16, 0)],
+                         ids=["magic", "magic's end", "feature count", "feature count zeroed"])
+def test_a_segment_whose_header_took_a_bit_flip_is_read_by_its_records(tmp_path, caplog, where, value):
+    """A flip in the newest segment's header set it aside as holding "no record that can be read", or the whole log
+    as "of another feature count" (every sample the fleet had not read lost to it); in an older one it stopped the
+    fleet reading that replica until retention deleted the segment (the flip hunt). Its records check: they are read,
+    and the header's damage said."""
+    rng = np.random.default_rng(15)
+    written = [sample(i, rng) for i in range(1, 31)]
+    logged(tmp_path, written[:10])
+    logged(tmp_path, written[10:20])
+    for damaged in vs.segment_paths(tmp_path / vs.SAMPLE_LOG_DIR):  # the older one, then the newest too
+        data = bytearray(damaged.read_bytes())
+        data[where] = value
+        damaged.write_bytes(data)
+        again = vs.SampleLog(tmp_path, N_FEATURES)  # the replica's restart
+        assert again.last_sequence == 20 and damaged.exists()
+        assert sorted(p.name for p in (tmp_path / vs.SAMPLE_LOG_DIR).iterdir() if ".seg." in p.name) == []
+        assert_same(read_all(tmp_path), written[:20])  # the fleet's read
+        assert f"sample log {damaged}: its header is corrupt; its records, which check, are read all the same" in \
+            caplog.text
+    for s in written[20:]:
         again.append(s)
     again.commit(10**9)
     assert_same(read_all(tmp_path), written)
