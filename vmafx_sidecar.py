@@ -4064,7 +4064,13 @@ def newest_published_record(directory: Path, latest: dict[str, Any] | None) -> d
     copy may be latest.onnx. One damaged since it was placed is passed over, with a line that says so."""
     for version in reversed(checkpoint_versions(directory)):
         record = read_record(directory / f"model_v{version:06d}.json")
-        if not record or not (directory / f"model_v{version:06d}.onnx.sha256").exists():
+        if not (directory / f"model_v{version:06d}.onnx.sha256").exists():
+            continue
+        if not record and latest and latest["version"] == version:  # a bit flipped in it took the latest away
+            log.warning("%s cannot be read; %s holds its record whole: it stays the latest published checkpoint",
+                        directory / f"model_v{version:06d}.json", LATEST)
+            return latest
+        if not record:
             continue
         if record == latest or holds_named_model(directory, record):
             return record
@@ -5324,9 +5330,9 @@ def checkpoint_problems(directory: Path, version: int, published: bool) -> list[
     record = read_record(directory / f"model_v{version:06d}.json")
     if record and (record["sha256"], record["file"]) != (digest, name):
         problems.append(f"model_v{version:06d}.json names another file or sha256")
-    elif record is None and published:  # recover_latest() counts no checkpoint without one as published
+    elif record is None and published:  # recover_latest() counts one without it as published while latest.json
         problems.append(f"model_v{version:06d}.json {record_problem(directory / f'model_v{version:06d}.json')}: "
-                        f"the sidecar does not count this checkpoint as published")
+                        f"the sidecar counts this checkpoint as published only while {LATEST} holds its record")
     elif record is None and record_problem(path := directory / f"model_v{version:06d}.json") == RECORD_CORRUPT:
         problems.append(f"{path.name} {RECORD_CORRUPT}")  # quarantined: why it was refused is lost
     try:

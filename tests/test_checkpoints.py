@@ -737,6 +737,25 @@ def test_a_full_disk_neither_stops_the_start_nor_leaves_a_partial_sha256_when_it
     assert_sha256_file_verifies(directory / "quarantine" / "model_v000003.onnx")
 
 
+@pytest.mark.parametrize("published", [1, 2])
+def test_a_bit_flipped_in_the_latest_checkpoints_record_keeps_it_the_latest(tmp_path, caplog, published):
+    """Its model and .sha256 intact, latest.json holding the same record whole: the start rolled latest.* back to the
+    checkpoint before, or with none before removed latest.json and latest.onnx, what nodes load (the flip hunt)."""
+    directory = tmp_path / "ckpt"
+    writer = vmafx_sidecar.CheckpointWriter(str(directory))
+    rng = np.random.default_rng(0)
+    for version in range(1, published + 1):
+        vmafx_sidecar.write_checkpoint(writer, relu_mlp(random_layers(rng, [N_FEATURES, 8, 1])), version, 16,
+                                       UNGATED, PROBE)
+    served = {name: (directory / name).read_bytes() for name in ("latest.json", "latest.onnx", "latest.onnx.sha256")}
+    record = directory / f"model_v{published:06d}.json"
+    record.write_bytes(record.read_bytes().replace(b'"version"', b'"vession"'))
+    started = vmafx_sidecar.CheckpointWriter(str(directory))
+    assert started.latest["version"] == published and started.latest_model() is not None
+    assert {name: (directory / name).read_bytes() for name in served} == served
+    assert f"{record} cannot be read; latest.json holds its record whole" in caplog.text
+
+
 def latest_behind(directory: Path) -> Path:
     """v1 and v2 published, latest.* as v1's publish left them: a kill between placing v2 and pointing at it."""
     writer = vmafx_sidecar.CheckpointWriter(str(directory))

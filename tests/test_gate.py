@@ -1611,8 +1611,8 @@ def test_verify_passes_a_quarantined_checkpoint_moved_there_without_its_record_o
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "newer format"])
 def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_read(copied, damage):
-    """The sidecar counts a checkpoint without a record it reads as unpublished: its next start points latest.json
-    back at an older one. verify says so."""
+    """The sidecar counts a checkpoint without a record it reads as unpublished, unless latest.json holds that record
+    whole: without it, its next start points latest.json back at an older one. verify says so."""
     record = copied / f"{stem(4)}.json"
     if damage == "truncated":
         record.write_bytes(record.read_bytes()[:40])
@@ -1625,8 +1625,11 @@ def test_verify_fails_on_a_published_checkpoint_whose_record_the_sidecar_cannot_
     assert failed_paths(done.stdout) == {str(copied / f"{stem(4)}.onnx")}
     said = {"truncated": "is not a valid checkpoint record", "missing": "is missing",
             "newer format": "is of a newer format than this version reads"}[damage]
-    assert f"{stem(4)}.json {said}: the sidecar does not count this checkpoint as published" in done.stdout
-    assert vs.CheckpointWriter(str(copied)).latest["version"] == 1  # what the sidecar would do
+    assert f"{stem(4)}.json {said}: the sidecar counts this checkpoint as published only while latest.json holds " \
+           "its record" in done.stdout
+    assert vs.CheckpointWriter(str(copied)).latest["version"] == 4  # what the sidecar would do
+    (copied / "latest.json").unlink()
+    assert vs.CheckpointWriter(str(copied)).latest["version"] == 1
 
 
 def test_verify_fails_on_latest_json_that_is_not_the_record_of_the_checkpoint_it_names(copied, caplog):
