@@ -439,7 +439,7 @@ def claim_directory(directory: Path, holder: str, wait_s: float = 0.0) -> int:
         raise StartupError(f"checkpoint directory {directory} is a symlink to {os.readlink(directory)}: "
                            "configure the real path")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory, parents=True)
     except OSError as e:
         raise StartupError(f"cannot use checkpoint directory {directory}: {e.strerror or e}") from None
     fd = open_lock(directory / DIRECTORY_LOCK)
@@ -1572,7 +1572,7 @@ class StateStore:
         self.base_model = "" if trainer.fresh else config.base_model_path
         self.base_sha256 = file_sha256(self.base_model) if self.base_model else ""
         try:  # what a journal and a log need before the first sample: a new directory on a full disk has not
-            self.directory.mkdir(mode=0o700, exist_ok=True)
+            make_directory(self.directory, mode=0o700)
             self.samples = SampleLog(self.directory.parent, config.n_features) if config.sample_log == "1" else None
         except OSError as e:
             raise StartupError(f"cannot set up the trainer's state under {self.directory.parent}: "
@@ -1758,7 +1758,7 @@ class StateStore:
         header = SNAPSHOT_MAGIC + SNAPSHOT_HEADER.pack(sum(len(c) for c in payload), crc)
         temp = self.directory / ".snapshot.bin.tmp"
         try:
-            self.directory.mkdir(mode=0o700, exist_ok=True)  # removed while the process ran: its state is here
+            make_directory(self.directory, mode=0o700)  # removed while the process ran: its state is here
             write_synced(temp, [memoryview(header), *payload], mode=0o600)
             os.replace(temp, self.snapshot_path)
         except OSError as e:  # the journal keeps everything since the last good snapshot
@@ -2034,7 +2034,7 @@ class SampleLog:
         self.directory = directory / SAMPLE_LOG_DIR
         if not os.path.lexists(self.directory) and (begun := self.begun_path()).is_dir():
             os.replace(begun, self.directory)  # a move_aside() a crash cut between its renames: finished
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        make_directory(self.directory, mode=0o700)
         if not os.path.lexists(self.directory / LOG_ID):  # one it cannot read now is still its name: kept
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)
             fsync_directory(self.directory)
@@ -2209,7 +2209,7 @@ class SampleLog:
         """The log's directory, name and origin, should they have been removed while the process ran: the log goes
         on as the same one, so that the fleet reports what was lost as a gap (a log of another name, or of a later
         origin, hid it). What the disk refuses is tried again with the next segment."""
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        make_directory(self.directory, mode=0o700)
         for file, content in ((LOG_ID, self.name), (LOG_ORIGIN, self.origin)):
             if content is not None and not os.path.lexists(self.directory / file):
                 write_whole(self.directory / file, f"{content}\n".encode(), mode=0o600)
@@ -3765,7 +3765,7 @@ class CheckpointWriter:
         self.unpointed: dict[str, Any] | None = None
         self.pointing_tried = 0.0
         try:
-            self.quarantine.mkdir(parents=True, exist_ok=True)
+            make_directory(self.quarantine, parents=True)
             listings = {d: os.listdir(d) for d in (self.directory, self.quarantine)}
         except OSError as e:  # named: the directory itself, or its quarantine/ (a file there, say)
             raise StartupError(f"cannot use {e.filename or directory}: {e.strerror or e}") from None
@@ -3862,7 +3862,7 @@ class CheckpointWriter:
         directory = self.directory if verdict.published else self.quarantine
         temps, renamed = [staged.temp], []
         try:
-            directory.mkdir(exist_ok=True)  # quarantine/, should it have been cleared out while the sidecar ran
+            make_directory(directory)  # quarantine/, should it have been cleared out while the sidecar ran
             for n, content in ((f"{stem}.json", json_text(record)), (f"{name}.sha256", f"{digest}  {name}\n")):
                 temps.append(directory / f".{n}{TEMP_SUFFIX}")
                 write_synced(temps[-1], [memoryview(content.encode())])
@@ -4240,6 +4240,21 @@ def discard(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def make_directory(path: Path, mode: int = 0o777, parents: bool = False) -> None:
+    """mkdir(exist_ok=True), with the directory it creates made to last: its parent fsynced, as the entry of any file
+    renamed into place is. The journal and the sample log ACKs rest on are in new directories at a first start, and a
+    power loss that kept their files' data could have lost the directories that name them."""
+    if parents and not path.parent.is_dir():
+        make_directory(path.parent, parents=True)
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if path.is_dir():
+            return
+        raise
+    fsync_directory(path.parent)
 
 
 def fsync_directory(directory: Path) -> None:

@@ -995,6 +995,21 @@ def test_a_journal_newer_than_its_snapshot_is_set_aside_not_cut(tmp_path, caplog
     assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.newer")] == [journal]
 
 
+def test_the_directories_a_first_start_creates_are_made_to_last(tmp_path, monkeypatch):
+    """.state/, .samples/ and quarantine/ were created without an fsync of the directory above them, the only one
+    that names them: until a first checkpoint was published, every ACK rested on entries a power loss could take,
+    JOURNAL_FSYNC=always included (the crash hunt)."""
+    synced, real_fsync_directory = [], vs.fsync_directory
+    monkeypatch.setattr(vs, "fsync_directory", lambda d: (synced.append(Path(d)), real_fsync_directory(d)))
+    directory = tmp_path / "volume" / "ckpt"
+    os.close(vs.claim_directory(directory, "the test"))
+    server = in_process_server(directory, sample_log="1")
+    assert json.loads(server.answer(json.dumps(messages(1)[0]).encode()))["ok"]
+    for created in (tmp_path / "volume", directory, directory / ".state", directory / ".samples",
+                    directory / "quarantine"):
+        assert created.is_dir() and created.parent in synced, created
+
+
 def journal_after_a_snapshot(directory: Path) -> bytes:
     """40 samples in a snapshot, 40 more in its journal, as a kill -9 leaves them; the journal's bytes."""
     server = in_process_server(directory)
