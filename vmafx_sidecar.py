@@ -1296,9 +1296,17 @@ def untrained_ack(step: int, job_id: str | None) -> bytes:
 # ---- state: a snapshot plus a journal, so that a restart continues exactly where the process stopped ----
 
 JOURNAL_HEADER = struct.Struct("<16sQ")  # magic, generation: the snapshot this journal continues
-JOURNAL_MAGIC = b"VMAFX-JOURNAL-1\n"
-JOURNAL_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload; then the payload
-REJECTION = JOURNAL_RECORD.pack(0, 0)  # a record without payload: one rejected line, for the counter
+# Format 2's checksum covers a record's length field, its flags with it, so that a flipped flag fails it and a
+# rejection is no run of zero bytes (a power loss can leave zeros past the last fsync: format 1 read them as
+# hundreds of rejected lines). Format 1, a journal left by an earlier version, is read, and continued in its own
+# format until the next snapshot resets it.
+JOURNAL_FORMAT = 2
+JOURNAL_MAGIC = b"VMAFX-JOURNAL-2\n"
+JOURNAL_MAGICS = {b"VMAFX-JOURNAL-1\n": 1, JOURNAL_MAGIC: JOURNAL_FORMAT}
+JOURNAL_RECORD = struct.Struct("<II")  # payload length (and flags), its crc32 and the payload's; then the payload
+RECORD_LENGTH = struct.Struct("<I")
+REJECTIONS = {1: JOURNAL_RECORD.pack(0, 0),  # a record without payload: one rejected line, for the counter
+              2: JOURNAL_RECORD.pack(0, zlib.crc32(RECORD_LENGTH.pack(0)))}
 HELD_OUT = 1 << 31  # flags in a record's length field: the sample went to the evaluation ring,
 UNNAMED = 1 << 30  # and it had no job_id (so it advanced the hold-out count)
 JOURNAL_MEMORY_LIMIT = 64 << 20  # records kept in memory while the disk refuses them
@@ -1368,12 +1376,14 @@ class JournalRecord:
 class Journal:
     """The samples accepted since the last snapshot, each written before its ACK is sent."""
 
-    def __init__(self, path: Path, fsync: str, generation: int, intact: int, intact_samples: int):
+    def __init__(self, path: Path, fsync: str, generation: int, intact: int, intact_samples: int,
+                 journal_format: int):
         """Continue the journal of the state `generation` at `path` after its first `intact` bytes, the records
-        read() found (`intact_samples` of them samples); whatever follows them (a torn tail, a journal the snapshot
-        already holds) is cut before the next record is written. With none (0), the state's header goes out with
-        the first records."""
+        read() found (`intact_samples` of them samples, in `journal_format`); whatever follows them (a torn tail, a
+        journal the snapshot already holds) is cut before the next record is written. With none (0), the state's
+        header goes out with the first records."""
         self.fsync = fsync
+        self.journal_format = journal_format if intact else JOURNAL_FORMAT
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self.pending = bytearray()  # records of the lines being answered now
         # The samples since the snapshot, by where their records are: pending, dropped in a long outage, written.
@@ -1393,14 +1403,18 @@ class Journal:
 
     def append(self, row: np.ndarray, score: np.float32, held_out: bool, unnamed: bool) -> None:
         """A record: its header, then the row's and the score's bytes, copied once, into the pending ones."""
-        flags = (HELD_OUT if held_out else 0) | (UNNAMED if unnamed else 0)
-        self.pending += JOURNAL_RECORD.pack((row.nbytes + 4) | flags, zlib.crc32(score, zlib.crc32(row)))
+        length = (row.nbytes + 4) | (HELD_OUT if held_out else 0) | (UNNAMED if unnamed else 0)
+        self.pending += JOURNAL_RECORD.pack(length, zlib.crc32(score, zlib.crc32(row, self.checksum_seed(length))))
         self.pending += row.data  # a buffer, not the array: ndarray's + would take over
         self.pending += score.data
         self.pending_samples += 1
 
     def append_rejection(self) -> None:
-        self.pending += REJECTION
+        self.pending += REJECTIONS[self.journal_format]
+
+    def checksum_seed(self, length: int) -> int:
+        """Where a record's crc32 starts: format 2's covers its length field first."""
+        return zlib.crc32(RECORD_LENGTH.pack(length)) if self.journal_format == 2 else 0
 
     def commit(self) -> None:
         """Write the pending records in one go; called once per batch of lines, before their ACKs.
@@ -1468,7 +1482,7 @@ class Journal:
     def reset(self, generation: int) -> None:
         """Start empty after the snapshot `generation`, which now holds everything the journal had.
         The header goes out with the next records if it cannot be written now."""
-        self.size, self.truncate_first = 0, True
+        self.size, self.truncate_first, self.journal_format = 0, True, JOURNAL_FORMAT
         self.pending[:] = JOURNAL_HEADER.pack(JOURNAL_MAGIC, generation)
         self.pending_samples, self.dropped_samples, self.written_samples = 0, 0, 0
         self.commit()
@@ -1485,12 +1499,17 @@ class Journal:
             return None
 
     @staticmethod
-    def continues(header: tuple[bytes, int], generation: int) -> bool:
-        """Whether a journal with `header` continues the snapshot `generation`: its magic whole, or off in a byte
-        or two (a bit flipped in place: the records after it, each with its own checksum, are that state's all the
-        same, and a start that ignored them lost every sample ACKed since the snapshot)."""
+    def format_of(header: tuple[bytes, int], generation: int) -> int | None:
+        """The format of a journal with `header` that continues the snapshot `generation`, None for one that does
+        not: its magic whole, or this version's off in a byte or two (a bit flipped in place: the records after it,
+        each with its own checksum, are that state's all the same, and a start that ignored them lost every sample
+        ACKed since the snapshot)."""
         magic, written_after = header
-        return written_after == generation and sum(a != b for a, b in zip(magic, JOURNAL_MAGIC)) <= 2
+        if written_after != generation:
+            return None
+        if magic in JOURNAL_MAGICS:
+            return JOURNAL_MAGICS[magic]
+        return JOURNAL_FORMAT if sum(a != b for a, b in zip(magic, JOURNAL_MAGIC)) <= 2 else None
 
     @staticmethod
     def read(path: Path, n_features: int, generation: int) -> tuple[list[JournalRecord | None], int, int]:
@@ -1508,18 +1527,21 @@ class Journal:
         except OSError as e:  # a directory in its place, say: no state is guessed at
             reason = "a symlink, which the sidecar's journal never is" if e.errno == errno.ELOOP else e.strerror or e
             raise StartupError(f"cannot read {path}: {reason}") from None
-        if len(data) < JOURNAL_HEADER.size or not Journal.continues(JOURNAL_HEADER.unpack_from(data), generation):
+        header = JOURNAL_HEADER.unpack_from(data) if len(data) >= JOURNAL_HEADER.size else None
+        journal_format = header and Journal.format_of(header, generation)
+        if not journal_format:
             return [], 0, 0
         records, offset, size, skipped = [], JOURNAL_HEADER.size, 4 * (n_features + 1), 0
         while offset + JOURNAL_RECORD.size <= len(data):
-            length, crc = JOURNAL_RECORD.unpack_from(data, offset)
-            if (length, crc) == (0, 0):
+            if data[offset:offset + JOURNAL_RECORD.size] == REJECTIONS[journal_format]:
                 records.append(None)
                 offset += JOURNAL_RECORD.size
                 continue
+            length, crc = JOURNAL_RECORD.unpack_from(data, offset)
             payload = data[offset + JOURNAL_RECORD.size:offset + JOURNAL_RECORD.size + size]
-            if length & ~(HELD_OUT | UNNAMED) != size or len(payload) != size or zlib.crc32(payload) != crc:
-                following = next_sample_record(data, offset + 1, size)
+            if (length & ~(HELD_OUT | UNNAMED) != size or len(payload) != size
+                    or record_checksum(length, payload, journal_format) != crc):
+                following = next_sample_record(data, offset + 1, size, journal_format)
                 if following is None:
                     break
                 skipped += following - offset
@@ -1541,15 +1563,20 @@ def sample_record_lengths(size: int) -> re.Pattern[bytes]:
                                 for flags in (0, HELD_OUT, UNNAMED, HELD_OUT | UNNAMED)))
 
 
-def next_sample_record(data: bytes, start: int, size: int) -> int | None:
+def record_checksum(length: int, payload: bytes, journal_format: int) -> int:
+    """The crc32 a journal record of `length` (with its flags) and `payload` holds in `journal_format`."""
+    return zlib.crc32(payload, zlib.crc32(RECORD_LENGTH.pack(length)) if journal_format == 2 else 0)
+
+
+def next_sample_record(data: bytes, start: int, size: int, journal_format: int) -> int | None:
     """The offset of the first whole sample record at or after `start`: found by its length field (with any of
     its flags; one scan for the four, resumed a byte past each candidate), then checked by its checksum."""
     lengths = sample_record_lengths(size)
     while found := lengths.search(data, start):
         offset, payload = found.start(), found.start() + JOURNAL_RECORD.size
         if payload + size <= len(data):  # whole: then its checksum, the 4 bytes after the length field matched
-            _, crc = JOURNAL_RECORD.unpack_from(data, offset)
-            if zlib.crc32(data[payload:payload + size]) == crc:
+            length, crc = JOURNAL_RECORD.unpack_from(data, offset)
+            if record_checksum(length, data[payload:payload + size], journal_format) == crc:
                 return offset
         start = offset + 1
     return None
@@ -1607,13 +1634,13 @@ class StateStore:
         header = Journal.header_of(self.journal_path)
         if skipped:
             self.keep_copy(self.journal_path, f"{skipped} bytes of corrupt records among its intact ones, skipped")
-        if intact and header[0] != JOURNAL_MAGIC:
+        if intact and header[0] not in JOURNAL_MAGICS:
             self.keep_copy(self.journal_path, "a corrupt header, its records read all the same")
         if size and not intact:
             magic, written_after = header or (JOURNAL_MAGIC, self.generation - 1)  # a reset torn in its header
             if not loaded:
                 self.move_aside(self.journal_path, "without its snapshot")
-            elif magic != JOURNAL_MAGIC:  # its records may be this state's or an earlier one's: kept for a look
+            elif magic not in JOURNAL_MAGICS:  # its records may be this state's or an earlier one's: kept for a look
                 self.move_aside(self.journal_path, f"corrupt (a header that names no journal of the snapshot's "
                                                    f"generation {self.generation}): not replayed")
             elif written_after > self.generation:  # an older snapshot put back, say
@@ -1665,7 +1692,8 @@ class StateStore:
         # snapshot below be refused, what is ACKed next must follow them, readable at the next start.
         try:
             self.journal = Journal(self.journal_path, self.config.journal_fsync, self.generation, intact,
-                                   sum(record is not None for record in records))
+                                   sum(record is not None for record in records),
+                                   header and Journal.format_of(header, self.generation) or JOURNAL_FORMAT)
         except OSError as e:  # a file the process may not write, an I/O error: one line, as a refused read gives
             raise StartupError(f"cannot write {self.journal_path}: {e.strerror or e}") from None
         self.save()

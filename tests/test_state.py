@@ -304,7 +304,7 @@ def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_
     """The intact record after a corrupt one was not found when it ended exactly at the end of the file: the
     corrupt record was read as a torn tail, and the last ACKed sample was lost with it (mutation hunt)."""
     path = tmp_path / "journal.bin"
-    journal = vs.Journal(path, "off", 1, 0, 0)
+    journal = vs.Journal(path, "off", 1, 0, 0, vs.JOURNAL_FORMAT)
     for i in range(3):
         journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
     journal.commit()
@@ -314,6 +314,56 @@ def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_
     records, intact, skipped = vs.Journal.read(path, 2, 1)
     assert [r.score for r in records] == [0, 2]
     assert (intact, skipped) == (len(data), vs.JOURNAL_RECORD.size + 4 * 3)
+
+
+def test_zeros_past_a_journals_last_fsync_are_a_torn_tail_not_rejected_lines(tmp_path, caplog):
+    """A power loss can keep a file's length but not its unsynced data: 8 zero bytes were a rejected line's record,
+    and the zeros read as hundreds of rejected lines, counted for good in the status (the crash hunt)."""
+    journal = journal_after_a_snapshot(tmp_path)
+    (tmp_path / ".state" / "journal.bin").write_bytes(journal + bytes(4096))
+    again = in_process_server(tmp_path)
+    assert (again.trainer.samples_accepted, again.trainer.samples_rejected) == (80, 0)
+    assert "journal.bin: ignored 4096 bytes of a torn or corrupt tail" in caplog.text
+
+
+@pytest.mark.parametrize("flag", [vs.HELD_OUT, vs.UNNAMED])
+def test_a_flag_flipped_in_a_journal_record_fails_its_checksum(tmp_path, flag):
+    """The flags sat outside the checksum: a flipped HELD_OUT trained on a held-out sample (or held one out that had
+    been trained on), a flipped UNNAMED moved every later hold-out (the flip hunt). The record is now skipped."""
+    path = tmp_path / "journal.bin"
+    journal = vs.Journal(path, "off", 1, 0, 0, vs.JOURNAL_FORMAT)
+    for i in range(3):
+        journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
+    journal.commit()
+    data = bytearray(path.read_bytes())
+    second = vs.JOURNAL_HEADER.size + vs.JOURNAL_RECORD.size + 4 * 3
+    length = vs.RECORD_LENGTH.unpack_from(data, second)[0]
+    vs.RECORD_LENGTH.pack_into(data, second, length ^ flag)
+    path.write_bytes(bytes(data))
+    records, _, skipped = vs.Journal.read(path, 2, 1)
+    assert [(r.score, r.held_out, r.unnamed) for r in records] == [(0, False, False), (2, False, False)]
+    assert skipped == vs.JOURNAL_RECORD.size + 4 * 3
+
+
+def test_a_format_1_journal_is_read_and_continued_in_its_format_until_its_reset(tmp_path):
+    """An earlier version's journal, left by a kill: a start whose snapshot the disk then refused appended to it, and
+    records of another format after its header would not have read at the next start."""
+    path = tmp_path / "journal.bin"
+    path.write_bytes(vs.JOURNAL_HEADER.pack(b"VMAFX-JOURNAL-1\n", 3) + vs.JOURNAL_RECORD.pack(0, 0))
+    records, intact, _ = vs.Journal.read(path, 2, 3)
+    assert records == [None] and intact == len(path.read_bytes())
+    journal = vs.Journal(path, "off", 3, intact, 0, vs.Journal.format_of(vs.Journal.header_of(path), 3))
+    journal.append(np.ones(2, np.float32), np.float32(5), True, False)
+    journal.append_rejection()
+    journal.commit()
+    records, intact, _ = vs.Journal.read(path, 2, 3)
+    assert [r and (r.score, r.held_out) for r in records] == [None, (5, True), None] and intact == path.stat().st_size
+    journal.reset(4)
+    journal.append(np.ones(2, np.float32), np.float32(6), False, True)
+    journal.append_rejection()
+    journal.commit()
+    assert path.read_bytes().startswith(vs.JOURNAL_MAGIC)
+    assert [r and (r.score, r.unnamed) for r in vs.Journal.read(path, 2, 4)[0]] == [(6, True), None]
 
 
 def test_a_disk_too_full_for_the_copy_of_a_corrupt_journal_still_lets_the_sidecar_start(tmp_path, monkeypatch,
@@ -1216,7 +1266,7 @@ def test_a_long_outage_bounds_the_journals_memory_and_keeps_a_fresh_journals_hea
     none of them (mutation hunt)."""
     monkeypatch.setattr(vs, "JOURNAL_MEMORY_LIMIT", 100)  # bytes: a few records
     path = tmp_path / "journal.bin"
-    journal = vs.Journal(path, "off", 7, 0, 0)
+    journal = vs.Journal(path, "off", 7, 0, 0, vs.JOURNAL_FORMAT)
     monkeypatch.setattr(vs, "append_whole", refused)
     for i in range(10):
         journal.append(np.full(3, i, np.float32), np.float32(i), False, False)
@@ -1267,7 +1317,7 @@ def test_a_refused_fsync_of_a_journal_that_syncs_only_at_snapshots_says_so(tmp_p
     """With JOURNAL_FSYNC=no, a snapshot's reset fsyncs the new journal: refused, it was logged as "retrying every
     second", where nothing retries it before the next snapshot."""
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
-    journal = vs.Journal(tmp_path / "journal.bin", "no", 0, 0, 0)
+    journal = vs.Journal(tmp_path / "journal.bin", "no", 0, 0, 0, vs.JOURNAL_FORMAT)
     real_fsync = os.fsync
 
     def failing_disk(fd):
