@@ -2062,6 +2062,7 @@ class SampleLog:
         self.directory = directory / SAMPLE_LOG_DIR
         if not os.path.lexists(self.directory) and (begun := self.begun_path()).is_dir():
             os.replace(begun, self.directory)  # a move_aside() a crash cut between its renames: finished
+            fsync_directory(self.directory.parent)
         make_directory(self.directory, mode=0o700)
         if not os.path.lexists(self.directory / LOG_ID):  # one it cannot read now is still its name: kept
             write_whole(self.directory / LOG_ID, f"{secrets.token_hex(8)}\n".encode(), mode=0o600)

@@ -255,7 +255,10 @@ def test_a_log_set_aside_by_a_process_killed_between_its_renames_keeps_its_name_
     with pytest.raises(KeyboardInterrupt):
         vs.SampleLog(tmp_path, N_FEATURES + 1)
     monkeypatch.undo()
+    synced, real_fsync_directory = [], vs.fsync_directory
+    monkeypatch.setattr(vs, "fsync_directory", lambda d: (synced.append(Path(d)), real_fsync_directory(d)))
     again = vs.SampleLog(tmp_path, N_FEATURES + 1)
+    assert tmp_path in synced  # the rename that finishes it made to last (the crash hunt)
     assert vs.log_id(tmp_path) == name and vs.log_origin(tmp_path) == 1
     assert again.last_sequence == 10  # numbers on from the old log's last (from the fleet's position, its
     # samples took the numbers of the old log's unread ones, and the fleet saw no gap)
