@@ -300,15 +300,20 @@ def test_a_corrupt_journal_record_costs_its_own_sample_not_those_after_it(tmp_pa
     assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))
 
 
-def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_costs_only_itself(tmp_path):
-    """The intact record after a corrupt one was not found when it ended exactly at the end of the file: the
-    corrupt record was read as a torn tail, and the last ACKed sample was lost with it (mutation hunt)."""
-    path = tmp_path / "journal.bin"
+def three_journal_records(path: Path) -> bytearray:
+    """A journal of generation 1 at `path` with three samples of 2 features, scored 0, 1 and 2; its bytes."""
     journal = vs.Journal(path, "off", 1, 0, 0, vs.JOURNAL_FORMAT)
     for i in range(3):
         journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
     journal.commit()
-    data = bytearray(path.read_bytes())
+    return bytearray(path.read_bytes())
+
+
+def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_costs_only_itself(tmp_path):
+    """The intact record after a corrupt one was not found when it ended exactly at the end of the file: the
+    corrupt record was read as a torn tail, and the last ACKed sample was lost with it (mutation hunt)."""
+    path = tmp_path / "journal.bin"
+    data = three_journal_records(path)
     data[vs.JOURNAL_HEADER.size + (vs.JOURNAL_RECORD.size + 4 * 3) + vs.JOURNAL_RECORD.size] ^= 0x01  # the middle one
     path.write_bytes(bytes(data))
     records, intact, skipped = vs.Journal.read(path, 2, 1)
@@ -319,9 +324,7 @@ def test_a_corrupt_journal_record_followed_by_one_ending_at_the_end_of_the_file_
 def test_zeros_past_a_journals_last_fsync_are_a_torn_tail_not_rejected_lines(tmp_path, caplog):
     """A power loss can keep a file's length but not its unsynced data: 8 zero bytes were a rejected line's record,
     and the zeros read as hundreds of rejected lines, counted for good in the status (the crash hunt)."""
-    journal = journal_after_a_snapshot(tmp_path)
-    (tmp_path / ".state" / "journal.bin").write_bytes(journal + bytes(4096))
-    again = in_process_server(tmp_path)
+    again = restarted_on(tmp_path, journal_after_a_snapshot(tmp_path) + bytes(4096))
     assert (again.trainer.samples_accepted, again.trainer.samples_rejected) == (80, 0)
     assert "journal.bin: ignored 4096 bytes of a torn or corrupt tail" in caplog.text
 
@@ -331,11 +334,7 @@ def test_a_flag_flipped_in_a_journal_record_fails_its_checksum(tmp_path, flag):
     """The flags sat outside the checksum: a flipped HELD_OUT trained on a held-out sample (or held one out that had
     been trained on), a flipped UNNAMED moved every later hold-out (the flip hunt). The record is now skipped."""
     path = tmp_path / "journal.bin"
-    journal = vs.Journal(path, "off", 1, 0, 0, vs.JOURNAL_FORMAT)
-    for i in range(3):
-        journal.append(np.full(2, i, np.float32), np.float32(i), False, False)
-    journal.commit()
-    data = bytearray(path.read_bytes())
+    data = three_journal_records(path)
     second = vs.JOURNAL_HEADER.size + vs.JOURNAL_RECORD.size + 4 * 3
     length = vs.RECORD_LENGTH.unpack_from(data, second)[0]
     vs.RECORD_LENGTH.pack_into(data, second, length ^ flag)
@@ -1072,17 +1071,25 @@ def journal_after_a_snapshot(directory: Path) -> bytes:
     return (directory / ".state" / "journal.bin").read_bytes()
 
 
+def restarted_on(directory: Path, journal: bytes) -> vs.Server:
+    """The restart after a kill -9, with `journal` in place of the journal the kill left."""
+    (directory / ".state" / "journal.bin").write_bytes(journal)
+    return in_process_server(directory)
+
+
+def journal_copies(directory: Path, tag: str) -> list[bytes]:
+    """The journals set aside, or copied, as `tag`."""
+    return [p.read_bytes() for p in (directory / ".state").glob(f"journal.bin.*.{tag}")]
+
+
 def test_a_bit_flipped_in_the_journals_magic_loses_none_of_its_samples(tmp_path, caplog):
     """Its header was read as a journal the snapshot "already holds": every sample ACKed since the snapshot was
     dropped at the restart, and the first save cut the file, no copy kept."""
     journal = bytearray(journal_after_a_snapshot(tmp_path))
     journal[3] ^= 0x10
-    (tmp_path / ".state" / "journal.bin").write_bytes(journal)
-    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
-    again = in_process_server(tmp_path)
-    assert again.trainer.samples_accepted == 80
+    assert restarted_on(tmp_path, journal).trainer.samples_accepted == 80
     assert "journal.bin has a corrupt header, its records read all the same" in caplog.text
-    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.corrupt")] == [journal]
+    assert journal_copies(tmp_path, "corrupt") == [journal]
 
 
 @pytest.mark.parametrize("offset", [0, 4, 8, 12])
@@ -1091,12 +1098,9 @@ def test_a_journal_header_of_no_journal_is_set_aside_with_a_warning(tmp_path, ca
     are not replayed, but neither ignored in silence nor cut."""
     journal = bytearray(journal_after_a_snapshot(tmp_path))
     journal[offset:offset + 4] = b"\0\0\0\0"
-    (tmp_path / ".state" / "journal.bin").write_bytes(journal)
-    caplog.set_level(logging.WARNING, logger="vmafx_sidecar")
-    again = in_process_server(tmp_path)
-    assert again.trainer.samples_accepted == 40
+    assert restarted_on(tmp_path, journal).trainer.samples_accepted == 40
     assert "journal.bin is corrupt (a header that names no journal of the snapshot's generation 2)" in caplog.text
-    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.corrupt")] == [journal]
+    assert journal_copies(tmp_path, "corrupt") == [journal]
 
 
 def test_a_journal_older_than_its_snapshots_predecessor_is_set_aside_with_a_warning(tmp_path, caplog):
@@ -1105,16 +1109,14 @@ def test_a_journal_older_than_its_snapshots_predecessor_is_set_aside_with_a_warn
     hunt). Which of the two it is cannot be told from the file; the one a crash leaves stays silent."""
     journal = bytearray(journal_after_a_snapshot(tmp_path))
     journal[16] = 0
-    (tmp_path / ".state" / "journal.bin").write_bytes(journal)
     caplog.set_level(logging.INFO, logger="vmafx_sidecar")
-    assert in_process_server(tmp_path).trainer.samples_accepted == 40
+    assert restarted_on(tmp_path, journal).trainer.samples_accepted == 40
     assert "journal.bin is older than its snapshot's predecessor (generation 0, the snapshot's 2)" in caplog.text
-    assert [p.read_bytes() for p in (tmp_path / ".state").glob("journal.bin.*.older")] == [journal]
+    assert journal_copies(tmp_path, "older") == [journal]
     journal = bytearray(journal_after_a_snapshot(tmp_path / "again"))
     journal[16] = 1
-    (tmp_path / "again" / ".state" / "journal.bin").write_bytes(journal)
     caplog.clear()
-    assert in_process_server(tmp_path / "again").trainer.samples_accepted == 40
+    assert restarted_on(tmp_path / "again", journal).trainer.samples_accepted == 40
     assert "journal.bin predates the snapshot, which already holds it" in caplog.text and "WARNING" not in caplog.text
 
 
