@@ -4321,8 +4321,11 @@ def fleet(root: Path, config: Config) -> int:
         replicas = replica_logs(root.absolute())
         # The positions the replicas' retention reads, as the run begins: see replica_samples and save_fleet_state
         earlier = {key: fleet_cursor(path) for path, key in replicas}
-        logs = [replica_samples(path, key, config.n_features, state.sources.get(key, state.sources.get(path.name, 0)),
-                                earlier[key]) for path, key in replicas]
+        logs = []
+        for path, key in replicas:  # read_before: where a fleet state set aside since read to, not this one
+            read = state_position(state, path, key, earlier[key])
+            logs.append(replica_samples(path, key, config.n_features, read or 0,
+                                        earlier[key] if read is None else read))
         ingested = 0
         for _, key, _, sample in heapq.merge(*logs):
             result = trainer.ingest(sample.features, sample.score, sample.held_out, sample.job_id is None)
@@ -4452,6 +4455,18 @@ def fleet_cursor(checkpoint_dir: Path) -> int:
 
 
 CLOCK_SKEW_S = 60.0  # nodes' clocks kept by NTP agree within milliseconds
+
+
+def state_position(state: StateStore, directory: Path, key: str, cursor: int) -> int | None:
+    """Where the fleet state read the replica's log to (None: it holds no position for it), said when cursors.json,
+    which the replica's retention deletes by, is past it: no run leaves that, saving the state first (a state put
+    back from an older copy, or the file damaged), and what lies between may be gone."""
+    read = state.sources.get(key, state.sources.get(directory.name))
+    if read is not None and read < cursor:
+        log.warning("fleet: %s: %s says %d of its samples were read, the fleet state %d (a state put back from an "
+                    "older copy, or the file damaged): those between that its retention deleted as read are lost",
+                    directory.name, FLEET_CURSORS, cursor, read)
+    return read
 
 
 def replica_samples(directory: Path, key: str, n_features: int, after: int,

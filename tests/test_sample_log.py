@@ -1465,6 +1465,30 @@ def test_a_log_under_a_bound_smaller_than_a_segment_stays_within_it_and_a_quarte
     assert kept[0].sequence > 1 and 2000 - kept[0].sequence > 0.6 * bound / 75  # most of the bound's worth is kept
 
 
+def test_cursors_ahead_of_the_fleet_state_are_said_not_taken_for_a_state_set_aside(tmp_path, caplog):
+    """cursors.json past the fleet state's position (a bit flipped in a digit, 10 to 30): the replica's retention
+    deleted what lay between as read, and the next run said those samples "were read by the fleet state set aside
+    since", a state that was never set aside (the flip hunt)."""
+    rng = np.random.default_rng(32)
+    node = tmp_path / "vmafx-node-0"
+    replica(tmp_path, node.name, [sample(i, rng) for i in range(1, 11)])
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    cursors = tmp_path / vs.FLEET_DIR / vs.FLEET_CURSORS
+    content = json.loads(cursors.read_text())
+    cursors.write_text(json.dumps({**content, "sources": {key: 30 for key in content["sources"]}}))
+    logged(node, [sample(i, rng) for i in range(11, 21)])
+    logged(node, [sample(i, rng) for i in range(21, 41)])  # its retention deletes 11 to 20, read by the cursor
+    assert [int(p.name[:16]) for p in vs.segment_paths(node / vs.SAMPLE_LOG_DIR)] == [21]
+    caplog.set_level(logging.INFO, logger="vmafx_sidecar")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 30
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "set aside since" in m], messages
+    assert f"fleet: {node.name}: cursors.json says 30 of its samples were read, the fleet state 10 (a state put " \
+           "back from an older copy, or the file damaged)" in caplog.text
+    assert any("samples 11 to 20 are not in its log" in m for m in messages), messages
+
+
 def test_samples_a_fleet_state_set_aside_had_read_are_not_reported_lost(tmp_path, caplog):
     """A fleet state set aside (another model, a corrupt snapshot) takes its positions with it: the next run reads
     each log from its start, and the segments the earlier state had read and retention deleted were reported as
