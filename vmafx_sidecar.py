@@ -2292,8 +2292,17 @@ def readable_log_id(directory: Path) -> str | None:
 
 
 def log_origin(directory: Path) -> int:
-    """The first sequence a replica's log ever held (1 if it cannot tell)."""
-    return written_origin(directory / SAMPLE_LOG_DIR) or 1
+    """The first sequence a replica's log ever held (1 if it cannot tell): never past its oldest segment's first,
+    where a bit flipped in LOG_ORIGIN's digits put it, and the fleet skipped the samples between in silence."""
+    origin = written_origin(directory / SAMPLE_LOG_DIR) or 1
+    try:
+        oldest = min((int(p.name[:16]) for p in segment_paths(directory / SAMPLE_LOG_DIR)), default=origin)
+    except OSError:  # a log that cannot be listed: its reader says why
+        return origin
+    if oldest < origin:
+        log.warning("sample log %s: %s says %d, its oldest segment begins at %d: read from there",
+                    directory / SAMPLE_LOG_DIR, LOG_ORIGIN, origin, oldest)
+    return min(origin, oldest)
 
 
 def written_origin(log_directory: Path) -> int | None:

@@ -1465,6 +1465,18 @@ def test_a_log_under_a_bound_smaller_than_a_segment_stays_within_it_and_a_quarte
     assert kept[0].sequence > 1 and 2000 - kept[0].sequence > 0.6 * bound / 75  # most of the bound's worth is kept
 
 
+def test_an_origin_past_the_logs_oldest_segment_is_not_taken_for_where_it_began(tmp_path, caplog):
+    """A bit flipped in the origin's digits ("1" to "5"): the fleet skipped the samples below it in silence, and its
+    --status showed no lag for them (the flip hunt)."""
+    rng = np.random.default_rng(33)
+    node = tmp_path / "vmafx-node-0"
+    replica(tmp_path, node.name, [sample(i, rng) for i in range(1, 21)])
+    (node / vs.SAMPLE_LOG_DIR / vs.LOG_ORIGIN).write_text("5\n")
+    assert vs.fleet(tmp_path, fleet_config()) == 0
+    assert fleet_state(tmp_path)["samples_accepted"] == 20
+    assert f"sample log {node / vs.SAMPLE_LOG_DIR}: origin says 5, its oldest segment begins at 1" in caplog.text
+
+
 def test_cursors_ahead_of_the_fleet_state_are_said_not_taken_for_a_state_set_aside(tmp_path, caplog):
     """cursors.json past the fleet state's position (a bit flipped in a digit, 10 to 30): the replica's retention
     deleted what lay between as read, and the next run said those samples "were read by the fleet state set aside
