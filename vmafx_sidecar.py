@@ -2412,7 +2412,7 @@ def read_segment(path: Path, n_features: int, after: int = 0) -> Iterator[Logged
 def is_segment_of(data: bytes, path: Path, n_features: int) -> bool:
     """Whether `data`, the bytes of the segment at `path`, is one of `n_features`: its header says so, or its first
     record checks as one of them (a bit flipped in the header had the replica's whole log set aside as of another
-    feature count, or the fleet stop reading that replica for good)."""
+    feature count, or had the fleet stop reading that replica for good)."""
     if len(data) >= SEGMENT_HEADER.size and SEGMENT_HEADER.unpack_from(data) == (SEGMENT_MAGIC, n_features):
         return True
     return record_end(data, SEGMENT_HEADER.size, 4 * (n_features + 1), int(path.name[:16]) - 1) is not None
@@ -4331,7 +4331,7 @@ def fleet(root: Path, config: Config) -> int:
         # The positions the replicas' retention reads, as the run begins: see replica_samples and save_fleet_state
         earlier = {key: fleet_cursor(path) for path, key in replicas}
         logs = []
-        for path, key in replicas:  # read_before: where a fleet state set aside since read to, not this one
+        for path, key in replicas:  # cursors.json's position is a set-aside state's only where this one holds none
             read = state_position(state, path, key, earlier[key])
             logs.append(replica_samples(path, key, config.n_features, read or 0,
                                         earlier[key] if read is None else read))
