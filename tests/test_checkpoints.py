@@ -805,7 +805,7 @@ def test_a_start_on_a_full_disk_with_latest_json_behind_serves_and_catches_up_la
     started.point_latest_again()
     assert started.unpointed is None and started.latest["version"] == 2
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
-    (directory / "latest.json").write_bytes(behind["latest.json"])
+    (directory / "latest.json").write_bytes(behind["latest.json"])  # behind again, for the start below
     vmafx_sidecar.CheckpointWriter(str(directory))  # a start once there is room
     assert json.loads((directory / "latest.json").read_text())["version"] == 2
     assert (directory / "latest.onnx").read_bytes() == (directory / "model_v000002.onnx").read_bytes()
