@@ -114,11 +114,12 @@ KILL_ENV = {
     "VMAFX_SIDECAR_HOLDOUT_FRACTION": "0.1",  # journal records of held-out samples are replayed too
     "VMAFX_SIDECAR_GATE": "off",  # random scores never pass the gate; the ledger needs published checkpoints
 }
-KILL_MESSAGES = 10_000
+KILL_MESSAGES = 5_000  # with MIN_KILLS, half of what it was: the suite's longest test, 96 s in a run beside other
+# work, with CI's 10 minutes near (a hunt since killed the sidecar at each of 1 480 system calls: nothing broke)
 KILL_CLIENTS = 2
-MIN_KILLS = 20
+MIN_KILLS = 10
 KILL_SEED = 4
-SEND_INTERVAL_S = 0.002  # per client: ~1000 messages/s in all, so the stream spans 20+ server lifetimes
+SEND_INTERVAL_S = 0.002  # per client: ~1000 messages/s in all, so the stream spans 10+ server lifetimes
 FAKE_TEMPS = (".model_v000999.onnx.tmp", ".model_v000999.onnx.sha256.tmp")
 
 
@@ -273,7 +274,7 @@ def test_kill_9_at_random_moments_during_a_stream(tmp_path):
             kills.value += 1
             assert "Traceback" not in s.stderr(), s.stderr()[-3000:]
             ledger.check(f"after kill {kills.value}")
-            if kills.value % 4 == 1:  # debris a crash could leave, with a number far above the real ones
+            if kills.value % 2 == 1:  # debris a crash could leave, with a number far above the real ones
                 for name in FAKE_TEMPS:
                     (s.checkpoint_dir / name).write_bytes(b"half a checkpoint")
                 planted += 1
